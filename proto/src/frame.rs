@@ -1,0 +1,91 @@
+//! Framing: a 4-byte big-endian length, then one bincode-encoded [`Message`].
+//!
+//! Decoding has two steps, as in mini-redis: [`frame_len`] looks at the header and
+//! refuses an oversize frame before anything is allocated; [`decode_body`] parses a
+//! whole body. [`decode`] combines both over a buffer and returns `Ok(None)` while
+//! the frame is incomplete.
+
+use crate::Message;
+
+/// Largest frame body accepted or produced (16 MiB).
+pub const MAX_FRAME_LEN: usize = 16 << 20;
+/// Size of the length prefix.
+pub const HEADER_LEN: usize = 4;
+
+/// Why bytes from a peer could not be read as a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The header announces more than [`MAX_FRAME_LEN`].
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_LEN}-byte limit")]
+    TooLarge(usize),
+    /// The body names a message type this build does not know.
+    #[error("unknown message type")]
+    UnknownType,
+    /// The body is not a valid message, or breaks a bound.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME_LEN>()
+}
+
+/// Appends `msg` as one frame to `out`.
+pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    bincode::serde::encode_into_std_write(msg, out, config())
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let len = out.len() - start - HEADER_LEN;
+    if len > MAX_FRAME_LEN {
+        out.truncate(start);
+        return Err(FrameError::TooLarge(len));
+    }
+    let len = u32::try_from(len).map_err(|_| FrameError::TooLarge(len))?;
+    out[start..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+/// The body length announced by a header, refused when over [`MAX_FRAME_LEN`].
+pub fn frame_len(header: [u8; HEADER_LEN]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Parses one whole frame body and checks its bounds.
+pub fn decode_body(body: &[u8]) -> Result<Message, FrameError> {
+    // The variant index leads the body; a newer peer's message type is named as
+    // such rather than as garbage.
+    if let Ok((tag, _)) = bincode::decode_from_slice::<u32, _>(body, config()) {
+        if tag >= crate::message::MESSAGE_TYPES {
+            return Err(FrameError::UnknownType);
+        }
+    }
+    let (msg, used): (Message, usize) = bincode::serde::decode_from_slice(body, config())
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if used != body.len() {
+        return Err(FrameError::Malformed(format!(
+            "{} trailing bytes after the message",
+            body.len() - used
+        )));
+    }
+    msg.validate().map_err(FrameError::Malformed)?;
+    Ok(msg)
+}
+
+/// Decodes the first frame in `buf`: `Ok(None)` while it is incomplete, else the
+/// message and how many bytes it used.
+pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, FrameError> {
+    let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let len = frame_len(*header)?;
+    let Some(body) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
+        return Ok(None);
+    };
+    Ok(Some((decode_body(body)?, HEADER_LEN + len)))
+}

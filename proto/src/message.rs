@@ -1,0 +1,334 @@
+//! Messages: everything that travels between two agents, one per frame.
+
+use crate::{MAGIC, PROTOCOL_VERSION, RelPath};
+use serde::{Deserialize, Serialize};
+
+/// Most entries in one [`Message::Manifest`] batch.
+pub const MAX_ENTRIES_PER_BATCH: usize = 4096;
+/// Most extended attributes on one entry.
+pub const MAX_XATTRS: usize = 1024;
+/// Longest extended attribute name (Linux `XATTR_NAME_MAX`).
+pub const MAX_XATTR_NAME: usize = 255;
+/// Largest extended attribute value (Linux `XATTR_SIZE_MAX`).
+pub const MAX_XATTR_VALUE: usize = 65536;
+/// Most bytes of names and values of all extended attributes of one entry.
+pub const MAX_XATTR_TOTAL: usize = 1 << 20;
+/// Longest symlink target.
+pub const MAX_LINK_TARGET: usize = 4095;
+/// Longest free-text field (error messages, software names).
+pub const MAX_TEXT: usize = 4096;
+
+/// Which end of a folder a node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Sends changes.
+    Source,
+    /// Applies changes.
+    Replica,
+}
+
+/// The first frame each side sends on a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Always [`MAGIC`].
+    pub magic: [u8; 8],
+    /// The sender's [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The sender's role on this session.
+    pub role: Role,
+    /// Free text: software name and version, for logs.
+    pub software: String,
+}
+
+impl Hello {
+    /// A hello for this build.
+    #[must_use]
+    pub fn new(role: Role) -> Self {
+        Self {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            role,
+            software: concat!("understudy ", env!("CARGO_PKG_VERSION")).to_string(),
+        }
+    }
+
+    /// Checks magic and version against ours.
+    pub fn check(&self) -> Result<(), HandshakeError> {
+        if self.magic != MAGIC {
+            return Err(HandshakeError::UnknownMagic);
+        }
+        if self.version != PROTOCOL_VERSION {
+            return Err(HandshakeError::UnsupportedVersion {
+                ours: PROTOCOL_VERSION,
+                theirs: self.version,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Why a handshake failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The peer does not speak this protocol at all.
+    #[error("peer is not an understudy agent (bad magic)")]
+    UnknownMagic,
+    /// The peer speaks another version.
+    #[error("peer speaks protocol version {theirs}, this build speaks version {ours}")]
+    UnsupportedVersion {
+        /// Ours.
+        ours: u32,
+        /// Theirs.
+        theirs: u32,
+    },
+}
+
+/// What kind of filesystem object an entry is, with what only that kind has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// A regular file.
+    File {
+        /// Size in bytes.
+        size: u64,
+        /// blake3 of the content.
+        hash: [u8; 32],
+    },
+    /// A directory.
+    Dir,
+    /// A symbolic link, never dereferenced.
+    Symlink {
+        /// The link's target, as stored.
+        target: Vec<u8>,
+    },
+    /// A further name of a regular file met earlier in the same manifest.
+    HardLink {
+        /// The first name of the inode in manifest order.
+        target: RelPath,
+    },
+    /// A named pipe.
+    Fifo,
+    /// A unix socket node.
+    Socket,
+    /// A character device.
+    CharDev {
+        /// Device number.
+        rdev: u64,
+    },
+    /// A block device.
+    BlockDev {
+        /// Device number.
+        rdev: u64,
+    },
+}
+
+impl Kind {
+    /// A short name for messages.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::File { .. } => "file",
+            Kind::Dir => "directory",
+            Kind::Symlink { .. } => "symlink",
+            Kind::HardLink { .. } => "hard link",
+            Kind::Fifo => "fifo",
+            Kind::Socket => "socket",
+            Kind::CharDev { .. } => "character device",
+            Kind::BlockDev { .. } => "block device",
+        }
+    }
+}
+
+/// One extended attribute (of any namespace; POSIX ACLs travel as
+/// `system.posix_acl_access` and `system.posix_acl_default`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Xattr {
+    /// Full name with namespace, e.g. `user.comment`.
+    pub name: Vec<u8>,
+    /// Raw value (may be empty or binary).
+    pub value: Vec<u8>,
+}
+
+/// Metadata that travels with every entry.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Meta {
+    /// Permission bits with setuid, setgid and sticky (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Numeric owner.
+    pub uid: u32,
+    /// Numeric group.
+    pub gid: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime_sec: i64,
+    /// Modification time, nanoseconds part.
+    pub mtime_nsec: u32,
+    /// Extended attributes, sorted by name.
+    pub xattrs: Vec<Xattr>,
+}
+
+/// One manifest entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Where, relative to the folder root.
+    pub path: RelPath,
+    /// What.
+    pub kind: Kind,
+    /// With what metadata.
+    pub meta: Meta,
+}
+
+/// Error codes carried by [`Message::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The peer's protocol version is not ours.
+    UnsupportedVersion,
+    /// A message broke the protocol.
+    Protocol,
+    /// The receiver could not apply (disk full, permission, ...).
+    Apply,
+    /// The sender could not read.
+    Source,
+    /// Anything else.
+    Other,
+}
+
+/// Counters the replica reports at the end of a session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplySummary {
+    /// Regular files whose content was written.
+    pub files_transferred: u64,
+    /// Entries removed because the source no longer has them.
+    pub entries_deleted: u64,
+    /// Entries whose metadata alone changed.
+    pub meta_updated: u64,
+    /// Directories, symlinks, hard links and special files made.
+    pub others_created: u64,
+    /// Content bytes that crossed as literal data.
+    pub bytes_literal: u64,
+    /// Content bytes rebuilt from the replica's own basis.
+    pub bytes_matched: u64,
+    /// Things the replica could not preserve, one line each (never silent).
+    pub warnings: Vec<String>,
+}
+
+/// How many variants [`Message`] has (the decoder names others as unknown types).
+pub(crate) const MESSAGE_TYPES: u32 = 9;
+
+/// Everything that travels, one per frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// First frame of a session, both ways.
+    Hello(Hello),
+    /// The session is ending because of this.
+    Error {
+        /// Category.
+        code: ErrorCode,
+        /// Human text naming the cause.
+        message: String,
+    },
+    /// A batch of the source's manifest, in path order.
+    Manifest(Vec<Entry>),
+    /// The source's manifest is complete.
+    ManifestEnd {
+        /// Number of entries sent.
+        entries: u64,
+        /// The source's root hash.
+        root_hash: [u8; 32],
+    },
+    /// Replica → source on a fresh stream: send the content of entry `index`.
+    FileRequest {
+        /// Position of the entry in the manifest.
+        index: u64,
+        /// fast_rsync signature of the replica's basis, if it has one.
+        signature: Option<Vec<u8>>,
+    },
+    /// Literal bytes of the requested file, in order.
+    Literal(Vec<u8>),
+    /// A fast_rsync delta producing the next part of the requested file.
+    Delta(Vec<u8>),
+    /// The requested file is complete.
+    FileEnd {
+        /// Bytes sent in all.
+        size: u64,
+        /// blake3 of exactly what was sent.
+        hash: [u8; 32],
+    },
+    /// The replica finished applying.
+    Done(ApplySummary),
+}
+
+impl Message {
+    /// Checks every bound that the type system does not. The decoder calls this, so
+    /// a decoded message is always within bounds.
+    pub fn validate(&self) -> Result<(), String> {
+        fn text(s: &str, what: &str) -> Result<(), String> {
+            if s.len() > MAX_TEXT {
+                return Err(format!("{what} longer than {MAX_TEXT} bytes"));
+            }
+            Ok(())
+        }
+        match self {
+            Message::Hello(h) => text(&h.software, "software name"),
+            Message::Error { message, .. } => text(message, "error message"),
+            Message::Manifest(entries) => {
+                if entries.len() > MAX_ENTRIES_PER_BATCH {
+                    return Err(format!(
+                        "manifest batch of {} entries (at most {MAX_ENTRIES_PER_BATCH})",
+                        entries.len()
+                    ));
+                }
+                entries.iter().try_for_each(validate_entry)
+            }
+            Message::Done(s) => {
+                if s.warnings.len() > 1000 {
+                    return Err("more than 1000 warnings".into());
+                }
+                s.warnings.iter().try_for_each(|w| text(w, "warning"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn validate_entry(e: &Entry) -> Result<(), String> {
+    let at = |m: String| format!("entry {}: {m}", e.path);
+    match &e.kind {
+        Kind::Symlink { target } => {
+            if target.is_empty() || target.len() > MAX_LINK_TARGET || target.contains(&0) {
+                return Err(at("symlink target empty, too long or holding NUL".into()));
+            }
+        }
+        Kind::HardLink { target } => {
+            if target.is_root() || target == &e.path {
+                return Err(at("hard link to itself or to the root".into()));
+            }
+        }
+        Kind::Dir => {}
+        _ if e.path.is_root() => return Err(at("the root must be a directory".into())),
+        _ => {}
+    }
+    if e.meta.mode & !0o7777 != 0 {
+        return Err(at(format!("mode {:o} has bits beyond 0o7777", e.meta.mode)));
+    }
+    if e.meta.mtime_nsec >= 1_000_000_000 {
+        return Err(at("mtime nanoseconds out of range".into()));
+    }
+    if e.meta.xattrs.len() > MAX_XATTRS {
+        return Err(at(format!("{} xattrs (at most {MAX_XATTRS})", e.meta.xattrs.len())));
+    }
+    let mut total = 0usize;
+    for x in &e.meta.xattrs {
+        if x.name.is_empty() || x.name.len() > MAX_XATTR_NAME || x.name.contains(&0) {
+            return Err(at("xattr name empty, too long or holding NUL".into()));
+        }
+        if x.value.len() > MAX_XATTR_VALUE {
+            return Err(at(format!("xattr value of {} bytes", x.value.len())));
+        }
+        total += x.name.len() + x.value.len();
+    }
+    if total > MAX_XATTR_TOTAL {
+        return Err(at(format!("{total} bytes of xattrs")));
+    }
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! Validated relative paths.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Longest whole path accepted from a peer (Linux `PATH_MAX` less the NUL).
+pub const MAX_PATH_LEN: usize = 4095;
+/// Longest single component (Linux `NAME_MAX`).
+pub const MAX_NAME_LEN: usize = 255;
+/// Deepest path accepted.
+pub const MAX_DEPTH: usize = 512;
+
+/// Why a path was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PathError {
+    /// The path starts with `/`.
+    #[error("absolute path")]
+    Absolute,
+    /// A component is empty (`a//b`, or a trailing `/`).
+    #[error("empty path component")]
+    EmptyComponent,
+    /// A component is `.` or `..`.
+    #[error("`.` or `..` component")]
+    DotComponent,
+    /// The path holds a NUL byte.
+    #[error("NUL byte in path")]
+    Nul,
+    /// The path or one component is too long, or too deep.
+    #[error("path too long ({0} bytes, or a component over {MAX_NAME_LEN}, or deeper than {MAX_DEPTH})")]
+    TooLong(usize),
+}
+
+/// A path relative to a folder root, as raw bytes (Linux names are bytes).
+///
+/// The empty path is the root itself. Otherwise every component is non-empty, is
+/// neither `.` nor `..`, and holds no `/` or NUL; the whole is at most
+/// [`MAX_PATH_LEN`] bytes. A `RelPath` can only be built through validation, and it
+/// is validated again when decoded from a peer.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(try_from = "Vec<u8>", into = "Vec<u8>")]
+pub struct RelPath(Vec<u8>);
+
+impl RelPath {
+    /// The folder root.
+    #[must_use]
+    pub fn root() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Validates `bytes` as a relative path.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Self, PathError> {
+        let bytes = bytes.into();
+        validate(&bytes)?;
+        Ok(Self(bytes))
+    }
+
+    /// Whether this is the root.
+    #[must_use]
+    pub fn is_root(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The raw bytes.
+    #[must_use]
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// This path with one more component. `name` is validated as a single component.
+    pub fn join(&self, name: &[u8]) -> Result<Self, PathError> {
+        if name.contains(&b'/') {
+            return Err(PathError::EmptyComponent);
+        }
+        check_component(name)?;
+        let mut v = Vec::with_capacity(self.0.len() + 1 + name.len());
+        v.extend_from_slice(&self.0);
+        if !v.is_empty() {
+            v.push(b'/');
+        }
+        v.extend_from_slice(name);
+        if v.len() > MAX_PATH_LEN {
+            return Err(PathError::TooLong(v.len()));
+        }
+        Ok(Self(v))
+    }
+
+    /// The components, root first.
+    pub fn components(&self) -> impl Iterator<Item = &[u8]> {
+        self.0.split(|&b| b == b'/').filter(|c| !c.is_empty())
+    }
+
+    /// Number of components (0 for the root).
+    #[must_use]
+    pub fn depth(&self) -> usize {
+        self.components().count()
+    }
+
+    /// The parent and the last component; `None` for the root.
+    #[must_use]
+    pub fn split_last(&self) -> Option<(RelPath, &[u8])> {
+        if self.0.is_empty() {
+            return None;
+        }
+        match self.0.iter().rposition(|&b| b == b'/') {
+            Some(i) => Some((RelPath(self.0[..i].to_vec()), &self.0[i + 1..])),
+            None => Some((RelPath::root(), &self.0[..])),
+        }
+    }
+
+    /// Whether `self` is `other` or lies below it.
+    #[must_use]
+    pub fn starts_with(&self, other: &RelPath) -> bool {
+        other.0.is_empty()
+            || (self.0.starts_with(&other.0)
+                && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/'))
+    }
+}
+
+fn check_component(c: &[u8]) -> Result<(), PathError> {
+    if c.is_empty() {
+        return Err(PathError::EmptyComponent);
+    }
+    if c == b"." || c == b".." {
+        return Err(PathError::DotComponent);
+    }
+    if c.contains(&0) {
+        return Err(PathError::Nul);
+    }
+    if c.len() > MAX_NAME_LEN {
+        return Err(PathError::TooLong(c.len()));
+    }
+    Ok(())
+}
+
+fn validate(bytes: &[u8]) -> Result<(), PathError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    if bytes.len() > MAX_PATH_LEN {
+        return Err(PathError::TooLong(bytes.len()));
+    }
+    if bytes[0] == b'/' {
+        return Err(PathError::Absolute);
+    }
+    let mut depth = 0;
+    for c in bytes.split(|&b| b == b'/') {
+        check_component(c)?;
+        depth += 1;
+        if depth > MAX_DEPTH {
+            return Err(PathError::TooLong(bytes.len()));
+        }
+    }
+    Ok(())
+}
+
+impl TryFrom<Vec<u8>> for RelPath {
+    type Error = PathError;
+    fn try_from(v: Vec<u8>) -> Result<Self, Self::Error> {
+        Self::new(v)
+    }
+}
+
+impl From<RelPath> for Vec<u8> {
+    fn from(p: RelPath) -> Self {
+        p.0
+    }
+}
+
+impl fmt::Display for RelPath {
+    /// Shows the path with non-UTF-8 bytes escaped as `\xNN`, or `.` for the root.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str(".");
+        }
+        for chunk in self.0.utf8_chunks() {
+            for ch in chunk.valid().chars() {
+                if ch.is_control() {
+                    write!(f, "\\x{:02x}", ch as u32)?;
+                } else {
+                    write!(f, "{ch}")?;
+                }
+            }
+            for b in chunk.invalid() {
+                write!(f, "\\x{b:02x}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RelPath({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_hostile_paths() {
+        assert_eq!(RelPath::new(&b"../x"[..]), Err(PathError::DotComponent));
+        assert_eq!(RelPath::new(&b"a/../../x"[..]), Err(PathError::DotComponent));
+        assert_eq!(RelPath::new(&b"/etc/x"[..]), Err(PathError::Absolute));
+        assert_eq!(RelPath::new(&b"a\0b"[..]), Err(PathError::Nul));
+        assert_eq!(RelPath::new(&b"a//b"[..]), Err(PathError::EmptyComponent));
+        assert_eq!(RelPath::new(&b"a/"[..]), Err(PathError::EmptyComponent));
+        assert_eq!(RelPath::new(&b"./a"[..]), Err(PathError::DotComponent));
+        assert!(matches!(RelPath::new(vec![b'a'; 5000]), Err(PathError::TooLong(_))));
+        assert!(matches!(RelPath::new(vec![b'a'; 256]), Err(PathError::TooLong(_))));
+    }
+
+    #[test]
+    fn accepts_bytes_and_splits() {
+        let p = RelPath::new(&b"dir with space/new\nline/\xff\xfe"[..]).unwrap();
+        assert_eq!(p.depth(), 3);
+        let (parent, name) = p.split_last().unwrap();
+        assert_eq!(parent.as_bytes(), b"dir with space/new\nline");
+        assert_eq!(name, b"\xff\xfe");
+        assert_eq!(p.to_string(), "dir with space/new\\x0aline/\\xff\\xfe");
+        assert!(p.starts_with(&parent));
+        assert!(p.starts_with(&RelPath::root()));
+        assert!(!RelPath::new(&b"dir"[..]).unwrap().starts_with(&parent));
+        assert_eq!(RelPath::root().join(b"a").unwrap().as_bytes(), b"a");
+        assert!(RelPath::root().join(b"a/b").is_err());
+    }
+
+    #[test]
+    fn decoding_validates() {
+        let cfg = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(b"../etc/passwd".to_vec(), cfg).unwrap();
+        let r: Result<(RelPath, usize), _> = bincode::serde::decode_from_slice(&bytes, cfg);
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! black-box tests live in integration/
