@@ -1,1 +1,64 @@
-fn main() {}
+//! `sync-cli`: the operator's tool.
+//!
+//! Exit codes: 0 success; 1 `verify` found differences; 2 error (nothing was
+//! left torn, the message names the cause); 3 the mirror completed but something
+//! could not be preserved (each listed on stderr).
+
+mod keys;
+mod transfer;
+mod verify;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// understudy: a warm standby of a folder, kept over QUIC.
+#[derive(Parser, Debug)]
+#[command(version, about, after_help = "Exit codes: 0 ok, 1 verify found differences, 2 error, 3 done with things not preserved.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a node identity (cert.pem, key.pem) and print its node id.
+    Keygen(keys::KeygenArgs),
+    /// Print the node id of an identity directory.
+    Id(keys::IdArgs),
+    /// Mirror SRC into DST on this machine (both ends in-process, QUIC on 127.0.0.1).
+    Mirror(transfer::MirrorArgs),
+    /// Mirror SRC to a running replica (`sync-agent replica`).
+    Push(transfer::PushArgs),
+    /// Compare two local trees by content and all metadata.
+    Verify(verify::VerifyArgs),
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Keygen(a) => keys::keygen(a),
+        Cmd::Id(a) => keys::id(a),
+        Cmd::Mirror(a) => transfer::mirror(a),
+        Cmd::Push(a) => transfer::push(a),
+        Cmd::Verify(a) => verify::verify(a),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::BrokenPipe {
+                    return ExitCode::SUCCESS;
+                }
+            }
+            eprintln!("sync-cli: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,1 +1,55 @@
-//! placeholder
+//! Trees and files for understudy, with no network.
+//!
+//! One module per concern:
+//! - [`scan`]: walk a tree into a [`Manifest`] (kinds, numeric owners, modes with
+//!   setuid/setgid/sticky, ns mtimes, xattrs of every namespace including POSIX ACLs,
+//!   hard links, blake3 content hashes).
+//! - [`manifest`]: the sorted entry list, its structural checks and its blake3
+//!   Merkle root hash; [`manifest::diff`] lists differences for `verify`.
+//! - [`plan`]: what a replica must do to turn its tree into the source's.
+//! - [`delta`]: rsync-algorithm signatures, windowed deltas and bounded apply
+//!   (fast_rsync), verified with blake3.
+//! - [`apply`]: the replica side: every write confined beneath a held root
+//!   directory fd, staged in a temp file, fsynced, metadata set on the fd, renamed
+//!   into place.
+//! - [`meta`]: reading and comparing metadata.
+//!
+//! Everything here is synchronous; the agent calls it from `spawn_blocking`.
+//!
+//! ```no_run
+//! let m = sync_core::scan::scan(std::path::Path::new("/srv/config"), &Default::default())?;
+//! println!("{} entries, root {}", m.entries.len(), sync_core::hex(&m.root_hash()));
+//! # Ok::<(), sync_core::Error>(())
+//! ```
+
+pub mod apply;
+pub mod delta;
+mod error;
+pub mod manifest;
+pub mod meta;
+pub mod plan;
+pub mod scan;
+
+pub use error::Error;
+pub use manifest::Manifest;
+pub use proto::{Entry, Kind, Meta, RelPath, Xattr};
+
+/// The prefix of every temp file understudy writes; reserved: an entry with this
+/// prefix from a peer is refused, and such files are swept at start.
+pub const TEMP_PREFIX: &[u8] = b".understudy.tmp.";
+
+/// Whether a file name is one of our temp names.
+#[must_use]
+pub fn is_temp_name(name: &[u8]) -> bool {
+    name.starts_with(TEMP_PREFIX)
+}
+
+/// Lower-case hex of a hash, for output.
+#[must_use]
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}

@@ -1,0 +1,39 @@
+//! Reading and writing framed messages on QUIC streams.
+
+use anyhow::{Context, Result, bail};
+use proto::Message;
+use proto::frame::{self, HEADER_LEN};
+
+/// Writes one message as a frame.
+pub async fn send(stream: &mut quinn::SendStream, msg: &Message) -> Result<()> {
+    let mut buf = Vec::new();
+    frame::encode(msg, &mut buf).context("encoding a message")?;
+    stream.write_all(&buf).await.context("sending to peer")?;
+    Ok(())
+}
+
+/// Reads one message; `Ok(None)` when the peer finished the stream cleanly
+/// between frames. The length is checked before the body is allocated.
+pub async fn recv(stream: &mut quinn::RecvStream) -> Result<Option<Message>> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match stream.read(&mut header[got..]).await.context("reading from peer")? {
+            Some(n) => got += n,
+            None if got == 0 => return Ok(None),
+            None => bail!("peer closed the stream inside a frame header"),
+        }
+    }
+    let len = frame::frame_len(header)?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await.context("reading a frame body from peer")?;
+    Ok(Some(frame::decode_body(&body)?))
+}
+
+/// Reads one message, which must be there.
+pub async fn expect(stream: &mut quinn::RecvStream, what: &str) -> Result<Message> {
+    match recv(stream).await? {
+        Some(m) => Ok(m),
+        None => bail!("peer closed the stream while we waited for {what}"),
+    }
+}

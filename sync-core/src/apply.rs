@@ -1,0 +1,571 @@
+//! The replica side: confined, atomic apply.
+//!
+//! Every operation starts from the replica root's directory fd. A parent directory
+//! is opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+//! RESOLVE_NO_MAGICLINKS)`, so no symlink in the replica (whatever put it there) is
+//! ever followed and nothing outside the root is reached; the leaf is then handled
+//! with `*at` calls that do not follow it either. Symlinks are mirrored as symlinks.
+//!
+//! Content is written to a temp file named [`crate::TEMP_PREFIX`]`…` in the target's
+//! own directory, its blake3 is checked against what the source announced, owner,
+//! xattrs (POSIX ACLs included), mode and mtime are set on the open fd, and the temp
+//! file is renamed over the target. Renames are batched behind one `syncfs`, so the
+//! data of every renamed file is durable before its name points at it (LiteFS
+//! `store.go` does temp, fsync, rename, fsync dir per file; a batch gives the same
+//! guarantee for hundreds of files at the cost of two syncs). A crash leaves only
+//! temp files, which [`Replica::sweep_temps`] removes at the next start.
+
+use crate::{Entry, Error, Kind, Meta, RelPath, meta};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Staged files renamed per `syncfs` batch.
+const BATCH_FILES: usize = 512;
+/// Staged bytes per `syncfs` batch.
+const BATCH_BYTES: u64 = 512 << 20;
+/// Zero blocks of this size (aligned) are left as holes.
+const HOLE_BLOCK: usize = 4096;
+
+/// A replica root, held open.
+#[derive(Debug)]
+pub struct Replica {
+    root: OwnedFd,
+    root_path: PathBuf,
+    touched: Mutex<BTreeSet<RelPath>>,
+    warnings: Mutex<Vec<String>>,
+    pending: Mutex<Pending>,
+    /// Temp files being written: (parent, name).
+    staging: Mutex<BTreeSet<(RelPath, Vec<u8>)>>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    renames: Vec<(RelPath, Vec<u8>)>,
+    bytes: u64,
+}
+
+fn temp_name() -> Vec<u8> {
+    let mut n = crate::TEMP_PREFIX.to_vec();
+    n.extend_from_slice(crate::hex(&rand::random::<[u8; 8]>()).as_bytes());
+    n
+}
+
+fn ts(sec: i64, nsec: u32) -> Timespec {
+    Timespec { tv_sec: sec, tv_nsec: i64::from(nsec) as _ }
+}
+
+fn times(m: &Meta) -> Timestamps {
+    Timestamps {
+        last_access: Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
+        last_modification: ts(m.mtime_sec, m.mtime_nsec),
+    }
+}
+
+impl Replica {
+    /// Opens the replica root (which must exist and be a directory).
+    pub fn open(root: &Path) -> Result<Self, Error> {
+        let fd = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| Error::io("open replica root", root.display(), e))?;
+        Ok(Self {
+            root: fd,
+            root_path: root.to_path_buf(),
+            touched: Mutex::default(),
+            warnings: Mutex::default(),
+            pending: Mutex::default(),
+            staging: Mutex::default(),
+        })
+    }
+
+    /// The root as given.
+    #[must_use]
+    pub fn root_path(&self) -> &Path {
+        &self.root_path
+    }
+
+    fn display(&self, rel: &RelPath) -> String {
+        format!("{}", crate::scan::abs(&self.root_path, rel).display())
+    }
+
+    /// Opens a directory beneath the root, following no symlink on the way.
+    pub fn dir(&self, rel: &RelPath) -> Result<OwnedFd, Error> {
+        let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        let r = if rel.is_root() {
+            rustix::fs::openat(&self.root, ".", flags, Mode::empty())
+        } else {
+            rustix::fs::openat2(
+                &self.root,
+                rel.as_bytes(),
+                flags,
+                Mode::empty(),
+                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+            )
+        };
+        r.map_err(|e| Error::io("open directory", self.display(rel), e))
+    }
+
+    fn parent<'p>(&self, path: &'p RelPath) -> Result<(OwnedFd, RelPath, &'p [u8]), Error> {
+        let (parent, name) =
+            path.split_last().ok_or_else(|| Error::invalid(self.display(path), "the root has no parent"))?;
+        Ok((self.dir(&parent)?, parent, name))
+    }
+
+    fn touch(&self, dir: RelPath) {
+        if let Ok(mut t) = self.touched.lock() {
+            t.insert(dir);
+        }
+    }
+
+    fn warn(&self, w: String) {
+        tracing::warn!("{w}");
+        if let Ok(mut ws) = self.warnings.lock() {
+            if ws.len() < 1000 {
+                ws.push(w);
+            }
+        }
+    }
+
+    /// What could not be preserved so far (taken, so each is reported once).
+    pub fn take_warnings(&self) -> Vec<String> {
+        self.warnings.lock().map(|mut w| std::mem::take(&mut *w)).unwrap_or_default()
+    }
+
+    /// Removes our temp files found by a scan.
+    pub fn sweep_temps(&self, temps: &[RelPath]) -> Result<usize, Error> {
+        let mut n = 0;
+        for t in temps {
+            let (dir, _, name) = self.parent(t)?;
+            if !crate::is_temp_name(name) {
+                continue;
+            }
+            match rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
+                Ok(()) => n += 1,
+                Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(Error::io("remove temp file", self.display(t), e)),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Removes `path` and everything below it, never following a symlink.
+    pub fn remove_all(&self, path: &RelPath) -> Result<(), Error> {
+        let (dir, parent, name) = self.parent(path)?;
+        self.remove_at(dir.as_fd(), name, path)?;
+        self.touch(parent);
+        Ok(())
+    }
+
+    fn remove_at(&self, dir: BorrowedFd<'_>, name: &[u8], shown: &RelPath) -> Result<(), Error> {
+        let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(Error::io("stat", self.display(shown), e)),
+        };
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
+            let sub = rustix::fs::openat(
+                dir,
+                name,
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io("open directory", self.display(shown), e))?;
+            let mut names = Vec::new();
+            let rd = rustix::fs::Dir::read_from(&sub).map_err(|e| Error::io("read directory", self.display(shown), e))?;
+            for de in rd {
+                let de = de.map_err(|e| Error::io("read directory", self.display(shown), e))?;
+                let n = de.file_name().to_bytes();
+                if n != b"." && n != b".." {
+                    names.push(n.to_vec());
+                }
+            }
+            for n in names {
+                let child = shown.join(&n).unwrap_or_else(|_| shown.clone());
+                self.remove_at(sub.as_fd(), &n, &child)?;
+            }
+            rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
+                .map_err(|e| Error::io("remove directory", self.display(shown), e))
+        } else {
+            rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(|e| Error::io("remove", self.display(shown), e))
+        }
+    }
+
+    /// Creates a directory (owner-only until its metadata is set at the end).
+    pub fn mkdir(&self, path: &RelPath) -> Result<(), Error> {
+        let (dir, parent, name) = self.parent(path)?;
+        match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(Error::io("create directory", self.display(path), e)),
+        }
+        self.touch(parent);
+        self.touch(path.clone());
+        Ok(())
+    }
+
+    /// Creates a symlink or special file at a temp name, sets its metadata, renames
+    /// it over `entry.path`.
+    pub fn create(&self, entry: &Entry) -> Result<(), Error> {
+        let (dir, parent, name) = self.parent(&entry.path)?;
+        let tmp = temp_name();
+        let shown_path = self.display(&entry.path);
+        let made = match &entry.kind {
+            Kind::Symlink { target } => rustix::fs::symlinkat(target.as_slice(), &dir, tmp.as_slice()),
+            Kind::Fifo | Kind::Socket | Kind::CharDev { .. } | Kind::BlockDev { .. } => {
+                let (ft, dev) = match entry.kind {
+                    Kind::Fifo => (rustix::fs::FileType::Fifo, 0),
+                    Kind::Socket => (rustix::fs::FileType::Socket, 0),
+                    Kind::CharDev { rdev } => (rustix::fs::FileType::CharacterDevice, rdev),
+                    Kind::BlockDev { rdev } => (rustix::fs::FileType::BlockDevice, rdev),
+                    _ => unreachable!("matched above"),
+                };
+                rustix::fs::mknodat(&dir, tmp.as_slice(), ft, Mode::from_raw_mode(0o600), dev)
+            }
+            other => return Err(Error::invalid(&shown_path, format!("cannot create a {} this way", other.name()))),
+        };
+        made.map_err(|e| Error::io("create", &shown_path, e))?;
+        let res = self
+            .meta_at(dir.as_fd(), &tmp, &entry.kind, &entry.meta, &shown_path)
+            .and_then(|()| {
+                rustix::fs::renameat(&dir, tmp.as_slice(), &dir, name).map_err(|e| Error::io("rename", &shown_path, e))
+            });
+        if res.is_err() {
+            let _ = rustix::fs::unlinkat(&dir, tmp.as_slice(), AtFlags::empty());
+        }
+        res?;
+        self.touch(parent);
+        Ok(())
+    }
+
+    /// Makes `path` another name of `target` (both beneath the root).
+    pub fn hardlink(&self, path: &RelPath, target: &RelPath) -> Result<(), Error> {
+        let (tdir, _, tname) = self.parent(target)?;
+        let (dir, parent, name) = self.parent(path)?;
+        let tst = rustix::fs::statat(&tdir, tname, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| Error::io("stat", self.display(target), e))?;
+        if let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            if (st.st_dev, st.st_ino) == (tst.st_dev, tst.st_ino) {
+                return Ok(());
+            }
+        }
+        let tmp = temp_name();
+        rustix::fs::linkat(&tdir, tname, &dir, tmp.as_slice(), AtFlags::empty())
+            .map_err(|e| Error::io("link", self.display(path), e))?;
+        if let Err(e) = rustix::fs::renameat(&dir, tmp.as_slice(), &dir, name) {
+            let _ = rustix::fs::unlinkat(&dir, tmp.as_slice(), AtFlags::empty());
+            return Err(Error::io("rename", self.display(path), e));
+        }
+        self.touch(parent);
+        Ok(())
+    }
+
+    /// Sets the metadata of an existing entry.
+    pub fn set_meta(&self, entry: &Entry) -> Result<(), Error> {
+        let shown_path = self.display(&entry.path);
+        match entry.kind {
+            Kind::Dir => {
+                let fd = self.dir(&entry.path)?;
+                self.meta_fd(&File::from(fd), &entry.meta, &shown_path)
+            }
+            Kind::File { .. } => {
+                let (dir, _, name) = self.parent(&entry.path)?;
+                let fd = rustix::fs::openat(
+                    &dir,
+                    name,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+                    Mode::empty(),
+                )
+                .map_err(|e| Error::io("open", &shown_path, e))?;
+                self.meta_fd(&File::from(fd), &entry.meta, &shown_path)
+            }
+            Kind::HardLink { .. } => Ok(()),
+            _ => {
+                let (dir, _, name) = self.parent(&entry.path)?;
+                self.meta_at(dir.as_fd(), name, &entry.kind, &entry.meta, &shown_path)
+            }
+        }
+    }
+
+    /// Sets a directory's metadata when it differs from `current` or the directory
+    /// was changed during this run (its mtime moved).
+    pub fn finish_dir(&self, entry: &Entry, current: Option<&Meta>) -> Result<(), Error> {
+        let touched = self.touched.lock().map(|t| t.contains(&entry.path)).unwrap_or(true);
+        if touched || current != Some(&entry.meta) {
+            self.set_meta(entry)?;
+        }
+        Ok(())
+    }
+
+    /// Owner, xattrs (ACLs included), mode and mtime on an open file or directory.
+    fn meta_fd(&self, f: &File, m: &Meta, shown_path: &str) -> Result<(), Error> {
+        use xattr::FileExt as _;
+        if let Err(e) = rustix::fs::fchown(f, Some(uid(m.uid)), Some(gid(m.gid))) {
+            self.not_preserved(shown_path, "owner", e.into())?;
+        }
+        let existing: Vec<Vec<u8>> = match f.list_xattr() {
+            Ok(names) => names.map(|n| std::os::unix::ffi::OsStrExt::as_bytes(n.as_os_str()).to_vec()).collect(),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Vec::new(),
+            Err(e) => return Err(Error::io("listxattr", shown_path, e)),
+        };
+        for name in &existing {
+            if meta::is_mirrored_xattr(name) && !m.xattrs.iter().any(|x| &x.name == name) {
+                if let Err(e) = f.remove_xattr(os(name)) {
+                    self.not_preserved(shown_path, &format!("removal of xattr {}", String::from_utf8_lossy(name)), e)?;
+                }
+            }
+        }
+        for x in &m.xattrs {
+            if !meta::is_mirrored_xattr(&x.name) {
+                continue;
+            }
+            if existing.contains(&x.name) && f.get_xattr(os(&x.name)).ok().flatten().as_ref() == Some(&x.value) {
+                continue;
+            }
+            if let Err(e) = f.set_xattr(os(&x.name), &x.value) {
+                self.not_preserved(shown_path, &format!("xattr {}", String::from_utf8_lossy(&x.name)), e)?;
+            }
+        }
+        rustix::fs::fchmod(f, Mode::from_raw_mode(m.mode)).map_err(|e| Error::io("chmod", shown_path, e))?;
+        rustix::fs::futimens(f, &times(m)).map_err(|e| Error::io("set times", shown_path, e))?;
+        Ok(())
+    }
+
+    /// The same for a symlink or special file, by name in its held parent.
+    fn meta_at(&self, dir: BorrowedFd<'_>, name: &[u8], kind: &Kind, m: &Meta, shown_path: &str) -> Result<(), Error> {
+        if let Err(e) = rustix::fs::chownat(dir, name, Some(uid(m.uid)), Some(gid(m.gid)), AtFlags::SYMLINK_NOFOLLOW) {
+            self.not_preserved(shown_path, "owner", e.into())?;
+        }
+        // l*xattr through the held parent's /proc link: the parent cannot be
+        // swapped, and the leaf is not followed.
+        let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        p.push(os(name));
+        let existing: Vec<Vec<u8>> = match xattr::list(&p) {
+            Ok(names) => names.map(|n| std::os::unix::ffi::OsStrExt::as_bytes(n.as_os_str()).to_vec()).collect(),
+            Err(_) => Vec::new(),
+        };
+        for n in &existing {
+            if meta::is_mirrored_xattr(n) && !m.xattrs.iter().any(|x| &x.name == n) {
+                if let Err(e) = xattr::remove(&p, os(n)) {
+                    self.not_preserved(shown_path, &format!("removal of xattr {}", String::from_utf8_lossy(n)), e)?;
+                }
+            }
+        }
+        for x in m.xattrs.iter().filter(|x| meta::is_mirrored_xattr(&x.name)) {
+            if let Err(e) = xattr::set(&p, os(&x.name), &x.value) {
+                self.not_preserved(shown_path, &format!("xattr {}", String::from_utf8_lossy(&x.name)), e)?;
+            }
+        }
+        if !matches!(kind, Kind::Symlink { .. }) {
+            rustix::fs::chmodat(dir, name, Mode::from_raw_mode(m.mode), AtFlags::empty())
+                .map_err(|e| Error::io("chmod", shown_path, e))?;
+        }
+        rustix::fs::utimensat(dir, name, &times(m), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| Error::io("set times", shown_path, e))?;
+        Ok(())
+    }
+
+    /// Records what the filesystem refused to keep (EPERM, ENOTSUP): a warning that
+    /// reaches the operator, not a silent loss. Other errors are failures.
+    fn not_preserved(&self, shown_path: &str, what: &str, e: std::io::Error) -> Result<(), Error> {
+        match e.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::ENOTSUP) | Some(libc::EACCES) | Some(libc::EINVAL) => {
+                self.warn(format!("{shown_path}: {what} not preserved: {e}"));
+                Ok(())
+            }
+            _ => Err(Error::io("set metadata", shown_path, e)),
+        }
+    }
+
+    /// The replica's current regular file at `path`, mapped, as a delta basis.
+    pub fn open_basis(&self, path: &RelPath) -> Result<Option<memmap2::Mmap>, Error> {
+        let (dir, _, name) = self.parent(path)?;
+        let fd = match rustix::fs::openat(&dir, name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::LOOP) => return Ok(None),
+            Err(e) => return Err(Error::io("open basis", self.display(path), e)),
+        };
+        let st = rustix::fs::fstat(&fd).map_err(|e| Error::io("stat", self.display(path), e))?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile || st.st_size == 0 {
+            return Ok(None);
+        }
+        let file = File::from(fd);
+        // SAFETY: the map is read-only and private to this process; the replica root
+        // is written only by this agent (a cold standby), so the file is neither
+        // truncated nor rewritten while mapped; the result is checked with blake3
+        // before use, so a concurrent change could only fail the transfer.
+        #[allow(unsafe_code)]
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io("map basis", self.display(path), e))?;
+        Ok(Some(map))
+    }
+
+    /// Starts writing new content for `path` into a temp file beside it.
+    pub fn stage(&self, path: &RelPath) -> Result<Staged<'_>, Error> {
+        let (dir, parent, _) = self.parent(path)?;
+        let tmp = temp_name();
+        if let Ok(mut s) = self.staging.lock() {
+            s.insert((parent, tmp.clone()));
+        }
+        let fd = rustix::fs::openat(
+            &dir,
+            tmp.as_slice(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| Error::io("create temp file for", self.display(path), e))?;
+        Ok(Staged {
+            replica: self,
+            dir,
+            tmp,
+            path: path.clone(),
+            file: File::from(fd),
+            hasher: blake3::Hasher::new(),
+            len: 0,
+            done: false,
+        })
+    }
+
+    /// Renames every staged file into place after one `syncfs` made their data
+    /// durable.
+    pub fn flush(&self) -> Result<(), Error> {
+        let batch = match self.pending.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(_) => return Err(Error::invalid(self.root_path.display(), "pending list poisoned")),
+        };
+        if batch.renames.is_empty() {
+            return Ok(());
+        }
+        rustix::fs::syncfs(&self.root).map_err(|e| Error::io("syncfs", self.root_path.display(), e))?;
+        for (path, tmp) in batch.renames {
+            let (dir, parent, name) = self.parent(&path)?;
+            rustix::fs::renameat(&dir, tmp.as_slice(), &dir, name).map_err(|e| Error::io("rename", self.display(&path), e))?;
+            self.touch(parent);
+        }
+        Ok(())
+    }
+
+    /// Gives up a failed run: removes every temp file still being written or
+    /// waiting for its rename, so the destination holds only what it held before
+    /// (plus whole files renamed by earlier batches).
+    pub fn abort(&self) {
+        let staged = self.staging.lock().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default();
+        let pending = self.pending.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
+        let pending = pending.renames.into_iter().filter_map(|(path, tmp)| path.split_last().map(|(parent, _)| (parent, tmp)));
+        for (parent, tmp) in staged.into_iter().chain(pending) {
+            if let Ok(dir) = self.dir(&parent) {
+                let _ = rustix::fs::unlinkat(&dir, tmp.as_slice(), AtFlags::empty());
+            }
+        }
+    }
+
+    fn unstage(&self, path: &RelPath, tmp: &[u8]) {
+        if let (Some((parent, _)), Ok(mut s)) = (path.split_last(), self.staging.lock()) {
+            s.remove(&(parent, tmp.to_vec()));
+        }
+    }
+
+    /// Flushes what is staged and makes every rename and directory change durable.
+    pub fn finish(&self) -> Result<(), Error> {
+        self.flush()?;
+        rustix::fs::syncfs(&self.root).map_err(|e| Error::io("syncfs", self.root_path.display(), e))
+    }
+
+    fn queue(&self, path: RelPath, tmp: Vec<u8>, len: u64) -> Result<(), Error> {
+        let full = {
+            let mut p = self
+                .pending
+                .lock()
+                .map_err(|_| Error::invalid(self.root_path.display(), "pending list poisoned"))?;
+            p.renames.push((path, tmp));
+            p.bytes += len;
+            p.renames.len() >= BATCH_FILES || p.bytes >= BATCH_BYTES
+        };
+        if full { self.flush() } else { Ok(()) }
+    }
+}
+
+fn os(b: &[u8]) -> &std::ffi::OsStr {
+    std::os::unix::ffi::OsStrExt::from_bytes(b)
+}
+fn uid(u: u32) -> rustix::fs::Uid {
+    rustix::fs::Uid::from_raw(u)
+}
+fn gid(g: u32) -> rustix::fs::Gid {
+    rustix::fs::Gid::from_raw(g)
+}
+
+/// New content being written beside its target. Dropped without
+/// [`Staged::commit`], the temp file is removed.
+#[derive(Debug)]
+pub struct Staged<'r> {
+    replica: &'r Replica,
+    dir: OwnedFd,
+    tmp: Vec<u8>,
+    path: RelPath,
+    file: File,
+    hasher: blake3::Hasher,
+    len: u64,
+    done: bool,
+}
+
+impl Staged<'_> {
+    /// Appends bytes; aligned all-zero blocks become holes.
+    pub fn write(&mut self, mut data: &[u8]) -> Result<(), Error> {
+        self.hasher.update(data);
+        while !data.is_empty() {
+            let in_block = (self.len % HOLE_BLOCK as u64) as usize;
+            let n = (HOLE_BLOCK - in_block).min(data.len());
+            let (piece, rest) = data.split_at(n);
+            let hole = in_block == 0 && n == HOLE_BLOCK && piece.iter().all(|&b| b == 0);
+            if !hole {
+                self.file.write_all_at(piece, self.len).map_err(|e| {
+                    Error::io("write", self.replica.display(&self.path), e)
+                })?;
+            }
+            self.len += n as u64;
+            data = rest;
+        }
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Checks the content against `hash`, sets `meta` on the fd and queues the
+    /// rename into place (done by [`Replica::flush`]).
+    pub fn commit(mut self, hash: &[u8; 32], meta: &Meta) -> Result<(), Error> {
+        let shown_path = self.replica.display(&self.path);
+        let got = *self.hasher.finalize().as_bytes();
+        if &got != hash {
+            return Err(Error::Delta {
+                path: shown_path,
+                msg: format!("content hash {} does not match the source's {}", crate::hex(&got[..8]), crate::hex(&hash[..8])),
+            });
+        }
+        rustix::fs::ftruncate(&self.file, self.len).map_err(|e| Error::io("truncate", &shown_path, e))?;
+        self.replica.meta_fd(&self.file, meta, &shown_path)?;
+        self.done = true;
+        let tmp = std::mem::take(&mut self.tmp);
+        self.replica.unstage(&self.path, &tmp);
+        self.replica.queue(self.path.clone(), tmp, self.len)
+    }
+}
+
+impl Drop for Staged<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = rustix::fs::unlinkat(&self.dir, self.tmp.as_slice(), AtFlags::empty());
+            self.replica.unstage(&self.path, &self.tmp);
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! Reading metadata from a tree, and the attribute names that carry ACLs.
+
+use crate::{Error, Meta, Xattr};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// The xattr that holds a POSIX access ACL.
+pub const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+/// The xattr that holds a directory's POSIX default ACL.
+pub const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
+
+/// Base metadata from a `stat` result (xattrs left empty).
+#[must_use]
+pub fn from_stat(st: &std::fs::Metadata) -> Meta {
+    Meta {
+        mode: st.mode() & 0o7777,
+        uid: st.uid(),
+        gid: st.gid(),
+        mtime_sec: st.mtime(),
+        mtime_nsec: u32::try_from(st.mtime_nsec()).unwrap_or(0),
+        xattrs: Vec::new(),
+    }
+}
+
+/// Every extended attribute of `path` (not following a final symlink), of every
+/// namespace the process can read, sorted by name. POSIX ACLs come as
+/// [`ACL_ACCESS`] / [`ACL_DEFAULT`], exactly as the kernel stores them.
+pub fn read_xattrs(path: &Path) -> Result<Vec<Xattr>, Error> {
+    use std::os::unix::ffi::OsStrExt;
+    let names = match xattr::list(path) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("listxattr", path.display(), e)),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        match xattr::get(path, &name) {
+            Ok(Some(value)) => out.push(Xattr { name: name.as_bytes().to_vec(), value }),
+            // vanished between list and get
+            Ok(None) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(e) => return Err(Error::io("getxattr", format!("{} {:?}", path.display(), name), e)),
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Whether an xattr name is the kind the replica should try to keep exactly as
+/// the source has it. `security.selinux` is labelled by the replica's own policy.
+#[must_use]
+pub fn is_mirrored_xattr(name: &[u8]) -> bool {
+    name != b"security.selinux"
+}
