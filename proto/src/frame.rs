@@ -60,10 +60,10 @@ pub fn frame_len(header: [u8; HEADER_LEN]) -> Result<usize, FrameError> {
 pub fn decode_body(body: &[u8]) -> Result<Message, FrameError> {
     // The variant index leads the body; a newer peer's message type is named as
     // such rather than as garbage.
-    if let Ok((tag, _)) = bincode::decode_from_slice::<u32, _>(body, config()) {
-        if tag >= crate::message::MESSAGE_TYPES {
-            return Err(FrameError::UnknownType);
-        }
+    if let Ok((tag, _)) = bincode::decode_from_slice::<u32, _>(body, config())
+        && tag >= crate::message::MESSAGE_TYPES
+    {
+        return Err(FrameError::UnknownType);
     }
     let (msg, used): (Message, usize) = bincode::serde::decode_from_slice(body, config())
         .map_err(|e| FrameError::Malformed(e.to_string()))?;

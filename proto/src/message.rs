@@ -294,16 +294,15 @@ impl Message {
 fn validate_entry(e: &Entry) -> Result<(), String> {
     let at = |m: String| format!("entry {}: {m}", e.path);
     match &e.kind {
-        Kind::Symlink { target } => {
-            if target.is_empty() || target.len() > MAX_LINK_TARGET || target.contains(&0) {
-                return Err(at("symlink target empty, too long or holding NUL".into()));
-            }
+        Kind::Symlink { target }
+            if target.is_empty() || target.len() > MAX_LINK_TARGET || target.contains(&0) =>
+        {
+            return Err(at("symlink target empty, too long or holding NUL".into()));
         }
-        Kind::HardLink { target } => {
-            if target.is_root() || target == &e.path {
-                return Err(at("hard link to itself or to the root".into()));
-            }
+        Kind::HardLink { target } if target.is_root() || target == &e.path => {
+            return Err(at("hard link to itself or to the root".into()));
         }
+        Kind::Symlink { .. } | Kind::HardLink { .. } => {}
         Kind::Dir => {}
         _ if e.path.is_root() => return Err(at("the root must be a directory".into())),
         _ => {}
@@ -315,7 +314,10 @@ fn validate_entry(e: &Entry) -> Result<(), String> {
         return Err(at("mtime nanoseconds out of range".into()));
     }
     if e.meta.xattrs.len() > MAX_XATTRS {
-        return Err(at(format!("{} xattrs (at most {MAX_XATTRS})", e.meta.xattrs.len())));
+        return Err(at(format!(
+            "{} xattrs (at most {MAX_XATTRS})",
+            e.meta.xattrs.len()
+        )));
     }
     let mut total = 0usize;
     for x in &e.meta.xattrs {

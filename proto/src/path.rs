@@ -27,7 +27,9 @@ pub enum PathError {
     #[error("NUL byte in path")]
     Nul,
     /// The path or one component is too long, or too deep.
-    #[error("path too long ({0} bytes, or a component over {MAX_NAME_LEN}, or deeper than {MAX_DEPTH})")]
+    #[error(
+        "path too long ({0} bytes, or a component over {MAX_NAME_LEN}, or deeper than {MAX_DEPTH})"
+    )]
     TooLong(usize),
 }
 
@@ -202,14 +204,23 @@ mod tests {
     #[test]
     fn refuses_hostile_paths() {
         assert_eq!(RelPath::new(&b"../x"[..]), Err(PathError::DotComponent));
-        assert_eq!(RelPath::new(&b"a/../../x"[..]), Err(PathError::DotComponent));
+        assert_eq!(
+            RelPath::new(&b"a/../../x"[..]),
+            Err(PathError::DotComponent)
+        );
         assert_eq!(RelPath::new(&b"/etc/x"[..]), Err(PathError::Absolute));
         assert_eq!(RelPath::new(&b"a\0b"[..]), Err(PathError::Nul));
         assert_eq!(RelPath::new(&b"a//b"[..]), Err(PathError::EmptyComponent));
         assert_eq!(RelPath::new(&b"a/"[..]), Err(PathError::EmptyComponent));
         assert_eq!(RelPath::new(&b"./a"[..]), Err(PathError::DotComponent));
-        assert!(matches!(RelPath::new(vec![b'a'; 5000]), Err(PathError::TooLong(_))));
-        assert!(matches!(RelPath::new(vec![b'a'; 256]), Err(PathError::TooLong(_))));
+        assert!(matches!(
+            RelPath::new(vec![b'a'; 5000]),
+            Err(PathError::TooLong(_))
+        ));
+        assert!(matches!(
+            RelPath::new(vec![b'a'; 256]),
+            Err(PathError::TooLong(_))
+        ));
     }
 
     #[test]

@@ -1,20 +1,28 @@
 //! Round trips, truncation, oversize and hostile inputs for the framing.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use proptest::prelude::*;
 use proto::frame::{self, FrameError, HEADER_LEN, MAX_FRAME_LEN};
 use proto::*;
-use proptest::prelude::*;
 
 fn sample_entry() -> Entry {
     Entry {
         path: RelPath::new(&b"dir/\xffname with space"[..]).unwrap(),
-        kind: Kind::File { size: 12, hash: [7; 32] },
+        kind: Kind::File {
+            size: 12,
+            hash: [7; 32],
+        },
         meta: Meta {
             mode: 0o4755,
             uid: 99,
             gid: 100,
             mtime_sec: 1_700_000_000,
             mtime_nsec: 123_456_789,
-            xattrs: vec![Xattr { name: b"user.empty".to_vec(), value: vec![] }],
+            xattrs: vec![Xattr {
+                name: b"user.empty".to_vec(),
+                value: vec![],
+            }],
         },
     }
 }
@@ -22,15 +30,33 @@ fn sample_entry() -> Entry {
 fn all_messages() -> Vec<Message> {
     vec![
         Message::Hello(Hello::new(Role::Source)),
-        Message::Error { code: ErrorCode::Apply, message: "disk full".into() },
+        Message::Error {
+            code: ErrorCode::Apply,
+            message: "disk full".into(),
+        },
         Message::Manifest(vec![sample_entry()]),
-        Message::ManifestEnd { entries: 1, root_hash: [1; 32] },
-        Message::FileRequest { index: 3, signature: Some(vec![1, 2, 3]) },
-        Message::FileRequest { index: 4, signature: None },
+        Message::ManifestEnd {
+            entries: 1,
+            root_hash: [1; 32],
+        },
+        Message::FileRequest {
+            index: 3,
+            signature: Some(vec![1, 2, 3]),
+        },
+        Message::FileRequest {
+            index: 4,
+            signature: None,
+        },
         Message::Literal(vec![0; 100]),
         Message::Delta(vec![9; 10]),
-        Message::FileEnd { size: 100, hash: [2; 32] },
-        Message::Done(ApplySummary { files_transferred: 1, ..Default::default() }),
+        Message::FileEnd {
+            size: 100,
+            hash: [2; 32],
+        },
+        Message::Done(ApplySummary {
+            files_transferred: 1,
+            ..Default::default()
+        }),
     ]
 }
 
@@ -44,7 +70,11 @@ fn round_trip_every_message() {
         assert_eq!(used, buf.len());
         // every strict prefix is "incomplete", never an error or a panic
         for cut in 0..buf.len() {
-            assert_eq!(frame::decode(&buf[..cut]).unwrap(), None, "prefix {cut} of {msg:?}");
+            assert_eq!(
+                frame::decode(&buf[..cut]).unwrap(),
+                None,
+                "prefix {cut} of {msg:?}"
+            );
         }
     }
 }
@@ -52,7 +82,10 @@ fn round_trip_every_message() {
 #[test]
 fn oversize_header_refused_before_allocation() {
     let header = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes();
-    assert_eq!(frame::frame_len(header), Err(FrameError::TooLarge(MAX_FRAME_LEN + 1)));
+    assert_eq!(
+        frame::frame_len(header),
+        Err(FrameError::TooLarge(MAX_FRAME_LEN + 1))
+    );
     let mut buf = header.to_vec();
     buf.extend_from_slice(&[0; 16]);
     assert!(matches!(frame::decode(&buf), Err(FrameError::TooLarge(_))));
@@ -62,7 +95,10 @@ fn oversize_header_refused_before_allocation() {
 fn oversize_message_not_encoded() {
     let msg = Message::Literal(vec![0; MAX_FRAME_LEN + 1]);
     let mut buf = vec![1, 2];
-    assert!(matches!(frame::encode(&msg, &mut buf), Err(FrameError::TooLarge(_))));
+    assert!(matches!(
+        frame::encode(&msg, &mut buf),
+        Err(FrameError::TooLarge(_))
+    ));
     assert_eq!(buf, vec![1, 2]);
 }
 
@@ -89,7 +125,10 @@ fn hostile_path_in_manifest_refused() {
 #[test]
 fn bounds_checked_on_decode() {
     let mut e = sample_entry();
-    e.meta.xattrs = vec![Xattr { name: b"user.big".to_vec(), value: vec![0; MAX_XATTR_VALUE + 1] }];
+    e.meta.xattrs = vec![Xattr {
+        name: b"user.big".to_vec(),
+        value: vec![0; MAX_XATTR_VALUE + 1],
+    }];
     let mut buf = Vec::new();
     frame::encode(&Message::Manifest(vec![e]), &mut buf).unwrap();
     assert!(matches!(frame::decode(&buf), Err(FrameError::Malformed(_))));
@@ -117,7 +156,11 @@ fn handshake_refuses_other_versions() {
     assert!(h.check().is_ok());
     h.version = PROTOCOL_VERSION + 1;
     let err = h.check().unwrap_err();
-    assert!(err.to_string().contains(&format!("version {}", PROTOCOL_VERSION + 1)), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("version {}", PROTOCOL_VERSION + 1)),
+        "{err}"
+    );
     h.magic = *b"RSYNCD: ";
     assert_eq!(h.check(), Err(HandshakeError::UnknownMagic));
 }

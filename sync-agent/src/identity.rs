@@ -27,7 +27,11 @@ impl NodeId {
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = data_encoding::BASE32_NOPAD.encode(&self.0);
-        let groups: Vec<&str> = s.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap_or("")).collect();
+        let groups: Vec<&str> = s
+            .as_bytes()
+            .chunks(4)
+            .map(|c| std::str::from_utf8(c).unwrap_or(""))
+            .collect();
         f.write_str(&groups.join("-"))
     }
 }
@@ -49,9 +53,9 @@ impl FromStr for NodeId {
         let bytes = data_encoding::BASE32_NOPAD
             .decode(clean.as_bytes())
             .map_err(|e| anyhow::anyhow!("node id {s:?} is not valid base32: {e}"))?;
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|b: Vec<u8>| anyhow::anyhow!("node id {s:?} has {} bytes, expected 32", b.len()))?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+            anyhow::anyhow!("node id {s:?} has {} bytes, expected 32", b.len())
+        })?;
         Ok(Self(arr))
     }
 }
@@ -67,7 +71,10 @@ pub struct Identity {
 
 impl Clone for Identity {
     fn clone(&self) -> Self {
-        Self { cert: self.cert.clone(), key: self.key.clone_key() }
+        Self {
+            cert: self.cert.clone(),
+            key: self.key.clone_key(),
+        }
     }
 }
 
@@ -78,7 +85,10 @@ impl Identity {
             .context("generating a node certificate")?;
         let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der())
             .map_err(|e| anyhow::anyhow!("encoding the node key: {e}"))?;
-        Ok(Self { cert: ck.cert.der().clone(), key })
+        Ok(Self {
+            cert: ck.cert.der().clone(),
+            key,
+        })
     }
 
     /// This node's id.
@@ -92,7 +102,10 @@ impl Identity {
     pub fn create(dir: &Path) -> Result<Self> {
         let key_path = dir.join("key.pem");
         if key_path.exists() {
-            bail!("{} already exists: refusing to replace a node key", key_path.display());
+            bail!(
+                "{} already exists: refusing to replace a node key",
+                key_path.display()
+            );
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let ck = rcgen::generate_simple_self_signed(vec!["understudy".to_string()])
@@ -105,9 +118,11 @@ impl Identity {
             .with_context(|| format!("creating {}", key_path.display()))?;
         std::io::Write::write_all(&mut f, ck.signing_key.serialize_pem().as_bytes())
             .with_context(|| format!("writing {}", key_path.display()))?;
-        f.sync_all().with_context(|| format!("writing {}", key_path.display()))?;
+        f.sync_all()
+            .with_context(|| format!("writing {}", key_path.display()))?;
         let cert_path = dir.join("cert.pem");
-        std::fs::write(&cert_path, ck.cert.pem()).with_context(|| format!("writing {}", cert_path.display()))?;
+        std::fs::write(&cert_path, ck.cert.pem())
+            .with_context(|| format!("writing {}", cert_path.display()))?;
         Self::load(dir)
     }
 
@@ -116,14 +131,22 @@ impl Identity {
         let cert_path = dir.join("cert.pem");
         let key_path = dir.join("key.pem");
         if !dir.is_dir() {
-            bail!("identity directory {} does not exist (create one with `sync-cli keygen --dir {}`)", dir.display(), dir.display());
+            bail!(
+                "identity directory {} does not exist (create one with `sync-cli keygen --dir {}`)",
+                dir.display(),
+                dir.display()
+            );
         }
         let mode = std::fs::metadata(&key_path)
             .with_context(|| format!("reading {}", key_path.display()))?
             .permissions()
             .mode();
         if mode & 0o077 != 0 {
-            bail!("{} is readable by others (mode {:o}): chmod 600 it", key_path.display(), mode & 0o777);
+            bail!(
+                "{} is readable by others (mode {:o}): chmod 600 it",
+                key_path.display(),
+                mode & 0o777
+            );
         }
         let cert = CertificateDer::from_pem_file(&cert_path)
             .map_err(|e| anyhow::anyhow!("reading certificate {}: {e}", cert_path.display()))?;
@@ -146,9 +169,22 @@ mod tests {
         let shown = a.id().to_string();
         assert_eq!(shown.len(), 52 + 12);
         assert_eq!(shown.parse::<NodeId>().unwrap(), a.id());
-        assert_eq!(shown.to_lowercase().replace('-', "").parse::<NodeId>().unwrap(), a.id());
-        assert!(Identity::create(dir.path()).is_err(), "must not overwrite a key");
-        let mode = std::fs::metadata(dir.path().join("key.pem")).unwrap().permissions().mode();
+        assert_eq!(
+            shown
+                .to_lowercase()
+                .replace('-', "")
+                .parse::<NodeId>()
+                .unwrap(),
+            a.id()
+        );
+        assert!(
+            Identity::create(dir.path()).is_err(),
+            "must not overwrite a key"
+        );
+        let mode = std::fs::metadata(dir.path().join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!("ABCD".parse::<NodeId>().is_err());
     }
@@ -157,7 +193,11 @@ mod tests {
     fn refuses_world_readable_key() {
         let dir = tempfile::tempdir().unwrap();
         Identity::create(dir.path()).unwrap();
-        std::fs::set_permissions(dir.path().join("key.pem"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("key.pem"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
         let err = Identity::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("readable by others"), "{err}");
     }

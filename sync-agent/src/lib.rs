@@ -40,20 +40,30 @@ pub struct PushOptions {
 
 /// Mirrors `opts.src` to a running replica.
 pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary> {
-    let meta = std::fs::metadata(&opts.src).with_context(|| format!("source {}", opts.src.display()))?;
+    let meta =
+        std::fs::metadata(&opts.src).with_context(|| format!("source {}", opts.src.display()))?;
     if !meta.is_dir() {
         bail!("source {} is not a directory", opts.src.display());
     }
-    let bind: SocketAddr = if opts.to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-        .parse()
-        .context("bind address")?;
+    let bind: SocketAddr = if opts.to.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .context("bind address")?;
     let mut endpoint = quinn::Endpoint::client(bind).context("opening a UDP socket")?;
     endpoint.set_default_client_config(tls::client_config(&opts.identity, opts.peer)?);
     let conn = endpoint
         .connect(opts.to, tls::SERVER_NAME)
         .context("starting the connection")?
         .await
-        .with_context(|| format!("connecting to replica {} (expected id {})", opts.to, opts.peer))?;
+        .with_context(|| {
+            format!(
+                "connecting to replica {} (expected id {})",
+                opts.to, opts.peer
+            )
+        })?;
     let res = session::run_source(conn, opts.src.clone(), progress, opts.protocol_version)
         .await
         .with_context(|| format!("push to replica {}", opts.to));
@@ -63,7 +73,11 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
 
 /// Serves pushes into `root` from the pinned peers on `endpoint` until
 /// `shutdown` resolves. Sessions run one at a time per root.
-pub async fn serve(endpoint: quinn::Endpoint, root: PathBuf, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    root: PathBuf,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let replica = Arc::new(open_replica(&root)?);
     let lock = Arc::new(tokio::sync::Mutex::new(()));
     tokio::pin!(shutdown);
@@ -98,7 +112,8 @@ pub async fn serve(endpoint: quinn::Endpoint, root: PathBuf, shutdown: impl std:
 
 /// Opens and checks a replica root.
 pub fn open_replica(root: &Path) -> Result<Replica> {
-    let meta = std::fs::metadata(root).with_context(|| format!("replica root {}", root.display()))?;
+    let meta =
+        std::fs::metadata(root).with_context(|| format!("replica root {}", root.display()))?;
     if !meta.is_dir() {
         bail!("replica root {} is not a directory", root.display());
     }
@@ -115,12 +130,17 @@ pub async fn mirror(src: &Path, dst: &Path, progress: Arc<Progress>) -> Result<S
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e).with_context(|| format!("creating destination {}", dst.display())),
     }
-    let dst_meta = std::fs::metadata(dst).with_context(|| format!("destination {}", dst.display()))?;
+    let dst_meta =
+        std::fs::metadata(dst).with_context(|| format!("destination {}", dst.display()))?;
     if !dst_meta.is_dir() {
         bail!("destination {} is not a directory", dst.display());
     }
     let (source_id, replica_id) = (Identity::generate()?, Identity::generate()?);
-    let endpoint = tls::server("127.0.0.1:0".parse().context("loopback")?, &replica_id, vec![source_id.id()])?;
+    let endpoint = tls::server(
+        "127.0.0.1:0".parse().context("loopback")?,
+        &replica_id,
+        vec![source_id.id()],
+    )?;
     let addr = endpoint.local_addr().context("replica address")?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let root = dst.to_path_buf();

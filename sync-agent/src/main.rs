@@ -40,13 +40,20 @@ enum Cmd {
 fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json { b.json().init() } else { b.init() }
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Replica { root, listen, identity, allow } => {
+        Cmd::Replica {
+            root,
+            listen,
+            identity,
+            allow,
+        } => {
             let me = Identity::load(&identity)?;
             let allowed = allow
                 .iter()
@@ -59,10 +66,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             // One line on stdout so scripts can learn the port when listening on :0.
             println!("listening {local}");
             let shutdown = async {
-                let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => return std::future::pending().await,
-                };
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(s) => s,
+                        Err(_) => return std::future::pending().await,
+                    };
                 tokio::select! {
                     _ = term.recv() => {},
                     _ = tokio::signal::ctrl_c() => {},

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+use sync_core::Manifest;
 use sync_core::apply::Replica;
 use sync_core::delta::{self, Chunk, Encoder};
-use sync_core::Manifest;
 use tokio::sync::{Semaphore, mpsc};
 
 /// Files fetched at once, each on its own stream.
@@ -69,14 +69,18 @@ pub struct Progress {
     pub files_done: AtomicU64,
 }
 
-async fn handshake_client(conn: &quinn::Connection, version: u32) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+async fn handshake_client(
+    conn: &quinn::Connection,
+    version: u32,
+) -> Result<(quinn::SendStream, quinn::RecvStream)> {
     let (mut send, mut recv) = conn.open_bi().await.context("opening the control stream")?;
     let mut hello = Hello::new(Role::Source);
     hello.version = version;
     wire::send(&mut send, &Message::Hello(hello)).await?;
     match wire::expect(&mut recv, "the replica's hello").await? {
         Message::Hello(h) => {
-            h.check().map_err(|e| anyhow!("replica refused the handshake: {e}"))?;
+            h.check()
+                .map_err(|e| anyhow!("replica refused the handshake: {e}"))?;
             if h.role != Role::Replica {
                 bail!("peer is not serving as a replica");
             }
@@ -89,33 +93,58 @@ async fn handshake_client(conn: &quinn::Connection, version: u32) -> Result<(qui
 
 /// Source side of a push over an established connection: scan `root`, send the
 /// manifest, serve content requests until the replica reports it is done.
-pub async fn run_source(conn: quinn::Connection, root: PathBuf, progress: Arc<Progress>, protocol_version: u32) -> Result<Summary> {
+pub async fn run_source(
+    conn: quinn::Connection,
+    root: PathBuf,
+    progress: Arc<Progress>,
+    protocol_version: u32,
+) -> Result<Summary> {
     let started = Instant::now();
     let (mut ctl_send, mut ctl_recv) = handshake_client(&conn, protocol_version).await?;
     let scan_root = root.clone();
-    let manifest = tokio::task::spawn_blocking(move || sync_core::scan::scan(&scan_root, &Default::default()))
-        .await?
-        .with_context(|| format!("scanning {}", root.display()))?;
+    let manifest =
+        tokio::task::spawn_blocking(move || sync_core::scan::scan(&scan_root, &Default::default()))
+            .await?
+            .with_context(|| format!("scanning {}", root.display()))?;
     let scan_s = started.elapsed().as_secs_f64();
     let manifest = Arc::new(manifest);
-    progress.entries.store(manifest.entries.len() as u64, Ordering::Relaxed);
+    progress
+        .entries
+        .store(manifest.entries.len() as u64, Ordering::Relaxed);
     let root_hash = manifest.root_hash();
 
     // Manifest, in frames of bounded size.
     let mut batch = Vec::new();
     let mut batch_bytes = 0;
     for e in &manifest.entries {
-        batch_bytes += e.path.as_bytes().len() + 64 + e.meta.xattrs.iter().map(|x| x.name.len() + x.value.len() + 8).sum::<usize>();
+        batch_bytes += e.path.as_bytes().len()
+            + 64
+            + e.meta
+                .xattrs
+                .iter()
+                .map(|x| x.name.len() + x.value.len() + 8)
+                .sum::<usize>();
         batch.push(e.clone());
         if batch.len() >= proto::MAX_ENTRIES_PER_BATCH || batch_bytes >= MANIFEST_FRAME_BYTES {
-            wire::send(&mut ctl_send, &Message::Manifest(std::mem::take(&mut batch))).await?;
+            wire::send(
+                &mut ctl_send,
+                &Message::Manifest(std::mem::take(&mut batch)),
+            )
+            .await?;
             batch_bytes = 0;
         }
     }
     if !batch.is_empty() {
         wire::send(&mut ctl_send, &Message::Manifest(batch)).await?;
     }
-    wire::send(&mut ctl_send, &Message::ManifestEnd { entries: manifest.entries.len() as u64, root_hash }).await?;
+    wire::send(
+        &mut ctl_send,
+        &Message::ManifestEnd {
+            entries: manifest.entries.len() as u64,
+            root_hash,
+        },
+    )
+    .await?;
 
     // Serve requests until the replica's verdict arrives on the control stream.
     let served = Arc::new(AtomicU64::new(0));
@@ -184,7 +213,10 @@ async fn serve_file(
         .and_then(|i| manifest.entries.get(i))
         .ok_or_else(|| anyhow!("replica asked for entry {index}, beyond the manifest"))?;
     if !matches!(entry.kind, Kind::File { .. }) {
-        bail!("replica asked for {} which is not a regular file", entry.path);
+        bail!(
+            "replica asked for {} which is not a regular file",
+            entry.path
+        );
     }
     let path = sync_core::scan::abs(&root, &entry.path);
     let (tx, mut rx) = mpsc::channel::<Message>(4);
@@ -199,7 +231,12 @@ async fn serve_file(
     Ok(())
 }
 
-fn encode_file(path: &Path, signature: Option<Vec<u8>>, tx: mpsc::Sender<Message>, progress: &Progress) -> Result<()> {
+fn encode_file(
+    path: &Path,
+    signature: Option<Vec<u8>>,
+    tx: mpsc::Sender<Message>,
+    progress: &Progress,
+) -> Result<()> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let sig = signature
@@ -239,15 +276,24 @@ fn encode_file(path: &Path, signature: Option<Vec<u8>>, tx: mpsc::Sender<Message
         };
         progress.bytes_done.fetch_add(got as u64, Ordering::Relaxed);
         if tx.blocking_send(msg).is_err() {
-            bail!("stream to the replica closed while sending {}", path.display());
+            bail!(
+                "stream to the replica closed while sending {}",
+                path.display()
+            );
         }
         if got < want {
             break;
         }
     }
-    let end = Message::FileEnd { size, hash: *hasher.finalize().as_bytes() };
+    let end = Message::FileEnd {
+        size,
+        hash: *hasher.finalize().as_bytes(),
+    };
     if tx.blocking_send(end).is_err() {
-        bail!("stream to the replica closed while sending {}", path.display());
+        bail!(
+            "stream to the replica closed while sending {}",
+            path.display()
+        );
     }
     progress.files_done.fetch_add(1, Ordering::Relaxed);
     Ok(())
@@ -255,13 +301,25 @@ fn encode_file(path: &Path, signature: Option<Vec<u8>>, tx: mpsc::Sender<Message
 
 /// Replica side of one session on an accepted connection.
 pub async fn run_replica(conn: quinn::Connection, replica: Arc<Replica>) -> Result<()> {
-    let peer = crate::tls::peer_id(&conn).map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
-    let (mut ctl_send, mut ctl_recv) = conn.accept_bi().await.context("waiting for the control stream")?;
+    let peer = crate::tls::peer_id(&conn)
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let (mut ctl_send, mut ctl_recv) = conn
+        .accept_bi()
+        .await
+        .context("waiting for the control stream")?;
     match wire::expect(&mut ctl_recv, "a hello").await? {
         Message::Hello(h) => {
             if let Err(e) = h.check() {
                 let msg = format!("{e}");
-                wire::send(&mut ctl_send, &Message::Error { code: ErrorCode::UnsupportedVersion, message: msg.clone() }).await?;
+                wire::send(
+                    &mut ctl_send,
+                    &Message::Error {
+                        code: ErrorCode::UnsupportedVersion,
+                        message: msg.clone(),
+                    },
+                )
+                .await?;
                 let _ = ctl_send.finish();
                 let _ = ctl_send.stopped().await;
                 bail!("peer {peer}: {msg}");
@@ -286,7 +344,14 @@ pub async fn run_replica(conn: quinn::Connection, replica: Arc<Replica>) -> Resu
         }
         Err(e) => {
             let message = format!("{e:#}");
-            let _ = wire::send(&mut ctl_send, &Message::Error { code: ErrorCode::Apply, message: message.clone() }).await;
+            let _ = wire::send(
+                &mut ctl_send,
+                &Message::Error {
+                    code: ErrorCode::Apply,
+                    message: message.clone(),
+                },
+            )
+            .await;
             let _ = ctl_send.finish();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
             Err(e.context(format!("session with peer {peer}")))
@@ -294,7 +359,11 @@ pub async fn run_replica(conn: quinn::Connection, replica: Arc<Replica>) -> Resu
     }
 }
 
-async fn apply_session(conn: &quinn::Connection, ctl_recv: &mut quinn::RecvStream, replica: Arc<Replica>) -> Result<ApplySummary> {
+async fn apply_session(
+    conn: &quinn::Connection,
+    ctl_recv: &mut quinn::RecvStream,
+    replica: Arc<Replica>,
+) -> Result<ApplySummary> {
     // Receive the manifest.
     let mut entries = Vec::new();
     let root_hash = loop {
@@ -305,9 +374,15 @@ async fn apply_session(conn: &quinn::Connection, ctl_recv: &mut quinn::RecvStrea
                 }
                 entries.extend(batch);
             }
-            Message::ManifestEnd { entries: n, root_hash } => {
+            Message::ManifestEnd {
+                entries: n,
+                root_hash,
+            } => {
                 if n != entries.len() as u64 {
-                    bail!("manifest announced {n} entries but carried {}", entries.len());
+                    bail!(
+                        "manifest announced {n} entries but carried {}",
+                        entries.len()
+                    );
                 }
                 break root_hash;
             }
@@ -323,7 +398,10 @@ async fn apply_session(conn: &quinn::Connection, ctl_recv: &mut quinn::RecvStrea
     // Scan, sweep temps, plan, and do the structural part.
     let (r, s) = (replica.clone(), src.clone());
     let (dst, plan, mut summary) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let opts = sync_core::scan::ScanOptions { hash: false, hard_links: false };
+        let opts = sync_core::scan::ScanOptions {
+            hash: false,
+            hard_links: false,
+        };
         let (dst, report) = sync_core::scan::scan_with_report(r.root_path(), &opts)?;
         let swept = r.sweep_temps(&report.temp_files)?;
         if swept > 0 {
@@ -401,7 +479,12 @@ async fn apply_session(conn: &quinn::Connection, ctl_recv: &mut quinn::RecvStrea
 }
 
 /// Pulls one file: signature of our basis up, content down, staged and checked.
-async fn fetch_file(conn: quinn::Connection, replica: Arc<Replica>, src: Arc<Manifest>, f: sync_core::plan::Fetch) -> Result<(u64, u64)> {
+async fn fetch_file(
+    conn: quinn::Connection,
+    replica: Arc<Replica>,
+    src: Arc<Manifest>,
+    f: sync_core::plan::Fetch,
+) -> Result<(u64, u64)> {
     let entry = src.entries[f.index].clone();
     let (r, path) = (replica.clone(), entry.path.clone());
     let basis = if f.basis {
@@ -423,15 +506,26 @@ async fn fetch_file(conn: quinn::Connection, replica: Arc<Replica>, src: Arc<Man
         None => (None, None),
     };
     let (mut send, mut recv) = conn.open_bi().await.context("opening a file stream")?;
-    wire::send(&mut send, &Message::FileRequest { index: f.index as u64, signature }).await?;
+    wire::send(
+        &mut send,
+        &Message::FileRequest {
+            index: f.index as u64,
+            signature,
+        },
+    )
+    .await?;
     let _ = send.finish();
 
     let (tx, rx) = mpsc::channel::<Message>(4);
-    let writer = tokio::task::spawn_blocking(move || write_file(&replica, &entry, map.as_deref(), rx));
+    let writer =
+        tokio::task::spawn_blocking(move || write_file(&replica, &entry, map.as_deref(), rx));
     loop {
         let msg = wire::expect(&mut recv, "file content").await?;
         let end = matches!(msg, Message::FileEnd { .. });
-        if !matches!(msg, Message::Literal(_) | Message::Delta(_) | Message::FileEnd { .. }) {
+        if !matches!(
+            msg,
+            Message::Literal(_) | Message::Delta(_) | Message::FileEnd { .. }
+        ) {
             bail!("expected file content, got {msg:?}");
         }
         if tx.send(msg).await.is_err() {
@@ -445,7 +539,12 @@ async fn fetch_file(conn: quinn::Connection, replica: Arc<Replica>, src: Arc<Man
     writer.await?
 }
 
-fn write_file(replica: &Replica, entry: &proto::Entry, basis: Option<&[u8]>, mut rx: mpsc::Receiver<Message>) -> Result<(u64, u64)> {
+fn write_file(
+    replica: &Replica,
+    entry: &proto::Entry,
+    basis: Option<&[u8]>,
+    mut rx: mpsc::Receiver<Message>,
+) -> Result<(u64, u64)> {
     let mut staged = replica.stage(&entry.path)?;
     let (mut literal, mut matched) = (0u64, 0u64);
     let mut out = Vec::new();
@@ -458,7 +557,8 @@ fn write_file(replica: &Replica, entry: &proto::Entry, basis: Option<&[u8]>, mut
             Message::Delta(d) => {
                 let base = basis.ok_or_else(|| anyhow!("{}: delta without a basis", entry.path))?;
                 out.clear();
-                delta::apply_delta(base, &d, &mut out, delta::WINDOW).map_err(|e| anyhow!("{}: {e}", entry.path))?;
+                delta::apply_delta(base, &d, &mut out, delta::WINDOW)
+                    .map_err(|e| anyhow!("{}: {e}", entry.path))?;
                 let lit = (d.len() as u64).min(out.len() as u64);
                 literal += lit;
                 matched += out.len() as u64 - lit;
@@ -466,7 +566,11 @@ fn write_file(replica: &Replica, entry: &proto::Entry, basis: Option<&[u8]>, mut
             }
             Message::FileEnd { size, hash } => {
                 if size != staged.len() {
-                    bail!("{}: source announced {size} bytes, {} arrived", entry.path, staged.len());
+                    bail!(
+                        "{}: source announced {size} bytes, {} arrived",
+                        entry.path,
+                        staged.len()
+                    );
                 }
                 staged.commit(&hash, &entry.meta)?;
                 return Ok((literal, matched));
@@ -476,4 +580,3 @@ fn write_file(replica: &Replica, entry: &proto::Entry, basis: Option<&[u8]>, mut
     }
     bail!("{}: stream ended before the file was complete", entry.path)
 }
-

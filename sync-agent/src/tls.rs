@@ -47,17 +47,41 @@ impl Pinned {
             Ok(())
         } else {
             tracing::warn!(peer = %id, "refused a peer whose certificate is not pinned");
-            Err(rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(NotPinned(id))))))
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(NotPinned(id))),
+            )))
         }
     }
-    fn tls12(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    fn tls12(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &self.provider.signature_verification_algorithms,
+        )
     }
-    fn tls13(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
+    fn tls13(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &self.provider.signature_verification_algorithms,
+        )
     }
     fn schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -70,12 +94,23 @@ impl ServerCertVerifier for Pinned {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity).map(|()| ServerCertVerified::assertion())
+        self.check(end_entity)
+            .map(|()| ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.tls12(m, c, d)
     }
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.tls13(m, c, d)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -93,13 +128,29 @@ impl ClientCertVerifier for Pinned {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }
-    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, _i: &[CertificateDer<'_>], _now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity).map(|()| ClientCertVerified::assertion())
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _i: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity)
+            .map(|()| ClientCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.tls12(m, c, d)
     }
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.tls13(m, c, d)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -111,7 +162,11 @@ fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(64u32.into());
     t.max_concurrent_uni_streams(0u32.into());
-    t.max_idle_timeout(Some(Duration::from_secs(30).try_into().unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000)))));
+    t.max_idle_timeout(Some(
+        Duration::from_secs(30)
+            .try_into()
+            .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))),
+    ));
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());
@@ -122,7 +177,10 @@ fn transport() -> Arc<quinn::TransportConfig> {
 /// A QUIC server endpoint on `addr` that accepts only the pinned peers.
 pub fn server(addr: SocketAddr, me: &Identity, allowed: Vec<NodeId>) -> Result<quinn::Endpoint> {
     let provider = provider();
-    let verifier = Arc::new(Pinned { allowed, provider: provider.clone() });
+    let verifier = Arc::new(Pinned {
+        allowed,
+        provider: provider.clone(),
+    });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS 1.3 configuration")?
@@ -133,7 +191,8 @@ pub fn server(addr: SocketAddr, me: &Identity, allowed: Vec<NodeId>) -> Result<q
     cfg.max_early_data_size = 0;
     cfg.send_tls13_tickets = 0;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg).context("QUIC TLS configuration")?;
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(cfg).context("QUIC TLS configuration")?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     sc.transport_config(transport());
     sc.max_incoming(64);
@@ -143,7 +202,10 @@ pub fn server(addr: SocketAddr, me: &Identity, allowed: Vec<NodeId>) -> Result<q
 /// A client configuration that presents `me` and accepts only `peer`.
 pub fn client_config(me: &Identity, peer: NodeId) -> Result<quinn::ClientConfig> {
     let provider = provider();
-    let verifier = Arc::new(Pinned { allowed: vec![peer], provider: provider.clone() });
+    let verifier = Arc::new(Pinned {
+        allowed: vec![peer],
+        provider: provider.clone(),
+    });
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS 1.3 configuration")?
@@ -154,7 +216,8 @@ pub fn client_config(me: &Identity, peer: NodeId) -> Result<quinn::ClientConfig>
     cfg.alpn_protocols = vec![proto::ALPN.to_vec()];
     cfg.enable_early_data = false;
     cfg.resumption = rustls::client::Resumption::disabled();
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).context("QUIC TLS configuration")?;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(cfg).context("QUIC TLS configuration")?;
     let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
     cc.transport_config(transport());
     Ok(cc)

@@ -18,7 +18,11 @@ pub async fn recv(stream: &mut quinn::RecvStream) -> Result<Option<Message>> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
-        match stream.read(&mut header[got..]).await.context("reading from peer")? {
+        match stream
+            .read(&mut header[got..])
+            .await
+            .context("reading from peer")?
+        {
             Some(n) => got += n,
             None if got == 0 => return Ok(None),
             None => bail!("peer closed the stream inside a frame header"),
@@ -26,7 +30,10 @@ pub async fn recv(stream: &mut quinn::RecvStream) -> Result<Option<Message>> {
     }
     let len = frame::frame_len(header)?;
     let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await.context("reading a frame body from peer")?;
+    stream
+        .read_exact(&mut body)
+        .await
+        .context("reading a frame body from peer")?;
     Ok(Some(frame::decode_body(&body)?))
 }
 

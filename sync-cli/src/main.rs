@@ -14,7 +14,11 @@ use std::process::ExitCode;
 
 /// understudy: a warm standby of a folder, kept over QUIC.
 #[derive(Parser, Debug)]
-#[command(version, about, after_help = "Exit codes: 0 ok, 1 verify found differences, 2 error, 3 done with things not preserved.")]
+#[command(
+    version,
+    about,
+    after_help = "Exit codes: 0 ok, 1 verify found differences, 2 error, 3 done with things not preserved."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -48,14 +52,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                if io.kind() == std::io::ErrorKind::BrokenPipe {
-                    return ExitCode::SUCCESS;
-                }
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::BrokenPipe
+            {
+                return ExitCode::SUCCESS;
             }
             eprintln!("sync-cli: {e:#}");
             ExitCode::from(2)

@@ -45,7 +45,10 @@ pub struct PushArgs {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
 }
 
 /// Runs `fut` with a progress bar on a terminal.
@@ -70,7 +73,11 @@ where
             let p = progress.clone();
             tokio::spawn(async move {
                 loop {
-                    b.set_length(p.bytes_planned.load(Ordering::Relaxed).max(p.bytes_done.load(Ordering::Relaxed)));
+                    b.set_length(
+                        p.bytes_planned
+                            .load(Ordering::Relaxed)
+                            .max(p.bytes_done.load(Ordering::Relaxed)),
+                    );
                     b.set_position(p.bytes_done.load(Ordering::Relaxed));
                     b.set_message(format!(
                         "{} files sent, {} entries scanned",
@@ -99,7 +106,12 @@ fn report(s: &Summary, json: bool) -> Result<ExitCode> {
     } else {
         println!(
             "files: {} scanned ({} entries), {} sent, {} deleted, {} metadata-only, {} dirs/links/special made",
-            s.files_total, s.entries_total, s.files_transferred, s.files_deleted, s.meta_updated, s.others_created
+            s.files_total,
+            s.entries_total,
+            s.files_transferred,
+            s.files_deleted,
+            s.meta_updated,
+            s.others_created
         );
         println!(
             "bytes: {} total, {} literal, {} matched, {} on the wire ({} sent, {} received)",
@@ -110,18 +122,27 @@ fn report(s: &Summary, json: bool) -> Result<ExitCode> {
             s.bytes_sent_wire,
             s.bytes_received_wire
         );
-        println!("elapsed: {:.3} s (scan {:.3} s); source root {}", s.elapsed_s, s.scan_s, s.source_root);
+        println!(
+            "elapsed: {:.3} s (scan {:.3} s); source root {}",
+            s.elapsed_s, s.scan_s, s.source_root
+        );
     }
     for w in &s.warnings {
         eprintln!("sync-cli: not preserved: {w}");
     }
-    Ok(if s.warnings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+    Ok(if s.warnings.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }
 
 pub fn mirror(a: MirrorArgs) -> Result<ExitCode> {
     let (src, dst) = (a.src.clone(), a.dst.clone());
-    let s = with_progress(a.json, |p| async move { sync_agent::mirror(&src, &dst, p).await })
-        .with_context(|| format!("mirror {} -> {}", a.src.display(), a.dst.display()))?;
+    let s = with_progress(a.json, |p| async move {
+        sync_agent::mirror(&src, &dst, p).await
+    })
+    .with_context(|| format!("mirror {} -> {}", a.src.display(), a.dst.display()))?;
     report(&s, a.json)
 }
 

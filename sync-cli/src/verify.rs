@@ -52,7 +52,18 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
         for d in &r.differences {
             println!("{d}");
         }
-        println!("{}", if r.identical { "identical" } else { "DIFFERENT" });
+        println!(
+            "{}",
+            if r.identical {
+                "identical"
+            } else {
+                "DIFFERENT"
+            }
+        );
     }
-    Ok(if r.identical { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if r.identical {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

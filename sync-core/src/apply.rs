@@ -56,12 +56,18 @@ fn temp_name() -> Vec<u8> {
 }
 
 fn ts(sec: i64, nsec: u32) -> Timespec {
-    Timespec { tv_sec: sec, tv_nsec: i64::from(nsec) as _ }
+    Timespec {
+        tv_sec: sec,
+        tv_nsec: i64::from(nsec) as _,
+    }
 }
 
 fn times(m: &Meta) -> Timestamps {
     Timestamps {
-        last_access: Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT },
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
         last_modification: ts(m.mtime_sec, m.mtime_nsec),
     }
 }
@@ -69,8 +75,12 @@ fn times(m: &Meta) -> Timestamps {
 impl Replica {
     /// Opens the replica root (which must exist and be a directory).
     pub fn open(root: &Path) -> Result<Self, Error> {
-        let fd = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| Error::io("open replica root", root.display(), e))?;
+        let fd = rustix::fs::open(
+            root,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open replica root", root.display(), e))?;
         Ok(Self {
             root: fd,
             root_path: root.to_path_buf(),
@@ -109,8 +119,9 @@ impl Replica {
     }
 
     fn parent<'p>(&self, path: &'p RelPath) -> Result<(OwnedFd, RelPath, &'p [u8]), Error> {
-        let (parent, name) =
-            path.split_last().ok_or_else(|| Error::invalid(self.display(path), "the root has no parent"))?;
+        let (parent, name) = path
+            .split_last()
+            .ok_or_else(|| Error::invalid(self.display(path), "the root has no parent"))?;
         Ok((self.dir(&parent)?, parent, name))
     }
 
@@ -122,16 +133,19 @@ impl Replica {
 
     fn warn(&self, w: String) {
         tracing::warn!("{w}");
-        if let Ok(mut ws) = self.warnings.lock() {
-            if ws.len() < 1000 {
-                ws.push(w);
-            }
+        if let Ok(mut ws) = self.warnings.lock()
+            && ws.len() < 1000
+        {
+            ws.push(w);
         }
     }
 
     /// What could not be preserved so far (taken, so each is reported once).
     pub fn take_warnings(&self) -> Vec<String> {
-        self.warnings.lock().map(|mut w| std::mem::take(&mut *w)).unwrap_or_default()
+        self.warnings
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default()
     }
 
     /// Removes our temp files found by a scan.
@@ -174,7 +188,8 @@ impl Replica {
             )
             .map_err(|e| Error::io("open directory", self.display(shown), e))?;
             let mut names = Vec::new();
-            let rd = rustix::fs::Dir::read_from(&sub).map_err(|e| Error::io("read directory", self.display(shown), e))?;
+            let rd = rustix::fs::Dir::read_from(&sub)
+                .map_err(|e| Error::io("read directory", self.display(shown), e))?;
             for de in rd {
                 let de = de.map_err(|e| Error::io("read directory", self.display(shown), e))?;
                 let n = de.file_name().to_bytes();
@@ -189,7 +204,8 @@ impl Replica {
             rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
                 .map_err(|e| Error::io("remove directory", self.display(shown), e))
         } else {
-            rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(|e| Error::io("remove", self.display(shown), e))
+            rustix::fs::unlinkat(dir, name, AtFlags::empty())
+                .map_err(|e| Error::io("remove", self.display(shown), e))
         }
     }
 
@@ -212,7 +228,9 @@ impl Replica {
         let tmp = temp_name();
         let shown_path = self.display(&entry.path);
         let made = match &entry.kind {
-            Kind::Symlink { target } => rustix::fs::symlinkat(target.as_slice(), &dir, tmp.as_slice()),
+            Kind::Symlink { target } => {
+                rustix::fs::symlinkat(target.as_slice(), &dir, tmp.as_slice())
+            }
             Kind::Fifo | Kind::Socket | Kind::CharDev { .. } | Kind::BlockDev { .. } => {
                 let (ft, dev) = match entry.kind {
                     Kind::Fifo => (rustix::fs::FileType::Fifo, 0),
@@ -223,13 +241,19 @@ impl Replica {
                 };
                 rustix::fs::mknodat(&dir, tmp.as_slice(), ft, Mode::from_raw_mode(0o600), dev)
             }
-            other => return Err(Error::invalid(&shown_path, format!("cannot create a {} this way", other.name()))),
+            other => {
+                return Err(Error::invalid(
+                    &shown_path,
+                    format!("cannot create a {} this way", other.name()),
+                ));
+            }
         };
         made.map_err(|e| Error::io("create", &shown_path, e))?;
         let res = self
             .meta_at(dir.as_fd(), &tmp, &entry.kind, &entry.meta, &shown_path)
             .and_then(|()| {
-                rustix::fs::renameat(&dir, tmp.as_slice(), &dir, name).map_err(|e| Error::io("rename", &shown_path, e))
+                rustix::fs::renameat(&dir, tmp.as_slice(), &dir, name)
+                    .map_err(|e| Error::io("rename", &shown_path, e))
             });
         if res.is_err() {
             let _ = rustix::fs::unlinkat(&dir, tmp.as_slice(), AtFlags::empty());
@@ -245,10 +269,10 @@ impl Replica {
         let (dir, parent, name) = self.parent(path)?;
         let tst = rustix::fs::statat(&tdir, tname, AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| Error::io("stat", self.display(target), e))?;
-        if let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            if (st.st_dev, st.st_ino) == (tst.st_dev, tst.st_ino) {
-                return Ok(());
-            }
+        if let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)
+            && (st.st_dev, st.st_ino) == (tst.st_dev, tst.st_ino)
+        {
+            return Ok(());
         }
         let tmp = temp_name();
         rustix::fs::linkat(&tdir, tname, &dir, tmp.as_slice(), AtFlags::empty())
@@ -291,7 +315,11 @@ impl Replica {
     /// Sets a directory's metadata when it differs from `current` or the directory
     /// was changed during this run (its mtime moved).
     pub fn finish_dir(&self, entry: &Entry, current: Option<&Meta>) -> Result<(), Error> {
-        let touched = self.touched.lock().map(|t| t.contains(&entry.path)).unwrap_or(true);
+        let touched = self
+            .touched
+            .lock()
+            .map(|t| t.contains(&entry.path))
+            .unwrap_or(true);
         if touched || current != Some(&entry.meta) {
             self.set_meta(entry)?;
         }
@@ -305,36 +333,63 @@ impl Replica {
             self.not_preserved(shown_path, "owner", e.into())?;
         }
         let existing: Vec<Vec<u8>> = match f.list_xattr() {
-            Ok(names) => names.map(|n| std::os::unix::ffi::OsStrExt::as_bytes(n.as_os_str()).to_vec()).collect(),
+            Ok(names) => names
+                .map(|n| std::os::unix::ffi::OsStrExt::as_bytes(n.as_os_str()).to_vec())
+                .collect(),
             Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Vec::new(),
             Err(e) => return Err(Error::io("listxattr", shown_path, e)),
         };
         for name in &existing {
-            if meta::is_mirrored_xattr(name) && !m.xattrs.iter().any(|x| &x.name == name) {
-                if let Err(e) = f.remove_xattr(os(name)) {
-                    self.not_preserved(shown_path, &format!("removal of xattr {}", String::from_utf8_lossy(name)), e)?;
-                }
+            if meta::is_mirrored_xattr(name)
+                && !m.xattrs.iter().any(|x| &x.name == name)
+                && let Err(e) = f.remove_xattr(os(name))
+            {
+                self.not_preserved(
+                    shown_path,
+                    &format!("removal of xattr {}", String::from_utf8_lossy(name)),
+                    e,
+                )?;
             }
         }
         for x in &m.xattrs {
             if !meta::is_mirrored_xattr(&x.name) {
                 continue;
             }
-            if existing.contains(&x.name) && f.get_xattr(os(&x.name)).ok().flatten().as_ref() == Some(&x.value) {
+            if existing.contains(&x.name)
+                && f.get_xattr(os(&x.name)).ok().flatten().as_ref() == Some(&x.value)
+            {
                 continue;
             }
             if let Err(e) = f.set_xattr(os(&x.name), &x.value) {
-                self.not_preserved(shown_path, &format!("xattr {}", String::from_utf8_lossy(&x.name)), e)?;
+                self.not_preserved(
+                    shown_path,
+                    &format!("xattr {}", String::from_utf8_lossy(&x.name)),
+                    e,
+                )?;
             }
         }
-        rustix::fs::fchmod(f, Mode::from_raw_mode(m.mode)).map_err(|e| Error::io("chmod", shown_path, e))?;
+        rustix::fs::fchmod(f, Mode::from_raw_mode(m.mode))
+            .map_err(|e| Error::io("chmod", shown_path, e))?;
         rustix::fs::futimens(f, &times(m)).map_err(|e| Error::io("set times", shown_path, e))?;
         Ok(())
     }
 
     /// The same for a symlink or special file, by name in its held parent.
-    fn meta_at(&self, dir: BorrowedFd<'_>, name: &[u8], kind: &Kind, m: &Meta, shown_path: &str) -> Result<(), Error> {
-        if let Err(e) = rustix::fs::chownat(dir, name, Some(uid(m.uid)), Some(gid(m.gid)), AtFlags::SYMLINK_NOFOLLOW) {
+    fn meta_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        kind: &Kind,
+        m: &Meta,
+        shown_path: &str,
+    ) -> Result<(), Error> {
+        if let Err(e) = rustix::fs::chownat(
+            dir,
+            name,
+            Some(uid(m.uid)),
+            Some(gid(m.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        ) {
             self.not_preserved(shown_path, "owner", e.into())?;
         }
         // l*xattr through the held parent's /proc link: the parent cannot be
@@ -342,19 +397,30 @@ impl Replica {
         let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
         p.push(os(name));
         let existing: Vec<Vec<u8>> = match xattr::list(&p) {
-            Ok(names) => names.map(|n| std::os::unix::ffi::OsStrExt::as_bytes(n.as_os_str()).to_vec()).collect(),
+            Ok(names) => names
+                .map(|n| std::os::unix::ffi::OsStrExt::as_bytes(n.as_os_str()).to_vec())
+                .collect(),
             Err(_) => Vec::new(),
         };
         for n in &existing {
-            if meta::is_mirrored_xattr(n) && !m.xattrs.iter().any(|x| &x.name == n) {
-                if let Err(e) = xattr::remove(&p, os(n)) {
-                    self.not_preserved(shown_path, &format!("removal of xattr {}", String::from_utf8_lossy(n)), e)?;
-                }
+            if meta::is_mirrored_xattr(n)
+                && !m.xattrs.iter().any(|x| &x.name == n)
+                && let Err(e) = xattr::remove(&p, os(n))
+            {
+                self.not_preserved(
+                    shown_path,
+                    &format!("removal of xattr {}", String::from_utf8_lossy(n)),
+                    e,
+                )?;
             }
         }
         for x in m.xattrs.iter().filter(|x| meta::is_mirrored_xattr(&x.name)) {
             if let Err(e) = xattr::set(&p, os(&x.name), &x.value) {
-                self.not_preserved(shown_path, &format!("xattr {}", String::from_utf8_lossy(&x.name)), e)?;
+                self.not_preserved(
+                    shown_path,
+                    &format!("xattr {}", String::from_utf8_lossy(&x.name)),
+                    e,
+                )?;
             }
         }
         if !matches!(kind, Kind::Symlink { .. }) {
@@ -381,13 +447,20 @@ impl Replica {
     /// The replica's current regular file at `path`, mapped, as a delta basis.
     pub fn open_basis(&self, path: &RelPath) -> Result<Option<memmap2::Mmap>, Error> {
         let (dir, _, name) = self.parent(path)?;
-        let fd = match rustix::fs::openat(&dir, name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK, Mode::empty()) {
+        let fd = match rustix::fs::openat(
+            &dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+        ) {
             Ok(fd) => fd,
             Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::LOOP) => return Ok(None),
             Err(e) => return Err(Error::io("open basis", self.display(path), e)),
         };
         let st = rustix::fs::fstat(&fd).map_err(|e| Error::io("stat", self.display(path), e))?;
-        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile || st.st_size == 0 {
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile
+            || st.st_size == 0
+        {
             return Ok(None);
         }
         let file = File::from(fd);
@@ -396,7 +469,8 @@ impl Replica {
         // truncated nor rewritten while mapped; the result is checked with blake3
         // before use, so a concurrent change could only fail the transfer.
         #[allow(unsafe_code)]
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io("map basis", self.display(path), e))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| Error::io("map basis", self.display(path), e))?;
         Ok(Some(map))
     }
 
@@ -431,15 +505,22 @@ impl Replica {
     pub fn flush(&self) -> Result<(), Error> {
         let batch = match self.pending.lock() {
             Ok(mut p) => std::mem::take(&mut *p),
-            Err(_) => return Err(Error::invalid(self.root_path.display(), "pending list poisoned")),
+            Err(_) => {
+                return Err(Error::invalid(
+                    self.root_path.display(),
+                    "pending list poisoned",
+                ));
+            }
         };
         if batch.renames.is_empty() {
             return Ok(());
         }
-        rustix::fs::syncfs(&self.root).map_err(|e| Error::io("syncfs", self.root_path.display(), e))?;
+        rustix::fs::syncfs(&self.root)
+            .map_err(|e| Error::io("syncfs", self.root_path.display(), e))?;
         for (path, tmp) in batch.renames {
             let (dir, parent, name) = self.parent(&path)?;
-            rustix::fs::renameat(&dir, tmp.as_slice(), &dir, name).map_err(|e| Error::io("rename", self.display(&path), e))?;
+            rustix::fs::renameat(&dir, tmp.as_slice(), &dir, name)
+                .map_err(|e| Error::io("rename", self.display(&path), e))?;
             self.touch(parent);
         }
         Ok(())
@@ -449,9 +530,20 @@ impl Replica {
     /// waiting for its rename, so the destination holds only what it held before
     /// (plus whole files renamed by earlier batches).
     pub fn abort(&self) {
-        let staged = self.staging.lock().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default();
-        let pending = self.pending.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
-        let pending = pending.renames.into_iter().filter_map(|(path, tmp)| path.split_last().map(|(parent, _)| (parent, tmp)));
+        let staged = self
+            .staging
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
+        let pending = self
+            .pending
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default();
+        let pending = pending
+            .renames
+            .into_iter()
+            .filter_map(|(path, tmp)| path.split_last().map(|(parent, _)| (parent, tmp)));
         for (parent, tmp) in staged.into_iter().chain(pending) {
             if let Ok(dir) = self.dir(&parent) {
                 let _ = rustix::fs::unlinkat(&dir, tmp.as_slice(), AtFlags::empty());
@@ -519,9 +611,9 @@ impl Staged<'_> {
             let (piece, rest) = data.split_at(n);
             let hole = in_block == 0 && n == HOLE_BLOCK && piece.iter().all(|&b| b == 0);
             if !hole {
-                self.file.write_all_at(piece, self.len).map_err(|e| {
-                    Error::io("write", self.replica.display(&self.path), e)
-                })?;
+                self.file
+                    .write_all_at(piece, self.len)
+                    .map_err(|e| Error::io("write", self.replica.display(&self.path), e))?;
             }
             self.len += n as u64;
             data = rest;
@@ -549,10 +641,15 @@ impl Staged<'_> {
         if &got != hash {
             return Err(Error::Delta {
                 path: shown_path,
-                msg: format!("content hash {} does not match the source's {}", crate::hex(&got[..8]), crate::hex(&hash[..8])),
+                msg: format!(
+                    "content hash {} does not match the source's {}",
+                    crate::hex(&got[..8]),
+                    crate::hex(&hash[..8])
+                ),
             });
         }
-        rustix::fs::ftruncate(&self.file, self.len).map_err(|e| Error::io("truncate", &shown_path, e))?;
+        rustix::fs::ftruncate(&self.file, self.len)
+            .map_err(|e| Error::io("truncate", &shown_path, e))?;
         self.replica.meta_fd(&self.file, meta, &shown_path)?;
         self.done = true;
         let tmp = std::mem::take(&mut self.tmp);

@@ -59,9 +59,9 @@ pub fn signature(basis: &[u8]) -> Vec<u8> {
 
 /// Validates a signature received from a peer.
 pub fn parse_signature(bytes: Vec<u8>) -> Result<Signature, DeltaError> {
-    let header = bytes
-        .get(4..12)
-        .ok_or_else(|| DeltaError::BadSignature(format!("{} bytes, shorter than a header", bytes.len())))?;
+    let header = bytes.get(4..12).ok_or_else(|| {
+        DeltaError::BadSignature(format!("{} bytes, shorter than a header", bytes.len()))
+    })?;
     let block = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
     let strong = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
     if !(MIN_BLOCK..=MAX_BLOCK).contains(&block) {
@@ -70,7 +70,9 @@ pub fn parse_signature(bytes: Vec<u8>) -> Result<Signature, DeltaError> {
         )));
     }
     if !(4..=16).contains(&strong) {
-        return Err(DeltaError::BadSignature(format!("strong hash size {strong} outside 4..=16")));
+        return Err(DeltaError::BadSignature(format!(
+            "strong hash size {strong} outside 4..=16"
+        )));
     }
     Signature::deserialize(bytes).map_err(|e| DeltaError::BadSignature(e.to_string()))
 }
@@ -95,13 +97,20 @@ impl<'a> Encoder<'a> {
     /// An encoder against `sig`, or literal-only without one.
     #[must_use]
     pub fn new(sig: Option<&'a Signature>) -> Self {
-        Self { sig: sig.map(Signature::index), poor: 0 }
+        Self {
+            sig: sig.map(Signature::index),
+            poor: 0,
+        }
     }
 
     /// How many bytes the next call to [`Encoder::encode`] wants.
     #[must_use]
     pub fn window(&self) -> usize {
-        if self.sig.is_some() { WINDOW } else { LITERAL_CHUNK }
+        if self.sig.is_some() {
+            WINDOW
+        } else {
+            LITERAL_CHUNK
+        }
     }
 
     /// Encodes one window of data (at most [`Encoder::window`] bytes).
@@ -129,8 +138,14 @@ impl<'a> Encoder<'a> {
 }
 
 /// Applies one delta chunk against `basis`, appending at most `limit` bytes to `out`.
-pub fn apply_delta(basis: &[u8], delta: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<(), DeltaError> {
-    fast_rsync::apply_limited(basis, delta, out, limit).map_err(|e| DeltaError::BadDelta(e.to_string()))
+pub fn apply_delta(
+    basis: &[u8],
+    delta: &[u8],
+    out: &mut Vec<u8>,
+    limit: usize,
+) -> Result<(), DeltaError> {
+    fast_rsync::apply_limited(basis, delta, out, limit)
+        .map_err(|e| DeltaError::BadDelta(e.to_string()))
 }
 
 #[cfg(test)]
@@ -162,7 +177,9 @@ mod tests {
         let mut basis = vec![0u8; 20 << 20];
         let mut x = 1u64;
         for b in basis.iter_mut() {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             *b = (x >> 56) as u8;
         }
         let mut new = basis.clone();
@@ -171,7 +188,11 @@ mod tests {
         }
         let (out, wire) = rebuild(&basis, &new);
         assert_eq!(out, new);
-        assert!(wire < new.len() / 50, "wire {wire} for 1% changed pages of {}", new.len());
+        assert!(
+            wire < new.len() / 50,
+            "wire {wire} for 1% changed pages of {}",
+            new.len()
+        );
     }
 
     #[test]
@@ -190,7 +211,9 @@ mod tests {
         let basis = vec![7u8; 64 << 10];
         let sig = parse_signature(signature(&basis)).unwrap();
         let mut enc = Encoder::new(Some(&sig));
-        let Chunk::Delta(d) = enc.encode(&[7u8; 64 << 10]) else { panic!("expected delta") };
+        let Chunk::Delta(d) = enc.encode(&[7u8; 64 << 10]) else {
+            panic!("expected delta")
+        };
         let mut out = Vec::new();
         assert!(apply_delta(&basis, &d, &mut out, 1000).is_err());
         // a copy beyond the basis

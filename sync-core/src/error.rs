@@ -38,12 +38,23 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(op: &'static str, path: impl std::fmt::Display, err: impl Into<io::Error>) -> Self {
-        Error::Io { op, path: path.to_string(), err: err.into() }
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl std::fmt::Display,
+        err: impl Into<io::Error>,
+    ) -> Self {
+        Error::Io {
+            op,
+            path: path.to_string(),
+            err: err.into(),
+        }
     }
 
     pub(crate) fn invalid(path: impl std::fmt::Display, msg: impl Into<String>) -> Self {
-        Error::Invalid { path: path.to_string(), msg: msg.into() }
+        Error::Invalid {
+            path: path.to_string(),
+            msg: msg.into(),
+        }
     }
 
     /// The OS error number, when this is an I/O error.

@@ -50,7 +50,10 @@ impl Manifest {
     /// Number of regular files (hard links not counted).
     #[must_use]
     pub fn files(&self) -> usize {
-        self.entries.iter().filter(|e| matches!(e.kind, Kind::File { .. })).count()
+        self.entries
+            .iter()
+            .filter(|e| matches!(e.kind, Kind::File { .. }))
+            .count()
     }
 
     /// Checks what a manifest from a peer must satisfy before anything is applied:
@@ -62,13 +65,19 @@ impl Manifest {
             return Err(Error::invalid(".", "empty manifest"));
         };
         if !first.path.is_root() || first.kind != Kind::Dir {
-            return Err(Error::invalid(&first.path, "manifest must start with the root directory"));
+            return Err(Error::invalid(
+                &first.path,
+                "manifest must start with the root directory",
+            ));
         }
         let mut kinds: HashMap<&RelPath, &Kind> = HashMap::with_capacity(self.entries.len());
         kinds.insert(&first.path, &first.kind);
         for w in self.entries.windows(2) {
             if path_cmp(&w[0].path, &w[1].path) != Ordering::Less {
-                return Err(Error::invalid(&w[1].path, "manifest not sorted or path repeated"));
+                return Err(Error::invalid(
+                    &w[1].path,
+                    "manifest not sorted or path repeated",
+                ));
             }
         }
         for e in &self.entries[1..] {
@@ -76,18 +85,24 @@ impl Manifest {
                 return Err(Error::invalid(&e.path, "second root entry"));
             };
             if crate::is_temp_name(name) {
-                return Err(Error::invalid(&e.path, "name uses the reserved temp-file prefix"));
+                return Err(Error::invalid(
+                    &e.path,
+                    "name uses the reserved temp-file prefix",
+                ));
             }
             if kinds.get(&parent) != Some(&&Kind::Dir) {
-                return Err(Error::invalid(&e.path, "parent is not a directory of the manifest"));
+                return Err(Error::invalid(
+                    &e.path,
+                    "parent is not a directory of the manifest",
+                ));
             }
-            if let Kind::HardLink { target } = &e.kind {
-                if !matches!(kinds.get(target), Some(Kind::File { .. })) {
-                    return Err(Error::invalid(
-                        &e.path,
-                        format!("hard link to {target}, which is not an earlier regular file"),
-                    ));
-                }
+            if let Kind::HardLink { target } = &e.kind
+                && !matches!(kinds.get(target), Some(Kind::File { .. }))
+            {
+                return Err(Error::invalid(
+                    &e.path,
+                    format!("hard link to {target}, which is not an earlier regular file"),
+                ));
             }
             kinds.insert(&e.path, &e.kind);
         }
@@ -190,14 +205,20 @@ pub fn meta_differences(a: &Meta, b: &Meta, with_mode: bool) -> Vec<String> {
     }
     if a.xattrs != b.xattrs {
         fn names(m: &Meta) -> Vec<String> {
-            m.xattrs.iter().map(|x| String::from_utf8_lossy(&x.name).into_owned()).collect()
+            m.xattrs
+                .iter()
+                .map(|x| String::from_utf8_lossy(&x.name).into_owned())
+                .collect()
         }
         let mut diff: Vec<String> = names(a)
             .into_iter()
             .chain(names(b))
             .filter(|n| {
                 let get = |m: &Meta| {
-                    m.xattrs.iter().find(|x| x.name == n.as_bytes()).map(|x| x.value.clone())
+                    m.xattrs
+                        .iter()
+                        .find(|x| x.name == n.as_bytes())
+                        .map(|x| x.value.clone())
                 };
                 get(a) != get(b)
             })
@@ -260,11 +281,21 @@ mod tests {
     use super::*;
 
     fn e(path: &str, kind: Kind) -> Entry {
-        Entry { path: RelPath::new(path.as_bytes()).unwrap(), kind, meta: Meta::default() }
+        Entry {
+            path: RelPath::new(path.as_bytes()).unwrap(),
+            kind,
+            meta: Meta::default(),
+        }
     }
 
     fn file(path: &str, b: u8) -> Entry {
-        e(path, Kind::File { size: 1, hash: [b; 32] })
+        e(
+            path,
+            Kind::File {
+                size: 1,
+                hash: [b; 32],
+            },
+        )
     }
 
     #[test]
@@ -282,7 +313,12 @@ mod tests {
 
     #[test]
     fn root_hash_sees_every_change() {
-        let base = vec![e("", Kind::Dir), e("a", Kind::Dir), file("a/b", 1), file("c", 2)];
+        let base = vec![
+            e("", Kind::Dir),
+            e("a", Kind::Dir),
+            file("a/b", 1),
+            file("c", 2),
+        ];
         let h0 = Manifest::from_entries(base.clone()).root_hash();
         assert_eq!(h0, Manifest::from_entries(base.clone()).root_hash());
         let mut changed = base.clone();
@@ -292,7 +328,12 @@ mod tests {
         moved[2] = file("a/x", 1);
         assert_ne!(h0, Manifest::from_entries(moved).root_hash());
         // same leaf under another directory
-        let other = vec![e("", Kind::Dir), e("a", Kind::Dir), file("b", 1), file("c", 2)];
+        let other = vec![
+            e("", Kind::Dir),
+            e("a", Kind::Dir),
+            file("b", 1),
+            file("c", 2),
+        ];
         assert_ne!(h0, Manifest::from_entries(other).root_hash());
         let mut meta = base;
         meta[3].meta.mtime_nsec = 1;
@@ -303,16 +344,24 @@ mod tests {
     fn structure_refuses_bad_manifests() {
         let no_parent = Manifest::from_entries(vec![e("", Kind::Dir), file("a/b", 1)]);
         assert!(no_parent.check_structure().is_err());
-        let file_parent = Manifest::from_entries(vec![e("", Kind::Dir), file("a", 1), file("a/b", 1)]);
+        let file_parent =
+            Manifest::from_entries(vec![e("", Kind::Dir), file("a", 1), file("a/b", 1)]);
         assert!(file_parent.check_structure().is_err());
         let dangling = Manifest::from_entries(vec![
             e("", Kind::Dir),
-            e("l", Kind::HardLink { target: RelPath::new(&b"zz"[..]).unwrap() }),
+            e(
+                "l",
+                Kind::HardLink {
+                    target: RelPath::new(&b"zz"[..]).unwrap(),
+                },
+            ),
         ]);
         assert!(dangling.check_structure().is_err());
         let temp = Manifest::from_entries(vec![e("", Kind::Dir), file(".understudy.tmp.x", 1)]);
         assert!(temp.check_structure().is_err());
-        let dup = Manifest { entries: vec![e("", Kind::Dir), file("a", 1), file("a", 1)] };
+        let dup = Manifest {
+            entries: vec![e("", Kind::Dir), file("a", 1), file("a", 1)],
+        };
         assert!(dup.check_structure().is_err());
     }
 

@@ -35,11 +35,20 @@ pub fn read_xattrs(path: &Path) -> Result<Vec<Xattr>, Error> {
     let mut out = Vec::new();
     for name in names {
         match xattr::get(path, &name) {
-            Ok(Some(value)) => out.push(Xattr { name: name.as_bytes().to_vec(), value }),
+            Ok(Some(value)) => out.push(Xattr {
+                name: name.as_bytes().to_vec(),
+                value,
+            }),
             // vanished between list and get
             Ok(None) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
-            Err(e) => return Err(Error::io("getxattr", format!("{} {:?}", path.display(), name), e)),
+            Err(e) => {
+                return Err(Error::io(
+                    "getxattr",
+                    format!("{} {:?}", path.display(), name),
+                    e,
+                ));
+            }
         }
     }
     out.sort();

@@ -80,26 +80,42 @@ pub fn plan(src: &Manifest, dst: &Manifest, checksum: bool) -> Plan {
         }
     };
     for (i, s) in src.entries.iter().enumerate() {
-        let d = dst.get(&s.path).map(|(_, d)| d).filter(|d| !under_deleted(&d.path));
+        let d = dst
+            .get(&s.path)
+            .map(|(_, d)| d)
+            .filter(|d| !under_deleted(&d.path));
         match (&s.kind, d) {
             (Kind::Dir, None) => p.mkdir.push(i),
             (Kind::Dir, Some(_)) => {}
-            (Kind::File { .. }, None) => p.fetch.push(Fetch { index: i, basis: false }),
+            (Kind::File { .. }, None) => p.fetch.push(Fetch {
+                index: i,
+                basis: false,
+            }),
             (Kind::File { size, hash }, Some(d)) => match &d.kind {
-                Kind::File { size: dsize, hash: dhash } => {
+                Kind::File {
+                    size: dsize,
+                    hash: dhash,
+                } => {
                     let same = *size == *dsize
                         && if checksum {
                             hash == dhash
                         } else {
-                            (s.meta.mtime_sec, s.meta.mtime_nsec) == (d.meta.mtime_sec, d.meta.mtime_nsec)
+                            (s.meta.mtime_sec, s.meta.mtime_nsec)
+                                == (d.meta.mtime_sec, d.meta.mtime_nsec)
                         };
                     if !same {
-                        p.fetch.push(Fetch { index: i, basis: *dsize > 0 });
+                        p.fetch.push(Fetch {
+                            index: i,
+                            basis: *dsize > 0,
+                        });
                     } else if !meta_differences(&s.meta, &d.meta, true).is_empty() {
                         p.meta.push(i);
                     }
                 }
-                _ => p.fetch.push(Fetch { index: i, basis: false }),
+                _ => p.fetch.push(Fetch {
+                    index: i,
+                    basis: false,
+                }),
             },
             (Kind::HardLink { .. }, _) => p.hardlink.push(i),
             (_, None) => p.create.push(i),
@@ -117,7 +133,11 @@ pub fn plan(src: &Manifest, dst: &Manifest, checksum: bool) -> Plan {
             p.dirs.push(i);
         }
     }
-    debug_assert!(p.mkdir.windows(2).all(|w| path_cmp(&src.entries[w[0]].path, &src.entries[w[1]].path).is_lt()));
+    debug_assert!(
+        p.mkdir
+            .windows(2)
+            .all(|w| path_cmp(&src.entries[w[0]].path, &src.entries[w[1]].path).is_lt())
+    );
     p
 }
 
@@ -132,10 +152,20 @@ mod tests {
     use crate::Meta;
 
     fn e(path: &str, kind: Kind) -> Entry {
-        Entry { path: RelPath::new(path.as_bytes()).unwrap(), kind, meta: Meta::default() }
+        Entry {
+            path: RelPath::new(path.as_bytes()).unwrap(),
+            kind,
+            meta: Meta::default(),
+        }
     }
     fn f(path: &str, size: u64) -> Entry {
-        e(path, Kind::File { size, hash: [size as u8; 32] })
+        e(
+            path,
+            Kind::File {
+                size,
+                hash: [size as u8; 32],
+            },
+        )
     }
     fn names(m: &Manifest, idx: &[usize]) -> Vec<String> {
         idx.iter().map(|&i| m.entries[i].path.to_string()).collect()
@@ -149,9 +179,19 @@ mod tests {
             f("d/new", 3),
             f("same", 4),
             f("changed", 5),
-            e("was_dir", Kind::Symlink { target: b"x".to_vec() }),
+            e(
+                "was_dir",
+                Kind::Symlink {
+                    target: b"x".to_vec(),
+                },
+            ),
             e("was_link", Kind::Dir),
-            e("hl", Kind::HardLink { target: RelPath::new(&b"same"[..]).unwrap() }),
+            e(
+                "hl",
+                Kind::HardLink {
+                    target: RelPath::new(&b"same"[..]).unwrap(),
+                },
+            ),
         ]);
         let mut chmod = f("same", 4);
         chmod.meta.mode = 0o600;
@@ -161,15 +201,27 @@ mod tests {
             f("changed", 6),
             e("was_dir", Kind::Dir),
             f("was_dir/inner", 1),
-            e("was_link", Kind::Symlink { target: b"/etc".to_vec() }),
+            e(
+                "was_link",
+                Kind::Symlink {
+                    target: b"/etc".to_vec(),
+                },
+            ),
             f("gone", 1),
         ]);
         let p = plan(&src, &dst, false);
         let del: Vec<String> = p.delete.iter().map(|p| p.to_string()).collect();
         assert_eq!(del, ["gone", "was_dir", "was_link"]);
         assert_eq!(names(&src, &p.mkdir), ["d", "was_link"]);
-        let fetch: Vec<_> = p.fetch.iter().map(|f| (src.entries[f.index].path.to_string(), f.basis)).collect();
-        assert_eq!(fetch, [("changed".to_string(), true), ("d/new".to_string(), false)]);
+        let fetch: Vec<_> = p
+            .fetch
+            .iter()
+            .map(|f| (src.entries[f.index].path.to_string(), f.basis))
+            .collect();
+        assert_eq!(
+            fetch,
+            [("changed".to_string(), true), ("d/new".to_string(), false)]
+        );
         assert_eq!(names(&src, &p.create), ["was_dir"]);
         assert_eq!(names(&src, &p.meta), ["same"]);
         assert_eq!(names(&src, &p.hardlink), ["hl"]);

@@ -21,7 +21,10 @@ pub struct ScanOptions {
 
 impl Default for ScanOptions {
     fn default() -> Self {
-        Self { hash: true, hard_links: true }
+        Self {
+            hash: true,
+            hard_links: true,
+        }
     }
 }
 
@@ -52,18 +55,24 @@ pub fn scan_with_report(root: &Path, opts: &ScanOptions) -> Result<(Manifest, Sc
     };
     let mut m = meta::from_stat(&st);
     m.xattrs = meta::read_xattrs(root)?;
-    w.entries.push(Entry { path: RelPath::root(), kind: Kind::Dir, meta: m });
+    w.entries.push(Entry {
+        path: RelPath::root(),
+        kind: Kind::Dir,
+        meta: m,
+    });
     w.walk_dir(&RelPath::root())?;
     let mut entries = w.entries;
     if opts.hash {
         let root = &w.root;
-        entries.par_iter_mut().try_for_each(|e| -> Result<(), Error> {
-            if let Kind::File { hash, .. } = &mut e.kind {
-                let p = abs(root, &e.path);
-                *hash = hash_file(&p)?;
-            }
-            Ok(())
-        })?;
+        entries
+            .par_iter_mut()
+            .try_for_each(|e| -> Result<(), Error> {
+                if let Kind::File { hash, .. } = &mut e.kind {
+                    let p = abs(root, &e.path);
+                    *hash = hash_file(&p)?;
+                }
+                Ok(())
+            })?;
     }
     // The walk visits children in sorted order, so entries are in manifest order.
     Ok((Manifest { entries }, w.report))
@@ -73,7 +82,8 @@ pub fn scan_with_report(root: &Path, opts: &ScanOptions) -> Result<(Manifest, Sc
 pub fn hash_file(path: &Path) -> Result<[u8; 32], Error> {
     let f = fs::File::open(path).map_err(|e| Error::io("open", path.display(), e))?;
     let mut h = blake3::Hasher::new();
-    h.update_reader(f).map_err(|e| Error::io("read", path.display(), e))?;
+    h.update_reader(f)
+        .map_err(|e| Error::io("read", path.display(), e))?;
     Ok(*h.finalize().as_bytes())
 }
 
@@ -111,9 +121,12 @@ impl Walker {
         }
         names.sort();
         for name in names {
-            let path = dir
-                .join(&name)
-                .map_err(|e| Error::invalid(format!("{}/{}", dir, String::from_utf8_lossy(&name)), e.to_string()))?;
+            let path = dir.join(&name).map_err(|e| {
+                Error::invalid(
+                    format!("{}/{}", dir, String::from_utf8_lossy(&name)),
+                    e.to_string(),
+                )
+            })?;
             if crate::is_temp_name(&name) {
                 self.report.temp_files.push(path);
                 continue;
@@ -136,17 +149,24 @@ impl Walker {
             } else if ft.is_file() {
                 let key = (st.dev(), st.ino());
                 match self.inodes.get(&key) {
-                    Some(first) if self.opts.hard_links => Kind::HardLink { target: first.clone() },
+                    Some(first) if self.opts.hard_links => Kind::HardLink {
+                        target: first.clone(),
+                    },
                     _ => {
                         if self.opts.hard_links && st.nlink() > 1 {
                             self.inodes.insert(key, path.clone());
                         }
-                        Kind::File { size: st.len(), hash: [0; 32] }
+                        Kind::File {
+                            size: st.len(),
+                            hash: [0; 32],
+                        }
                     }
                 }
             } else if ft.is_symlink() {
                 let t = fs::read_link(&p).map_err(|e| Error::io("readlink", p.display(), e))?;
-                Kind::Symlink { target: t.as_os_str().as_bytes().to_vec() }
+                Kind::Symlink {
+                    target: t.as_os_str().as_bytes().to_vec(),
+                }
             } else if ft.is_fifo() {
                 Kind::Fifo
             } else if ft.is_socket() {
@@ -159,7 +179,11 @@ impl Walker {
                 return Err(Error::invalid(p.display(), "unknown file type"));
             };
             let is_dir = kind == Kind::Dir;
-            self.entries.push(Entry { path: path.clone(), kind, meta: m });
+            self.entries.push(Entry {
+                path: path.clone(),
+                kind,
+                meta: m,
+            });
             if is_dir {
                 self.walk_dir(&path)?;
             }

@@ -1,1 +1,12 @@
-fn main(){}
+//! Black-box tests: the real binaries, real directories, real sockets on
+//! 127.0.0.1. Run as root (chown, ACLs, trusted.* xattrs, tmpfs mounts).
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod atomicity;
+mod bad_input;
+mod confinement;
+mod delta;
+mod fidelity;
+mod push;
+mod util;

@@ -1,0 +1,158 @@
+//! `sync-agent replica` + `sync-cli push`: pinning, versions, and a real push.
+
+use crate::util::*;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+struct Agent {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn keygen(dir: &Path) -> String {
+    let out = cli(&["keygen".as_ref(), "--dir".as_ref(), dir.as_os_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn replica(root: &Path, identity: &Path, allow: &str) -> Agent {
+    let mut child = Command::new(bin("sync-agent"))
+        .args(["replica", "--listen", "127.0.0.1:0", "--allow", allow])
+        .arg("--root")
+        .arg(root)
+        .arg("--identity")
+        .arg(identity)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("agent said {line:?}"))
+        .to_string();
+    Agent { child, addr }
+}
+
+fn push(
+    src: &Path,
+    addr: &str,
+    identity: &Path,
+    peer: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    run(Command::new(bin("sync-cli"))
+        .arg("push")
+        .arg(src)
+        .args(["--to", addr, "--peer", peer, "--json"])
+        .arg("--identity")
+        .arg(identity)
+        .args(extra))
+}
+
+struct Setup {
+    _t: tempfile::TempDir,
+    src: std::path::PathBuf,
+    dst: std::path::PathBuf,
+    a: std::path::PathBuf,
+    a_id: String,
+    b: std::path::PathBuf,
+    b_id: String,
+}
+
+fn setup() -> Setup {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::write(src.join("sub/file"), random_bytes(300_000, 3)).unwrap();
+    std::fs::write(dst.join("old"), b"replica data").unwrap();
+    let (a, b) = (t.path().join("id-a"), t.path().join("id-b"));
+    let (a_id, b_id) = (keygen(&a), keygen(&b));
+    Setup {
+        _t: t,
+        src,
+        dst,
+        a,
+        a_id,
+        b,
+        b_id,
+    }
+}
+
+#[test]
+fn push_to_a_pinned_replica() {
+    let s = setup();
+    let agent = replica(&s.dst, &s.b, &s.a_id);
+    let out = push(&s.src, &agent.addr, &s.a, &s.b_id, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sum: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in [
+        "files_total",
+        "files_transferred",
+        "bytes_total",
+        "bytes_sent_wire",
+        "elapsed_s",
+    ] {
+        assert!(sum.get(k).is_some(), "summary lacks {k}: {sum}");
+    }
+    assert_eq!(sum["files_transferred"], 1);
+    assert_identical(&s.src, &s.dst);
+    // `id` prints what keygen printed
+    let id = cli(&["id".as_ref(), "--dir".as_ref(), s.a.as_os_str()]);
+    assert_eq!(String::from_utf8_lossy(&id.stdout).trim(), s.a_id);
+}
+
+#[test]
+fn wrong_peer_id_is_refused() {
+    let s = setup();
+    let agent = replica(&s.dst, &s.b, &s.a_id);
+    // We expect the replica to be A (it is B): the source refuses the server.
+    let out = push(&s.src, &agent.addr, &s.a, &s.a_id, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("not pinned") && e.contains(&s.b_id), "{e}");
+    // An unpinned source (B pushing to a replica that allows only A) is refused too.
+    let out = push(&s.src, &agent.addr, &s.b, &s.b_id, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(std::fs::read(s.dst.join("old")).unwrap(), b"replica data");
+    assert!(!s.dst.join("sub").exists());
+}
+
+#[test]
+fn other_protocol_version_is_refused() {
+    let s = setup();
+    let agent = replica(&s.dst, &s.b, &s.a_id);
+    let out = push(
+        &s.src,
+        &agent.addr,
+        &s.a,
+        &s.b_id,
+        &["--protocol-version", "99"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("version 99") && e.contains("version 1"), "{e}");
+    assert_eq!(std::fs::read(s.dst.join("old")).unwrap(), b"replica data");
+    assert!(!s.dst.join("sub").exists());
+}

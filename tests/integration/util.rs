@@ -1,0 +1,156 @@
+//! Helpers: the built binaries, tree builders, comparisons.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A binary of the workspace, built by `cargo test --workspace` beside this test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+/// Runs a command and returns its output.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+/// Runs `sync-cli` with arguments.
+pub fn cli(args: &[&std::ffi::OsStr]) -> Output {
+    run(Command::new(bin("sync-cli")).args(args))
+}
+
+/// `sync-cli mirror SRC DST --json`, which must succeed; returns the summary.
+pub fn mirror_ok(src: &Path, dst: &Path) -> serde_json::Value {
+    let out = cli(&[
+        "mirror".as_ref(),
+        src.as_os_str(),
+        dst.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert!(
+        out.status.success(),
+        "mirror failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("summary JSON")
+}
+
+/// A shell command that must succeed.
+pub fn sh(script: &str) -> String {
+    let out = run(Command::new("bash").arg("-ec").arg(script));
+    assert!(
+        out.status.success(),
+        "`{script}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The rsync fidelity check of DESIGN.md invariant 3: prints nothing when equal.
+pub fn rsync_diff(src: &Path, dst: &Path) -> String {
+    let out = run(Command::new("rsync")
+        .args(["-naAXHDc", "--numeric-ids", "--delete", "--itemize-changes"])
+        .arg(format!("{}/", src.display()))
+        .arg(format!("{}/", dst.display())));
+    assert!(
+        out.status.success(),
+        "rsync: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `getfacl -RPn` and `getfattr -RPhd -m - -e hex` of a tree, run from inside it so
+/// that the two trees' dumps compare.
+pub fn acl_xattr_dumps(root: &Path) -> (String, String) {
+    let acl = run(Command::new("getfacl")
+        .args(["-RPn", "."])
+        .current_dir(root));
+    let xat = run(Command::new("getfattr")
+        .args(["-RPhd", "-m", "-", "-e", "hex", "."])
+        .current_dir(root));
+    (
+        String::from_utf8_lossy(&acl.stdout).into_owned(),
+        String::from_utf8_lossy(&xat.stdout).into_owned(),
+    )
+}
+
+/// Asserts the three fidelity checks and `sync-cli verify`.
+pub fn assert_identical(src: &Path, dst: &Path) {
+    let d = rsync_diff(src, dst);
+    assert!(d.is_empty(), "rsync sees differences:\n{d}");
+    assert_eq!(
+        acl_xattr_dumps(src),
+        acl_xattr_dumps(dst),
+        "ACL/xattr dumps differ"
+    );
+    let out = cli(&["verify".as_ref(), src.as_os_str(), dst.as_os_str()]);
+    assert!(
+        out.status.success(),
+        "verify: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Every path below `root` whose name is one of our temp names.
+pub fn temp_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_name().as_bytes().starts_with(b".understudy.tmp.") {
+                out.push(p.clone());
+            }
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+/// A tmpfs mount that is unmounted on drop.
+pub struct Tmpfs(pub tempfile::TempDir);
+
+impl Tmpfs {
+    pub fn new(opts: &str) -> Self {
+        let d = tempfile::tempdir().expect("tempdir");
+        sh(&format!(
+            "mount -t tmpfs -o {opts} understudy-test {}",
+            d.path().display()
+        ));
+        Self(d)
+    }
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
