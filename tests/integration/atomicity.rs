@@ -31,7 +31,8 @@ fn kill_at_random_points_never_tears_a_file() {
             ],
         );
     }
-    let delays = [5u64, 40, 90, 150, 220, 300, 15, 120];
+    let delays = [5u64, 40, 90, 150, 220, 300, 15, 120, 60, 180];
+    let mut killed_mid_transfer = 0;
     for (round, ms) in delays.iter().enumerate() {
         let mut child = Command::new(bin("sync-cli"))
             .arg("mirror")
@@ -43,6 +44,9 @@ fn kill_at_random_points_never_tears_a_file() {
         std::thread::sleep(Duration::from_millis(*ms));
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
+        if !temp_files(&dst).is_empty() {
+            killed_mid_transfer += 1;
+        }
         for (name, hashes) in &versions {
             let data = std::fs::read(dst.join(name))
                 .unwrap_or_else(|e| panic!("round {round}: {name} missing: {e}"));
@@ -54,6 +58,10 @@ fn kill_at_random_points_never_tears_a_file() {
             );
         }
     }
+    assert!(
+        killed_mid_transfer > 0,
+        "no kill landed mid-transfer: the test proved nothing"
+    );
     mirror_ok(&src, &dst);
     assert_identical(&src, &dst);
     assert!(

@@ -8,5 +8,6 @@ mod bad_input;
 mod confinement;
 mod delta;
 mod fidelity;
+mod hostile;
 mod push;
 mod util;

@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""End-to-end comparison of understudy with rsync over ssh, on the same machine and
+in the same run (this machine is shared and noisy: read the ratios).
+
+    benches/e2e.py [--size small|large] [--runs 3] [--work DIR] [--release-dir DIR]
+
+Needs root, the corpus scripts in ../shared/bench (or --bench-dir), rsync, acl,
+attr and openssh-server (installed with apt when missing). It starts a private
+sshd on 127.0.0.1:2222 with a throwaway key, so that rsync runs exactly as users
+run it today: `rsync -aAXHD --numeric-ids --delete -e ssh SRC/ root@127.0.0.1:DST/`.
+
+Scenarios, each the median of --runs:
+  first      first mirror into an empty destination
+  nochange   a run with nothing to do
+  mutate     after ../shared/bench/mutate.py changed the source
+
+Measures wall seconds, CPU seconds of the whole machine (/proc/stat, both ends and
+ssh included), peak RSS of the client process (and of the replica agent for push),
+and bytes on the wire: rsync's own "Total bytes sent/received" (before ssh
+framing) against understudy's UDP payload bytes (QUIC headers included).
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=True, check=True, text=True, capture_output=True, **kw).stdout
+
+
+def cpu_jiffies():
+    with open("/proc/stat") as f:
+        parts = f.readline().split()[1:]
+    vals = list(map(int, parts))
+    idle = vals[3] + vals[4]
+    return sum(vals) - idle
+
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def timed(argv, env=None):
+    """Runs argv under /usr/bin/time; returns (stdout, wall, machine_cpu, peak_rss_kb)."""
+    c0, t0 = cpu_jiffies(), time.monotonic()
+    p = subprocess.run(["/usr/bin/time", "-f", "RSSKB %M"] + argv, text=True, capture_output=True, env=env)
+    wall = time.monotonic() - t0
+    cpu = (cpu_jiffies() - c0) / HZ
+    if p.returncode not in (0, 3):
+        sys.exit(f"{argv[0]} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    rss = int([l for l in p.stderr.splitlines() if l.startswith("RSSKB ")][-1].split()[1])
+    return p.stdout, wall, cpu, rss
+
+
+def setup_ssh(work):
+    for pkg, binary in (("openssh-server", "/usr/sbin/sshd"), ("rsync", "/usr/bin/rsync"), ("acl", "/usr/bin/setfacl"),
+                        ("attr", "/usr/bin/setfattr"), ("time", "/usr/bin/time")):
+        if not os.path.exists(binary):
+            sh(f"apt-get install -y -qq {pkg}")
+    key = os.path.join(work, "ssh_key")
+    if not os.path.exists(key):
+        sh(f"ssh-keygen -q -t ed25519 -N '' -f {key}")
+        sh(f"ssh-keygen -q -t ed25519 -N '' -f {work}/host_key")
+    os.makedirs("/root/.ssh", mode=0o700, exist_ok=True)
+    pub = open(key + ".pub").read()
+    ak = "/root/.ssh/authorized_keys"
+    if pub not in (open(ak).read() if os.path.exists(ak) else ""):
+        with open(ak, "a") as f:
+            f.write(pub)
+        os.chmod(ak, 0o600)
+    os.makedirs("/run/sshd", exist_ok=True)
+    subprocess.run(["pkill", "-f", f"sshd.*{work}/sshd_config"])
+    with open(f"{work}/sshd_config", "w") as f:
+        f.write(f"ListenAddress 127.0.0.1\nPort 2222\nHostKey {work}/host_key\nPermitRootLogin prohibit-password\n"
+                f"PubkeyAuthentication yes\nPasswordAuthentication no\nUsePAM no\nPidFile {work}/sshd.pid\n")
+    sh(f"/usr/sbin/sshd -f {work}/sshd_config")
+    time.sleep(0.3)
+    return f"ssh -p 2222 -i {key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
+
+
+def rsync_run(ssh, src, dst):
+    out, wall, cpu, rss = timed(["rsync", "-aAXHD", "--numeric-ids", "--delete", "--stats", "-e", ssh,
+                                 src + "/", f"root@127.0.0.1:{dst}/"])
+    sent = int(next(l for l in out.splitlines() if l.startswith("Total bytes sent")).split(":")[1].replace(",", ""))
+    recv = int(next(l for l in out.splitlines() if l.startswith("Total bytes received")).split(":")[1].replace(",", ""))
+    return dict(wall=wall, cpu=cpu, rss_mb=rss / 1024, wire=sent + recv)
+
+
+def mirror_run(cli, src, dst):
+    out, wall, cpu, rss = timed([cli, "mirror", src, dst, "--json"])
+    s = json.loads(out)
+    return dict(wall=wall, cpu=cpu, rss_mb=rss / 1024, wire=s["bytes_sent_wire"] + s["bytes_received_wire"])
+
+
+class Agent:
+    def __init__(self, agent, cli, work, dst):
+        self.ids = {}
+        for n in ("src", "rep"):
+            d = os.path.join(work, "id-" + n)
+            if not os.path.exists(d):
+                sh(f"{cli} keygen --dir {d}")
+            self.ids[n] = (d, sh(f"{cli} id --dir {d}").strip())
+        self.p = subprocess.Popen([agent, "replica", "--root", dst, "--listen", "127.0.0.1:0",
+                                   "--identity", self.ids["rep"][0], "--allow", self.ids["src"][1]],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.addr = self.p.stdout.readline().split()[1]
+        self.cli = cli
+
+    def run(self, src):
+        out, wall, cpu, rss = timed([self.cli, "push", src, "--to", self.addr, "--identity", self.ids["src"][0],
+                                     "--peer", self.ids["rep"][1], "--json"])
+        s = json.loads(out)
+        with open(f"/proc/{self.p.pid}/status") as f:
+            hwm = int(next(l for l in f if l.startswith("VmHWM")).split()[1])
+        return dict(wall=wall, cpu=cpu, rss_mb=max(rss, hwm) / 1024, wire=s["bytes_sent_wire"] + s["bytes_received_wire"])
+
+    def stop(self):
+        self.p.terminate()
+        self.p.wait()
+
+
+def median(rows):
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="small", choices=["small", "large"])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--work", default="/var/tmp/understudy-e2e")
+    ap.add_argument("--bench-dir", default=os.path.join(ROOT, "..", "shared", "bench"))
+    ap.add_argument("--bin-dir", default=os.path.join(ROOT, "target", "release"))
+    ap.add_argument("--tools", default="rsync,mirror,push")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root (owners, ACLs, trusted.* xattrs)")
+    cli, agent = os.path.join(args.bin_dir, "sync-cli"), os.path.join(args.bin_dir, "sync-agent")
+    if not os.path.exists(cli):
+        sh("cargo build --release -p sync-cli -p sync-agent", cwd=ROOT)
+    os.makedirs(args.work, exist_ok=True)
+    ssh = setup_ssh(args.work)
+    src0, src1 = os.path.join(args.work, "src0"), os.path.join(args.work, "src1")
+    if not os.path.exists(os.path.join(src0, ".done")):
+        shutil.rmtree(src0, ignore_errors=True)
+        sh(f"python3 {args.bench_dir}/gen_corpus.py {src0} --size {args.size}")
+        shutil.rmtree(src1, ignore_errors=True)
+        sh(f"cp -a {src0} {src1}")
+        sh(f"python3 {args.bench_dir}/mutate.py {src1} --seed 1 --no-page-report")
+        open(os.path.join(src0, ".done"), "w").close()
+        open(os.path.join(src1, ".done"), "w").close()
+    tools = args.tools.split(",")
+    results = {t: {"first": [], "nochange": [], "mutate": []} for t in tools}
+    for i in range(args.runs):
+        for t in tools:
+            dst = os.path.join(args.work, f"dst-{t}")
+            shutil.rmtree(dst, ignore_errors=True)
+            os.makedirs(dst)
+            ag = Agent(agent, cli, args.work, dst) if t == "push" else None
+            run = {"rsync": lambda s: rsync_run(ssh, s, dst),
+                   "mirror": lambda s: mirror_run(cli, s, dst),
+                   "push": lambda s: ag.run(s)}[t]
+            results[t]["first"].append(run(src0))
+            results[t]["nochange"].append(run(src0))
+            results[t]["mutate"].append(run(src1))
+            if ag:
+                ag.stop()
+            print(f"run {i + 1}/{args.runs} {t}: " + json.dumps({k: v[-1] for k, v in results[t].items()}), file=sys.stderr)
+    print(f"\ncorpus {args.size}, median of {args.runs}; ratio = understudy / rsync (lower is better)\n")
+    print("| tool | scenario | wall s | CPU s | peak RSS MB | bytes on wire | wall ratio | wire ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    med = {t: {s: median(r) for s, r in sc.items()} for t, sc in results.items()}
+    for s in ("first", "nochange", "mutate"):
+        for t in tools:
+            m = med[t][s]
+            base = med.get("rsync", {}).get(s)
+            wr = f"{m['wall'] / base['wall']:.2f}" if base else "-"
+            br = f"{m['wire'] / base['wire']:.2f}" if base and base["wire"] else "-"
+            print(f"| {t} | {s} | {m['wall']:.3f} | {m['cpu']:.2f} | {m['rss_mb']:.0f} | {m['wire']:,} | {wr} | {br} |")
+    print("\n" + json.dumps(med))
+    subprocess.run(["pkill", "-f", f"sshd.*{args.work}/sshd_config"])
+
+
+if __name__ == "__main__":
+    main()
