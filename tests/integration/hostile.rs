@@ -31,10 +31,10 @@ async fn send_raw(dst: &std::path::Path, frames: Vec<u8>) -> Message {
             _ => panic!("replica closed without answering"),
         }
         // skip the replica's hello, return the next message
-        if let Some((Message::Hello(_), used)) = frame::decode(&got).unwrap() {
-            if let Some((m, _)) = frame::decode(&got[used..]).unwrap() {
-                break m;
-            }
+        if let Some((Message::Hello(_), used)) = frame::decode(&got).unwrap()
+            && let Some((m, _)) = frame::decode(&got[used..]).unwrap()
+        {
+            break m;
         }
     };
     conn.close(0u32.into(), b"");
