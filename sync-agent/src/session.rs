@@ -219,7 +219,7 @@ async fn serve_file(
         );
     }
     let path = sync_core::scan::abs(&root, &entry.path);
-    let (tx, mut rx) = mpsc::channel::<Message>(4);
+    let (tx, mut rx) = mpsc::channel::<Message>(2);
     let reader = tokio::task::spawn_blocking(move || encode_file(&path, signature, tx, &progress));
     while let Some(msg) = rx.recv().await {
         wire::send(&mut send, &msg).await?;
@@ -516,7 +516,7 @@ async fn fetch_file(
     .await?;
     let _ = send.finish();
 
-    let (tx, rx) = mpsc::channel::<Message>(4);
+    let (tx, rx) = mpsc::channel::<Message>(2);
     let writer =
         tokio::task::spawn_blocking(move || write_file(&replica, &entry, map.as_deref(), rx));
     loop {

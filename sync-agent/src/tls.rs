@@ -168,9 +168,9 @@ fn transport() -> Arc<quinn::TransportConfig> {
             .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))),
     ));
     t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.stream_receive_window((16u32 << 20).into());
-    t.receive_window((64u32 << 20).into());
-    t.send_window(64 << 20);
+    t.stream_receive_window((4u32 << 20).into());
+    t.receive_window((32u32 << 20).into());
+    t.send_window(32 << 20);
     Arc::new(t)
 }
 

@@ -12,9 +12,9 @@
 use fast_rsync::{Signature, SignatureOptions};
 
 /// Input bytes covered by one delta frame.
-pub const WINDOW: usize = 8 << 20;
+pub const WINDOW: usize = 4 << 20;
 /// Literal bytes per frame.
-pub const LITERAL_CHUNK: usize = 1 << 20;
+pub const LITERAL_CHUNK: usize = 256 << 10;
 /// Smallest block size accepted in a peer's signature.
 pub const MIN_BLOCK: u32 = 512;
 /// Largest block size accepted in a peer's signature.
