@@ -14,7 +14,7 @@
 //!
 //! ```
 //! use proto::{frame, Hello, Message, Role};
-//! let msg = Message::Hello(Hello::new(Role::Source));
+//! let msg = Message::Hello(Hello::new(Role::Source, "default"));
 //! let mut buf = Vec::new();
 //! frame::encode(&msg, &mut buf).unwrap();
 //! let (decoded, used) = frame::decode(&buf).unwrap().expect("a whole frame");

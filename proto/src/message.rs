@@ -38,17 +38,20 @@ pub struct Hello {
     pub role: Role,
     /// Free text: software name and version, for logs.
     pub software: String,
+    /// The folder this session is about (a replica may serve several).
+    pub folder: String,
 }
 
 impl Hello {
-    /// A hello for this build.
+    /// A hello for this build, about `folder`.
     #[must_use]
-    pub fn new(role: Role) -> Self {
+    pub fn new(role: Role, folder: &str) -> Self {
         Self {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
             role,
             software: concat!("understudy ", env!("CARGO_PKG_VERSION")).to_string(),
+            folder: folder.to_string(),
         }
     }
 
@@ -213,9 +216,16 @@ pub struct ApplySummary {
 }
 
 /// How many variants [`Message`] has (the decoder names others as unknown types).
-pub(crate) const MESSAGE_TYPES: u32 = 9;
+pub(crate) const MESSAGE_TYPES: u32 = 12;
 
 /// Everything that travels, one per frame.
+///
+/// A session is a hello each way, then rounds. A round is `RoundStart`, any
+/// number of `Manifest`, `Deleted` and `Renamed` batches, and `RoundEnd`, all from
+/// the source on the control stream; the replica pulls content with
+/// `FileRequest` on streams of its own and answers `RoundDone` (or `Error`).
+/// A full round carries the whole manifest: the replica removes what it lacks.
+/// A partial round carries only changed entries and explicit deletions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// First frame of a session, both ways.
@@ -227,18 +237,32 @@ pub enum Message {
         /// Human text naming the cause.
         message: String,
     },
-    /// A batch of the source's manifest, in path order.
+    /// A round begins.
+    RoundStart {
+        /// Increasing round number.
+        id: u64,
+        /// Whether the round carries the whole manifest.
+        full: bool,
+    },
+    /// A batch of manifest entries, in path order.
     Manifest(Vec<Entry>),
-    /// The source's manifest is complete.
-    ManifestEnd {
-        /// Number of entries sent.
+    /// Paths (and everything below them) that the source no longer has.
+    Deleted(Vec<RelPath>),
+    /// Renames seen by the source, applied before anything else of the round.
+    Renamed(Vec<(RelPath, RelPath)>),
+    /// The round's entries are complete.
+    RoundEnd {
+        /// Round number.
+        id: u64,
+        /// Number of manifest entries in the round.
         entries: u64,
-        /// The source's root hash.
+        /// The source's root hash after the round (checked on full rounds).
         root_hash: [u8; 32],
     },
-    /// Replica → source on a fresh stream: send the content of entry `index`.
+    /// Replica → source on a fresh stream: send the content of entry `index` of
+    /// the current round.
     FileRequest {
-        /// Position of the entry in the manifest.
+        /// Position of the entry in the round's manifest.
         index: u64,
         /// fast_rsync signature of the replica's basis, if it has one.
         signature: Option<Vec<u8>>,
@@ -254,8 +278,13 @@ pub enum Message {
         /// blake3 of exactly what was sent.
         hash: [u8; 32],
     },
-    /// The replica finished applying.
-    Done(ApplySummary),
+    /// The replica applied the round.
+    RoundDone {
+        /// Round number.
+        id: u64,
+        /// What it did.
+        summary: ApplySummary,
+    },
 }
 
 impl Message {
@@ -269,7 +298,13 @@ impl Message {
             Ok(())
         }
         match self {
-            Message::Hello(h) => text(&h.software, "software name"),
+            Message::Hello(h) => {
+                text(&h.software, "software name")?;
+                if h.folder.len() > 255 {
+                    return Err("folder name longer than 255 bytes".into());
+                }
+                Ok(())
+            }
             Message::Error { message, .. } => text(message, "error message"),
             Message::Manifest(entries) => {
                 if entries.len() > MAX_ENTRIES_PER_BATCH {
@@ -280,7 +315,28 @@ impl Message {
                 }
                 entries.iter().try_for_each(validate_entry)
             }
-            Message::Done(s) => {
+            Message::Deleted(paths) => {
+                if paths.len() > MAX_ENTRIES_PER_BATCH {
+                    return Err(format!("{} deletions in one batch", paths.len()));
+                }
+                if paths.iter().any(RelPath::is_root) {
+                    return Err("deletion of the root".into());
+                }
+                Ok(())
+            }
+            Message::Renamed(pairs) => {
+                if pairs.len() > MAX_ENTRIES_PER_BATCH {
+                    return Err(format!("{} renames in one batch", pairs.len()));
+                }
+                if pairs
+                    .iter()
+                    .any(|(a, b)| a.is_root() || b.is_root() || b.starts_with(a))
+                {
+                    return Err("rename of the root, to the root, or into itself".into());
+                }
+                Ok(())
+            }
+            Message::RoundDone { summary: s, .. } => {
                 if s.warnings.len() > 1000 {
                     return Err("more than 1000 warnings".into());
                 }

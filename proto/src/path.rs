@@ -8,7 +8,7 @@ pub const MAX_PATH_LEN: usize = 4095;
 /// Longest single component (Linux `NAME_MAX`).
 pub const MAX_NAME_LEN: usize = 255;
 /// Deepest path accepted.
-pub const MAX_DEPTH: usize = 512;
+pub const MAX_DEPTH: usize = 2048;
 
 /// Why a path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,9 +39,23 @@ pub enum PathError {
 /// neither `.` nor `..`, and holds no `/` or NUL; the whole is at most
 /// [`MAX_PATH_LEN`] bytes. A `RelPath` can only be built through validation, and it
 /// is validated again when decoded from a peer.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(try_from = "Vec<u8>", into = "Vec<u8>")]
 pub struct RelPath(Vec<u8>);
+
+/// Paths order component by component, so that a directory comes right before its
+/// own subtree (pre-order), the root first: `a` < `a/b` < `a.txt`.
+impl Ord for RelPath {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.components().cmp(other.components())
+    }
+}
+
+impl PartialOrd for RelPath {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 impl RelPath {
     /// The folder root.
@@ -84,7 +98,11 @@ impl RelPath {
         if v.len() > MAX_PATH_LEN {
             return Err(PathError::TooLong(v.len()));
         }
-        Ok(Self(v))
+        let out = Self(v);
+        if out.depth() > MAX_DEPTH {
+            return Err(PathError::TooLong(out.0.len()));
+        }
+        Ok(out)
     }
 
     /// The components, root first.
@@ -236,6 +254,13 @@ mod tests {
         assert!(!RelPath::new(&b"dir"[..]).unwrap().starts_with(&parent));
         assert_eq!(RelPath::root().join(b"a").unwrap().as_bytes(), b"a");
         assert!(RelPath::root().join(b"a/b").is_err());
+        let mut v: Vec<RelPath> = ["a.txt", "a/b", "", "a"]
+            .iter()
+            .map(|s| RelPath::new(s.as_bytes()).unwrap())
+            .collect();
+        v.sort();
+        let shown: Vec<String> = v.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, [".", "a", "a/b", "a.txt"]);
     }
 
     #[test]

@@ -29,16 +29,23 @@ fn sample_entry() -> Entry {
 
 fn all_messages() -> Vec<Message> {
     vec![
-        Message::Hello(Hello::new(Role::Source)),
+        Message::Hello(Hello::new(Role::Source, "jellyfin")),
+        Message::RoundStart { id: 7, full: true },
+        Message::Deleted(vec![RelPath::new(&b"gone/x"[..]).unwrap()]),
+        Message::Renamed(vec![(
+            RelPath::new(&b"a"[..]).unwrap(),
+            RelPath::new(&b"b/c"[..]).unwrap(),
+        )]),
+        Message::RoundEnd {
+            id: 7,
+            entries: 1,
+            root_hash: [1; 32],
+        },
         Message::Error {
             code: ErrorCode::Apply,
             message: "disk full".into(),
         },
         Message::Manifest(vec![sample_entry()]),
-        Message::ManifestEnd {
-            entries: 1,
-            root_hash: [1; 32],
-        },
         Message::FileRequest {
             index: 3,
             signature: Some(vec![1, 2, 3]),
@@ -53,10 +60,13 @@ fn all_messages() -> Vec<Message> {
             size: 100,
             hash: [2; 32],
         },
-        Message::Done(ApplySummary {
-            files_transferred: 1,
-            ..Default::default()
-        }),
+        Message::RoundDone {
+            id: 7,
+            summary: ApplySummary {
+                files_transferred: 1,
+                ..Default::default()
+            },
+        },
     ]
 }
 
@@ -141,6 +151,24 @@ fn bounds_checked_on_decode() {
 }
 
 #[test]
+fn deleting_the_root_or_renaming_into_itself_refused() {
+    for msg in [
+        Message::Deleted(vec![RelPath::root()]),
+        Message::Renamed(vec![(
+            RelPath::new(&b"a"[..]).unwrap(),
+            RelPath::new(&b"a/b"[..]).unwrap(),
+        )]),
+    ] {
+        let mut buf = Vec::new();
+        frame::encode(&msg, &mut buf).unwrap();
+        assert!(
+            matches!(frame::decode(&buf), Err(FrameError::Malformed(_))),
+            "{msg:?}"
+        );
+    }
+}
+
+#[test]
 fn trailing_bytes_refused() {
     let mut buf = Vec::new();
     frame::encode(&Message::Literal(vec![1]), &mut buf).unwrap();
@@ -152,7 +180,7 @@ fn trailing_bytes_refused() {
 
 #[test]
 fn handshake_refuses_other_versions() {
-    let mut h = Hello::new(Role::Source);
+    let mut h = Hello::new(Role::Source, "default");
     assert!(h.check().is_ok());
     h.version = PROTOCOL_VERSION + 1;
     let err = h.check().unwrap_err();

@@ -3,12 +3,18 @@
 //!
 //! - [`identity`]: node certificates and their ids.
 //! - [`tls`]: QUIC endpoints that accept only pinned peers.
-//! - [`session`]: a push (source side) and its application (replica side).
-//! - [`push`], [`serve`], [`mirror`]: what the binaries call.
+//! - [`session`]: rounds, source side and replica side.
+//! - [`continuous`]: the source's watch loop, with reconnect and resume.
+//! - [`config`]: the TOML configuration.
+//! - [`control`]: the local control socket (`sync-cli status`).
+//! - [`push`], [`serve`], [`mirror`]: one-shot entry points.
 //!
 //! `sync-core` does the filesystem work; it is synchronous and called through
 //! `spawn_blocking`.
 
+pub mod config;
+pub mod continuous;
+pub mod control;
 pub mod identity;
 pub mod session;
 pub mod tls;
@@ -18,10 +24,16 @@ pub use identity::{Identity, NodeId};
 pub use session::{Progress, Summary};
 
 use anyhow::{Context, Result, bail};
+use session::replica::{Folders, ReplicaFolder};
+use session::source::{Round, SourceSession};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 use sync_core::apply::Replica;
+use sync_core::filter::Filter;
 
 /// How to push a tree to a replica.
 #[derive(Debug, Clone)]
@@ -34,80 +46,104 @@ pub struct PushOptions {
     pub identity: Identity,
     /// The replica's pinned id.
     pub peer: NodeId,
+    /// The folder name announced to the replica.
+    pub folder: String,
+    /// Excluded paths.
+    pub filter: Filter,
     /// The protocol version to announce (tests use another to check refusal).
     pub protocol_version: u32,
 }
 
-/// Mirrors `opts.src` to a running replica.
+/// Connects to a pinned replica.
+pub async fn connect(
+    identity: &Identity,
+    peer: NodeId,
+    to: SocketAddr,
+) -> Result<(quinn::Endpoint, quinn::Connection)> {
+    let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .context("bind address")?;
+    let mut endpoint = quinn::Endpoint::client(bind).context("opening a UDP socket")?;
+    endpoint.set_default_client_config(tls::client_config(identity, peer)?);
+    let conn = endpoint
+        .connect(to, tls::SERVER_NAME)
+        .context("starting the connection")?
+        .await
+        .with_context(|| format!("connecting to replica {to} (expected id {peer})"))?;
+    Ok((endpoint, conn))
+}
+
+/// Mirrors `opts.src` to a running replica: one full round.
 pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary> {
+    let started = Instant::now();
     let meta =
         std::fs::metadata(&opts.src).with_context(|| format!("source {}", opts.src.display()))?;
     if !meta.is_dir() {
         bail!("source {} is not a directory", opts.src.display());
     }
-    let bind: SocketAddr = if opts.to.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
+    let (endpoint, conn) = connect(&opts.identity, opts.peer, opts.to).await?;
+    let res = async {
+        let mut session = SourceSession::open(
+            conn.clone(),
+            opts.src.clone(),
+            &opts.folder,
+            opts.protocol_version,
+            progress.clone(),
+        )
+        .await?;
+        let (src, scan_opts) = (
+            opts.src.clone(),
+            sync_core::scan::ScanOptions {
+                filter: opts.filter.clone(),
+                ..Default::default()
+            },
+        );
+        let (manifest, report) =
+            tokio::task::spawn_blocking(move || sync_core::scan::scan_with(&src, &scan_opts, None))
+                .await?
+                .with_context(|| format!("scanning {}", opts.src.display()))?;
+        let scan_s = started.elapsed().as_secs_f64();
+        progress
+            .entries
+            .store(manifest.entries.len() as u64, Ordering::Relaxed);
+        let root_hash = manifest.root_hash();
+        let (files_total, bytes_total, entries_total) = (
+            manifest.files() as u64,
+            manifest.bytes_total(),
+            manifest.entries.len() as u64,
+        );
+        let round = Round {
+            full: true,
+            entries: Arc::new(manifest.entries),
+            root_hash,
+            ..Default::default()
+        };
+        let applied = session.round(&round).await?;
+        let stats = session.connection().stats();
+        session.close().await;
+        Ok::<_, anyhow::Error>(Summary {
+            entries_total,
+            files_total,
+            files_transferred: applied.files_transferred,
+            files_deleted: applied.entries_deleted,
+            meta_updated: applied.meta_updated,
+            others_created: applied.others_created,
+            bytes_total,
+            bytes_literal: applied.bytes_literal,
+            bytes_matched: applied.bytes_matched,
+            bytes_sent_wire: stats.udp_tx.bytes,
+            bytes_received_wire: stats.udp_rx.bytes,
+            elapsed_s: started.elapsed().as_secs_f64(),
+            scan_s,
+            bytes_hashed: report.bytes_hashed,
+            source_root: sync_core::hex(&root_hash),
+            warnings: applied.warnings,
+        })
     }
-    .parse()
-    .context("bind address")?;
-    let mut endpoint = quinn::Endpoint::client(bind).context("opening a UDP socket")?;
-    endpoint.set_default_client_config(tls::client_config(&opts.identity, opts.peer)?);
-    let conn = endpoint
-        .connect(opts.to, tls::SERVER_NAME)
-        .context("starting the connection")?
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to replica {} (expected id {})",
-                opts.to, opts.peer
-            )
-        })?;
-    let res = session::run_source(conn, opts.src.clone(), progress, opts.protocol_version)
-        .await
-        .with_context(|| format!("push to replica {}", opts.to));
+    .await
+    .with_context(|| format!("push to replica {}", opts.to));
     endpoint.wait_idle().await;
     res
-}
-
-/// Serves pushes into `root` from the pinned peers on `endpoint` until
-/// `shutdown` resolves. Sessions run one at a time per root.
-pub async fn serve(
-    endpoint: quinn::Endpoint,
-    root: PathBuf,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<()> {
-    let replica = Arc::new(open_replica(&root)?);
-    let lock = Arc::new(tokio::sync::Mutex::new(()));
-    tokio::pin!(shutdown);
-    loop {
-        let incoming = tokio::select! {
-            () = &mut shutdown => break,
-            inc = endpoint.accept() => match inc {
-                Some(i) => i,
-                None => break,
-            },
-        };
-        let (replica, lock) = (replica.clone(), lock.clone());
-        tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(%remote, "refused a connection: {e}");
-                    return;
-                }
-            };
-            let _guard = lock.lock().await;
-            if let Err(e) = session::run_replica(conn, replica).await {
-                tracing::error!(%remote, "{e:#}");
-            }
-        });
-    }
-    endpoint.close(0u32.into(), b"shutdown");
-    endpoint.wait_idle().await;
-    Ok(())
 }
 
 /// Opens and checks a replica root.
@@ -120,6 +156,59 @@ pub fn open_replica(root: &Path) -> Result<Replica> {
     Ok(Replica::open(root)?)
 }
 
+/// A replica folder ready to serve.
+pub fn replica_folder(
+    name: &str,
+    root: &Path,
+    filter: Filter,
+    allowed: Vec<NodeId>,
+) -> Result<Arc<ReplicaFolder>> {
+    Ok(Arc::new(ReplicaFolder {
+        name: name.to_string(),
+        replica: Arc::new(open_replica(root)?),
+        filter,
+        allowed,
+        lock: tokio::sync::Mutex::new(()),
+        last_applied: std::sync::Mutex::new(None),
+    }))
+}
+
+/// Serves sessions from the pinned peers on `endpoint` until `shutdown`
+/// resolves.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    folders: Arc<Folders>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        let incoming = tokio::select! {
+            () = &mut shutdown => break,
+            inc = endpoint.accept() => match inc {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let folders = folders.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%remote, "refused a connection: {e}");
+                    return;
+                }
+            };
+            if let Err(e) = session::replica::run(conn, folders).await {
+                tracing::error!(%remote, "{e:#}");
+            }
+        });
+    }
+    endpoint.close(0u32.into(), b"shutdown");
+    endpoint.wait_idle().await;
+    Ok(())
+}
+
 /// The embedded default: mirrors `src` into `dst` with both ends in this process,
 /// over QUIC on 127.0.0.1 with throwaway identities.
 pub async fn mirror(src: &Path, dst: &Path, progress: Arc<Progress>) -> Result<Summary> {
@@ -130,11 +219,6 @@ pub async fn mirror(src: &Path, dst: &Path, progress: Arc<Progress>) -> Result<S
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e).with_context(|| format!("creating destination {}", dst.display())),
     }
-    let dst_meta =
-        std::fs::metadata(dst).with_context(|| format!("destination {}", dst.display()))?;
-    if !dst_meta.is_dir() {
-        bail!("destination {} is not a directory", dst.display());
-    }
     let (source_id, replica_id) = (Identity::generate()?, Identity::generate()?);
     let endpoint = tls::server(
         "127.0.0.1:0".parse().context("loopback")?,
@@ -142,9 +226,12 @@ pub async fn mirror(src: &Path, dst: &Path, progress: Arc<Progress>) -> Result<S
         vec![source_id.id()],
     )?;
     let addr = endpoint.local_addr().context("replica address")?;
+    let folders: Folders = HashMap::from([(
+        "default".to_string(),
+        replica_folder("default", dst, Filter::default(), Vec::new())?,
+    )]);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let root = dst.to_path_buf();
-    let server = tokio::spawn(serve(endpoint, root, async move {
+    let server = tokio::spawn(serve(endpoint, Arc::new(folders), async move {
         let _ = stop_rx.await;
     }));
     let res = push(
@@ -153,6 +240,8 @@ pub async fn mirror(src: &Path, dst: &Path, progress: Arc<Progress>) -> Result<S
             to: addr,
             identity: source_id,
             peer: replica_id.id(),
+            folder: "default".into(),
+            filter: Filter::default(),
             protocol_version: proto::PROTOCOL_VERSION,
         },
         progress,

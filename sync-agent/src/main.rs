@@ -1,18 +1,33 @@
-//! `sync-agent`: the daemon. Today it serves pushes as a replica.
+//! `sync-agent`: the daemon. Runs the folders of a config file, or one folder
+//! from flags: `source` watches and ships changes continuously, `replica`
+//! applies them.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use sync_agent::config::{Config, Role};
+use sync_agent::continuous::{FolderStatus, SourceFolder};
+use sync_agent::control::Registry;
 use sync_agent::{Identity, NodeId};
+use sync_core::filter::Filter;
+use tokio::sync::watch;
 
 /// understudy agent: keeps a warm standby of a folder.
+///
+/// Exit codes: 0 stopped cleanly (SIGTERM/SIGINT), 2 error (the message names it).
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
+    /// Run the folders of this TOML config file.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     /// Log as JSON lines instead of human text.
     #[arg(long, global = true)]
     log_json: bool,
@@ -20,7 +35,40 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Serve pushes from pinned peers into a replica root.
+    /// Watch a folder and keep a replica in step with it.
+    Source {
+        /// The folder to keep.
+        #[arg(long)]
+        root: PathBuf,
+        /// The replica's address (host:port).
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Directory with this node's cert.pem and key.pem (`sync-cli keygen`).
+        #[arg(long)]
+        identity: PathBuf,
+        /// The replica's node id.
+        #[arg(long)]
+        peer: String,
+        /// Folder name as the replica knows it.
+        #[arg(long, default_value = "default")]
+        folder: String,
+        /// gitignore-style exclude (repeatable).
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// State directory for the hash index (default: in memory).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Control socket for `sync-cli status`.
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Quiet time that ends a batch of changes, in ms.
+        #[arg(long, default_value_t = 5)]
+        debounce_ms: u64,
+        /// Seconds between safety full rescans.
+        #[arg(long, default_value_t = 600)]
+        rescan_s: u64,
+    },
+    /// Serve pushes and continuous sources from pinned peers into a root.
     Replica {
         /// The replica root (must exist).
         #[arg(long)]
@@ -34,6 +82,12 @@ enum Cmd {
         /// Node ids allowed to push, comma separated.
         #[arg(long, value_delimiter = ',', required = true)]
         allow: Vec<String>,
+        /// gitignore-style exclude (repeatable): neither written nor deleted.
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Control socket for `sync-cli status`.
+        #[arg(long)]
+        control: Option<PathBuf>,
     },
 }
 
@@ -46,39 +100,231 @@ fn init_logs(json: bool) {
     if json { b.json().init() } else { b.init() }
 }
 
-async fn run(cli: Cli) -> Result<ExitCode> {
-    match cli.cmd {
-        Cmd::Replica {
-            root,
-            listen,
-            identity,
-            allow,
-        } => {
-            let me = Identity::load(&identity)?;
-            let allowed = allow
-                .iter()
-                .map(|s| s.parse::<NodeId>().with_context(|| format!("--allow {s}")))
-                .collect::<Result<Vec<_>>>()?;
-            sync_agent::open_replica(&root)?;
-            let endpoint = sync_agent::tls::server(listen, &me, allowed)?;
-            let local = endpoint.local_addr()?;
-            tracing::info!(id = %me.id(), %local, root = %root.display(), "replica listening");
-            // One line on stdout so scripts can learn the port when listening on :0.
-            println!("listening {local}");
-            let shutdown = async {
-                let mut term =
-                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    {
-                        Ok(s) => s,
-                        Err(_) => return std::future::pending().await,
-                    };
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = tokio::signal::ctrl_c() => {},
+fn parse_ids(ids: &[String], what: &str) -> Result<Vec<NodeId>> {
+    ids.iter()
+        .map(|s| s.parse::<NodeId>().with_context(|| format!("{what} {s}")))
+        .collect()
+}
+
+/// Everything one agent process runs.
+#[derive(Default)]
+struct Plan {
+    identity: Option<Identity>,
+    listen: Option<SocketAddr>,
+    replicas: Vec<Arc<sync_agent::session::replica::ReplicaFolder>>,
+    sources: Vec<SourceFolder>,
+    control: Option<PathBuf>,
+}
+
+fn refuse_writable_by_others(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("config {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o022 != 0 {
+        bail!(
+            "config {} is writable by others (mode {:o}): chmod go-w it",
+            path.display(),
+            mode & 0o777
+        );
+    }
+    Ok(())
+}
+
+fn plan_from_config(path: &Path) -> Result<Plan> {
+    refuse_writable_by_others(path)?;
+    let c = Config::load(path)?;
+    let identity = Identity::load(&c.node.identity)?;
+    let mut plan = Plan {
+        listen: c.node.listen,
+        control: c.node.control.clone(),
+        ..Default::default()
+    };
+    for f in &c.folders {
+        let filter = f.filter()?;
+        let peers = f.peer_ids()?;
+        match f.role {
+            Role::Replica => plan
+                .replicas
+                .push(sync_agent::replica_folder(&f.name, &f.path, filter, peers)?),
+            Role::Source => {
+                for peer in peers {
+                    let addr = c
+                        .peer_address(&peer)
+                        .with_context(|| format!("folder {}: peer {peer} address", f.name))?;
+                    let index_path =
+                        c.node.state.as_ref().map(|s| {
+                            s.join(format!("{}.{}.index.db", f.name, &peer.to_string()[..9]))
+                        });
+                    plan.sources.push(SourceFolder {
+                        name: f.name.clone(),
+                        root: f.path.clone(),
+                        filter: filter.clone(),
+                        identity: identity.clone(),
+                        peer,
+                        addr,
+                        index_path,
+                        debounce: Duration::from_millis(5),
+                        rescan_every: Duration::from_secs(600),
+                    });
                 }
+            }
+        }
+    }
+    plan.identity = Some(identity);
+    Ok(plan)
+}
+
+async fn run(plan: Plan) -> Result<ExitCode> {
+    let identity = plan.identity.context("no identity")?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut registry = Registry {
+        node: identity.id().to_string(),
+        ..Default::default()
+    };
+    if !plan.replicas.is_empty() {
+        let listen = plan
+            .listen
+            .context("replica folders need a listen address")?;
+        let allowed: Vec<NodeId> = plan
+            .replicas
+            .iter()
+            .flat_map(|r| r.allowed.clone())
+            .collect();
+        let endpoint = sync_agent::tls::server(listen, &identity, allowed)?;
+        let local = endpoint.local_addr()?;
+        tracing::info!(id = %identity.id(), %local, "replica listening");
+        // One line on stdout so scripts can learn the port when listening on :0.
+        println!("listening {local}");
+        let folders: HashMap<String, _> = plan
+            .replicas
+            .iter()
+            .map(|r| (r.name.clone(), r.clone()))
+            .collect();
+        registry.replicas = plan.replicas.clone();
+        let mut rx = stop_rx.clone();
+        tasks.spawn(sync_agent::serve(endpoint, Arc::new(folders), async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+    }
+    for s in plan.sources {
+        let status = Arc::new(Mutex::new(FolderStatus::default()));
+        registry.folders.push(status.clone());
+        tasks.spawn(sync_agent::continuous::run_source(
+            s,
+            status,
+            stop_rx.clone(),
+        ));
+    }
+    if let Some(path) = plan.control {
+        let reg = registry.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sync_agent::control::serve(path, reg).await {
+                tracing::error!("control socket: {e:#}");
+            }
+        });
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("signal handler")?;
+    let failed = tokio::select! {
+        _ = term.recv() => None,
+        _ = tokio::signal::ctrl_c() => None,
+        Some(done) = tasks.join_next() => Some(done),
+    };
+    let _ = stop_tx.send(true);
+    if let Some(done) = failed {
+        done.context("agent task")??;
+    }
+    while tokio::time::timeout(Duration::from_secs(10), tasks.join_next())
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    {}
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn build_plan(cli: Cli) -> Result<Plan> {
+    match (cli.config, cli.cmd) {
+        (Some(path), None) => plan_from_config(&path),
+        (Some(_), Some(_)) => bail!("give either --config or a subcommand, not both"),
+        (None, None) => {
+            bail!("nothing to run: give --config FILE, or `source`/`replica` (see --help)")
+        }
+        (
+            None,
+            Some(Cmd::Replica {
+                root,
+                listen,
+                identity,
+                allow,
+                exclude,
+                control,
+            }),
+        ) => {
+            let identity = Identity::load(&identity)?;
+            let allowed = parse_ids(&allow, "--allow")?;
+            let filter = Filter::new(&exclude)?;
+            Ok(Plan {
+                identity: Some(identity),
+                listen: Some(listen),
+                replicas: vec![sync_agent::replica_folder(
+                    "default", &root, filter, allowed,
+                )?],
+                control,
+                ..Default::default()
+            })
+        }
+        (
+            None,
+            Some(Cmd::Source {
+                root,
+                connect,
+                identity,
+                peer,
+                folder,
+                exclude,
+                state,
+                control,
+                debounce_ms,
+                rescan_s,
+            }),
+        ) => {
+            let identity = Identity::load(&identity)?;
+            let peer: NodeId = peer.parse().context("--peer")?;
+            if !root.is_dir() {
+                bail!(
+                    "--root {} does not exist or is not a directory",
+                    root.display()
+                );
+            }
+            let index_path = match state {
+                Some(s) => {
+                    std::fs::create_dir_all(&s)
+                        .with_context(|| format!("creating state dir {}", s.display()))?;
+                    Some(s.join(format!("{folder}.index.db")))
+                }
+                None => None,
             };
-            sync_agent::serve(endpoint, root, shutdown).await?;
-            Ok(ExitCode::SUCCESS)
+            Ok(Plan {
+                identity: Some(identity.clone()),
+                sources: vec![SourceFolder {
+                    name: folder,
+                    root,
+                    filter: Filter::new(&exclude)?,
+                    identity,
+                    peer,
+                    addr: connect,
+                    index_path,
+                    debounce: Duration::from_millis(debounce_ms),
+                    rescan_every: Duration::from_secs(rescan_s.max(1)),
+                }],
+                control,
+                ..Default::default()
+            })
         }
     }
 }
@@ -86,14 +332,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_json);
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("sync-agent: starting the runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match rt.block_on(run(cli)) {
+    let res = build_plan(cli).and_then(|plan| {
+        let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+        rt.block_on(run(plan))
+    });
+    match res {
         Ok(code) => code,
         Err(e) => {
             eprintln!("sync-agent: {e:#}");

@@ -44,3 +44,18 @@ pub async fn expect(stream: &mut quinn::RecvStream, what: &str) -> Result<Messag
         None => bail!("peer closed the stream while we waited for {what}"),
     }
 }
+
+/// How long a peer may take to send the next frame in the middle of an exchange
+/// (a round, a file) before the session is closed as stalled.
+pub const STAGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// [`expect`] within [`STAGE_DEADLINE`].
+pub async fn expect_soon(stream: &mut quinn::RecvStream, what: &str) -> Result<Message> {
+    match tokio::time::timeout(STAGE_DEADLINE, expect(stream, what)).await {
+        Ok(r) => r,
+        Err(_) => bail!(
+            "peer sent nothing for {} s while we waited for {what}",
+            STAGE_DEADLINE.as_secs()
+        ),
+    }
+}

@@ -5,6 +5,7 @@
 //! could not be preserved (each listed on stderr).
 
 mod keys;
+mod status;
 mod transfer;
 mod verify;
 
@@ -36,6 +37,8 @@ enum Cmd {
     Push(transfer::PushArgs),
     /// Compare two local trees by content and all metadata.
     Verify(verify::VerifyArgs),
+    /// Show a running agent's folders: connected, lag, pending, last error.
+    Status(status::StatusArgs),
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -45,6 +48,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Mirror(a) => transfer::mirror(a),
         Cmd::Push(a) => transfer::push(a),
         Cmd::Verify(a) => verify::verify(a),
+        Cmd::Status(a) => status::status(a),
     }
 }
 

@@ -39,6 +39,12 @@ pub struct PushArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Folder name as the replica knows it.
+    #[arg(long, default_value = "default")]
+    folder: String,
+    /// gitignore-style exclude (repeatable).
+    #[arg(long)]
+    exclude: Vec<String>,
     /// Announce this protocol version (for testing a mismatch).
     #[arg(long, hide = true, default_value_t = proto::PROTOCOL_VERSION)]
     protocol_version: u32,
@@ -58,9 +64,9 @@ where
 {
     let progress = Arc::new(Progress::default());
     let bar = if !json && std::io::stderr().is_terminal() {
-        let b = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
         b.set_style(
-            ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {bytes_per_sec} {msg}")
+            ProgressStyle::with_template("{spinner} {bytes} sent {bytes_per_sec} {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         Some(b)
@@ -73,11 +79,6 @@ where
             let p = progress.clone();
             tokio::spawn(async move {
                 loop {
-                    b.set_length(
-                        p.bytes_planned
-                            .load(Ordering::Relaxed)
-                            .max(p.bytes_done.load(Ordering::Relaxed)),
-                    );
                     b.set_position(p.bytes_done.load(Ordering::Relaxed));
                     b.set_message(format!(
                         "{} files sent, {} entries scanned",
@@ -153,6 +154,8 @@ pub fn push(a: PushArgs) -> Result<ExitCode> {
         to: a.to,
         identity: Identity::load(&a.identity)?,
         peer,
+        folder: a.folder.clone(),
+        filter: sync_core::filter::Filter::new(&a.exclude)?,
         protocol_version: a.protocol_version,
     };
     let s = with_progress(a.json, |p| sync_agent::push(opts, p))?;

@@ -131,8 +131,10 @@ impl Replica {
         }
     }
 
-    fn warn(&self, w: String) {
+    /// Records something that could not be preserved or done, for the summary.
+    pub fn warn(&self, mut w: String) {
         tracing::warn!("{w}");
+        truncate(&mut w, 1000);
         if let Ok(mut ws) = self.warnings.lock()
             && ws.len() < 1000
         {
@@ -152,12 +154,15 @@ impl Replica {
     pub fn sweep_temps(&self, temps: &[RelPath]) -> Result<usize, Error> {
         let mut n = 0;
         for t in temps {
-            let (dir, _, name) = self.parent(t)?;
+            let (dir, parent, name) = self.parent(t)?;
             if !crate::is_temp_name(name) {
                 continue;
             }
             match rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
-                Ok(()) => n += 1,
+                Ok(()) => {
+                    n += 1;
+                    self.touch(parent);
+                }
                 Err(rustix::io::Errno::NOENT) => {}
                 Err(e) => return Err(Error::io("remove temp file", self.display(t), e)),
             }
@@ -263,6 +268,31 @@ impl Replica {
         Ok(())
     }
 
+    /// Renames `from` to `to` when `from` exists and `to`'s parent is a directory
+    /// (a hint from the source's watcher: when it cannot be done, the round's
+    /// entries make the tree right anyway). Returns whether it was done.
+    pub fn rename(&self, from: &RelPath, to: &RelPath) -> bool {
+        let (Ok((fdir, fparent, fname)), Ok((tdir, tparent, tname))) =
+            (self.parent(from), self.parent(to))
+        else {
+            return false;
+        };
+        if crate::is_temp_name(fname) || crate::is_temp_name(tname) {
+            return false;
+        }
+        match rustix::fs::renameat(&fdir, fname, &tdir, tname) {
+            Ok(()) => {
+                self.touch(fparent);
+                self.touch(tparent);
+                true
+            }
+            Err(e) => {
+                tracing::debug!("rename {from} -> {to} not done: {e}");
+                false
+            }
+        }
+    }
+
     /// Makes `path` another name of `target` (both beneath the root).
     pub fn hardlink(&self, path: &RelPath, target: &RelPath) -> Result<(), Error> {
         let (tdir, _, tname) = self.parent(target)?;
@@ -302,6 +332,15 @@ impl Replica {
                     Mode::empty(),
                 )
                 .map_err(|e| Error::io("open", &shown_path, e))?;
+                let st = rustix::fs::fstat(&fd).map_err(|e| Error::io("stat", &shown_path, e))?;
+                if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                    != rustix::fs::FileType::RegularFile
+                {
+                    return Err(Error::invalid(
+                        &shown_path,
+                        "changed under us: expected a regular file",
+                    ));
+                }
                 self.meta_fd(&File::from(fd), &entry.meta, &shown_path)
             }
             Kind::HardLink { .. } => Ok(()),
@@ -424,8 +463,40 @@ impl Replica {
             }
         }
         if !matches!(kind, Kind::Symlink { .. }) {
-            rustix::fs::chmodat(dir, name, Mode::from_raw_mode(m.mode), AtFlags::empty())
-                .map_err(|e| Error::io("chmod", shown_path, e))?;
+            // chmodat would follow a symlink swapped in at `name`: pin the inode
+            // with O_PATH, check it is the special file we expect, chmod that.
+            let fd = rustix::fs::openat(
+                dir,
+                name,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io("open", shown_path, e))?;
+            let st = rustix::fs::fstat(&fd).map_err(|e| Error::io("stat", shown_path, e))?;
+            let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
+            let expected = match kind {
+                Kind::Fifo => rustix::fs::FileType::Fifo,
+                Kind::Socket => rustix::fs::FileType::Socket,
+                Kind::CharDev { .. } => rustix::fs::FileType::CharacterDevice,
+                Kind::BlockDev { .. } => rustix::fs::FileType::BlockDevice,
+                _ => {
+                    return Err(Error::invalid(
+                        shown_path,
+                        format!("unexpected {}", kind.name()),
+                    ));
+                }
+            };
+            if ft != expected {
+                return Err(Error::invalid(
+                    shown_path,
+                    format!("changed under us: expected a {}", kind.name()),
+                ));
+            }
+            rustix::fs::chmod(
+                format!("/proc/self/fd/{}", fd.as_raw_fd()),
+                Mode::from_raw_mode(m.mode),
+            )
+            .map_err(|e| Error::io("chmod", shown_path, e))?;
         }
         rustix::fs::utimensat(dir, name, &times(m), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| Error::io("set times", shown_path, e))?;
@@ -517,13 +588,42 @@ impl Replica {
         }
         rustix::fs::syncfs(&self.root)
             .map_err(|e| Error::io("syncfs", self.root_path.display(), e))?;
-        for (path, tmp) in batch.renames {
-            let (dir, parent, name) = self.parent(&path)?;
-            rustix::fs::renameat(&dir, tmp.as_slice(), &dir, name)
-                .map_err(|e| Error::io("rename", self.display(&path), e))?;
-            self.touch(parent);
+        let mut renames = batch.renames.into_iter();
+        while let Some((path, tmp)) = renames.next() {
+            let done = self.parent(&path).and_then(|(dir, parent, name)| {
+                rustix::fs::renameat(&dir, tmp.as_slice(), &dir, name)
+                    .map_err(|e| Error::io("rename", self.display(&path), e))?;
+                self.touch(parent);
+                Ok(())
+            });
+            if let Err(e) = done {
+                // Leave no temp file of this batch behind.
+                for (p, t) in std::iter::once((path, tmp)).chain(renames) {
+                    if let Some((parent, _)) = p.split_last()
+                        && let Ok(dir) = self.dir(&parent)
+                    {
+                        let _ = rustix::fs::unlinkat(&dir, t.as_slice(), AtFlags::empty());
+                    }
+                }
+                return Err(e);
+            }
         }
         Ok(())
+    }
+
+    /// Starts a new session: forgets what earlier sessions touched or staged
+    /// (an aborted session's temp files are swept by the next full scan).
+    pub fn reset(&self) {
+        if let Ok(mut t) = self.touched.lock() {
+            t.clear();
+        }
+        if let Ok(mut p) = self.pending.lock() {
+            *p = Pending::default();
+        }
+        if let Ok(mut s) = self.staging.lock() {
+            s.clear();
+        }
+        let _ = self.take_warnings();
     }
 
     /// Gives up a failed run: removes every temp file still being written or
@@ -574,6 +674,18 @@ impl Replica {
             p.renames.len() >= BATCH_FILES || p.bytes >= BATCH_BYTES
         };
         if full { self.flush() } else { Ok(()) }
+    }
+}
+
+/// Cuts `s` to at most `max` bytes at a character boundary.
+pub fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut at = max.saturating_sub(3);
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+        s.push_str("...");
     }
 }
 

@@ -13,6 +13,8 @@
 //!   directory fd, staged in a temp file, fsynced, metadata set on the fd, renamed
 //!   into place.
 //! - [`meta`]: reading and comparing metadata.
+//! - [`index`]: the persistent hash index (SQLite), so restarts rehash nothing.
+//! - [`filter`]: gitignore-style excludes.
 //!
 //! Everything here is synchronous; the agent calls it from `spawn_blocking`.
 //!
@@ -25,6 +27,8 @@
 pub mod apply;
 pub mod delta;
 mod error;
+pub mod filter;
+pub mod index;
 pub mod manifest;
 pub mod meta;
 pub mod plan;

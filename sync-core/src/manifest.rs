@@ -8,7 +8,7 @@ use std::collections::HashMap;
 /// its own subtree (pre-order), the root first.
 #[must_use]
 pub fn path_cmp(a: &RelPath, b: &RelPath) -> Ordering {
-    a.components().cmp(b.components())
+    a.cmp(b)
 }
 
 /// The entries of a tree, sorted by [`path_cmp`], the root (a directory) first.
@@ -203,7 +203,14 @@ pub fn meta_differences(a: &Meta, b: &Meta, with_mode: bool) -> Vec<String> {
             a.mtime_sec, a.mtime_nsec, b.mtime_sec, b.mtime_nsec
         ));
     }
-    if a.xattrs != b.xattrs {
+    let mirrored = |m: &Meta| {
+        m.xattrs
+            .iter()
+            .filter(|x| crate::meta::is_mirrored_xattr(&x.name))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    if mirrored(a) != mirrored(b) {
         fn names(m: &Meta) -> Vec<String> {
             m.xattrs
                 .iter()

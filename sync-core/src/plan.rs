@@ -2,6 +2,7 @@
 
 use crate::manifest::{meta_differences, path_cmp};
 use crate::{Entry, Kind, Manifest, RelPath};
+use std::collections::HashSet;
 
 /// A file whose content must come from the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +50,30 @@ impl Plan {
 /// (both manifests must carry hashes); otherwise by size and mtime, as rsync does.
 #[must_use]
 pub fn plan(src: &Manifest, dst: &Manifest, checksum: bool) -> Plan {
+    plan_with_links(src, dst, checksum, &HashSet::new())
+}
+
+/// [`plan`], knowing which replica files have several names: such a file is
+/// rewritten (a new inode) unless the source links it too, so that a change of
+/// one name never leaks into another.
+#[must_use]
+pub fn plan_with_links(
+    src: &Manifest,
+    dst: &Manifest,
+    checksum: bool,
+    dst_linked: &HashSet<RelPath>,
+) -> Plan {
+    let leaders: HashSet<&RelPath> = src
+        .entries
+        .iter()
+        .filter_map(|e| {
+            if let Kind::HardLink { target } = &e.kind {
+                Some(target)
+            } else {
+                None
+            }
+        })
+        .collect();
     let mut p = Plan::default();
     // Deletions: replica entries the source does not have (top-most only), and
     // entries whose kind change cannot be done by a rename over them.
@@ -96,7 +121,9 @@ pub fn plan(src: &Manifest, dst: &Manifest, checksum: bool) -> Plan {
                     size: dsize,
                     hash: dhash,
                 } => {
-                    let same = *size == *dsize
+                    let unlinked_here = dst_linked.contains(&d.path) && !leaders.contains(&s.path);
+                    let same = !unlinked_here
+                        && *size == *dsize
                         && if checksum {
                             hash == dhash
                         } else {
@@ -226,6 +253,28 @@ mod tests {
         assert_eq!(names(&src, &p.meta), ["same"]);
         assert_eq!(names(&src, &p.hardlink), ["hl"]);
         assert_eq!(names(&src, &p.dirs), ["was_link", "d", "."]);
+    }
+
+    #[test]
+    fn replica_hard_links_the_source_no_longer_has_are_broken() {
+        let m = Manifest::from_entries(vec![e("", Kind::Dir), f("a", 1), f("b", 1)]);
+        let linked: HashSet<RelPath> = [
+            RelPath::new(&b"a"[..]).unwrap(),
+            RelPath::new(&b"b"[..]).unwrap(),
+        ]
+        .into();
+        let p = plan_with_links(&m, &m, false, &linked);
+        assert_eq!(p.fetch.len(), 2, "both names get their own inode");
+        let mut src = m.clone();
+        src.entries[2].kind = Kind::HardLink {
+            target: RelPath::new(&b"a"[..]).unwrap(),
+        };
+        let p = plan_with_links(&src, &m, false, &linked);
+        assert!(
+            p.fetch.is_empty(),
+            "the source links them too: nothing to rewrite"
+        );
+        assert_eq!(p.hardlink.len(), 1);
     }
 
     #[test]

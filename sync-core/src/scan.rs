@@ -1,5 +1,7 @@
 //! Walking a tree into a [`Manifest`].
 
+use crate::filter::Filter;
+use crate::index::{HashIndex, Stamp};
 use crate::{Entry, Error, Kind, Manifest, RelPath, meta};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -17,6 +19,8 @@ pub struct ScanOptions {
     pub hash: bool,
     /// Record further names of an inode as [`Kind::HardLink`].
     pub hard_links: bool,
+    /// Paths left out entirely.
+    pub filter: Filter,
 }
 
 impl Default for ScanOptions {
@@ -24,6 +28,7 @@ impl Default for ScanOptions {
         Self {
             hash: true,
             hard_links: true,
+            filter: Filter::default(),
         }
     }
 }
@@ -33,58 +38,105 @@ impl Default for ScanOptions {
 pub struct ScanReport {
     /// Our own temp files met in the tree (swept by a replica, skipped by a source).
     pub temp_files: Vec<RelPath>,
+    /// Files whose content was read and hashed (index misses).
+    pub hashed: Vec<(RelPath, Stamp, [u8; 32])>,
+    /// Bytes read to hash them.
+    pub bytes_hashed: u64,
+    /// Regular files with more than one name (link count > 1).
+    pub multi_linked: std::collections::HashSet<RelPath>,
 }
 
 /// Scans `root` into a manifest.
 pub fn scan(root: &Path, opts: &ScanOptions) -> Result<Manifest, Error> {
-    scan_with_report(root, opts).map(|(m, _)| m)
+    scan_with(root, opts, None).map(|(m, _)| m)
 }
 
-/// Scans `root` into a manifest and a report.
-pub fn scan_with_report(root: &Path, opts: &ScanOptions) -> Result<(Manifest, ScanReport), Error> {
+/// Scans `root` into a manifest and a report, reusing hashes from `index` for
+/// files whose stamp it remembers.
+pub fn scan_with(
+    root: &Path,
+    opts: &ScanOptions,
+    index: Option<&HashIndex>,
+) -> Result<(Manifest, ScanReport), Error> {
     let st = fs::metadata(root).map_err(|e| Error::io("stat", root.display(), e))?;
     if !st.is_dir() {
         return Err(Error::invalid(root.display(), "not a directory"));
     }
-    let mut w = Walker {
-        root: root.to_path_buf(),
-        opts: opts.clone(),
-        entries: Vec::new(),
-        inodes: HashMap::new(),
-        report: ScanReport::default(),
-    };
+    let mut w = Walker::new(root, opts);
     let mut m = meta::from_stat(&st);
     m.xattrs = meta::read_xattrs(root)?;
-    w.entries.push(Entry {
-        path: RelPath::root(),
-        kind: Kind::Dir,
-        meta: m,
-    });
+    w.push(
+        Entry {
+            path: RelPath::root(),
+            kind: Kind::Dir,
+            meta: m,
+        },
+        None,
+    );
     w.walk_dir(&RelPath::root())?;
-    let mut entries = w.entries;
-    if opts.hash {
-        let root = &w.root;
-        entries
-            .par_iter_mut()
-            .try_for_each(|e| -> Result<(), Error> {
-                if let Kind::File { hash, .. } = &mut e.kind {
-                    let p = abs(root, &e.path);
-                    *hash = hash_file(&p)?;
-                }
-                Ok(())
-            })?;
-    }
     // The walk visits children in sorted order, so entries are in manifest order.
-    Ok((Manifest { entries }, w.report))
+    let (entries, report) = w.finish(index)?;
+    Ok((Manifest { entries }, report))
+}
+
+/// The entry at `rel` alone (not its subtree), or `None` when it does not exist
+/// or is excluded.
+pub fn entry_at(
+    root: &Path,
+    rel: &RelPath,
+    opts: &ScanOptions,
+    index: Option<&HashIndex>,
+) -> Result<(Option<Entry>, ScanReport), Error> {
+    let mut w = Walker::new(root, opts);
+    w.visit(rel)?;
+    let (mut entries, report) = w.finish(index)?;
+    Ok((entries.pop(), report))
+}
+
+/// `rel` and everything below it, in manifest order (empty when absent or
+/// excluded).
+pub fn scan_subtree(
+    root: &Path,
+    rel: &RelPath,
+    opts: &ScanOptions,
+    index: Option<&HashIndex>,
+) -> Result<(Vec<Entry>, ScanReport), Error> {
+    let mut w = Walker::new(root, opts);
+    if w.visit(rel)? == Some(true) {
+        w.walk_dir(rel)?;
+    }
+    w.finish(index)
 }
 
 /// blake3 of a file's content, read (not mapped: a live file may shrink under us).
 pub fn hash_file(path: &Path) -> Result<[u8; 32], Error> {
-    let f = fs::File::open(path).map_err(|e| Error::io("open", path.display(), e))?;
+    let f = open_regular(path)?;
     let mut h = blake3::Hasher::new();
     h.update_reader(f)
         .map_err(|e| Error::io("read", path.display(), e))?;
     Ok(*h.finalize().as_bytes())
+}
+
+/// Opens a regular file for reading without following a final symlink and
+/// without blocking on a fifo swapped in since the scan.
+pub fn open_regular(path: &Path) -> Result<fs::File, Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::io("open", path.display(), e))?;
+    let st = f
+        .metadata()
+        .map_err(|e| Error::io("stat", path.display(), e))?;
+    if !st.is_file() {
+        return Err(Error::io(
+            "open",
+            path.display(),
+            io::Error::from_raw_os_error(libc::ENOENT),
+        ));
+    }
+    Ok(f)
 }
 
 /// The absolute path of `rel` under `root`.
@@ -97,15 +149,182 @@ pub fn abs(root: &Path, rel: &RelPath) -> PathBuf {
     }
 }
 
-struct Walker {
-    root: PathBuf,
-    opts: ScanOptions,
-    entries: Vec<Entry>,
-    inodes: HashMap<(u64, u64), RelPath>,
-    report: ScanReport,
+/// Nanoseconds since the epoch, now.
+#[must_use]
+pub fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
 }
 
-impl Walker {
+struct Walker<'o> {
+    root: PathBuf,
+    opts: &'o ScanOptions,
+    entries: Vec<Entry>,
+    stamps: Vec<Option<Stamp>>,
+    inodes: HashMap<(u64, u64), RelPath>,
+    temp_files: Vec<RelPath>,
+    multi_linked: std::collections::HashSet<RelPath>,
+}
+
+impl<'o> Walker<'o> {
+    fn new(root: &Path, opts: &'o ScanOptions) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            opts,
+            entries: Vec::new(),
+            stamps: Vec::new(),
+            inodes: HashMap::new(),
+            temp_files: Vec::new(),
+            multi_linked: Default::default(),
+        }
+    }
+
+    fn push(&mut self, e: Entry, stamp: Option<Stamp>) {
+        self.entries.push(e);
+        self.stamps.push(stamp);
+    }
+
+    /// Hashes files (reusing the index), returning entries and the report.
+    fn finish(mut self, index: Option<&HashIndex>) -> Result<(Vec<Entry>, ScanReport), Error> {
+        let mut report = ScanReport {
+            temp_files: std::mem::take(&mut self.temp_files),
+            multi_linked: std::mem::take(&mut self.multi_linked),
+            ..Default::default()
+        };
+        if !self.opts.hash {
+            return Ok((self.entries, report));
+        }
+        let mut todo: Vec<usize> = Vec::new();
+        for (i, e) in self.entries.iter_mut().enumerate() {
+            if let (Kind::File { hash, .. }, Some(stamp)) = (&mut e.kind, self.stamps[i]) {
+                match index.and_then(|ix| ix.lookup(&e.path, &stamp)) {
+                    Some(h) => *hash = h,
+                    None => todo.push(i),
+                }
+            }
+        }
+        let root = &self.root;
+        let hashes: Vec<Result<[u8; 32], Error>> = todo
+            .par_iter()
+            .map(|&i| hash_file(&abs(root, &self.entries[i].path)))
+            .collect();
+        for (&i, h) in todo.iter().zip(hashes) {
+            let h = match h {
+                Ok(h) => h,
+                // vanished since the walk: it will be seen as gone next time
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(e) => return Err(e),
+            };
+            let e = &mut self.entries[i];
+            if let Kind::File { hash, size } = &mut e.kind {
+                *hash = h;
+                report.bytes_hashed += *size;
+                if let Some(stamp) = self.stamps[i] {
+                    report.hashed.push((e.path.clone(), stamp, h));
+                }
+            }
+        }
+        Ok((self.entries, report))
+    }
+
+    /// Adds the entry at `path`; `Some(is_dir)` when it exists and is included.
+    fn visit(&mut self, path: &RelPath) -> Result<Option<bool>, Error> {
+        if path.is_root() {
+            let st =
+                fs::metadata(&self.root).map_err(|e| Error::io("stat", self.root.display(), e))?;
+            let mut m = meta::from_stat(&st);
+            m.xattrs = meta::read_xattrs(&self.root)?;
+            self.push(
+                Entry {
+                    path: RelPath::root(),
+                    kind: Kind::Dir,
+                    meta: m,
+                },
+                None,
+            );
+            return Ok(Some(true));
+        }
+        if path
+            .split_last()
+            .is_some_and(|(_, n)| crate::is_temp_name(n))
+        {
+            self.temp_files.push(path.clone());
+            return Ok(None);
+        }
+        let p = abs(&self.root, path);
+        let st = match fs::symlink_metadata(&p) {
+            Ok(st) => st,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(None),
+            Err(e) => return Err(Error::io("stat", p.display(), e)),
+        };
+        let ft = st.file_type();
+        if self.opts.filter.excludes(path, ft.is_dir()) {
+            return Ok(None);
+        }
+        let mut m = meta::from_stat(&st);
+        m.xattrs = match meta::read_xattrs(&p) {
+            Ok(x) => x,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut stamp = None;
+        let kind = if ft.is_dir() {
+            Kind::Dir
+        } else if ft.is_file() {
+            if st.nlink() > 1 {
+                self.multi_linked.insert(path.clone());
+            }
+            let key = (st.dev(), st.ino());
+            match self.inodes.get(&key) {
+                Some(first) if self.opts.hard_links => Kind::HardLink {
+                    target: first.clone(),
+                },
+                _ => {
+                    if self.opts.hard_links && st.nlink() > 1 {
+                        self.inodes.insert(key, path.clone());
+                    }
+                    stamp = Some(Stamp::of(&st));
+                    Kind::File {
+                        size: st.len(),
+                        hash: [0; 32],
+                    }
+                }
+            }
+        } else if ft.is_symlink() {
+            let t = match fs::read_link(&p) {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(Error::io("readlink", p.display(), e)),
+            };
+            Kind::Symlink {
+                target: t.as_os_str().as_bytes().to_vec(),
+            }
+        } else if ft.is_fifo() {
+            Kind::Fifo
+        } else if ft.is_socket() {
+            Kind::Socket
+        } else if ft.is_char_device() {
+            Kind::CharDev { rdev: st.rdev() }
+        } else if ft.is_block_device() {
+            Kind::BlockDev { rdev: st.rdev() }
+        } else {
+            return Err(Error::invalid(p.display(), "unknown file type"));
+        };
+        let is_dir = kind == Kind::Dir;
+        self.push(
+            Entry {
+                path: path.clone(),
+                kind,
+                meta: m,
+            },
+            stamp,
+        );
+        Ok(Some(is_dir))
+    }
+
     fn walk_dir(&mut self, dir: &RelPath) -> Result<(), Error> {
         let dpath = abs(&self.root, dir);
         let rd = match fs::read_dir(&dpath) {
@@ -127,67 +346,56 @@ impl Walker {
                     e.to_string(),
                 )
             })?;
-            if crate::is_temp_name(&name) {
-                self.report.temp_files.push(path);
-                continue;
-            }
-            let p = abs(&self.root, &path);
-            let st = match fs::symlink_metadata(&p) {
-                Ok(st) => st,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io("stat", p.display(), e)),
-            };
-            let mut m = meta::from_stat(&st);
-            m.xattrs = match meta::read_xattrs(&p) {
-                Ok(x) => x,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-                Err(e) => return Err(e),
-            };
-            let ft = st.file_type();
-            let kind = if ft.is_dir() {
-                Kind::Dir
-            } else if ft.is_file() {
-                let key = (st.dev(), st.ino());
-                match self.inodes.get(&key) {
-                    Some(first) if self.opts.hard_links => Kind::HardLink {
-                        target: first.clone(),
-                    },
-                    _ => {
-                        if self.opts.hard_links && st.nlink() > 1 {
-                            self.inodes.insert(key, path.clone());
-                        }
-                        Kind::File {
-                            size: st.len(),
-                            hash: [0; 32],
-                        }
-                    }
-                }
-            } else if ft.is_symlink() {
-                let t = fs::read_link(&p).map_err(|e| Error::io("readlink", p.display(), e))?;
-                Kind::Symlink {
-                    target: t.as_os_str().as_bytes().to_vec(),
-                }
-            } else if ft.is_fifo() {
-                Kind::Fifo
-            } else if ft.is_socket() {
-                Kind::Socket
-            } else if ft.is_char_device() {
-                Kind::CharDev { rdev: st.rdev() }
-            } else if ft.is_block_device() {
-                Kind::BlockDev { rdev: st.rdev() }
-            } else {
-                return Err(Error::invalid(p.display(), "unknown file type"));
-            };
-            let is_dir = kind == Kind::Dir;
-            self.entries.push(Entry {
-                path: path.clone(),
-                kind,
-                meta: m,
-            });
-            if is_dir {
+            if self.visit(&path)? == Some(true) {
                 self.walk_dir(&path)?;
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_spares_rehashing_and_sees_changes() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::write(d.path().join("sub/a"), b"one").unwrap();
+        std::fs::write(d.path().join("b"), b"two").unwrap();
+        let opts = ScanOptions::default();
+        let mut ix = HashIndex::in_memory();
+        let (m1, r1) = scan_with(d.path(), &opts, Some(&ix)).unwrap();
+        assert_eq!(r1.hashed.len(), 2);
+        // pretend the hashes are old enough to be trusted
+        for (p, s, h) in r1.hashed {
+            ix.record(&p, s, h, now_ns() + 10 * crate::index::RACY_NS);
+        }
+        let (m2, r2) = scan_with(d.path(), &opts, Some(&ix)).unwrap();
+        assert!(r2.hashed.is_empty(), "unchanged files were rehashed");
+        assert_eq!(m1, m2);
+        std::fs::write(d.path().join("b"), b"TWO").unwrap();
+        let (m3, r3) = scan_with(d.path(), &opts, Some(&ix)).unwrap();
+        assert_eq!(r3.hashed.len(), 1);
+        assert_ne!(m2.root_hash(), m3.root_hash());
+    }
+
+    #[test]
+    fn excluded_paths_are_not_scanned() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("cache/x")).unwrap();
+        std::fs::write(d.path().join("cache/x/f"), b"1").unwrap();
+        std::fs::write(d.path().join("keep"), b"1").unwrap();
+        let opts = ScanOptions {
+            filter: Filter::new(&["cache/".into()]).unwrap(),
+            ..Default::default()
+        };
+        let m = scan(d.path(), &opts).unwrap();
+        let paths: Vec<String> = m.entries.iter().map(|e| e.path.to_string()).collect();
+        assert_eq!(paths, [".", "keep"]);
+        let (sub, _) =
+            scan_subtree(d.path(), &RelPath::new(&b"cache"[..]).unwrap(), &opts, None).unwrap();
+        assert!(sub.is_empty());
     }
 }

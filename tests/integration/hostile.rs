@@ -12,15 +12,26 @@ async fn send_raw(dst: &std::path::Path, frames: Vec<u8>) -> Message {
     let server = tls::server("127.0.0.1:0".parse().unwrap(), &replica_id, vec![me.id()]).unwrap();
     let addr = server.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(sync_agent::serve(server, dst.to_path_buf(), async move {
-        let _ = stopped.await;
-    }));
+    let folder =
+        sync_agent::replica_folder("default", dst, Default::default(), Vec::new()).unwrap();
+    let folders = std::collections::HashMap::from([("default".to_string(), folder)]);
+    let serving = tokio::spawn(sync_agent::serve(
+        server,
+        std::sync::Arc::new(folders),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(tls::client_config(&me, replica_id.id()).unwrap());
     let conn = ep.connect(addr, tls::SERVER_NAME).unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let mut hello = Vec::new();
-    frame::encode(&Message::Hello(Hello::new(Role::Source)), &mut hello).unwrap();
+    frame::encode(
+        &Message::Hello(Hello::new(Role::Source, "default")),
+        &mut hello,
+    )
+    .unwrap();
     send.write_all(&hello).await.unwrap();
     send.write_all(&frames).await.unwrap();
     let mut got = Vec::new();
@@ -69,6 +80,7 @@ fn manifest_with_path(bad: &[u8]) -> Vec<u8> {
         ),
     ]);
     let mut buf = Vec::new();
+    frame::encode(&Message::RoundStart { id: 1, full: true }, &mut buf).unwrap();
     frame::encode(&m, &mut buf).unwrap();
     let at = buf
         .windows(placeholder.len())
@@ -137,9 +149,11 @@ async fn oversize_frame_and_bad_structure_are_refused() {
         ),
     ]);
     let mut buf = Vec::new();
+    frame::encode(&Message::RoundStart { id: 1, full: true }, &mut buf).unwrap();
     frame::encode(&m, &mut buf).unwrap();
     frame::encode(
-        &Message::ManifestEnd {
+        &Message::RoundEnd {
+            id: 1,
             entries: 3,
             root_hash: [0; 32],
         },

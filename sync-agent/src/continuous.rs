@@ -1,0 +1,524 @@
+//! The source's continuous loop: watch, debounce, ship rounds; reconnect with
+//! backoff and resume with a full round (only differences move).
+//!
+//! One loop per folder, as in Syncthing's `folder.go`: arms for debounced watch
+//! batches, a periodic full rescan, watcher overflow or error (→ full rescan), and
+//! shutdown. notify's callback only `try_send`s; when the channel is full, or the
+//! kernel queue overflowed (an event with the rescan flag), the folder is marked
+//! for a full rescan: events are never dropped silently.
+
+use crate::identity::{Identity, NodeId};
+use crate::session::Progress;
+use crate::session::source::{Round, SourceSession};
+use anyhow::{Context, Result};
+use notify::{EventKind, RecursiveMode, Watcher};
+use proto::{Entry, Kind, RelPath};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use sync_core::filter::Filter;
+use sync_core::index::HashIndex;
+use sync_core::scan::ScanOptions;
+use tokio::sync::{Notify, mpsc, watch};
+
+/// A source folder's settings.
+#[derive(Debug, Clone)]
+pub struct SourceFolder {
+    /// Folder name (as the replica knows it).
+    pub name: String,
+    /// Root directory.
+    pub root: PathBuf,
+    /// Excludes.
+    pub filter: Filter,
+    /// Our identity.
+    pub identity: Identity,
+    /// The replica's id.
+    pub peer: NodeId,
+    /// The replica's address.
+    pub addr: SocketAddr,
+    /// Where the hash index lives (`None`: in memory).
+    pub index_path: Option<PathBuf>,
+    /// Quiet time that ends a batch of watch events.
+    pub debounce: Duration,
+    /// Period of the safety full rescan.
+    pub rescan_every: Duration,
+}
+
+/// What `sync-cli status` shows for a folder.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FolderStatus {
+    /// Folder name.
+    pub folder: String,
+    /// `source` or `replica`.
+    pub role: String,
+    /// The peer's node id.
+    pub peer: String,
+    /// Whether a session is up.
+    pub connected: bool,
+    /// Seconds the oldest unshipped change has waited (0 when caught up).
+    pub lag_s: f64,
+    /// Bytes of file content in the unshipped changes (known once scanned).
+    pub lag_bytes: u64,
+    /// Paths changed and not yet applied on the replica.
+    pub files_pending: u64,
+    /// Rounds applied.
+    pub rounds: u64,
+    /// Full rounds (start, reconnect, rescan) among them.
+    pub full_rounds: u64,
+    /// When the last round was applied (seconds since the epoch).
+    pub last_applied_unix: Option<f64>,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+    /// Root hash after the last full round.
+    pub root_hash: String,
+    /// Watcher notes (overflows, limits).
+    pub watcher: Option<String>,
+}
+
+/// Shared status of one folder.
+pub type SharedStatus = Arc<Mutex<FolderStatus>>;
+
+fn set(status: &SharedStatus, f: impl FnOnce(&mut FolderStatus)) {
+    if let Ok(mut s) = status.lock() {
+        f(&mut s);
+    }
+}
+
+enum WatchMsg {
+    Paths(Vec<PathBuf>),
+    Rename(PathBuf, PathBuf),
+}
+
+struct Watch {
+    _watcher: notify::RecommendedWatcher,
+    rx: mpsc::Receiver<WatchMsg>,
+    wake: Arc<Notify>,
+    rescan: Arc<AtomicBool>,
+}
+
+fn start_watch(root: &Path, status: &SharedStatus) -> Result<Watch> {
+    let (tx, rx) = mpsc::channel::<WatchMsg>(16384);
+    let wake = Arc::new(Notify::new());
+    let rescan = Arc::new(AtomicBool::new(false));
+    let (w, r, st) = (wake.clone(), rescan.clone(), status.clone());
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        match res {
+            Ok(ev) => {
+                if ev.need_rescan() {
+                    tracing::warn!("inotify queue overflowed: full rescan");
+                    set(&st, |s| s.watcher = Some("kernel event queue overflowed; rescanned".into()));
+                    r.store(true, Ordering::SeqCst);
+                } else {
+                    use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+                    let msg = match ev.kind {
+                        // our own reads raise open/close events: only a closed writer matters
+                        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(WatchMsg::Paths(ev.paths)),
+                        EventKind::Access(_) => None,
+                        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) if ev.paths.len() == 2 => {
+                            Some(WatchMsg::Rename(ev.paths[0].clone(), ev.paths[1].clone()))
+                        }
+                        _ => Some(WatchMsg::Paths(ev.paths)),
+                    };
+                    if let Some(m) = msg
+                        && tx.try_send(m).is_err() {
+                            r.store(true, Ordering::SeqCst);
+                        }
+                }
+            }
+            Err(e) => {
+                let hint = if matches!(&e.kind, notify::ErrorKind::MaxFilesWatch)
+                    || matches!(&e.kind, notify::ErrorKind::Io(io) if io.raw_os_error() == Some(libc::ENOSPC))
+                {
+                    " (inotify watch limit reached: raise fs.inotify.max_user_watches)"
+                } else {
+                    ""
+                };
+                tracing::error!("watcher: {e}{hint}");
+                set(&st, |s| s.watcher = Some(format!("{e}{hint}")));
+                r.store(true, Ordering::SeqCst);
+            }
+        }
+        w.notify_one();
+    })
+    .context("starting the inotify watcher")?;
+    watcher.watch(root, RecursiveMode::Recursive).map_err(|e| {
+        let hint = if matches!(&e.kind, notify::ErrorKind::MaxFilesWatch) {
+            ": inotify watch limit reached: raise fs.inotify.max_user_watches"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("watching {}: {e}{hint}", root.display())
+    })?;
+    Ok(Watch {
+        _watcher: watcher,
+        rx,
+        wake,
+        rescan,
+    })
+}
+
+fn rel(root: &Path, p: &Path) -> Option<RelPath> {
+    let r = p.strip_prefix(root).ok()?;
+    RelPath::new(r.as_os_str().as_bytes()).ok()
+}
+
+/// What the replica holds, as far as the source knows (manifest order).
+type Known = BTreeMap<RelPath, Entry>;
+
+fn remove_subtree(known: &mut Known, p: &RelPath) {
+    let gone: Vec<RelPath> = known
+        .range(p.clone()..)
+        .take_while(|(k, _)| k.starts_with(p))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in gone {
+        known.remove(&k);
+    }
+}
+
+/// Builds a partial round from dirty paths.
+fn partial_round(
+    root: &Path,
+    opts: &ScanOptions,
+    index: &Mutex<HashIndex>,
+    known: &Known,
+    dirty: BTreeSet<RelPath>,
+    renames: Vec<(RelPath, RelPath)>,
+) -> Result<Round> {
+    let mut paths = dirty;
+    for (a, b) in &renames {
+        paths.insert(a.clone());
+        paths.insert(b.clone());
+    }
+    // A changed entry changes its parent's mtime too.
+    let parents: Vec<RelPath> = paths
+        .iter()
+        .filter_map(|p| p.split_last().map(|(d, _)| d))
+        .collect();
+    paths.extend(parents);
+    let ix = index
+        .lock()
+        .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
+    let now = sync_core::scan::now_ns();
+    let mut changed: Vec<Entry> = Vec::new();
+    let mut deleted = Vec::new();
+    let mut hashed = Vec::new();
+    let mut covered: Option<RelPath> = None;
+    for p in paths {
+        if covered.as_ref().is_some_and(|c| p.starts_with(c)) {
+            continue;
+        }
+        let (entry, report) = sync_core::scan::entry_at(root, &p, opts, Some(&ix))?;
+        hashed.extend(report.hashed);
+        match entry {
+            None => {
+                if known.contains_key(&p) {
+                    deleted.push(p.clone());
+                    covered = Some(p);
+                }
+            }
+            Some(e) if e.kind == Kind::Dir && known.get(&p).is_none_or(|k| k.kind != Kind::Dir) => {
+                // A new directory: its content may predate the watch on it.
+                let (sub, report) = sync_core::scan::scan_subtree(root, &p, opts, Some(&ix))?;
+                hashed.extend(report.hashed);
+                changed.extend(sub.into_iter().filter(|e| known.get(&e.path) != Some(e)));
+                covered = Some(p);
+            }
+            Some(e) => {
+                if known.get(&p) != Some(&e) {
+                    changed.push(e);
+                }
+            }
+        }
+    }
+    drop(ix);
+    if let Ok(mut ix) = index.lock() {
+        for (p, s, h) in hashed {
+            ix.record(&p, s, h, now);
+        }
+    }
+    // Partial rounds name each file by content: a hard link is re-linked by the
+    // next full round.
+    for e in &mut changed {
+        if let Kind::HardLink { .. } = e.kind
+            && let Ok((Some(f), _)) = sync_core::scan::entry_at(root, &e.path, opts, None)
+        {
+            *e = f;
+        }
+    }
+    changed.sort_by(|a, b| a.path.cmp(&b.path));
+    changed.dedup_by(|a, b| a.path == b.path);
+    let renamed = renames
+        .into_iter()
+        .filter(|(a, _)| known.contains_key(a))
+        .collect();
+    Ok(Round {
+        full: false,
+        entries: Arc::new(changed),
+        deleted,
+        renamed,
+        root_hash: [0; 32],
+    })
+}
+
+/// Runs a source folder until `shutdown` turns true.
+pub async fn run_source(
+    cfg: SourceFolder,
+    status: SharedStatus,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    set(&status, |s| {
+        s.folder = cfg.name.clone();
+        s.role = "source".into();
+        s.peer = cfg.peer.to_string();
+    });
+    let mut w = start_watch(&cfg.root, &status)?;
+    let index = Arc::new(Mutex::new(match &cfg.index_path {
+        Some(p) => HashIndex::open(p).with_context(|| format!("hash index {}", p.display()))?,
+        None => HashIndex::in_memory(),
+    }));
+    let opts = ScanOptions {
+        filter: cfg.filter.clone(),
+        ..Default::default()
+    };
+    let mut backoff = Duration::from_millis(100);
+    while !*shutdown.borrow() {
+        set(&status, |s| s.connected = false);
+        let session = async {
+            let (endpoint, conn) = crate::connect(&cfg.identity, cfg.peer, cfg.addr).await?;
+            let s = SourceSession::open(
+                conn,
+                cfg.root.clone(),
+                &cfg.name,
+                proto::PROTOCOL_VERSION,
+                Arc::new(Progress::default()),
+            )
+            .await?;
+            Ok::<_, anyhow::Error>((endpoint, s))
+        }
+        .await;
+        let (endpoint, mut session) = match session {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(folder = %cfg.name, "replica {} unreachable: {e:#}; retrying in {backoff:?}", cfg.addr);
+                set(&status, |s| s.last_error = Some(format!("{e:#}")));
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {},
+                    _ = shutdown.changed() => {},
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        set(&status, |s| {
+            s.connected = true;
+            s.last_error = None;
+        });
+        tracing::info!(folder = %cfg.name, peer = %cfg.peer, "connected to replica {}", cfg.addr);
+        let res = drive(
+            &cfg,
+            &mut session,
+            &mut w,
+            &index,
+            &opts,
+            &status,
+            &mut shutdown,
+        )
+        .await;
+        if let Err(e) = &res {
+            tracing::warn!(folder = %cfg.name, "session ended: {e:#}");
+            set(&status, |s| s.last_error = Some(format!("{e:#}")));
+        }
+        session.close().await;
+        endpoint.close(0u32.into(), b"");
+    }
+    Ok(())
+}
+
+async fn drive(
+    cfg: &SourceFolder,
+    session: &mut SourceSession,
+    w: &mut Watch,
+    index: &Arc<Mutex<HashIndex>>,
+    opts: &ScanOptions,
+    status: &SharedStatus,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<()> {
+    let mut known: Known = BTreeMap::new();
+    let mut full = true;
+    let mut last_full = Instant::now();
+    let mut pending_since: Option<Instant> = None;
+    loop {
+        if full {
+            // Changes from here on are caught by later rounds; the scan sees
+            // everything before.
+            w.rescan.store(false, Ordering::SeqCst);
+            while w.rx.try_recv().is_ok() {}
+            let (root, o, ix) = (cfg.root.clone(), opts.clone(), index.clone());
+            let manifest = tokio::task::spawn_blocking(move || -> Result<sync_core::Manifest> {
+                let guard = ix
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
+                let (m, report) = sync_core::scan::scan_with(&root, &o, Some(&guard))?;
+                drop(guard);
+                let now = sync_core::scan::now_ns();
+                let mut ix = ix
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
+                for (p, s, h) in report.hashed {
+                    ix.record(&p, s, h, now);
+                }
+                let live: std::collections::HashSet<&[u8]> =
+                    m.entries.iter().map(|e| e.path.as_bytes()).collect();
+                ix.retain(|p| live.contains(p));
+                ix.save()?;
+                Ok(m)
+            })
+            .await??;
+            let root_hash = manifest.root_hash();
+            let round = Round {
+                full: true,
+                entries: Arc::new(manifest.entries),
+                root_hash,
+                ..Default::default()
+            };
+            set(status, |s| s.files_pending = round.entries.len() as u64);
+            session.round(&round).await?;
+            known = round
+                .entries
+                .iter()
+                .map(|e| (e.path.clone(), e.clone()))
+                .collect();
+            full = false;
+            last_full = Instant::now();
+            pending_since = None;
+            set(status, |s| {
+                s.rounds += 1;
+                s.full_rounds += 1;
+                s.root_hash = sync_core::hex(&root_hash);
+                s.files_pending = 0;
+                s.lag_s = 0.0;
+                s.lag_bytes = 0;
+                s.last_applied_unix = unix_now();
+            });
+            continue;
+        }
+        // Wait for changes, a rescan, or shutdown.
+        let until_rescan = cfg.rescan_every.saturating_sub(last_full.elapsed());
+        tokio::select! {
+            () = w.wake.notified() => {},
+            () = tokio::time::sleep(until_rescan) => { full = true; continue; },
+            _ = shutdown.changed() => return Ok(()),
+        }
+        // Debounce: collect until the events pause, at most 100 ms.
+        let started = Instant::now();
+        pending_since.get_or_insert(started);
+        let mut dirty = BTreeSet::new();
+        let mut renames = Vec::new();
+        loop {
+            while let Ok(m) = w.rx.try_recv() {
+                match m {
+                    WatchMsg::Paths(ps) => {
+                        dirty.extend(ps.iter().filter_map(|p| rel(&cfg.root, p)))
+                    }
+                    WatchMsg::Rename(a, b) => {
+                        if let (Some(a), Some(b)) = (rel(&cfg.root, &a), rel(&cfg.root, &b)) {
+                            renames.push((a, b));
+                        }
+                    }
+                }
+            }
+            if started.elapsed() >= Duration::from_millis(100) {
+                break;
+            }
+            let quiet = tokio::time::timeout(cfg.debounce, w.wake.notified())
+                .await
+                .is_err();
+            if quiet && w.rx.is_empty() {
+                break;
+            }
+        }
+        if w.rescan.swap(false, Ordering::SeqCst) {
+            full = true;
+            continue;
+        }
+        if dirty.is_empty() && renames.is_empty() {
+            continue;
+        }
+        set(status, |s| s.files_pending = dirty.len() as u64);
+        let (root, o, ix, k) = (
+            cfg.root.clone(),
+            opts.clone(),
+            index.clone(),
+            std::mem::take(&mut known),
+        );
+        let (round, k) = tokio::task::spawn_blocking(move || {
+            let r = partial_round(&root, &o, &ix, &k, dirty, renames);
+            (r, k)
+        })
+        .await?;
+        known = k;
+        let round = round?;
+        if round.entries.is_empty() && round.deleted.is_empty() && round.renamed.is_empty() {
+            pending_since = None;
+            set(status, |s| s.files_pending = 0);
+            continue;
+        }
+        let bytes: u64 = round
+            .entries
+            .iter()
+            .map(|e| {
+                if let Kind::File { size, .. } = e.kind {
+                    size
+                } else {
+                    0
+                }
+            })
+            .sum();
+        set(status, |s| {
+            s.lag_bytes = bytes;
+            s.files_pending = (round.entries.len() + round.deleted.len()) as u64;
+        });
+        session.round(&round).await?;
+        for p in &round.deleted {
+            remove_subtree(&mut known, p);
+        }
+        for e in round.entries.iter() {
+            known.insert(e.path.clone(), e.clone());
+        }
+        let lag = pending_since
+            .take()
+            .map(|t| t.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
+        tracing::debug!(folder = %cfg.name, entries = round.entries.len(), deleted = round.deleted.len(), lag, "round applied");
+        let ix = index.clone();
+        let saved = tokio::task::spawn_blocking(move || match ix.lock() {
+            Ok(mut i) => i.save().map_err(anyhow::Error::from),
+            Err(_) => Err(anyhow::anyhow!("index lock poisoned")),
+        })
+        .await?;
+        if let Err(e) = saved {
+            tracing::warn!(folder = %cfg.name, "saving the hash index: {e:#}");
+        }
+        set(status, |s| {
+            s.rounds += 1;
+            s.files_pending = 0;
+            s.lag_s = 0.0;
+            s.lag_bytes = 0;
+            s.last_applied_unix = unix_now();
+        });
+    }
+}
+
+fn unix_now() -> Option<f64> {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs_f64())
+}
