@@ -109,6 +109,7 @@ fn start_watch(root: &Path, status: &SharedStatus) -> Result<Watch> {
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         match res {
             Ok(ev) => {
+                tracing::trace!(?ev, "watch event");
                 if ev.need_rescan() {
                     tracing::warn!("inotify queue overflowed: full rescan");
                     set(&st, |s| s.watcher = Some("kernel event queue overflowed; rescanned".into()));
@@ -124,10 +125,10 @@ fn start_watch(root: &Path, status: &SharedStatus) -> Result<Watch> {
                         }
                         _ => Some(WatchMsg::Paths(ev.paths)),
                     };
-                    if let Some(m) = msg
-                        && tx.try_send(m).is_err() {
-                            r.store(true, Ordering::SeqCst);
-                        }
+                    let Some(m) = msg else { return };
+                    if tx.try_send(m).is_err() {
+                        r.store(true, Ordering::SeqCst);
+                    }
                 }
             }
             Err(e) => {
@@ -209,6 +210,9 @@ fn partial_round(
     let mut deleted = Vec::new();
     let mut hashed = Vec::new();
     let mut covered: Option<RelPath> = None;
+    // Directories seen unchanged: sent anyway when something inside them changes,
+    // so the replica can put back the mtime its own writes moved.
+    let mut dirs: BTreeMap<RelPath, Entry> = BTreeMap::new();
     for p in paths {
         if covered.as_ref().is_some_and(|c| p.starts_with(c)) {
             continue;
@@ -232,11 +236,20 @@ fn partial_round(
             Some(e) => {
                 if known.get(&p) != Some(&e) {
                     changed.push(e);
+                } else if e.kind == Kind::Dir {
+                    dirs.insert(p, e);
                 }
             }
         }
     }
     drop(ix);
+    let parents: BTreeSet<RelPath> = changed
+        .iter()
+        .map(|e| &e.path)
+        .chain(deleted.iter())
+        .filter_map(|p| p.split_last().map(|(d, _)| d))
+        .collect();
+    changed.extend(parents.iter().filter_map(|p| dirs.remove(p)));
     if let Ok(mut ix) = index.lock() {
         for (p, s, h) in hashed {
             ix.record(&p, s, h, now);
@@ -268,10 +281,13 @@ fn partial_round(
 
 /// Runs a source folder until `shutdown` turns true.
 pub async fn run_source(
-    cfg: SourceFolder,
+    mut cfg: SourceFolder,
     status: SharedStatus,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
+    // Watch events carry absolute paths.
+    cfg.root = std::fs::canonicalize(&cfg.root)
+        .with_context(|| format!("folder {} root {}", cfg.name, cfg.root.display()))?;
     set(&status, |s| {
         s.folder = cfg.name.clone();
         s.role = "source".into();
@@ -411,6 +427,7 @@ async fn drive(
         }
         // Wait for changes, a rescan, or shutdown.
         let until_rescan = cfg.rescan_every.saturating_sub(last_full.elapsed());
+        tracing::trace!(?until_rescan, "waiting for changes");
         tokio::select! {
             () = w.wake.notified() => {},
             () = tokio::time::sleep(until_rescan) => { full = true; continue; },
@@ -444,11 +461,17 @@ async fn drive(
                 break;
             }
         }
+        tracing::trace!(
+            dirty = dirty.len(),
+            renames = renames.len(),
+            "batch collected"
+        );
         if w.rescan.swap(false, Ordering::SeqCst) {
             full = true;
             continue;
         }
         if dirty.is_empty() && renames.is_empty() {
+            pending_since = None;
             continue;
         }
         set(status, |s| s.files_pending = dirty.len() as u64);

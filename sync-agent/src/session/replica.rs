@@ -311,7 +311,7 @@ async fn apply_round(
             }
             Manifest { entries }
         };
-        let plan = sync_core::plan::plan_with_links(&s, &dst, false, &linked);
+        let plan = sync_core::plan::plan_with_links(&s, &dst, !full, &linked);
         for p in &plan.delete {
             r.remove_all(p)?;
             sum.entries_deleted += 1;
