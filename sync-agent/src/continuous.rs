@@ -182,7 +182,7 @@ fn remove_subtree(known: &mut Known, p: &RelPath) {
     }
 }
 
-/// Builds a partial round from dirty paths.
+/// Builds a partial round from dirty paths; `None` when only a full round will do.
 fn partial_round(
     root: &Path,
     opts: &ScanOptions,
@@ -190,7 +190,7 @@ fn partial_round(
     known: &Known,
     dirty: BTreeSet<RelPath>,
     renames: Vec<(RelPath, RelPath)>,
-) -> Result<Round> {
+) -> Result<Option<Round>> {
     let mut paths = dirty;
     for (a, b) in &renames {
         paths.insert(a.clone());
@@ -219,6 +219,11 @@ fn partial_round(
         }
         let (entry, report) = sync_core::scan::entry_at(root, &p, opts, Some(&ix))?;
         hashed.extend(report.hashed);
+        if !report.multi_linked.is_empty() {
+            // A name of a multiply linked file changed: only a full scan sees the
+            // whole link group.
+            return Ok(None);
+        }
         match entry {
             None => {
                 if known.contains_key(&p) {
@@ -230,6 +235,9 @@ fn partial_round(
                 // A new directory: its content may predate the watch on it.
                 let (sub, report) = sync_core::scan::scan_subtree(root, &p, opts, Some(&ix))?;
                 hashed.extend(report.hashed);
+                if !report.multi_linked.is_empty() {
+                    return Ok(None);
+                }
                 changed.extend(sub.into_iter().filter(|e| known.get(&e.path) != Some(e)));
                 covered = Some(p);
             }
@@ -255,28 +263,19 @@ fn partial_round(
             ix.record(&p, s, h, now);
         }
     }
-    // Partial rounds name each file by content: a hard link is re-linked by the
-    // next full round.
-    for e in &mut changed {
-        if let Kind::HardLink { .. } = e.kind
-            && let Ok((Some(f), _)) = sync_core::scan::entry_at(root, &e.path, opts, None)
-        {
-            *e = f;
-        }
-    }
     changed.sort_by(|a, b| a.path.cmp(&b.path));
     changed.dedup_by(|a, b| a.path == b.path);
     let renamed = renames
         .into_iter()
         .filter(|(a, _)| known.contains_key(a))
         .collect();
-    Ok(Round {
+    Ok(Some(Round {
         full: false,
         entries: Arc::new(changed),
         deleted,
         renamed,
         root_hash: [0; 32],
-    })
+    }))
 }
 
 /// Runs a source folder until `shutdown` turns true.
@@ -487,7 +486,10 @@ async fn drive(
         })
         .await?;
         known = k;
-        let round = round?;
+        let Some(round) = round? else {
+            full = true;
+            continue;
+        };
         if round.entries.is_empty() && round.deleted.is_empty() && round.renamed.is_empty() {
             pending_since = None;
             set(status, |s| s.files_pending = 0);

@@ -6,6 +6,7 @@
 mod atomicity;
 mod bad_input;
 mod confinement;
+mod continuous;
 mod delta;
 mod fidelity;
 mod hostile;

@@ -1,54 +1,8 @@
 //! `sync-agent replica` + `sync-cli push`: pinning, versions, and a real push.
 
 use crate::util::*;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
-struct Agent {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn keygen(dir: &Path) -> String {
-    let out = cli(&["keygen".as_ref(), "--dir".as_ref(), dir.as_os_str()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn replica(root: &Path, identity: &Path, allow: &str) -> Agent {
-    let mut child = Command::new(bin("sync-agent"))
-        .args(["replica", "--listen", "127.0.0.1:0", "--allow", allow])
-        .arg("--root")
-        .arg(root)
-        .arg("--identity")
-        .arg(identity)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening ")
-        .unwrap_or_else(|| panic!("agent said {line:?}"))
-        .to_string();
-    Agent { child, addr }
-}
+use std::process::Command;
 
 fn push(
     src: &Path,
@@ -99,7 +53,7 @@ fn setup() -> Setup {
 #[test]
 fn push_to_a_pinned_replica() {
     let s = setup();
-    let agent = replica(&s.dst, &s.b, &s.a_id);
+    let agent = replica(&s.dst, &s.b, &s.a_id, &[]);
     let out = push(&s.src, &agent.addr, &s.a, &s.b_id, &[]);
     assert!(
         out.status.success(),
@@ -126,7 +80,7 @@ fn push_to_a_pinned_replica() {
 #[test]
 fn wrong_peer_id_is_refused() {
     let s = setup();
-    let agent = replica(&s.dst, &s.b, &s.a_id);
+    let agent = replica(&s.dst, &s.b, &s.a_id, &[]);
     // We expect the replica to be A (it is B): the source refuses the server.
     let out = push(&s.src, &agent.addr, &s.a, &s.a_id, &[]);
     assert_eq!(out.status.code(), Some(2));
@@ -142,7 +96,7 @@ fn wrong_peer_id_is_refused() {
 #[test]
 fn other_protocol_version_is_refused() {
     let s = setup();
-    let agent = replica(&s.dst, &s.b, &s.a_id);
+    let agent = replica(&s.dst, &s.b, &s.a_id, &[]);
     let out = push(
         &s.src,
         &agent.addr,

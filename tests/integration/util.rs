@@ -154,3 +154,129 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
     }
 }
+
+/// A running agent process, killed on drop.
+pub struct Agent {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Agent {
+    /// SIGKILL, now.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `sync-cli keygen --dir DIR`, returning the node id.
+pub fn keygen(dir: &Path) -> String {
+    let out = cli(&["keygen".as_ref(), "--dir".as_ref(), dir.as_os_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `sync-agent replica` on `listen` (e.g. 127.0.0.1:0); returns once it listens.
+pub fn replica_on(
+    root: &Path,
+    identity: &Path,
+    allow: &str,
+    listen: &str,
+    extra: &[&str],
+) -> Agent {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(bin("sync-agent"))
+        .args(["replica", "--listen", listen, "--allow", allow])
+        .arg("--root")
+        .arg(root)
+        .arg("--identity")
+        .arg(identity)
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("agent said {line:?}"))
+        .to_string();
+    Agent { child, addr }
+}
+
+/// `sync-agent replica` on a free loopback port.
+pub fn replica(root: &Path, identity: &Path, allow: &str, extra: &[&str]) -> Agent {
+    replica_on(root, identity, allow, "127.0.0.1:0", extra)
+}
+
+/// `sync-agent source` towards `addr`.
+pub fn source(root: &Path, identity: &Path, peer: &str, addr: &str, extra: &[&str]) -> Agent {
+    let child = Command::new(bin("sync-agent"))
+        .args(["source", "--connect", addr, "--peer", peer])
+        .arg("--root")
+        .arg(root)
+        .arg("--identity")
+        .arg(identity)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Agent {
+        child,
+        addr: addr.to_string(),
+    }
+}
+
+/// The root hash of a tree, as `verify` computes it (excluding `skip` patterns).
+pub fn root_hash(root: &Path, exclude: &[String]) -> Option<[u8; 32]> {
+    let opts = sync_core::scan::ScanOptions {
+        filter: sync_core::filter::Filter::new(exclude).ok()?,
+        ..Default::default()
+    };
+    sync_core::scan::scan(root, &opts)
+        .ok()
+        .map(|m| m.root_hash())
+}
+
+/// Waits until both trees have the same root hash; panics with the differences
+/// after `secs`.
+pub fn wait_converged(src: &Path, dst: &Path, secs: u64, exclude: &[String]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let (a, b) = (root_hash(src, exclude), root_hash(dst, exclude));
+        if a.is_some() && a == b {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let out = cli(&["verify".as_ref(), src.as_os_str(), dst.as_os_str()]);
+            panic!(
+                "not converged after {secs} s:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A pair of identities: (source dir, source id, replica dir, replica id).
+pub fn identities(base: &Path) -> (PathBuf, String, PathBuf, String) {
+    let (a, b) = (base.join("id-src"), base.join("id-rep"));
+    let (ai, bi) = (keygen(&a), keygen(&b));
+    (a, ai, b, bi)
+}

@@ -1,0 +1,309 @@
+//! Issue 3: two agent processes on 127.0.0.1 keep a replica in step.
+
+use crate::util::*;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+struct Pair {
+    t: tempfile::TempDir,
+    src: std::path::PathBuf,
+    dst: std::path::PathBuf,
+    sid: std::path::PathBuf,
+    rid: std::path::PathBuf,
+    s_id: String,
+    r_id: String,
+}
+
+fn pair() -> Pair {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(&dst).unwrap();
+    let (sid, s_id, rid, r_id) = identities(t.path());
+    Pair {
+        t,
+        src,
+        dst,
+        sid,
+        rid,
+        s_id,
+        r_id,
+    }
+}
+
+fn step(p: &Pair, script: &str) {
+    sh(&format!("cd {} && {script}", p.src.display()));
+    wait_converged(&p.src, &p.dst, 20, &[]);
+}
+
+#[test]
+fn every_kind_of_change_reaches_the_replica() {
+    let p = pair();
+    std::fs::write(p.src.join("before"), b"existed before the agents").unwrap();
+    let rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
+    let _src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &[]);
+    wait_converged(&p.src, &p.dst, 20, &[]);
+    step(&p, "echo hello > new-file");
+    step(&p, "mkdir -p a/b/c && echo x > a/b/c/f");
+    step(&p, "mv new-file a/renamed");
+    step(&p, "mv a moved-dir");
+    step(&p, "rm moved-dir/renamed");
+    step(&p, "chmod 4750 before");
+    step(&p, "chown 1234:5678 before");
+    step(&p, "setfattr -n user.color -v blue before");
+    step(&p, "setfacl -m u:1000:rwx before");
+    step(&p, "setfacl -d -m g:1001:rx moved-dir");
+    step(&p, "touch -d '2020-01-02 03:04:05.123456789' before");
+    step(&p, "ln -s moved-dir link && ln before hard && mkfifo fifo");
+    step(&p, "rm -r moved-dir");
+    step(&p, "head -c 3000000 /dev/urandom > big && echo tail >> big");
+    assert_identical(&p.src, &p.dst);
+}
+
+#[test]
+fn burst_of_ten_thousand_files_misses_nothing() {
+    let p = pair();
+    let rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
+    let _src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &[]);
+    wait_converged(&p.src, &p.dst, 20, &[]);
+    let started = Instant::now();
+    for d in 0..100 {
+        let dir = p.src.join(format!("d{d:03}"));
+        std::fs::create_dir(&dir).unwrap();
+        for f in 0..100 {
+            std::fs::write(dir.join(format!("f{f:03}")), format!("file {d} {f}\n")).unwrap();
+        }
+    }
+    wait_converged(&p.src, &p.dst, 120, &[]);
+    eprintln!(
+        "10,000 files converged {:.2} s after the burst began",
+        started.elapsed().as_secs_f64()
+    );
+    assert_identical(&p.src, &p.dst);
+}
+
+#[test]
+fn kill9_of_either_agent_during_a_burst_converges() {
+    let p = pair();
+    let mut rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
+    let addr = rep.addr.clone();
+    let mut src = source(&p.src, &p.sid, &p.r_id, &addr, &[]);
+    wait_converged(&p.src, &p.dst, 20, &[]);
+    for round in 0..4u64 {
+        let dir = p.src.join(format!("burst{round}"));
+        std::fs::create_dir(&dir).unwrap();
+        for f in 0..400 {
+            let data = random_bytes(if f % 50 == 0 { 2 << 20 } else { 3000 }, round * 1000 + f);
+            std::fs::write(dir.join(format!("f{f}")), data).unwrap();
+            if f == 150 + round * 60 {
+                if round % 2 == 0 {
+                    src.kill9();
+                    src = source(&p.src, &p.sid, &p.r_id, &addr, &[]);
+                } else {
+                    rep.kill9();
+                    rep = replica_on(&p.dst, &p.rid, &p.s_id, &addr, &[]);
+                }
+            }
+        }
+    }
+    wait_converged(&p.src, &p.dst, 60, &[]);
+    // the next full round of a restarted replica sweeps temp files; a session is
+    // up, so they are gone
+    assert!(
+        temp_files(&p.dst).is_empty(),
+        "temp files left: {:?}",
+        temp_files(&p.dst)
+    );
+    assert_identical(&p.src, &p.dst);
+    drop(rep);
+}
+
+#[test]
+fn replica_gone_for_ten_seconds_then_back() {
+    let p = pair();
+    let mut rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
+    let addr = rep.addr.clone();
+    let _src = source(&p.src, &p.sid, &p.r_id, &addr, &[]);
+    wait_converged(&p.src, &p.dst, 20, &[]);
+    rep.kill9();
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    while Instant::now() < until {
+        std::fs::write(p.src.join(format!("while-away-{n}")), format!("{n}")).unwrap();
+        if n % 5 == 0 && n > 0 {
+            std::fs::remove_file(p.src.join(format!("while-away-{}", n - 5))).unwrap();
+        }
+        n += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _rep = replica_on(&p.dst, &p.rid, &p.s_id, &addr, &[]);
+    wait_converged(&p.src, &p.dst, 30, &[]);
+    assert_identical(&p.src, &p.dst);
+}
+
+/// Restores a sysctl on drop.
+struct Sysctl(&'static str, String);
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0, &self.1);
+    }
+}
+
+#[test]
+fn inotify_queue_overflow_triggers_a_rescan() {
+    let p = pair();
+    let rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
+    let knob = "/proc/sys/fs/inotify/max_queued_events";
+    let old = std::fs::read_to_string(knob).unwrap();
+    let guard = Sysctl(knob, old);
+    std::fs::write(knob, "32").unwrap();
+    let control = p.t.path().join("control.sock");
+    let _src = source(
+        &p.src,
+        &p.sid,
+        &p.r_id,
+        &rep.addr,
+        &["--control", control.to_str().unwrap()],
+    );
+    // the queue size is fixed when the watcher starts
+    std::thread::sleep(Duration::from_millis(500));
+    drop(guard);
+    wait_converged(&p.src, &p.dst, 20, &[]);
+    // Many events in one go, while the agent is busy hashing a big file.
+    std::fs::write(p.src.join("big"), random_bytes(64 << 20, 5)).unwrap();
+    for i in 0..2000 {
+        std::fs::write(p.src.join(format!("f{i}")), b"x").unwrap();
+    }
+    wait_converged(&p.src, &p.dst, 60, &[]);
+    let cfg = p.t.path().join("status.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nidentity = \"{}\"\ncontrol = \"{}\"\n",
+            p.sid.display(),
+            control.display()
+        ),
+    )
+    .unwrap();
+    let out = cli(&[
+        "status".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = &st["folders"][0];
+    assert_eq!(f["connected"], true, "{st}");
+    assert!(
+        f["full_rounds"].as_u64().unwrap() >= 2,
+        "no rescan after the overflow: {st}"
+    );
+    assert!(
+        f["watcher"].as_str().unwrap_or("").contains("overflow"),
+        "{st}"
+    );
+}
+
+#[test]
+fn excludes_hold_on_both_sides() {
+    let p = pair();
+    sh(&format!(
+        "mkdir -p {0}/cache/img {0}/log && echo keep > {0}/cache/replica-own && echo k > {0}/log/l",
+        p.dst.display()
+    ));
+    sh(&format!(
+        "mkdir -p {0}/cache/img && echo never > {0}/cache/img/x && echo data > {0}/data.xml",
+        p.src.display()
+    ));
+    let ex = ["--exclude", "cache/", "--exclude", "/log"];
+    let rep = replica(&p.dst, &p.rid, &p.s_id, &ex);
+    let _src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &ex);
+    let patterns = vec!["cache/".to_string(), "/log".to_string()];
+    wait_converged(&p.src, &p.dst, 20, &patterns);
+    step_excluded(
+        &p,
+        "echo more > cache/img/y && echo changed > data.xml && rm -r cache/img",
+        &patterns,
+    );
+    assert_eq!(
+        std::fs::read(p.dst.join("cache/replica-own")).unwrap(),
+        b"keep\n"
+    );
+    assert_eq!(std::fs::read(p.dst.join("log/l")).unwrap(), b"k\n");
+    assert!(
+        !p.dst.join("cache/img/x").exists() && !p.dst.join("cache/img/y").exists(),
+        "an excluded path was written"
+    );
+    assert_eq!(std::fs::read(p.dst.join("data.xml")).unwrap(), b"changed\n");
+}
+
+fn step_excluded(p: &Pair, script: &str, patterns: &[String]) {
+    sh(&format!("cd {} && {script}", p.src.display()));
+    wait_converged(&p.src, &p.dst, 20, patterns);
+}
+
+fn agent_config(dir: &Path, body: &str) -> std::process::Output {
+    let cfg = dir.join("agent.toml");
+    std::fs::write(&cfg, body).unwrap();
+    run(std::process::Command::new(bin("sync-agent"))
+        .arg("--config")
+        .arg(&cfg))
+}
+
+#[test]
+fn bad_configs_are_named_and_nothing_runs() {
+    let p = pair();
+    let good = format!(
+        "[node]\nidentity = \"{id}\"\nlisten = \"127.0.0.1:0\"\n\n[[peer]]\nid = \"{peer}\"\n\n[[folder]]\nname = \"jf\"\npath = \"{dst}\"\nrole = \"replica\"\npeers = [\"{peer}\"]\nprofile = \"jellyfin\"\n",
+        id = p.rid.display(),
+        peer = p.s_id,
+        dst = p.dst.display()
+    );
+    let cases = [
+        (good.replace("role =", "rol ="), vec!["rol", "line"]),
+        (
+            good.replace(
+                &format!("peers = [\"{}\"]", p.s_id),
+                &format!("peers = [\"{}\"]", p.r_id),
+            ),
+            vec!["not declared", &p.r_id],
+        ),
+        (
+            good.replace(
+                &format!("path = \"{}\"", p.dst.display()),
+                "path = \"/nonexistent/folder\"",
+            ),
+            vec!["/nonexistent/folder", "folder jf"],
+        ),
+        (
+            good.replacen(
+                &format!("identity = \"{}\"", p.rid.display()),
+                "identity = \"/nonexistent/id\"",
+                1,
+            ),
+            vec!["/nonexistent/id"],
+        ),
+        (
+            good.replace("profile = \"jellyfin\"", "profile = \"plex\""),
+            vec!["unknown profile", "plex"],
+        ),
+    ];
+    for (body, words) in cases {
+        let out = agent_config(p.t.path(), &body);
+        assert_eq!(out.status.code(), Some(2), "{body}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        for w in words {
+            assert!(e.contains(w), "error lacks {w:?}: {e}");
+        }
+        assert_eq!(
+            std::fs::read_dir(&p.dst).unwrap().count(),
+            0,
+            "something was written"
+        );
+    }
+}
