@@ -78,6 +78,12 @@ pub struct FolderStatus {
     pub root_hash: String,
     /// Watcher notes (overflows, limits).
     pub watcher: Option<String>,
+    /// Entries in the last full round.
+    pub entries_last_full: u64,
+    /// Bytes read to hash files in the last full round (index misses).
+    pub bytes_hashed_last_full: u64,
+    /// UDP bytes sent to the replica by the last full round.
+    pub wire_bytes_last_full: u64,
 }
 
 /// Shared status of one folder.
@@ -376,7 +382,7 @@ async fn drive(
             w.rescan.store(false, Ordering::SeqCst);
             while w.rx.try_recv().is_ok() {}
             let (root, o, ix) = (cfg.root.clone(), opts.clone(), index.clone());
-            let manifest = tokio::task::spawn_blocking(move || -> Result<sync_core::Manifest> {
+            let manifest = tokio::task::spawn_blocking(move || -> Result<(sync_core::Manifest, u64)> {
                 let guard = ix
                     .lock()
                     .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
@@ -393,9 +399,11 @@ async fn drive(
                     m.entries.iter().map(|e| e.path.as_bytes()).collect();
                 ix.retain(|p| live.contains(p));
                 ix.save()?;
-                Ok(m)
+                Ok((m, report.bytes_hashed))
             })
             .await??;
+            let (manifest, bytes_hashed) = manifest;
+            let wire_before = session.connection().stats().udp_tx.bytes;
             let root_hash = manifest.root_hash();
             let round = Round {
                 full: true,
@@ -405,6 +413,7 @@ async fn drive(
             };
             set(status, |s| s.files_pending = round.entries.len() as u64);
             session.round(&round).await?;
+            let wire_after = session.connection().stats().udp_tx.bytes;
             known = round
                 .entries
                 .iter()
@@ -417,6 +426,9 @@ async fn drive(
                 s.rounds += 1;
                 s.full_rounds += 1;
                 s.root_hash = sync_core::hex(&root_hash);
+                s.entries_last_full = known.len() as u64;
+                s.bytes_hashed_last_full = bytes_hashed;
+                s.wire_bytes_last_full = wire_after - wire_before;
                 s.files_pending = 0;
                 s.lag_s = 0.0;
                 s.lag_bytes = 0;

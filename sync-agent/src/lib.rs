@@ -170,6 +170,7 @@ pub fn replica_folder(
         allowed,
         lock: tokio::sync::Mutex::new(()),
         last_applied: std::sync::Mutex::new(None),
+        current: std::sync::Mutex::new(None),
     }))
 }
 

@@ -28,6 +28,9 @@ pub struct ReplicaFolder {
     pub lock: tokio::sync::Mutex<()>,
     /// When the last round was applied, for status.
     pub last_applied: std::sync::Mutex<Option<std::time::SystemTime>>,
+    /// The connection of the session in progress: a source that reconnects
+    /// supersedes its own stale session instead of waiting for it to time out.
+    pub current: std::sync::Mutex<Option<quinn::Connection>>,
 }
 
 /// The folders of a replica; a replica with a single folder accepts any name.
@@ -113,6 +116,10 @@ pub async fn run(conn: quinn::Connection, folders: Arc<Folders>) -> Result<()> {
         &Message::Hello(Hello::new(Role::Replica, &folder.name)),
     )
     .await?;
+    let stale = folder.current.lock().ok().and_then(|mut c| c.replace(conn.clone()));
+    if let Some(old) = stale {
+        old.close(1u32.into(), b"superseded by a new session");
+    }
     let _guard = folder.lock.lock().await;
     folder.replica.reset();
     tracing::info!(%peer, folder = %folder.name, "source connected");
