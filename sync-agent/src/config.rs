@@ -231,6 +231,14 @@ mod tests {
     }
 
     #[test]
+    fn shipped_sample_parses() {
+        let text = include_str!("../../dist/examples/understudy.toml");
+        let c: Config = toml::from_str(text).unwrap();
+        assert_eq!(c.folders[0].profile.as_deref(), Some("jellyfin"));
+        assert!(profile_excludes("jellyfin").is_some());
+    }
+
+    #[test]
     fn good_config_loads_and_typos_are_named() {
         let d = tempfile::tempdir().unwrap();
         let id = crate::Identity::generate().unwrap().id().to_string();
