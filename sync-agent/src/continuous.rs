@@ -188,7 +188,32 @@ fn remove_subtree(known: &mut Known, p: &RelPath) {
     }
 }
 
-/// Builds a partial round from dirty paths; `None` when only a full round will do.
+/// Files at least this large are held back while they are being written...
+const HOT_SIZE: u64 = 8 << 20;
+/// ...that is, while their mtime is this recent...
+const HOT_AGE_NS: i128 = 500_000_000;
+/// ...but never longer than this (a database file is never closed).
+const MAX_DEFER: Duration = Duration::from_secs(5);
+
+/// Whether a big file is still being written and may wait for the next round:
+/// shipping a growing 1 GiB file every 100 ms would hash and send it many times.
+fn still_hot(root: &Path, p: &RelPath, since: Option<&Instant>, now_ns: i128) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if since.is_some_and(|t| t.elapsed() >= MAX_DEFER) {
+        return false;
+    }
+    let Ok(st) = std::fs::symlink_metadata(sync_core::scan::abs(root, p)) else {
+        return false;
+    };
+    let mtime = i128::from(st.mtime()) * 1_000_000_000 + i128::from(st.mtime_nsec());
+    st.is_file() && st.size() >= HOT_SIZE && now_ns - mtime < HOT_AGE_NS
+}
+
+/// A partial round (`None` when only a full round will do) and the paths held
+/// back for a later one.
+type Partial = (Option<Round>, Vec<RelPath>);
+
+/// Builds a partial round from dirty paths.
 fn partial_round(
     root: &Path,
     opts: &ScanOptions,
@@ -196,7 +221,8 @@ fn partial_round(
     known: &Known,
     dirty: BTreeSet<RelPath>,
     renames: Vec<(RelPath, RelPath)>,
-) -> Result<Option<Round>> {
+    deferred: &std::collections::HashMap<RelPath, Instant>,
+) -> Result<Partial> {
     let mut paths = dirty;
     for (a, b) in &renames {
         paths.insert(a.clone());
@@ -219,8 +245,13 @@ fn partial_round(
     // Directories seen unchanged: sent anyway when something inside them changes,
     // so the replica can put back the mtime its own writes moved.
     let mut dirs: BTreeMap<RelPath, Entry> = BTreeMap::new();
+    let mut held = Vec::new();
     for p in paths {
         if covered.as_ref().is_some_and(|c| p.starts_with(c)) {
+            continue;
+        }
+        if still_hot(root, &p, deferred.get(&p), now) {
+            held.push(p);
             continue;
         }
         let (entry, report) = sync_core::scan::entry_at(root, &p, opts, Some(&ix))?;
@@ -228,7 +259,7 @@ fn partial_round(
         if !report.multi_linked.is_empty() {
             // A name of a multiply linked file changed: only a full scan sees the
             // whole link group.
-            return Ok(None);
+            return Ok((None, held));
         }
         match entry {
             None => {
@@ -242,7 +273,7 @@ fn partial_round(
                 let (sub, report) = sync_core::scan::scan_subtree(root, &p, opts, Some(&ix))?;
                 hashed.extend(report.hashed);
                 if !report.multi_linked.is_empty() {
-                    return Ok(None);
+                    return Ok((None, held));
                 }
                 changed.extend(sub.into_iter().filter(|e| known.get(&e.path) != Some(e)));
                 covered = Some(p);
@@ -275,13 +306,14 @@ fn partial_round(
         .into_iter()
         .filter(|(a, _)| known.contains_key(a))
         .collect();
-    Ok(Some(Round {
+    let round = Round {
         full: false,
         entries: Arc::new(changed),
         deleted,
         renamed,
         root_hash: [0; 32],
-    }))
+    };
+    Ok((Some(round), held))
 }
 
 /// Runs a source folder until `shutdown` turns true.
@@ -375,33 +407,36 @@ async fn drive(
     let mut full = true;
     let mut last_full = Instant::now();
     let mut pending_since: Option<Instant> = None;
+    let mut deferred: std::collections::HashMap<RelPath, Instant> = Default::default();
     loop {
         if full {
+            deferred.clear();
             // Changes from here on are caught by later rounds; the scan sees
             // everything before.
             w.rescan.store(false, Ordering::SeqCst);
             while w.rx.try_recv().is_ok() {}
             let (root, o, ix) = (cfg.root.clone(), opts.clone(), index.clone());
-            let manifest = tokio::task::spawn_blocking(move || -> Result<(sync_core::Manifest, u64)> {
-                let guard = ix
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
-                let (m, report) = sync_core::scan::scan_with(&root, &o, Some(&guard))?;
-                drop(guard);
-                let now = sync_core::scan::now_ns();
-                let mut ix = ix
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
-                for (p, s, h) in report.hashed {
-                    ix.record(&p, s, h, now);
-                }
-                let live: std::collections::HashSet<&[u8]> =
-                    m.entries.iter().map(|e| e.path.as_bytes()).collect();
-                ix.retain(|p| live.contains(p));
-                ix.save()?;
-                Ok((m, report.bytes_hashed))
-            })
-            .await??;
+            let manifest =
+                tokio::task::spawn_blocking(move || -> Result<(sync_core::Manifest, u64)> {
+                    let guard = ix
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
+                    let (m, report) = sync_core::scan::scan_with(&root, &o, Some(&guard))?;
+                    drop(guard);
+                    let now = sync_core::scan::now_ns();
+                    let mut ix = ix
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
+                    for (p, s, h) in report.hashed {
+                        ix.record(&p, s, h, now);
+                    }
+                    let live: std::collections::HashSet<&[u8]> =
+                        m.entries.iter().map(|e| e.path.as_bytes()).collect();
+                    ix.retain(|p| live.contains(p));
+                    ix.save()?;
+                    Ok((m, report.bytes_hashed))
+                })
+                .await??;
             let (manifest, bytes_hashed) = manifest;
             let wire_before = session.connection().stats().udp_tx.bytes;
             let root_hash = manifest.root_hash();
@@ -439,15 +474,21 @@ async fn drive(
         // Wait for changes, a rescan, or shutdown.
         let until_rescan = cfg.rescan_every.saturating_sub(last_full.elapsed());
         tracing::trace!(?until_rescan, "waiting for changes");
+        let tick = if deferred.is_empty() {
+            until_rescan
+        } else {
+            Duration::from_millis(250)
+        };
         tokio::select! {
             () = w.wake.notified() => {},
+            () = tokio::time::sleep(tick), if !deferred.is_empty() => {},
             () = tokio::time::sleep(until_rescan) => { full = true; continue; },
             _ = shutdown.changed() => return Ok(()),
         }
         // Debounce: collect until the events pause, at most 100 ms.
         let started = Instant::now();
         pending_since.get_or_insert(started);
-        let mut dirty = BTreeSet::new();
+        let mut dirty: BTreeSet<RelPath> = deferred.keys().cloned().collect();
         let mut renames = Vec::new();
         loop {
             while let Ok(m) = w.rx.try_recv() {
@@ -492,18 +533,26 @@ async fn drive(
             index.clone(),
             std::mem::take(&mut known),
         );
-        let (round, k) = tokio::task::spawn_blocking(move || {
-            let r = partial_round(&root, &o, &ix, &k, dirty, renames);
-            (r, k)
+        let held_before = std::mem::take(&mut deferred);
+        let (round, k, held_before) = tokio::task::spawn_blocking(move || {
+            let r = partial_round(&root, &o, &ix, &k, dirty, renames, &held_before);
+            (r, k, held_before)
         })
         .await?;
         known = k;
-        let Some(round) = round? else {
+        let (round, held) = round?;
+        for p in held {
+            let since = held_before.get(&p).copied().unwrap_or_else(Instant::now);
+            deferred.insert(p, since);
+        }
+        let Some(round) = round else {
             full = true;
             continue;
         };
         if round.entries.is_empty() && round.deleted.is_empty() && round.renamed.is_empty() {
-            pending_since = None;
+            if deferred.is_empty() {
+                pending_since = None;
+            }
             set(status, |s| s.files_pending = 0);
             continue;
         }

@@ -142,7 +142,8 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
     }
     .await
     .with_context(|| format!("push to replica {}", opts.to));
-    endpoint.wait_idle().await;
+    conn.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), endpoint.wait_idle()).await;
     res
 }
 

@@ -323,17 +323,41 @@ fn restart_over_an_unchanged_tree_rehashes_nothing() {
     let rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
     let state = p.t.path().join("state");
     let control = p.t.path().join("control.sock");
-    let args = ["--state", state.to_str().unwrap(), "--control", control.to_str().unwrap()];
+    let args = [
+        "--state",
+        state.to_str().unwrap(),
+        "--control",
+        control.to_str().unwrap(),
+    ];
     let mut src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &args);
     wait_converged(&p.src, &p.dst, 30, &[]);
     let cfg = p.t.path().join("status.toml");
-    std::fs::write(&cfg, format!("[node]\nidentity = \"{}\"\ncontrol = \"{}\"\n", p.sid.display(), control.display())).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nidentity = \"{}\"\ncontrol = \"{}\"\n",
+            p.sid.display(),
+            control.display()
+        ),
+    )
+    .unwrap();
     let status = || -> serde_json::Value {
-        let out = cli(&["status".as_ref(), "--config".as_ref(), cfg.as_os_str(), "--json".as_ref()]);
+        let out = cli(&[
+            "status".as_ref(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--json".as_ref(),
+        ]);
         serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
     };
     let first = status();
-    assert!(first["folders"][0]["bytes_hashed_last_full"].as_u64().unwrap() >= 3000 * 2000, "{first}");
+    assert!(
+        first["folders"][0]["bytes_hashed_last_full"]
+            .as_u64()
+            .unwrap()
+            >= 3000 * 2000,
+        "{first}"
+    );
     src.kill9();
     let _src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &args);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -342,12 +366,21 @@ fn restart_over_an_unchanged_tree_rehashes_nothing() {
         if s["folders"][0]["full_rounds"].as_u64() == Some(1) {
             break s;
         }
-        assert!(Instant::now() < deadline, "no full round after restart: {s}");
+        assert!(
+            Instant::now() < deadline,
+            "no full round after restart: {s}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     let f = &again["folders"][0];
-    assert_eq!(f["bytes_hashed_last_full"], 0, "restart rehashed files: {again}");
+    assert_eq!(
+        f["bytes_hashed_last_full"], 0,
+        "restart rehashed files: {again}"
+    );
     assert!(f["entries_last_full"].as_u64().unwrap() > 3000);
     // the manifest goes up, no content
-    assert!(f["wire_bytes_last_full"].as_u64().unwrap() < 1_000_000, "{again}");
+    assert!(
+        f["wire_bytes_last_full"].as_u64().unwrap() < 1_000_000,
+        "{again}"
+    );
 }

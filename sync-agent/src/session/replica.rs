@@ -59,7 +59,27 @@ struct Incoming {
 
 /// Serves one connection: hello, then rounds until the source ends the session.
 pub async fn run(conn: quinn::Connection, folders: Arc<Folders>) -> Result<()> {
-    let peer_id = crate::tls::peer_id(&conn);
+    let mut served = None;
+    let res = run_inner(&conn, &folders, &mut served).await;
+    // Forget this connection as the folder's current session, and close it.
+    if let Some(folder) = served
+        && let Ok(mut cur) = folder.current.lock()
+        && cur
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+    {
+        *cur = None;
+    }
+    conn.close(0u32.into(), b"bye");
+    res
+}
+
+async fn run_inner(
+    conn: &quinn::Connection,
+    folders: &Folders,
+    served: &mut Option<Arc<ReplicaFolder>>,
+) -> Result<()> {
+    let peer_id = crate::tls::peer_id(conn);
     let peer = peer_id
         .map(|p| p.to_string())
         .unwrap_or_else(|| "unknown".into());
@@ -74,7 +94,7 @@ pub async fn run(conn: quinn::Connection, folders: Arc<Folders>) -> Result<()> {
                 Ok(()) if h.role != Role::Source => {
                     Some((ErrorCode::Protocol, "peer is not a source".to_string()))
                 }
-                Ok(()) => match pick(&folders, &h.folder) {
+                Ok(()) => match pick(folders, &h.folder) {
                     None => Some((
                         ErrorCode::Other,
                         format!("this replica serves no folder named {:?}", h.folder),
@@ -116,7 +136,12 @@ pub async fn run(conn: quinn::Connection, folders: Arc<Folders>) -> Result<()> {
         &Message::Hello(Hello::new(Role::Replica, &folder.name)),
     )
     .await?;
-    let stale = folder.current.lock().ok().and_then(|mut c| c.replace(conn.clone()));
+    *served = Some(folder.clone());
+    let stale = folder
+        .current
+        .lock()
+        .ok()
+        .and_then(|mut c| c.replace(conn.clone()));
     if let Some(old) = stale {
         old.close(1u32.into(), b"superseded by a new session");
     }
@@ -132,18 +157,17 @@ pub async fn run(conn: quinn::Connection, folders: Arc<Folders>) -> Result<()> {
             }
         };
         let id = round.id;
-        match apply_round(&conn, &folder, round).await {
+        match apply_round(conn, &folder, round).await {
             Ok(summary) => {
                 if let Ok(mut t) = folder.last_applied.lock() {
                     *t = Some(std::time::SystemTime::now());
                 }
                 wire::send(&mut ctl_send, &Message::RoundDone { id, summary }).await?;
             }
-            Err(e) => return fail(&conn, &mut ctl_send, &folder, e, ErrorCode::Apply, &peer).await,
+            Err(e) => return fail(conn, &mut ctl_send, &folder, e, ErrorCode::Apply, &peer).await,
         }
     }
     let _ = ctl_send.finish();
-    conn.close(0u32.into(), b"bye");
     Ok(())
 }
 
