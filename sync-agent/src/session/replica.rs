@@ -125,7 +125,7 @@ async fn run_inner(
                     .await;
                 bail!("peer {peer}: {message}");
             }
-            pick(&folders, &h.folder)
+            pick(folders, &h.folder)
                 .cloned()
                 .ok_or_else(|| anyhow!("folder vanished"))?
         }
@@ -153,7 +153,7 @@ async fn run_inner(
             Ok(Some(r)) => r,
             Ok(None) => break,
             Err(e) => {
-                return fail(&conn, &mut ctl_send, &folder, e, ErrorCode::Protocol, &peer).await;
+                return fail(conn, &mut ctl_send, &folder, e, ErrorCode::Protocol, &peer).await;
             }
         };
         let id = round.id;
