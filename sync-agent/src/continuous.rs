@@ -449,11 +449,12 @@ async fn drive(
             set(status, |s| s.files_pending = round.entries.len() as u64);
             session.round(&round).await?;
             let wire_after = session.connection().stats().udp_tx.bytes;
-            known = round
-                .entries
-                .iter()
-                .map(|e| (e.path.clone(), e.clone()))
-                .collect();
+            let entries = Arc::try_unwrap(round.entries).unwrap_or_else(|shared| (*shared).clone());
+            known = entries.into_iter().map(|e| (e.path.clone(), e)).collect();
+            // A full round's transient buffers (scan, hashing, QUIC send
+            // buffers) are freed by now; hand the pages back to the system so an
+            // idle agent stays small.
+            crate::trim_heap();
             full = false;
             last_full = Instant::now();
             pending_since = None;

@@ -156,13 +156,16 @@ async fn run_inner(
                 return fail(conn, &mut ctl_send, &folder, e, ErrorCode::Protocol, &peer).await;
             }
         };
-        let id = round.id;
+        let (id, full) = (round.id, round.full);
         match apply_round(conn, &folder, round).await {
             Ok(summary) => {
                 if let Ok(mut t) = folder.last_applied.lock() {
                     *t = Some(std::time::SystemTime::now());
                 }
                 wire::send(&mut ctl_send, &Message::RoundDone { id, summary }).await?;
+                if full {
+                    crate::trim_heap();
+                }
             }
             Err(e) => return fail(conn, &mut ctl_send, &folder, e, ErrorCode::Apply, &peer).await,
         }
