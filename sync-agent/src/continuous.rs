@@ -96,7 +96,8 @@ fn set(status: &SharedStatus, f: impl FnOnce(&mut FolderStatus)) {
 }
 
 enum WatchMsg {
-    Paths(Vec<PathBuf>),
+    /// Paths that changed; `created` when they (may) have appeared anew.
+    Paths(Vec<PathBuf>, bool),
     Rename(PathBuf, PathBuf),
 }
 
@@ -112,24 +113,34 @@ fn start_watch(root: &Path, status: &SharedStatus) -> Result<Watch> {
     let wake = Arc::new(Notify::new());
     let rescan = Arc::new(AtomicBool::new(false));
     let (w, r, st) = (wake.clone(), rescan.clone(), status.clone());
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+    let handler = move |res: notify::Result<notify::Event>| {
         match res {
             Ok(ev) => {
                 tracing::trace!(?ev, "watch event");
                 if ev.need_rescan() {
                     tracing::warn!("inotify queue overflowed: full rescan");
-                    set(&st, |s| s.watcher = Some("kernel event queue overflowed; rescanned".into()));
+                    set(&st, |s| {
+                        s.watcher = Some("kernel event queue overflowed; rescanned".into())
+                    });
                     r.store(true, Ordering::SeqCst);
                 } else {
                     use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
                     let msg = match ev.kind {
                         // our own reads raise open/close events: only a closed writer matters
-                        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(WatchMsg::Paths(ev.paths)),
+                        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                            Some(WatchMsg::Paths(ev.paths, false))
+                        }
+                        EventKind::Create(_)
+                        | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                            Some(WatchMsg::Paths(ev.paths, true))
+                        }
                         EventKind::Access(_) => None,
-                        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) if ev.paths.len() == 2 => {
+                        EventKind::Modify(ModifyKind::Name(RenameMode::Both))
+                            if ev.paths.len() == 2 =>
+                        {
                             Some(WatchMsg::Rename(ev.paths[0].clone(), ev.paths[1].clone()))
                         }
-                        _ => Some(WatchMsg::Paths(ev.paths)),
+                        _ => Some(WatchMsg::Paths(ev.paths, false)),
                     };
                     let Some(m) = msg else { return };
                     if tx.try_send(m).is_err() {
@@ -151,7 +162,13 @@ fn start_watch(root: &Path, status: &SharedStatus) -> Result<Watch> {
             }
         }
         w.notify_one();
-    })
+    };
+    // Symlinks are mirrored as links, never followed: not into the tree twice,
+    // not out of it.
+    let mut watcher = notify::RecommendedWatcher::new(
+        handler,
+        notify::Config::default().with_follow_symlinks(false),
+    )
     .context("starting the inotify watcher")?;
     watcher.watch(root, RecursiveMode::Recursive).map_err(|e| {
         let hint = if matches!(&e.kind, notify::ErrorKind::MaxFilesWatch) {
@@ -213,21 +230,57 @@ fn still_hot(root: &Path, p: &RelPath, since: Option<&Instant>, now_ns: i128) ->
 /// back for a later one.
 type Partial = (Option<Round>, Vec<RelPath>);
 
-/// Builds a partial round from dirty paths.
+/// One debounced batch of watch events.
+#[derive(Debug, Default)]
+struct Batch {
+    /// Paths that changed.
+    dirty: BTreeSet<RelPath>,
+    /// Paths that (may) have appeared anew.
+    created: BTreeSet<RelPath>,
+    /// Renames, in the order seen.
+    renames: Vec<(RelPath, RelPath)>,
+}
+
+/// Builds a partial round from a batch.
 fn partial_round(
     root: &Path,
     opts: &ScanOptions,
     index: &Mutex<HashIndex>,
     known: &Known,
-    dirty: BTreeSet<RelPath>,
-    renames: Vec<(RelPath, RelPath)>,
+    batch: Batch,
     deferred: &std::collections::HashMap<RelPath, Instant>,
 ) -> Result<Partial> {
-    let mut paths = dirty;
-    for (a, b) in &renames {
-        paths.insert(a.clone());
-        paths.insert(b.clone());
+    let Batch {
+        dirty,
+        created,
+        renames,
+    } = batch;
+    // Renames are kept when their source is on the replica: known, or moved
+    // there by an earlier rename of the batch (`mv a t; mv b a; mv t b`).
+    let mut targets: Vec<RelPath> = Vec::new();
+    let renamed: Vec<(RelPath, RelPath)> = renames
+        .into_iter()
+        .filter(|(a, b)| {
+            let keep = known.contains_key(a) || targets.iter().any(|t| a.starts_with(t));
+            if keep {
+                targets.push(b.clone());
+            }
+            keep
+        })
+        .collect();
+    let on_replica =
+        |p: &RelPath| known.contains_key(p) || targets.iter().any(|t| p.starts_with(t));
+    // Paths that appeared anew or took part in a rename are sent as they are,
+    // whatever `known` says (the replica's copy moved, or was replaced); a
+    // directory among them is scanned whole (files made in it before its watch
+    // existed raised no event).
+    let mut forced: BTreeSet<RelPath> = created;
+    for (a, b) in &renamed {
+        forced.insert(a.clone());
+        forced.insert(b.clone());
     }
+    let mut paths = dirty;
+    paths.extend(forced.iter().cloned());
     // A changed entry changes its parent's mtime too.
     let parents: Vec<RelPath> = paths
         .iter()
@@ -261,25 +314,45 @@ fn partial_round(
             // whole link group.
             return Ok((None, held));
         }
+        let force = forced.contains(&p);
         match entry {
             None => {
-                if known.contains_key(&p) {
+                if on_replica(&p) {
                     deleted.push(p.clone());
                     covered = Some(p);
                 }
             }
-            Some(e) if e.kind == Kind::Dir && known.get(&p).is_none_or(|k| k.kind != Kind::Dir) => {
+            Some(e)
+                if e.kind == Kind::Dir
+                    && (force || known.get(&p).is_none_or(|k| k.kind != Kind::Dir)) =>
+            {
                 // A new directory: its content may predate the watch on it.
                 let (sub, report) = sync_core::scan::scan_subtree(root, &p, opts, Some(&ix))?;
                 hashed.extend(report.hashed);
                 if !report.multi_linked.is_empty() {
                     return Ok((None, held));
                 }
-                changed.extend(sub.into_iter().filter(|e| known.get(&e.path) != Some(e)));
+                // What the replica still holds below it and the source no
+                // longer has (the directory was replaced, not just created).
+                let present: BTreeSet<&RelPath> = sub.iter().map(|e| &e.path).collect();
+                let mut gone: Option<RelPath> = None;
+                for (k, _) in known
+                    .range(p.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&p))
+                {
+                    if !present.contains(k) && !gone.as_ref().is_some_and(|g| k.starts_with(g)) {
+                        deleted.push(k.clone());
+                        gone = Some(k.clone());
+                    }
+                }
+                changed.extend(
+                    sub.into_iter()
+                        .filter(|e| force || known.get(&e.path) != Some(e)),
+                );
                 covered = Some(p);
             }
             Some(e) => {
-                if known.get(&p) != Some(&e) {
+                if force || known.get(&p) != Some(&e) {
                     changed.push(e);
                 } else if e.kind == Kind::Dir {
                     dirs.insert(p, e);
@@ -302,10 +375,6 @@ fn partial_round(
     }
     changed.sort_by(|a, b| a.path.cmp(&b.path));
     changed.dedup_by(|a, b| a.path == b.path);
-    let renamed = renames
-        .into_iter()
-        .filter(|(a, _)| known.contains_key(a))
-        .collect();
     let round = Round {
         full: false,
         entries: Arc::new(changed),
@@ -368,12 +437,12 @@ pub async fn run_source(
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
         set(&status, |s| {
             s.connected = true;
             s.last_error = None;
         });
         tracing::info!(folder = %cfg.name, peer = %cfg.peer, "connected to replica {}", cfg.addr);
+        let began = Instant::now();
         let res = drive(
             &cfg,
             &mut session,
@@ -387,9 +456,21 @@ pub async fn run_source(
         if let Err(e) = &res {
             tracing::warn!(folder = %cfg.name, "session ended: {e:#}");
             set(&status, |s| s.last_error = Some(format!("{e:#}")));
+            // A session that fails at once again and again (a file we cannot read,
+            // a full replica disk) must not spin: back off as for a failed connect.
+            if began.elapsed() < Duration::from_secs(30) {
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {},
+                    _ = shutdown.changed() => {},
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
         }
         session.close().await;
         endpoint.close(0u32.into(), b"");
+        if res.is_ok() || began.elapsed() >= Duration::from_secs(30) {
+            backoff = Duration::from_millis(100);
+        }
     }
     Ok(())
 }
@@ -490,12 +571,18 @@ async fn drive(
         let started = Instant::now();
         pending_since.get_or_insert(started);
         let mut dirty: BTreeSet<RelPath> = deferred.keys().cloned().collect();
+        let mut created: BTreeSet<RelPath> = BTreeSet::new();
         let mut renames = Vec::new();
         loop {
             while let Ok(m) = w.rx.try_recv() {
                 match m {
-                    WatchMsg::Paths(ps) => {
-                        dirty.extend(ps.iter().filter_map(|p| rel(&cfg.root, p)))
+                    WatchMsg::Paths(ps, new) => {
+                        for p in ps.iter().filter_map(|p| rel(&cfg.root, p)) {
+                            if new {
+                                created.insert(p.clone());
+                            }
+                            dirty.insert(p);
+                        }
                     }
                     WatchMsg::Rename(a, b) => {
                         if let (Some(a), Some(b)) = (rel(&cfg.root, &a), rel(&cfg.root, &b)) {
@@ -536,7 +623,12 @@ async fn drive(
         );
         let held_before = std::mem::take(&mut deferred);
         let (round, k, held_before) = tokio::task::spawn_blocking(move || {
-            let r = partial_round(&root, &o, &ix, &k, dirty, renames, &held_before);
+            let batch = Batch {
+                dirty,
+                created,
+                renames,
+            };
+            let r = partial_round(&root, &o, &ix, &k, batch, &held_before);
             (r, k, held_before)
         })
         .await?;
@@ -576,7 +668,15 @@ async fn drive(
         for p in &round.deleted {
             remove_subtree(&mut known, p);
         }
+        for (a, b) in &round.renamed {
+            // what moved is re-sent under its new name in the same round
+            remove_subtree(&mut known, a);
+            remove_subtree(&mut known, b);
+        }
         for e in round.entries.iter() {
+            if e.kind != Kind::Dir {
+                remove_subtree(&mut known, &e.path);
+            }
             known.insert(e.path.clone(), e.clone());
         }
         let lag = pending_since

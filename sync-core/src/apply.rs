@@ -172,7 +172,14 @@ impl Replica {
 
     /// Removes `path` and everything below it, never following a symlink.
     pub fn remove_all(&self, path: &RelPath) -> Result<(), Error> {
-        let (dir, parent, name) = self.parent(path)?;
+        let (dir, parent, name) = match self.parent(path) {
+            Ok(p) => p,
+            // no parent directory: nothing to remove
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         self.remove_at(dir.as_fd(), name, path)?;
         self.touch(parent);
         Ok(())

@@ -210,11 +210,15 @@ impl<'o> Walker<'o> {
             .par_iter()
             .map(|&i| hash_file(&abs(root, &self.entries[i].path)))
             .collect();
+        let mut vanished = Vec::new();
         for (&i, h) in todo.iter().zip(hashes) {
             let h = match h {
                 Ok(h) => h,
-                // vanished since the walk: it will be seen as gone next time
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                // vanished since the walk: left out, seen as gone
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    vanished.push(i);
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             let e = &mut self.entries[i];
@@ -226,7 +230,17 @@ impl<'o> Walker<'o> {
                 }
             }
         }
-        Ok((self.entries, report))
+        // Drop vanished files and what names them as a hard-link target.
+        let mut entries = self.entries;
+        if !vanished.is_empty() {
+            let gone: std::collections::HashSet<RelPath> =
+                vanished.iter().map(|&i| entries[i].path.clone()).collect();
+            entries.retain(|e| {
+                !gone.contains(&e.path)
+                    && !matches!(&e.kind, Kind::HardLink { target } if gone.contains(target))
+            });
+        }
+        Ok((entries, report))
     }
 
     /// Adds the entry at `path`; `Some(is_dir)` when it exists and is included.

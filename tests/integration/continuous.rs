@@ -54,6 +54,27 @@ fn every_kind_of_change_reaches_the_replica() {
     step(&p, "setfacl -m u:1000:rwx before");
     step(&p, "setfacl -d -m g:1001:rx moved-dir");
     step(&p, "touch -d '2020-01-02 03:04:05.123456789' before");
+    // editor-style save, swaps and replaced directories, each in one batch
+    step(
+        &p,
+        "mv before before~ && cp -p before~ before && rm before~",
+    );
+    step(
+        &p,
+        "mkdir -p sw/a sw/b && echo A > sw/a/f && echo B > sw/b/f",
+    );
+    step(&p, "mv sw/a sw/t && mv sw/b sw/a && mv sw/t sw/b");
+    step(&p, "mkdir -p rd/d && echo old > rd/d/y");
+    step(&p, "rm -rf rd/d && mkdir rd/d && echo new > rd/d/new");
+    step(
+        &p,
+        "mkdir -p ro/a ro/d && echo x > ro/a/x && echo y > ro/d/y",
+    );
+    step(&p, "rm -rf ro/d && mv ro/a ro/d");
+    step(
+        &p,
+        "mkdir -p gone/sub && echo z > gone/sub/z && mv gone moved-away && rm moved-away/sub/z",
+    );
     step(&p, "ln -s moved-dir link && ln before hard && mkfifo fifo");
     step(&p, "rm -r moved-dir");
     step(&p, "head -c 3000000 /dev/urandom > big && echo tail >> big");

@@ -30,7 +30,7 @@ pub struct ReplicaFolder {
     pub last_applied: std::sync::Mutex<Option<std::time::SystemTime>>,
     /// The connection of the session in progress: a source that reconnects
     /// supersedes its own stale session instead of waiting for it to time out.
-    pub current: std::sync::Mutex<Option<quinn::Connection>>,
+    pub current: std::sync::Mutex<Option<(Option<crate::NodeId>, quinn::Connection)>>,
 }
 
 /// The folders of a replica; a replica with a single folder accepts any name.
@@ -66,7 +66,7 @@ pub async fn run(conn: quinn::Connection, folders: Arc<Folders>) -> Result<()> {
         && let Ok(mut cur) = folder.current.lock()
         && cur
             .as_ref()
-            .is_some_and(|c| c.stable_id() == conn.stable_id())
+            .is_some_and(|(_, c)| c.stable_id() == conn.stable_id())
     {
         *cur = None;
     }
@@ -137,11 +137,13 @@ async fn run_inner(
     )
     .await?;
     *served = Some(folder.clone());
-    let stale = folder
-        .current
-        .lock()
-        .ok()
-        .and_then(|mut c| c.replace(conn.clone()));
+    // The same peer reconnecting supersedes its own stale session; another peer
+    // waits its turn.
+    let stale = folder.current.lock().ok().and_then(|mut c| {
+        let same_peer = c.as_ref().is_some_and(|(p, _)| *p == peer_id);
+        let old = c.replace((peer_id, conn.clone()));
+        old.filter(|_| same_peer).map(|(_, c)| c)
+    });
     if let Some(old) = stale {
         old.close(1u32.into(), b"superseded by a new session");
     }
@@ -309,21 +311,24 @@ async fn apply_round(
     let (full, deleted, renamed) = (round.full, round.deleted, round.renamed);
     let (dst, plan, mut summary) = tokio::task::spawn_blocking(move || -> Result<_> {
         let mut sum = ApplySummary::default();
+        // A full round decides by size and mtime, as rsync does; a partial round
+        // (a few paths) hashes them, so a touched or renamed file costs no transfer.
         let opts = ScanOptions {
-            hash: false,
+            hash: !full,
             hard_links: false,
             filter: f.clone(),
         };
-        for (from, to) in renamed
-            .iter()
-            .filter(|(a, b)| !f.excludes(a, true) && !f.excludes(b, true))
-        {
+        // Excludes are matched with the replica's own kind of the entry.
+        let excluded = |p: &RelPath| {
+            let is_dir = std::fs::symlink_metadata(sync_core::scan::abs(r.root_path(), p))
+                .map(|m| m.is_dir())
+                .unwrap_or(false);
+            f.excludes(p, is_dir)
+        };
+        for (from, to) in renamed.iter().filter(|(a, b)| !excluded(a) && !excluded(b)) {
             r.rename(from, to);
         }
-        for p in deleted
-            .iter()
-            .filter(|p| !f.excludes(p, false) && !f.excludes(p, true))
-        {
+        for p in deleted.iter().filter(|p| !excluded(p)) {
             r.remove_all(p)?;
             sum.entries_deleted += 1;
         }

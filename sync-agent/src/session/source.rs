@@ -202,6 +202,22 @@ async fn serve_file(
         );
     }
     let path = sync_core::scan::abs(&root, &entry.path);
+    if let Err(e) = sync_core::scan::open_regular(&path) {
+        // Gone or replaced since the scan: an end that cannot match the round's
+        // entry, so the replica leaves its version and the next round settles it.
+        tracing::debug!("{e}: announcing it as changed");
+        wire::send(
+            &mut send,
+            &Message::FileEnd {
+                size: 0,
+                hash: [0; 32],
+            },
+        )
+        .await?;
+        send.finish()?;
+        let _ = send.stopped().await;
+        return Ok(());
+    }
     let (tx, mut rx) = mpsc::channel::<Message>(2);
     let reader = tokio::task::spawn_blocking(move || encode_file(&path, signature, tx, &progress));
     while let Some(msg) = rx.recv().await {
