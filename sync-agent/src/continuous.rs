@@ -401,7 +401,13 @@ pub async fn run_source(
     });
     let mut w = start_watch(&cfg.root, &status)?;
     let index = Arc::new(Mutex::new(match &cfg.index_path {
-        Some(p) => HashIndex::open(p).with_context(|| format!("hash index {}", p.display()))?,
+        Some(p) => {
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating state directory {}", dir.display()))?;
+            }
+            HashIndex::open(p).with_context(|| format!("hash index {}", p.display()))?
+        }
         None => HashIndex::in_memory(),
     }));
     let opts = ScanOptions {
