@@ -60,8 +60,11 @@ pub struct FolderStatus {
     pub peer: String,
     /// Whether a session is up.
     pub connected: bool,
-    /// Seconds the oldest unshipped change has waited (0 when caught up).
+    /// Seconds the oldest unshipped change has waited (0 when caught up);
+    /// computed when the status is read.
     pub lag_s: f64,
+    /// When the oldest unshipped change was seen (seconds since the epoch).
+    pub pending_since_unix: Option<f64>,
     /// Bytes of file content in the unshipped changes (known once scanned).
     pub lag_bytes: u64,
     /// Paths changed and not yet applied on the replica.
@@ -554,6 +557,7 @@ async fn drive(
                 s.wire_bytes_last_full = wire_after - wire_before;
                 s.files_pending = 0;
                 s.lag_s = 0.0;
+                s.pending_since_unix = None;
                 s.lag_bytes = 0;
                 s.last_applied_unix = unix_now();
             });
@@ -575,7 +579,12 @@ async fn drive(
         }
         // Debounce: collect until the events pause, at most 100 ms.
         let started = Instant::now();
-        pending_since.get_or_insert(started);
+        if pending_since.is_none() {
+            pending_since = Some(started);
+            set(status, |s| {
+                s.pending_since_unix = s.pending_since_unix.or_else(unix_now)
+            });
+        }
         let mut dirty: BTreeSet<RelPath> = deferred.keys().cloned().collect();
         let mut created: BTreeSet<RelPath> = BTreeSet::new();
         let mut renames = Vec::new();
@@ -618,6 +627,7 @@ async fn drive(
         }
         if dirty.is_empty() && renames.is_empty() {
             pending_since = None;
+            set(status, |s| s.pending_since_unix = None);
             continue;
         }
         set(status, |s| s.files_pending = dirty.len() as u64);
@@ -651,8 +661,11 @@ async fn drive(
         if round.entries.is_empty() && round.deleted.is_empty() && round.renamed.is_empty() {
             if deferred.is_empty() {
                 pending_since = None;
+                set(status, |s| {
+                    s.files_pending = 0;
+                    s.pending_since_unix = None;
+                });
             }
-            set(status, |s| s.files_pending = 0);
             continue;
         }
         let bytes: u64 = round
@@ -703,6 +716,7 @@ async fn drive(
             s.rounds += 1;
             s.files_pending = 0;
             s.lag_s = 0.0;
+            s.pending_since_unix = None;
             s.lag_bytes = 0;
             s.last_applied_unix = unix_now();
         });

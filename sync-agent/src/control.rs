@@ -34,10 +34,20 @@ impl Registry {
     /// A snapshot, with lag computed now.
     #[must_use]
     pub fn snapshot(&self) -> Status {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         let mut folders: Vec<FolderStatus> = self
             .folders
             .iter()
             .filter_map(|f| f.lock().ok().map(|s| s.clone()))
+            .map(|mut s| {
+                if let Some(t) = s.pending_since_unix {
+                    s.lag_s = (now - t).max(0.0);
+                }
+                s
+            })
             .collect();
         for r in &self.replicas {
             let last = r.last_applied.lock().ok().and_then(|t| *t);

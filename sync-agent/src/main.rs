@@ -177,6 +177,9 @@ fn plan_from_config(path: &Path) -> Result<Plan> {
 }
 
 async fn run(plan: Plan) -> Result<ExitCode> {
+    // Before anything is announced: a SIGTERM from then on stops cleanly.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("signal handler")?;
     let identity = plan.identity.context("no identity")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -226,8 +229,7 @@ async fn run(plan: Plan) -> Result<ExitCode> {
             }
         });
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("signal handler")?;
+
     let failed = tokio::select! {
         _ = term.recv() => None,
         _ = tokio::signal::ctrl_c() => None,
