@@ -201,6 +201,8 @@ pub enum ErrorCode {
 pub struct ApplySummary {
     /// Regular files whose content was written.
     pub files_transferred: u64,
+    /// Of those, files whose content came inline with the round (no request).
+    pub files_inline: u64,
     /// Entries removed because the source no longer has them.
     pub entries_deleted: u64,
     /// Entries whose metadata alone changed.
@@ -216,14 +218,15 @@ pub struct ApplySummary {
 }
 
 /// How many variants [`Message`] has (the decoder names others as unknown types).
-pub(crate) const MESSAGE_TYPES: u32 = 12;
+pub(crate) const MESSAGE_TYPES: u32 = 13;
 
 /// Everything that travels, one per frame.
 ///
 /// A session is a hello each way, then rounds. A round is `RoundStart`, any
-/// number of `Manifest`, `Deleted` and `Renamed` batches, and `RoundEnd`, all from
-/// the source on the control stream; the replica pulls content with
-/// `FileRequest` on streams of its own and answers `RoundDone` (or `Error`).
+/// number of `Manifest`, `Deleted`, `Renamed` and `Inline` frames, and
+/// `RoundEnd`, all from the source on the control stream; the replica pulls the
+/// content it still lacks with `FileRequest` on streams of its own and answers
+/// `RoundDone` (or `Error`).
 /// A full round carries the whole manifest: the replica removes what it lacks.
 /// A partial round carries only changed entries and explicit deletions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,7 +288,18 @@ pub enum Message {
         /// What it did.
         summary: ApplySummary,
     },
+    /// The whole content of a small file of a partial round, sent with the round
+    /// so that the hot path needs no request per file.
+    Inline {
+        /// Position of the entry in the round's manifest.
+        index: u64,
+        /// Its content.
+        data: Vec<u8>,
+    },
 }
+
+/// Largest file whose content travels inline with a partial round.
+pub const MAX_INLINE: usize = 64 << 10;
 
 impl Message {
     /// Checks every bound that the type system does not. The decoder calls this, so
@@ -336,6 +350,10 @@ impl Message {
                 }
                 Ok(())
             }
+            Message::Inline { data, .. } if data.len() > MAX_INLINE => Err(format!(
+                "inline content of {} bytes (at most {MAX_INLINE})",
+                data.len()
+            )),
             Message::RoundDone { summary: s, .. } => {
                 if s.warnings.len() > 1000 {
                     return Err("more than 1000 warnings".into());

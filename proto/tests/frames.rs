@@ -55,6 +55,10 @@ fn all_messages() -> Vec<Message> {
             signature: None,
         },
         Message::Literal(vec![0; 100]),
+        Message::Inline {
+            index: 2,
+            data: b"small file".to_vec(),
+        },
         Message::Delta(vec![9; 10]),
         Message::FileEnd {
             size: 100,

@@ -83,6 +83,10 @@ pub struct FolderStatus {
     pub watcher: Option<String>,
     /// Entries in the last full round.
     pub entries_last_full: u64,
+    /// Files whose content went inline with partial rounds (no request each).
+    pub files_inline_total: u64,
+    /// Files whose content the replica requested in partial rounds.
+    pub files_requested_total: u64,
     /// Bytes read to hash files in the last full round (index misses).
     pub bytes_hashed_last_full: u64,
     /// UDP bytes sent to the replica by the last full round.
@@ -683,7 +687,11 @@ async fn drive(
             s.lag_bytes = bytes;
             s.files_pending = (round.entries.len() + round.deleted.len()) as u64;
         });
-        session.round(&round).await?;
+        let applied = session.round(&round).await?;
+        set(status, |s| {
+            s.files_inline_total += applied.files_inline;
+            s.files_requested_total += applied.files_transferred - applied.files_inline;
+        });
         for p in &round.deleted {
             remove_subtree(&mut known, p);
         }

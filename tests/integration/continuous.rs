@@ -19,6 +19,9 @@ fn pair() -> Pair {
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     std::fs::create_dir_all(&src).unwrap();
     std::fs::create_dir_all(&dst).unwrap();
+    // So that "converged" means the first full round was applied, not that two
+    // empty trees look alike.
+    std::fs::write(src.join("seed"), b"seed").unwrap();
     let (sid, s_id, rid, r_id) = identities(t.path());
     Pair {
         t,
@@ -79,6 +82,48 @@ fn every_kind_of_change_reaches_the_replica() {
     step(&p, "rm -r moved-dir");
     step(&p, "head -c 3000000 /dev/urandom > big && echo tail >> big");
     assert_identical(&p.src, &p.dst);
+}
+
+#[test]
+fn small_files_travel_inline_with_the_round() {
+    let p = pair();
+    let rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
+    let control = p.t.path().join("control.sock");
+    let _src = source(
+        &p.src,
+        &p.sid,
+        &p.r_id,
+        &rep.addr,
+        &["--control", control.to_str().unwrap()],
+    );
+    wait_converged(&p.src, &p.dst, 20, &[]);
+    step(
+        &p,
+        "echo small > a && head -c 60000 /dev/urandom > b && head -c 300000 /dev/urandom > big",
+    );
+    let cfg = p.t.path().join("status.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nidentity = \"{}\"\ncontrol = \"{}\"\n",
+            p.sid.display(),
+            control.display()
+        ),
+    )
+    .unwrap();
+    let out = cli(&[
+        "status".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = &st["folders"][0];
+    assert!(f["files_inline_total"].as_u64().unwrap() >= 2, "{st}");
+    assert!(
+        f["files_requested_total"].as_u64().unwrap() >= 1,
+        "the big file is requested: {st}"
+    );
 }
 
 #[test]

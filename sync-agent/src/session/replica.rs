@@ -54,6 +54,7 @@ struct Incoming {
     entries: Vec<Entry>,
     deleted: Vec<RelPath>,
     renamed: Vec<(RelPath, RelPath)>,
+    inline: HashMap<u64, Vec<u8>>,
     root_hash: [u8; 32],
 }
 
@@ -205,6 +206,7 @@ async fn read_round(ctl: &mut quinn::RecvStream) -> Result<Option<Incoming>> {
         entries: Vec::new(),
         deleted: Vec::new(),
         renamed: Vec::new(),
+        inline: HashMap::new(),
         root_hash: [0; 32],
     };
     let mut bytes = 0u64;
@@ -247,6 +249,10 @@ async fn read_round(ctl: &mut quinn::RecvStream) -> Result<Option<Incoming>> {
                     .map(|(a, c)| (a.as_bytes().len() + c.as_bytes().len()) as u64 + 48)
                     .sum::<u64>();
                 r.renamed.extend(b);
+            }
+            Message::Inline { index, data } => {
+                bytes += data.len() as u64 + 16;
+                r.inline.insert(index, data);
             }
             Message::RoundEnd {
                 id: end,
@@ -308,7 +314,8 @@ async fn apply_round(
         entries: kept.iter().map(|&i| src.entries[i].clone()).collect(),
     });
     let (r, s, f) = (folder.replica.clone(), planned.clone(), filter.clone());
-    let (full, deleted, renamed) = (round.full, round.deleted, round.renamed);
+    let (full, deleted, renamed, mut inline) =
+        (round.full, round.deleted, round.renamed, round.inline);
     let (dst, plan, mut summary) = tokio::task::spawn_blocking(move || -> Result<_> {
         let mut sum = ApplySummary::default();
         // A full round decides by size and mtime, as rsync does; a partial round
@@ -367,6 +374,36 @@ async fn apply_round(
     })
     .await??;
 
+    // Content that came with the round is written first; the rest is pulled.
+    let (mut pulled, mut inlined) = (Vec::new(), Vec::new());
+    for f in plan.fetch.iter().copied() {
+        match inline.remove(&(kept[f.index] as u64)) {
+            Some(data) => inlined.push((f.index, data)),
+            None => pulled.push(f),
+        }
+    }
+    if !inlined.is_empty() {
+        let (r, s) = (folder.replica.clone(), planned.clone());
+        let (files, bytes) = tokio::task::spawn_blocking(move || -> Result<(u64, u64)> {
+            let (mut files, mut bytes) = (0, 0);
+            for (i, data) in inlined {
+                let e = &s.entries[i];
+                let Kind::File { hash, .. } = e.kind else {
+                    continue;
+                };
+                let mut staged = r.stage(&e.path)?;
+                staged.write(&data)?;
+                staged.commit(&hash, &e.meta)?;
+                files += 1;
+                bytes += data.len() as u64;
+            }
+            Ok((files, bytes))
+        })
+        .await??;
+        summary.files_transferred += files;
+        summary.files_inline += files;
+        summary.bytes_literal += bytes;
+    }
     // Content, in parallel; stop starting transfers once one has failed.
     let sem = Arc::new(Semaphore::new(PARALLEL_FILES));
     let mut tasks = tokio::task::JoinSet::new();
@@ -385,7 +422,7 @@ async fn apply_round(
             }
         }
     }
-    for f in plan.fetch.clone() {
+    for f in pulled {
         let permit = sem.clone().acquire_owned().await?;
         let (conn, r, entry) = (
             conn.clone(),

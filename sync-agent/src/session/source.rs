@@ -127,6 +127,15 @@ impl SourceSession {
         if !batch.is_empty() {
             wire::send(s, &Message::Manifest(batch)).await?;
         }
+        if !round.full {
+            // Small files travel with the round: no request per file on the hot path.
+            let (entries, root) = (round.entries.clone(), self.root.clone());
+            let inline =
+                tokio::task::spawn_blocking(move || inline_contents(&root, &entries)).await?;
+            for (index, data) in inline {
+                wire::send(s, &Message::Inline { index, data }).await?;
+            }
+        }
         for chunk in round.renamed.chunks(proto::MAX_ENTRIES_PER_BATCH) {
             wire::send(s, &Message::Renamed(chunk.to_vec())).await?;
         }
@@ -176,6 +185,41 @@ impl SourceSession {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.conn.closed()).await;
         self.conn.close(0u32.into(), b"done");
     }
+}
+
+/// Most bytes of inline content per round.
+const INLINE_BUDGET: usize = 8 << 20;
+
+/// The content of the round's small files, read now and kept only when it still
+/// matches the entry's hash.
+fn inline_contents(root: &Path, entries: &[Entry]) -> Vec<(u64, Vec<u8>)> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let mut budget = INLINE_BUDGET;
+    for (i, e) in entries.iter().enumerate() {
+        let Kind::File { size, hash } = e.kind else {
+            continue;
+        };
+        if size as usize > proto::MAX_INLINE || size as usize > budget {
+            continue;
+        }
+        let Ok(mut f) = sync_core::scan::open_regular(&sync_core::scan::abs(root, &e.path)) else {
+            continue;
+        };
+        let mut data = Vec::with_capacity(size as usize);
+        if f.by_ref()
+            .take(proto::MAX_INLINE as u64 + 1)
+            .read_to_end(&mut data)
+            .is_err()
+        {
+            continue;
+        }
+        if data.len() as u64 == size && *blake3::hash(&data).as_bytes() == hash {
+            budget -= data.len();
+            out.push((i as u64, data));
+        }
+    }
+    out
 }
 
 /// Sends one requested file: its entry must be a regular file of the round, so
