@@ -188,7 +188,10 @@ impl SourceSession {
 }
 
 /// Most bytes of inline content per round.
-const INLINE_BUDGET: usize = 8 << 20;
+const INLINE_BUDGET: usize = 4 << 20;
+/// Most inline files per round: inline content travels on the one control
+/// stream; a burst moves faster pulled on parallel streams.
+const INLINE_FILES: usize = 64;
 
 /// The content of the round's small files, read now and kept only when it still
 /// matches the entry's hash.
@@ -200,6 +203,9 @@ fn inline_contents(root: &Path, entries: &[Entry]) -> Vec<(u64, Vec<u8>)> {
         let Kind::File { size, hash } = e.kind else {
             continue;
         };
+        if out.len() >= INLINE_FILES {
+            break;
+        }
         if size as usize > proto::MAX_INLINE || size as usize > budget {
             continue;
         }
