@@ -34,6 +34,25 @@ fn pair() -> Pair {
     }
 }
 
+/// `sync-cli status --json` of the source agent whose control socket is `control`.
+fn agent_status(p: &Pair, control: &Path) -> serde_json::Value {
+    let cfg = p.t.path().join("status.toml");
+    let body = format!(
+        "[node]\nidentity = \"{}\"\ncontrol = \"{}\"\n",
+        p.sid.display(),
+        control.display()
+    );
+    std::fs::write(&cfg, body).unwrap();
+    // Null while the agent (re)starts; callers assert on the contents.
+    let out = cli(&[
+        "status".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
 fn step(p: &Pair, script: &str) {
     sh(&format!("cd {} && {script}", p.src.display()));
     wait_converged(&p.src, &p.dst, 20, &[]);
@@ -101,23 +120,7 @@ fn small_files_travel_inline_with_the_round() {
         &p,
         "echo small > a && head -c 60000 /dev/urandom > b && head -c 300000 /dev/urandom > big",
     );
-    let cfg = p.t.path().join("status.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[node]\nidentity = \"{}\"\ncontrol = \"{}\"\n",
-            p.sid.display(),
-            control.display()
-        ),
-    )
-    .unwrap();
-    let out = cli(&[
-        "status".as_ref(),
-        "--config".as_ref(),
-        cfg.as_os_str(),
-        "--json".as_ref(),
-    ]);
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let st = agent_status(&p, &control);
     let f = &st["folders"][0];
     assert!(f["files_inline_total"].as_u64().unwrap() >= 2, "{st}");
     assert!(
@@ -241,28 +244,7 @@ fn inotify_queue_overflow_triggers_a_rescan() {
         std::fs::write(p.src.join(format!("f{i}")), b"x").unwrap();
     }
     wait_converged(&p.src, &p.dst, 60, &[]);
-    let cfg = p.t.path().join("status.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[node]\nidentity = \"{}\"\ncontrol = \"{}\"\n",
-            p.sid.display(),
-            control.display()
-        ),
-    )
-    .unwrap();
-    let out = cli(&[
-        "status".as_ref(),
-        "--config".as_ref(),
-        cfg.as_os_str(),
-        "--json".as_ref(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let st = agent_status(&p, &control);
     let f = &st["folders"][0];
     assert_eq!(f["connected"], true, "{st}");
     assert!(
@@ -397,25 +379,7 @@ fn restart_over_an_unchanged_tree_rehashes_nothing() {
     ];
     let mut src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &args);
     wait_converged(&p.src, &p.dst, 30, &[]);
-    let cfg = p.t.path().join("status.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[node]\nidentity = \"{}\"\ncontrol = \"{}\"\n",
-            p.sid.display(),
-            control.display()
-        ),
-    )
-    .unwrap();
-    let status = || -> serde_json::Value {
-        let out = cli(&[
-            "status".as_ref(),
-            "--config".as_ref(),
-            cfg.as_os_str(),
-            "--json".as_ref(),
-        ]);
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-    };
+    let status = || agent_status(&p, &control);
     let first = status();
     assert!(
         first["folders"][0]["bytes_hashed_last_full"]
