@@ -246,6 +246,8 @@ pub enum Message {
         id: u64,
         /// Whether the round carries the whole manifest.
         full: bool,
+        /// Compare regular files by content hash, not size and mtime (rsync -c).
+        checksum: bool,
     },
     /// A batch of manifest entries, in path order.
     Manifest(Vec<Entry>),

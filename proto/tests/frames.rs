@@ -30,7 +30,11 @@ fn sample_entry() -> Entry {
 fn all_messages() -> Vec<Message> {
     vec![
         Message::Hello(Hello::new(Role::Source, "jellyfin")),
-        Message::RoundStart { id: 7, full: true },
+        Message::RoundStart {
+            id: 7,
+            full: true,
+            checksum: false,
+        },
         Message::Deleted(vec![RelPath::new(&b"gone/x"[..]).unwrap()]),
         Message::Renamed(vec![(
             RelPath::new(&b"a"[..]).unwrap(),

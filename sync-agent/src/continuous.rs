@@ -388,6 +388,7 @@ fn partial_round(
         deleted,
         renamed,
         root_hash: [0; 32],
+        checksum: false,
     };
     Ok((Some(round), held))
 }

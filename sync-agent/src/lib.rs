@@ -52,6 +52,8 @@ pub struct PushOptions {
     pub filter: Filter,
     /// The protocol version to announce (tests use another to check refusal).
     pub protocol_version: u32,
+    /// Compare files by content hash rather than size and mtime (rsync -c).
+    pub checksum: bool,
 }
 
 /// Connects to a pinned replica.
@@ -116,6 +118,7 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             full: true,
             entries: Arc::new(manifest.entries),
             root_hash,
+            checksum: opts.checksum,
             ..Default::default()
         };
         let applied = session.round(&round).await?;
@@ -226,6 +229,16 @@ pub async fn serve(
 /// The embedded default: mirrors `src` into `dst` with both ends in this process,
 /// over QUIC on 127.0.0.1 with throwaway identities.
 pub async fn mirror(src: &Path, dst: &Path, progress: Arc<Progress>) -> Result<Summary> {
+    mirror_with(src, dst, false, progress).await
+}
+
+/// [`mirror`], comparing files by content hash when `checksum` (rsync -c).
+pub async fn mirror_with(
+    src: &Path,
+    dst: &Path,
+    checksum: bool,
+    progress: Arc<Progress>,
+) -> Result<Summary> {
     std::fs::metadata(src).with_context(|| format!("source {}", src.display()))?;
     // Like rsync, create the destination itself (not its parents) when missing.
     match std::fs::create_dir(dst) {
@@ -257,6 +270,7 @@ pub async fn mirror(src: &Path, dst: &Path, progress: Arc<Progress>) -> Result<S
             folder: "default".into(),
             filter: Filter::default(),
             protocol_version: proto::PROTOCOL_VERSION,
+            checksum,
         },
         progress,
     )

@@ -16,11 +16,14 @@ use sync_agent::{Identity, NodeId, Progress, PushOptions, Summary};
 pub struct MirrorArgs {
     /// Source directory.
     src: PathBuf,
-    /// Destination directory (must exist).
+    /// Destination directory (created if missing, not its parents).
     dst: PathBuf,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Compare files by content hash, not size and mtime (like rsync -c).
+    #[arg(long, short = 'c')]
+    checksum: bool,
 }
 
 #[derive(Args, Debug)]
@@ -39,6 +42,9 @@ pub struct PushArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Compare files by content hash, not size and mtime (like rsync -c).
+    #[arg(long, short = 'c')]
+    checksum: bool,
     /// Folder name as the replica knows it.
     #[arg(long, default_value = "default")]
     folder: String,
@@ -141,7 +147,7 @@ fn report(s: &Summary, json: bool) -> Result<ExitCode> {
 pub fn mirror(a: MirrorArgs) -> Result<ExitCode> {
     let (src, dst) = (a.src.clone(), a.dst.clone());
     let s = with_progress(a.json, |p| async move {
-        sync_agent::mirror(&src, &dst, p).await
+        sync_agent::mirror_with(&src, &dst, a.checksum, p).await
     })
     .with_context(|| format!("mirror {} -> {}", a.src.display(), a.dst.display()))?;
     report(&s, a.json)
@@ -157,6 +163,7 @@ pub fn push(a: PushArgs) -> Result<ExitCode> {
         folder: a.folder.clone(),
         filter: sync_core::filter::Filter::new(&a.exclude)?,
         protocol_version: a.protocol_version,
+        checksum: a.checksum,
     };
     let s = with_progress(a.json, |p| sync_agent::push(opts, p))?;
     report(&s, a.json)

@@ -44,3 +44,37 @@ fn one_percent_change_costs_under_five_percent() {
         wire(&third)
     );
 }
+
+#[test]
+fn checksum_catches_content_with_the_same_size_and_mtime() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"version one").unwrap();
+    mirror_ok(&src, &dst);
+    // same length, mtime put back: only a content comparison sees it
+    sh(&format!(
+        "cd {} && touch -r f stamp && printf 'version two' > f && touch -r stamp f && rm stamp",
+        src.display()
+    ));
+    mirror_ok(&src, &dst);
+    assert_eq!(
+        std::fs::read(dst.join("f")).unwrap(),
+        b"version one",
+        "the quick check trusts size and mtime, as rsync does"
+    );
+    let out = cli(&[
+        "mirror".as_ref(),
+        src.as_os_str(),
+        dst.as_os_str(),
+        "--checksum".as_ref(),
+        "--json".as_ref(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(dst.join("f")).unwrap(), b"version two");
+    assert_identical(&src, &dst);
+}

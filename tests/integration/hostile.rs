@@ -80,7 +80,15 @@ fn manifest_with_path(bad: &[u8]) -> Vec<u8> {
         ),
     ]);
     let mut buf = Vec::new();
-    frame::encode(&Message::RoundStart { id: 1, full: true }, &mut buf).unwrap();
+    frame::encode(
+        &Message::RoundStart {
+            id: 1,
+            full: true,
+            checksum: false,
+        },
+        &mut buf,
+    )
+    .unwrap();
     frame::encode(&m, &mut buf).unwrap();
     let at = buf
         .windows(placeholder.len())
@@ -149,7 +157,15 @@ async fn oversize_frame_and_bad_structure_are_refused() {
         ),
     ]);
     let mut buf = Vec::new();
-    frame::encode(&Message::RoundStart { id: 1, full: true }, &mut buf).unwrap();
+    frame::encode(
+        &Message::RoundStart {
+            id: 1,
+            full: true,
+            checksum: false,
+        },
+        &mut buf,
+    )
+    .unwrap();
     frame::encode(&m, &mut buf).unwrap();
     frame::encode(
         &Message::RoundEnd {

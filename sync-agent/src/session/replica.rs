@@ -51,6 +51,7 @@ fn pick<'f>(folders: &'f Folders, name: &str) -> Option<&'f Arc<ReplicaFolder>> 
 struct Incoming {
     id: u64,
     full: bool,
+    checksum: bool,
     entries: Vec<Entry>,
     deleted: Vec<RelPath>,
     renamed: Vec<(RelPath, RelPath)>,
@@ -195,14 +196,15 @@ async fn fail(
 }
 
 async fn read_round(ctl: &mut quinn::RecvStream) -> Result<Option<Incoming>> {
-    let (id, full) = match wire::recv(ctl).await? {
+    let (id, full, checksum) = match wire::recv(ctl).await? {
         None => return Ok(None),
-        Some(Message::RoundStart { id, full }) => (id, full),
+        Some(Message::RoundStart { id, full, checksum }) => (id, full, checksum),
         Some(other) => bail!("expected a round, got {other:?}"),
     };
     let mut r = Incoming {
         id,
         full,
+        checksum,
         entries: Vec::new(),
         deleted: Vec::new(),
         renamed: Vec::new(),
@@ -316,12 +318,13 @@ async fn apply_round(
     let (r, s, f) = (folder.replica.clone(), planned.clone(), filter.clone());
     let (full, deleted, renamed, mut inline) =
         (round.full, round.deleted, round.renamed, round.inline);
+    // A partial round (a few paths) always compares content; a full round does
+    // when asked (rsync -c), by size and mtime otherwise, as rsync does.
+    let checksum = round.checksum || !full;
     let (dst, plan, mut summary) = tokio::task::spawn_blocking(move || -> Result<_> {
         let mut sum = ApplySummary::default();
-        // A full round decides by size and mtime, as rsync does; a partial round
-        // (a few paths) hashes them, so a touched or renamed file costs no transfer.
         let opts = ScanOptions {
-            hash: !full,
+            hash: checksum,
             hard_links: false,
             filter: f.clone(),
         };
@@ -357,7 +360,7 @@ async fn apply_round(
             }
             Manifest { entries }
         };
-        let plan = sync_core::plan::plan_with_links(&s, &dst, !full, &linked);
+        let plan = sync_core::plan::plan_with_links(&s, &dst, checksum, &linked);
         for p in &plan.delete {
             r.remove_all(p)?;
             sum.entries_deleted += 1;

@@ -23,6 +23,8 @@ pub struct Round {
     pub renamed: Vec<(RelPath, RelPath)>,
     /// Root hash after the round (full rounds).
     pub root_hash: [u8; 32],
+    /// Ask the replica to compare files by content hash (rsync -c).
+    pub checksum: bool,
 }
 
 /// An open session on the source side.
@@ -100,6 +102,7 @@ impl SourceSession {
             &Message::RoundStart {
                 id,
                 full: round.full,
+                checksum: round.checksum,
             },
         )
         .await?;
