@@ -85,11 +85,11 @@ async fn run_inner(
     let peer = peer_id
         .map(|p| p.to_string())
         .unwrap_or_else(|| "unknown".into());
-    let (mut ctl_send, mut ctl_recv) = conn
-        .accept_bi()
+    let (mut ctl_send, mut ctl_recv) = tokio::time::timeout(wire::STAGE_DEADLINE, conn.accept_bi())
         .await
+        .map_err(|_| anyhow!("peer {peer} opened no control stream"))?
         .context("waiting for the control stream")?;
-    let folder = match wire::expect(&mut ctl_recv, "a hello").await? {
+    let folder = match wire::expect_soon(&mut ctl_recv, "a hello").await? {
         Message::Hello(h) => {
             let refusal = match h.check() {
                 Err(e) => Some((ErrorCode::UnsupportedVersion, e.to_string())),

@@ -54,7 +54,7 @@ impl SourceSession {
         let mut hello = Hello::new(Role::Source, folder);
         hello.version = version;
         wire::send(&mut ctl_send, &Message::Hello(hello)).await?;
-        match wire::expect(&mut ctl_recv, "the replica's hello").await? {
+        match wire::expect_soon(&mut ctl_recv, "the replica's hello").await? {
             Message::Hello(h) => {
                 h.check()
                     .map_err(|e| anyhow!("replica refused the handshake: {e}"))?;
