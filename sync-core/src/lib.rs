@@ -35,6 +35,7 @@ pub mod plan;
 pub mod scan;
 
 pub use error::Error;
+
 pub use manifest::Manifest;
 pub use proto::{Entry, Kind, Meta, RelPath, Xattr};
 
@@ -58,4 +59,30 @@ pub fn hex(bytes: &[u8]) -> String {
             let _ = write!(s, "{b:02x}");
             s
         })
+}
+
+/// Builders shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use crate::{Entry, Kind, Meta, RelPath};
+
+    /// An entry with default metadata.
+    pub fn entry(path: &str, kind: Kind) -> Entry {
+        Entry {
+            path: RelPath::new(path.as_bytes()).unwrap(),
+            kind,
+            meta: Meta::default(),
+        }
+    }
+
+    /// A regular file whose hash is its `tag` repeated.
+    pub fn file(path: &str, size: u64, tag: u8) -> Entry {
+        entry(
+            path,
+            Kind::File {
+                size,
+                hash: [tag; 32],
+            },
+        )
+    }
 }

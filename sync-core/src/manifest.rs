@@ -287,22 +287,10 @@ pub fn diff(left: &Manifest, right: &Manifest) -> Vec<Difference> {
 mod tests {
     use super::*;
 
-    fn e(path: &str, kind: Kind) -> Entry {
-        Entry {
-            path: RelPath::new(path.as_bytes()).unwrap(),
-            kind,
-            meta: Meta::default(),
-        }
-    }
+    use crate::test_util::entry as e;
 
     fn file(path: &str, b: u8) -> Entry {
-        e(
-            path,
-            Kind::File {
-                size: 1,
-                hash: [b; 32],
-            },
-        )
+        crate::test_util::file(path, 1, b)
     }
 
     #[test]

@@ -176,23 +176,11 @@ fn same_meta(s: &Entry, d: &Entry) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Meta;
 
-    fn e(path: &str, kind: Kind) -> Entry {
-        Entry {
-            path: RelPath::new(path.as_bytes()).unwrap(),
-            kind,
-            meta: Meta::default(),
-        }
-    }
+    use crate::test_util::entry as e;
+
     fn f(path: &str, size: u64) -> Entry {
-        e(
-            path,
-            Kind::File {
-                size,
-                hash: [size as u8; 32],
-            },
-        )
+        crate::test_util::file(path, size, size as u8)
     }
     fn names(m: &Manifest, idx: &[usize]) -> Vec<String> {
         idx.iter().map(|&i| m.entries[i].path.to_string()).collect()

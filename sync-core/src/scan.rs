@@ -62,20 +62,8 @@ pub fn scan_with(
     if !st.is_dir() {
         return Err(Error::invalid(root.display(), "not a directory"));
     }
-    let mut w = Walker::new(root, opts);
-    let mut m = meta::from_stat(&st);
-    m.xattrs = meta::read_xattrs(root)?;
-    w.push(
-        Entry {
-            path: RelPath::root(),
-            kind: Kind::Dir,
-            meta: m,
-        },
-        None,
-    );
-    w.walk_dir(&RelPath::root())?;
     // The walk visits children in sorted order, so entries are in manifest order.
-    let (entries, report) = w.finish(index)?;
+    let (entries, report) = scan_subtree(root, &RelPath::root(), opts, index)?;
     Ok((Manifest { entries }, report))
 }
 

@@ -65,6 +65,19 @@ fn entry(path: &[u8], kind: Kind) -> Entry {
     }
 }
 
+/// A full round's first frames: its start and one manifest batch.
+fn round_start(manifest: &Message) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let start = Message::RoundStart {
+        id: 1,
+        full: true,
+        checksum: false,
+    };
+    frame::encode(&start, &mut buf).unwrap();
+    frame::encode(manifest, &mut buf).unwrap();
+    buf
+}
+
 fn manifest_with_path(bad: &[u8]) -> Vec<u8> {
     // Encode a valid manifest with a placeholder name of the same length, then patch
     // the bytes: the encoder refuses to build a bad path, a hostile peer does not.
@@ -79,17 +92,7 @@ fn manifest_with_path(bad: &[u8]) -> Vec<u8> {
             },
         ),
     ]);
-    let mut buf = Vec::new();
-    frame::encode(
-        &Message::RoundStart {
-            id: 1,
-            full: true,
-            checksum: false,
-        },
-        &mut buf,
-    )
-    .unwrap();
-    frame::encode(&m, &mut buf).unwrap();
+    let mut buf = round_start(&m);
     let at = buf
         .windows(placeholder.len())
         .position(|w| w == placeholder.as_slice())
@@ -156,17 +159,7 @@ async fn oversize_frame_and_bad_structure_are_refused() {
             },
         ),
     ]);
-    let mut buf = Vec::new();
-    frame::encode(
-        &Message::RoundStart {
-            id: 1,
-            full: true,
-            checksum: false,
-        },
-        &mut buf,
-    )
-    .unwrap();
-    frame::encode(&m, &mut buf).unwrap();
+    let mut buf = round_start(&m);
     frame::encode(
         &Message::RoundEnd {
             id: 1,
