@@ -12,3 +12,8 @@ mod fidelity;
 mod hostile;
 mod push;
 mod util;
+mod hostile_peer;
+mod hostile_source;
+mod hostile_flood;
+mod hostile_replica;
+mod hostile_tls;

@@ -280,3 +280,80 @@ pub fn identities(base: &Path) -> (PathBuf, String, PathBuf, String) {
     let (ai, bi) = (keygen(&a), keygen(&b));
     (a, ai, b, bi)
 }
+
+/// `sync-agent replica` on a free loopback port, its log (stderr) going to `log`.
+pub fn replica_logged(
+    root: &Path,
+    identity: &Path,
+    allow: &str,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> Agent {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(bin("sync-agent"))
+        .args(["replica", "--listen", "127.0.0.1:0", "--allow", allow])
+        .arg("--root")
+        .arg(root)
+        .arg("--identity")
+        .arg(identity)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("agent said {line:?}"))
+        .to_string();
+    Agent { child, addr }
+}
+
+/// Peak resident set (VmHWM) of a running process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Path, mode, uid, gid, inode, link count and content (or link target).
+pub type Snap = (PathBuf, u32, u32, u32, u64, u64, Vec<u8>);
+
+/// Content, mode, owner and inode of every entry below `dir` (and `dir` itself),
+/// for "sentinels outside the root unchanged" checks.
+pub fn snapshot(dir: &Path) -> Vec<Snap> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let content = if m.is_file() {
+            std::fs::read(&p).unwrap_or_default()
+        } else if m.file_type().is_symlink() {
+            std::fs::read_link(&p)
+                .map(|t| t.into_os_string().into_vec())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        if m.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap().flatten() {
+                stack.push(e.path());
+            }
+        }
+        out.push((p, m.mode(), m.uid(), m.gid(), m.ino(), m.nlink(), content));
+    }
+    out.sort();
+    out
+}
+
+use std::os::unix::ffi::OsStringExt as _;
