@@ -17,3 +17,4 @@ mod hostile_source;
 mod hostile_flood;
 mod hostile_replica;
 mod hostile_tls;
+mod races;
