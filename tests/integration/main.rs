@@ -18,3 +18,4 @@ mod hostile_flood;
 mod hostile_replica;
 mod hostile_tls;
 mod races;
+mod netns;
