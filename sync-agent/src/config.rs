@@ -18,6 +18,15 @@
 //! peers = ["<node id>"]
 //! profile = "jellyfin"                        # optional: its default excludes
 //! exclude = ["*.tmp"]                         # gitignore-style
+//! sqlite = ["data/*.db", "*.sqlite"]          # databases (gitignore-style globs)
+//! overlay = ["config/network.xml"]            # each host keeps its own copy
+//!
+//! [folder.hooks]                              # optional: `sh -c` commands
+//! stop_source = "docker stop jellyfin"        # before a failover's final cut
+//! start_source = "docker start jellyfin"      # on rollback, or after failback
+//! stop_replica = "docker stop jellyfin"       # before a failback
+//! start_replica = "docker start jellyfin"     # after promotion
+//! timeout_secs = 120                          # per hook; the group is killed
 //! ```
 //!
 //! Unknown keys are errors that name the key and its line; every reference is
@@ -25,9 +34,11 @@
 
 use crate::identity::NodeId;
 use anyhow::{Context, Result, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+use sync_core::RelPath;
 use sync_core::filter::Filter;
 
 /// The whole file.
@@ -69,7 +80,7 @@ pub struct Peer {
 }
 
 /// Which end a folder is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Watches and sends.
@@ -96,6 +107,131 @@ pub struct Folder {
     /// gitignore-style excludes.
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// SQLite databases: gitignore-style globs relative to the root
+    /// (`data/*.db`, `*.sqlite`). See [`Folder::sqlite_matcher`].
+    #[serde(default)]
+    pub sqlite: Vec<String>,
+    /// Paths (relative to the root) each host keeps as its own: never
+    /// overwritten or deleted by the mirror. See [`Folder::overlays`].
+    #[serde(default)]
+    pub overlay: Vec<String>,
+    /// `[folder.hooks]`: commands run around a failover or failback.
+    #[serde(default)]
+    pub hooks: Hooks,
+}
+
+/// `[folder.hooks]`: shell commands (`sh -c`) such as `docker stop jellyfin`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hooks {
+    /// Stops the application on the source before a failover's final cut.
+    pub stop_source: Option<String>,
+    /// Starts it on the source again (rollback of a failover; after a failback).
+    pub start_source: Option<String>,
+    /// Stops the application on the replica (before a failback).
+    pub stop_replica: Option<String>,
+    /// Starts it on the promoted replica.
+    pub start_replica: Option<String>,
+    /// Per-hook limit in seconds; [`Hooks::DEFAULT_TIMEOUT`] when absent.
+    pub timeout_secs: Option<u64>,
+}
+
+/// Which hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hook {
+    /// `stop_source`.
+    StopSource,
+    /// `start_source`.
+    StartSource,
+    /// `stop_replica`.
+    StopReplica,
+    /// `start_replica`.
+    StartReplica,
+}
+
+impl Hook {
+    /// All hooks.
+    pub const ALL: [Hook; 4] = [
+        Hook::StopSource,
+        Hook::StartSource,
+        Hook::StopReplica,
+        Hook::StartReplica,
+    ];
+
+    /// The key in `[folder.hooks]`, also the hook's name in messages and in
+    /// `UNDERSTUDY_HOOK`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::StopSource => "stop_source",
+            Hook::StartSource => "start_source",
+            Hook::StopReplica => "stop_replica",
+            Hook::StartReplica => "start_replica",
+        }
+    }
+}
+
+impl std::fmt::Display for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Hooks {
+    /// The limit when `timeout_secs` is absent.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+    /// The command of `hook`, if configured.
+    #[must_use]
+    pub fn command(&self, hook: Hook) -> Option<&str> {
+        match hook {
+            Hook::StopSource => self.stop_source.as_deref(),
+            Hook::StartSource => self.start_source.as_deref(),
+            Hook::StopReplica => self.stop_replica.as_deref(),
+            Hook::StartReplica => self.start_replica.as_deref(),
+        }
+    }
+
+    /// The per-hook time limit.
+    #[must_use]
+    pub fn timeout(&self) -> Duration {
+        self.timeout_secs
+            .map_or(Self::DEFAULT_TIMEOUT, Duration::from_secs)
+    }
+}
+
+/// Which paths of a folder are SQLite databases, by the folder's `sqlite` globs.
+#[derive(Debug, Clone, Default)]
+pub struct SqliteMatcher {
+    filter: Filter,
+}
+
+impl SqliteMatcher {
+    /// Compiles gitignore-style `patterns`; a bad one is an error naming it.
+    pub fn new(patterns: &[String]) -> Result<Self> {
+        Ok(Self {
+            filter: Filter::new(patterns).context("sqlite")?,
+        })
+    }
+
+    /// Whether the file at `path` (relative to the folder root) is a configured
+    /// database. A pattern naming a directory (`data/`) covers the files in it.
+    #[must_use]
+    pub fn matches(&self, path: &RelPath) -> bool {
+        self.filter.excludes(path, false)
+    }
+
+    /// Whether no pattern is configured.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.filter.patterns().is_empty()
+    }
+
+    /// The patterns as given.
+    #[must_use]
+    pub fn patterns(&self) -> &[String] {
+        self.filter.patterns()
+    }
 }
 
 /// The excludes of a profile.
@@ -103,6 +239,16 @@ pub fn profile_excludes(name: &str) -> Option<&'static [&'static str]> {
     match name {
         // Regenerable: transcodes, caches, logs.
         "jellyfin" => Some(&["cache/", "transcodes/", "log/"]),
+        _ => None,
+    }
+}
+
+/// The overlays of a profile: paths each host keeps as its own.
+pub fn profile_overlays(name: &str) -> Option<&'static [&'static str]> {
+    match name {
+        // Branding (a "you are on the backup server" banner) and per-host
+        // hardware acceleration.
+        "jellyfin" => Some(&["config/branding.xml", "config/encoding.xml"]),
         _ => None,
     }
 }
@@ -122,6 +268,52 @@ impl Folder {
         }
         pats.extend(self.exclude.iter().cloned());
         Filter::new(&pats).with_context(|| format!("folder {}", self.name))
+    }
+
+    /// The folder's `sqlite` globs, compiled.
+    pub fn sqlite_matcher(&self) -> Result<SqliteMatcher> {
+        SqliteMatcher::new(&self.sqlite).with_context(|| format!("folder {}", self.name))
+    }
+
+    /// The folder's overlay paths: its profile's first, then its own, each once,
+    /// as written (relative to the root; [`Folder::overlay_paths`] parses them).
+    #[must_use]
+    pub fn overlays(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let profile = self
+            .profile
+            .as_deref()
+            .and_then(profile_overlays)
+            .unwrap_or(&[]);
+        for p in profile
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.overlay.iter().cloned())
+        {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    /// [`Folder::overlays`] as relative paths; an absolute, empty or `..` path is
+    /// an error naming it (a trailing `/` is allowed).
+    pub fn overlay_paths(&self) -> Result<Vec<RelPath>> {
+        self.overlays()
+            .iter()
+            .map(|o| {
+                let trimmed = o.trim_end_matches('/');
+                match RelPath::new(trimmed.as_bytes()) {
+                    Ok(p) if !p.is_root() => Ok(p),
+                    Ok(_) => bail!("folder {}: overlay {o:?} names the folder root", self.name),
+                    Err(e) => bail!(
+                        "folder {}: overlay {o:?} is not a path relative to the folder root: {e}",
+                        self.name
+                    ),
+                }
+            })
+            .collect()
     }
 
     /// The folder's peers, parsed.
@@ -182,6 +374,16 @@ impl Config {
                 );
             }
             f.filter()?;
+            f.sqlite_matcher()?;
+            f.overlay_paths()?;
+            for h in Hook::ALL {
+                if f.hooks.command(h).is_some_and(|c| c.trim().is_empty()) {
+                    bail!("folder {}: hooks.{h} is empty", f.name);
+                }
+            }
+            if f.hooks.timeout_secs == Some(0) {
+                bail!("folder {}: hooks.timeout_secs must be at least 1", f.name);
+            }
             if f.peers.is_empty() {
                 bail!("folder {}: peers is empty", f.name);
             }
@@ -236,6 +438,12 @@ mod tests {
         let c: Config = toml::from_str(text).unwrap();
         assert_eq!(c.folders[0].profile.as_deref(), Some("jellyfin"));
         assert!(profile_excludes("jellyfin").is_some());
+        let f = &c.folders[0];
+        f.sqlite_matcher().unwrap();
+        f.overlay_paths().unwrap();
+        assert!(f.overlays().len() > 2, "{:?}", f.overlays());
+        assert!(Hook::ALL.iter().all(|h| f.hooks.command(*h).is_some()));
+        assert!(f.hooks.timeout_secs.is_some());
     }
 
     #[test]
@@ -289,5 +497,104 @@ mod tests {
         );
         let e = format!("{:#}", Config::load(&p).unwrap_err());
         assert!(e.contains("/nonexistent/id") && e.contains("keygen"), "{e}");
+    }
+
+    #[test]
+    fn sqlite_overlay_and_hooks_parse() {
+        let d = tempfile::tempdir().unwrap();
+        let id = crate::Identity::generate().unwrap().id().to_string();
+        let text = format!(
+            "{}sqlite = [\"data/*.db\", \"*.sqlite\"]\noverlay = [\"config/network.xml\", \"config/branding.xml\", \"banner/\"]\n\n[folder.hooks]\nstop_source = \"docker stop jellyfin\"\nstart_replica = \"docker start jellyfin\"\ntimeout_secs = 30\n",
+            base(d.path(), &id)
+        );
+        let c = Config::load(&write(d.path(), &text)).unwrap();
+        let f = &c.folders[0];
+
+        let m = f.sqlite_matcher().unwrap();
+        let p = |s: &str| RelPath::new(s.as_bytes()).unwrap();
+        assert!(m.matches(&p("data/library.db")));
+        assert!(m.matches(&p("data/jellyfin.db")));
+        assert!(m.matches(&p("a/b/plugins.sqlite")));
+        assert!(!m.matches(&p("config/library.db")), "data/*.db is anchored");
+        assert!(!m.matches(&p("data/sub/x.db")), "* stays in one directory");
+        assert!(!m.matches(&p("data/library.db-wal")));
+        assert!(!m.is_empty());
+        assert!(SqliteMatcher::default().is_empty());
+        assert!(!SqliteMatcher::default().matches(&p("data/library.db")));
+
+        // Profile overlays first, then the folder's own, each once.
+        assert_eq!(
+            f.overlays(),
+            [
+                "config/branding.xml",
+                "config/encoding.xml",
+                "config/network.xml",
+                "banner/"
+            ]
+        );
+        assert_eq!(f.overlay_paths().unwrap()[3], p("banner"));
+
+        assert_eq!(
+            f.hooks.command(Hook::StopSource),
+            Some("docker stop jellyfin")
+        );
+        assert_eq!(
+            f.hooks.command(Hook::StartReplica),
+            Some("docker start jellyfin")
+        );
+        assert_eq!(f.hooks.command(Hook::StartSource), None);
+        assert_eq!(f.hooks.command(Hook::StopReplica), None);
+        assert_eq!(f.hooks.timeout(), Duration::from_secs(30));
+        assert_eq!(Hook::StopReplica.to_string(), "stop_replica");
+
+        // Without the new keys: no databases, the profile's overlays, no hooks.
+        let c = Config::load(&write(d.path(), &base(d.path(), &id))).unwrap();
+        let f = &c.folders[0];
+        assert!(f.sqlite_matcher().unwrap().is_empty());
+        assert_eq!(f.overlays(), ["config/branding.xml", "config/encoding.xml"]);
+        assert_eq!(f.hooks, Hooks::default());
+        assert_eq!(f.hooks.timeout(), Hooks::DEFAULT_TIMEOUT);
+        let no_profile = base(d.path(), &id).replace("profile = \"jellyfin\"\n", "");
+        let c = Config::load(&write(d.path(), &no_profile)).unwrap();
+        assert!(c.folders[0].overlays().is_empty());
+    }
+
+    #[test]
+    fn bad_hooks_overlays_and_sqlite_globs_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let id = crate::Identity::generate().unwrap().id().to_string();
+        let load = |extra: &str| {
+            let text = format!("{}{extra}", base(d.path(), &id));
+            Config::load(&write(d.path(), &text)).map(|_| ())
+        };
+
+        let e = format!(
+            "{:#}",
+            load("\n[folder.hooks]\nstop_source = \"true\"\nstop_sorce = \"x\"\n").unwrap_err()
+        );
+        assert!(e.contains("stop_sorce") && e.contains("line 18"), "{e}");
+
+        let e = format!(
+            "{:#}",
+            load("\n[folder.hooks]\nstart_source = \"  \"\n").unwrap_err()
+        );
+        assert!(e.contains("folder jf: hooks.start_source is empty"), "{e}");
+
+        let e = format!(
+            "{:#}",
+            load("\n[folder.hooks]\ntimeout_secs = 0\n").unwrap_err()
+        );
+        assert!(e.contains("timeout_secs"), "{e}");
+
+        for bad in ["../etc/passwd", "/etc/passwd", "a//b", "/"] {
+            let e = format!("{:#}", load(&format!("overlay = [{bad:?}]\n")).unwrap_err());
+            assert!(e.contains("folder jf: overlay") && e.contains(bad), "{e}");
+        }
+
+        let e = format!("{:#}", load("sqlite = [\"data/{a.db\"]\n").unwrap_err());
+        assert!(e.contains("folder jf") && e.contains("data/{a.db"), "{e}");
+
+        let e = format!("{:#}", load("sqlite = \"data/*.db\"\n").unwrap_err());
+        assert!(e.contains("sqlite") && e.contains("line"), "{e}");
     }
 }
