@@ -40,6 +40,9 @@ pub struct Hello {
     pub software: String,
     /// The folder this session is about (a replica may serve several).
     pub folder: String,
+    /// The sender's fencing epoch for the folder: a replica refuses a source whose
+    /// epoch is older than its own (a resurrected old master).
+    pub epoch: u64,
 }
 
 impl Hello {
@@ -52,7 +55,15 @@ impl Hello {
             role,
             software: concat!("understudy ", env!("CARGO_PKG_VERSION")).to_string(),
             folder: folder.to_string(),
+            epoch: 0,
         }
+    }
+
+    /// The same hello, carrying `epoch`.
+    #[must_use]
+    pub fn with_epoch(mut self, epoch: u64) -> Self {
+        self.epoch = epoch;
+        self
     }
 
     /// Checks magic and version against ours.
@@ -123,6 +134,16 @@ pub enum Kind {
         /// Device number.
         rdev: u64,
     },
+    /// A live SQLite database, shipped as pages of a consistent snapshot (never as
+    /// a raw file; its `-wal`, `-shm` and `-journal` files never travel).
+    Database {
+        /// Page size in bytes (a power of two, 512 to 65536).
+        page_size: u32,
+        /// Number of pages in the snapshot.
+        pages: u32,
+        /// Page Merkle hash of the snapshot (see `sync_core::sqlite::db_hash`).
+        hash: [u8; 32],
+    },
 }
 
 impl Kind {
@@ -138,6 +159,7 @@ impl Kind {
             Kind::Socket => "socket",
             Kind::CharDev { .. } => "character device",
             Kind::BlockDev { .. } => "block device",
+            Kind::Database { .. } => "database",
         }
     }
 }
@@ -194,6 +216,8 @@ pub enum ErrorCode {
     Source,
     /// Anything else.
     Other,
+    /// The peer's fencing epoch is older than ours: it was demoted.
+    Fenced,
 }
 
 /// Counters the replica reports at the end of a session.
@@ -215,10 +239,17 @@ pub struct ApplySummary {
     pub bytes_matched: u64,
     /// Things the replica could not preserve, one line each (never silent).
     pub warnings: Vec<String>,
+    /// Databases brought to the round's snapshot.
+    pub databases_applied: u64,
+    /// Database pages written.
+    pub db_pages: u64,
+    /// The replica's own root hash after the round, when the round asked for it
+    /// (computed from a fresh scan of the replica's tree).
+    pub root_hash: Option<[u8; 32]>,
 }
 
 /// How many variants [`Message`] has (the decoder names others as unknown types).
-pub(crate) const MESSAGE_TYPES: u32 = 13;
+pub(crate) const MESSAGE_TYPES: u32 = 20;
 
 /// Everything that travels, one per frame.
 ///
@@ -248,6 +279,8 @@ pub enum Message {
         full: bool,
         /// Compare regular files by content hash, not size and mtime (rsync -c).
         checksum: bool,
+        /// Report the replica's root hash, from a fresh scan, in `RoundDone`.
+        verify: bool,
     },
     /// A batch of manifest entries, in path order.
     Manifest(Vec<Entry>),
@@ -298,6 +331,65 @@ pub enum Message {
         /// Its content.
         data: Vec<u8>,
     },
+    /// Replica → source on a fresh stream: bring database entry `index` to the
+    /// round's snapshot. `have` is the page Merkle hash the replica holds (zeros
+    /// for none).
+    DbRequest {
+        /// Position of the entry in the round's manifest.
+        index: u64,
+        /// What the replica holds.
+        have: [u8; 32],
+    },
+    /// Source → replica: the source does not know `have`; send page hashes.
+    DbNeedHashes,
+    /// Replica → source: the page hashes of what it holds, in page order, in
+    /// batches; `last` ends them.
+    DbHashes {
+        /// Page size of the replica's database (0 when it has none).
+        page_size: u32,
+        /// The next page hashes.
+        hashes: Vec<[u8; 32]>,
+        /// Whether this is the last batch.
+        last: bool,
+    },
+    /// Source → replica: page images of the snapshot, by page number (from 1).
+    DbPages(Vec<(u32, Vec<u8>)>),
+    /// Source → replica: the pages are complete; the database has `pages` pages
+    /// of `page_size` bytes and hash `hash`.
+    DbEnd {
+        /// Page size.
+        page_size: u32,
+        /// Page count.
+        pages: u32,
+        /// Page Merkle hash.
+        hash: [u8; 32],
+    },
+    /// Source → replica on the control stream, between rounds: the replica becomes
+    /// the source of the folder at `epoch` (after the final cut).
+    Promote {
+        /// The new epoch (the old one plus one).
+        epoch: u64,
+    },
+    /// Replica → source: promoted (its start hook ran), or why not.
+    Promoted {
+        /// The epoch now persisted.
+        epoch: u64,
+        /// Empty on success; the failure otherwise (the replica stayed as it was).
+        error: String,
+    },
+}
+
+/// Most page hashes in one [`Message::DbHashes`] batch.
+pub const MAX_HASHES_PER_BATCH: usize = 1 << 16;
+/// Most pages in one [`Message::DbPages`] batch.
+pub const MAX_PAGES_PER_BATCH: usize = 1024;
+/// Largest SQLite page size.
+pub const MAX_PAGE_SIZE: u32 = 65536;
+
+/// Whether `n` is a valid SQLite page size.
+#[must_use]
+pub fn valid_page_size(n: u32) -> bool {
+    (512..=MAX_PAGE_SIZE).contains(&n) && n.is_power_of_two()
 }
 
 /// Largest file whose content travels inline with a partial round.
@@ -356,6 +448,33 @@ impl Message {
                 "inline content of {} bytes (at most {MAX_INLINE})",
                 data.len()
             )),
+            Message::DbHashes {
+                page_size, hashes, ..
+            } => {
+                if hashes.len() > MAX_HASHES_PER_BATCH {
+                    return Err(format!("{} page hashes in one batch", hashes.len()));
+                }
+                if *page_size != 0 && !valid_page_size(*page_size) {
+                    return Err(format!("page size {page_size}"));
+                }
+                Ok(())
+            }
+            Message::DbPages(pages) => {
+                if pages.len() > MAX_PAGES_PER_BATCH {
+                    return Err(format!("{} pages in one batch", pages.len()));
+                }
+                if let Some((n, d)) = pages
+                    .iter()
+                    .find(|(n, d)| *n == 0 || !valid_page_size(d.len() as u32))
+                {
+                    return Err(format!("page {n} of {} bytes", d.len()));
+                }
+                Ok(())
+            }
+            Message::DbEnd { page_size, .. } if !valid_page_size(*page_size) => {
+                Err(format!("page size {page_size}"))
+            }
+            Message::Promoted { error, .. } => text(error, "promotion error"),
             Message::RoundDone { summary: s, .. } => {
                 if s.warnings.len() > 1000 {
                     return Err("more than 1000 warnings".into());
@@ -379,6 +498,9 @@ fn validate_entry(e: &Entry) -> Result<(), String> {
             return Err(at("hard link to itself or to the root".into()));
         }
         Kind::Symlink { .. } | Kind::HardLink { .. } => {}
+        Kind::Database { page_size, .. } if !valid_page_size(*page_size) => {
+            return Err(at(format!("database page size {page_size}")));
+        }
         Kind::Dir => {}
         _ if e.path.is_root() => return Err(at("the root must be a directory".into())),
         _ => {}

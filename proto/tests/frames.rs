@@ -34,6 +34,7 @@ fn all_messages() -> Vec<Message> {
             id: 7,
             full: true,
             checksum: false,
+            verify: false,
         },
         Message::Deleted(vec![RelPath::new(&b"gone/x"[..]).unwrap()]),
         Message::Renamed(vec![(

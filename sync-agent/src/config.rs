@@ -267,6 +267,12 @@ impl Folder {
             pats.extend(ex.iter().map(|s| s.to_string()));
         }
         pats.extend(self.exclude.iter().cloned());
+        // Overlays are each host's own: never sent, overwritten or deleted.
+        pats.extend(
+            self.overlays()
+                .into_iter()
+                .map(|o| format!("/{}", o.trim_start_matches('/'))),
+        );
         Filter::new(&pats).with_context(|| format!("folder {}", self.name))
     }
 

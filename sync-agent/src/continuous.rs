@@ -9,7 +9,7 @@
 
 use crate::identity::{Identity, NodeId};
 use crate::session::Progress;
-use crate::session::source::{Round, SourceSession};
+use crate::session::source::{Fenced, Round, SourceSession};
 use anyhow::{Context, Result};
 use notify::{EventKind, RecursiveMode, Watcher};
 use proto::{Entry, Kind, RelPath};
@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sync_core::filter::Filter;
 use sync_core::index::HashIndex;
 use sync_core::scan::ScanOptions;
+use sync_core::sqlite::{CutStats, LiveSet};
 use tokio::sync::{Notify, mpsc, watch};
 
 /// A source folder's settings.
@@ -47,6 +48,68 @@ pub struct SourceFolder {
     pub debounce: Duration,
     /// Period of the safety full rescan.
     pub rescan_every: Duration,
+    /// Database globs (headers are recognised anyway).
+    pub sqlite: Filter,
+    /// This node's fencing epoch for the folder (sent in the hello).
+    pub epoch: u64,
+    /// Where this node's fencing state is persisted.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// What the operator asks of a running source folder (through the control
+/// socket).
+#[derive(Debug)]
+pub enum Command {
+    /// A consistent cut shipped as a full round, verified by both root hashes.
+    Cut(tokio::sync::oneshot::Sender<Result<CutReport, String>>),
+    /// Hand the folder over: the replica becomes the source at `epoch`; on
+    /// success this node takes the replica role.
+    Promote {
+        /// The new epoch.
+        epoch: u64,
+        /// The answer.
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// What `sync-cli cut` prints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CutReport {
+    /// The folder.
+    pub folder: String,
+    /// The cut's id (the round that carried it).
+    pub cut_id: u64,
+    /// How long database writers were locked out, in ms.
+    pub writer_stall_ms: f64,
+    /// Databases in the cut.
+    pub databases: u64,
+    /// Database pages changed since the previous cut.
+    pub pages_changed: u64,
+    /// UDP bytes sent to the replica by the cut's round.
+    pub bytes_shipped: u64,
+    /// The source's root hash at the cut.
+    pub source_root: String,
+    /// The replica's root hash after applying it (from a fresh scan).
+    pub replica_root: String,
+    /// Whether they match.
+    pub matched: bool,
+    /// The fencing epoch the cut was shipped at.
+    pub epoch: u64,
+    /// Wall time of the whole cut, in ms.
+    pub elapsed_ms: f64,
+}
+
+/// How a source loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Asked to stop.
+    Stopped,
+    /// The folder was handed over, or the peer fenced us: this node is now a
+    /// replica at `epoch`.
+    Demoted {
+        /// The epoch adopted.
+        epoch: u64,
+    },
 }
 
 /// What `sync-cli status` shows for a folder.
@@ -91,6 +154,12 @@ pub struct FolderStatus {
     pub bytes_hashed_last_full: u64,
     /// UDP bytes sent to the replica by the last full round.
     pub wire_bytes_last_full: u64,
+    /// Live SQLite databases shipped from cuts.
+    pub databases: u64,
+    /// Longest writer stall of the cuts so far, in ms.
+    pub max_writer_stall_ms: f64,
+    /// This node's fencing epoch for the folder.
+    pub epoch: u64,
 }
 
 /// Shared status of one folder.
@@ -249,6 +318,7 @@ struct Batch {
 }
 
 /// Builds a partial round from a batch.
+#[allow(clippy::too_many_arguments)]
 fn partial_round(
     root: &Path,
     opts: &ScanOptions,
@@ -256,12 +326,23 @@ fn partial_round(
     known: &Known,
     batch: Batch,
     deferred: &std::collections::HashMap<RelPath, Instant>,
+    live: &Arc<Mutex<LiveSet>>,
+    stats: &mut CutStats,
 ) -> Result<Partial> {
     let Batch {
-        dirty,
+        mut dirty,
         created,
         renames,
     } = batch;
+    // A database's log or journal changed: the database did.
+    let sidecar_bases: Vec<RelPath> = dirty
+        .iter()
+        .filter_map(|p| {
+            let (dir, name) = p.split_last()?;
+            dir.join(sync_core::sqlite::sidecar_base(name)?).ok()
+        })
+        .collect();
+    dirty.extend(sidecar_bases);
     // Renames are kept when their source is on the replica: known, or moved
     // there by an earlier rename of the batch (`mv a t; mv b a; mv t b`).
     let mut targets: Vec<RelPath> = Vec::new();
@@ -306,6 +387,7 @@ fn partial_round(
     // so the replica can put back the mtime its own writes moved.
     let mut dirs: BTreeMap<RelPath, Entry> = BTreeMap::new();
     let mut held = Vec::new();
+    let mut dbs_seen: Vec<RelPath> = Vec::new();
     for p in paths {
         if covered.as_ref().is_some_and(|c| p.starts_with(c)) {
             continue;
@@ -316,6 +398,7 @@ fn partial_round(
         }
         let (entry, report) = sync_core::scan::entry_at(root, &p, opts, Some(&ix))?;
         hashed.extend(report.hashed);
+        dbs_seen.extend(report.databases);
         if !report.multi_linked.is_empty() {
             // A name of a multiply linked file changed: only a full scan sees the
             // whole link group.
@@ -336,6 +419,7 @@ fn partial_round(
                 // A new directory: its content may predate the watch on it.
                 let (sub, report) = sync_core::scan::scan_subtree(root, &p, opts, Some(&ix))?;
                 hashed.extend(report.hashed);
+                dbs_seen.extend(report.databases);
                 if !report.multi_linked.is_empty() {
                     return Ok((None, held));
                 }
@@ -380,6 +464,36 @@ fn partial_round(
             ix.record(&p, s, h, now);
         }
     }
+    // The cut: every database at one instant; those that changed join the round.
+    {
+        let mut l = live
+            .lock()
+            .map_err(|_| anyhow::anyhow!("live database set poisoned"))?;
+        let gone: Vec<RelPath> = l
+            .paths()
+            .filter(|p| deleted.iter().any(|d| p.starts_with(d)))
+            .cloned()
+            .collect();
+        for p in &gone {
+            l.forget(p);
+        }
+        if let Some(e) = l.add(&dbs_seen).into_iter().next() {
+            return Err(e.into());
+        }
+        note_known(opts, &l);
+        *stats = l.cut()?;
+        let have: BTreeSet<RelPath> = changed.iter().map(|e| e.path.clone()).collect();
+        let ix = index
+            .lock()
+            .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
+        for p in stats.changed.iter().filter(|p| !have.contains(*p)) {
+            if let (Some(e), _) = sync_core::scan::entry_at(root, p, opts, Some(&ix))? {
+                changed.push(e);
+            }
+        }
+        drop(ix);
+        crate::session::source::mark_databases(&mut changed, &l)?;
+    }
     changed.sort_by(|a, b| a.path.cmp(&b.path));
     changed.dedup_by(|a, b| a.path == b.path);
     let round = Round {
@@ -387,18 +501,29 @@ fn partial_round(
         entries: Arc::new(changed),
         deleted,
         renamed,
-        root_hash: [0; 32],
-        checksum: false,
+        live: Some(live.clone()),
+        ..Default::default()
     };
     Ok((Some(round), held))
 }
 
-/// Runs a source folder until `shutdown` turns true.
+/// Tells the scanner which databases this process holds (never read raw).
+fn note_known(opts: &ScanOptions, live: &LiveSet) {
+    if let Some(d) = &opts.databases
+        && let Ok(mut k) = d.known.write()
+    {
+        *k = live.paths().cloned().collect();
+    }
+}
+
+/// Runs a source folder until `shutdown` turns true, or until it is demoted
+/// (handed over, or fenced by a peer with a newer epoch).
 pub async fn run_source(
     mut cfg: SourceFolder,
     status: SharedStatus,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<()> {
+    commands: &mut mpsc::Receiver<Command>,
+) -> Result<Outcome> {
     // Watch events carry absolute paths.
     cfg.root = std::fs::canonicalize(&cfg.root)
         .with_context(|| format!("folder {} root {}", cfg.name, cfg.root.display()))?;
@@ -420,8 +545,16 @@ pub async fn run_source(
     }));
     let opts = ScanOptions {
         filter: cfg.filter.clone(),
+        databases: Some(Arc::new(sync_core::scan::DbDetect {
+            globs: cfg.sqlite.clone(),
+            ..Default::default()
+        })),
         ..Default::default()
     };
+    // Held across sessions: a replica that reconnects a few cuts behind gets
+    // only the pages changed since what it holds.
+    let live = Arc::new(Mutex::new(LiveSet::new(&cfg.root, crate::DB_BUSY)));
+    set(&status, |s| s.epoch = cfg.epoch);
     let mut backoff = Duration::from_millis(100);
     while !*shutdown.borrow() {
         set(&status, |s| s.connected = false);
@@ -432,6 +565,7 @@ pub async fn run_source(
                 cfg.root.clone(),
                 &cfg.name,
                 proto::PROTOCOL_VERSION,
+                cfg.epoch,
                 Arc::new(Progress::default()),
             )
             .await?;
@@ -440,12 +574,23 @@ pub async fn run_source(
         .await;
         let (endpoint, mut session) = match session {
             Ok(s) => s,
+            Err(e) if e.downcast_ref::<Fenced>().is_some() => {
+                let epoch = e.downcast_ref::<Fenced>().map_or(cfg.epoch, |f| f.epoch);
+                tracing::error!(folder = %cfg.name, "{e:#}; taking the replica role at epoch {epoch}");
+                set(&status, |s| s.last_error = Some(format!("{e:#}")));
+                return Ok(Outcome::Demoted { epoch });
+            }
             Err(e) => {
                 tracing::warn!(folder = %cfg.name, "replica {} unreachable: {e:#}; retrying in {backoff:?}", cfg.addr);
                 set(&status, |s| s.last_error = Some(format!("{e:#}")));
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {},
-                    _ = shutdown.changed() => {},
+                let deadline = tokio::time::sleep(backoff);
+                tokio::pin!(deadline);
+                loop {
+                    tokio::select! {
+                        () = &mut deadline => break,
+                        _ = shutdown.changed() => break,
+                        Some(c) = commands.recv() => refuse(c, &format!("folder {}: replica {} is unreachable: {e:#}", cfg.name, cfg.addr)),
+                    }
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
@@ -465,8 +610,15 @@ pub async fn run_source(
             &opts,
             &status,
             &mut shutdown,
+            &live,
+            commands,
         )
         .await;
+        if let Ok(Some(epoch)) = res {
+            session.close().await;
+            endpoint.close(0u32.into(), b"");
+            return Ok(Outcome::Demoted { epoch });
+        }
         if let Err(e) = &res {
             tracing::warn!(folder = %cfg.name, "session ended: {e:#}");
             set(&status, |s| s.last_error = Some(format!("{e:#}")));
@@ -486,9 +638,22 @@ pub async fn run_source(
             backoff = Duration::from_millis(100);
         }
     }
-    Ok(())
+    Ok(Outcome::Stopped)
 }
 
+fn refuse(c: Command, why: &str) {
+    match c {
+        Command::Cut(reply) => {
+            let _ = reply.send(Err(why.to_string()));
+        }
+        Command::Promote { reply, .. } => {
+            let _ = reply.send(Err(why.to_string()));
+        }
+    }
+}
+
+/// Rounds until shutdown (`None`) or a handover (`Some(epoch)`).
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     cfg: &SourceFolder,
     session: &mut SourceSession,
@@ -497,9 +662,12 @@ async fn drive(
     opts: &ScanOptions,
     status: &SharedStatus,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<()> {
+    live: &Arc<Mutex<LiveSet>>,
+    commands: &mut mpsc::Receiver<Command>,
+) -> Result<Option<u64>> {
     let mut known: Known = BTreeMap::new();
     let mut full = true;
+    let mut cut_reply: Option<tokio::sync::oneshot::Sender<Result<CutReport, String>>> = None;
     let mut last_full = Instant::now();
     let mut pending_since: Option<Instant> = None;
     let mut deferred: std::collections::HashMap<RelPath, Instant> = Default::default();
@@ -510,14 +678,26 @@ async fn drive(
             // everything before.
             w.rescan.store(false, Ordering::SeqCst);
             while w.rx.try_recv().is_ok() {}
-            let (root, o, ix) = (cfg.root.clone(), opts.clone(), index.clone());
-            let manifest =
-                tokio::task::spawn_blocking(move || -> Result<(sync_core::Manifest, u64)> {
+            let (root, o, ix, l) = (cfg.root.clone(), opts.clone(), index.clone(), live.clone());
+            let started = Instant::now();
+            let manifest = tokio::task::spawn_blocking(
+                move || -> Result<(sync_core::Manifest, u64, CutStats)> {
                     let guard = ix
                         .lock()
                         .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
-                    let (m, report) = sync_core::scan::scan_with(&root, &o, Some(&guard))?;
+                    let (mut m, report) = sync_core::scan::scan_with(&root, &o, Some(&guard))?;
                     drop(guard);
+                    // The cut: every database frozen at one instant.
+                    let mut l = l
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("live database set poisoned"))?;
+                    if let Some(e) = l.track(&report.databases).into_iter().next() {
+                        return Err(e.into());
+                    }
+                    note_known(&o, &l);
+                    let stats = l.cut()?;
+                    crate::session::source::mark_databases(&mut m.entries, &l)?;
+                    drop(l);
                     let now = sync_core::scan::now_ns();
                     let mut ix = ix
                         .lock()
@@ -529,20 +709,61 @@ async fn drive(
                         m.entries.iter().map(|e| e.path.as_bytes()).collect();
                     ix.retain(|p| live.contains(p));
                     ix.save()?;
-                    Ok((m, report.bytes_hashed))
-                })
-                .await??;
-            let (manifest, bytes_hashed) = manifest;
+                    Ok((m, report.bytes_hashed, stats))
+                },
+            )
+            .await??;
+            let (manifest, bytes_hashed, stats) = manifest;
             let wire_before = session.connection().stats().udp_tx.bytes;
             let root_hash = manifest.root_hash();
+            let databases = manifest
+                .entries
+                .iter()
+                .filter(|e| matches!(e.kind, Kind::Database { .. }))
+                .count() as u64;
             let round = Round {
                 full: true,
                 entries: Arc::new(manifest.entries),
                 root_hash,
+                verify: cut_reply.is_some(),
+                live: Some(live.clone()),
                 ..Default::default()
             };
             set(status, |s| s.files_pending = round.entries.len() as u64);
-            session.round(&round).await?;
+            let cut_id = session.next_round_id();
+            let applied = session.round(&round).await;
+            if let Ok(mut l) = live.lock() {
+                l.end_round();
+            }
+            let applied = match applied {
+                Ok(a) => a,
+                Err(e) => {
+                    if let Some(r) = cut_reply.take() {
+                        let _ = r.send(Err(format!("{e:#}")));
+                    }
+                    return Err(e);
+                }
+            };
+            if let Some(r) = cut_reply.take() {
+                let replica_root = applied
+                    .root_hash
+                    .map(|h| sync_core::hex(&h))
+                    .unwrap_or_default();
+                let source_root = sync_core::hex(&root_hash);
+                let _ = r.send(Ok(CutReport {
+                    folder: cfg.name.clone(),
+                    cut_id,
+                    writer_stall_ms: stats.stall.as_secs_f64() * 1e3,
+                    databases,
+                    pages_changed: stats.pages_changed as u64,
+                    bytes_shipped: session.connection().stats().udp_tx.bytes - wire_before,
+                    matched: replica_root == source_root,
+                    source_root,
+                    replica_root,
+                    epoch: cfg.epoch,
+                    elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+                }));
+            }
             let wire_after = session.connection().stats().udp_tx.bytes;
             let entries = Arc::try_unwrap(round.entries).unwrap_or_else(|shared| (*shared).clone());
             known = entries.into_iter().map(|e| (e.path.clone(), e)).collect();
@@ -560,6 +781,8 @@ async fn drive(
                 s.entries_last_full = known.len() as u64;
                 s.bytes_hashed_last_full = bytes_hashed;
                 s.wire_bytes_last_full = wire_after - wire_before;
+                s.databases = databases;
+                s.max_writer_stall_ms = s.max_writer_stall_ms.max(stats.stall.as_secs_f64() * 1e3);
                 s.files_pending = 0;
                 s.lag_s = 0.0;
                 s.pending_since_unix = None;
@@ -580,7 +803,33 @@ async fn drive(
             () = w.wake.notified() => {},
             () = tokio::time::sleep(tick), if !deferred.is_empty() => {},
             () = tokio::time::sleep(until_rescan) => { full = true; continue; },
-            _ = shutdown.changed() => return Ok(()),
+            _ = shutdown.changed() => return Ok(None),
+            Some(c) = commands.recv() => match c {
+                Command::Cut(reply) => {
+                    cut_reply = Some(reply);
+                    full = true;
+                    continue;
+                }
+                Command::Promote { epoch, reply } => {
+                    match session.promote(epoch).await {
+                        Ok(()) => {
+                            if let Some(dir) = &cfg.state_dir {
+                                let st = crate::epoch::FolderState { role: crate::config::Role::Replica, epoch };
+                                if let Err(e) = crate::epoch::store(dir, &cfg.name, &cfg.identity.id().to_string(), st) {
+                                    let _ = reply.send(Err(format!("the replica was promoted, but persisting this node's demotion failed: {e:#}")));
+                                    return Ok(Some(epoch));
+                                }
+                            }
+                            let _ = reply.send(Ok(()));
+                            return Ok(Some(epoch));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(format!("{e:#}")));
+                            continue;
+                        }
+                    }
+                }
+            },
         }
         // Debounce: collect until the events pause, at most 100 ms.
         let started = Instant::now();
@@ -643,16 +892,21 @@ async fn drive(
             std::mem::take(&mut known),
         );
         let held_before = std::mem::take(&mut deferred);
-        let (round, k, held_before) = tokio::task::spawn_blocking(move || {
+        let l = live.clone();
+        let (round, k, held_before, stats) = tokio::task::spawn_blocking(move || {
             let batch = Batch {
                 dirty,
                 created,
                 renames,
             };
-            let r = partial_round(&root, &o, &ix, &k, batch, &held_before);
-            (r, k, held_before)
+            let mut stats = CutStats::default();
+            let r = partial_round(&root, &o, &ix, &k, batch, &held_before, &l, &mut stats);
+            (r, k, held_before, stats)
         })
         .await?;
+        set(status, |s| {
+            s.max_writer_stall_ms = s.max_writer_stall_ms.max(stats.stall.as_secs_f64() * 1e3)
+        });
         known = k;
         let (round, held) = round?;
         for p in held {
@@ -688,7 +942,11 @@ async fn drive(
             s.lag_bytes = bytes;
             s.files_pending = (round.entries.len() + round.deleted.len()) as u64;
         });
-        let applied = session.round(&round).await?;
+        let applied = session.round(&round).await;
+        if let Ok(mut l) = live.lock() {
+            l.end_round();
+        }
+        let applied = applied?;
         set(status, |s| {
             s.files_inline_total += applied.files_inline;
             s.files_requested_total += applied.files_transferred - applied.files_inline;

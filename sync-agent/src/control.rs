@@ -1,14 +1,51 @@
-//! The local control socket: one JSON line of status per connection.
+//! The local control socket: one JSON request line, one JSON answer line.
 //!
-//! `sync-cli status --config FILE` connects to `[node] control`, and prints what
-//! it reads. The socket is created with mode 0600 (root's tool).
+//! Requests: `{"cmd":"status"}` (also what a client that sends nothing gets),
+//! `{"cmd":"cut","folder":NAME}` (a consistent cut, verified by both root
+//! hashes: [`CutReport`]), `{"cmd":"promote","folder":NAME,"epoch":N}` (hand the
+//! folder over to its replica; this node becomes the replica). `sync-cli status`,
+//! `cut`, `failover` and `failback` use it. The socket is created with mode 0600
+//! (root's tool).
 
-use crate::continuous::FolderStatus;
-use anyhow::{Context, Result};
-use serde::Serialize;
+use crate::continuous::{Command, CutReport, FolderStatus};
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt};
+
+/// What a client asks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    /// The status of every folder.
+    Status,
+    /// A consistent cut of a source folder.
+    Cut {
+        /// The folder (optional when the agent has one).
+        folder: Option<String>,
+    },
+    /// Promote the folder's replica to `epoch`.
+    Promote {
+        /// The folder (optional when the agent has one).
+        folder: Option<String>,
+        /// The new epoch.
+        epoch: u64,
+    },
+}
+
+/// The answer to a cut or a promotion.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Answer {
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The cut, for a cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<CutReport>,
+}
 
 /// What the agent reports.
 #[derive(Debug, Clone, Serialize)]
@@ -28,6 +65,8 @@ pub struct Registry {
     pub folders: Vec<Arc<Mutex<FolderStatus>>>,
     /// Replica folders: their last applied times.
     pub replicas: Vec<Arc<crate::session::replica::ReplicaFolder>>,
+    /// Commands to each folder's source loop, by folder name.
+    pub commands: std::collections::HashMap<String, tokio::sync::mpsc::Sender<Command>>,
 }
 
 impl Registry {
@@ -49,11 +88,25 @@ impl Registry {
                 s
             })
             .collect();
+        // A folder shows in the role it plays now (a failover may swap them).
+        let fence = |name: &str| {
+            self.replicas
+                .iter()
+                .find(|r| r.name == name)
+                .and_then(|r| r.fence.lock().ok().map(|g| *g))
+        };
+        folders.retain(|s| fence(&s.folder).is_none_or(|f| f.source));
         for r in &self.replicas {
+            let f = r.fence.lock().map(|g| *g).unwrap_or_default();
+            if f.source {
+                continue;
+            }
             let last = r.last_applied.lock().ok().and_then(|t| *t);
             folders.push(FolderStatus {
                 folder: r.name.clone(),
                 role: "replica".into(),
+                epoch: f.epoch,
+                last_error: r.last_warning.lock().ok().and_then(|w| w.clone()),
                 connected: r.lock.try_lock().is_err(),
                 last_applied_unix: last
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
@@ -68,16 +121,137 @@ impl Registry {
     }
 }
 
-/// Serves status on the unix socket `path` until the task is dropped.
+/// Serves the unix socket `path` until the task is dropped.
 pub async fn serve(path: PathBuf, registry: Registry) -> Result<()> {
     let listener = bind(&path)?;
+    let registry = Arc::new(registry);
     loop {
-        let (mut stream, _) = listener.accept().await.context("control socket")?;
-        let line = serde_json::to_string(&registry.snapshot())? + "\n";
+        let (stream, _) = listener.accept().await.context("control socket")?;
+        let reg = registry.clone();
         tokio::spawn(async move {
-            let _ = stream.write_all(line.as_bytes()).await;
+            let (rd, mut wr) = stream.into_split();
+            let mut line = String::new();
+            let mut rd = tokio::io::BufReader::new(rd.take(64 << 10));
+            let req = match tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                rd.read_line(&mut line),
+            )
+            .await
+            {
+                Ok(Ok(n)) if n > 0 => serde_json::from_str::<Request>(line.trim()),
+                _ => Ok(Request::Status),
+            };
+            let out = match req {
+                Ok(Request::Status) => serde_json::to_string(&reg.snapshot()),
+                Ok(r) => serde_json::to_string(&reg.command(r).await),
+                Err(e) => serde_json::to_string(&Answer {
+                    ok: false,
+                    error: Some(format!("bad request: {e}")),
+                    cut: None,
+                }),
+            };
+            if let Ok(line) = out {
+                let _ = wr.write_all((line + "\n").as_bytes()).await;
+            }
         });
     }
+}
+
+impl Registry {
+    fn folder(&self, name: Option<String>) -> Result<(String, tokio::sync::mpsc::Sender<Command>)> {
+        match name {
+            Some(n) => self
+                .commands
+                .get(&n)
+                .map(|c| (n.clone(), c.clone()))
+                .ok_or_else(|| anyhow!("this agent runs no folder named {n:?}")),
+            None if self.commands.len() == 1 => self
+                .commands
+                .iter()
+                .next()
+                .map(|(n, c)| (n.clone(), c.clone()))
+                .ok_or_else(|| anyhow!("no folder")),
+            None => {
+                let mut names: Vec<&String> = self.commands.keys().collect();
+                names.sort();
+                bail!("this agent runs several folders ({names:?}): say which with --folder")
+            }
+        }
+    }
+
+    async fn command(&self, r: Request) -> Answer {
+        let fail = |e: anyhow::Error| Answer {
+            ok: false,
+            error: Some(format!("{e:#}")),
+            cut: None,
+        };
+        let res: Result<Answer> = async {
+            match r {
+                Request::Status => bail!("status is not a command"),
+                Request::Cut { folder } => {
+                    let (name, tx) = self.folder(folder)?;
+                    let (reply, rx) = tokio::sync::oneshot::channel();
+                    tx.send(Command::Cut(reply))
+                        .await
+                        .map_err(|_| anyhow!("folder {name}: not running"))?;
+                    let cut = rx
+                        .await
+                        .map_err(|_| anyhow!("folder {name}: the session ended during the cut"))?
+                        .map_err(|e| anyhow!("folder {name}: {e}"))?;
+                    Ok(Answer {
+                        ok: cut.matched,
+                        error: (!cut.matched).then(|| {
+                            format!(
+                                "root hashes differ: source {} replica {}",
+                                cut.source_root, cut.replica_root
+                            )
+                        }),
+                        cut: Some(cut),
+                    })
+                }
+                Request::Promote { folder, epoch } => {
+                    let (name, tx) = self.folder(folder)?;
+                    let (reply, rx) = tokio::sync::oneshot::channel();
+                    tx.send(Command::Promote { epoch, reply })
+                        .await
+                        .map_err(|_| anyhow!("folder {name}: not running"))?;
+                    rx.await
+                        .map_err(|_| {
+                            anyhow!("folder {name}: the session ended during the promotion")
+                        })?
+                        .map_err(|e| anyhow!("folder {name}: {e}"))?;
+                    Ok(Answer {
+                        ok: true,
+                        error: None,
+                        cut: None,
+                    })
+                }
+            }
+        }
+        .await;
+        res.unwrap_or_else(fail)
+    }
+}
+
+/// Sends one request to a running agent and returns its answer line.
+pub async fn request(path: &Path, req: &Request) -> Result<serde_json::Value> {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::UnixStream::connect(path)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the agent's control socket {} (is sync-agent running?)",
+                path.display()
+            )
+        })?;
+    s.write_all((serde_json::to_string(req)? + "\n").as_bytes())
+        .await
+        .context("sending the request")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)
+        .await
+        .context("reading the answer")?;
+    serde_json::from_slice(&buf).context("parsing the agent's answer")
 }
 
 fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
@@ -96,18 +270,7 @@ fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
 
 /// Reads one status from a running agent's control socket.
 pub async fn query(path: &Path) -> Result<Status> {
-    use tokio::io::AsyncReadExt;
-    let mut s = tokio::net::UnixStream::connect(path)
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to the agent's control socket {} (is sync-agent running?)",
-                path.display()
-            )
-        })?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.context("reading status")?;
-    let v: serde_json::Value = serde_json::from_slice(&buf).context("parsing status")?;
+    let v = request(path, &Request::Status).await?;
     Ok(Status {
         node: v["node"].as_str().unwrap_or_default().to_string(),
         folders: serde_json::from_value(v["folders"].clone()).context("parsing folder status")?,

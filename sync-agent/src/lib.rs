@@ -15,6 +15,8 @@
 pub mod config;
 pub mod continuous;
 pub mod control;
+pub mod epoch;
+pub mod hooks;
 pub mod identity;
 pub mod session;
 pub mod tls;
@@ -34,6 +36,10 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 use sync_core::apply::Replica;
 use sync_core::filter::Filter;
+use sync_core::sqlite::LiveSet;
+
+/// How long a cut waits for a database's writer to finish its transaction.
+pub const DB_BUSY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How to push a tree to a replica.
 #[derive(Debug, Clone)]
@@ -90,6 +96,7 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             opts.src.clone(),
             &opts.folder,
             opts.protocol_version,
+            0,
             progress.clone(),
         )
         .await?;
@@ -97,13 +104,23 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             opts.src.clone(),
             sync_core::scan::ScanOptions {
                 filter: opts.filter.clone(),
+                databases: Some(Arc::new(sync_core::scan::DbDetect::default())),
                 ..Default::default()
             },
         );
-        let (manifest, report) =
-            tokio::task::spawn_blocking(move || sync_core::scan::scan_with(&src, &scan_opts, None))
-                .await?
-                .with_context(|| format!("scanning {}", opts.src.display()))?;
+        // Databases are shipped from a consistent cut, never as raw files.
+        let (manifest, report, live) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let (mut m, report) = sync_core::scan::scan_with(&src, &scan_opts, None)?;
+            let mut live = LiveSet::new(&src, DB_BUSY);
+            if let Some(e) = live.track(&report.databases).into_iter().next() {
+                return Err(e.into());
+            }
+            live.cut()?;
+            session::source::mark_databases(&mut m.entries, &live)?;
+            Ok((m, report, Arc::new(std::sync::Mutex::new(live))))
+        })
+        .await?
+        .with_context(|| format!("scanning {}", opts.src.display()))?;
         let scan_s = started.elapsed().as_secs_f64();
         progress
             .entries
@@ -119,6 +136,7 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             entries: Arc::new(manifest.entries),
             root_hash,
             checksum: opts.checksum,
+            live: Some(live),
             ..Default::default()
         };
         let applied = session.round(&round).await?;
@@ -179,6 +197,32 @@ pub fn replica_folder(
     filter: Filter,
     allowed: Vec<NodeId>,
 ) -> Result<Arc<ReplicaFolder>> {
+    replica_folder_with(name, root, filter, allowed, ReplicaSettings::default())
+}
+
+/// What a configured replica folder adds to [`replica_folder`].
+#[derive(Debug, Default)]
+pub struct ReplicaSettings {
+    /// Database globs (headers are recognised anyway).
+    pub sqlite: Filter,
+    /// Where the fencing epoch is persisted.
+    pub state_dir: Option<PathBuf>,
+    /// This node's id.
+    pub node: String,
+    /// The folder's hooks.
+    pub hooks: config::Hooks,
+    /// The persisted fencing state.
+    pub fence: session::replica::Fence,
+}
+
+/// [`replica_folder`] with database globs, fencing state and hooks.
+pub fn replica_folder_with(
+    name: &str,
+    root: &Path,
+    filter: Filter,
+    allowed: Vec<NodeId>,
+    settings: ReplicaSettings,
+) -> Result<Arc<ReplicaFolder>> {
     Ok(Arc::new(ReplicaFolder {
         name: name.to_string(),
         replica: Arc::new(open_replica(root)?),
@@ -187,6 +231,16 @@ pub fn replica_folder(
         lock: tokio::sync::Mutex::new(()),
         last_applied: std::sync::Mutex::new(None),
         current: std::sync::Mutex::new(None),
+        detect: Arc::new(sync_core::scan::DbDetect {
+            globs: settings.sqlite,
+            ..Default::default()
+        }),
+        fence: std::sync::Mutex::new(settings.fence),
+        state_dir: settings.state_dir,
+        node: settings.node,
+        hooks: settings.hooks,
+        promoted: tokio::sync::Notify::new(),
+        last_warning: std::sync::Mutex::new(None),
     }))
 }
 

@@ -11,10 +11,12 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use sync_agent::config::{Config, Role};
-use sync_agent::continuous::{FolderStatus, SourceFolder};
+use sync_agent::continuous::{Command, FolderStatus, Outcome, SourceFolder};
 use sync_agent::control::Registry;
+use sync_agent::session::replica::{Fence, ReplicaFolder};
 use sync_agent::{Identity, NodeId};
 use sync_core::filter::Filter;
+use tokio::sync::mpsc;
 use tokio::sync::watch;
 
 /// understudy agent: keeps a warm standby of a folder.
@@ -111,9 +113,18 @@ fn parse_ids(ids: &[String], what: &str) -> Result<Vec<NodeId>> {
 struct Plan {
     identity: Option<Identity>,
     listen: Option<SocketAddr>,
-    replicas: Vec<Arc<sync_agent::session::replica::ReplicaFolder>>,
-    sources: Vec<SourceFolder>,
+    folders: Vec<FolderPlan>,
     control: Option<PathBuf>,
+}
+
+/// One folder: the replica side (served when this node is not its source), the
+/// source loops (one per peer, run while it is), and its fencing state.
+struct FolderPlan {
+    name: String,
+    replica: Option<Arc<ReplicaFolder>>,
+    sources: Vec<SourceFolder>,
+    fence: Fence,
+    state_dir: Option<PathBuf>,
 }
 
 fn refuse_writable_by_others(path: &Path) -> Result<()> {
@@ -144,33 +155,79 @@ fn plan_from_config(path: &Path) -> Result<Plan> {
     for f in &c.folders {
         let filter = f.filter()?;
         let peers = f.peer_ids()?;
-        match f.role {
-            Role::Replica => plan
-                .replicas
-                .push(sync_agent::replica_folder(&f.name, &f.path, filter, peers)?),
-            Role::Source => {
-                for peer in peers {
-                    let addr = c
-                        .peer_address(&peer)
-                        .with_context(|| format!("folder {}: peer {peer} address", f.name))?;
-                    let index_path =
-                        c.node.state.as_ref().map(|s| {
-                            s.join(format!("{}.{}.index.db", f.name, &peer.to_string()[..9]))
-                        });
-                    plan.sources.push(SourceFolder {
-                        name: f.name.clone(),
-                        root: f.path.clone(),
-                        filter: filter.clone(),
-                        identity: identity.clone(),
-                        peer,
-                        addr,
-                        index_path,
-                        debounce: Duration::from_millis(5),
-                        rescan_every: Duration::from_secs(600),
-                    });
-                }
-            }
+        let sqlite =
+            Filter::new(&f.sqlite).with_context(|| format!("folder {}: sqlite", f.name))?;
+        // The persisted fencing state wins over the configured role: a failover
+        // may have swapped them.
+        let persisted = match &c.node.state {
+            Some(dir) => sync_agent::epoch::load(dir, &f.name)?,
+            None => None,
+        };
+        let (role, epoch) = persisted.map_or((f.role, 0), |st| (st.role, st.epoch));
+        if persisted.is_some() && role != f.role {
+            tracing::info!(folder = %f.name, ?role, epoch, "role from the persisted fencing state (a failover swapped it)");
         }
+        let fence = Fence {
+            epoch,
+            source: role == Role::Source,
+        };
+        if role == Role::Replica && c.node.listen.is_none() {
+            bail!(
+                "folder {}: this node is its replica but [node] listen is not set",
+                f.name
+            );
+        }
+        let replica = match c.node.listen {
+            Some(_) => Some(sync_agent::replica_folder_with(
+                &f.name,
+                &f.path,
+                filter.clone(),
+                peers.clone(),
+                sync_agent::ReplicaSettings {
+                    sqlite: sqlite.clone(),
+                    state_dir: c.node.state.clone(),
+                    node: identity.id().to_string(),
+                    hooks: f.hooks.clone(),
+                    fence,
+                },
+            )?),
+            None => None,
+        };
+        let mut sources = Vec::new();
+        for peer in peers {
+            let Some(addr) = c.peer_address(&peer) else {
+                if role == Role::Source {
+                    bail!("folder {}: peer {peer} has no address", f.name);
+                }
+                continue;
+            };
+            let index_path = c
+                .node
+                .state
+                .as_ref()
+                .map(|s| s.join(format!("{}.{}.index.db", f.name, &peer.to_string()[..9])));
+            sources.push(SourceFolder {
+                name: f.name.clone(),
+                root: f.path.clone(),
+                filter: filter.clone(),
+                identity: identity.clone(),
+                peer,
+                addr,
+                index_path,
+                debounce: Duration::from_millis(5),
+                rescan_every: Duration::from_secs(600),
+                sqlite: sqlite.clone(),
+                epoch,
+                state_dir: c.node.state.clone(),
+            });
+        }
+        plan.folders.push(FolderPlan {
+            name: f.name.clone(),
+            replica,
+            sources,
+            fence,
+            state_dir: c.node.state.clone(),
+        });
     }
     plan.identity = Some(identity);
     Ok(plan)
@@ -187,39 +244,41 @@ async fn run(plan: Plan) -> Result<ExitCode> {
         node: identity.id().to_string(),
         ..Default::default()
     };
-    if !plan.replicas.is_empty() {
+    let replicas: Vec<Arc<ReplicaFolder>> = plan
+        .folders
+        .iter()
+        .filter_map(|f| f.replica.clone())
+        .collect();
+    if !replicas.is_empty() {
         let listen = plan
             .listen
             .context("replica folders need a listen address")?;
-        let allowed: Vec<NodeId> = plan
-            .replicas
-            .iter()
-            .flat_map(|r| r.allowed.clone())
-            .collect();
+        let allowed: Vec<NodeId> = replicas.iter().flat_map(|r| r.allowed.clone()).collect();
         let endpoint = sync_agent::tls::server(listen, &identity, allowed)?;
         let local = endpoint.local_addr()?;
         tracing::info!(id = %identity.id(), %local, "replica listening");
         // One line on stdout so scripts can learn the port when listening on :0.
         println!("listening {local}");
-        let folders: HashMap<String, _> = plan
-            .replicas
+        let folders: HashMap<String, _> = replicas
             .iter()
             .map(|r| (r.name.clone(), r.clone()))
             .collect();
-        registry.replicas = plan.replicas.clone();
+        registry.replicas = replicas.clone();
         let mut rx = stop_rx.clone();
         tasks.spawn(sync_agent::serve(endpoint, Arc::new(folders), async move {
             let _ = rx.wait_for(|s| *s).await;
         }));
     }
-    for s in plan.sources {
-        let status = Arc::new(Mutex::new(FolderStatus::default()));
-        registry.folders.push(status.clone());
-        tasks.spawn(sync_agent::continuous::run_source(
-            s,
-            status,
-            stop_rx.clone(),
-        ));
+    for f in plan.folders {
+        let (tx, rx) = mpsc::channel::<Command>(4);
+        registry.commands.insert(f.name.clone(), tx);
+        let statuses: Vec<_> = f
+            .sources
+            .iter()
+            .map(|_| Arc::new(Mutex::new(FolderStatus::default())))
+            .collect();
+        registry.folders.extend(statuses.iter().cloned());
+        tasks.spawn(supervise(f, statuses, rx, stop_rx.clone()));
     }
     if let Some(path) = plan.control {
         let reg = registry.clone();
@@ -249,6 +308,125 @@ async fn run(plan: Plan) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Runs one folder in the role its fencing state says, switching when a
+/// failover promotes or demotes this node.
+async fn supervise(
+    f: FolderPlan,
+    statuses: Vec<Arc<Mutex<FolderStatus>>>,
+    mut commands: mpsc::Receiver<Command>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let fence = |f: &FolderPlan| {
+        f.replica
+            .as_ref()
+            .and_then(|r| r.fence.lock().ok().map(|g| *g))
+            .unwrap_or(f.fence)
+    };
+    let mut local = f.fence;
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let now = if f.replica.is_some() {
+            fence(&f)
+        } else {
+            local
+        };
+        if now.source {
+            // The first peer drives handovers; more peers each get a copy.
+            let Some((first, rest)) = f.sources.split_first() else {
+                bail!(
+                    "folder {}: this node is its source but no peer has an address",
+                    f.name
+                );
+            };
+            let (sub_stop_tx, sub_stop) = watch::channel(false);
+            let mut others = tokio::task::JoinSet::new();
+            for (cfg, st) in rest.iter().zip(statuses.iter().skip(1)) {
+                let mut cfg = cfg.clone();
+                cfg.epoch = now.epoch;
+                let (st, s) = (st.clone(), sub_stop.clone());
+                others.spawn(async move {
+                    let (_tx, mut rx) = mpsc::channel(1);
+                    sync_agent::continuous::run_source(cfg, st, s, &mut rx).await
+                });
+            }
+            let mut cfg = first.clone();
+            cfg.epoch = now.epoch;
+            let status = statuses.first().cloned().unwrap_or_default();
+            let stop_first = {
+                let mut stop = stop.clone();
+                let sub = sub_stop_tx.clone();
+                tokio::spawn(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                    let _ = sub.send(true);
+                })
+            };
+            let outcome =
+                sync_agent::continuous::run_source(cfg, status, sub_stop.clone(), &mut commands)
+                    .await;
+            let _ = sub_stop_tx.send(true);
+            stop_first.abort();
+            while others.join_next().await.is_some() {}
+            match outcome? {
+                Outcome::Stopped => return Ok(()),
+                Outcome::Demoted { epoch } => {
+                    let st = sync_agent::epoch::FolderState {
+                        role: Role::Replica,
+                        epoch,
+                    };
+                    if let Some(dir) = &f.state_dir {
+                        let node = f
+                            .sources
+                            .first()
+                            .map(|s| s.identity.id().to_string())
+                            .unwrap_or_default();
+                        sync_agent::epoch::store(dir, &f.name, &node, st)?;
+                    }
+                    local = Fence {
+                        epoch,
+                        source: false,
+                    };
+                    if let Some(r) = &f.replica
+                        && let Ok(mut g) = r.fence.lock()
+                    {
+                        *g = local;
+                    }
+                    tracing::warn!(folder = %f.name, epoch, "this node is now the folder's replica");
+                    if let Some(r) = &f.replica
+                        && let Some(cmd) = r.hooks.command(sync_agent::config::Hook::StopReplica)
+                        && let Err(e) =
+                            sync_agent::hooks::run("stop_replica", cmd, &f.name, r.hooks.timeout())
+                                .await
+                    {
+                        tracing::error!(folder = %f.name, "{e:#}");
+                    }
+                }
+            }
+        } else {
+            let Some(r) = f.replica.clone() else {
+                tracing::error!(folder = %f.name, "this node is now the folder's replica, but [node] listen is not set: not serving it");
+                let _ = stop.wait_for(|s| *s).await;
+                return Ok(());
+            };
+            tokio::select! {
+                () = r.promoted.notified() => {}
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+                Some(c) = commands.recv() => {
+                    let why = format!(
+                        "folder {}: this node is its replica (epoch {}); run this on the source's host",
+                        f.name, now.epoch
+                    );
+                    match c {
+                        Command::Cut(reply) => { let _ = reply.send(Err(why)); }
+                        Command::Promote { reply, .. } => { let _ = reply.send(Err(why)); }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn build_plan(cli: Cli) -> Result<Plan> {
     match (cli.config, cli.cmd) {
         (Some(path), None) => plan_from_config(&path),
@@ -273,11 +451,16 @@ fn build_plan(cli: Cli) -> Result<Plan> {
             Ok(Plan {
                 identity: Some(identity),
                 listen: Some(listen),
-                replicas: vec![sync_agent::replica_folder(
-                    "default", &root, filter, allowed,
-                )?],
+                folders: vec![FolderPlan {
+                    name: "default".into(),
+                    replica: Some(sync_agent::replica_folder(
+                        "default", &root, filter, allowed,
+                    )?),
+                    sources: Vec::new(),
+                    fence: Fence::default(),
+                    state_dir: None,
+                }],
                 control,
-                ..Default::default()
             })
         }
         (
@@ -313,16 +496,28 @@ fn build_plan(cli: Cli) -> Result<Plan> {
             };
             Ok(Plan {
                 identity: Some(identity.clone()),
-                sources: vec![SourceFolder {
-                    name: folder,
-                    root,
-                    filter: Filter::new(&exclude)?,
-                    identity,
-                    peer,
-                    addr: connect,
-                    index_path,
-                    debounce: Duration::from_millis(debounce_ms),
-                    rescan_every: Duration::from_secs(rescan_s.max(1)),
+                folders: vec![FolderPlan {
+                    name: folder.clone(),
+                    replica: None,
+                    sources: vec![SourceFolder {
+                        name: folder,
+                        root,
+                        filter: Filter::new(&exclude)?,
+                        identity,
+                        peer,
+                        addr: connect,
+                        index_path,
+                        debounce: Duration::from_millis(debounce_ms),
+                        rescan_every: Duration::from_secs(rescan_s.max(1)),
+                        sqlite: Filter::default(),
+                        epoch: 0,
+                        state_dir: None,
+                    }],
+                    fence: Fence {
+                        epoch: 0,
+                        source: true,
+                    },
+                    state_dir: None,
                 }],
                 control,
                 ..Default::default()

@@ -14,7 +14,18 @@
 //! `store.go` does temp, fsync, rename, fsync dir per file; a batch gives the same
 //! guarantee for hundreds of files at the cost of two syncs). A crash leaves only
 //! temp files, which [`Replica::sweep_temps`] removes at the next start.
+//!
+//! A round is applied all-or-nothing (a consistent cut): everything is staged
+//! first (files as temp files, database pages in staging files), one `syncfs`
+//! makes it durable, then a journal listing every rename and database update is
+//! written and made durable, and only then are they carried out. A crash before
+//! the journal leaves the previous cut (and temp files, swept); a crash after it
+//! is rolled forward by [`Replica::open`]. Databases are updated inside one
+//! SQLite transaction each (pages through `sqlite_dbpage`), or replaced whole by
+//! a rename when the replica had none; the agent never updates a database that
+//! another process holds open.
 
+use crate::sqlite::{self, Held};
 use crate::{Entry, Error, Kind, Meta, RelPath, meta};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 use std::collections::BTreeSet;
@@ -22,12 +33,12 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::Mutex;
 
-/// Staged files renamed per `syncfs` batch.
-const BATCH_FILES: usize = 512;
-/// Staged bytes per `syncfs` batch.
-const BATCH_BYTES: u64 = 512 << 20;
+/// The cut journal: written before a round's renames and database updates, and
+/// rolled forward at the next open when present.
+pub const JOURNAL: &[u8] = b".understudy.tmp.journal";
 /// Zero blocks of this size (aligned) are left as holes.
 const HOLE_BLOCK: usize = 4096;
 
@@ -41,12 +52,37 @@ pub struct Replica {
     pending: Mutex<Pending>,
     /// Temp files being written: (parent, name).
     staging: Mutex<BTreeSet<(RelPath, Vec<u8>)>>,
+    /// Page hashes of the replica's databases, by (inode, size, mtime).
+    db_cache: Mutex<std::collections::HashMap<RelPath, (DbStamp, Arc<Held>)>>,
+    /// The root as SQLite opens it (no symlink on the way).
+    canonical: PathBuf,
 }
+
+type DbStamp = (u64, u64, i64, u64);
 
 #[derive(Debug, Default)]
 struct Pending {
     renames: Vec<(RelPath, Vec<u8>)>,
-    bytes: u64,
+    dbs: Vec<DbCommit>,
+}
+
+/// A staged database update, as the journal records it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct DbCommit {
+    path: RelPath,
+    tmp: Vec<u8>,
+    /// The staging file is the whole new database (else page records).
+    full: bool,
+    pages: u32,
+    meta: Meta,
+    #[serde(skip)]
+    held: Option<Arc<Held>>,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Journal {
+    renames: Vec<(RelPath, Vec<u8>)>,
+    dbs: Vec<DbCommit>,
 }
 
 fn temp_name() -> Vec<u8> {
@@ -81,14 +117,47 @@ impl Replica {
             Mode::empty(),
         )
         .map_err(|e| Error::io("open replica root", root.display(), e))?;
-        Ok(Self {
+        let r = Self {
             root: fd,
             root_path: root.to_path_buf(),
             touched: Mutex::default(),
             warnings: Mutex::default(),
             pending: Mutex::default(),
             staging: Mutex::default(),
-        })
+            db_cache: Mutex::default(),
+            canonical: std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()),
+        };
+        r.roll_forward()?;
+        Ok(r)
+    }
+
+    /// Completes a round whose journal was written before a crash.
+    fn roll_forward(&self) -> Result<(), Error> {
+        let mut buf = Vec::new();
+        match rustix::fs::openat(
+            &self.root,
+            JOURNAL,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => {
+                use std::io::Read as _;
+                File::from(fd)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| Error::io("read journal", self.root_path.display(), e))?;
+            }
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(Error::io("open journal", self.root_path.display(), e)),
+        }
+        let journal: Journal = bincode::serde::decode_from_slice(&buf, bincode::config::standard())
+            .map(|(j, _)| j)
+            .map_err(|e| Error::invalid(self.root_path.display(), format!("journal: {e}")))?;
+        tracing::info!(
+            renames = journal.renames.len(),
+            databases = journal.dbs.len(),
+            "rolling forward the cut journal of an interrupted round"
+        );
+        self.carry_out(journal, true)
     }
 
     /// The root as given.
@@ -155,7 +224,7 @@ impl Replica {
         let mut n = 0;
         for t in temps {
             let (dir, parent, name) = self.parent(t)?;
-            if !crate::is_temp_name(name) {
+            if !crate::is_temp_name(name) || (parent.is_root() && name == JOURNAL) {
                 continue;
             }
             match rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
@@ -330,7 +399,7 @@ impl Replica {
                 let fd = self.dir(&entry.path)?;
                 self.meta_fd(&File::from(fd), &entry.meta, &shown_path)
             }
-            Kind::File { .. } => {
+            Kind::File { .. } | Kind::Database { .. } => {
                 let (dir, _, name) = self.parent(&entry.path)?;
                 let fd = rustix::fs::openat(
                     &dir,
@@ -578,8 +647,9 @@ impl Replica {
         })
     }
 
-    /// Renames every staged file into place after one `syncfs` made their data
-    /// durable.
+    /// Carries out the round: one `syncfs` makes every staged file durable, the
+    /// journal is written, then renames and database updates run, and the
+    /// journal is removed.
     pub fn flush(&self) -> Result<(), Error> {
         let batch = match self.pending.lock() {
             Ok(mut p) => std::mem::take(&mut *p),
@@ -590,32 +660,287 @@ impl Replica {
                 ));
             }
         };
-        if batch.renames.is_empty() {
+        if batch.renames.is_empty() && batch.dbs.is_empty() {
             return Ok(());
         }
         rustix::fs::syncfs(&self.root)
             .map_err(|e| Error::io("syncfs", self.root_path.display(), e))?;
-        let mut renames = batch.renames.into_iter();
-        while let Some((path, tmp)) = renames.next() {
-            let done = self.parent(&path).and_then(|(dir, parent, name)| {
-                rustix::fs::renameat(&dir, tmp.as_slice(), &dir, name)
-                    .map_err(|e| Error::io("rename", self.display(&path), e))?;
-                self.touch(parent);
-                Ok(())
-            });
-            if let Err(e) = done {
-                // Leave no temp file of this batch behind.
-                for (p, t) in std::iter::once((path, tmp)).chain(renames) {
-                    if let Some((parent, _)) = p.split_last()
-                        && let Ok(dir) = self.dir(&parent)
-                    {
-                        let _ = rustix::fs::unlinkat(&dir, t.as_slice(), AtFlags::empty());
-                    }
+        let journal = Journal {
+            renames: batch.renames,
+            dbs: batch.dbs,
+        };
+        // One rename is atomic by itself; a database update is one SQLite
+        // transaction (or one rename).
+        if journal.renames.len() + journal.dbs.len() == 1 {
+            return self.carry_out(journal, false);
+        }
+        // The journal lives in the root: its creation and removal must not
+        // move the root's mtime when the round does not.
+        let root_times = rustix::fs::fstat(&self.root).ok();
+        if let Err(e) = self.write_journal(&journal) {
+            // Nothing was carried out: remove what was staged.
+            for (p, t) in journal
+                .renames
+                .iter()
+                .map(|(p, t)| (p, t))
+                .chain(journal.dbs.iter().map(|d| (&d.path, &d.tmp)))
+            {
+                if let Some((parent, _)) = p.split_last()
+                    && let Ok(dir) = self.dir(&parent)
+                {
+                    let _ = rustix::fs::unlinkat(&dir, t.as_slice(), AtFlags::empty());
                 }
-                return Err(e);
             }
+            return Err(e);
+        }
+        self.carry_out(journal, true)?;
+        let root_touched = self
+            .touched
+            .lock()
+            .map(|t| t.contains(&RelPath::root()))
+            .unwrap_or(true);
+        if let (Some(st), false) = (root_times, root_touched) {
+            let t = Timestamps {
+                last_access: Timespec {
+                    tv_sec: 0,
+                    tv_nsec: rustix::fs::UTIME_OMIT,
+                },
+                last_modification: ts(st.st_mtime, st.st_mtime_nsec as u32),
+            };
+            let _ = rustix::fs::utimensat(&self.root, ".", &t, AtFlags::empty());
         }
         Ok(())
+    }
+
+    fn write_journal(&self, j: &Journal) -> Result<(), Error> {
+        let bytes = bincode::serde::encode_to_vec(j, bincode::config::standard())
+            .map_err(|e| Error::invalid(self.root_path.display(), format!("journal: {e}")))?;
+        let tmp = temp_name();
+        let shown = self.root_path.display();
+        let fd = rustix::fs::openat(
+            &self.root,
+            tmp.as_slice(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| Error::io("create journal", &shown, e))?;
+        let f = File::from(fd);
+        let written = f
+            .write_all_at(&bytes, 0)
+            .and_then(|()| f.sync_data())
+            .map_err(|e| Error::io("write journal", &shown, e))
+            .and_then(|()| {
+                rustix::fs::renameat(&self.root, tmp.as_slice(), &self.root, JOURNAL)
+                    .map_err(|e| Error::io("rename journal", &shown, e))
+            })
+            .and_then(|()| {
+                rustix::fs::fsync(&self.root).map_err(|e| Error::io("fsync", &shown, e))
+            });
+        if written.is_err() {
+            let _ = rustix::fs::unlinkat(&self.root, tmp.as_slice(), AtFlags::empty());
+        }
+        written
+    }
+
+    /// Renames and database updates of a journal; idempotent, so a journal
+    /// found after a crash is simply carried out again.
+    fn carry_out(&self, j: Journal, journaled: bool) -> Result<(), Error> {
+        for (path, tmp) in &j.renames {
+            let (dir, parent, name) = self.parent(path)?;
+            match rustix::fs::renameat(&dir, tmp.as_slice(), &dir, name) {
+                Ok(()) => self.touch(parent),
+                // done before the crash
+                Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(Error::io("rename", self.display(path), e)),
+            }
+        }
+        for db in j.dbs {
+            self.update_db(db)?;
+        }
+        if !journaled {
+            return Ok(());
+        }
+        rustix::fs::syncfs(&self.root)
+            .map_err(|e| Error::io("syncfs", self.root_path.display(), e))?;
+        match rustix::fs::unlinkat(&self.root, JOURNAL, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(Error::io("remove journal", self.root_path.display(), e)),
+        }
+    }
+
+    /// The other processes holding the database at `path` (or its side files)
+    /// open, as text, or `None`.
+    pub fn db_holders(&self, path: &RelPath) -> Option<String> {
+        let held = crate::holders::holders_of_db(&self.db_path(path)).unwrap_or_default();
+        (!held.is_empty()).then(|| {
+            held.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    }
+
+    fn db_path(&self, path: &RelPath) -> PathBuf {
+        crate::scan::abs(&self.canonical, path)
+    }
+
+    fn update_db(&self, db: DbCommit) -> Result<(), Error> {
+        let (dir, parent, name) = self.parent(&db.path)?;
+        let shown = self.display(&db.path);
+        let gone = |r: rustix::io::Result<()>| match r {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(Error::io("remove", &shown, e)),
+        };
+        if rustix::fs::statat(&dir, db.tmp.as_slice(), AtFlags::SYMLINK_NOFOLLOW).is_err() {
+            return Ok(()); // carried out before a crash
+        }
+        if let Some(who) = self.db_holders(&db.path) {
+            self.warn(format!(
+                "{shown}: database held open by {who}; not updated (the standby's \
+                 application must be stopped), retried next round"
+            ));
+            return gone(rustix::fs::unlinkat(
+                &dir,
+                db.tmp.as_slice(),
+                AtFlags::empty(),
+            ));
+        }
+        // Side files that are not plain files (a planted symlink) are removed
+        // before SQLite opens them by name.
+        for suffix in sqlite::SIDECARS {
+            let side = [name, suffix].concat();
+            if let Ok(st) = rustix::fs::statat(&dir, side.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
+                && (db.full
+                    || rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        != rustix::fs::FileType::RegularFile)
+            {
+                // A whole new database must not meet the old one's log.
+                gone(rustix::fs::unlinkat(
+                    &dir,
+                    side.as_slice(),
+                    AtFlags::empty(),
+                ))?;
+            }
+        }
+        if db.full {
+            rustix::fs::renameat(&dir, db.tmp.as_slice(), &dir, name)
+                .map_err(|e| Error::io("rename", &shown, e))?;
+        } else {
+            let fd = rustix::fs::openat(
+                &dir,
+                db.tmp.as_slice(),
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io("open staged pages of", &shown, e))?;
+            let staged = File::from(fd);
+            let records = PageRecords {
+                file: &staged,
+                at: 0,
+                shown: &shown,
+            };
+            sqlite::apply_pages(&self.db_path(&db.path), db.pages, records)?;
+            gone(rustix::fs::unlinkat(
+                &dir,
+                db.tmp.as_slice(),
+                AtFlags::empty(),
+            ))?;
+        }
+        self.touch(parent);
+        let entry = Entry {
+            path: db.path.clone(),
+            kind: Kind::File {
+                size: 0,
+                hash: [0; 32],
+            },
+            meta: db.meta,
+        };
+        self.set_meta(&entry)?;
+        if let (Some(held), Ok(st)) = (
+            db.held,
+            rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW),
+        ) && let Ok(mut c) = self.db_cache.lock()
+        {
+            c.insert(db.path, (db_stamp(&st), held));
+        }
+        Ok(())
+    }
+
+    /// The database the replica holds at `path` (page hashes cached by inode,
+    /// size and mtime), or `None` when there is none SQLite can open.
+    pub fn db_held(&self, path: &RelPath) -> Result<Option<Arc<Held>>, Error> {
+        let (dir, _, name) = self.parent(path)?;
+        let st = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(Error::io("stat", self.display(path), e)),
+        };
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            return Ok(None);
+        }
+        let stamp = db_stamp(&st);
+        if let Ok(c) = self.db_cache.lock()
+            && let Some((s, h)) = c.get(path)
+            && *s == stamp
+        {
+            return Ok(Some(h.clone()));
+        }
+        let held = sqlite::read_hashes(&self.db_path(path))?.map(Arc::new);
+        if let (Some(h), Ok(mut c)) = (&held, self.db_cache.lock()) {
+            c.insert(path.clone(), (stamp, h.clone()));
+        }
+        Ok(held)
+    }
+
+    /// Starts staging a database: pages on top of `base` (what the replica
+    /// holds), or a whole new database when there is no usable base.
+    pub fn stage_db(
+        &self,
+        path: &RelPath,
+        base: Option<Arc<Held>>,
+        page_size: u32,
+        pages: u32,
+    ) -> Result<StagedDb<'_>, Error> {
+        let base = base.filter(|b| b.page_size == page_size);
+        let hashes = match &base {
+            Some(b) => {
+                let mut h = b.hashes.clone();
+                h.resize(pages as usize, [0; 32]);
+                h
+            }
+            None => vec![[0; 32]; pages as usize],
+        };
+        let missing = if base.is_some() {
+            // pages past the old end must all arrive
+            (b_len(&base)..pages).collect()
+        } else {
+            (0..pages).collect()
+        };
+        let (dir, parent, _) = self.parent(path)?;
+        let tmp = temp_name();
+        if let Ok(mut s) = self.staging.lock() {
+            s.insert((parent, tmp.clone()));
+        }
+        let fd = rustix::fs::openat(
+            &dir,
+            tmp.as_slice(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| Error::io("create temp file for", self.display(path), e))?;
+        Ok(StagedDb {
+            replica: self,
+            dir,
+            tmp,
+            path: path.clone(),
+            file: File::from(fd),
+            full: base.is_none(),
+            page_size,
+            hashes,
+            missing,
+            len: 0,
+            done: false,
+        })
     }
 
     /// Starts a new session: forgets what earlier sessions touched or staged
@@ -650,6 +975,7 @@ impl Replica {
         let pending = pending
             .renames
             .into_iter()
+            .chain(pending.dbs.into_iter().map(|d| (d.path, d.tmp)))
             .filter_map(|(path, tmp)| path.split_last().map(|(parent, _)| (parent, tmp)));
         for (parent, tmp) in staged.into_iter().chain(pending) {
             if let Ok(dir) = self.dir(&parent) {
@@ -670,17 +996,13 @@ impl Replica {
         rustix::fs::syncfs(&self.root).map_err(|e| Error::io("syncfs", self.root_path.display(), e))
     }
 
-    fn queue(&self, path: RelPath, tmp: Vec<u8>, len: u64) -> Result<(), Error> {
-        let full = {
-            let mut p = self
-                .pending
-                .lock()
-                .map_err(|_| Error::invalid(self.root_path.display(), "pending list poisoned"))?;
-            p.renames.push((path, tmp));
-            p.bytes += len;
-            p.renames.len() >= BATCH_FILES || p.bytes >= BATCH_BYTES
-        };
-        if full { self.flush() } else { Ok(()) }
+    fn queue(&self, path: RelPath, tmp: Vec<u8>) -> Result<(), Error> {
+        self.pending
+            .lock()
+            .map_err(|_| Error::invalid(self.root_path.display(), "pending list poisoned"))?
+            .renames
+            .push((path, tmp));
+        Ok(())
     }
 }
 
@@ -773,11 +1095,165 @@ impl Staged<'_> {
         self.done = true;
         let tmp = std::mem::take(&mut self.tmp);
         self.replica.unstage(&self.path, &tmp);
-        self.replica.queue(self.path.clone(), tmp, self.len)
+        self.replica.queue(self.path.clone(), tmp)
     }
 }
 
 impl Drop for Staged<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = rustix::fs::unlinkat(&self.dir, self.tmp.as_slice(), AtFlags::empty());
+            self.replica.unstage(&self.path, &self.tmp);
+        }
+    }
+}
+
+fn db_stamp(st: &rustix::fs::Stat) -> DbStamp {
+    (st.st_ino, st.st_size as u64, st.st_mtime, st.st_mtime_nsec)
+}
+
+fn b_len(b: &Option<Arc<Held>>) -> u32 {
+    b.as_ref().map_or(0, |b| b.hashes.len() as u32)
+}
+
+/// Page records of a staging file: page number (4 bytes, big-endian), length (4
+/// bytes) and the page image, one after another.
+struct PageRecords<'f> {
+    file: &'f File,
+    at: u64,
+    shown: &'f str,
+}
+
+impl Iterator for PageRecords<'_> {
+    type Item = Result<(u32, Vec<u8>), Error>;
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut head = [0u8; 8];
+        match self.file.read_exact_at(&mut head, self.at) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+            Err(e) => return Some(Err(Error::io("read staged pages of", self.shown, e))),
+        }
+        let pgno = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        if !proto::valid_page_size(len) {
+            return Some(Err(Error::invalid(self.shown, "corrupt staged pages")));
+        }
+        let mut data = vec![0u8; len as usize];
+        if let Err(e) = self.file.read_exact_at(&mut data, self.at + 8) {
+            return Some(Err(Error::io("read staged pages of", self.shown, e)));
+        }
+        self.at += 8 + u64::from(len);
+        Some(Ok((pgno, data)))
+    }
+}
+
+/// A database update being received. Dropped without [`StagedDb::commit`], its
+/// staging file is removed.
+#[derive(Debug)]
+pub struct StagedDb<'r> {
+    replica: &'r Replica,
+    dir: OwnedFd,
+    tmp: Vec<u8>,
+    path: RelPath,
+    file: File,
+    full: bool,
+    page_size: u32,
+    hashes: Vec<[u8; 32]>,
+    /// Pages (from 0) that must still arrive.
+    missing: BTreeSet<u32>,
+    len: u64,
+    done: bool,
+}
+
+impl StagedDb<'_> {
+    /// Whether the update is a whole new database (the replica had no usable one).
+    #[must_use]
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+
+    /// Records page `pgno` (from 1).
+    pub fn page(&mut self, pgno: u32, data: &[u8]) -> Result<(), Error> {
+        let shown = || self.replica.display(&self.path);
+        if pgno == 0 || pgno as usize > self.hashes.len() || data.len() != self.page_size as usize {
+            return Err(Error::invalid(
+                shown(),
+                format!(
+                    "page {pgno} of {} bytes for a database of {} pages of {}",
+                    data.len(),
+                    self.hashes.len(),
+                    self.page_size
+                ),
+            ));
+        }
+        let res = if self.full {
+            self.file
+                .write_all_at(data, u64::from(pgno - 1) * u64::from(self.page_size))
+        } else {
+            let mut rec = Vec::with_capacity(8 + data.len());
+            rec.extend_from_slice(&pgno.to_be_bytes());
+            rec.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            rec.extend_from_slice(data);
+            let r = self.file.write_all_at(&rec, self.len);
+            self.len += rec.len() as u64;
+            r
+        };
+        res.map_err(|e| Error::io("write", shown(), e))?;
+        self.hashes[pgno as usize - 1] = sqlite::page_hash(pgno, data);
+        self.missing.remove(&(pgno - 1));
+        Ok(())
+    }
+
+    /// Checks the result against `hash` and queues the update for the round's
+    /// commit ([`Replica::flush`]); `meta` is set on the database file then.
+    pub fn commit(mut self, hash: &[u8; 32], meta: &Meta) -> Result<(), Error> {
+        let shown = self.replica.display(&self.path);
+        let got = sqlite::db_hash(self.page_size, &self.hashes);
+        if let Some(m) = self.missing.first() {
+            return Err(Error::Delta {
+                path: shown,
+                msg: format!("page {} never arrived", m + 1),
+            });
+        }
+        if &got != hash {
+            return Err(Error::Delta {
+                path: shown,
+                msg: format!(
+                    "database hash {} does not match the source's {}",
+                    crate::hex(&got[..8]),
+                    crate::hex(&hash[..8])
+                ),
+            });
+        }
+        if self.full {
+            self.replica.meta_fd(&self.file, meta, &shown)?;
+        }
+        self.done = true;
+        let tmp = std::mem::take(&mut self.tmp);
+        self.replica.unstage(&self.path, &tmp);
+        let commit = DbCommit {
+            path: self.path.clone(),
+            tmp,
+            full: self.full,
+            pages: self.hashes.len() as u32,
+            meta: meta.clone(),
+            held: Some(Arc::new(Held {
+                page_size: self.page_size,
+                hash: got,
+                hashes: std::mem::take(&mut self.hashes),
+            })),
+        };
+        self.replica
+            .pending
+            .lock()
+            .map_err(|_| Error::invalid(&shown, "pending list poisoned"))?
+            .dbs
+            .push(commit);
+        Ok(())
+    }
+}
+
+impl Drop for StagedDb<'_> {
     fn drop(&mut self) {
         if !self.done {
             let _ = rustix::fs::unlinkat(&self.dir, self.tmp.as_slice(), AtFlags::empty());

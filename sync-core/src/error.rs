@@ -27,6 +27,14 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
+    /// SQLite refused something on a database.
+    #[error("database {path}: {msg}")]
+    Sqlite {
+        /// The database file.
+        path: String,
+        /// What failed, with SQLite's message.
+        msg: String,
+    },
     /// A delta or signature could not be used.
     #[error("{path}: {msg}")]
     Delta {

@@ -15,6 +15,7 @@
 //! - [`meta`]: reading and comparing metadata.
 //! - [`index`]: the persistent hash index (SQLite), so restarts rehash nothing.
 //! - [`filter`]: gitignore-style excludes.
+//! - [`sqlite`]: live SQLite databases: consistent cuts, page hashes, page apply.
 //!
 //! Everything here is synchronous; the agent calls it from `spawn_blocking`.
 //!
@@ -28,11 +29,13 @@ pub mod apply;
 pub mod delta;
 mod error;
 pub mod filter;
+pub mod holders;
 pub mod index;
 pub mod manifest;
 pub mod meta;
 pub mod plan;
 pub mod scan;
+pub mod sqlite;
 
 pub use error::Error;
 

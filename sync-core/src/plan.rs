@@ -22,6 +22,9 @@ pub struct Plan {
     pub mkdir: Vec<usize>,
     /// Regular files whose content must be fetched.
     pub fetch: Vec<Fetch>,
+    /// Live databases: each is compared by its page hash and brought to the
+    /// source's snapshot by the agent.
+    pub dbs: Vec<usize>,
     /// Symlinks and special files to (re)create.
     pub create: Vec<usize>,
     /// Hard links to make once their targets are in place.
@@ -40,6 +43,7 @@ impl Plan {
         self.delete.is_empty()
             && self.mkdir.is_empty()
             && self.fetch.is_empty()
+            && self.dbs.is_empty()
             && self.create.is_empty()
             && self.hardlink.is_empty()
             && self.meta.is_empty()
@@ -145,6 +149,7 @@ pub fn plan_with_links(
                 }),
             },
             (Kind::HardLink { .. }, _) => p.hardlink.push(i),
+            (Kind::Database { .. }, _) => p.dbs.push(i),
             (_, None) => p.create.push(i),
             (_, Some(d)) => {
                 if d.kind != s.kind {

@@ -21,6 +21,50 @@ pub struct ScanOptions {
     pub hard_links: bool,
     /// Paths left out entirely.
     pub filter: Filter,
+    /// How live SQLite databases are told (`None`: they are plain files).
+    pub databases: Option<std::sync::Arc<DbDetect>>,
+}
+
+/// How a scan tells live SQLite databases: configured globs, databases this
+/// process already holds, and the header of files whose size is a multiple of
+/// 512. A database is listed in [`ScanReport::databases`] and never read; its
+/// `-wal`, `-shm` and `-journal` files are left out of the manifest.
+#[derive(Debug, Default)]
+pub struct DbDetect {
+    /// Configured database paths (gitignore-style patterns).
+    pub globs: Filter,
+    /// Databases held open by this process: never opened with plain file I/O.
+    pub known: std::sync::RwLock<std::collections::HashSet<RelPath>>,
+}
+
+impl DbDetect {
+    /// Whether the regular file `rel` (of `size` bytes) is a database.
+    #[must_use]
+    pub fn is_db(&self, root: &Path, rel: &RelPath, size: u64) -> bool {
+        if self.known.read().is_ok_and(|k| k.contains(rel)) {
+            return true;
+        }
+        // A configured path is a database once it has a database's header; any
+        // other file is one when its size is a multiple of 512 and its header
+        // says so.
+        let configured = self.globs.excludes(rel, false);
+        (configured || size.is_multiple_of(512)) && crate::sqlite::sniff(&abs(root, rel), size)
+    }
+
+    /// Whether `rel` is a side file (`-wal`, `-shm`, `-journal`) of a database.
+    #[must_use]
+    pub fn is_sidecar(&self, root: &Path, rel: &RelPath) -> bool {
+        let Some((dir, name)) = rel.split_last() else {
+            return false;
+        };
+        let Some(base) = crate::sqlite::sidecar_base(name).and_then(|b| dir.join(b).ok()) else {
+            return false;
+        };
+        match fs::symlink_metadata(abs(root, &base)) {
+            Ok(st) if st.is_file() => self.is_db(root, &base, st.len()),
+            _ => false,
+        }
+    }
 }
 
 impl Default for ScanOptions {
@@ -29,6 +73,7 @@ impl Default for ScanOptions {
             hash: true,
             hard_links: true,
             filter: Filter::default(),
+            databases: None,
         }
     }
 }
@@ -44,6 +89,8 @@ pub struct ScanReport {
     pub bytes_hashed: u64,
     /// Regular files with more than one name (link count > 1).
     pub multi_linked: std::collections::HashSet<RelPath>,
+    /// Live SQLite databases (listed as files with a zero hash, never read).
+    pub databases: Vec<RelPath>,
 }
 
 /// Scans `root` into a manifest.
@@ -154,6 +201,7 @@ struct Walker<'o> {
     inodes: HashMap<(u64, u64), RelPath>,
     temp_files: Vec<RelPath>,
     multi_linked: std::collections::HashSet<RelPath>,
+    databases: Vec<RelPath>,
 }
 
 impl<'o> Walker<'o> {
@@ -166,6 +214,7 @@ impl<'o> Walker<'o> {
             inodes: HashMap::new(),
             temp_files: Vec::new(),
             multi_linked: Default::default(),
+            databases: Vec::new(),
         }
     }
 
@@ -179,6 +228,7 @@ impl<'o> Walker<'o> {
         let mut report = ScanReport {
             temp_files: std::mem::take(&mut self.temp_files),
             multi_linked: std::mem::take(&mut self.multi_linked),
+            databases: std::mem::take(&mut self.databases),
             ..Default::default()
         };
         if !self.opts.hash {
@@ -266,6 +316,10 @@ impl<'o> Walker<'o> {
         if self.opts.filter.excludes(path, ft.is_dir()) {
             return Ok(None);
         }
+        let db = self.opts.databases.as_deref();
+        if !ft.is_dir() && db.is_some_and(|d| d.is_sidecar(&self.root, path)) {
+            return Ok(None);
+        }
         let mut m = meta::from_stat(&st);
         m.xattrs = match meta::read_xattrs(&p) {
             Ok(x) => x,
@@ -288,7 +342,11 @@ impl<'o> Walker<'o> {
                     if self.opts.hard_links && st.nlink() > 1 {
                         self.inodes.insert(key, path.clone());
                     }
-                    stamp = Some(Stamp::of(&st));
+                    if db.is_some_and(|d| d.is_db(&self.root, path, st.len())) {
+                        self.databases.push(path.clone());
+                    } else {
+                        stamp = Some(Stamp::of(&st));
+                    }
                     Kind::File {
                         size: st.len(),
                         hash: [0; 32],

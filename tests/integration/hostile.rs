@@ -72,6 +72,7 @@ fn round_start(manifest: &Message) -> Vec<u8> {
         id: 1,
         full: true,
         checksum: false,
+        verify: false,
     };
     frame::encode(&start, &mut buf).unwrap();
     frame::encode(manifest, &mut buf).unwrap();

@@ -361,6 +361,7 @@ pub fn round_start(id: u64, full: bool) -> Message {
         id,
         full,
         checksum: false,
+        verify: false,
     }
 }
 

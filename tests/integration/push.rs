@@ -106,7 +106,8 @@ fn other_protocol_version_is_refused() {
     );
     assert_eq!(out.status.code(), Some(2));
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("version 99") && e.contains("version 1"), "{e}");
+    let ours = format!("version {}", proto::PROTOCOL_VERSION);
+    assert!(e.contains("version 99") && e.contains(&ours), "{e}");
     assert_eq!(std::fs::read(s.dst.join("old")).unwrap(), b"replica data");
     assert!(!s.dst.join("sub").exists());
 }

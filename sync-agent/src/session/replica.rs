@@ -10,7 +10,7 @@ use sync_core::Manifest;
 use sync_core::apply::Replica;
 use sync_core::delta;
 use sync_core::filter::Filter;
-use sync_core::scan::ScanOptions;
+use sync_core::scan::{DbDetect, ScanOptions};
 use tokio::sync::{Semaphore, mpsc};
 
 /// A folder this replica serves.
@@ -31,6 +31,30 @@ pub struct ReplicaFolder {
     /// The connection of the session in progress: a source that reconnects
     /// supersedes its own stale session instead of waiting for it to time out.
     pub current: std::sync::Mutex<Option<(Option<crate::NodeId>, quinn::Connection)>>,
+    /// How databases are told (globs and headers).
+    pub detect: Arc<DbDetect>,
+    /// Fencing: this node's epoch for the folder and whether it was promoted.
+    pub fence: std::sync::Mutex<Fence>,
+    /// Where the epoch is persisted (`None`: not persisted; promotion refused).
+    pub state_dir: Option<std::path::PathBuf>,
+    /// This node's id, written beside the epoch for humans.
+    pub node: String,
+    /// Hooks (`start_replica` runs at promotion).
+    pub hooks: crate::config::Hooks,
+    /// Woken when the folder is promoted: the agent starts its source loop.
+    pub promoted: tokio::sync::Notify,
+    /// The last round's warnings (a database held open by another process...),
+    /// for status.
+    pub last_warning: std::sync::Mutex<Option<String>>,
+}
+
+/// A folder's fencing state in memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fence {
+    /// The epoch this node holds.
+    pub epoch: u64,
+    /// Whether this node is now the folder's source (promoted).
+    pub source: bool,
 }
 
 /// The folders of a replica; a replica with a single folder accepts any name.
@@ -52,6 +76,7 @@ struct Incoming {
     id: u64,
     full: bool,
     checksum: bool,
+    verify: bool,
     entries: Vec<Entry>,
     deleted: Vec<RelPath>,
     renamed: Vec<(RelPath, RelPath)>,
@@ -110,10 +135,48 @@ async fn run_inner(
                             format!("peer {peer} may not push into folder {:?}", f.name),
                         ))
                     }
-                    Some(_) => None,
+                    Some(f) => {
+                        let fence = f.fence.lock().map(|g| *g).unwrap_or_default();
+                        if h.epoch < fence.epoch || fence.source {
+                            Some((
+                                ErrorCode::Fenced,
+                                format!(
+                                    "folder {:?}: this node is {} at epoch {}; peer {peer} pushes at epoch {}: {}",
+                                    f.name,
+                                    if fence.source {
+                                        "the source"
+                                    } else {
+                                        "a replica"
+                                    },
+                                    fence.epoch,
+                                    h.epoch,
+                                    if h.epoch < fence.epoch {
+                                        "its epoch is older, it was demoted by a failover and must take the replica role"
+                                    } else {
+                                        "two sources at one epoch; refusing"
+                                    }
+                                ),
+                            ))
+                        } else {
+                            None
+                        }
+                    }
                 },
             };
             if let Some((code, message)) = refusal {
+                if code == ErrorCode::Fenced
+                    && let Some(f) = pick(folders, &h.folder)
+                {
+                    // Our hello first: it carries the epoch the fenced side adopts.
+                    let fence = f.fence.lock().map(|g| *g).unwrap_or_default();
+                    let role = if fence.source {
+                        Role::Source
+                    } else {
+                        Role::Replica
+                    };
+                    let ours = Hello::new(role, &f.name).with_epoch(fence.epoch);
+                    wire::send(&mut ctl_send, &Message::Hello(ours)).await?;
+                }
                 wire::send(
                     &mut ctl_send,
                     &Message::Error {
@@ -133,9 +196,10 @@ async fn run_inner(
         }
         other => bail!("peer {peer} opened with {other:?} instead of a hello"),
     };
+    let epoch = folder.fence.lock().map(|g| g.epoch).unwrap_or_default();
     wire::send(
         &mut ctl_send,
-        &Message::Hello(Hello::new(Role::Replica, &folder.name)),
+        &Message::Hello(Hello::new(Role::Replica, &folder.name).with_epoch(epoch)),
     )
     .await?;
     *served = Some(folder.clone());
@@ -154,7 +218,28 @@ async fn run_inner(
     tracing::info!(%peer, folder = %folder.name, "source connected");
     loop {
         let round = match read_round(&mut ctl_recv).await {
-            Ok(Some(r)) => r,
+            Ok(Some(Ok(r))) => r,
+            Ok(Some(Err(epoch))) => {
+                let error = match promote(&folder, epoch).await {
+                    Ok(()) => String::new(),
+                    Err(e) => format!("{e:#}"),
+                };
+                wire::send(
+                    &mut ctl_send,
+                    &Message::Promoted {
+                        epoch,
+                        error: error.clone(),
+                    },
+                )
+                .await?;
+                if error.is_empty() {
+                    folder.promoted.notify_waiters();
+                    folder.promoted.notify_one();
+                    // A source no longer: this session is over.
+                    break;
+                }
+                continue;
+            }
             Ok(None) => break,
             Err(e) => {
                 return fail(conn, &mut ctl_send, &folder, e, ErrorCode::Protocol, &peer).await;
@@ -165,6 +250,9 @@ async fn run_inner(
             Ok(summary) => {
                 if let Ok(mut t) = folder.last_applied.lock() {
                     *t = Some(std::time::SystemTime::now());
+                }
+                if let Ok(mut w) = folder.last_warning.lock() {
+                    *w = (!summary.warnings.is_empty()).then(|| summary.warnings.join("; "));
                 }
                 wire::send(&mut ctl_send, &Message::RoundDone { id, summary }).await?;
                 if full {
@@ -195,16 +283,86 @@ async fn fail(
     Err(e.context(format!("session with peer {peer}, folder {}", folder.name)))
 }
 
-async fn read_round(ctl: &mut quinn::RecvStream) -> Result<Option<Incoming>> {
-    let (id, full, checksum) = match wire::recv(ctl).await? {
+/// Promotion: the epoch persisted first (from then on older sources are
+/// refused), then the `start_replica` hook; if the hook fails, the old state is
+/// put back and the replica stays as it was.
+async fn promote(folder: &ReplicaFolder, epoch: u64) -> Result<()> {
+    let Some(dir) = folder.state_dir.clone() else {
+        bail!(
+            "folder {:?}: this replica has no state directory ([node] state) to persist an epoch in",
+            folder.name
+        );
+    };
+    let before = folder.fence.lock().map(|g| *g).unwrap_or_default();
+    if epoch <= before.epoch {
+        bail!(
+            "folder {:?}: promotion to epoch {epoch}, but this node already holds epoch {}",
+            folder.name,
+            before.epoch
+        );
+    }
+    let store = |f: Fence| {
+        let st = crate::epoch::FolderState {
+            role: if f.source {
+                crate::config::Role::Source
+            } else {
+                crate::config::Role::Replica
+            },
+            epoch: f.epoch,
+        };
+        crate::epoch::store(&dir, &folder.name, &folder.node, st)
+    };
+    let promoted = Fence {
+        epoch,
+        source: true,
+    };
+    store(promoted)?;
+    if let Ok(mut g) = folder.fence.lock() {
+        *g = promoted;
+    }
+    let hook = crate::config::Hook::StartReplica;
+    if let Some(cmd) = folder.hooks.command(hook)
+        && let Err(e) =
+            crate::hooks::run(hook.name(), cmd, &folder.name, folder.hooks.timeout()).await
+    {
+        if let Ok(mut g) = folder.fence.lock() {
+            *g = before;
+        }
+        let restored = store(before);
+        return Err(match restored {
+            Ok(()) => e.context(format!(
+                "promotion rolled back: this node stays a replica at epoch {}",
+                before.epoch
+            )),
+            Err(r) => e.context(format!(
+                "promotion rolled back, but restoring the epoch failed: {r:#}"
+            )),
+        });
+    }
+    tracing::info!(folder = %folder.name, epoch, "promoted: this node is now the folder's source");
+    Ok(())
+}
+
+/// The next round, or a promotion request (its epoch), or the end.
+async fn read_round(
+    ctl: &mut quinn::RecvStream,
+) -> Result<Option<std::result::Result<Incoming, u64>>> {
+    let (id, full, checksum, verify) = match wire::recv(ctl).await? {
         None => return Ok(None),
-        Some(Message::RoundStart { id, full, checksum }) => (id, full, checksum),
+        Some(Message::RoundStart {
+            id,
+            full,
+            checksum,
+            verify,
+        }) => (id, full, checksum, verify),
+        Some(Message::Promote { epoch }) => return Ok(Some(Err(epoch))),
         Some(other) => bail!("expected a round, got {other:?}"),
     };
     let mut r = Incoming {
         id,
         full,
         checksum,
+        verify,
         entries: Vec::new(),
         deleted: Vec::new(),
         renamed: Vec::new(),
@@ -268,7 +426,7 @@ async fn read_round(ctl: &mut quinn::RecvStream) -> Result<Option<Incoming>> {
                     );
                 }
                 r.root_hash = root_hash;
-                return Ok(Some(r));
+                return Ok(Some(Ok(r)));
             }
             other => bail!("expected the rest of round {id}, got {other:?}"),
         }
@@ -316,6 +474,7 @@ async fn apply_round(
         entries: kept.iter().map(|&i| src.entries[i].clone()).collect(),
     });
     let (r, s, f) = (folder.replica.clone(), planned.clone(), filter.clone());
+    let detect = folder.detect.clone();
     let (full, deleted, renamed, mut inline) =
         (round.full, round.deleted, round.renamed, round.inline);
     // A partial round (a few paths) always compares content; a full round does
@@ -327,6 +486,7 @@ async fn apply_round(
             hash: checksum,
             hard_links: false,
             filter: f.clone(),
+            databases: Some(detect),
         };
         // Excludes are matched with the replica's own kind of the entry.
         let excluded = |p: &RelPath| {
@@ -452,10 +612,21 @@ async fn apply_round(
     if let Some(e) = failed {
         return Err(e);
     }
+    // Databases, one at a time, staged for the commit below.
+    for &i in &plan.dbs {
+        let entry = planned.entries[i].clone();
+        let current = dst.get(&entry.path).map(|(_, d)| d.meta.clone());
+        if let Some(pages) =
+            fetch_db(conn, folder.replica.clone(), entry, kept[i] as u64, current).await?
+        {
+            summary.databases_applied += 1;
+            summary.db_pages += pages;
+        }
+    }
 
     // Renames into place, links, metadata, directories, durability.
     let (r, s) = (folder.replica.clone(), planned.clone());
-    let summary = tokio::task::spawn_blocking(move || -> Result<ApplySummary> {
+    let mut summary = tokio::task::spawn_blocking(move || -> Result<ApplySummary> {
         r.flush()?;
         for &i in &plan.hardlink {
             let e = &s.entries[i];
@@ -477,7 +648,154 @@ async fn apply_round(
         Ok(summary)
     })
     .await??;
+    if round.verify {
+        let (r, d) = (folder.replica.clone(), folder.detect.clone());
+        let root = tokio::task::spawn_blocking(move || own_root_hash(&r, d)).await??;
+        summary.root_hash = Some(root);
+    }
     Ok(summary)
+}
+
+/// The replica's root hash from a fresh scan of its own tree (databases by
+/// their page hashes), to compare with the source's after a cut.
+fn own_root_hash(r: &Replica, detect: Arc<DbDetect>) -> Result<[u8; 32]> {
+    let opts = ScanOptions {
+        databases: Some(detect),
+        ..Default::default()
+    };
+    let (mut m, report) = sync_core::scan::scan_with(r.root_path(), &opts, None)?;
+    for p in &report.databases {
+        let held = r.db_held(p)?;
+        if let (Some(i), Some(h)) = (m.entries.iter().position(|e| &e.path == p), held) {
+            m.entries[i].kind = Kind::Database {
+                page_size: h.page_size,
+                pages: h.hashes.len() as u32,
+                hash: h.hash,
+            };
+        }
+    }
+    Ok(m.root_hash())
+}
+
+/// Brings one database to the round's snapshot: `have` up, pages down (after
+/// our page hashes, if the source asks), staged for the round's commit.
+/// `None` when nothing was needed or the database is held by another process.
+async fn fetch_db(
+    conn: &quinn::Connection,
+    replica: Arc<Replica>,
+    entry: Entry,
+    index: u64,
+    current: Option<proto::Meta>,
+) -> Result<Option<u64>> {
+    let Kind::Database {
+        page_size,
+        pages,
+        hash,
+    } = entry.kind
+    else {
+        bail!("{}: not a database", entry.path);
+    };
+    let (r, p) = (replica.clone(), entry.path.clone());
+    let (held, holders) = tokio::task::spawn_blocking(move || -> Result<_> {
+        Ok((r.db_held(&p)?, r.db_holders(&p)))
+    })
+    .await??;
+    if held.as_ref().is_some_and(|h| h.hash == hash) {
+        if current.as_ref() != Some(&entry.meta) {
+            let (r, e) = (replica.clone(), entry.clone());
+            tokio::task::spawn_blocking(move || r.set_meta(&e)).await??;
+        }
+        return Ok(None);
+    }
+    if let Some(who) = holders {
+        replica.warn(format!(
+            "{}: database held open by {who}; not updated (the standby's application \
+             must be stopped), retried next round",
+            entry.path
+        ));
+        tracing::warn!(db = %entry.path, holders = %who, "database held open by another process; not applying under it");
+        return Ok(None);
+    }
+    let (mut send, mut recv) = conn.open_bi().await.context("opening a database stream")?;
+    let have = held.as_ref().map_or([0; 32], |h| h.hash);
+    wire::send(&mut send, &Message::DbRequest { index, have }).await?;
+    let (tx, mut rx) = mpsc::channel::<Message>(4);
+    let (r, e, base) = (replica.clone(), entry.clone(), held.clone());
+    let writer = tokio::task::spawn_blocking(move || -> Result<u64> {
+        let mut staged = r.stage_db(&e.path, base, page_size, pages)?;
+        let mut n = 0u64;
+        while let Some(msg) = rx.blocking_recv() {
+            match msg {
+                Message::DbPages(batch) => {
+                    for (pgno, data) in batch {
+                        staged.page(pgno, &data)?;
+                        n += 1;
+                    }
+                }
+                Message::DbEnd {
+                    page_size: ps,
+                    pages: count,
+                    hash: h,
+                } => {
+                    if (ps, count, h) != (page_size, pages, hash) {
+                        bail!(
+                            "{}: the source's database end does not match the round",
+                            e.path
+                        );
+                    }
+                    staged.commit(&hash, &e.meta)?;
+                    return Ok(n);
+                }
+                other => bail!("{}: unexpected {other:?}", e.path),
+            }
+        }
+        bail!("{}: stream ended before the database was complete", e.path)
+    });
+    let reading = async {
+        loop {
+            let msg = wire::expect_soon(&mut recv, "database pages").await?;
+            match msg {
+                Message::DbNeedHashes => {
+                    let hashes = held.as_ref().map(|h| h.hashes.as_slice()).unwrap_or(&[]);
+                    let ps = held.as_ref().map_or(0, |h| h.page_size);
+                    let mut chunks = hashes.chunks(proto::MAX_HASHES_PER_BATCH).peekable();
+                    if chunks.peek().is_none() {
+                        wire::send(
+                            &mut send,
+                            &Message::DbHashes {
+                                page_size: ps,
+                                hashes: Vec::new(),
+                                last: true,
+                            },
+                        )
+                        .await?;
+                    }
+                    while let Some(c) = chunks.next() {
+                        let last = chunks.peek().is_none();
+                        let m = Message::DbHashes {
+                            page_size: ps,
+                            hashes: c.to_vec(),
+                            last,
+                        };
+                        wire::send(&mut send, &m).await?;
+                    }
+                }
+                Message::DbPages(_) | Message::DbEnd { .. } => {
+                    let end = matches!(msg, Message::DbEnd { .. });
+                    if tx.send(msg).await.is_err() || end {
+                        return Ok::<(), anyhow::Error>(());
+                    }
+                }
+                other => bail!("{}: expected database pages, got {other:?}", entry.path),
+            }
+        }
+    }
+    .await;
+    let _ = send.finish();
+    drop(tx);
+    let written = writer.await?;
+    reading?;
+    written.map(Some)
 }
 
 /// Pulls one file: signature of our basis up, content down, staged and checked.

@@ -5,9 +5,10 @@ use crate::wire;
 use anyhow::{Context, Result, anyhow, bail};
 use proto::{ApplySummary, Entry, Hello, Kind, Message, RelPath, Role};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use sync_core::delta::{self, Chunk, Encoder};
+use sync_core::sqlite::{LiveSet, Need};
 use tokio::sync::mpsc;
 
 /// One round to ship.
@@ -25,6 +26,10 @@ pub struct Round {
     pub root_hash: [u8; 32],
     /// Ask the replica to compare files by content hash (rsync -c).
     pub checksum: bool,
+    /// Ask the replica for its own root hash after the round.
+    pub verify: bool,
+    /// The live databases whose snapshots the round's database entries are.
+    pub live: Option<Arc<Mutex<LiveSet>>>,
 }
 
 /// An open session on the source side.
@@ -38,6 +43,8 @@ pub struct SourceSession {
     root: PathBuf,
     next_id: u64,
     progress: Arc<Progress>,
+    /// The replica's epoch, from its hello.
+    peer_epoch: u64,
 }
 
 impl SourceSession {
@@ -47,24 +54,47 @@ impl SourceSession {
         root: PathBuf,
         folder: &str,
         version: u32,
+        epoch: u64,
         progress: Arc<Progress>,
     ) -> Result<Self> {
         let (mut ctl_send, mut ctl_recv) =
             conn.open_bi().await.context("opening the control stream")?;
-        let mut hello = Hello::new(Role::Source, folder);
+        let mut hello = Hello::new(Role::Source, folder).with_epoch(epoch);
         hello.version = version;
         wire::send(&mut ctl_send, &Message::Hello(hello)).await?;
-        match wire::expect_soon(&mut ctl_recv, "the replica's hello").await? {
+        let peer_epoch = match wire::expect_soon(&mut ctl_recv, "the replica's hello").await? {
             Message::Hello(h) => {
                 h.check()
                     .map_err(|e| anyhow!("replica refused the handshake: {e}"))?;
-                if h.role != Role::Replica {
-                    bail!("peer is not serving as a replica");
+                if h.role != Role::Replica || h.epoch > epoch {
+                    // Fenced: the peer's hello carries its epoch, then why.
+                    let message =
+                        match wire::expect_soon(&mut ctl_recv, "the replica's answer").await {
+                            Ok(Message::Error { message, .. }) => message,
+                            _ => format!(
+                                "peer is the folder's {} at epoch {}",
+                                if h.role == Role::Source {
+                                    "source"
+                                } else {
+                                    "replica"
+                                },
+                                h.epoch
+                            ),
+                        };
+                    if h.epoch > epoch || h.role == Role::Source {
+                        return Err(Fenced {
+                            epoch: h.epoch.max(epoch),
+                            message,
+                        }
+                        .into());
+                    }
+                    bail!("peer is not serving as a replica: {message}");
                 }
+                h.epoch
             }
             Message::Error { message, .. } => bail!("replica refused the session: {message}"),
             other => bail!("replica sent {other:?} instead of a hello"),
-        }
+        };
         let (tx, ctl_rx) = mpsc::channel(4);
         tokio::spawn(async move {
             loop {
@@ -82,7 +112,46 @@ impl SourceSession {
             root,
             next_id: 1,
             progress,
+            peer_epoch,
         })
+    }
+
+    /// The replica's epoch, as its hello said.
+    #[must_use]
+    pub fn peer_epoch(&self) -> u64 {
+        self.peer_epoch
+    }
+
+    /// The id the next round will have.
+    #[must_use]
+    pub fn next_round_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// Asks the replica to become the folder's source at `epoch` (after a final
+    /// cut); it runs its start hook and answers. Between rounds only.
+    pub async fn promote(&mut self, epoch: u64) -> Result<()> {
+        wire::send(&mut self.ctl_send, &Message::Promote { epoch }).await?;
+        let reply = tokio::time::timeout(PROMOTE_TIMEOUT, self.ctl_rx.recv())
+            .await
+            .map_err(|_| anyhow!("the replica did not answer the promotion"))?;
+        match reply {
+            Some(Ok(Some(Message::Promoted { epoch: e, error }))) if error.is_empty() => {
+                if e != epoch {
+                    bail!("replica promoted itself to epoch {e}, not {epoch}");
+                }
+                Ok(())
+            }
+            Some(Ok(Some(Message::Promoted { error, .. }))) => {
+                bail!("replica refused the promotion: {error}")
+            }
+            Some(Ok(Some(Message::Error { message, .. }))) => {
+                bail!("replica failed the promotion: {message}")
+            }
+            Some(Ok(Some(other))) => bail!("replica answered the promotion with {other:?}"),
+            Some(Err(e)) => Err(e),
+            Some(Ok(None)) | None => bail!("replica closed the session during the promotion"),
+        }
     }
 
     /// The connection.
@@ -103,6 +172,7 @@ impl SourceSession {
                 id,
                 full: round.full,
                 checksum: round.checksum,
+                verify: round.verify,
             },
         )
         .await?;
@@ -159,9 +229,10 @@ impl SourceSession {
                 incoming = self.conn.accept_bi() => {
                     let (send, recv) = incoming.map_err(|e| anyhow!("connection to the replica lost: {e}"))?;
                     let (entries, root, progress) = (round.entries.clone(), self.root.clone(), self.progress.clone());
+                    let live = round.live.clone();
                     serving.spawn(async move {
-                        if let Err(e) = serve_file(send, recv, entries, root, progress).await {
-                            tracing::warn!("serving a file: {e:#}");
+                        if let Err(e) = serve(send, recv, entries, root, live, progress).await {
+                            tracing::warn!("serving the replica: {e:#}");
                         }
                     });
                 }
@@ -189,6 +260,9 @@ impl SourceSession {
         self.conn.close(0u32.into(), b"done");
     }
 }
+
+/// How long a replica may take to promote itself (its start hook included).
+const PROMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Most bytes of inline content per round.
 const INLINE_BUDGET: usize = 4 << 20;
@@ -231,23 +305,170 @@ fn inline_contents(root: &Path, entries: &[Entry]) -> Vec<(u64, Vec<u8>)> {
     out
 }
 
+/// The replica's demand, on a stream of its own: a file or a database.
+async fn serve(
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    entries: Arc<Vec<Entry>>,
+    root: PathBuf,
+    live: Option<Arc<Mutex<LiveSet>>>,
+    progress: Arc<Progress>,
+) -> Result<()> {
+    let entry = |index: u64| {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| entries.get(i))
+            .cloned()
+            .ok_or_else(|| anyhow!("replica asked for entry {index}, beyond the round"))
+    };
+    match wire::expect_soon(&mut recv, "a request").await? {
+        Message::FileRequest { index, signature } => {
+            serve_file(send, entry(index)?, signature, root, progress).await
+        }
+        Message::DbRequest { index, have } => {
+            let live =
+                live.ok_or_else(|| anyhow!("replica asked for a database; none in the round"))?;
+            serve_db(send, recv, entry(index)?, have, live, progress).await
+        }
+        other => bail!("expected a request, got {other:?}"),
+    }
+}
+
+/// Brings a replica's database to the round's snapshot: the pages changed since
+/// the cut it holds, or, when its state is unknown, those whose hashes differ.
+async fn serve_db(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    entry: Entry,
+    have: [u8; 32],
+    live: Arc<Mutex<LiveSet>>,
+    progress: Arc<Progress>,
+) -> Result<()> {
+    let Kind::Database {
+        page_size,
+        pages,
+        hash,
+    } = entry.kind
+    else {
+        bail!(
+            "replica asked for {} as a database; it is a {}",
+            entry.path,
+            entry.kind.name()
+        );
+    };
+    let need = lock_live(&live)?.need(&entry.path, &have);
+    let wanted: Vec<u32> = match need {
+        Need::Nothing => Vec::new(),
+        Need::Pages(p) => p,
+        Need::Hashes => {
+            wire::send(&mut send, &Message::DbNeedHashes).await?;
+            let mut theirs: Vec<[u8; 32]> = Vec::new();
+            let their_size = loop {
+                match wire::expect_soon(&mut recv, "page hashes").await? {
+                    Message::DbHashes {
+                        page_size: ps,
+                        hashes,
+                        last,
+                    } => {
+                        // beyond our page count they do not matter: not kept
+                        let room = (pages as usize).saturating_sub(theirs.len());
+                        theirs.extend(hashes.into_iter().take(room));
+                        if last {
+                            break ps;
+                        }
+                    }
+                    other => bail!("expected page hashes for {}, got {other:?}", entry.path),
+                }
+            };
+            lock_live(&live)?.differing(&entry.path, their_size, &theirs)
+        }
+    };
+    let mut sent = 0u64;
+    let budget = (4 << 20) / page_size.max(512) as usize;
+    for chunk in wanted.chunks(budget.clamp(1, proto::MAX_PAGES_PER_BATCH)) {
+        let (l, path, chunk) = (live.clone(), entry.path.clone(), chunk.to_vec());
+        let batch = tokio::task::spawn_blocking(move || -> Result<Vec<(u32, Vec<u8>)>> {
+            let l = l
+                .lock()
+                .map_err(|_| anyhow!("live database set poisoned"))?;
+            chunk
+                .into_iter()
+                .map(|p| Ok((p, l.page(&path, p)?)))
+                .collect()
+        })
+        .await??;
+        sent += batch.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+        wire::send(&mut send, &Message::DbPages(batch)).await?;
+    }
+    progress.bytes_done.fetch_add(sent, Ordering::Relaxed);
+    wire::send(
+        &mut send,
+        &Message::DbEnd {
+            page_size,
+            pages,
+            hash,
+        },
+    )
+    .await?;
+    send.finish()?;
+    let _ = send.stopped().await;
+    progress.files_done.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+fn lock_live(l: &Mutex<LiveSet>) -> Result<std::sync::MutexGuard<'_, LiveSet>> {
+    l.lock().map_err(|_| anyhow!("live database set poisoned"))
+}
+
+/// Gives the entries of live databases their snapshot (page size, count, hash):
+/// a database is never shipped as a file.
+pub fn mark_databases(entries: &mut [Entry], live: &LiveSet) -> Result<()> {
+    for e in entries.iter_mut() {
+        if live.contains(&e.path) {
+            let snap = live
+                .snapshot(&e.path)
+                .ok_or_else(|| anyhow!("database {}: no snapshot taken", e.path))?;
+            e.kind = Kind::Database {
+                page_size: snap.page_size,
+                pages: snap.pages,
+                hash: snap.hash,
+            };
+        }
+    }
+    Ok(())
+}
+
+/// The peer refused us because its epoch is newer than ours (a failover
+/// promoted it): this node must take the replica role.
+#[derive(Debug)]
+pub struct Fenced {
+    /// The peer's epoch, which this node adopts.
+    pub epoch: u64,
+    /// The peer's explanation.
+    pub message: String,
+}
+
+impl std::fmt::Display for Fenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "fenced by the peer (epoch {}): {}",
+            self.epoch, self.message
+        )
+    }
+}
+
+impl std::error::Error for Fenced {}
+
 /// Sends one requested file: its entry must be a regular file of the round, so
 /// the replica can never name anything else.
 async fn serve_file(
     mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    entries: Arc<Vec<Entry>>,
+    entry: Entry,
+    signature: Option<Vec<u8>>,
     root: PathBuf,
     progress: Arc<Progress>,
 ) -> Result<()> {
-    let (index, signature) = match wire::expect_soon(&mut recv, "a file request").await? {
-        Message::FileRequest { index, signature } => (index, signature),
-        other => bail!("expected a file request, got {other:?}"),
-    };
-    let entry = usize::try_from(index)
-        .ok()
-        .and_then(|i| entries.get(i))
-        .ok_or_else(|| anyhow!("replica asked for entry {index}, beyond the round"))?;
     if !matches!(entry.kind, Kind::File { .. }) {
         bail!(
             "replica asked for {} which is not a regular file",
