@@ -71,7 +71,19 @@ fn kind() -> impl Strategy<Value = Kind> {
         Just(Kind::Socket),
         any::<u64>().prop_map(|rdev| Kind::CharDev { rdev }),
         any::<u64>().prop_map(|rdev| Kind::BlockDev { rdev }),
+        (page_size(), any::<u32>(), any::<[u8; 32]>()).prop_map(|(page_size, pages, hash)| {
+            Kind::Database {
+                page_size,
+                pages,
+                hash,
+            }
+        }),
     ]
+}
+
+/// A valid SQLite page size.
+fn page_size() -> impl Strategy<Value = u32> {
+    (9u32..=16).prop_map(|s| 1 << s)
 }
 
 /// A valid entry: the root is a directory; a hard link is not to itself.
@@ -97,18 +109,66 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::Apply),
         Just(ErrorCode::Source),
         Just(ErrorCode::Other),
+        Just(ErrorCode::Fenced),
     ]
 }
 
-/// Valid messages of every type that both ends have had since version 1.
+/// Valid messages of every type.
 fn message() -> impl Strategy<Value = Message> {
+    prop_oneof![files_and_rounds(), databases_and_roles()]
+}
+
+/// Databases, fencing and promotion (protocol version 2).
+fn databases_and_roles() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (any::<bool>(), text(), text(), any::<u32>()).prop_map(|(src, folder, sw, v)| {
-            let mut h = Hello::new(if src { Role::Source } else { Role::Replica }, &folder);
-            h.software = sw;
-            h.version = v;
-            Message::Hello(h)
+        (any::<bool>(), text(), text(), any::<u32>(), any::<u64>()).prop_map(
+            |(src, folder, sw, v, epoch)| {
+                let mut h = Hello::new(if src { Role::Source } else { Role::Replica }, &folder)
+                    .with_epoch(epoch);
+                h.software = sw;
+                h.version = v;
+                Message::Hello(h)
+            }
+        ),
+        (any::<u64>(), any::<[u8; 32]>())
+            .prop_map(|(index, have)| Message::DbRequest { index, have }),
+        Just(Message::DbNeedHashes),
+        (
+            prop_oneof![Just(0u32), page_size()],
+            proptest::collection::vec(any::<[u8; 32]>(), 0..20),
+            any::<bool>()
+        )
+            .prop_map(|(page_size, hashes, last)| Message::DbHashes {
+                page_size,
+                hashes,
+                last
+            }),
+        proptest::collection::vec((1u32.., any::<u8>()), 0..3).prop_map(|pages| {
+            Message::DbPages(pages.into_iter().map(|(n, b)| (n, vec![b; 512])).collect())
         }),
+        (page_size(), any::<u32>(), any::<[u8; 32]>()).prop_map(|(page_size, pages, hash)| {
+            Message::DbEnd {
+                page_size,
+                pages,
+                hash,
+            }
+        }),
+        any::<u64>().prop_map(|epoch| Message::Promote { epoch }),
+        (any::<u64>(), text()).prop_map(|(epoch, error)| Message::Promoted { epoch, error }),
+    ]
+}
+
+/// Files and rounds.
+fn files_and_rounds() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        (any::<u64>(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+            |(id, full, checksum, verify)| Message::RoundStart {
+                id,
+                full,
+                checksum,
+                verify,
+            }
+        ),
         (error_code(), text()).prop_map(|(code, message)| Message::Error { code, message }),
         proptest::collection::vec(entry(), 0..8).prop_map(Message::Manifest),
         proptest::collection::vec(non_root(), 0..8).prop_map(Message::Deleted),
