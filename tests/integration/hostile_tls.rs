@@ -139,10 +139,15 @@ async fn unpinned_keyless_and_anonymous_clients_refused() {
         ),
         ("no client certificate", client(None)),
     ];
-    for (case, cfg) in cases {
+    for (k, (case, cfg)) in cases.into_iter().enumerate() {
         assert!(!attempt(&t, cfg).await, "{case}: got through");
-        let log = t.wait_log("refused a connection").await;
-        assert!(!log.contains("source connected"), "{case}: {log}");
+        // each attempt is refused by the agent itself, in the handshake
+        let deadline = std::time::Instant::now() + ANSWER;
+        while t.log().matches("refused a connection").count() <= k {
+            assert!(std::time::Instant::now() < deadline, "{case}: {}", t.log());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(!t.log().contains("source connected"), "{case}: {}", t.log());
         t.assert_clean(&before);
         assert_eq!(std::fs::read(t.root.join("keep")).unwrap(), b"replica data");
     }
@@ -152,10 +157,4 @@ async fn unpinned_keyless_and_anonymous_clients_refused() {
         sign(&t.me),
     ));
     assert!(attempt(&t, client(Some(Arc::new(Stolen(real))))).await);
-    let deadline = std::time::Instant::now() + ANSWER;
-    while t.log().matches("refused a connection").count() < 3 {
-        assert!(std::time::Instant::now() < deadline, "{}", t.log());
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert_eq!(t.log().matches("refused a connection").count(), 3);
 }
