@@ -73,22 +73,6 @@ impl Target {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Polls the log until it holds `needle`.
-    pub async fn wait_log(&self, needle: &str) -> String {
-        let deadline = tokio::time::Instant::now() + ANSWER;
-        loop {
-            let log = self.log();
-            if log.contains(needle) {
-                return log;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the agent never logged {needle:?}:\n{log}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     /// Lines of the log naming a failed session with our peer.
     pub fn session_errors(&self) -> Vec<String> {
         let needle = format!("session with peer {}", self.me.id());
