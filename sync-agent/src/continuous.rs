@@ -97,6 +97,10 @@ pub struct CutReport {
     pub epoch: u64,
     /// Wall time of the whole cut, in ms.
     pub elapsed_ms: f64,
+    /// What the replica reported (what it could not preserve; on a mismatch,
+    /// the first differences).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// How a source loop ended.
@@ -762,6 +766,7 @@ async fn drive(
                     replica_root,
                     epoch: cfg.epoch,
                     elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+                    warnings: applied.warnings.clone(),
                 }));
             }
             let wire_after = session.connection().stats().udp_tx.bytes;
@@ -804,6 +809,9 @@ async fn drive(
             () = tokio::time::sleep(tick), if !deferred.is_empty() => {},
             () = tokio::time::sleep(until_rescan) => { full = true; continue; },
             _ = shutdown.changed() => return Ok(None),
+            e = session.connection().closed() => {
+                return Err(anyhow::anyhow!("connection to the replica lost: {e}"));
+            }
             Some(c) = commands.recv() => match c {
                 Command::Cut(reply) => {
                     cut_reply = Some(reply);

@@ -163,11 +163,13 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.max_concurrent_bidi_streams(64u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.max_idle_timeout(Some(
-        Duration::from_secs(30)
+        // A peer that vanished (host down, agent killed) is noticed within this,
+        // so a source reconnects, and a standby is repaired, soon after it returns.
+        Duration::from_secs(12)
             .try_into()
-            .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))),
+            .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(12_000))),
     ));
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.keep_alive_interval(Some(Duration::from_secs(3)));
     t.stream_receive_window((4u32 << 20).into());
     t.receive_window((32u32 << 20).into());
     t.send_window(32 << 20);

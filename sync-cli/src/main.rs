@@ -4,6 +4,7 @@
 //! left torn, the message names the cause); 3 the mirror completed but something
 //! could not be preserved (each listed on stderr).
 
+mod handover;
 mod keys;
 mod status;
 mod transfer;
@@ -39,6 +40,15 @@ enum Cmd {
     Verify(verify::VerifyArgs),
     /// Show a running agent's folders: connected, lag, pending, last error.
     Status(status::StatusArgs),
+    /// Take a consistent cut of a source folder (every database frozen at one
+    /// instant), ship it, and compare both root hashes (exit 0 only when equal).
+    Cut(handover::CutArgs),
+    /// Hand a folder over to its replica: stop hook, final cut, promotion
+    /// (epoch + 1), start hook on the replica; rolls back on any failure.
+    Failover(handover::HandoverArgs),
+    /// Hand a folder back to the old source once it is back as the replica:
+    /// the same handover, run on the promoted side.
+    Failback(handover::HandoverArgs),
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -49,6 +59,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Push(a) => transfer::push(a),
         Cmd::Verify(a) => verify::verify(a),
         Cmd::Status(a) => status::status(a),
+        Cmd::Cut(a) => handover::cut(a),
+        Cmd::Failover(a) => handover::failover(a),
+        Cmd::Failback(a) => handover::failback(a),
     }
 }
 

@@ -869,7 +869,7 @@ impl Replica {
     /// The database the replica holds at `path` (page hashes cached by inode,
     /// size and mtime), or `None` when there is none SQLite can open.
     pub fn db_held(&self, path: &RelPath) -> Result<Option<Arc<Held>>, Error> {
-        let (dir, _, name) = self.parent(path)?;
+        let (dir, parent, name) = self.parent(path)?;
         let st = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(rustix::io::Errno::NOENT) => return Ok(None),
@@ -885,6 +885,9 @@ impl Replica {
         {
             return Ok(Some(h.clone()));
         }
+        // SQLite may create and remove side files beside it: the directory's
+        // mtime is put back with the round's directories.
+        self.touch(parent);
         let held = sqlite::read_hashes(&self.db_path(path))?.map(Arc::new);
         if let (Some(h), Ok(mut c)) = (&held, self.db_cache.lock()) {
             c.insert(path.clone(), (stamp, h.clone()));

@@ -8,6 +8,7 @@ mod bad_input;
 mod confinement;
 mod continuous;
 mod delta;
+mod failover;
 mod fidelity;
 mod hostile;
 mod hostile_flood;

@@ -235,8 +235,14 @@ async fn run_inner(
                 if error.is_empty() {
                     folder.promoted.notify_waiters();
                     folder.promoted.notify_one();
-                    // A source no longer: this session is over.
-                    break;
+                    // A source no longer: this session is over once the old
+                    // source has read the answer and closed.
+                    let _ = ctl_send.finish();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                        while let Ok(Some(_)) = wire::recv(&mut ctl_recv).await {}
+                    })
+                    .await;
+                    return Ok(());
                 }
                 continue;
             }
@@ -649,18 +655,37 @@ async fn apply_round(
     })
     .await??;
     if round.verify {
-        let (r, d) = (folder.replica.clone(), folder.detect.clone());
-        let root = tokio::task::spawn_blocking(move || own_root_hash(&r, d)).await??;
+        let (r, d, f) = (
+            folder.replica.clone(),
+            folder.detect.clone(),
+            folder.filter.clone(),
+        );
+        let p = planned.clone();
+        let (root, differences) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let own = own_manifest(&r, d, f)?;
+            // Say what differs, so that a failed cut explains itself.
+            let differences: Vec<String> = sync_core::manifest::diff(&p, &own)
+                .iter()
+                .take(5)
+                .map(|d| format!("after the cut: {d}"))
+                .collect();
+            Ok((own.root_hash(), differences))
+        })
+        .await??;
         summary.root_hash = Some(root);
+        if round.full {
+            summary.warnings.extend(differences);
+        }
     }
     Ok(summary)
 }
 
-/// The replica's root hash from a fresh scan of its own tree (databases by
-/// their page hashes), to compare with the source's after a cut.
-fn own_root_hash(r: &Replica, detect: Arc<DbDetect>) -> Result<[u8; 32]> {
+/// The replica's own manifest from a fresh scan of its tree (databases by
+/// their page hashes), whose root hash is compared with the source's after a cut.
+fn own_manifest(r: &Replica, detect: Arc<DbDetect>, filter: Filter) -> Result<Manifest> {
     let opts = ScanOptions {
         databases: Some(detect),
+        filter,
         ..Default::default()
     };
     let (mut m, report) = sync_core::scan::scan_with(r.root_path(), &opts, None)?;
@@ -674,7 +699,7 @@ fn own_root_hash(r: &Replica, detect: Arc<DbDetect>) -> Result<[u8; 32]> {
             };
         }
     }
-    Ok(m.root_hash())
+    Ok(m)
 }
 
 /// Brings one database to the round's snapshot: `have` up, pages down (after

@@ -81,14 +81,20 @@ impl SourceSession {
                                 h.epoch
                             ),
                         };
-                    if h.epoch > epoch || h.role == Role::Source {
+                    if h.epoch > epoch {
                         return Err(Fenced {
-                            epoch: h.epoch.max(epoch),
+                            epoch: h.epoch,
                             message,
                         }
                         .into());
                     }
-                    bail!("peer is not serving as a replica: {message}");
+                    // A peer that still believes it is the source at an epoch no
+                    // newer than ours is a stale master: it is fenced when its own
+                    // loop reaches us; we retry.
+                    bail!(
+                        "peer claims the folder at epoch {} (ours is {epoch}): {message}",
+                        h.epoch
+                    );
                 }
                 h.epoch
             }
