@@ -164,6 +164,10 @@ pub struct FolderStatus {
     pub max_writer_stall_ms: f64,
     /// This node's fencing epoch for the folder.
     pub epoch: u64,
+    /// UDP bytes sent to the replica since the agent started (QUIC included).
+    pub wire_bytes_total: u64,
+    /// Database pages the replica wrote since the agent started.
+    pub db_pages_total: u64,
 }
 
 /// Shared status of one folder.
@@ -672,6 +676,16 @@ async fn drive(
     let mut known: Known = BTreeMap::new();
     let mut full = true;
     let mut cut_reply: Option<tokio::sync::oneshot::Sender<Result<CutReport, String>>> = None;
+    let mut wire_seen = 0u64;
+    let mut account = |session: &SourceSession, applied: &proto::ApplySummary| {
+        let now = session.connection().stats().udp_tx.bytes;
+        let sent = now.saturating_sub(wire_seen);
+        wire_seen = now;
+        set(status, |s| {
+            s.wire_bytes_total += sent;
+            s.db_pages_total += applied.db_pages;
+        });
+    };
     let mut last_full = Instant::now();
     let mut pending_since: Option<Instant> = None;
     let mut deferred: std::collections::HashMap<RelPath, Instant> = Default::default();
@@ -748,6 +762,7 @@ async fn drive(
                     return Err(e);
                 }
             };
+            account(session, &applied);
             if let Some(r) = cut_reply.take() {
                 let replica_root = applied
                     .root_hash
@@ -955,6 +970,7 @@ async fn drive(
             l.end_round();
         }
         let applied = applied?;
+        account(session, &applied);
         set(status, |s| {
             s.files_inline_total += applied.files_inline;
             s.files_requested_total += applied.files_transferred - applied.files_inline;

@@ -46,16 +46,28 @@ pub async fn expect(stream: &mut quinn::RecvStream, what: &str) -> Result<Messag
 }
 
 /// How long a peer may take to send the next frame in the middle of an exchange
-/// (a round, a file) before the session is closed as stalled.
-pub const STAGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+/// (a round, a file) before the session is closed as stalled: 120 s, or
+/// `UNDERSTUDY_STAGE_DEADLINE_SECS` (read once; for tests and slow links).
+pub fn stage_deadline() -> std::time::Duration {
+    static D: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *D.get_or_init(|| {
+        let secs = std::env::var("UNDERSTUDY_STAGE_DEADLINE_SECS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&s| s > 0)
+            .unwrap_or(120);
+        std::time::Duration::from_secs(secs)
+    })
+}
 
-/// [`expect`] within [`STAGE_DEADLINE`].
+/// [`expect`] within [`stage_deadline`].
 pub async fn expect_soon(stream: &mut quinn::RecvStream, what: &str) -> Result<Message> {
-    match tokio::time::timeout(STAGE_DEADLINE, expect(stream, what)).await {
+    let d = stage_deadline();
+    match tokio::time::timeout(d, expect(stream, what)).await {
         Ok(r) => r,
         Err(_) => bail!(
             "peer sent nothing for {} s while we waited for {what}",
-            STAGE_DEADLINE.as_secs()
+            d.as_secs()
         ),
     }
 }

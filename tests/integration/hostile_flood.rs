@@ -205,7 +205,6 @@ async fn ten_thousand_streams() {
 /// A peer sending one byte a second, in the middle of a frame: closed after the
 /// stage deadline, and the folder served again.
 #[tokio::test]
-#[ignore = "needs a knob: sync-agent's STAGE_DEADLINE is a 120 s const (sync-agent/src/wire.rs); this test sets UNDERSTUDY_STAGE_DEADLINE_SECS=2, which the agent should read"]
 async fn one_byte_a_second() {
     let mut t = Target::start_with(&[("UNDERSTUDY_STAGE_DEADLINE_SECS", "2")]);
     let before = snapshot(&t.outside);

@@ -110,10 +110,11 @@ async fn run_inner(
     let peer = peer_id
         .map(|p| p.to_string())
         .unwrap_or_else(|| "unknown".into());
-    let (mut ctl_send, mut ctl_recv) = tokio::time::timeout(wire::STAGE_DEADLINE, conn.accept_bi())
-        .await
-        .map_err(|_| anyhow!("peer {peer} opened no control stream"))?
-        .context("waiting for the control stream")?;
+    let (mut ctl_send, mut ctl_recv) =
+        tokio::time::timeout(wire::stage_deadline(), conn.accept_bi())
+            .await
+            .map_err(|_| anyhow!("peer {peer} opened no control stream"))?
+            .context("waiting for the control stream")?;
     let folder = match wire::expect_soon(&mut ctl_recv, "a hello").await? {
         Message::Hello(h) => {
             let refusal = match h.check() {
@@ -282,7 +283,9 @@ async fn fail(
 ) -> Result<()> {
     let r = folder.replica.clone();
     let _ = tokio::task::spawn_blocking(move || r.abort()).await;
-    let message = format!("{e:#}");
+    let mut message = format!("{e:#}");
+    // The frame's text bound: a long path must not make the error malformed.
+    sync_core::apply::truncate(&mut message, proto::MAX_TEXT);
     let _ = wire::send(ctl_send, &Message::Error { code, message }).await;
     let _ = ctl_send.finish();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
@@ -520,6 +523,14 @@ async fn apply_round(
         } else {
             let mut entries = Vec::with_capacity(s.entries.len());
             for e in &s.entries {
+                // Only through real directories: a symlinked parent (planted by
+                // an earlier round) is never looked through, so nothing outside
+                // the root is stat'ed or hashed; the entry counts as absent.
+                if let Some((parent, _)) = e.path.split_last()
+                    && r.dir(&parent).is_err()
+                {
+                    continue;
+                }
                 let (d, report) = sync_core::scan::entry_at(r.root_path(), &e.path, &opts, None)?;
                 linked.extend(report.multi_linked);
                 entries.extend(d);
@@ -859,7 +870,11 @@ async fn fetch_file(
         tokio::task::spawn_blocking(move || write_file(&replica, &entry, map.as_deref(), rx));
     let reading = async {
         loop {
-            let msg = wire::expect_soon(&mut recv, "file content").await?;
+            let msg = tokio::select! {
+                m = wire::expect_soon(&mut recv, "file content") => m?,
+                // the writer gave up: its error is the one to report
+                () = tx.closed() => return Ok(()),
+            };
             let end = matches!(msg, Message::FileEnd { .. });
             if !matches!(
                 msg,
@@ -873,11 +888,13 @@ async fn fetch_file(
         }
     }
     .await;
-    // The writer ends (committing or removing its temp file) before we return.
+    // The writer ends (committing or removing its temp file) before we return;
+    // its error names the entry and the cause, so it comes first.
     drop(tx);
     let written = writer.await?;
+    let written = written?;
     reading?;
-    written
+    Ok(written)
 }
 fn write_file(
     replica: &Replica,

@@ -229,6 +229,9 @@ impl SourceSession {
         wire::send(s, &end).await?;
 
         let mut serving = tokio::task::JoinSet::new();
+        // A replica may open many streams; at most this many are served at once
+        // (each may hold a signature index and a window of the file).
+        let slots = Arc::new(tokio::sync::Semaphore::new(super::PARALLEL_FILES));
         let reply = loop {
             tokio::select! {
                 msg = self.ctl_rx.recv() => break msg,
@@ -236,7 +239,9 @@ impl SourceSession {
                     let (send, recv) = incoming.map_err(|e| anyhow!("connection to the replica lost: {e}"))?;
                     let (entries, root, progress) = (round.entries.clone(), self.root.clone(), self.progress.clone());
                     let live = round.live.clone();
+                    let slots = slots.clone();
                     serving.spawn(async move {
+                        let Ok(_slot) = slots.acquire_owned().await else { return };
                         if let Err(e) = serve(send, recv, entries, root, live, progress).await {
                             tracing::warn!("serving the replica: {e:#}");
                         }
