@@ -490,6 +490,14 @@ fn partial_round(
         }
         note_known(opts, &l);
         *stats = l.cut()?;
+        if let Some(why) = &stats.blocked {
+            // No cut this time: the databases wait for the next round (the
+            // replica keeps the previous cut); the rest of the batch goes now.
+            tracing::debug!("{why}");
+            let dbs: BTreeSet<RelPath> = l.paths().cloned().collect();
+            changed.retain(|e| !dbs.contains(&e.path));
+            held.extend(dbs);
+        }
         let have: BTreeSet<RelPath> = changed.iter().map(|e| e.path.clone()).collect();
         let ix = index
             .lock()
@@ -732,6 +740,14 @@ async fn drive(
             )
             .await??;
             let (manifest, bytes_hashed, stats) = manifest;
+            if let Some(why) = &stats.blocked {
+                // The previous cut of the databases stands; a requested cut waits
+                // for the operator to try again.
+                tracing::info!(folder = %cfg.name, "{why}");
+                if let Some(r) = cut_reply.take() {
+                    let _ = r.send(Err(why.clone()));
+                }
+            }
             let wire_before = session.connection().stats().udp_tx.bytes;
             let root_hash = manifest.root_hash();
             let databases = manifest

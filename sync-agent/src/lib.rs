@@ -39,7 +39,7 @@ use sync_core::filter::Filter;
 use sync_core::sqlite::LiveSet;
 
 /// How long a cut waits for a database's writer to finish its transaction.
-pub const DB_BUSY: std::time::Duration = std::time::Duration::from_secs(10);
+pub const DB_BUSY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How to push a tree to a replica.
 #[derive(Debug, Clone)]
@@ -115,7 +115,9 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             if let Some(e) = live.track(&report.databases).into_iter().next() {
                 return Err(e.into());
             }
-            live.cut()?;
+            if let Some(why) = live.cut()?.blocked {
+                bail!("{why}");
+            }
             session::source::mark_databases(&mut m.entries, &live)?;
             Ok((m, report, Arc::new(std::sync::Mutex::new(live))))
         })

@@ -663,8 +663,13 @@ impl Replica {
         if batch.renames.is_empty() && batch.dbs.is_empty() {
             return Ok(());
         }
-        rustix::fs::syncfs(&self.root)
-            .map_err(|e| Error::io("syncfs", self.root_path.display(), e))?;
+        // A lone database update is one SQLite transaction, durable by itself:
+        // its staged pages need no sync first.
+        let lone_db = batch.renames.is_empty() && batch.dbs.len() == 1 && !batch.dbs[0].full;
+        if !lone_db {
+            rustix::fs::syncfs(&self.root)
+                .map_err(|e| Error::io("syncfs", self.root_path.display(), e))?;
+        }
         let journal = Journal {
             renames: batch.renames,
             dbs: batch.dbs,

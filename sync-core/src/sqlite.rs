@@ -238,6 +238,16 @@ fn wal_frames(wal: &Path, pos: &mut WalPos, limit: u64) -> Option<BTreeSet<u32>>
     Some(pages)
 }
 
+/// Retries a busy lock every 100 µs for about [`LOCK_WAIT`].
+fn spin(n: i32) -> bool {
+    std::thread::sleep(Duration::from_micros(100));
+    (n as u128) < LOCK_WAIT.as_micros() / 130
+}
+
+/// How long a cut waits for a database's writer before giving up for now (the
+/// previous cut stands; the next round tries again).
+pub const LOCK_WAIT: Duration = Duration::from_secs(1);
+
 /// One live database on the source.
 #[derive(Debug)]
 struct LiveDb {
@@ -276,7 +286,13 @@ impl LiveDb {
             }
             Ok(c)
         };
-        let locker = open(false)?;
+        let mut locker = open(false)?;
+        // Retry the cut's lock every 100 µs rather than SQLite's default steps
+        // (up to 100 ms): a writer committing in a tight loop leaves gaps of
+        // microseconds, and a cut must not starve behind it.
+        locker
+            .busy_handler(Some(spin))
+            .map_err(|e| sql_err(path, "busy handler", e))?;
         require_dbpage(&locker, path)?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -438,6 +454,9 @@ pub struct CutStats {
     pub changed: Vec<RelPath>,
     /// Pages changed, over all databases.
     pub pages_changed: usize,
+    /// Set when a database's writer held its lock past [`LOCK_WAIT`]: no cut
+    /// was taken (the previous one stands) and the round should be retried.
+    pub blocked: Option<String>,
 }
 
 /// A database's snapshot as the manifest shows it.
@@ -529,9 +548,18 @@ impl LiveSet {
         let mut locked: Vec<&RelPath> = Vec::new();
         let mut first: Option<Instant> = None;
         let mut res = Ok(());
+        let mut blocked = None;
         for (p, db) in self.dbs.iter_mut() {
             if let Err(e) = db.locker.execute_batch("BEGIN IMMEDIATE") {
-                res = Err(sql_err(&db.path, "lock for the cut", e));
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) {
+                    blocked = Some(format!(
+                        "database {}: its writer held the lock for over {} ms; cut postponed",
+                        db.path.display(),
+                        LOCK_WAIT.as_millis()
+                    ));
+                } else {
+                    res = Err(sql_err(&db.path, "lock for the cut", e));
+                }
                 break;
             }
             first.get_or_insert_with(Instant::now);
@@ -549,6 +577,13 @@ impl LiveSet {
         }
         let stall = first.map(|t| t.elapsed()).unwrap_or_default();
         res?;
+        if blocked.is_some() {
+            return Ok(CutStats {
+                stall,
+                blocked,
+                ..Default::default()
+            });
+        }
         let mut stats = CutStats {
             stall,
             ..Default::default()
@@ -677,6 +712,10 @@ pub fn apply_pages(
     pages: impl Iterator<Item = Result<(u32, Vec<u8>), Error>>,
 ) -> Result<u64, Error> {
     let c = open_replica_db(path)?;
+    // The close below checkpoints and syncs; the round's own syncfs and the cut
+    // journal cover the instant between commit and close.
+    c.execute_batch("PRAGMA synchronous = NORMAL")
+        .map_err(|e| sql_err(path, "synchronous", e))?;
     let tx = c
         .unchecked_transaction()
         .map_err(|e| sql_err(path, "begin", e))?;
