@@ -19,4 +19,5 @@ mod hostile_tls;
 mod netns;
 mod push;
 mod races;
+mod sqlite;
 mod util;
