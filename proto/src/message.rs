@@ -246,6 +246,9 @@ pub struct ApplySummary {
     /// The replica's own root hash after the round, when the round asked for it
     /// (computed from a fresh scan of the replica's tree).
     pub root_hash: Option<[u8; 32]>,
+    /// Databases not updated because another process holds them open: the
+    /// source offers them again soon.
+    pub held: Vec<RelPath>,
 }
 
 /// How many variants [`Message`] has (the decoder names others as unknown types).
@@ -476,8 +479,8 @@ impl Message {
             }
             Message::Promoted { error, .. } => text(error, "promotion error"),
             Message::RoundDone { summary: s, .. } => {
-                if s.warnings.len() > 1000 {
-                    return Err("more than 1000 warnings".into());
+                if s.warnings.len() > 1000 || s.held.len() > 1000 {
+                    return Err("more than 1000 warnings or held databases".into());
                 }
                 s.warnings.iter().try_for_each(|w| text(w, "warning"))
             }

@@ -400,7 +400,11 @@ fn partial_round(
         if covered.as_ref().is_some_and(|c| p.starts_with(c)) {
             continue;
         }
-        if still_hot(root, &p, deferred.get(&p), now) {
+        let live_db = opts
+            .databases
+            .as_ref()
+            .is_some_and(|d| d.known.read().is_ok_and(|k| k.contains(&p)));
+        if !live_db && still_hot(root, &p, deferred.get(&p), now) {
             held.push(p);
             continue;
         }
@@ -779,6 +783,9 @@ async fn drive(
                 }
             };
             account(session, &applied);
+            for p in &applied.held {
+                deferred.entry(p.clone()).or_insert_with(Instant::now);
+            }
             if let Some(r) = cut_reply.take() {
                 let replica_root = applied
                     .root_hash
@@ -987,6 +994,11 @@ async fn drive(
         }
         let applied = applied?;
         account(session, &applied);
+        // Databases the replica could not update (held open there) are offered
+        // again soon, not at the next change.
+        for p in &applied.held {
+            deferred.entry(p.clone()).or_insert_with(Instant::now);
+        }
         set(status, |s| {
             s.files_inline_total += applied.files_inline;
             s.files_requested_total += applied.files_transferred - applied.files_inline;

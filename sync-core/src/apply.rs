@@ -56,6 +56,8 @@ pub struct Replica {
     db_cache: Mutex<std::collections::HashMap<RelPath, (DbStamp, Arc<Held>)>>,
     /// The root as SQLite opens it (no symlink on the way).
     canonical: PathBuf,
+    /// Databases left alone this round because another process holds them.
+    held: Mutex<Vec<RelPath>>,
 }
 
 type DbStamp = (u64, u64, i64, u64);
@@ -126,6 +128,7 @@ impl Replica {
             staging: Mutex::default(),
             db_cache: Mutex::default(),
             canonical: std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()),
+            held: Mutex::default(),
         };
         r.roll_forward()?;
         Ok(r)
@@ -773,6 +776,22 @@ impl Replica {
         }
     }
 
+    /// Records that the database at `path` was left alone because another
+    /// process holds it (see [`Replica::take_held`]).
+    pub fn note_held(&self, path: &RelPath) {
+        if let Ok(mut h) = self.held.lock() {
+            h.push(path.clone());
+        }
+    }
+
+    /// The databases left alone since the last call.
+    pub fn take_held(&self) -> Vec<RelPath> {
+        self.held
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default()
+    }
+
     /// The other processes holding the database at `path` (or its side files)
     /// open, as text, or `None`.
     pub fn db_holders(&self, path: &RelPath) -> Option<String> {
@@ -800,6 +819,7 @@ impl Replica {
             return Ok(()); // carried out before a crash
         }
         if let Some(who) = self.db_holders(&db.path) {
+            self.note_held(&db.path);
             self.warn(format!(
                 "{shown}: database held open by {who}; not updated (the standby's \
                  application must be stopped), retried next round"

@@ -258,7 +258,9 @@ struct LiveDb {
     cur: usize,
     reading: [bool; 2],
     wal: WalPos,
-    wal_limit: u64,
+    /// Pages named by the log frames committed before this cut (read under
+    /// the cut's locks); `None` when the log could not be followed.
+    frames: Option<BTreeSet<u32>>,
     wal_mode: bool,
     page_size: u32,
     hashes: Vec<[u8; 32]>,
@@ -301,7 +303,7 @@ impl LiveDb {
             cur: 0,
             reading: [false; 2],
             wal: WalPos::default(),
-            wal_limit: 0,
+            frames: None,
             wal_mode: false,
             page_size: 0,
             hashes: Vec::new(),
@@ -322,12 +324,17 @@ impl LiveDb {
         &self.readers[self.cur]
     }
 
-    /// Under the cut's locks: opens a read transaction on the spare reader.
+    /// Under the cut's locks: reads the log's new frame headers and opens a read
+    /// transaction on the spare reader. The frames are read here, while no
+    /// writer can append: a commit made after the release may land in log
+    /// space already allocated (after a reset, or over a rolled-back tail) with
+    /// the current salts, and must not be taken for part of this cut.
     fn begin_snapshot(&mut self) -> Result<(), Error> {
-        // stat, never open: see the module docs
-        self.wal_limit = std::fs::metadata(self.wal_path())
-            .map(|m| m.len())
-            .unwrap_or(0);
+        // The -wal file is never locked by SQLite: reading it is safe (see the
+        // module docs); the database file and -shm are never opened.
+        let wal = self.wal_path();
+        let limit = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        self.frames = wal_frames(&wal, &mut self.wal, limit);
         let spare = 1 - self.cur;
         if self.reading[spare] {
             let _ = self.readers[spare].execute_batch("COMMIT");
@@ -369,7 +376,7 @@ impl LiveDb {
             .and_then(|b| b.try_into().ok())
             .unwrap_or_default();
         let frames = if self.wal_mode {
-            wal_frames(&self.wal_path(), &mut self.wal, self.wal_limit)
+            self.frames.take()
         } else {
             self.wal = WalPos::default();
             None

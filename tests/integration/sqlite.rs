@@ -634,9 +634,6 @@ fn rows_differing(a: &Path, b: &Path) -> Vec<i64> {
 /// back transactions that spill into the WAL): once the writer stops and the
 /// counters match, every row matches too.
 #[test]
-#[ignore = "bug: the source's WAL frame tracking takes frames committed after a cut \
-            (sqlite.rs begin_snapshot/advance: the -wal file size as the limit); \
-            their pages are never shipped"]
 fn replica_content_matches_the_source_after_source_restarts() {
     let s = setup();
     let logs = s.t.path();
@@ -663,8 +660,6 @@ fn replica_content_matches_the_source_after_source_restarts() {
 /// idle: once the holder exits, the replica catches up without waiting for the
 /// source's next change.
 #[test]
-#[ignore = "bug: a database skipped because it was held is retried only when the \
-            source next changes (or at its full rescan, 600 s by default)"]
 fn replica_database_freed_while_the_source_is_idle_catches_up() {
     let s = setup();
     let logs = s.t.path();

@@ -662,6 +662,7 @@ async fn apply_round(
         }
         r.finish()?;
         summary.warnings = r.take_warnings();
+        summary.held = r.take_held();
         Ok(summary)
     })
     .await??;
@@ -744,6 +745,7 @@ async fn fetch_db(
         return Ok(None);
     }
     if let Some(who) = holders {
+        replica.note_held(&entry.path);
         replica.warn(format!(
             "{}: database held open by {who}; not updated (the standby's application \
              must be stopped), retried next round",
