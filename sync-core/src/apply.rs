@@ -450,6 +450,7 @@ impl Replica {
         if let Err(e) = rustix::fs::fchown(f, Some(uid(m.uid)), Some(gid(m.gid))) {
             self.not_preserved(shown_path, "owner", e.into())?;
         }
+        crate::failpoint("metadata");
         let existing: Vec<Vec<u8>> = match f.list_xattr() {
             Ok(names) => names
                 .map(|n| std::os::unix::ffi::OsStrExt::as_bytes(n.as_os_str()).to_vec())
@@ -673,6 +674,7 @@ impl Replica {
             rustix::fs::syncfs(&self.root)
                 .map_err(|e| Error::io("syncfs", self.root_path.display(), e))?;
         }
+        crate::failpoint("synced");
         let journal = Journal {
             renames: batch.renames,
             dbs: batch.dbs,
@@ -701,6 +703,7 @@ impl Replica {
             }
             return Err(e);
         }
+        crate::failpoint("journaled");
         self.carry_out(journal, true)?;
         let root_touched = self
             .touched
@@ -756,7 +759,10 @@ impl Replica {
         for (path, tmp) in &j.renames {
             let (dir, parent, name) = self.parent(path)?;
             match rustix::fs::renameat(&dir, tmp.as_slice(), &dir, name) {
-                Ok(()) => self.touch(parent),
+                Ok(()) => {
+                    self.touch(parent);
+                    crate::failpoint("renamed");
+                }
                 // done before the crash
                 Err(rustix::io::Errno::NOENT) => {}
                 Err(e) => return Err(Error::io("rename", self.display(path), e)),
@@ -768,6 +774,7 @@ impl Replica {
         if !journaled {
             return Ok(());
         }
+        crate::failpoint("before-final-sync");
         rustix::fs::syncfs(&self.root)
             .map_err(|e| Error::io("syncfs", self.root_path.display(), e))?;
         match rustix::fs::unlinkat(&self.root, JOURNAL, AtFlags::empty()) {
@@ -1105,6 +1112,7 @@ impl Staged<'_> {
     /// Checks the content against `hash`, sets `meta` on the fd and queues the
     /// rename into place (done by [`Replica::flush`]).
     pub fn commit(mut self, hash: &[u8; 32], meta: &Meta) -> Result<(), Error> {
+        crate::failpoint("temp-written");
         let shown_path = self.replica.display(&self.path);
         let got = *self.hasher.finalize().as_bytes();
         if &got != hash {

@@ -52,6 +52,22 @@ pub fn is_temp_name(name: &[u8]) -> bool {
     name.starts_with(TEMP_PREFIX)
 }
 
+/// Crash-test hook: when `UNDERSTUDY_FAILPOINT` names this step, the process
+/// aborts here, as a `kill -9` at that instant would leave things (tests kill
+/// the replica at each step of an apply this way). Read once; absent in
+/// production, where it costs one comparison.
+pub fn failpoint(step: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var("UNDERSTUDY_FAILPOINT").ok())
+        .as_deref()
+        == Some(step)
+    {
+        eprintln!("failpoint {step}: aborting");
+        std::process::abort();
+    }
+}
+
 /// Lower-case hex of a hash, for output.
 #[must_use]
 pub fn hex(bytes: &[u8]) -> String {

@@ -46,6 +46,17 @@ impl Host {
             .read_line(&mut line)
             .unwrap();
         assert!(line.starts_with("listening "), "agent said {line:?}");
+        // The control socket comes up right after: commands need it.
+        let sock = self.dir.join("control.sock");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "no control socket {}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         Agent {
             child,
             addr: line.trim().to_string(),

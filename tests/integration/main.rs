@@ -7,6 +7,7 @@ mod atomicity;
 mod bad_input;
 mod confinement;
 mod continuous;
+mod crash_points;
 mod delta;
 mod failover;
 mod fidelity;
