@@ -116,11 +116,45 @@ async fn deepest_tree_made_and_removed() {
     deep_tree(1900).await;
 }
 
-/// The same at the very limit (2,048 components, 4,095 bytes).
+/// At the very limit (2,048 components, 4,095 bytes): with the root's own path
+/// in front, past PATH_MAX; the replica refuses it cleanly before making
+/// anything (its scans go by absolute path), and the folder is not wedged.
 #[tokio::test]
-#[ignore = "bug: the replica scans its own tree by absolute path (sync-core scan.rs, stat of root/…): once a hostile source made a tree deeper than PATH_MAX less the root's length (openat2 relative paths allow it), every later full round fails, wedging the folder; and the error quotes the whole path, longer than proto::MAX_TEXT, so the Error frame itself is malformed (sync-agent replica.rs fail() should truncate)"]
 async fn deepest_tree_at_the_path_limit() {
-    deep_tree(2048).await;
+    let mut t = Target::start();
+    let before = snapshot(&t.outside);
+    let mut entries = vec![dir("")];
+    let mut path = String::new();
+    for _ in 0..2048 {
+        if !path.is_empty() {
+            path.push('/');
+        }
+        path.push('a');
+        entries.push(dir(&path));
+    }
+    let mut p = t.connect().await;
+    p.hello().await;
+    p.send_raw(&round(1, true, entries)).await;
+    let m = p.expect().await;
+    p.close().await;
+    match m {
+        Message::Error { message, .. } => {
+            assert!(
+                message.contains("too long for this replica root"),
+                "{message}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!t.root.join("a").exists());
+    // The folder still serves.
+    let mut p = t.connect().await;
+    p.hello().await;
+    p.send_raw(&round(2, true, vec![dir("")])).await;
+    let m = p.expect().await;
+    p.close().await;
+    assert!(matches!(m, Message::RoundDone { .. }), "{m:?}");
+    t.assert_clean(&before);
 }
 
 async fn deep_tree(depth: usize) {

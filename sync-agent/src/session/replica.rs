@@ -473,6 +473,26 @@ async fn apply_round(
             bail!("entry {p}: name uses the reserved temp-file prefix");
         }
     }
+    // The replica's own scans go by absolute path: an entry whose path with
+    // the root would pass PATH_MAX could be made (relative `openat2`) but
+    // never scanned again, wedging the folder. Refused before anything is made.
+    let root_len = folder.replica.root_path().as_os_str().len() + 1;
+    if let Some(p) = src
+        .entries
+        .iter()
+        .map(|e| &e.path)
+        .chain(round.deleted.iter())
+        .chain(round.renamed.iter().flat_map(|(a, b)| [a, b]))
+        .find(|p| root_len + p.as_bytes().len() >= libc::PATH_MAX as usize)
+    {
+        let mut shown = p.to_string();
+        sync_core::apply::truncate(&mut shown, 200);
+        bail!(
+            "entry {shown}: path too long for this replica root ({} bytes with the root, at most {})",
+            root_len + p.as_bytes().len(),
+            libc::PATH_MAX - 1
+        );
+    }
     // Excluded entries are dropped; `kept` maps what is planned back to the
     // round's indexes, which the source serves.
     let filter = &folder.filter;
