@@ -414,3 +414,44 @@ fn restart_over_an_unchanged_tree_rehashes_nothing() {
         "{again}"
     );
 }
+
+/// The replica's disk fills up during an apply: the round fails cleanly (no
+/// temp file, the old versions intact), the source retries with backoff, and
+/// once there is room again the trees converge.
+#[test]
+fn disk_full_on_the_replica_is_retried_until_there_is_room() {
+    let p = pair();
+    let fs = Tmpfs::new("size=4m");
+    let dst = fs.path();
+    let rep = replica(dst, &p.rid, &p.s_id, &[]);
+    std::fs::write(p.src.join("keep"), random_bytes(100_000, 1)).unwrap();
+    let _src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &[]);
+    wait_converged(&p.src, dst, 20, &[]);
+    // Two files that cannot both fit, and a change to one that does.
+    std::fs::write(p.src.join("keep"), random_bytes(100_000, 2)).unwrap();
+    std::fs::write(p.src.join("big1"), random_bytes(2_500_000, 3)).unwrap();
+    std::fs::write(p.src.join("big2"), random_bytes(2_500_000, 4)).unwrap();
+    // Rounds fail for a while; meanwhile the replica holds whole old files only.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let keep = std::fs::read(dst.join("keep")).unwrap();
+        assert!(
+            keep == random_bytes(100_000, 1) || keep == random_bytes(100_000, 2),
+            "keep is torn"
+        );
+        for big in ["big1", "big2"] {
+            if let Ok(b) = std::fs::read(dst.join(big)) {
+                assert_eq!(b.len(), 2_500_000, "{big} is partial");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !(dst.join("big1").exists() && dst.join("big2").exists()),
+        "both fit after all: the test proves nothing"
+    );
+    // Room again: the source's retries get through.
+    std::fs::remove_file(p.src.join("big2")).unwrap();
+    wait_converged(&p.src, dst, 30, &[]);
+    assert!(temp_files(dst).is_empty(), "{:?}", temp_files(dst));
+}
