@@ -625,8 +625,9 @@ impl Replica {
         Ok(Some(map))
     }
 
-    /// Starts writing new content for `path` into a temp file beside it.
-    pub fn stage(&self, path: &RelPath) -> Result<Staged<'_>, Error> {
+    /// A new temp file (mode 0600, never an existing name) in `path`'s
+    /// directory, recorded as staging: its directory, name and file.
+    fn temp_beside(&self, path: &RelPath) -> Result<(OwnedFd, Vec<u8>, File), Error> {
         let (dir, parent, _) = self.parent(path)?;
         let tmp = temp_name();
         if let Ok(mut s) = self.staging.lock() {
@@ -639,12 +640,18 @@ impl Replica {
             Mode::from_raw_mode(0o600),
         )
         .map_err(|e| Error::io("create temp file for", self.display(path), e))?;
+        Ok((dir, tmp, File::from(fd)))
+    }
+
+    /// Starts writing new content for `path` into a temp file beside it.
+    pub fn stage(&self, path: &RelPath) -> Result<Staged<'_>, Error> {
+        let (dir, tmp, file) = self.temp_beside(path)?;
         Ok(Staged {
             replica: self,
             dir,
             tmp,
             path: path.clone(),
-            file: File::from(fd),
+            file,
             hasher: blake3::Hasher::new(),
             len: 0,
             done: false,
@@ -951,24 +958,13 @@ impl Replica {
         } else {
             (0..pages).collect()
         };
-        let (dir, parent, _) = self.parent(path)?;
-        let tmp = temp_name();
-        if let Ok(mut s) = self.staging.lock() {
-            s.insert((parent, tmp.clone()));
-        }
-        let fd = rustix::fs::openat(
-            &dir,
-            tmp.as_slice(),
-            OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| Error::io("create temp file for", self.display(path), e))?;
+        let (dir, tmp, file) = self.temp_beside(path)?;
         Ok(StagedDb {
             replica: self,
             dir,
             tmp,
             path: path.clone(),
-            file: File::from(fd),
+            file,
             full: base.is_none(),
             page_size,
             hashes,

@@ -28,7 +28,6 @@ impl Host {
     }
 
     fn start(&self) -> Agent {
-        use std::io::{BufRead, BufReader};
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -41,11 +40,7 @@ impl Host {
             .stderr(log)
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.starts_with("listening "), "agent said {line:?}");
+        let addr = listening(&mut child);
         // The control socket comes up right after: commands need it.
         let sock = self.dir.join("control.sock");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -57,10 +52,7 @@ impl Host {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        Agent {
-            child,
-            addr: line.trim().to_string(),
-        }
+        Agent { child, addr }
     }
 
     fn cli(&self, args: &[&str]) -> Output {

@@ -195,7 +195,6 @@ pub fn replica_on(
     listen: &str,
     extra: &[&str],
 ) -> Agent {
-    use std::io::{BufRead, BufReader};
     let mut child = Command::new(bin("sync-agent"))
         .args(["replica", "--listen", listen, "--allow", allow])
         .arg("--root")
@@ -207,15 +206,7 @@ pub fn replica_on(
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening ")
-        .unwrap_or_else(|| panic!("agent said {line:?}"))
-        .to_string();
+    let addr = listening(&mut child);
     Agent { child, addr }
 }
 
@@ -289,7 +280,6 @@ pub fn replica_logged(
     log: &Path,
     env: &[(&str, &str)],
 ) -> Agent {
-    use std::io::{BufRead, BufReader};
     let mut child = Command::new(bin("sync-agent"))
         .args(["replica", "--listen", "127.0.0.1:0", "--allow", allow])
         .arg("--root")
@@ -301,15 +291,7 @@ pub fn replica_logged(
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening ")
-        .unwrap_or_else(|| panic!("agent said {line:?}"))
-        .to_string();
+    let addr = listening(&mut child);
     Agent { child, addr }
 }
 
@@ -357,3 +339,16 @@ pub fn snapshot(dir: &Path) -> Vec<Snap> {
 }
 
 use std::os::unix::ffi::OsStringExt as _;
+
+/// The address an agent prints on its first line of stdout (`listening ADDR`).
+pub fn listening(child: &mut std::process::Child) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("agent stdout piped"))
+        .read_line(&mut line)
+        .unwrap();
+    line.trim()
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("agent said {line:?}"))
+        .to_string()
+}
