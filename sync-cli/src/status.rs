@@ -49,6 +49,12 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
         if let Some(w) = &f.watcher {
             println!("  watcher: {w}");
         }
+        if f.epoch > 0 || f.databases > 0 {
+            println!(
+                "  epoch {}, {} databases, worst writer stall {:.3} ms",
+                f.epoch, f.databases, f.max_writer_stall_ms
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
