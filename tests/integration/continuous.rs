@@ -34,23 +34,9 @@ fn pair() -> Pair {
     }
 }
 
-/// `sync-cli status --json` of the source agent whose control socket is `control`.
+/// `sync-cli status --json` of the agent whose control socket is `control`.
 fn agent_status(p: &Pair, control: &Path) -> serde_json::Value {
-    let cfg = p.t.path().join("status.toml");
-    let body = format!(
-        "[node]\nidentity = \"{}\"\ncontrol = \"{}\"\n",
-        p.sid.display(),
-        control.display()
-    );
-    std::fs::write(&cfg, body).unwrap();
-    // Null while the agent (re)starts; callers assert on the contents.
-    let out = cli(&[
-        "status".as_ref(),
-        "--config".as_ref(),
-        cfg.as_os_str(),
-        "--json".as_ref(),
-    ]);
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    control_status(p.t.path(), &p.sid, control)
 }
 
 fn step(p: &Pair, script: &str) {

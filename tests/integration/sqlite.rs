@@ -408,20 +408,7 @@ fn rollback_journal_databases_sampled_at_random_instants_are_whole_and_committed
 
 /// `sync-cli status --json` of the agent whose control socket is `control`.
 fn agent_status(s: &Setup, control: &Path) -> serde_json::Value {
-    let cfg = s.t.path().join("status.toml");
-    let body = format!(
-        "[node]\nidentity = \"{}\"\ncontrol = \"{}\"\n",
-        s.rid.display(),
-        control.display()
-    );
-    std::fs::write(&cfg, body).unwrap();
-    let out = cli(&[
-        "status".as_ref(),
-        "--config".as_ref(),
-        cfg.as_os_str(),
-        "--json".as_ref(),
-    ]);
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    control_status(s.t.path(), &s.rid, control)
 }
 
 /// The bytes of a database file and its side files.

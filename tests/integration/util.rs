@@ -352,3 +352,22 @@ pub fn listening(child: &mut std::process::Child) -> String {
         .unwrap_or_else(|| panic!("agent said {line:?}"))
         .to_string()
 }
+
+/// `sync-cli status --json` of the agent whose control socket is `control`
+/// (through a minimal config written in `dir`); null while it (re)starts.
+pub fn control_status(dir: &Path, identity: &Path, control: &Path) -> serde_json::Value {
+    let cfg = dir.join("status.toml");
+    let body = format!(
+        "[node]\nidentity = \"{}\"\ncontrol = \"{}\"\n",
+        identity.display(),
+        control.display()
+    );
+    std::fs::write(&cfg, body).unwrap();
+    let out = cli(&[
+        "status".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
