@@ -1,0 +1,176 @@
+//! Live SQLite databases: found by glob or header, never read raw, shipped as
+//! pages of a consistent snapshot.
+//!
+//! **Source side** ([`LiveSet`]): every database of a folder is held open by two
+//! kinds of connection. A *locker* takes `BEGIN IMMEDIATE` for a cut; *readers*
+//! hold read transactions, which are the snapshots pages are read from (through
+//! the `sqlite_dbpage` virtual table: pages as SQLite sees them, WAL included).
+//! A cut locks every database in path order, opens a new read transaction on
+//! each, and releases the locks: writers stall for that window only. The
+//! previous cut's readers are released only after the new ones hold, so a WAL
+//! database's log can never be reset behind our back between two cuts (a reset
+//! needs every reader on read mark 0 and a fully checkpointed log, and a reader
+//! on mark 0 forbids checkpointing): the pages written since the last cut are
+//! exactly those named by the frame headers appended since then, read straight
+//! from the `-wal` file (which SQLite never locks). Rollback-journal databases
+//! have no log: their file change counter tells whether anything changed, and
+//! then every page is hashed again; their readers block writers' commits, so
+//! [`LiveSet::end_round`] ends them as soon as the round is served.
+//!
+//! The process that holds these connections never opens a database file (or its
+//! `-shm`) with plain file I/O: closing any descriptor of a file drops all of the
+//! process's POSIX locks on it (SQLite's "How To Corrupt" §2.2). Scans skip
+//! known databases and their side files.
+//!
+//! **Content hash**: blake3 of each page (page 1 with the change counter and the
+//! version-valid-for fields zeroed: SQLite rewrites them on commit), then
+//! [`db_hash`] over the page hashes: what both sides compare, and what the root
+//! hash covers.
+//!
+//! **Replica side** ([`read_hashes`], [`apply_pages`]): pages are written inside
+//! one SQLite transaction through `sqlite_dbpage`, so the database is openable at
+//! every instant and a crash rolls back (or the cut journal rolls forward).
+
+use crate::Error;
+use rusqlite::Connection;
+use std::os::unix::fs::FileExt as _;
+use std::path::Path;
+
+/// The first 16 bytes of every SQLite database file.
+pub const HEADER: &[u8; 16] = b"SQLite format 3\0";
+/// Files that belong to a database and never travel raw.
+pub const SIDECARS: [&[u8]; 3] = [b"-wal", b"-shm", b"-journal"];
+/// Cut hashes remembered per database, so a replica that is a few cuts behind
+/// still gets only the pages changed since what it holds.
+pub(crate) const HISTORY: usize = 16;
+
+/// The base name of a side file (`x.db-wal` → `x.db`), if `name` is one.
+#[must_use]
+pub fn sidecar_base(name: &[u8]) -> Option<&[u8]> {
+    SIDECARS.iter().find_map(|s| {
+        name.strip_suffix(*s)
+            .filter(|b| !b.is_empty() && !b.ends_with(b"/"))
+    })
+}
+
+/// Whether `head` (the first bytes of a file) is a SQLite database header.
+#[must_use]
+pub fn is_header(head: &[u8]) -> bool {
+    head.len() >= 16 && &head[..16] == HEADER
+}
+
+/// Whether the regular file at `path` starts with the SQLite header. Only for
+/// files this process holds no connection to (see the module docs).
+#[must_use]
+pub fn sniff(path: &Path, size: u64) -> bool {
+    if size < 512 {
+        return false;
+    }
+    let Ok(f) = crate::scan::open_regular(path) else {
+        return false;
+    };
+    let mut head = [0u8; 16];
+    f.read_exact_at(&mut head, 0).is_ok() && is_header(&head)
+}
+
+/// The hash of page `pgno` (from 1).
+#[must_use]
+pub fn page_hash(pgno: u32, data: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    if pgno == 1 && data.len() >= 100 {
+        h.update(&data[..24]);
+        h.update(&[0; 4]); // file change counter
+        h.update(&data[28..92]);
+        h.update(&[0; 8]); // version-valid-for, SQLite version
+        h.update(&data[100..]);
+    } else {
+        h.update(data);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// The content hash of a database: page size, page count and every page hash.
+#[must_use]
+pub fn db_hash(page_size: u32, hashes: &[[u8; 32]]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"understudy-sqlite-v1\0");
+    h.update(&page_size.to_le_bytes());
+    h.update(&(hashes.len() as u64).to_le_bytes());
+    for p in hashes {
+        h.update(p);
+    }
+    *h.finalize().as_bytes()
+}
+
+pub(crate) fn sql_err(path: &Path, what: &str, e: rusqlite::Error) -> Error {
+    Error::Sqlite {
+        path: path.display().to_string(),
+        msg: format!("{what}: {e}"),
+    }
+}
+
+/// Checks that this build has `sqlite_dbpage` (the workspace enables it in
+/// `.cargo/config.toml`).
+pub(crate) fn require_dbpage(c: &Connection, path: &Path) -> Result<(), Error> {
+    c.query_row(
+        "SELECT count(*) FROM pragma_module_list WHERE name = 'sqlite_dbpage'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map_err(|e| sql_err(path, "list modules", e))
+    .and_then(|n| {
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(Error::Sqlite {
+                path: path.display().to_string(),
+                msg: "this build of SQLite lacks sqlite_dbpage \
+                      (build with LIBSQLITE3_FLAGS=-DSQLITE_ENABLE_DBPAGE_VTAB)"
+                    .into(),
+            })
+        }
+    })
+}
+
+pub(crate) fn read_page(c: &Connection, path: &Path, pgno: u32) -> Result<Vec<u8>, Error> {
+    c.prepare_cached("SELECT data FROM sqlite_dbpage WHERE pgno = ?1")
+        .and_then(|mut s| s.query_row([pgno], |r| r.get::<_, Vec<u8>>(0)))
+        .map_err(|e| sql_err(path, &format!("read page {pgno}"), e))
+}
+
+/// Page size and every page hash of the database `c` is connected to, read in
+/// its current (read) transaction.
+pub(crate) fn all_hashes(c: &Connection, path: &Path) -> Result<(u32, Vec<[u8; 32]>), Error> {
+    let page_size: u32 = c
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .map_err(|e| sql_err(path, "page size", e))?;
+    let mut hashes = Vec::new();
+    let mut stmt = c
+        .prepare_cached("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno")
+        .map_err(|e| sql_err(path, "read pages", e))?;
+    let mut rows = stmt.query([]).map_err(|e| sql_err(path, "read pages", e))?;
+    while let Some(row) = rows.next().map_err(|e| sql_err(path, "read pages", e))? {
+        let pgno: u32 = row.get(0).map_err(|e| sql_err(path, "read pages", e))?;
+        let data = row
+            .get_ref(1)
+            .and_then(|v| v.as_blob().map_err(Into::into))
+            .map_err(|e| sql_err(path, "read pages", e))?;
+        if pgno as usize != hashes.len() + 1 {
+            return Err(Error::Sqlite {
+                path: path.display().to_string(),
+                msg: format!("page {pgno} out of order"),
+            });
+        }
+        hashes.push(page_hash(pgno, data));
+    }
+    Ok((page_size, hashes))
+}
+
+mod live;
+mod replica;
+#[cfg(test)]
+mod tests;
+mod wal;
+
+pub use live::{CutStats, LOCK_WAIT, LiveSet, Need, Snapshot};
+pub use replica::{Held, apply_pages, integrity, read_hashes};

@@ -1,0 +1,107 @@
+//! The replica side: page hashes of its copy, pages written in one transaction.
+
+use super::{all_hashes, db_hash, require_dbpage, sql_err};
+use crate::Error;
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use std::path::Path;
+use std::time::Duration;
+
+/// A replica's database as it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// Page size.
+    pub page_size: u32,
+    /// Page hashes.
+    pub hashes: Vec<[u8; 32]>,
+    /// Their [`db_hash`].
+    pub hash: [u8; 32],
+}
+
+fn open_replica_db(path: &Path) -> Result<Connection, Error> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+    let c = Connection::open_with_flags(path, flags).map_err(|e| sql_err(path, "open", e))?;
+    c.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| sql_err(path, "busy timeout", e))?;
+    require_dbpage(&c, path)?;
+    Ok(c)
+}
+
+/// Page hashes of the database at `path` (a replica's own copy), or `None`
+/// when it is not a database SQLite can open.
+pub fn read_hashes(path: &Path) -> Result<Option<Held>, Error> {
+    let c = match open_replica_db(path) {
+        Ok(c) => c,
+        Err(_) => return Ok(None),
+    };
+    let tx = c
+        .unchecked_transaction()
+        .map_err(|e| sql_err(path, "begin", e))?;
+    let res = all_hashes(&tx, path);
+    drop(tx);
+    match res {
+        Ok((page_size, hashes)) => Ok(Some(Held {
+            page_size,
+            hash: db_hash(page_size, &hashes),
+            hashes,
+        })),
+        // not a database after all (a plain file with a SQLite-like name)
+        Err(_) => Ok(None),
+    }
+}
+
+/// Writes `pages` (page number and image, read from `pages`) into the database
+/// at `path` and truncates it to `count` pages, in one SQLite transaction.
+pub fn apply_pages(
+    path: &Path,
+    count: u32,
+    pages: impl Iterator<Item = Result<(u32, Vec<u8>), Error>>,
+) -> Result<u64, Error> {
+    let c = open_replica_db(path)?;
+    // The close below checkpoints and syncs; the round's own syncfs and the cut
+    // journal cover the instant between commit and close.
+    c.execute_batch("PRAGMA synchronous = NORMAL")
+        .map_err(|e| sql_err(path, "synchronous", e))?;
+    let tx = c
+        .unchecked_transaction()
+        .map_err(|e| sql_err(path, "begin", e))?;
+    tx.execute_batch("SELECT count(*) FROM sqlite_schema")
+        .map_err(|e| sql_err(path, "begin", e))?;
+    let mut n = 0u64;
+    {
+        let mut put = tx
+            .prepare("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")
+            .map_err(|e| sql_err(path, "write pages", e))?;
+        for p in pages {
+            let (pgno, data) = p?;
+            put.execute(rusqlite::params![pgno, data])
+                .map_err(|e| sql_err(path, &format!("write page {pgno}"), e))?;
+            n += 1;
+        }
+        let now: u32 = tx
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .map_err(|e| sql_err(path, "page count", e))?;
+        if now > count {
+            tx.execute(
+                "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, NULL)",
+                [count + 1],
+            )
+            .map_err(|e| sql_err(path, "truncate", e))?;
+        }
+    }
+    tx.commit().map_err(|e| sql_err(path, "commit", e))?;
+    // The last connection's close checkpoints a WAL database and removes its log.
+    c.close().map_err(|(_, e)| sql_err(path, "close", e))?;
+    Ok(n)
+}
+
+/// `PRAGMA integrity_check` of the database at `path`: `"ok"` when sound.
+pub fn integrity(path: &Path) -> Result<String, Error> {
+    let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| sql_err(path, "open", e))?;
+    c.query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .optional()
+        .map_err(|e| sql_err(path, "integrity_check", e))
+        .map(|s: Option<String>| s.unwrap_or_default())
+}
