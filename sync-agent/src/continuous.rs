@@ -192,15 +192,57 @@ struct Watch {
     rescan: Arc<AtomicBool>,
 }
 
-fn start_watch(root: &Path, status: &SharedStatus) -> Result<Watch> {
+/// Whether an event on `path` is one a held database's connections raise by
+/// being opened and closed (ours at every cut included), rather than a sign
+/// of a commit: a commit writes the log (WAL) or the database file (rollback
+/// journal), and a replacement creates, removes or renames the database
+/// file; closes, `-shm` traffic and side files coming and going say nothing.
+fn connection_noise(root: &Path, dbs: &sync_core::scan::DbDetect, ev: &notify::Event) -> bool {
+    use notify::event::ModifyKind;
+    let held = |p: &RelPath| dbs.known.read().is_ok_and(|k| k.contains(p));
+    !ev.need_rescan()
+        && !ev.paths.is_empty()
+        && ev.paths.iter().all(|path| {
+            let Some(rel) = rel(root, path) else {
+                return false;
+            };
+            let Some((dir, name)) = rel.split_last() else {
+                return false;
+            };
+            match sync_core::sqlite::sidecar_base(name).and_then(|b| dir.join(b).ok()) {
+                Some(base) if held(&base) => {
+                    !(name.ends_with(b"-wal")
+                        && matches!(
+                            ev.kind,
+                            EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any)
+                        ))
+                }
+                Some(_) => false,
+                None => held(&rel) && matches!(ev.kind, EventKind::Access(_)),
+            }
+        })
+}
+
+fn start_watch(
+    root: &Path,
+    status: &SharedStatus,
+    dbs: Option<Arc<sync_core::scan::DbDetect>>,
+) -> Result<Watch> {
     let (tx, rx) = mpsc::channel::<WatchMsg>(16384);
     let wake = Arc::new(Notify::new());
     let rescan = Arc::new(AtomicBool::new(false));
     let (w, r, st) = (wake.clone(), rescan.clone(), status.clone());
+    let base = root.to_path_buf();
     let handler = move |res: notify::Result<notify::Event>| {
         match res {
             Ok(ev) => {
                 tracing::trace!(?ev, "watch event");
+                if dbs
+                    .as_deref()
+                    .is_some_and(|d| connection_noise(&base, d, &ev))
+                {
+                    return;
+                }
                 if ev.need_rescan() {
                     tracing::warn!("inotify queue overflowed: full rescan");
                     set(&st, |s| {
@@ -489,11 +531,15 @@ fn partial_round(
         for p in &gone {
             l.forget(p);
         }
-        if let Some(e) = l.add(&dbs_seen).into_iter().next() {
-            return Err(e.into());
-        }
+        l.add(&dbs_seen);
         note_known(opts, &l);
         *stats = l.cut()?;
+        if !stats.dropped.is_empty() {
+            // A database vanished or was replaced by something else: only a
+            // full scan tells what stands there now.
+            note_known(opts, &l);
+            return Ok((None, held));
+        }
         if let Some(why) = &stats.blocked {
             // No cut this time: the databases wait for the next round (the
             // replica keeps the previous cut); the rest of the batch goes now.
@@ -552,7 +598,15 @@ pub async fn run_source(
         s.role = "source".into();
         s.peer = cfg.peer.to_string();
     });
-    let mut w = start_watch(&cfg.root, &status)?;
+    let opts = ScanOptions {
+        filter: cfg.filter.clone(),
+        databases: Some(Arc::new(sync_core::scan::DbDetect {
+            globs: cfg.sqlite.clone(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let mut w = start_watch(&cfg.root, &status, opts.databases.clone())?;
     let index = Arc::new(Mutex::new(match &cfg.index_path {
         Some(p) => {
             if let Some(dir) = p.parent() {
@@ -563,14 +617,6 @@ pub async fn run_source(
         }
         None => HashIndex::in_memory(),
     }));
-    let opts = ScanOptions {
-        filter: cfg.filter.clone(),
-        databases: Some(Arc::new(sync_core::scan::DbDetect {
-            globs: cfg.sqlite.clone(),
-            ..Default::default()
-        })),
-        ..Default::default()
-    };
     // Held across sessions: a replica that reconnects a few cuts behind gets
     // only the pages changed since what it holds.
     let live = Arc::new(Mutex::new(LiveSet::new(&cfg.root, crate::DB_BUSY)));
@@ -721,11 +767,13 @@ async fn drive(
                     let mut l = l
                         .lock()
                         .map_err(|_| anyhow::anyhow!("live database set poisoned"))?;
-                    if let Some(e) = l.track(&report.databases).into_iter().next() {
-                        return Err(e.into());
-                    }
+                    l.track(&report.databases);
                     note_known(&o, &l);
                     let stats = l.cut()?;
+                    // Gone since the scan (deleted, renamed away, or no longer
+                    // databases): the next round sees what took their place.
+                    m.entries.retain(|e| !stats.dropped.contains(&e.path));
+                    note_known(&o, &l);
                     crate::session::source::mark_databases(&mut m.entries, &l)?;
                     drop(l);
                     let now = sync_core::scan::now_ns();

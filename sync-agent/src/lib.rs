@@ -112,12 +112,12 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
         let (manifest, report, live) = tokio::task::spawn_blocking(move || -> Result<_> {
             let (mut m, report) = sync_core::scan::scan_with(&src, &scan_opts, None)?;
             let mut live = LiveSet::new(&src, DB_BUSY);
-            if let Some(e) = live.track(&report.databases).into_iter().next() {
-                return Err(e.into());
-            }
-            if let Some(why) = live.cut()?.blocked {
+            live.track(&report.databases);
+            let stats = live.cut()?;
+            if let Some(why) = stats.blocked {
                 bail!("{why}");
             }
+            m.entries.retain(|e| !stats.dropped.contains(&e.path));
             session::source::mark_databases(&mut m.entries, &live)?;
             Ok((m, report, Arc::new(std::sync::Mutex::new(live))))
         })

@@ -51,7 +51,8 @@ impl DbDetect {
         (configured || size.is_multiple_of(512)) && crate::sqlite::sniff(&abs(root, rel), size)
     }
 
-    /// Whether `rel` is a side file (`-wal`, `-shm`, `-journal`) of a database.
+    /// Whether `rel` is a side file (`-wal`, `-shm`, `-journal`) of a database,
+    /// or one left behind by a database that is gone.
     #[must_use]
     pub fn is_sidecar(&self, root: &Path, rel: &RelPath) -> bool {
         let Some((dir, name)) = rel.split_last() else {
@@ -62,6 +63,12 @@ impl DbDetect {
         };
         match fs::symlink_metadata(abs(root, &base)) {
             Ok(st) if st.is_file() => self.is_db(root, &base, st.len()),
+            // An orphan (its database renamed or deleted away: a backup
+            // restored by rename leaves `new.db-wal` behind): never mirrored
+            // when it is one by its content.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                crate::sqlite::is_orphan_side_file(&abs(root, rel), name)
+            }
             _ => false,
         }
     }

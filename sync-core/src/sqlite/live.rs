@@ -1,9 +1,10 @@
 //! The source side: a folder's live databases, cut together.
 
+use super::conn::{Conns, FileStamp, Seen, side_path};
 use super::wal::{WalPos, wal_frames};
-use super::{HISTORY, all_hashes, db_hash, page_hash, read_page, require_dbpage, sql_err};
+use super::{HISTORY, all_hashes, db_hash, page_hash, read_page, sql_err};
 use crate::{Error, RelPath};
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -26,18 +27,18 @@ fn spin(n: i32) -> bool {
 /// previous cut stands; the next round tries again).
 pub const LOCK_WAIT: Duration = Duration::from_secs(1);
 
-/// One live database on the source.
+/// One live database on the source: what the last cut saw of it. Connections
+/// exist only from a cut to the end of the round that ships it.
 #[derive(Debug)]
 struct LiveDb {
     path: PathBuf,
-    locker: Connection,
-    readers: [Connection; 2],
-    /// Which reader holds the current snapshot.
-    cur: usize,
-    reading: [bool; 2],
+    busy: Duration,
+    conns: Option<Conns>,
     wal: WalPos,
+    /// The database file as the last cut saw it, under its lock.
+    seen: Option<Seen>,
     /// Pages named by the log frames committed before this cut (read under
-    /// the cut's locks); `None` when the log could not be followed.
+    /// the cut's locks); `None` when the log could not tell.
     frames: Option<BTreeSet<u32>>,
     wal_mode: bool,
     page_size: u32,
@@ -51,36 +52,13 @@ struct LiveDb {
 }
 
 impl LiveDb {
-    fn open(path: &Path, busy: Duration) -> Result<Self, Error> {
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_NOFOLLOW;
-        let open = |query_only: bool| -> Result<Connection, Error> {
-            let c =
-                Connection::open_with_flags(path, flags).map_err(|e| sql_err(path, "open", e))?;
-            c.busy_timeout(busy)
-                .map_err(|e| sql_err(path, "busy timeout", e))?;
-            if query_only {
-                c.execute_batch("PRAGMA query_only = 1")
-                    .map_err(|e| sql_err(path, "query_only", e))?;
-            }
-            Ok(c)
-        };
-        let mut locker = open(false)?;
-        // Retry the cut's lock every 100 µs rather than SQLite's default steps
-        // (up to 100 ms): a writer committing in a tight loop leaves gaps of
-        // microseconds, and a cut must not starve behind it.
-        locker
-            .busy_handler(Some(spin))
-            .map_err(|e| sql_err(path, "busy handler", e))?;
-        require_dbpage(&locker, path)?;
-        Ok(Self {
+    fn new(path: &Path, busy: Duration) -> Self {
+        Self {
             path: path.to_path_buf(),
-            readers: [open(true)?, open(true)?],
-            locker,
-            cur: 0,
-            reading: [false; 2],
+            busy,
+            conns: None,
             wal: WalPos::default(),
+            seen: None,
             frames: None,
             wal_mode: false,
             page_size: 0,
@@ -89,123 +67,169 @@ impl LiveDb {
             known: false,
             change_counter: [0; 4],
             history: VecDeque::new(),
-        })
+        }
     }
 
-    fn wal_path(&self) -> PathBuf {
-        let mut p = self.path.clone().into_os_string();
-        p.push("-wal");
-        PathBuf::from(p)
+    /// Opens this cut's connections (before any lock is taken: opening is
+    /// not part of the writers' stall).
+    fn connect(&mut self) -> Result<(), Error> {
+        // A snapshot still open from an earlier cut gives way to the new one.
+        self.end_round();
+        self.conns = Some(Conns::open(&self.path, self.busy, spin)?);
+        Ok(())
     }
 
-    fn reader(&self) -> &Connection {
-        &self.readers[self.cur]
+    fn reader(&self) -> Result<&Connection, Error> {
+        reader_of(&self.conns, &self.path)
     }
 
-    /// Under the cut's locks: reads the log's new frame headers and opens a read
-    /// transaction on the spare reader. The frames are read here, while no
-    /// writer can append: a commit made after the release may land in log
+    /// Takes this cut's lock (`BEGIN IMMEDIATE`, retried for [`LOCK_WAIT`]).
+    fn lock(&self) -> Result<(), rusqlite::Error> {
+        match self.conns.as_ref().and_then(|c| c.locker.as_ref()) {
+            Some(l) => l.execute_batch("BEGIN IMMEDIATE"),
+            None => Err(rusqlite::Error::InvalidQuery),
+        }
+    }
+
+    /// Ends the lock and closes the locker.
+    fn unlock(&mut self) {
+        if let Some(l) = self.conns.as_mut().and_then(|c| c.locker.take()) {
+            let _ = l.execute_batch("ROLLBACK");
+        }
+    }
+
+    /// Under the cut's locks: reads the log's new frame headers and opens the
+    /// read transaction pages are read from. The frames are read here, while
+    /// no writer can append: a commit made after the release may land in log
     /// space already allocated (after a reset, or over a rolled-back tail) with
     /// the current salts, and must not be taken for part of this cut.
     fn begin_snapshot(&mut self) -> Result<(), Error> {
         // The -wal file is never locked by SQLite: reading it is safe (see the
         // module docs); the database file and -shm are never opened.
-        let wal = self.wal_path();
+        let now = FileStamp::of(&self.path);
+        let seen = self.seen.take();
+        let replaced = seen.is_some_and(|s| s.replaced_by(now));
+        let base_unchanged = seen.is_some_and(|s| s.unchanged(now));
+        let wal = side_path(&self.path, "-wal");
         let limit = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-        self.frames = wal_frames(&wal, &mut self.wal, limit);
-        let spare = 1 - self.cur;
-        if self.reading[spare] {
-            let _ = self.readers[spare].execute_batch("COMMIT");
-            self.reading[spare] = false;
-        }
-        let r = &self.readers[spare];
-        r.execute_batch("BEGIN")
-            .and_then(|()| r.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(())))
-            .map_err(|e| sql_err(&self.path, "begin snapshot", e))?;
-        self.reading[spare] = true;
+        let frames = wal_frames(&wal, &mut self.wal, limit, base_unchanged);
+        // A database restored by rename is another file: compare every page.
+        self.frames = if replaced { None } else { frames };
+        self.seen = Some(Seen {
+            stamp: now,
+            at_ns: crate::scan::now_ns(),
+        });
+        let path = self.path.clone();
+        let c = self.conns.as_mut().ok_or_else(|| Error::Sqlite {
+            path: path.display().to_string(),
+            msg: "not connected".into(),
+        })?;
+        c.reader
+            .execute_batch("BEGIN")
+            .and_then(|()| {
+                c.reader
+                    .query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))
+            })
+            .map_err(|e| sql_err(&path, "begin snapshot", e))?;
+        c.reading = true;
         Ok(())
     }
 
-    /// After the locks are released: the new snapshot becomes current, the old
-    /// one is let go, and the pages changed between them are found.
+    /// After the locks are released: the pages changed since the previous cut
+    /// are found from the new snapshot.
     fn advance(&mut self) -> Result<usize, Error> {
-        let old = self.cur;
-        self.cur = 1 - self.cur;
-        if self.reading[old] {
-            let _ = self.readers[old].execute_batch("COMMIT");
-            self.reading[old] = false;
-        }
-        let count: u32 = self
-            .reader()
+        let r = self.reader()?;
+        let count: u32 = r
             .query_row("PRAGMA page_count", [], |r| r.get(0))
             .map_err(|e| sql_err(&self.path, "page count", e))?;
-        let page_size: u32 = self
-            .reader()
+        let page_size: u32 = r
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .map_err(|e| sql_err(&self.path, "page size", e))?;
         let page1 = if count > 0 {
-            read_page(self.reader(), &self.path, 1)?
+            read_page(r, &self.path, 1)?
         } else {
             Vec::new()
         };
-        self.wal_mode = page1.get(18) == Some(&2);
+        let wal_mode = page1.get(18) == Some(&2);
         let counter: [u8; 4] = page1
             .get(24..28)
             .and_then(|b| b.try_into().ok())
             .unwrap_or_default();
-        let frames = if self.wal_mode {
+        let frames = if wal_mode {
             self.frames.take()
         } else {
             self.wal = WalPos::default();
             None
         };
-        let mut changed = BTreeSet::new();
-        if !self.known || page_size != self.page_size {
-            let (ps, hashes) = all_hashes(self.reader(), &self.path)?;
-            changed.extend(1..=hashes.len() as u32);
+        let changed = if !self.known || page_size != self.page_size {
+            let (ps, hashes) = all_hashes(self.reader()?, &self.path)?;
             self.page_size = ps;
             self.hashes = hashes;
             self.history.clear();
+            (1..=self.hashes.len() as u32).collect()
         } else {
-            let candidates: Option<BTreeSet<u32>> = match frames {
-                Some(f) => Some(f),
-                None if !self.wal_mode && counter == self.change_counter => Some(BTreeSet::new()),
-                None => None,
+            // A journal-mode switch rewrites the header: compare everything.
+            let candidates = match frames {
+                Some(f) if wal_mode == self.wal_mode => Some(f),
+                None if !wal_mode && !self.wal_mode && counter == self.change_counter => {
+                    Some(BTreeSet::new())
+                }
+                _ => None,
             };
-            let old_len = self.hashes.len() as u32;
-            self.hashes.truncate(count as usize);
-            self.hashes.resize(count as usize, [0; 32]);
-            match candidates {
-                Some(c) => {
-                    // Pages past the old end are new whatever the log says.
-                    for pgno in c.into_iter().chain(old_len + 1..=count) {
-                        if pgno == 0 || pgno > count {
-                            continue;
-                        }
-                        let h = page_hash(pgno, &read_page(self.reader(), &self.path, pgno)?);
-                        if self.hashes[pgno as usize - 1] != h {
-                            self.hashes[pgno as usize - 1] = h;
-                            changed.insert(pgno);
-                        }
-                    }
-                }
-                None => {
-                    let (_, hashes) = all_hashes(self.reader(), &self.path)?;
-                    for (i, (a, b)) in self.hashes.iter().zip(&hashes).enumerate() {
-                        if a != b {
-                            changed.insert(i as u32 + 1);
-                        }
-                    }
-                    self.hashes = hashes;
-                }
-            }
-            if count < old_len {
-                // truncated: page 1 (the header's page count) changed with it
-                changed.insert(1);
-            }
-        }
+            self.changed_pages(count, candidates)?
+        };
+        self.wal_mode = wal_mode;
         self.change_counter = counter;
         self.known = true;
+        Ok(self.record(changed))
+    }
+
+    /// Rehashes the pages among `candidates` (every page when `None`) and
+    /// those past the old end; returns the pages whose hash changed.
+    fn changed_pages(
+        &mut self,
+        count: u32,
+        candidates: Option<BTreeSet<u32>>,
+    ) -> Result<BTreeSet<u32>, Error> {
+        let mut changed = BTreeSet::new();
+        let old_len = self.hashes.len() as u32;
+        self.hashes.truncate(count as usize);
+        self.hashes.resize(count as usize, [0; 32]);
+        let r = reader_of(&self.conns, &self.path)?;
+        match candidates {
+            Some(c) => {
+                // Pages past the old end are new whatever the log says.
+                for pgno in c.into_iter().chain(old_len + 1..=count) {
+                    if pgno == 0 || pgno > count {
+                        continue;
+                    }
+                    let h = page_hash(pgno, &read_page(r, &self.path, pgno)?);
+                    if self.hashes[pgno as usize - 1] != h {
+                        self.hashes[pgno as usize - 1] = h;
+                        changed.insert(pgno);
+                    }
+                }
+            }
+            None => {
+                let (_, hashes) = all_hashes(r, &self.path)?;
+                for (i, (a, b)) in self.hashes.iter().zip(&hashes).enumerate() {
+                    if a != b {
+                        changed.insert(i as u32 + 1);
+                    }
+                }
+                self.hashes = hashes;
+            }
+        }
+        if count < old_len {
+            // truncated: page 1 (the header's page count) changed with it
+            changed.insert(1);
+        }
+        Ok(changed)
+    }
+
+    /// Records the new content hash in the history; returns how many pages
+    /// changed.
+    fn record(&mut self, changed: BTreeSet<u32>) -> usize {
         let hash = db_hash(self.page_size, &self.hashes);
         let n = changed.len();
         if hash != self.hash || self.history.is_empty() {
@@ -218,16 +242,41 @@ impl LiveDb {
             }
         }
         self.hash = hash;
-        Ok(n)
+        n
     }
 
+    /// Forgets where the log was: the next cut compares every page.
+    fn forget_position(&mut self) {
+        self.seen = None;
+        self.wal = WalPos::default();
+        self.frames = None;
+    }
+
+    /// The round is served (or the cut postponed): the snapshot and the
+    /// connections are let go.
     fn end_round(&mut self) {
-        // A rollback-journal reader blocks writers' commits: let it go now.
-        if !self.wal_mode && self.reading[self.cur] {
-            let _ = self.readers[self.cur].execute_batch("COMMIT");
-            self.reading[self.cur] = false;
+        if let Some(c) = self.conns.take() {
+            c.close(&self.path);
         }
     }
+}
+
+impl Drop for LiveDb {
+    fn drop(&mut self) {
+        self.end_round();
+    }
+}
+
+/// The connection pages are read from (split from `LiveDb` so the hashes can
+/// be updated while it is borrowed).
+fn reader_of<'c>(conns: &'c Option<Conns>, path: &Path) -> Result<&'c Connection, Error> {
+    conns
+        .as_ref()
+        .map(|c| &c.reader)
+        .ok_or_else(|| Error::Sqlite {
+            path: path.display().to_string(),
+            msg: "no snapshot open (its cut was postponed, or its round is over)".into(),
+        })
 }
 
 /// What a cut did.
@@ -240,8 +289,11 @@ pub struct CutStats {
     /// Pages changed, over all databases.
     pub pages_changed: usize,
     /// Set when a database's writer held its lock past [`LOCK_WAIT`]: no cut
-    /// was taken (the previous one stands) and the round should be retried.
+    /// was taken (the previous one stands, with no snapshot to read pages
+    /// from) and the round should be retried.
     pub blocked: Option<String>,
+    /// Databases that vanished or stopped being databases: no longer held.
+    pub dropped: Vec<RelPath>,
 }
 
 /// A database's snapshot as the manifest shows it.
@@ -297,90 +349,149 @@ impl LiveSet {
         self.dbs.contains_key(path)
     }
 
-    /// Holds exactly the databases of `paths`: opens new ones, closes those
-    /// gone. A database that cannot be opened is left out with its error.
-    pub fn track<'a>(&mut self, paths: impl IntoIterator<Item = &'a RelPath>) -> Vec<Error> {
+    /// Holds exactly the databases of `paths` (no connection is opened
+    /// before a cut).
+    pub fn track<'a>(&mut self, paths: impl IntoIterator<Item = &'a RelPath>) {
         let want: BTreeSet<&RelPath> = paths.into_iter().collect();
         self.dbs.retain(|p, _| want.contains(p));
-        self.add(want)
+        self.add(want);
     }
 
-    /// Also holds the databases of `paths` (those not held yet are opened).
-    pub fn add<'a>(&mut self, paths: impl IntoIterator<Item = &'a RelPath>) -> Vec<Error> {
-        let mut errors = Vec::new();
+    /// Also holds the databases of `paths`.
+    pub fn add<'a>(&mut self, paths: impl IntoIterator<Item = &'a RelPath>) {
         for p in paths {
             if !self.dbs.contains_key(p) {
-                match LiveDb::open(&crate::scan::abs(&self.root, p), self.busy) {
-                    Ok(db) => {
-                        self.dbs.insert(p.clone(), db);
-                    }
-                    Err(e) => errors.push(e),
-                }
+                let db = LiveDb::new(&crate::scan::abs(&self.root, p), self.busy);
+                self.dbs.insert(p.clone(), db);
             }
         }
-        errors
     }
 
     /// Drops a database (it vanished or stopped being one).
     pub fn forget(&mut self, path: &RelPath) {
-        self.dbs.remove(path);
+        if let Some(mut db) = self.dbs.remove(path) {
+            db.end_round();
+        }
     }
 
-    /// A consistent cut of every database: `BEGIN IMMEDIATE` on all in path
-    /// order, a read transaction on each, the locks released; then the pages
-    /// changed since the previous cut are found, from the new snapshots.
+    /// A consistent cut of every database: connections opened, `BEGIN
+    /// IMMEDIATE` on all in path order, a read transaction on each, the locks
+    /// released; then the pages changed since the previous cut are found, from
+    /// the new snapshots. The snapshots are held until [`LiveSet::end_round`].
+    /// A database that vanished, or is no longer one, leaves the set
+    /// ([`CutStats::dropped`]).
     pub fn cut(&mut self) -> Result<CutStats, Error> {
-        let mut locked: Vec<&RelPath> = Vec::new();
-        let mut first: Option<Instant> = None;
-        let mut res = Ok(());
-        let mut blocked = None;
+        let mut stats = CutStats::default();
+        if let Err(e) = self.connect_all(&mut stats.dropped) {
+            self.abandon();
+            return Err(e);
+        }
+        let (stall, res) = self.lock_and_snapshot(&mut stats.dropped);
+        stats.stall = stall;
+        for p in &stats.dropped {
+            self.forget(p);
+        }
+        match res {
+            Err(e) => {
+                self.abandon();
+                return Err(e);
+            }
+            Ok(Some(why)) => {
+                self.abandon();
+                stats.blocked = Some(why);
+                return Ok(stats);
+            }
+            Ok(None) => {}
+        }
+        let mut failed = None;
         for (p, db) in self.dbs.iter_mut() {
-            if let Err(e) = db.locker.execute_batch("BEGIN IMMEDIATE") {
-                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) {
-                    blocked = Some(format!(
-                        "database {}: its writer held the lock for over {} ms; cut postponed",
-                        db.path.display(),
-                        LOCK_WAIT.as_millis()
-                    ));
-                } else {
-                    res = Err(sql_err(&db.path, "lock for the cut", e));
+            match db.advance() {
+                Ok(0) => {}
+                Ok(n) => {
+                    stats.changed.push(p.clone());
+                    stats.pages_changed += n;
                 }
-                break;
-            }
-            first.get_or_insert_with(Instant::now);
-            locked.push(p);
-            if let Err(e) = db.begin_snapshot() {
-                res = Err(e);
-                break;
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
         }
-        let locked: BTreeSet<RelPath> = locked.into_iter().cloned().collect();
-        for (p, db) in self.dbs.iter_mut() {
-            if locked.contains(p) {
-                let _ = db.locker.execute_batch("ROLLBACK");
-            }
-        }
-        let stall = first.map(|t| t.elapsed()).unwrap_or_default();
-        res?;
-        if blocked.is_some() {
-            return Ok(CutStats {
-                stall,
-                blocked,
-                ..Default::default()
-            });
-        }
-        let mut stats = CutStats {
-            stall,
-            ..Default::default()
-        };
-        for (p, db) in self.dbs.iter_mut() {
-            let n = db.advance()?;
-            if n > 0 {
-                stats.changed.push(p.clone());
-                stats.pages_changed += n;
-            }
+        if let Some(e) = failed {
+            self.abandon();
+            return Err(e);
         }
         Ok(stats)
+    }
+
+    /// Opens every database's connections; those whose file is gone are
+    /// listed in `gone`.
+    fn connect_all(&mut self, gone: &mut Vec<RelPath>) -> Result<(), Error> {
+        for (p, db) in self.dbs.iter_mut() {
+            if let Err(e) = db.connect() {
+                if std::fs::symlink_metadata(&db.path).is_err() {
+                    gone.push(p.clone());
+                    continue;
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Locks every database in path order and opens its snapshot, then
+    /// releases the locks: the writers' stall, and `Some(why)` when a writer
+    /// held its lock past [`LOCK_WAIT`]. Files that are not databases are
+    /// listed in `gone`.
+    fn lock_and_snapshot(
+        &mut self,
+        gone: &mut Vec<RelPath>,
+    ) -> (Duration, Result<Option<String>, Error>) {
+        let mut first: Option<Instant> = None;
+        let mut out = Ok(None);
+        for (p, db) in self.dbs.iter_mut() {
+            if gone.contains(p) {
+                continue;
+            }
+            if let Err(e) = db.lock() {
+                match e.sqlite_error_code() {
+                    Some(rusqlite::ErrorCode::DatabaseBusy) => {
+                        out = Ok(Some(format!(
+                            "database {}: its writer held the lock for over {} ms; cut postponed",
+                            db.path.display(),
+                            LOCK_WAIT.as_millis()
+                        )));
+                        break;
+                    }
+                    Some(rusqlite::ErrorCode::NotADatabase) => {
+                        gone.push(p.clone());
+                        continue;
+                    }
+                    _ => {
+                        out = Err(sql_err(&db.path, "lock for the cut", e));
+                        break;
+                    }
+                }
+            }
+            first.get_or_insert_with(Instant::now);
+            if let Err(e) = db.begin_snapshot() {
+                out = Err(e);
+                break;
+            }
+        }
+        for db in self.dbs.values_mut() {
+            db.unlock();
+        }
+        (first.map(|t| t.elapsed()).unwrap_or_default(), out)
+    }
+
+    /// A cut that did not complete: connections closed, and what was read of
+    /// the logs forgotten (the next cut compares every page).
+    fn abandon(&mut self) {
+        for db in self.dbs.values_mut() {
+            db.end_round();
+            db.forget_position();
+        }
     }
 
     /// The current snapshot of `path`.
@@ -433,7 +544,7 @@ impl LiveSet {
             path: path.to_string(),
             msg: "not a tracked database".into(),
         })?;
-        read_page(db.reader(), &db.path, pgno)
+        read_page(db.reader()?, &db.path, pgno)
     }
 
     /// The round is served: rollback-journal snapshots are released.

@@ -1,26 +1,40 @@
 //! Live SQLite databases: found by glob or header, never read raw, shipped as
 //! pages of a consistent snapshot.
 //!
-//! **Source side** ([`LiveSet`]): every database of a folder is held open by two
-//! kinds of connection. A *locker* takes `BEGIN IMMEDIATE` for a cut; *readers*
-//! hold read transactions, which are the snapshots pages are read from (through
-//! the `sqlite_dbpage` virtual table: pages as SQLite sees them, WAL included).
-//! A cut locks every database in path order, opens a new read transaction on
-//! each, and releases the locks: writers stall for that window only. The
-//! previous cut's readers are released only after the new ones hold, so a WAL
-//! database's log can never be reset behind our back between two cuts (a reset
-//! needs every reader on read mark 0 and a fully checkpointed log, and a reader
-//! on mark 0 forbids checkpointing): the pages written since the last cut are
-//! exactly those named by the frame headers appended since then, read straight
-//! from the `-wal` file (which SQLite never locks). Rollback-journal databases
-//! have no log: their file change counter tells whether anything changed, and
-//! then every page is hashed again; their readers block writers' commits, so
-//! [`LiveSet::end_round`] ends them as soon as the round is served.
+//! **Source side** ([`LiveSet`]): nothing is held between cuts. A cut opens
+//! two connections per database: a *locker* takes `BEGIN IMMEDIATE`, a
+//! *reader* holds the read transaction pages are read from (through the
+//! `sqlite_dbpage` virtual table: pages as SQLite sees them, WAL included). A
+//! cut locks every database in path order, reads the log's new frame headers
+//! and opens the read transaction under the locks, then releases the locks:
+//! writers stall for that window only, and the lockers close at once. The
+//! readers close when the round is served ([`LiveSet::end_round`]), so the
+//! application's last close, a restore by rename, a journal-mode or page-size
+//! change and the reset of its log happen as they would without the agent.
+//!
+//! Since no snapshot pins the log, it may be checkpointed and reset (or
+//! deleted and made anew) between two cuts. The pages changed since the last
+//! cut are those named by the committed frames appended since it, read straight
+//! from the `-wal` file (which SQLite never locks), while the log's salts are
+//! the ones the last cut saw; after a new generation they are all of its frames
+//! when the database file is surely unwritten since (its stat, git's "racily
+//! clean" rule), and otherwise every page is compared (`wal.rs`). A database
+//! file replaced by another (a new inode) is compared whole.
+//! Rollback-journal databases have no log: their file change counter tells
+//! whether anything changed, and then every page is hashed again.
+//!
+//! The agent's connections never delete a log they did not create
+//! (`SQLITE_FCNTL_PERSIST_WAL`): an application that lost its POSIX locks may
+//! still be writing to it. Should their close be the last, a log with content
+//! is checkpointed and truncated to nothing, never left whole beside a file a
+//! restore may rename over it. Their own comings and goings (closes, `-shm`
+//! traffic, side files made and removed) are not taken for commits by the
+//! watcher (sync-agent's `continuous.rs`).
 //!
 //! The process that holds these connections never opens a database file (or its
 //! `-shm`) with plain file I/O: closing any descriptor of a file drops all of the
 //! process's POSIX locks on it (SQLite's "How To Corrupt" §2.2). Scans skip
-//! known databases and their side files.
+//! known databases and their side files, and side files whose database is gone.
 //!
 //! **Content hash**: blake3 of each page (page 1 with the change counter and the
 //! version-valid-for fields zeroed: SQLite rewrites them on commit), then
@@ -52,6 +66,38 @@ pub fn sidecar_base(name: &[u8]) -> Option<&[u8]> {
             .filter(|b| !b.is_empty() && !b.ends_with(b"/"))
     })
 }
+
+/// Whether the file at `path`, named `name` like a side file whose database
+/// is gone, is one by its content: empty, or a log or journal by its magic
+/// number. A `-shm` is told by its size (empty, the 3 bytes SQLite truncates
+/// it to, or whole 32 KiB regions): SQLite locks it, and a process holding a
+/// connection must never open and close it (module docs).
+#[must_use]
+pub fn is_orphan_side_file(path: &Path, name: &[u8]) -> bool {
+    if sidecar_base(name).is_none() {
+        return false;
+    }
+    if name.ends_with(b"-shm") {
+        return std::fs::symlink_metadata(path)
+            .is_ok_and(|m| m.is_file() && (m.len() <= 3 || m.len().is_multiple_of(32768)));
+    }
+    let Ok(f) = crate::scan::open_regular(path) else {
+        return false;
+    };
+    let mut head = [0u8; 8];
+    match f.read_at(&mut head, 0) {
+        Ok(0) => true,
+        Ok(8) if name.ends_with(b"-wal") => {
+            u32::from_be_bytes([head[0], head[1], head[2], head[3]]) & !1 == 0x377f_0682
+        }
+        // a hot journal's magic, or a header zeroed by journal_mode=PERSIST
+        Ok(8) => head == JOURNAL_MAGIC || head == [0; 8],
+        _ => false,
+    }
+}
+
+/// The first bytes of a rollback journal's header.
+const JOURNAL_MAGIC: [u8; 8] = [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7];
 
 /// Whether `head` (the first bytes of a file) is a SQLite database header.
 #[must_use]
@@ -166,11 +212,13 @@ pub(crate) fn all_hashes(c: &Connection, path: &Path) -> Result<(u32, Vec<[u8; 3
     Ok((page_size, hashes))
 }
 
+mod conn;
 mod live;
 mod replica;
 #[cfg(test)]
 mod tests;
 mod wal;
 
+pub use conn::CHECKPOINT_BYTES;
 pub use live::{CutStats, LOCK_WAIT, LiveSet, Need, Snapshot};
 pub use replica::{Held, apply_pages, integrity, read_hashes};

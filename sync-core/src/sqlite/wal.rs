@@ -14,23 +14,30 @@ pub(crate) struct WalPos {
     pub(crate) next: u64,
 }
 
-/// Pages named by the committed frames of `wal` from `pos` up to `limit` bytes
-/// (the log's size while writers were locked out); advances `pos` to just past
-/// the last commit frame. `None` when the log cannot be followed (then every
-/// page is compared).
-pub(crate) fn wal_frames(wal: &Path, pos: &mut WalPos, limit: u64) -> Option<BTreeSet<u32>> {
-    let mut f = match std::fs::File::open(wal) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // No log: nothing since the last cut unless one existed then.
-            return pos.salts.is_none().then(BTreeSet::new);
-        }
-        Err(_) => return None,
+/// Pages named by the committed frames of `wal` up to `limit` bytes (the log's
+/// size while writers were locked out) that a cut at `pos` has not seen;
+/// advances `pos` to just past the last commit frame. `None` when the log
+/// cannot tell (then every page is compared).
+///
+/// No snapshot is held between cuts, so the log may have been checkpointed and
+/// reset (or deleted and made anew) since `pos`: its frames past `pos` are then
+/// gone. `base_unchanged` says the database file itself is surely unwritten
+/// since the last cut: no checkpoint moved anything into it, so no reset can
+/// have dropped a frame we had not read, and everything since is in the
+/// current log.
+pub(crate) fn wal_frames(
+    wal: &Path,
+    pos: &mut WalPos,
+    limit: u64,
+    base_unchanged: bool,
+) -> Option<BTreeSet<u32>> {
+    let last = std::mem::take(pos);
+    let (f, hdr) = match header(wal, limit) {
+        Ok(Some(h)) => h,
+        // No log: nothing since the last cut unless the database was written.
+        Ok(None) => return base_unchanged.then(BTreeSet::new),
+        Err(()) => return None,
     };
-    let mut hdr = [0u8; 32];
-    if limit < 32 || f.read_exact(&mut hdr).is_err() {
-        return pos.salts.is_none().then(BTreeSet::new);
-    }
     let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
     if magic & !1 != 0x377f_0682 {
         return None;
@@ -42,13 +49,11 @@ pub(crate) fn wal_frames(wal: &Path, pos: &mut WalPos, limit: u64) -> Option<BTr
     }
     let mut salts = [0u8; 8];
     salts.copy_from_slice(&hdr[16..24]);
-    // A new generation: our held snapshot kept the old one from being reset
-    // while it had frames we had not read (module docs), so all of the new
-    // one's frames are new to us.
-    let start = if pos.salts == Some(salts) {
-        pos.next
+    let (start, exact) = if last.salts == Some(salts) {
+        (last.next, true)
     } else {
-        0
+        // A new generation since the last cut.
+        (0, base_unchanged)
     };
     let frame = 24 + u64::from(page_size);
     let (mut pages, mut txn) = (BTreeSet::new(), Vec::new());
@@ -71,5 +76,22 @@ pub(crate) fn wal_frames(wal: &Path, pos: &mut WalPos, limit: u64) -> Option<BTr
         salts: Some(salts),
         next,
     };
-    Some(pages)
+    exact.then_some(pages)
+}
+
+/// The log file and its 32-byte header (`None`: no log, or an empty one;
+/// `Err`: a log that cannot be read).
+#[allow(clippy::result_unit_err)]
+fn header(wal: &Path, limit: u64) -> Result<Option<(std::fs::File, [u8; 32])>, ()> {
+    let mut f = match std::fs::File::open(wal) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(_) => return Err(()),
+    };
+    let mut hdr = [0u8; 32];
+    if limit < 32 {
+        return Ok(None);
+    }
+    f.read_exact(&mut hdr).map_err(|_| ())?;
+    Ok(Some((f, hdr)))
 }
