@@ -909,6 +909,15 @@ async fn drive(
             for p in &applied.held {
                 deferred.entry(p.clone()).or_insert_with(Instant::now);
             }
+            if stats.blocked.is_some() {
+                // The databases went at their previous cut: still pending, and
+                // offered again soon.
+                if let Ok(l) = live.lock() {
+                    for p in l.paths() {
+                        deferred.entry(p.clone()).or_insert_with(Instant::now);
+                    }
+                }
+            }
             lag.round_applied(deferred.keys().cloned());
             refused = applied.held.iter().cloned().collect();
             if let Some(r) = cut_reply.take() {
@@ -1190,4 +1199,35 @@ fn unix_now() -> Option<f64> {
         .duration_since(SystemTime::UNIX_EPOCH)
         .ok()
         .map(|d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_watcher_keeps_the_instant_of_the_first_event_until_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(dir.path()).expect("canonical root");
+        let status = SharedStatus::default();
+        let mut w = start_watch(&root, &status).expect("watch");
+        let before = Instant::now();
+        std::fs::write(root.join("app.db-wal"), b"commit").expect("write");
+        tokio::time::timeout(Duration::from_secs(5), w.wake.notified())
+            .await
+            .expect("an event");
+        std::fs::write(root.join("later"), b"x").expect("write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut lag = LagTracker::default();
+        w.note(&mut lag);
+        let first = lag.oldest().expect("noted");
+        assert!(first >= before && first <= Instant::now());
+        // taken: the next look finds nothing new
+        assert_eq!(w.take_first(), None);
+        while w.rx.try_recv().is_ok() {}
+        // a commit while the replica is away counts from its instant
+        lag.round_started(Instant::now(), false);
+        lag.round_failed();
+        assert_eq!(lag.oldest(), Some(first));
+    }
 }
