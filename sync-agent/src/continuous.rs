@@ -664,7 +664,7 @@ pub async fn run_source(
     let mut backoff = Duration::from_millis(100);
     while !*shutdown.borrow() {
         set(&status, |s| s.connected = false);
-        let session = async {
+        let connecting = async {
             let (endpoint, conn) = crate::connect(&cfg.identity, cfg.peer, cfg.addr).await?;
             let s = SourceSession::open(
                 conn,
@@ -676,8 +676,16 @@ pub async fn run_source(
             )
             .await?;
             Ok::<_, anyhow::Error>((endpoint, s))
-        }
-        .await;
+        };
+        // A connect to a vanished replica takes the idle timeout: changes
+        // meanwhile are pending from their instant.
+        tokio::pin!(connecting);
+        let session = loop {
+            tokio::select! {
+                r = &mut connecting => break r,
+                () = w.wake.notified() => note_away(&mut w, &mut lag, &status),
+            }
+        };
         let (endpoint, mut session) = match session {
             Ok(s) => s,
             Err(e) if e.downcast_ref::<Fenced>().is_some() => {
