@@ -314,6 +314,28 @@ fn replica_database_held_open_makes_source_lag_grow() {
     let (code, out) = check(s.t.path(), &s.sid, &s.control, "60");
     assert_eq!(code, 1, "--check passed with app.db held:\n{out}");
     assert!(out.contains("held database app.db"), "{out}");
+    let out = cli(&[
+        "status".as_ref(),
+        "--config".as_ref(),
+        s.t.path().join("check.toml").as_os_str(),
+        "--check".as_ref(),
+        "--json".as_ref(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["check"]["healthy"], false, "{v}");
+    assert_eq!(v["check"]["max_lag_s"], 30.0, "{v}");
+    assert!(
+        v["check"]["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["what"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("held database app.db")),
+        "{v}"
+    );
     // The replica's own row: rounds, the source's epoch, the last apply, the held database.
     let rr = row(&rcontrol);
     assert_eq!(rr["role"], "replica", "{rr}");
@@ -340,4 +362,22 @@ fn replica_database_held_open_makes_source_lag_grow() {
     );
     let (code, out) = check(s.t.path(), &s.sid, &s.control, "5");
     assert_eq!(code, 0, "--check failed once freed:\n{out}");
+}
+
+#[test]
+fn status_check_exits_2_when_the_agent_is_unreachable() {
+    let s = setup();
+    let gone = s.t.path().join("no-agent.sock");
+    let (code, out) = check(s.t.path(), &s.sid, &gone, "30");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("is sync-agent running?"), "{out}");
+    let bad = s.t.path().join("bad.toml");
+    std::fs::write(&bad, "[node\n").unwrap();
+    let out = cli(&[
+        "status".as_ref(),
+        "--config".as_ref(),
+        bad.as_os_str(),
+        "--check".as_ref(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
 }
