@@ -186,15 +186,19 @@ fn replica_away_while_databases_change_lag_grows_and_check_fails() {
     let want: i64 = c
         .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
         .unwrap();
+    // Until the reconnect's full round is applied, the oldest commit made while
+    // away (8 s old and more) is still what lag counts from.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while rows(&s.dst.join("app.db")) != Some(want) {
-        assert!(
-            Instant::now() < deadline,
-            "the replica never caught up: {:?} of {want} rows",
-            rows(&s.dst.join("app.db"))
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    loop {
+        let r = row(&s.control);
+        if r["full_rounds"].as_u64() >= Some(2) {
+            break;
+        }
+        assert!(lag_of(&r) >= 8.0, "lag dropped before the catch-up: {r}");
+        assert!(Instant::now() < deadline, "no full round after 30 s: {r}");
+        std::thread::sleep(Duration::from_millis(50));
     }
+    assert_eq!(rows(&s.dst.join("app.db")), Some(want));
     wait_row(&s.control, 20, "lag did not return near 0", |r| {
         r["connected"] == true && lag_of(r) < 1.0
     });
@@ -362,6 +366,34 @@ fn replica_database_held_open_makes_source_lag_grow() {
     );
     let (code, out) = check(s.t.path(), &s.sid, &s.control, "5");
     assert_eq!(code, 0, "--check failed once freed:\n{out}");
+}
+
+#[test]
+fn frozen_replica_lag_grows_while_connected() {
+    let s = setup();
+    let c = create_db(&s.src.join("app.db"));
+    let rep = replica(&s.dst, &s.rid, &s.s_id, &[]);
+    let _src = start_source(&s, &rep.addr);
+    wait_row(&s.control, 30, "not caught up", caught_up);
+    // SIGSTOP: the session stays up (well within the idle timeout), rounds
+    // are not acknowledged.
+    sh(&format!("kill -STOP {}", rep.child.id()));
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        insert(&c);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = row(&s.control);
+    sh(&format!("kill -CONT {}", rep.child.id()));
+    eprintln!(
+        "source lag after 5 s of commits to a frozen replica: {:.2} s",
+        lag_of(&r)
+    );
+    assert_eq!(r["connected"], true, "{r}");
+    assert!(lag_of(&r) >= 4.0, "{r}");
+    wait_row(&s.control, 20, "lag stayed up after SIGCONT", |r| {
+        r["connected"] == true && lag_of(r) < 1.0
+    });
 }
 
 #[test]
