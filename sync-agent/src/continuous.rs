@@ -128,10 +128,13 @@ pub struct FolderStatus {
     pub peer: String,
     /// Whether a session is up.
     pub connected: bool,
-    /// Seconds the oldest unshipped change has waited (0 when caught up);
-    /// computed when the status is read.
+    /// Seconds the oldest change the replica has not applied has waited
+    /// (database commits included; 0 when caught up): it grows while the
+    /// replica is away, frozen or refusing a held database, and during a full
+    /// round (see [`crate::lag`]). Computed when the status is read.
     pub lag_s: f64,
-    /// When the oldest unshipped change was seen (seconds since the epoch).
+    /// When the oldest change the replica has not applied was seen (seconds
+    /// since the epoch).
     pub pending_since_unix: Option<f64>,
     /// Bytes of file content in the unshipped changes (known once scanned).
     pub lag_bytes: u64,
@@ -893,7 +896,6 @@ async fn drive(
             let bytes_total = content_bytes(&round.entries);
             set(status, |s| {
                 s.files_pending = round.entries.len() as u64;
-                s.lag_bytes = bytes_total;
                 if let Some(f) = &mut s.full_round {
                     f.entries_total = round.entries.len() as u64;
                     f.bytes_total = bytes_total;
