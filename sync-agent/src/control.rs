@@ -81,12 +81,7 @@ impl Registry {
             .folders
             .iter()
             .filter_map(|f| f.lock().ok().map(|s| s.clone()))
-            .map(|mut s| {
-                if let Some(t) = s.pending_since_unix {
-                    s.lag_s = (now - t).max(0.0);
-                }
-                s
-            })
+            .map(|s| source_row(s, now))
             .collect();
         // A folder shows in the role it plays now (a failover may swap them).
         let fence = |name: &str| {
@@ -101,23 +96,63 @@ impl Registry {
             if f.source {
                 continue;
             }
-            let last = r.last_applied.lock().ok().and_then(|t| *t);
-            folders.push(FolderStatus {
-                folder: r.name.clone(),
-                role: "replica".into(),
-                epoch: f.epoch,
-                last_error: r.last_warning.lock().ok().and_then(|w| w.clone()),
-                connected: r.lock.try_lock().is_err(),
-                last_applied_unix: last
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map(|d| d.as_secs_f64()),
-                ..Default::default()
-            });
+            folders.push(replica_row(r, f, now));
         }
         Status {
             node: self.node.clone(),
             folders,
         }
+    }
+}
+
+/// A source folder's row at `now`: its lag is the age of the oldest unapplied
+/// change, whatever the loop is doing; a full round shows its live counters.
+fn source_row(mut s: FolderStatus, now: f64) -> FolderStatus {
+    use std::sync::atomic::Ordering::Relaxed;
+    s.lag_s = s.pending_since_unix.map_or(0.0, |t| (now - t).max(0.0));
+    if let (Some(f), Some(p)) = (&mut s.full_round, &s.progress) {
+        f.entries_sent = p.entries_sent.load(Relaxed);
+        f.bytes_sent = p.bytes_done.load(Relaxed);
+        f.files_sent = p.files_done.load(Relaxed);
+    }
+    s
+}
+
+/// A replica folder's row at `now`.
+fn replica_row(
+    r: &crate::session::replica::ReplicaFolder,
+    f: crate::session::replica::Fence,
+    now: f64,
+) -> FolderStatus {
+    let last = r
+        .last_applied
+        .lock()
+        .ok()
+        .and_then(|t| *t)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64());
+    let stats = r.stats.lock().map(|g| g.clone()).unwrap_or_default();
+    let peer = r
+        .current
+        .lock()
+        .ok()
+        .and_then(|c| c.as_ref().and_then(|(p, _)| *p))
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    FolderStatus {
+        folder: r.name.clone(),
+        role: "replica".into(),
+        peer,
+        epoch: f.epoch,
+        source_epoch: stats.source_epoch,
+        rounds: stats.rounds,
+        full_rounds: stats.full_rounds,
+        held_databases: stats.held,
+        last_error: r.last_warning.lock().ok().and_then(|w| w.clone()),
+        connected: r.lock.try_lock().is_err(),
+        last_applied_unix: last,
+        last_applied_age_s: last.map(|t| (now - t).max(0.0)),
+        ..Default::default()
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`continuous`]: the source's watch loop, with reconnect and resume.
 //! - [`config`]: the TOML configuration.
 //! - [`control`]: the local control socket (`sync-cli status`).
+//! - [`lag`]: the age of the oldest unapplied change, and the health check.
 //! - [`push`], [`serve`], [`mirror`]: one-shot entry points.
 //!
 //! `sync-core` does the filesystem work; it is synchronous and called through
@@ -18,6 +19,7 @@ pub mod control;
 pub mod epoch;
 pub mod hooks;
 pub mod identity;
+pub mod lag;
 pub mod session;
 pub mod tls;
 mod wire;
@@ -243,6 +245,7 @@ pub fn replica_folder_with(
         hooks: settings.hooks,
         promoted: tokio::sync::Notify::new(),
         last_warning: std::sync::Mutex::new(None),
+        stats: std::sync::Mutex::default(),
     }))
 }
 

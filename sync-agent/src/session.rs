@@ -64,4 +64,7 @@ pub struct Progress {
     pub bytes_done: AtomicU64,
     /// Files completed.
     pub files_done: AtomicU64,
+    /// Manifest entries sent to the replica (rounds of a continuous session
+    /// add up; its status resets this at each full round).
+    pub entries_sent: AtomicU64,
 }

@@ -46,6 +46,22 @@ pub struct ReplicaFolder {
     /// The last round's warnings (a database held open by another process...),
     /// for status.
     pub last_warning: std::sync::Mutex<Option<String>>,
+    /// Rounds applied and the source's epoch, for status.
+    pub stats: std::sync::Mutex<ReplicaStats>,
+}
+
+/// What a replica folder's status row shows besides its fence.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaStats {
+    /// The epoch of the source of the current (or last) session.
+    pub source_epoch: Option<u64>,
+    /// Rounds applied since the agent started.
+    pub rounds: u64,
+    /// Full rounds among them.
+    pub full_rounds: u64,
+    /// Databases the last round left alone because another process holds them
+    /// open here.
+    pub held: Vec<String>,
 }
 
 /// A folder's fencing state in memory.
@@ -191,9 +207,13 @@ async fn run_inner(
                     .await;
                 bail!("peer {peer}: {message}");
             }
-            pick(folders, &h.folder)
+            let f = pick(folders, &h.folder)
                 .cloned()
-                .ok_or_else(|| anyhow!("folder vanished"))?
+                .ok_or_else(|| anyhow!("folder vanished"))?;
+            if let Ok(mut st) = f.stats.lock() {
+                st.source_epoch = Some(h.epoch);
+            }
+            f
         }
         other => bail!("peer {peer} opened with {other:?} instead of a hello"),
     };
@@ -260,6 +280,11 @@ async fn run_inner(
                 }
                 if let Ok(mut w) = folder.last_warning.lock() {
                     *w = (!summary.warnings.is_empty()).then(|| summary.warnings.join("; "));
+                }
+                if let Ok(mut st) = folder.stats.lock() {
+                    st.rounds += 1;
+                    st.full_rounds += u64::from(full);
+                    st.held = summary.held.iter().map(ToString::to_string).collect();
                 }
                 wire::send(&mut ctl_send, &Message::RoundDone { id, summary }).await?;
                 if full {

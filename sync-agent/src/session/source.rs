@@ -199,12 +199,16 @@ impl SourceSession {
                     .sum::<usize>();
             batch.push(e.clone());
             if batch.len() >= proto::MAX_ENTRIES_PER_BATCH || batch_bytes >= MANIFEST_FRAME_BYTES {
+                let n = batch.len() as u64;
                 wire::send(s, &Message::Manifest(std::mem::take(&mut batch))).await?;
+                self.progress.entries_sent.fetch_add(n, Ordering::Relaxed);
                 batch_bytes = 0;
             }
         }
         if !batch.is_empty() {
+            let n = batch.len() as u64;
             wire::send(s, &Message::Manifest(batch)).await?;
+            self.progress.entries_sent.fetch_add(n, Ordering::Relaxed);
         }
         if !round.full {
             // Small files travel with the round: no request per file on the hot path.
