@@ -643,6 +643,9 @@ fn partial_round(
         }
         drop(ix);
         crate::session::source::mark_databases(&mut changed, &l)?;
+        // The replica holds a recent cut: its pages are read now and the
+        // snapshots let go before the round waits on the network.
+        l.release(false)?;
     }
     changed.sort_by(|a, b| a.path.cmp(&b.path));
     changed.dedup_by(|a, b| a.path == b.path);
@@ -901,6 +904,7 @@ async fn drive(
                     m.entries.retain(|e| !stats.dropped.contains(&e.path));
                     note_known(&o, &l);
                     crate::session::source::mark_databases(&mut m.entries, &l)?;
+                    l.release(true)?;
                     drop(l);
                     let now = sync_core::scan::now_ns();
                     let mut ix = ix
