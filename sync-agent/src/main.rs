@@ -189,6 +189,9 @@ fn plan_from_config(path: &Path) -> Result<Plan> {
                     node: identity.id().to_string(),
                     hooks: f.hooks.clone(),
                     fence,
+                    promotable: f.failover
+                        && !peers.is_empty()
+                        && peers.iter().all(|p| c.peer_address(p).is_some()),
                 },
             )?),
             None => None,
@@ -505,7 +508,7 @@ fn build_plan(cli: Cli) -> Result<Plan> {
                         filter: Filter::new(&exclude)?,
                         identity,
                         peer,
-                        addr: connect,
+                        addr: connect.into(),
                         index_path,
                         debounce: Duration::from_millis(debounce_ms),
                         rescan_every: Duration::from_secs(rescan_s.max(1)),
