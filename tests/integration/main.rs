@@ -18,6 +18,7 @@ mod hostile_replica;
 mod hostile_source;
 mod hostile_tls;
 mod netns;
+mod promote;
 mod push;
 mod races;
 mod sqlite;

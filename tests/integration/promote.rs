@@ -1,0 +1,260 @@
+//! Issue 9: the master host dies; `sync-cli promote` on the standby; the old
+//! master returns fenced, keeps what only it held under `{state}/diverged/`,
+//! and becomes a faithful replica of the new master. Two config-driven agents
+//! on 127.0.0.1 with hooks that log.
+
+use crate::failover::{HOOKS_A, Host, hosts, make_db, rows, text, wait_for, wait_or};
+use crate::util::*;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The standby's hooks: `start_replica` also records when it ran (ns).
+const HOOKS_B: &str = r#"start_replica = "echo start_replica >> LOG; date +%s%N > LOG.t"
+stop_source = "echo stop_source >> LOG"
+start_source = "echo start_source >> LOG""#;
+
+fn agent_logs(hosts: &[&Host]) -> String {
+    crate::failover::logs(hosts)
+}
+
+/// The replica entry of a host's status.
+fn replica_entry(h: &Host) -> serde_json::Value {
+    h.status()["folders"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["role"] == "replica").cloned())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn capture_dirs(h: &Host) -> Vec<PathBuf> {
+    std::fs::read_dir(h.state.join("diverged"))
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default()
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Rows of `library.db` under `root`, read with a plain connection.
+fn db_rows(root: &Path) -> i64 {
+    rows(&root.join("library.db"))
+}
+
+#[test]
+fn issue9_promote_when_master_dead_then_old_master_returns_fenced_and_keeps_its_writes() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = hosts(t.path(), HOOKS_A, HOOKS_B);
+    // The standby reaches the old master by host name, resolved at each connect.
+    let cfg = std::fs::read_to_string(&b.config).unwrap();
+    std::fs::write(
+        &b.config,
+        cfg.replace("address = \"127.0.0.1:", "address = \"localhost:"),
+    )
+    .unwrap();
+    std::fs::write(a.root.join("config.xml"), "<primary/>").unwrap();
+    std::fs::create_dir(a.root.join("notes")).unwrap();
+    std::fs::write(a.root.join("notes/keep.txt"), "shared").unwrap();
+    make_db(&a.root.join("library.db"), 100);
+    let mut agent_a = a.start();
+    let _agent_b = b.start();
+    wait_or(
+        "the first mirror",
+        30,
+        || db_rows(&b.root) == 100,
+        || agent_logs(&[&a, &b]),
+    );
+
+    // While the source is connected, promote is refused: exit 2, pointing at
+    // failover; no hook ran, no epoch persisted.
+    wait_for("a connected", 30, || a.source_connected());
+    let out = b.cli(&["promote"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("failover") && text(&out).contains("connected"),
+        "{}",
+        text(&out)
+    );
+    assert!(b.hooks_log().is_empty() && b.epoch().is_none());
+
+    // The master dies (agent and app), with writes its standby never got.
+    agent_a.kill9();
+    make_db(&a.root.join("library.db"), 7);
+    std::fs::write(a.root.join("config.xml"), "<only on a/>").unwrap();
+    std::fs::write(a.root.join("only-a.txt"), "written during the outage").unwrap();
+    let a_rows = db_rows(&a.root);
+    assert_eq!(a_rows, 107);
+
+    // The standby notices its source is gone (QUIC idle timeout), then promote.
+    wait_or(
+        "b to see its source gone",
+        30,
+        || replica_entry(&b)["connected"] == false,
+        || agent_logs(&[&b]),
+    );
+    let t0 = now_ns();
+    let out = b.cli(&["promote", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let ans: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (ans["ok"].as_bool(), ans["epoch"].as_u64()),
+        (Some(true), Some(1)),
+        "{ans}"
+    );
+    assert_eq!(b.hooks_log(), "start_replica\n");
+    let hook_ns: u128 = std::fs::read_to_string(b.dir.join("hooks.log.t"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let promote_to_hook = Duration::from_nanos((hook_ns.saturating_sub(t0)) as u64);
+    let eb = b.epoch().unwrap();
+    assert_eq!(
+        (eb["role"].as_str(), eb["epoch"].as_u64()),
+        (Some("source"), Some(1))
+    );
+
+    // The promoted standby serves as source and takes writes.
+    wait_for("b to run as source", 10, || {
+        b.status()["folders"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f["role"] == "source"))
+    });
+    make_db(&b.root.join("library.db"), 50);
+    std::fs::write(b.root.join("config.xml"), "<b is the master now/>").unwrap();
+    std::fs::write(b.root.join("new-on-b.txt"), "after the promotion").unwrap();
+    let b_rows = db_rows(&b.root);
+    assert_eq!(b_rows, 150);
+
+    // The old master restarts with its old config (role source, epoch 0).
+    let t1 = Instant::now();
+    let _agent_a = a.start();
+    wait_or(
+        "a to be fenced",
+        30,
+        || {
+            a.epoch()
+                .is_some_and(|e| e["role"] == "replica" && e["epoch"] == 1)
+        },
+        || agent_logs(&[&a, &b]),
+    );
+    let fenced_after = t1.elapsed();
+    wait_or(
+        "a repaired by b",
+        60,
+        || {
+            db_rows(&a.root) == b_rows
+                && std::fs::read(a.root.join("config.xml")).ok()
+                    == Some(b"<b is the master now/>".to_vec())
+                && !a.root.join("only-a.txt").exists()
+        },
+        || agent_logs(&[&a, &b]),
+    );
+    let converged_after = t1.elapsed();
+    // Converged by both root hashes: a cut from the new master.
+    let out = b.cli(&["cut", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let cut: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cut["source_root"], cut["replica_root"], "{cut}");
+    assert_eq!(cut["epoch"], 1, "{cut}");
+    assert!(a.root.join("new-on-b.txt").exists());
+    assert_eq!(
+        db_rows(&b.root),
+        b_rows,
+        "a write of the new master was lost"
+    );
+    assert!(a.hooks_log().contains("stop_replica"), "{}", a.hooks_log());
+    assert_eq!(
+        b.hooks_log(),
+        "start_replica\n",
+        "b's app was stopped or restarted"
+    );
+
+    // What only the old master held is under its diverged/ directory.
+    let dirs = capture_dirs(&a);
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let kept = &dirs[0];
+    let name = kept.file_name().unwrap().to_string_lossy().to_string();
+    assert!(name.starts_with("app-1-"), "{name}");
+    assert_eq!(
+        std::fs::read_to_string(kept.join("config.xml")).unwrap(),
+        "<only on a/>"
+    );
+    assert_eq!(
+        std::fs::read_to_string(kept.join("only-a.txt")).unwrap(),
+        "written during the outage"
+    );
+    assert_eq!(db_rows(kept), a_rows, "the old master's database writes");
+    assert!(!kept.join("notes/keep.txt").exists(), "kept what both had");
+    let manifest = std::fs::read_to_string(kept.join("MANIFEST")).unwrap();
+    for line in [
+        "changed\tfile\t12\tconfig.xml",
+        "deleted\tfile\t25\tonly-a.txt",
+        "changed\tdatabase",
+    ] {
+        assert!(manifest.contains(line), "{line:?} not in\n{manifest}");
+    }
+    assert!(
+        !a.state.join("app.diverged-pending").exists(),
+        "the marker stays after the capture"
+    );
+    let st = replica_entry(&a);
+    assert_eq!(st["diverged"], kept.display().to_string(), "{st}");
+    let log = std::fs::read_to_string(a.dir.join("agent.log")).unwrap();
+    assert!(log.contains(&kept.display().to_string()), "{log}");
+    let human = text(&a.cli(&["status"]));
+    assert!(human.contains(&kept.display().to_string()), "{human}");
+
+    // A later round captures nothing more.
+    std::fs::write(b.root.join("later.txt"), "x").unwrap();
+    wait_for("later.txt on a", 30, || a.root.join("later.txt").exists());
+    assert_eq!(capture_dirs(&a).len(), 1);
+
+    println!(
+        "promote -> standby's start hook: {:.0} ms; old master restart -> fenced: {:.2} s, -> converged: {:.2} s",
+        promote_to_hook.as_secs_f64() * 1e3,
+        fenced_after.as_secs_f64(),
+        converged_after.as_secs_f64()
+    );
+}
+
+#[test]
+fn issue9_standby_without_its_peers_address_is_a_config_error() {
+    let t = tempfile::tempdir().unwrap();
+    let (_a, b) = hosts(t.path(), "", "");
+    let cfg = std::fs::read_to_string(&b.config).unwrap();
+    let no_addr: String = cfg
+        .lines()
+        .filter(|l| !l.starts_with("address"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&b.config, &no_addr).unwrap();
+    let out = run(std::process::Command::new(bin("sync-agent"))
+        .arg("--config")
+        .arg(&b.config));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("folder app") && e.contains("address") && e.contains("failover = false"),
+        "{e}"
+    );
+    // Never promoted: no address needed.
+    std::fs::write(
+        &b.config,
+        no_addr.replace("overlay = [", "failover = false\noverlay = ["),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(bin("sync-agent"))
+        .arg("--config")
+        .arg(&b.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _agent = Agent {
+        addr: listening(&mut child),
+        child,
+    };
+}
