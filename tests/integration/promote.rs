@@ -258,3 +258,107 @@ fn issue9_standby_without_its_peers_address_is_a_config_error() {
         child,
     };
 }
+
+/// Issue 9, protocol level: a pinned source sends crafted `Promote`s to a
+/// config-driven standby. Refused (nothing persisted, no hook): a node that
+/// cannot serve as source (`failover = false`, no peer address), an epoch
+/// more than one step ahead, `u64::MAX`, and a hello past the highest epoch.
+/// One step ahead on a promotable node is accepted (the bounds are not a wall).
+#[tokio::test]
+async fn issue9_promote_bounds_from_a_pinned_source() {
+    use crate::hostile_peer::Peer;
+    use proto::{Hello, Message, Role};
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = hosts(t.path(), "", HOOKS_B);
+    let me = sync_agent::Identity::load(&a.dir.join("id")).unwrap();
+    let them: sync_agent::NodeId = b.id.parse().unwrap();
+    let no_promote = |h: &Host| {
+        assert!(h.epoch().is_none(), "an epoch was persisted");
+        assert!(h.hooks_log().is_empty(), "a hook ran: {}", h.hooks_log());
+    };
+    // A session: hello at `epoch`, then `msg`; the replica's answer.
+    async fn ask(
+        me: &sync_agent::Identity,
+        them: sync_agent::NodeId,
+        addr: &str,
+        epoch: u64,
+        msg: Option<Message>,
+    ) -> Message {
+        let mut p = Peer::connect(me, them, addr.parse().unwrap()).await;
+        p.send(&Message::Hello(
+            Hello::new(Role::Source, "app").with_epoch(epoch),
+        ))
+        .await;
+        let hello = p.expect().await;
+        let Some(msg) = msg else {
+            return hello;
+        };
+        assert!(matches!(hello, Message::Hello(_)), "{hello:?}");
+        p.send(&msg).await;
+        p.expect().await
+    }
+    let refused = |m: Message, words: &[&str]| match m {
+        Message::Promoted { error, .. } if !error.is_empty() => {
+            for w in words {
+                assert!(error.contains(w), "{w:?} not in {error}");
+            }
+        }
+        other => panic!("not refused: {other:?}"),
+    };
+
+    // failover = false, and no address for its peer: never promoted.
+    let cfg = std::fs::read_to_string(&b.config).unwrap();
+    let never: String = cfg
+        .lines()
+        .filter(|l| !l.starts_with("address"))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        .replace("overlay = [", "failover = false\noverlay = [");
+    std::fs::write(&b.config, never).unwrap();
+    let agent = b.start();
+    let m = ask(
+        &me,
+        them,
+        &agent.addr,
+        0,
+        Some(Message::Promote { epoch: 1 }),
+    )
+    .await;
+    refused(m, &["cannot serve"]);
+    no_promote(&b);
+    drop(agent);
+
+    // Promotable: too far ahead, u64::MAX, a hello past the bound.
+    std::fs::write(&b.config, &cfg).unwrap();
+    let agent = b.start();
+    for epoch in [2, 1 << 40, u64::MAX] {
+        let m = ask(&me, them, &agent.addr, 0, Some(Message::Promote { epoch })).await;
+        refused(m, &["epoch"]);
+        no_promote(&b);
+    }
+    let m = ask(&me, them, &agent.addr, u64::MAX, None).await;
+    assert!(
+        matches!(&m, Message::Error { message, .. } if message.contains("epoch")),
+        "{m:?}"
+    );
+    no_promote(&b);
+    // One step: accepted, persisted, hook ran.
+    let m = ask(
+        &me,
+        them,
+        &agent.addr,
+        0,
+        Some(Message::Promote { epoch: 1 }),
+    )
+    .await;
+    assert!(
+        matches!(&m, Message::Promoted { epoch: 1, error } if error.is_empty()),
+        "{m:?}"
+    );
+    let e = b.epoch().unwrap();
+    assert_eq!(
+        (e["role"].as_str(), e["epoch"].as_u64()),
+        (Some("source"), Some(1))
+    );
+    assert_eq!(b.hooks_log(), "start_replica\n");
+}
