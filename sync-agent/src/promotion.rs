@@ -175,6 +175,28 @@ mod tests {
         );
         assert!(!d.path().join("hook.log").exists());
 
+        // The start hook fails: rolled back, still a replica at its epoch.
+        let (d, f) = folder(true, 5);
+        let mut hooks = f.hooks.clone();
+        hooks.start_replica = Some("echo cannot start >&2; exit 3".into());
+        let f = Arc::new(crate::session::replica::ReplicaFolder {
+            hooks,
+            ..Arc::into_inner(f).unwrap()
+        });
+        let e = format!("{:#}", promote_standby(&f).await.unwrap_err());
+        assert!(e.contains("rolled back") && e.contains("epoch 5"), "{e}");
+        let st = crate::epoch::load(&d.path().join("state"), "jf")
+            .unwrap()
+            .unwrap();
+        assert_eq!((st.role, st.epoch), (crate::config::Role::Replica, 5));
+        assert_eq!(
+            *f.fence.lock().unwrap(),
+            Fence {
+                epoch: 5,
+                source: false
+            }
+        );
+
         // Not promotable, or epochs exhausted: nothing persisted, no hook.
         for (promotable, epoch) in [(false, 0), (true, MAX_EPOCH)] {
             let (d, f) = folder(promotable, epoch);

@@ -21,9 +21,11 @@ use crate::apply::Replica;
 use crate::plan::Plan;
 use crate::{Entry, Error, Kind, Manifest, RelPath};
 use rustix::fs::{AtFlags, Mode, OFlags};
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 /// Why an entry was kept.
@@ -68,6 +70,7 @@ pub struct Captured {
 /// replace or remove, with why; directories only when a whole subtree goes.
 fn affected<'d>(src: &Manifest, dst: &'d Manifest, plan: &Plan) -> Vec<(&'d Entry, Why)> {
     let mut out: Vec<(&Entry, Why)> = Vec::new();
+    let mut seen: HashSet<&RelPath> = HashSet::new();
     let why = |p: &RelPath| {
         if src.get(p).is_some() {
             Why::Changed
@@ -76,8 +79,17 @@ fn affected<'d>(src: &Manifest, dst: &'d Manifest, plan: &Plan) -> Vec<(&'d Entr
         }
     };
     for top in &plan.delete {
-        for e in dst.entries.iter().filter(|e| e.path.starts_with(top)) {
-            out.push((e, why(&e.path)));
+        // A subtree follows its top entry in manifest order.
+        let Some((at, _)) = dst.get(top) else {
+            continue;
+        };
+        for e in dst.entries[at..]
+            .iter()
+            .take_while(|e| e.path.starts_with(top))
+        {
+            if seen.insert(&e.path) {
+                out.push((e, why(&e.path)));
+            }
         }
     }
     let replaced = plan
@@ -90,7 +102,7 @@ fn affected<'d>(src: &Manifest, dst: &'d Manifest, plan: &Plan) -> Vec<(&'d Entr
     for i in replaced {
         if let Some((_, d)) = dst.get(&src.entries[i].path)
             && d.kind != Kind::Dir
-            && !out.iter().any(|(o, _)| o.path == d.path)
+            && seen.insert(&d.path)
         {
             out.push((d, Why::Changed));
         }
@@ -120,7 +132,7 @@ pub fn capture(
         return Ok(Captured::default());
     }
     std::fs::DirBuilder::new()
-        .mode_0700()
+        .mode(0o700)
         .create(into)
         .map_err(|e| Error::io("create directory", into.display(), e))?;
     let base = rustix::fs::open(
@@ -151,17 +163,6 @@ pub fn capture(
         .sync_all()
         .map_err(|e| Error::io("fsync", into.display(), e))?;
     Ok(out)
-}
-
-trait Mode0700 {
-    fn mode_0700(&mut self) -> &mut Self;
-}
-
-impl Mode0700 for std::fs::DirBuilder {
-    fn mode_0700(&mut self) -> &mut Self {
-        use std::os::unix::fs::DirBuilderExt;
-        self.mode(0o700)
-    }
 }
 
 /// Copies one entry; `None` when it needs no keeping (same content).

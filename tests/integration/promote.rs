@@ -38,6 +38,18 @@ fn now_ns() -> u128 {
         .as_nanos()
 }
 
+/// The writer's counter in `db`, after an integrity check.
+fn counter(db: &Path) -> i64 {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let ok: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok", "{}", db.display());
+    c.query_row("SELECT n FROM counter WHERE id = 1", [], |r| r.get(0))
+        .unwrap()
+}
+
 /// Rows of `library.db` under `root`, read with a plain connection.
 fn db_rows(root: &Path) -> i64 {
     rows(&root.join("library.db"))
@@ -58,12 +70,27 @@ fn issue9_promote_when_master_dead_then_old_master_returns_fenced_and_keeps_its_
     std::fs::create_dir(a.root.join("notes")).unwrap();
     std::fs::write(a.root.join("notes/keep.txt"), "shared").unwrap();
     make_db(&a.root.join("library.db"), 100);
+    // The app: a live writer committing to a.db and b.db on the master.
+    let wlog = t.path().join("writer.log");
+    let mut writer = std::process::Command::new(bin("sqlite_writer"))
+        .arg("--dir")
+        .arg(&a.root)
+        .arg("--log")
+        .arg(&wlog)
+        .args(["--rate", "300"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the writer's first commit", 20, || {
+        std::fs::read_to_string(&wlog).is_ok_and(|l| l.lines().count() > 1)
+    });
     let mut agent_a = a.start();
     let _agent_b = b.start();
     wait_or(
         "the first mirror",
         30,
-        || db_rows(&b.root) == 100,
+        || db_rows(&b.root) == 100 && b.root.join("a.db").exists(),
         || agent_logs(&[&a, &b]),
     );
 
@@ -79,8 +106,17 @@ fn issue9_promote_when_master_dead_then_old_master_returns_fenced_and_keeps_its_
     );
     assert!(b.hooks_log().is_empty() && b.epoch().is_none());
 
-    // The master dies (agent and app), with writes its standby never got.
+    // The master dies (agent, then app), with writes its standby never got.
     agent_a.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+    let last_logged: i64 = std::fs::read_to_string(&wlog)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .max()
+        .unwrap();
     make_db(&a.root.join("library.db"), 7);
     std::fs::write(a.root.join("config.xml"), "<only on a/>").unwrap();
     std::fs::write(a.root.join("only-a.txt"), "written during the outage").unwrap();
@@ -93,6 +129,11 @@ fn issue9_promote_when_master_dead_then_old_master_returns_fenced_and_keeps_its_
         30,
         || replica_entry(&b)["connected"] == false,
         || agent_logs(&[&b]),
+    );
+    let b_counter = counter(&b.root.join("a.db"));
+    assert!(
+        b_counter < last_logged,
+        "the standby got every commit ({b_counter}): nothing unreplicated"
     );
     let t0 = now_ns();
     let out = b.cli(&["promote", "--json"]);
@@ -187,12 +228,23 @@ fn issue9_promote_when_master_dead_then_old_master_returns_fenced_and_keeps_its_
         "written during the outage"
     );
     assert_eq!(db_rows(kept), a_rows, "the old master's database writes");
+    // The app's commits after the standby's last round, kept whole (a hot WAL
+    // of a killed writer included); the repaired copy is the new master's.
+    let kept_counter = counter(&kept.join("a.db"));
+    assert!(
+        kept_counter >= last_logged,
+        "{kept_counter} < {last_logged}"
+    );
+    assert_eq!(counter(&kept.join("b.db")), kept_counter);
+    assert_eq!(counter(&a.root.join("a.db")), counter(&b.root.join("a.db")));
     assert!(!kept.join("notes/keep.txt").exists(), "kept what both had");
     let manifest = std::fs::read_to_string(kept.join("MANIFEST")).unwrap();
     for line in [
         "changed\tfile\t12\tconfig.xml",
         "deleted\tfile\t25\tonly-a.txt",
-        "changed\tdatabase",
+        "\tlibrary.db\n",
+        "changed\tdatabase\t",
+        "\ta.db\n",
     ] {
         assert!(manifest.contains(line), "{line:?} not in\n{manifest}");
     }
@@ -361,4 +413,46 @@ async fn issue9_promote_bounds_from_a_pinned_source() {
         (Some("source"), Some(1))
     );
     assert_eq!(b.hooks_log(), "start_replica\n");
+}
+
+/// Issue 9: the old master was fenced (marker and epoch file written) and its
+/// agent restarted before the new master's first repair: the repair that
+/// follows the restart still keeps aside what only it held.
+#[test]
+fn issue9_capture_marker_survives_a_restart_before_the_repair() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = hosts(t.path(), HOOKS_A, HOOKS_B);
+    std::fs::write(a.root.join("config.xml"), "<a before the fence/>").unwrap();
+    std::fs::write(a.root.join("only-a.txt"), "mine").unwrap();
+    std::fs::write(b.root.join("config.xml"), "<b, the master/>").unwrap();
+    for (h, role) in [(&a, "replica"), (&b, "source")] {
+        std::fs::create_dir_all(&h.state).unwrap();
+        std::fs::write(
+            h.state.join("app.epoch"),
+            format!(r#"{{"node":"{}","role":"{role}","epoch":1}}"#, h.id),
+        )
+        .unwrap();
+    }
+    std::fs::write(a.state.join("app.diverged-pending"), "{\"epoch\":1}\n").unwrap();
+    let (_agent_a, _agent_b) = (a.start(), b.start());
+    wait_or(
+        "a repaired by b",
+        30,
+        || {
+            std::fs::read(a.root.join("config.xml")).ok() == Some(b"<b, the master/>".to_vec())
+                && !a.root.join("only-a.txt").exists()
+        },
+        || agent_logs(&[&a, &b]),
+    );
+    let dirs = capture_dirs(&a);
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    assert_eq!(
+        std::fs::read_to_string(dirs[0].join("config.xml")).unwrap(),
+        "<a before the fence/>"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dirs[0].join("only-a.txt")).unwrap(),
+        "mine"
+    );
+    assert!(!a.state.join("app.diverged-pending").exists());
 }
