@@ -141,6 +141,23 @@ pub fn capture(
         Mode::empty(),
     )
     .map_err(|e| Error::io("open directory", into.display(), e))?;
+    let filled = fill(replica, src, todo, base, into, header);
+    if filled.is_err() {
+        // Nothing was applied: the originals are all still in the tree, and
+        // the next round captures again into a new directory.
+        let _ = std::fs::remove_dir_all(into);
+    }
+    filled
+}
+
+fn fill(
+    replica: &Replica,
+    src: &Manifest,
+    todo: Vec<(&Entry, Why)>,
+    base: OwnedFd,
+    into: &Path,
+    header: &str,
+) -> Result<Captured, Error> {
     let mut out = Captured::default();
     for (e, why) in todo {
         if let Some(k) = keep(replica, src, e, why, &base, into)? {
@@ -232,7 +249,14 @@ fn keep(
             let log_only = n == 0
                 && rustix::fs::statat(&dir, wal.as_slice(), AtFlags::SYMLINK_NOFOLLOW).is_ok();
             if crate::sqlite::is_header(&head[..n]) || log_only {
-                copy_db(replica, src, e, why, base, into).map(|b| b.map(|b| kept("database", b)))
+                match copy_db(replica, src, e, why, base, into) {
+                    Ok(b) => Ok(b.map(|b| kept("database", b))),
+                    Err(err) => {
+                        tracing::warn!(path = %e.path, "SQLite cannot copy it ({err}); kept raw with its -wal/-journal");
+                        let b = copy_db_raw(replica, e, &dir, base, into)?;
+                        Ok(Some(kept("database-raw", b)))
+                    }
+                }
             } else {
                 copy_file(replica, src, e, &dir, base, into).map(|b| b.map(|b| kept("file", b)))
             }
@@ -274,6 +298,51 @@ fn write_new(dir: &OwnedFd, name: &[u8], data: &[u8], shown: &Path) -> Result<()
         .map_err(|e| Error::io("write", shown.display(), e))
 }
 
+/// Copies `name` of `dir` (never following a symlink) to a new file `name` of
+/// `to_dir`; returns its size and blake3 hash. The copy is fsynced.
+fn copy_raw(
+    dir: &OwnedFd,
+    name: &[u8],
+    shown: &str,
+    to_dir: &OwnedFd,
+    dest: &Path,
+) -> Result<(u64, [u8; 32]), Error> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    )
+    .map_err(|err| Error::io("open", shown, err))?;
+    let mut from = File::from(fd);
+    let out = rustix::fs::openat(
+        to_dir,
+        name,
+        OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|err| Error::io("create", dest.display(), err))?;
+    let mut to = File::from(out);
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut bytes = 0u64;
+    loop {
+        let n = from
+            .read(&mut buf)
+            .map_err(|err| Error::io("read", shown, err))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        to.write_all(&buf[..n])
+            .map_err(|err| Error::io("write", dest.display(), err))?;
+        bytes += n as u64;
+    }
+    to.sync_all()
+        .map_err(|err| Error::io("fsync", dest.display(), err))?;
+    Ok((bytes, *hasher.finalize().as_bytes()))
+}
+
 fn copy_file(
     replica: &Replica,
     src: &Manifest,
@@ -287,52 +356,50 @@ fn copy_file(
         "{}",
         crate::scan::abs(replica.root_path(), &e.path).display()
     );
-    let fd = rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-        Mode::empty(),
-    )
-    .map_err(|err| Error::io("open", &shown, err))?;
-    let mut from = File::from(fd);
     let to_dir = dest_dir(base, &parent, into)?;
     let dest = into.join(e.path.to_string());
-    let out = rustix::fs::openat(
-        &to_dir,
-        name,
-        OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o600),
-    )
-    .map_err(|err| Error::io("create", dest.display(), err))?;
-    let mut to = File::from(out);
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut bytes = 0u64;
-    loop {
-        let n = from
-            .read(&mut buf)
-            .map_err(|err| Error::io("read", &shown, err))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        to.write_all(&buf[..n])
-            .map_err(|err| Error::io("write", dest.display(), err))?;
-        bytes += n as u64;
-    }
+    let (bytes, hash) = copy_raw(dir, name, &shown, &to_dir, &dest)?;
     let same = matches!(
         src.get(&e.path).map(|(_, s)| &s.kind),
-        Some(Kind::File { size, hash }) if *size == bytes && *hash == *hasher.finalize().as_bytes()
+        Some(Kind::File { size, hash: h }) if *size == bytes && *h == hash
     );
     if same {
-        drop(to);
         rustix::fs::unlinkat(&to_dir, name, AtFlags::empty())
             .map_err(|err| Error::io("remove", dest.display(), err))?;
         return Ok(None);
     }
-    to.sync_all()
-        .map_err(|err| Error::io("fsync", dest.display(), err))?;
     Ok(Some(bytes))
+}
+
+/// A database SQLite cannot copy (corrupt, not really one): the file and its
+/// `-wal` / `-journal` as they are, so that nothing is lost either way.
+fn copy_db_raw(
+    replica: &Replica,
+    e: &Entry,
+    dir: &OwnedFd,
+    base: &OwnedFd,
+    into: &Path,
+) -> Result<u64, Error> {
+    let (parent, name) = e.path.split_last().unwrap_or((RelPath::root(), b""));
+    let to_dir = dest_dir(base, &parent, into)?;
+    let mut total = 0;
+    for suffix in [&b""[..], b"-wal", b"-journal"] {
+        let side = [name, suffix].concat();
+        let Ok(st) = rustix::fs::statat(dir, side.as_slice(), AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            continue;
+        }
+        let rel = String::from_utf8_lossy(&side).into_owned();
+        let shown = crate::scan::abs(replica.root_path(), &e.path)
+            .with_file_name(&rel)
+            .display()
+            .to_string();
+        let dest = into.join(e.path.to_string()).with_file_name(&rel);
+        total += copy_raw(dir, &side, &shown, &to_dir, &dest)?.0;
+    }
+    Ok(total)
 }
 
 fn copy_db(
@@ -371,8 +438,10 @@ fn copy_db(
     let to = tmp_path
         .to_str()
         .ok_or_else(|| Error::invalid(tmp_path.display(), "not UTF-8: SQLite cannot name it"))?;
-    c.execute("VACUUM INTO ?1", [to])
-        .map_err(|err| sql("copy (VACUUM INTO)", err))?;
+    if let Err(err) = c.execute("VACUUM INTO ?1", [to]) {
+        let _ = rustix::fs::unlinkat(base, tmp.as_bytes(), AtFlags::empty());
+        return Err(sql("copy (VACUUM INTO)", err));
+    }
     drop(c);
     let to_dir = dest_dir(base, &parent, into)?;
     rustix::fs::renameat(base, tmp.as_bytes(), &to_dir, name)
@@ -411,6 +480,10 @@ mod tests {
         std::fs::create_dir_all(d.join("gone/deep")).unwrap();
         std::fs::write(d.join("gone/deep/f"), "deep").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", d.join("link")).unwrap();
+        // A header and garbage: SQLite cannot copy it; kept raw.
+        let mut bad = b"SQLite format 3\0".to_vec();
+        bad.extend([7u8; 100]);
+        std::fs::write(d.join("bad.db"), &bad).unwrap();
         // Same content, other mtime: not kept.
         std::fs::write(d.join("same"), "same").unwrap();
         let c = rusqlite::Connection::open(d.join("app.db")).unwrap();
@@ -431,6 +504,7 @@ mod tests {
             list,
             vec![
                 ("app.db".into(), "database", Why::Deleted),
+                ("bad.db".into(), "database-raw", Why::Deleted),
                 ("changed".into(), "file", Why::Changed),
                 ("gone".into(), "dir", Why::Deleted),
                 ("gone/deep".into(), "dir", Why::Deleted),
@@ -475,8 +549,11 @@ mod tests {
         names.sort();
         assert_eq!(
             names,
-            ["MANIFEST", "app.db", "changed", "gone", "link", "sub"]
+            [
+                "MANIFEST", "app.db", "bad.db", "changed", "gone", "link", "sub"
+            ]
         );
+        assert_eq!(std::fs::read(into.join("bad.db")).unwrap(), bad);
 
         // Nothing to lose: no directory at all.
         let plan = crate::plan::plan(&src, &src, true);
