@@ -466,10 +466,10 @@ mod tests {
         scan_with(root, &opts, None).unwrap().0
     }
 
-    #[test]
-    fn keeps_what_the_round_replaces_or_deletes_and_nothing_else() {
-        let t = tempfile::tempdir().unwrap();
-        let (s, d) = (t.path().join("src"), t.path().join("dst"));
+    /// A source tree and a replica tree that differ in every way a capture
+    /// cares about; returns them and the raw bytes of `bad.db`.
+    fn trees(t: &Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+        let (s, d) = (t.join("src"), t.join("dst"));
         for r in [&s, &d] {
             std::fs::create_dir_all(r.join("sub")).unwrap();
             std::fs::write(r.join("same"), "same").unwrap();
@@ -486,6 +486,14 @@ mod tests {
         std::fs::write(d.join("bad.db"), &bad).unwrap();
         // Same content, other mtime: not kept.
         std::fs::write(d.join("same"), "same").unwrap();
+        (s, d, bad)
+    }
+
+    #[test]
+    fn keeps_what_the_round_replaces_or_deletes_and_nothing_else() {
+        let t = tempfile::tempdir().unwrap();
+        let (s, d, bad) = trees(t.path());
+        // Committed rows only in the WAL, the writer still connected.
         let c = rusqlite::Connection::open(d.join("app.db")).unwrap();
         c.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (42);")
             .unwrap();

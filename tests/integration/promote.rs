@@ -55,86 +55,46 @@ fn db_rows(root: &Path) -> i64 {
     rows(&root.join("library.db"))
 }
 
-#[test]
-fn issue9_promote_when_master_dead_then_old_master_returns_fenced_and_keeps_its_writes() {
-    let t = tempfile::tempdir().unwrap();
-    let (a, b) = hosts(t.path(), HOOKS_A, HOOKS_B);
-    // The standby reaches the old master by host name, resolved at each connect.
-    let cfg = std::fs::read_to_string(&b.config).unwrap();
-    std::fs::write(
-        &b.config,
-        cfg.replace("address = \"127.0.0.1:", "address = \"localhost:"),
-    )
-    .unwrap();
-    std::fs::write(a.root.join("config.xml"), "<primary/>").unwrap();
-    std::fs::create_dir(a.root.join("notes")).unwrap();
-    std::fs::write(a.root.join("notes/keep.txt"), "shared").unwrap();
-    make_db(&a.root.join("library.db"), 100);
-    // The app: a live writer committing to a.db and b.db on the master.
-    let wlog = t.path().join("writer.log");
-    let mut writer = std::process::Command::new(bin("sqlite_writer"))
+/// The app: a live writer committing to `a.db` and `b.db` under `root`.
+fn start_writer(root: &Path, wlog: &Path) -> std::process::Child {
+    let writer = std::process::Command::new(bin("sqlite_writer"))
         .arg("--dir")
-        .arg(&a.root)
+        .arg(root)
         .arg("--log")
-        .arg(&wlog)
+        .arg(wlog)
         .args(["--rate", "300"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     wait_for("the writer's first commit", 20, || {
-        std::fs::read_to_string(&wlog).is_ok_and(|l| l.lines().count() > 1)
+        std::fs::read_to_string(wlog).is_ok_and(|l| l.lines().count() > 1)
     });
-    let mut agent_a = a.start();
-    let _agent_b = b.start();
-    wait_or(
-        "the first mirror",
-        30,
-        || db_rows(&b.root) == 100 && b.root.join("a.db").exists(),
-        || agent_logs(&[&a, &b]),
-    );
+    writer
+}
 
-    // While the source is connected, promote is refused: exit 2, pointing at
-    // failover; no hook ran, no epoch persisted.
-    wait_for("a connected", 30, || a.source_connected());
-    let out = b.cli(&["promote"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(
-        text(&out).contains("failover") && text(&out).contains("connected"),
-        "{}",
-        text(&out)
-    );
-    assert!(b.hooks_log().is_empty() && b.epoch().is_none());
-
-    // The master dies (agent, then app), with writes its standby never got.
-    agent_a.kill9();
+/// SIGKILL of the master's agent, then of its app 300 ms later; then more
+/// writes to its tree. Returns the writer's last logged commit.
+fn kill_master(a: &Host, agent: &mut Agent, writer: &mut std::process::Child, wlog: &Path) -> i64 {
+    agent.kill9();
     std::thread::sleep(Duration::from_millis(300));
     writer.kill().unwrap();
     writer.wait().unwrap();
-    let last_logged: i64 = std::fs::read_to_string(&wlog)
+    make_db(&a.root.join("library.db"), 7);
+    std::fs::write(a.root.join("config.xml"), "<only on a/>").unwrap();
+    std::fs::write(a.root.join("only-a.txt"), "written during the outage").unwrap();
+    assert_eq!(db_rows(&a.root), 107);
+    std::fs::read_to_string(wlog)
         .unwrap()
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .max()
-        .unwrap();
-    make_db(&a.root.join("library.db"), 7);
-    std::fs::write(a.root.join("config.xml"), "<only on a/>").unwrap();
-    std::fs::write(a.root.join("only-a.txt"), "written during the outage").unwrap();
-    let a_rows = db_rows(&a.root);
-    assert_eq!(a_rows, 107);
+        .unwrap()
+}
 
-    // The standby notices its source is gone (QUIC idle timeout), then promote.
-    wait_or(
-        "b to see its source gone",
-        30,
-        || replica_entry(&b)["connected"] == false,
-        || agent_logs(&[&b]),
-    );
-    let b_counter = counter(&b.root.join("a.db"));
-    assert!(
-        b_counter < last_logged,
-        "the standby got every commit ({b_counter}): nothing unreplicated"
-    );
+/// `sync-cli promote` on `b`: succeeds at epoch 1; returns the time from the
+/// command's start to its start hook running.
+fn promote(b: &Host) -> Duration {
     let t0 = now_ns();
     let out = b.cli(&["promote", "--json"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -150,95 +110,36 @@ fn issue9_promote_when_master_dead_then_old_master_returns_fenced_and_keeps_its_
         .trim()
         .parse()
         .unwrap();
-    let promote_to_hook = Duration::from_nanos((hook_ns.saturating_sub(t0)) as u64);
     let eb = b.epoch().unwrap();
     assert_eq!(
         (eb["role"].as_str(), eb["epoch"].as_u64()),
         (Some("source"), Some(1))
     );
+    Duration::from_nanos((hook_ns.saturating_sub(t0)) as u64)
+}
 
-    // The promoted standby serves as source and takes writes.
-    wait_for("b to run as source", 10, || {
-        b.status()["folders"]
-            .as_array()
-            .is_some_and(|f| f.iter().any(|f| f["role"] == "source"))
-    });
-    make_db(&b.root.join("library.db"), 50);
-    std::fs::write(b.root.join("config.xml"), "<b is the master now/>").unwrap();
-    std::fs::write(b.root.join("new-on-b.txt"), "after the promotion").unwrap();
-    let b_rows = db_rows(&b.root);
-    assert_eq!(b_rows, 150);
-
-    // The old master restarts with its old config (role source, epoch 0).
-    let t1 = Instant::now();
-    let _agent_a = a.start();
-    wait_or(
-        "a to be fenced",
-        30,
-        || {
-            a.epoch()
-                .is_some_and(|e| e["role"] == "replica" && e["epoch"] == 1)
-        },
-        || agent_logs(&[&a, &b]),
-    );
-    let fenced_after = t1.elapsed();
-    wait_or(
-        "a repaired by b",
-        60,
-        || {
-            db_rows(&a.root) == b_rows
-                && std::fs::read(a.root.join("config.xml")).ok()
-                    == Some(b"<b is the master now/>".to_vec())
-                && !a.root.join("only-a.txt").exists()
-        },
-        || agent_logs(&[&a, &b]),
-    );
-    let converged_after = t1.elapsed();
-    // Converged by both root hashes: a cut from the new master.
-    let out = b.cli(&["cut", "--json"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let cut: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(cut["source_root"], cut["replica_root"], "{cut}");
-    assert_eq!(cut["epoch"], 1, "{cut}");
-    assert!(a.root.join("new-on-b.txt").exists());
-    assert_eq!(
-        db_rows(&b.root),
-        b_rows,
-        "a write of the new master was lost"
-    );
-    assert!(a.hooks_log().contains("stop_replica"), "{}", a.hooks_log());
-    assert_eq!(
-        b.hooks_log(),
-        "start_replica\n",
-        "b's app was stopped or restarted"
-    );
-
-    // What only the old master held is under its diverged/ directory.
-    let dirs = capture_dirs(&a);
+/// What only the old master held is under its diverged/ directory, named by
+/// status and log; the marker is gone.
+fn check_kept(a: &Host, last_logged: i64) {
+    let dirs = capture_dirs(a);
     assert_eq!(dirs.len(), 1, "{dirs:?}");
     let kept = &dirs[0];
     let name = kept.file_name().unwrap().to_string_lossy().to_string();
     assert!(name.starts_with("app-1-"), "{name}");
-    assert_eq!(
-        std::fs::read_to_string(kept.join("config.xml")).unwrap(),
-        "<only on a/>"
-    );
-    assert_eq!(
-        std::fs::read_to_string(kept.join("only-a.txt")).unwrap(),
-        "written during the outage"
-    );
-    assert_eq!(db_rows(kept), a_rows, "the old master's database writes");
-    // The app's commits after the standby's last round, kept whole (a hot WAL
-    // of a killed writer included); the repaired copy is the new master's.
+    let read = |p: &str| std::fs::read_to_string(kept.join(p)).unwrap();
+    assert_eq!(read("config.xml"), "<only on a/>");
+    assert_eq!(read("only-a.txt"), "written during the outage");
+    assert_eq!(db_rows(kept), 107, "the old master's database writes");
+    // The app's commits after the standby's last round, kept whole (the hot
+    // WAL of a killed writer included).
     let kept_counter = counter(&kept.join("a.db"));
     assert!(
         kept_counter >= last_logged,
         "{kept_counter} < {last_logged}"
     );
     assert_eq!(counter(&kept.join("b.db")), kept_counter);
-    assert_eq!(counter(&a.root.join("a.db")), counter(&b.root.join("a.db")));
     assert!(!kept.join("notes/keep.txt").exists(), "kept what both had");
-    let manifest = std::fs::read_to_string(kept.join("MANIFEST")).unwrap();
+    let manifest = read("MANIFEST");
     for line in [
         "changed\tfile\t12\tconfig.xml",
         "deleted\tfile\t25\tonly-a.txt",
@@ -252,12 +153,112 @@ fn issue9_promote_when_master_dead_then_old_master_returns_fenced_and_keeps_its_
         !a.state.join("app.diverged-pending").exists(),
         "the marker stays after the capture"
     );
-    let st = replica_entry(&a);
-    assert_eq!(st["diverged"], kept.display().to_string(), "{st}");
+    let shown = kept.display().to_string();
+    assert_eq!(replica_entry(a)["diverged"], shown);
     let log = std::fs::read_to_string(a.dir.join("agent.log")).unwrap();
-    assert!(log.contains(&kept.display().to_string()), "{log}");
+    assert!(log.contains(&shown), "{log}");
     let human = text(&a.cli(&["status"]));
-    assert!(human.contains(&kept.display().to_string()), "{human}");
+    assert!(human.contains(&shown), "{human}");
+}
+
+/// The promoted standby serves as source and takes writes.
+fn new_master_writes(b: &Host) {
+    wait_for("b to run as source", 10, || {
+        b.status()["folders"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f["role"] == "source"))
+    });
+    make_db(&b.root.join("library.db"), 50);
+    std::fs::write(b.root.join("config.xml"), "<b is the master now/>").unwrap();
+    std::fs::write(b.root.join("new-on-b.txt"), "after the promotion").unwrap();
+    assert_eq!(db_rows(&b.root), 150);
+}
+
+/// The must-hold scenario of issue 9.
+#[test]
+fn issue9_promote_when_master_dead_then_old_master_returns_fenced_and_keeps_its_writes() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = hosts(t.path(), HOOKS_A, HOOKS_B);
+    // The standby reaches the old master by host name, resolved at each connect.
+    let cfg = std::fs::read_to_string(&b.config).unwrap();
+    let cfg = cfg.replace("address = \"127.0.0.1:", "address = \"localhost:");
+    std::fs::write(&b.config, cfg).unwrap();
+    std::fs::write(a.root.join("config.xml"), "<primary/>").unwrap();
+    std::fs::create_dir(a.root.join("notes")).unwrap();
+    std::fs::write(a.root.join("notes/keep.txt"), "shared").unwrap();
+    make_db(&a.root.join("library.db"), 100);
+    let wlog = t.path().join("writer.log");
+    let mut writer = start_writer(&a.root, &wlog);
+    let mut agent_a = a.start();
+    let _agent_b = b.start();
+    wait_or(
+        "the first mirror",
+        30,
+        || db_rows(&b.root) == 100 && b.root.join("a.db").exists(),
+        || agent_logs(&[&a, &b]),
+    );
+
+    // While the source is connected, promote is refused: exit 2, pointing at
+    // failover; no hook ran, no epoch persisted.
+    wait_for("a connected", 30, || a.source_connected());
+    let out = b.cli(&["promote"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("failover") && said.contains("connected"),
+        "{said}"
+    );
+    assert!(b.hooks_log().is_empty() && b.epoch().is_none());
+
+    // The master dies with writes its standby never got; the standby notices
+    // (QUIC idle timeout) and is promoted.
+    let last_logged = kill_master(&a, &mut agent_a, &mut writer, &wlog);
+    wait_or(
+        "b to see its source gone",
+        30,
+        || replica_entry(&b)["connected"] == false,
+        || agent_logs(&[&b]),
+    );
+    let b_counter = counter(&b.root.join("a.db"));
+    assert!(
+        b_counter < last_logged,
+        "nothing unreplicated ({b_counter})"
+    );
+    let promote_to_hook = promote(&b);
+
+    new_master_writes(&b);
+
+    // The old master restarts with its old config (role source, epoch 0).
+    let t1 = Instant::now();
+    let _agent_a = a.start();
+    let fenced = |e: serde_json::Value| e["role"] == "replica" && e["epoch"] == 1;
+    wait_or(
+        "a to be fenced",
+        30,
+        || a.epoch().is_some_and(fenced),
+        || agent_logs(&[&a, &b]),
+    );
+    let fenced_after = t1.elapsed();
+    let repaired = || {
+        db_rows(&a.root) == 150
+            && std::fs::read(a.root.join("config.xml")).ok()
+                == Some(b"<b is the master now/>".to_vec())
+            && !a.root.join("only-a.txt").exists()
+    };
+    wait_or("a repaired by b", 60, repaired, || agent_logs(&[&a, &b]));
+    let converged_after = t1.elapsed();
+    // Converged by both root hashes: a cut from the new master.
+    let out = b.cli(&["cut", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let cut: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cut["source_root"], cut["replica_root"], "{cut}");
+    assert_eq!(cut["epoch"], 1, "{cut}");
+    assert!(a.root.join("new-on-b.txt").exists());
+    assert_eq!(db_rows(&b.root), 150, "a write of the new master was lost");
+    assert_eq!(counter(&a.root.join("a.db")), counter(&b.root.join("a.db")));
+    assert!(a.hooks_log().contains("stop_replica"), "{}", a.hooks_log());
+    assert_eq!(b.hooks_log(), "start_replica\n", "b's app was restarted");
+    check_kept(&a, last_logged);
 
     // A later round captures nothing more.
     std::fs::write(b.root.join("later.txt"), "x").unwrap();
