@@ -8,6 +8,12 @@ use crate::util::*;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// The master's hooks: its app writes a last file as it is stopped, slowly,
+/// when the node is fenced (`ROOTDIR` is its folder).
+const HOOKS_A_SLOW_STOP: &str = r#"stop_source = "echo stop_source >> LOG"
+start_source = "echo start_source >> LOG"
+stop_replica = "sleep 3; echo last words > ROOTDIR/last-words.txt; echo stop_replica >> LOG""#;
+
 /// The standby's hooks: `start_replica` also records when it ran (ns).
 const HOOKS_B: &str = r#"start_replica = "echo start_replica >> LOG; date +%s%N > LOG.t"
 stop_source = "echo stop_source >> LOG"
@@ -129,6 +135,9 @@ fn check_kept(a: &Host, last_logged: i64) {
     let read = |p: &str| std::fs::read_to_string(kept.join(p)).unwrap();
     assert_eq!(read("config.xml"), "<only on a/>");
     assert_eq!(read("only-a.txt"), "written during the outage");
+    // Written by the app as its stop hook ran at the fencing: the repair
+    // (and the copy) waited for the hook.
+    assert_eq!(read("last-words.txt"), "last words\n");
     assert_eq!(db_rows(kept), 107, "the old master's database writes");
     // The app's commits after the standby's last round, kept whole (the hot
     // WAL of a killed writer included).
@@ -143,6 +152,7 @@ fn check_kept(a: &Host, last_logged: i64) {
     for line in [
         "changed\tfile\t12\tconfig.xml",
         "deleted\tfile\t25\tonly-a.txt",
+        "deleted\tfile\t11\tlast-words.txt",
         "\tlibrary.db\n",
         "changed\tdatabase\t",
         "\ta.db\n",
@@ -178,7 +188,10 @@ fn new_master_writes(b: &Host) {
 #[test]
 fn issue9_promote_when_master_dead_then_old_master_returns_fenced_and_keeps_its_writes() {
     let t = tempfile::tempdir().unwrap();
-    let (a, b) = hosts(t.path(), HOOKS_A, HOOKS_B);
+    let (a, b) = hosts(t.path(), HOOKS_A_SLOW_STOP, HOOKS_B);
+    let cfg = std::fs::read_to_string(&a.config).unwrap();
+    let cfg = cfg.replace("ROOTDIR", &a.root.display().to_string());
+    std::fs::write(&a.config, cfg).unwrap();
     // The standby reaches the old master by host name, resolved at each connect.
     let cfg = std::fs::read_to_string(&b.config).unwrap();
     let cfg = cfg.replace("address = \"127.0.0.1:", "address = \"localhost:");
