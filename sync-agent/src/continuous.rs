@@ -16,7 +16,6 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use proto::{Entry, Kind, RelPath};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,8 +40,8 @@ pub struct SourceFolder {
     pub identity: Identity,
     /// The replica's id.
     pub peer: NodeId,
-    /// The replica's address.
-    pub addr: SocketAddr,
+    /// The replica's address (a host name is resolved at each connect).
+    pub addr: crate::addr::PeerAddr,
     /// Where the hash index lives (`None`: in memory).
     pub index_path: Option<PathBuf>,
     /// Quiet time that ends a batch of watch events.
@@ -190,6 +189,10 @@ pub struct FolderStatus {
     /// (they fill `full_round`).
     #[serde(skip)]
     pub progress: Option<Arc<Progress>>,
+    /// Where what only this node held was kept aside when it came back
+    /// fenced (`{state}/diverged/...`), if it ever did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diverged: Option<String>,
 }
 
 /// How far the full round in progress is.
@@ -717,7 +720,8 @@ pub async fn run_source(
     while !*shutdown.borrow() {
         set(&status, |s| s.connected = false);
         let connecting = async {
-            let (endpoint, conn) = crate::connect(&cfg.identity, cfg.peer, cfg.addr).await?;
+            let to = cfg.addr.resolve().await?;
+            let (endpoint, conn) = crate::connect(&cfg.identity, cfg.peer, to).await?;
             let s = SourceSession::open(
                 conn,
                 cfg.root.clone(),
@@ -743,6 +747,11 @@ pub async fn run_source(
             Err(e) if e.downcast_ref::<Fenced>().is_some() => {
                 let epoch = e.downcast_ref::<Fenced>().map_or(cfg.epoch, |f| f.epoch);
                 tracing::error!(folder = %cfg.name, "{e:#}; taking the replica role at epoch {epoch}");
+                // Before the role changes: what only this node holds is kept
+                // aside before the new source's first repair round.
+                if let Some(dir) = &cfg.state_dir {
+                    crate::diverged::mark(dir, &cfg.name, epoch)?;
+                }
                 set(&status, |s| s.last_error = Some(format!("{e:#}")));
                 return Ok(Outcome::Demoted { epoch });
             }

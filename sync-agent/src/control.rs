@@ -3,7 +3,9 @@
 //! Requests: `{"cmd":"status"}` (also what a client that sends nothing gets),
 //! `{"cmd":"cut","folder":NAME}` (a consistent cut, verified by both root
 //! hashes: [`CutReport`]), `{"cmd":"promote","folder":NAME,"epoch":N}` (hand the
-//! folder over to its replica; this node becomes the replica). `sync-cli status`,
+//! folder over to its replica; this node becomes the replica),
+//! `{"cmd":"promote_standby","folder":NAME}` (this standby takes the folder
+//! over while its source is gone: [`crate::promotion::promote_standby`]). `sync-cli status`,
 //! `cut`, `failover` and `failback` use it. The socket is created with mode 0600
 //! (root's tool).
 
@@ -32,6 +34,13 @@ pub enum Request {
         /// The new epoch.
         epoch: u64,
     },
+    /// `sync-cli promote`: this standby takes the folder over (its source is
+    /// gone), at the epoch past every epoch it has seen.
+    #[serde(rename = "promote_standby")]
+    PromoteStandby {
+        /// The folder (optional when the agent has one).
+        folder: Option<String>,
+    },
 }
 
 /// The answer to a cut or a promotion.
@@ -45,6 +54,9 @@ pub struct Answer {
     /// The cut, for a cut.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cut: Option<CutReport>,
+    /// The epoch reached, for `promote_standby`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// What the agent reports.
@@ -152,6 +164,11 @@ fn replica_row(
         connected: r.lock.try_lock().is_err(),
         last_applied_unix: last,
         last_applied_age_s: last.map(|t| (now - t).max(0.0)),
+        diverged: r
+            .diverged
+            .lock()
+            .ok()
+            .and_then(|d| d.as_ref().map(|p| p.display().to_string())),
         ..Default::default()
     }
 }
@@ -183,6 +200,7 @@ pub async fn serve(path: PathBuf, registry: Registry) -> Result<()> {
                     ok: false,
                     error: Some(format!("bad request: {e}")),
                     cut: None,
+                    epoch: None,
                 }),
             };
             if let Ok(line) = out {
@@ -214,11 +232,26 @@ impl Registry {
         }
     }
 
+    fn replica(&self, name: Option<String>) -> Result<Arc<crate::session::replica::ReplicaFolder>> {
+        let pick = |n: &str| self.replicas.iter().find(|r| r.name == n).cloned();
+        match name {
+            Some(n) => pick(&n).ok_or_else(|| {
+                anyhow!("this agent serves no folder named {n:?} as a replica ([node] listen set?)")
+            }),
+            None => match self.replicas.as_slice() {
+                [r] => Ok(r.clone()),
+                [] => bail!("this agent serves no replica folder ([node] listen is not set)"),
+                _ => bail!("this agent serves several folders: say which with --folder"),
+            },
+        }
+    }
+
     async fn command(&self, r: Request) -> Answer {
         let fail = |e: anyhow::Error| Answer {
             ok: false,
             error: Some(format!("{e:#}")),
             cut: None,
+            epoch: None,
         };
         let res: Result<Answer> = async {
             match r {
@@ -242,6 +275,7 @@ impl Registry {
                             )
                         }),
                         cut: Some(cut),
+                        epoch: None,
                     })
                 }
                 Request::Promote { folder, epoch } => {
@@ -259,6 +293,17 @@ impl Registry {
                         ok: true,
                         error: None,
                         cut: None,
+                        epoch: Some(epoch),
+                    })
+                }
+                Request::PromoteStandby { folder } => {
+                    let f = self.replica(folder)?;
+                    let epoch = crate::promotion::promote_standby(&f).await?;
+                    Ok(Answer {
+                        ok: true,
+                        error: None,
+                        cut: None,
+                        epoch: Some(epoch),
                     })
                 }
             }

@@ -189,6 +189,9 @@ fn plan_from_config(path: &Path) -> Result<Plan> {
                     node: identity.id().to_string(),
                     hooks: f.hooks.clone(),
                     fence,
+                    promotable: f.failover
+                        && !peers.is_empty()
+                        && peers.iter().all(|p| c.peer_address(p).is_some()),
                 },
             )?),
             None => None,
@@ -383,6 +386,18 @@ async fn supervise(
                             .unwrap_or_default();
                         sync_agent::epoch::store(dir, &f.name, &node, st)?;
                     }
+                    // The app is stopped before the replica side takes
+                    // sessions: the new source's first round (and, after a
+                    // fencing, the copy of what only this node held) never
+                    // races the app's last writes.
+                    if let Some(r) = &f.replica
+                        && let Some(cmd) = r.hooks.command(sync_agent::config::Hook::StopReplica)
+                        && let Err(e) =
+                            sync_agent::hooks::run("stop_replica", cmd, &f.name, r.hooks.timeout())
+                                .await
+                    {
+                        tracing::error!(folder = %f.name, "{e:#}");
+                    }
                     local = Fence {
                         epoch,
                         source: false,
@@ -393,14 +408,6 @@ async fn supervise(
                         *g = local;
                     }
                     tracing::warn!(folder = %f.name, epoch, "this node is now the folder's replica");
-                    if let Some(r) = &f.replica
-                        && let Some(cmd) = r.hooks.command(sync_agent::config::Hook::StopReplica)
-                        && let Err(e) =
-                            sync_agent::hooks::run("stop_replica", cmd, &f.name, r.hooks.timeout())
-                                .await
-                    {
-                        tracing::error!(folder = %f.name, "{e:#}");
-                    }
                 }
             }
         } else {
@@ -505,7 +512,7 @@ fn build_plan(cli: Cli) -> Result<Plan> {
                         filter: Filter::new(&exclude)?,
                         identity,
                         peer,
-                        addr: connect,
+                        addr: connect.into(),
                         index_path,
                         debounce: Duration::from_millis(debounce_ms),
                         rescan_every: Duration::from_secs(rescan_s.max(1)),

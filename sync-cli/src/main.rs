@@ -8,6 +8,7 @@
 
 mod handover;
 mod keys;
+mod promote;
 mod status;
 mod transfer;
 mod verify;
@@ -53,6 +54,10 @@ enum Cmd {
     /// Hand a folder back to the old source once it is back as the replica:
     /// the same handover, run on the promoted side.
     Failback(handover::HandoverArgs),
+    /// On a standby whose master is dead: take the folder over (epoch past
+    /// all seen, start hook, serve as source). Refused while the source is
+    /// connected (use failover).
+    Promote(promote::PromoteArgs),
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -66,6 +71,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Cut(a) => handover::cut(a),
         Cmd::Failover(a) => handover::failover(a),
         Cmd::Failback(a) => handover::failback(a),
+        Cmd::Promote(a) => promote::promote(a),
     }
 }
 

@@ -95,6 +95,11 @@ fn print_human(node: &str, folders: &[FolderStatus]) {
             f.rounds,
             f.last_error.as_deref().unwrap_or("-")
         );
+        if let Some(d) = &f.diverged {
+            println!(
+                "  diverged: what only this node held when it came back fenced is kept in {d}"
+            );
+        }
         if let Some(w) = &f.watcher {
             println!("  watcher: {w}");
         }

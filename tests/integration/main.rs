@@ -20,6 +20,7 @@ mod hostile_source;
 mod hostile_tls;
 mod lag;
 mod netns;
+mod promote;
 mod push;
 mod races;
 mod sqlite;

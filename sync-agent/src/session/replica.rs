@@ -48,6 +48,12 @@ pub struct ReplicaFolder {
     pub last_warning: std::sync::Mutex<Option<String>>,
     /// Rounds applied and the source's epoch, for status.
     pub stats: std::sync::Mutex<ReplicaStats>,
+    /// Whether this node can serve as the folder's source (a peer address,
+    /// `failover` not off): a promotion of a node that cannot is refused.
+    pub promotable: bool,
+    /// The latest directory where what only this node held was kept aside
+    /// when it came back fenced (`{state}/diverged/...`), for status.
+    pub diverged: std::sync::Mutex<Option<std::path::PathBuf>>,
 }
 
 /// What a replica folder's status row shows besides its fence.
@@ -138,6 +144,14 @@ async fn run_inner(
                 Ok(()) if h.role != Role::Source => {
                     Some((ErrorCode::Protocol, "peer is not a source".to_string()))
                 }
+                Ok(()) if h.epoch > crate::promotion::MAX_EPOCH => Some((
+                    ErrorCode::Protocol,
+                    format!(
+                        "epoch {} is past the highest epoch {}",
+                        h.epoch,
+                        crate::promotion::MAX_EPOCH
+                    ),
+                )),
                 Ok(()) => match pick(folders, &h.folder) {
                     None => Some((
                         ErrorCode::Other,
@@ -213,10 +227,12 @@ async fn run_inner(
             if let Ok(mut st) = f.stats.lock() {
                 st.source_epoch = Some(h.epoch);
             }
-            f
+            adopt(&f, h.epoch, &peer);
+            (f, h.epoch)
         }
         other => bail!("peer {peer} opened with {other:?} instead of a hello"),
     };
+    let (folder, their_epoch) = folder;
     let epoch = folder.fence.lock().map(|g| g.epoch).unwrap_or_default();
     wire::send(
         &mut ctl_send,
@@ -235,6 +251,18 @@ async fn run_inner(
         old.close(1u32.into(), b"superseded by a new session");
     }
     let _guard = folder.lock.lock().await;
+    // A local promotion (`sync-cli promote`) may have run while this session
+    // waited for the folder: then this source is fenced.
+    let now = folder.fence.lock().map(|g| *g).unwrap_or_default();
+    if now.source || now.epoch > their_epoch {
+        let e = anyhow!(
+            "folder {:?}: this node was promoted to epoch {} while the session waited; \
+             peer {peer} at epoch {their_epoch} is fenced",
+            folder.name,
+            now.epoch
+        );
+        return fail(conn, &mut ctl_send, &folder, e, ErrorCode::Fenced, &peer).await;
+    }
     folder.replica.reset();
     tracing::info!(%peer, folder = %folder.name, "source connected");
     loop {
@@ -298,6 +326,52 @@ async fn run_inner(
     Ok(())
 }
 
+/// Where to keep aside what this node alone holds, when it was fenced and
+/// this is its first repair: `(state dir, capture dir, epoch)`.
+fn divergence_target(
+    folder: &ReplicaFolder,
+    full: bool,
+) -> Result<Option<(std::path::PathBuf, std::path::PathBuf, u64)>> {
+    let Some(state) = &folder.state_dir else {
+        return Ok(None);
+    };
+    let Some(epoch) = crate::diverged::pending(state, &folder.name)? else {
+        return Ok(None);
+    };
+    if !full {
+        bail!(
+            "folder {:?}: this node was fenced and keeps aside what only it holds during its \
+             first full round; a partial round comes first: refused",
+            folder.name
+        );
+    }
+    let into = crate::diverged::target(state, &folder.name, epoch)?;
+    Ok(Some((state.clone(), into, epoch)))
+}
+
+/// A source at a newer epoch than this replica holds is the folder's source
+/// now (a failover this node missed): its epoch is adopted and persisted, so
+/// that a later promotion of this node goes past it.
+fn adopt(folder: &ReplicaFolder, epoch: u64, peer: &str) {
+    let Ok(mut g) = folder.fence.lock() else {
+        return;
+    };
+    if epoch <= g.epoch || g.source {
+        return;
+    }
+    if let Some(dir) = &folder.state_dir {
+        let st = crate::epoch::FolderState {
+            role: crate::config::Role::Replica,
+            epoch,
+        };
+        if let Err(e) = crate::epoch::store(dir, &folder.name, &folder.node, st) {
+            tracing::warn!(folder = %folder.name, "adopting epoch {epoch} of peer {peer}: {e:#}");
+        }
+    }
+    tracing::info!(folder = %folder.name, %peer, "adopted the source's epoch {epoch} (was {})", g.epoch);
+    g.epoch = epoch;
+}
+
 async fn fail(
     conn: &quinn::Connection,
     ctl_send: &mut quinn::SendStream,
@@ -319,8 +393,8 @@ async fn fail(
 
 /// Promotion: the epoch persisted first (from then on older sources are
 /// refused), then the `start_replica` hook; if the hook fails, the old state is
-/// put back and the replica stays as it was.
-async fn promote(folder: &ReplicaFolder, epoch: u64) -> Result<()> {
+/// put back and the replica stays as it was. Bounds: [`crate::promotion::check`].
+pub(crate) async fn promote(folder: &ReplicaFolder, epoch: u64) -> Result<()> {
     let Some(dir) = folder.state_dir.clone() else {
         bail!(
             "folder {:?}: this replica has no state directory ([node] state) to persist an epoch in",
@@ -328,13 +402,7 @@ async fn promote(folder: &ReplicaFolder, epoch: u64) -> Result<()> {
         );
     };
     let before = folder.fence.lock().map(|g| *g).unwrap_or_default();
-    if epoch <= before.epoch {
-        bail!(
-            "folder {:?}: promotion to epoch {epoch}, but this node already holds epoch {}",
-            folder.name,
-            before.epoch
-        );
-    }
+    crate::promotion::check(folder, before, epoch)?;
     let store = |f: Fence| {
         let st = crate::epoch::FolderState {
             role: if f.source {
@@ -534,7 +602,9 @@ async fn apply_round(
     // A partial round (a few paths) always compares content; a full round does
     // when asked (rsync -c), by size and mtime otherwise, as rsync does.
     let checksum = round.checksum || !full;
-    let (dst, plan, mut summary) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let capture = divergence_target(folder, full)?;
+    let name = folder.name.clone();
+    let (dst, plan, mut summary, captured) = tokio::task::spawn_blocking(move || -> Result<_> {
         let mut sum = ApplySummary::default();
         let opts = ScanOptions {
             hash: checksum,
@@ -583,6 +653,24 @@ async fn apply_round(
             Manifest { entries }
         };
         let plan = sync_core::plan::plan_with_links(&s, &dst, checksum, &linked);
+        // The first repair after this node was fenced: what it alone holds is
+        // copied aside before anything is replaced or deleted.
+        let captured = match &capture {
+            Some((state, into, epoch)) => {
+                let header = format!(
+                    "# understudy: what this node held when it came back fenced, before the\n\
+                     # repair by the folder's new source (epoch {epoch}). folder {name}, root {}\n",
+                    r.root_path().display()
+                );
+                let c = sync_core::diverged::capture(&r, &s, &dst, &plan, into, &header)
+                    .with_context(|| {
+                        format!("folder {name}: keeping aside what only this node held")
+                    })?;
+                crate::diverged::clear(state, &name)?;
+                Some((into.clone(), c.kept.len()))
+            }
+            None => None,
+        };
         for p in &plan.delete {
             r.remove_all(p)?;
             sum.entries_deleted += 1;
@@ -595,9 +683,19 @@ async fn apply_round(
             r.create(&s.entries[i])?;
             sum.others_created += 1;
         }
-        Ok((dst, plan, sum))
+        Ok((dst, plan, sum, captured))
     })
     .await??;
+    if let Some((into, n)) = captured {
+        if n == 0 {
+            tracing::info!(folder = %folder.name, "fenced and repaired: this node held nothing the new source lacks");
+        } else {
+            tracing::warn!(folder = %folder.name, kept = n, dir = %into.display(), "fenced: what only this node held is kept aside (see its MANIFEST)");
+            if let Ok(mut d) = folder.diverged.lock() {
+                *d = Some(into);
+            }
+        }
+    }
 
     // Content that came with the round is written first; the rest is pulled.
     let (mut pulled, mut inlined) = (Vec::new(), Vec::new());
