@@ -3,9 +3,13 @@
 //! Requests: `{"cmd":"status"}` (also what a client that sends nothing gets),
 //! `{"cmd":"cut","folder":NAME}` (a consistent cut, verified by both root
 //! hashes: [`CutReport`]), `{"cmd":"promote","folder":NAME,"epoch":N}` (hand the
-//! folder over to its replica; this node becomes the replica). `sync-cli status`,
-//! `cut`, `failover` and `failback` use it. The socket is created with mode 0600
-//! (root's tool).
+//! folder over to its replica; this node becomes the replica),
+//! `{"cmd":"handover","folder":NAME,"kind":"failover"|"failback","dry_run":B}`
+//! (the agent runs a whole handover on its own task and answers at once:
+//! [`crate::handover`]) and `{"cmd":"handover_progress","folder":NAME,"from":N}`
+//! (its progress lines from the N-th on, and its outcome once over).
+//! `sync-cli status`, `cut`, `failover` and `failback` use it. The socket is
+//! created with mode 0600 (root's tool).
 
 use crate::continuous::{Command, CutReport, FolderStatus};
 use anyhow::{Context, Result, anyhow, bail};
@@ -16,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt};
 
 /// What a client asks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
+#[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     /// The status of every folder.
     Status,
@@ -32,10 +36,28 @@ pub enum Request {
         /// The new epoch.
         epoch: u64,
     },
+    /// Run a handover (failover or failback) of a source folder on the agent.
+    Handover {
+        /// The folder (optional when the agent has one).
+        folder: Option<String>,
+        /// `failover` or `failback`.
+        kind: String,
+        /// Only the preflight and the plan.
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// The progress of the current or last handover of a folder.
+    HandoverProgress {
+        /// The folder (optional when the agent has one).
+        folder: Option<String>,
+        /// The first progress line wanted.
+        #[serde(default)]
+        from: usize,
+    },
 }
 
-/// The answer to a cut or a promotion.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The answer to a cut, a promotion or a handover request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Answer {
     /// Whether it succeeded.
     pub ok: bool,
@@ -45,6 +67,9 @@ pub struct Answer {
     /// The cut, for a cut.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cut: Option<CutReport>,
+    /// A handover's progress (for `handover` and `handover_progress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<crate::handover::Progress>,
 }
 
 /// What the agent reports.
@@ -54,6 +79,9 @@ pub struct Status {
     pub node: String,
     /// Per folder and peer.
     pub folders: Vec<FolderStatus>,
+    /// Handovers in progress on this node (their lines left out).
+    #[serde(default)]
+    pub handovers: Vec<crate::handover::Progress>,
 }
 
 /// The status sources of a running agent.
@@ -67,6 +95,8 @@ pub struct Registry {
     pub replicas: Vec<Arc<crate::session::replica::ReplicaFolder>>,
     /// Commands to each folder's source loop, by folder name.
     pub commands: std::collections::HashMap<String, tokio::sync::mpsc::Sender<Command>>,
+    /// Each folder's handover context, by folder name.
+    pub handovers: std::collections::HashMap<String, Arc<crate::handover::Folder>>,
 }
 
 impl Registry {
@@ -114,9 +144,17 @@ impl Registry {
                 ..Default::default()
             });
         }
+        let mut handovers: Vec<crate::handover::Progress> = self
+            .handovers
+            .values()
+            .map(|h| h.progress(usize::MAX))
+            .filter(|p| p.running)
+            .collect();
+        handovers.sort_by(|a, b| a.folder.cmp(&b.folder));
         Status {
             node: self.node.clone(),
             folders,
+            handovers,
         }
     }
 }
@@ -147,7 +185,7 @@ pub async fn serve(path: PathBuf, registry: Registry) -> Result<()> {
                 Err(e) => serde_json::to_string(&Answer {
                     ok: false,
                     error: Some(format!("bad request: {e}")),
-                    cut: None,
+                    ..Default::default()
                 }),
             };
             if let Ok(line) = out {
@@ -179,11 +217,18 @@ impl Registry {
         }
     }
 
+    fn handover(&self, name: Option<String>) -> Result<Arc<crate::handover::Folder>> {
+        let (name, _) = self.folder(name)?;
+        self.handovers.get(&name).cloned().ok_or_else(|| {
+            anyhow!("folder {name}: no handovers on this agent (run it from a config)")
+        })
+    }
+
     async fn command(&self, r: Request) -> Answer {
         let fail = |e: anyhow::Error| Answer {
             ok: false,
             error: Some(format!("{e:#}")),
-            cut: None,
+            ..Default::default()
         };
         let res: Result<Answer> = async {
             match r {
@@ -207,6 +252,7 @@ impl Registry {
                             )
                         }),
                         cut: Some(cut),
+                        ..Default::default()
                     })
                 }
                 Request::Promote { folder, epoch } => {
@@ -222,8 +268,30 @@ impl Registry {
                         .map_err(|e| anyhow!("folder {name}: {e}"))?;
                     Ok(Answer {
                         ok: true,
-                        error: None,
-                        cut: None,
+                        ..Default::default()
+                    })
+                }
+                Request::Handover {
+                    folder,
+                    kind,
+                    dry_run,
+                } => {
+                    let h = self.handover(folder)?;
+                    let kind: crate::handover::Kind =
+                        kind.parse().map_err(|e: String| anyhow!(e))?;
+                    crate::handover::start(&h, kind, dry_run)?;
+                    Ok(Answer {
+                        ok: true,
+                        handover: Some(h.progress(0)),
+                        ..Default::default()
+                    })
+                }
+                Request::HandoverProgress { folder, from } => {
+                    let h = self.handover(folder)?;
+                    Ok(Answer {
+                        ok: true,
+                        handover: Some(h.progress(from)),
+                        ..Default::default()
                     })
                 }
             }
@@ -274,5 +342,9 @@ pub async fn query(path: &Path) -> Result<Status> {
     Ok(Status {
         node: v["node"].as_str().unwrap_or_default().to_string(),
         folders: serde_json::from_value(v["folders"].clone()).context("parsing folder status")?,
+        handovers: match v.get("handovers") {
+            Some(h) => serde_json::from_value(h.clone()).context("parsing handover status")?,
+            None => Vec::new(),
+        },
     })
 }

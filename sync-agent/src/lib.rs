@@ -16,6 +16,7 @@ pub mod config;
 pub mod continuous;
 pub mod control;
 pub mod epoch;
+pub mod handover;
 pub mod hooks;
 pub mod identity;
 pub mod session;

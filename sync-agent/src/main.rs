@@ -125,6 +125,10 @@ struct FolderPlan {
     sources: Vec<SourceFolder>,
     fence: Fence,
     state_dir: Option<PathBuf>,
+    /// Hooks, run by handovers.
+    hooks: sync_agent::config::Hooks,
+    /// The configured role (the epoch file, when present, wins).
+    configured: Role,
 }
 
 fn refuse_writable_by_others(path: &Path) -> Result<()> {
@@ -227,6 +231,8 @@ fn plan_from_config(path: &Path) -> Result<Plan> {
             sources,
             fence,
             state_dir: c.node.state.clone(),
+            hooks: f.hooks.clone(),
+            configured: f.role,
         });
     }
     plan.identity = Some(identity);
@@ -278,7 +284,25 @@ async fn run(plan: Plan) -> Result<ExitCode> {
             .map(|_| Arc::new(Mutex::new(FolderStatus::default())))
             .collect();
         registry.folders.extend(statuses.iter().cloned());
+        let handover = Arc::new(sync_agent::handover::Folder::new(
+            &f.name,
+            f.hooks.clone(),
+            f.state_dir.clone(),
+            identity.id().to_string(),
+            f.configured,
+            tx_for(&registry, &f.name)?,
+            statuses.first().cloned(),
+            f.replica.clone(),
+        ));
+        registry.handovers.insert(f.name.clone(), handover);
         tasks.spawn(supervise(f, statuses, rx, stop_rx.clone()));
+    }
+    // A handover an earlier run left half-way is taken up again: it ends
+    // completed or rolled back.
+    for h in registry.handovers.values() {
+        if let Err(e) = sync_agent::handover::resume(h) {
+            tracing::error!(folder = %h.name, "resuming its handover: {e:#}");
+        }
     }
     if let Some(path) = plan.control {
         let reg = registry.clone();
@@ -419,12 +443,20 @@ async fn supervise(
                     );
                     match c {
                         Command::Cut(reply) => { let _ = reply.send(Err(why)); }
-                        Command::Promote { reply, .. } => { let _ = reply.send(Err(why)); }
+                        Command::Promote { reply, .. } => { let _ = reply.send(Err(sync_agent::handover::PromoteFailure::NotSent(why))); }
                     }
                 }
             }
         }
     }
+}
+
+fn tx_for(registry: &Registry, name: &str) -> Result<mpsc::Sender<Command>> {
+    registry
+        .commands
+        .get(name)
+        .cloned()
+        .with_context(|| format!("folder {name}: no command channel"))
 }
 
 fn build_plan(cli: Cli) -> Result<Plan> {
@@ -459,6 +491,8 @@ fn build_plan(cli: Cli) -> Result<Plan> {
                     sources: Vec::new(),
                     fence: Fence::default(),
                     state_dir: None,
+                    hooks: Default::default(),
+                    configured: Role::Replica,
                 }],
                 control,
             })
@@ -518,6 +552,8 @@ fn build_plan(cli: Cli) -> Result<Plan> {
                         source: true,
                     },
                     state_dir: None,
+                    hooks: Default::default(),
+                    configured: Role::Source,
                 }],
                 control,
                 ..Default::default()

@@ -56,5 +56,15 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
             );
         }
     }
+    for h in &st.handovers {
+        let age = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .saturating_sub(h.started_unix);
+        println!(
+            "handover in progress: {} of folder {}, step {}, for {age} s (another one is refused until it ends)",
+            h.kind, h.folder, h.step
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

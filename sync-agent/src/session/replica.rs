@@ -215,6 +215,24 @@ async fn run_inner(
         old.close(1u32.into(), b"superseded by a new session");
     }
     let _guard = folder.lock.lock().await;
+    // A session that waited for the lock while another one promoted this node
+    // must not apply anything: the fence is read again under the lock.
+    let now = folder.fence.lock().map(|g| *g).unwrap_or_default();
+    if now.source || now.epoch > epoch {
+        let message = format!(
+            "folder {:?}: this node became the source at epoch {} while the session waited",
+            folder.name, now.epoch
+        );
+        return fail(
+            conn,
+            &mut ctl_send,
+            &folder,
+            anyhow!(message.clone()),
+            ErrorCode::Fenced,
+            &peer,
+        )
+        .await;
+    }
     folder.replica.reset();
     tracing::info!(%peer, folder = %folder.name, "source connected");
     loop {
@@ -693,18 +711,33 @@ async fn apply_round(
             folder.filter.clone(),
         );
         let p = planned.clone();
-        let (root, differences) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let own = own_manifest(&r, d, f)?;
+        let (root, differences, held_by) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let (own, dbs) = own_manifest(&r, d, f)?;
+            // A cut says which databases another process holds open (the
+            // standby's application running), changed or not: a handover's
+            // preflight refuses on it.
+            let held_by: Vec<(RelPath, String)> = dbs
+                .into_iter()
+                .filter_map(|p| r.db_holders(&p).map(|who| (p, who)))
+                .collect();
             // Say what differs, so that a failed cut explains itself.
             let differences: Vec<String> = sync_core::manifest::diff(&p, &own)
                 .iter()
                 .take(5)
                 .map(|d| format!("after the cut: {d}"))
                 .collect();
-            Ok((own.root_hash(), differences))
+            Ok((own.root_hash(), differences, held_by))
         })
         .await??;
         summary.root_hash = Some(root);
+        for (p, who) in held_by {
+            summary
+                .warnings
+                .push(format!("{}{p}: {who}", super::HELD_PREFIX));
+            if !summary.held.contains(&p) {
+                summary.held.push(p);
+            }
+        }
         if round.full {
             summary.warnings.extend(differences);
         }
@@ -714,7 +747,11 @@ async fn apply_round(
 
 /// The replica's own manifest from a fresh scan of its tree (databases by
 /// their page hashes), whose root hash is compared with the source's after a cut.
-fn own_manifest(r: &Replica, detect: Arc<DbDetect>, filter: Filter) -> Result<Manifest> {
+fn own_manifest(
+    r: &Replica,
+    detect: Arc<DbDetect>,
+    filter: Filter,
+) -> Result<(Manifest, Vec<RelPath>)> {
     let opts = ScanOptions {
         databases: Some(detect),
         filter,
@@ -731,7 +768,7 @@ fn own_manifest(r: &Replica, detect: Arc<DbDetect>, filter: Filter) -> Result<Ma
             };
         }
     }
-    Ok(m)
+    Ok((m, report.databases))
 }
 
 /// Brings one database to the round's snapshot: `have` up, pages down (after
