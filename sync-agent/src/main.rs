@@ -395,6 +395,11 @@ async fn supervise(
             match outcome? {
                 Outcome::Stopped => return Ok(()),
                 Outcome::Demoted { epoch } => {
+                    for s in &statuses {
+                        if let Ok(mut s) = s.lock() {
+                            s.connected = false;
+                        }
+                    }
                     let st = sync_agent::epoch::FolderState {
                         role: Role::Replica,
                         epoch,

@@ -11,6 +11,7 @@ mod crash_points;
 mod delta;
 mod failover;
 mod fidelity;
+mod handover;
 mod hostile;
 mod hostile_flood;
 mod hostile_peer;

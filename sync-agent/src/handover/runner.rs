@@ -385,60 +385,68 @@ async fn preflight(f: &Folder) -> Vec<Check> {
             return checks;
         }
     }
+    // Right after a handover the new source takes a moment to reach its
+    // replica: wait a little for a session and a first cut.
     let deadline = Instant::now() + CONNECT_WAIT;
-    let connected = loop {
-        let st = f.status.as_ref().and_then(|s| {
-            s.lock()
-                .ok()
-                .map(|s| (s.connected, s.peer.clone(), s.last_error.clone()))
-        });
-        match st {
-            Some((true, peer, _)) => break Ok(peer),
-            Some((false, peer, err)) if Instant::now() >= deadline => {
-                break Err(format!(
-                    "replica {peer} is not connected{}",
-                    err.map(|e| format!(" ({e})")).unwrap_or_default()
-                ));
-            }
-            None => break Err("this node runs no source loop for the folder".into()),
-            _ => tokio::time::sleep(POLL).await,
+    let cut = loop {
+        let attempt = match connected(f) {
+            Ok(peer) => ask_cut(f).await.map(|c| (peer, c)),
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Ok(done) => break Ok(done),
+            Err(e) if Instant::now() >= deadline => break Err(e),
+            Err(_) => tokio::time::sleep(POLL).await,
         }
     };
-    match connected {
-        Ok(peer) => checks.push(check("replica connected", true, format!("peer {peer}"))),
+    let (peer, c) = match cut {
+        Ok(done) => done,
         Err(e) => {
             checks.push(check("replica connected", false, e));
             return checks;
         }
-    }
-    // A cut now: it tells which replica databases another process holds open
-    // (the standby's application left running), before anything is stopped.
-    match ask_cut(f).await {
-        Ok(c) => {
-            checks.push(check(
-                "replica databases not held open",
-                c.held.is_empty(),
-                if c.held.is_empty() {
-                    format!("{} databases checked", c.databases)
-                } else {
-                    format!(
-                        "{} (stop the application on the replica's host)",
-                        c.held.join("; ")
-                    )
-                },
-            ));
-            checks.push(check(
-                "preflight cut",
-                c.matched,
-                format!(
-                    "cut {}: source root {} replica root {}",
-                    c.cut_id, c.source_root, c.replica_root
-                ),
-            ));
-        }
-        Err(e) => checks.push(check("preflight cut", false, e)),
-    }
+    };
+    checks.push(check("replica connected", true, format!("peer {peer}")));
+    // The cut tells which replica databases another process holds open (the
+    // standby's application left running), before anything is stopped.
+    checks.push(check(
+        "replica databases not held open",
+        c.held.is_empty(),
+        if c.held.is_empty() {
+            format!("{} databases checked", c.databases)
+        } else {
+            format!(
+                "{} (stop the application on the replica's host)",
+                c.held.join("; ")
+            )
+        },
+    ));
+    checks.push(check(
+        "preflight cut",
+        c.matched,
+        format!(
+            "cut {}: source root {} replica root {}",
+            c.cut_id, c.source_root, c.replica_root
+        ),
+    ));
     checks
+}
+
+/// The peer, when the source loop has a session with it; else why not.
+fn connected(f: &Folder) -> Result<String, String> {
+    let st = f.status.as_ref().and_then(|s| {
+        s.lock()
+            .ok()
+            .map(|s| (s.connected, s.peer.clone(), s.last_error.clone()))
+    });
+    match st {
+        Some((true, peer, _)) => Ok(peer),
+        Some((false, peer, err)) => Err(format!(
+            "replica {peer} is not connected{}",
+            err.map(|e| format!(" ({e})")).unwrap_or_default()
+        )),
+        None => Err("this node runs no source loop for the folder".into()),
+    }
 }
 
 async fn run_hook(f: &Folder, hook: Hook) -> Event {
