@@ -299,6 +299,15 @@ fn held_replica_database_refuses_before_stop_source() {
         "a hook ran"
     );
     assert!(a.epoch().is_none() && b.epoch().is_none());
+    // A failback at epoch 0 has nothing to return: refused, nothing runs.
+    let out = a.cli(&["failback"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("nothing to fail back"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(std::fs::read_to_string(&apps).unwrap(), "a up\n");
     let _ = holder.kill();
     let _ = holder.wait();
     let dry = a.cli(&["failover", "--dry-run"]);

@@ -252,22 +252,18 @@ impl Machine {
             return Vec::new();
         }
         match (self.rec.step, ev) {
+            (_, Event::PersistFailed(e)) => self.persist_failed(e),
             (Step::Preflight, Event::Preflight(checks)) => self.preflight(checks),
-            (Step::Preflight, Event::PersistFailed(e)) => {
-                self.finish_unchanged(&format!("cannot persist the handover state: {e}"))
-            }
             (
                 Step::StopSource,
                 Event::Hook {
                     hook: Hook::StopSource,
                     result,
                 },
-            ) => {
-                match result {
-                    Ok(()) => self.persist_then(Step::FinalCut, vec![Action::TakeCut]),
-                    Err(e) => self.fail_and_roll_back(e),
-                }
-            }
+            ) => match result {
+                Ok(()) => self.persist_then(Step::FinalCut, vec![Action::TakeCut]),
+                Err(e) => self.fail_and_roll_back(e),
+            },
             (Step::FinalCut, Event::Cut(Ok(summary))) => {
                 let epoch = self.rec.to_epoch;
                 let mut acts = vec![Action::Report(format!("final cut: {summary}"))];
@@ -277,44 +273,7 @@ impl Machine {
             (Step::FinalCut, Event::Cut(Err(e))) => {
                 self.fail_and_roll_back(format!("final cut failed: {e}"))
             }
-            (Step::Promote, Event::Promotion(Ok(()))) => {
-                let mut acts = vec![Action::Report(format!(
-                    "the replica is the source at epoch {} (its start_replica hook ran)",
-                    self.rec.to_epoch
-                ))];
-                acts.extend(self.demote());
-                acts
-            }
-            (Step::Promote, Event::Promotion(Err(PromoteFailure::Refused(e)))) => {
-                self.fail_and_roll_back(format!("the replica refused the promotion: {e}"))
-            }
-            (Step::Promote, Event::Promotion(Err(PromoteFailure::NotSent(e)))) => {
-                self.fail_and_roll_back(format!("the promotion was not sent: {e}"))
-            }
-            (Step::Promote, Event::Promotion(Err(PromoteFailure::Lost(e)))) => {
-                let mut acts = vec![Action::Report(format!(
-                    "the promotion's answer was lost ({e}): asking the peer which epoch it holds"
-                ))];
-                acts.extend(self.observe());
-                acts
-            }
-            (Step::Promote, Event::Peer(Peer::Promoted { epoch })) => {
-                self.waiting = None;
-                self.rec.to_epoch = self.rec.to_epoch.max(epoch);
-                let mut acts = vec![Action::Report(format!(
-                    "the peer holds epoch {epoch}: it was promoted"
-                ))];
-                acts.extend(self.demote());
-                acts
-            }
-            (Step::Promote, Event::Peer(Peer::NotPromoted)) => {
-                self.waiting = None;
-                self.fail_and_roll_back(format!(
-                    "the peer was not promoted (it still accepts this node at epoch {})",
-                    self.rec.from_epoch
-                ))
-            }
-            (Step::Promote, Event::Tick { now_unix }) => self.tick(now_unix),
+            (Step::Promote, ev) => self.at_promote(ev),
             (Step::Demote, Event::Demoted(Ok(()))) => self.finish(true, Step::Done, None),
             (Step::Demote, Event::Demoted(Err(e))) => self.finish(
                 false,
@@ -324,60 +283,109 @@ impl Machine {
                     self.rec.to_epoch
                 )),
             ),
-            (
-                Step::RollingBack,
-                Event::Hook {
-                    hook: Hook::StartSource,
-                    result,
-                },
-            ) => {
-                match result {
-                    Ok(()) => {
-                        let why = self.why.clone();
-                        self.finish(false, Step::RolledBack, why)
-                    }
-                    Err(e) => {
-                        let why = self.why.clone().unwrap_or_default();
-                        self.finish(
-                            false,
-                            Step::Failed,
-                            Some(format!("{why}; rolling back, start_source FAILED: {e}")),
-                        )
-                    }
-                }
-            }
-            (Step::RollingBack, Event::RestartRefused { epoch }) => {
-                let why = self.why.clone().unwrap_or_default();
-                self.finish(
-                    false,
-                    Step::Failed,
-                    Some(format!(
-                        "{why}; start_source NOT run: this node is the replica at epoch {epoch} now"
-                    )),
-                )
-            }
-            // A record that cannot be written: carry on with what is safe.
-            // stop_source has not run: its record comes first.
-            (Step::StopSource, Event::PersistFailed(e)) => {
-                self.finish_unchanged(&format!("cannot persist the handover state: {e}"))
-            }
-            (Step::FinalCut, Event::PersistFailed(e)) => {
-                self.fail_and_roll_back(format!("cannot persist the handover state: {e}"))
-            }
-            (Step::Promote, Event::PersistFailed(e)) => {
-                // Not sent yet: the promotion is persisted before it goes out.
-                self.fail_and_roll_back(format!("cannot persist the handover state: {e}"))
-            }
-            (Step::Demote, Event::PersistFailed(_)) => {
-                vec![Action::BecomeReplica {
-                    epoch: self.rec.to_epoch,
-                }]
-            }
-            (Step::RollingBack, Event::PersistFailed(_)) => vec![Action::RunHook(Hook::StartSource)],
-            (step, ev) => vec![Action::Report(format!(
-                "ignored {ev:?} at step {step} (a bug: please report it)"
-            ))],
+            (Step::RollingBack, ev) => self.at_rolling_back(ev),
+            (_, ev) => self.ignored(&ev),
         }
+    }
+
+    /// At [`Step::Promote`]: the answer, or what the peer showed.
+    fn at_promote(&mut self, ev: Event) -> Vec<Action> {
+        match ev {
+            Event::Promotion(Ok(())) => {
+                let mut acts = vec![Action::Report(format!(
+                    "the replica is the source at epoch {} (its start_replica hook ran)",
+                    self.rec.to_epoch
+                ))];
+                acts.extend(self.demote());
+                acts
+            }
+            Event::Promotion(Err(PromoteFailure::Refused(e))) => {
+                self.fail_and_roll_back(format!("the replica refused the promotion: {e}"))
+            }
+            Event::Promotion(Err(PromoteFailure::NotSent(e))) => {
+                self.fail_and_roll_back(format!("the promotion was not sent: {e}"))
+            }
+            Event::Promotion(Err(PromoteFailure::Lost(e))) => {
+                let mut acts = vec![Action::Report(format!(
+                    "the promotion's answer was lost ({e}): asking the peer which epoch it holds"
+                ))];
+                acts.extend(self.observe());
+                acts
+            }
+            Event::Peer(Peer::Promoted { epoch }) => {
+                self.waiting = None;
+                self.rec.to_epoch = self.rec.to_epoch.max(epoch);
+                let mut acts = vec![Action::Report(format!(
+                    "the peer holds epoch {epoch}: it was promoted"
+                ))];
+                acts.extend(self.demote());
+                acts
+            }
+            Event::Peer(Peer::NotPromoted) => {
+                self.waiting = None;
+                self.fail_and_roll_back(format!(
+                    "the peer was not promoted (it still accepts this node at epoch {})",
+                    self.rec.from_epoch
+                ))
+            }
+            Event::Tick { now_unix } => self.tick(now_unix),
+            ev => self.ignored(&ev),
+        }
+    }
+
+    /// At [`Step::RollingBack`]: what became of `start_source`.
+    fn at_rolling_back(&mut self, ev: Event) -> Vec<Action> {
+        let why = self.why.clone().unwrap_or_default();
+        match ev {
+            Event::Hook {
+                hook: Hook::StartSource,
+                result: Ok(()),
+            } => {
+                let why = self.why.clone();
+                self.finish(false, Step::RolledBack, why)
+            }
+            Event::Hook {
+                hook: Hook::StartSource,
+                result: Err(e),
+            } => self.finish(
+                false,
+                Step::Failed,
+                Some(format!("{why}; rolling back, start_source FAILED: {e}")),
+            ),
+            Event::RestartRefused { epoch } => self.finish(
+                false,
+                Step::Failed,
+                Some(format!(
+                    "{why}; start_source NOT run: this node is the replica at epoch {epoch} now"
+                )),
+            ),
+            ev => self.ignored(&ev),
+        }
+    }
+
+    /// A record could not be written: carry on with what is safe.
+    fn persist_failed(&mut self, e: String) -> Vec<Action> {
+        let why = format!("cannot persist the handover state: {e}");
+        match self.rec.step {
+            // stop_source has not run: its record comes first.
+            Step::Preflight | Step::StopSource => self.finish_unchanged(&why),
+            // stop_source ran; the promotion is persisted before it goes out,
+            // so it was not sent.
+            Step::FinalCut | Step::Promote => self.fail_and_roll_back(why),
+            // The peer is the source: demote all the same.
+            Step::Demote => vec![Action::BecomeReplica {
+                epoch: self.rec.to_epoch,
+            }],
+            Step::RollingBack => vec![Action::RunHook(Hook::StartSource)],
+            Step::Done | Step::RolledBack | Step::Failed => Vec::new(),
+        }
+    }
+
+    fn ignored(&self, ev: &Event) -> Vec<Action> {
+        vec![Action::Report(format!(
+            "ignored {ev:?} at step {} (a bug: please report it)",
+            self.rec.step
+        ))]
     }
 
     fn preflight(&mut self, checks: Vec<Check>) -> Vec<Action> {
