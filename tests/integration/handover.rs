@@ -169,7 +169,32 @@ fn killed_agent_resumes_or_rolls_back() {
         || crate::failover::logs(&[&a, &b]),
     );
     assert!(std::ptr::eq(source_of(&a, &b), &a));
-    assert!(b.hooks_log().is_empty() && b.epoch().is_none());
+    assert!(b.epoch().is_none());
+    assert!(!std::fs::read_to_string(&apps).unwrap().contains("b up"));
+
+    // Killed with the promotion persisted as the next step but not sent: at
+    // restart the peer still takes this node at epoch 0 → rolled back.
+    let (a, b, apps) = pair(&t.path().join("unsent"), 0.0);
+    let _ab = b.start();
+    let mut aa = a.start_env(&[("UNDERSTUDY_FAILPOINT", "handover-before-promote")]);
+    wait_for("connected", 30, || a.source_connected());
+    let out = a.cli(&["failover"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let _ = aa.child.wait();
+    let rec = std::fs::read_to_string(a.state.join("app.handover")).unwrap();
+    assert!(rec.contains("\"step\":\"promote\""), "{rec}");
+    let _aa = a.start();
+    wait_or(
+        "the rollback after asking the peer",
+        30,
+        || settled(&a, &b, &apps),
+        || crate::failover::logs(&[&a, &b]),
+    );
+    assert!(std::ptr::eq(source_of(&a, &b), &a));
+    assert!(b.epoch().is_none());
+    assert!(!std::fs::read_to_string(&apps).unwrap().contains("b up"));
+    let log = std::fs::read_to_string(a.dir.join("agent.log")).unwrap();
+    assert!(log.contains("the peer was not promoted"), "{log}");
 
     // Killed once the promotion was answered: completed at restart.
     let (a, b, apps) = pair(&t.path().join("promote"), 0.0);

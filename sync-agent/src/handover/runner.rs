@@ -299,6 +299,7 @@ async fn drive(
             Action::RunHook(h) => Some(run_hook(&f, h).await),
             Action::TakeCut => Some(Event::Cut(cut(&f).await)),
             Action::SendPromote { epoch } => {
+                sync_core::failpoint("handover-before-promote");
                 let answer = promote(&f, epoch).await;
                 if answer.is_ok() {
                     sync_core::failpoint("handover-after-promote");
