@@ -87,6 +87,10 @@ pub enum Refused {
         /// Its step.
         step: String,
     },
+    /// The folder's failover lock is held (or cannot be taken); the message
+    /// names the lock file.
+    #[error("{0}; nothing was done")]
+    Locked(String),
     /// This node is not the folder's source.
     #[error(
         "folder {folder}: this node is its replica at epoch {epoch}; run the handover on the source's host"
@@ -220,11 +224,8 @@ pub fn start(f: &Arc<Folder>, kind: Kind, dry_run: bool) -> Result<u64, Refused>
     if kind == Kind::Failback && epoch == 0 {
         return Err(Refused::NothingToFailBack(f.name.clone()));
     }
-    let lock = crate::epoch::FailoverLock::acquire(&dir, &f.name).map_err(|e| Refused::Busy {
-        folder: f.name.clone(),
-        kind: format!("handover ({e:#})"),
-        step: "unknown".into(),
-    })?;
+    let lock = crate::epoch::FailoverLock::acquire(&dir, &f.name)
+        .map_err(|e| Refused::Locked(format!("{e:#}")))?;
     let now = now_unix();
     *p = Progress {
         folder: f.name.clone(),
