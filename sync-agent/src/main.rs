@@ -255,6 +255,13 @@ async fn run(plan: Plan) -> Result<ExitCode> {
         .iter()
         .filter_map(|f| f.replica.clone())
         .collect();
+    // A promotion an earlier run left half-way ends before anything is served:
+    // it decides the role.
+    for r in &replicas {
+        if let Err(e) = sync_agent::handover::promotion::resume(r).await {
+            tracing::error!(folder = %r.name, "{e:#}");
+        }
+    }
     if !replicas.is_empty() {
         let listen = plan
             .listen

@@ -196,6 +196,35 @@ fn killed_agent_resumes_or_rolls_back() {
     let log = std::fs::read_to_string(a.dir.join("agent.log")).unwrap();
     assert!(log.contains("the peer was not promoted"), "{log}");
 
+    // The replica killed after persisting its new epoch, before start_replica:
+    // the old source waits (its application stays stopped), the replica runs
+    // start_replica at restart, and the handover completes.
+    let (a, b, apps) = pair(&t.path().join("replica"), 0.0);
+    let _aa = a.start();
+    let mut ab = b.start_env(&[("UNDERSTUDY_FAILPOINT", "promotion-before-start-replica")]);
+    wait_for("connected", 30, || a.source_connected());
+    let cli = Command::new(bin("sync-cli"))
+        .args(["failover", "--config"])
+        .arg(&a.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = ab.child.wait();
+    assert!(b.state.join("app.promotion").exists());
+    assert_eq!(replay(&apps), Vec::<String>::new());
+    let _ab = b.start();
+    let out = cli.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    wait_or(
+        "the handover to complete",
+        30,
+        || settled(&a, &b, &apps),
+        || crate::failover::logs(&[&a, &b]),
+    );
+    assert!(std::ptr::eq(source_of(&a, &b), &b));
+    assert!(!b.state.join("app.promotion").exists());
+
     // Killed once the promotion was answered: completed at restart.
     let (a, b, apps) = pair(&t.path().join("promote"), 0.0);
     let _ab = b.start();

@@ -6,9 +6,11 @@
 //! [`runner`] the glue that carries out its actions on the agent's own task:
 //! the CLI only asks ([`start`]) and follows ([`Folder::progress`]); killing it
 //! changes nothing. An agent that stops half-way takes the handover up again
-//! at its next start ([`resume`]) and ends it completed or rolled back.
+//! at its next start ([`resume`]) and ends it completed or rolled back. On the
+//! replica's side, [`promotion`] makes the promotion itself durable.
 
 pub mod machine;
+pub mod promotion;
 pub mod record;
 pub mod runner;
 

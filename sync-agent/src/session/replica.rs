@@ -136,6 +136,13 @@ async fn run_inner(
                             format!("peer {peer} may not push into folder {:?}", f.name),
                         ))
                     }
+                    Some(f) if crate::handover::promotion::pending(f).is_some() => Some((
+                        ErrorCode::Other,
+                        format!(
+                            "folder {:?}: a promotion is in progress on this node; retry",
+                            f.name
+                        ),
+                    )),
                     Some(f) => {
                         let fence = f.fence.lock().map(|g| *g).unwrap_or_default();
                         if h.epoch < fence.epoch || fence.source {
@@ -312,7 +319,8 @@ async fn fail(
 
 /// Promotion: the epoch persisted first (from then on older sources are
 /// refused), then the `start_replica` hook; if the hook fails, the old state is
-/// put back and the replica stays as it was.
+/// put back and the replica stays as it was (durably: see
+/// [`crate::handover::promotion`]).
 async fn promote(folder: &ReplicaFolder, epoch: u64) -> Result<()> {
     let Some(dir) = folder.state_dir.clone() else {
         bail!(
@@ -328,44 +336,7 @@ async fn promote(folder: &ReplicaFolder, epoch: u64) -> Result<()> {
             before.epoch
         );
     }
-    let store = |f: Fence| {
-        let st = crate::epoch::FolderState {
-            role: if f.source {
-                crate::config::Role::Source
-            } else {
-                crate::config::Role::Replica
-            },
-            epoch: f.epoch,
-        };
-        crate::epoch::store(&dir, &folder.name, &folder.node, st)
-    };
-    let promoted = Fence {
-        epoch,
-        source: true,
-    };
-    store(promoted)?;
-    if let Ok(mut g) = folder.fence.lock() {
-        *g = promoted;
-    }
-    let hook = crate::config::Hook::StartReplica;
-    if let Some(cmd) = folder.hooks.command(hook)
-        && let Err(e) =
-            crate::hooks::run(hook.name(), cmd, &folder.name, folder.hooks.timeout()).await
-    {
-        if let Ok(mut g) = folder.fence.lock() {
-            *g = before;
-        }
-        let restored = store(before);
-        return Err(match restored {
-            Ok(()) => e.context(format!(
-                "promotion rolled back: this node stays a replica at epoch {}",
-                before.epoch
-            )),
-            Err(r) => e.context(format!(
-                "promotion rolled back, but restoring the epoch failed: {r:#}"
-            )),
-        });
-    }
+    crate::handover::promotion::promote(folder, &dir, before, epoch).await?;
     tracing::info!(folder = %folder.name, epoch, "promoted: this node is now the folder's source");
     Ok(())
 }
