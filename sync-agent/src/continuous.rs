@@ -67,8 +67,8 @@ pub enum Command {
     Promote {
         /// The new epoch.
         epoch: u64,
-        /// The answer.
-        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+        /// The answer, typed: the handover decides on it.
+        reply: tokio::sync::oneshot::Sender<Result<(), crate::handover::PromoteFailure>>,
     },
 }
 
@@ -101,6 +101,10 @@ pub struct CutReport {
     /// the first differences).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Replica databases another process holds open, each with its holders
+    /// (`library.db: pid 42 (jellyfin)`).
+    #[serde(default)]
+    pub held: Vec<String>,
 }
 
 /// How a source loop ended.
@@ -842,7 +846,9 @@ fn refuse(c: Command, why: &str) {
             let _ = reply.send(Err(why.to_string()));
         }
         Command::Promote { reply, .. } => {
-            let _ = reply.send(Err(why.to_string()));
+            let _ = reply.send(Err(crate::handover::PromoteFailure::NotSent(
+                why.to_string(),
+            )));
         }
     }
 }
@@ -1010,6 +1016,7 @@ async fn drive(
                     epoch: cfg.epoch,
                     elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
                     warnings: applied.warnings.clone(),
+                    held: crate::session::held_databases(&applied),
                 }));
             }
             let wire_after = session.connection().stats().udp_tx.bytes;
@@ -1065,15 +1072,16 @@ async fn drive(
                             if let Some(dir) = &cfg.state_dir {
                                 let st = crate::epoch::FolderState { role: crate::config::Role::Replica, epoch };
                                 if let Err(e) = crate::epoch::store(dir, &cfg.name, &cfg.identity.id().to_string(), st) {
-                                    let _ = reply.send(Err(format!("the replica was promoted, but persisting this node's demotion failed: {e:#}")));
-                                    return Ok(Some(epoch));
+                                    // The peer is the source all the same; the
+                                    // handover retries persisting the demotion.
+                                    tracing::error!(folder = %cfg.name, "the replica was promoted, but persisting this node's demotion failed: {e:#}");
                                 }
                             }
                             let _ = reply.send(Ok(()));
                             return Ok(Some(epoch));
                         }
                         Err(e) => {
-                            let _ = reply.send(Err(format!("{e:#}")));
+                            let _ = reply.send(Err(e));
                             continue;
                         }
                     }

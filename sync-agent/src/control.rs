@@ -5,9 +5,13 @@
 //! hashes: [`CutReport`]), `{"cmd":"promote","folder":NAME,"epoch":N}` (hand the
 //! folder over to its replica; this node becomes the replica),
 //! `{"cmd":"promote_standby","folder":NAME}` (this standby takes the folder
-//! over while its source is gone: [`crate::promotion::promote_standby`]). `sync-cli status`,
-//! `cut`, `failover` and `failback` use it. The socket is created with mode 0600
-//! (root's tool).
+//! over while its source is gone: [`crate::promotion::promote_standby`]),
+//! `{"cmd":"handover","folder":NAME,"kind":"failover"|"failback","dry_run":B}`
+//! (the agent runs a whole handover on its own task and answers at once:
+//! [`crate::handover`]) and `{"cmd":"handover_progress","folder":NAME,"from":N}`
+//! (its progress lines from the N-th on, and its outcome once over).
+//! `sync-cli status`, `cut`, `failover`, `failback` and `promote` use it. The
+//! socket is created with mode 0600 (root's tool).
 
 use crate::continuous::{Command, CutReport, FolderStatus};
 use anyhow::{Context, Result, anyhow, bail};
@@ -18,7 +22,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt};
 
 /// What a client asks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
+#[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     /// The status of every folder.
     Status,
@@ -41,10 +45,28 @@ pub enum Request {
         /// The folder (optional when the agent has one).
         folder: Option<String>,
     },
+    /// Run a handover (failover or failback) of a source folder on the agent.
+    Handover {
+        /// The folder (optional when the agent has one).
+        folder: Option<String>,
+        /// `failover` or `failback`.
+        kind: String,
+        /// Only the preflight and the plan.
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// The progress of the current or last handover of a folder.
+    HandoverProgress {
+        /// The folder (optional when the agent has one).
+        folder: Option<String>,
+        /// The first progress line wanted.
+        #[serde(default)]
+        from: usize,
+    },
 }
 
-/// The answer to a cut or a promotion.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The answer to a cut, a promotion or a handover request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Answer {
     /// Whether it succeeded.
     pub ok: bool,
@@ -57,6 +79,9 @@ pub struct Answer {
     /// The epoch reached, for `promote_standby`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
+    /// A handover's progress (for `handover` and `handover_progress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<crate::handover::Progress>,
 }
 
 /// What the agent reports.
@@ -66,6 +91,9 @@ pub struct Status {
     pub node: String,
     /// Per folder and peer.
     pub folders: Vec<FolderStatus>,
+    /// Handovers in progress on this node (their lines left out).
+    #[serde(default)]
+    pub handovers: Vec<crate::handover::Progress>,
 }
 
 /// The status sources of a running agent.
@@ -79,6 +107,8 @@ pub struct Registry {
     pub replicas: Vec<Arc<crate::session::replica::ReplicaFolder>>,
     /// Commands to each folder's source loop, by folder name.
     pub commands: std::collections::HashMap<String, tokio::sync::mpsc::Sender<Command>>,
+    /// Each folder's handover context, by folder name.
+    pub handovers: std::collections::HashMap<String, Arc<crate::handover::Folder>>,
 }
 
 impl Registry {
@@ -110,9 +140,17 @@ impl Registry {
             }
             folders.push(replica_row(r, f, now));
         }
+        let mut handovers: Vec<crate::handover::Progress> = self
+            .handovers
+            .values()
+            .map(|h| h.progress(usize::MAX))
+            .filter(|p| p.running)
+            .collect();
+        handovers.sort_by(|a, b| a.folder.cmp(&b.folder));
         Status {
             node: self.node.clone(),
             folders,
+            handovers,
         }
     }
 }
@@ -199,8 +237,7 @@ pub async fn serve(path: PathBuf, registry: Registry) -> Result<()> {
                 Err(e) => serde_json::to_string(&Answer {
                     ok: false,
                     error: Some(format!("bad request: {e}")),
-                    cut: None,
-                    epoch: None,
+                    ..Default::default()
                 }),
             };
             if let Ok(line) = out {
@@ -246,12 +283,18 @@ impl Registry {
         }
     }
 
+    fn handover(&self, name: Option<String>) -> Result<Arc<crate::handover::Folder>> {
+        let (name, _) = self.folder(name)?;
+        self.handovers.get(&name).cloned().ok_or_else(|| {
+            anyhow!("folder {name}: no handovers on this agent (run it from a config)")
+        })
+    }
+
     async fn command(&self, r: Request) -> Answer {
         let fail = |e: anyhow::Error| Answer {
             ok: false,
             error: Some(format!("{e:#}")),
-            cut: None,
-            epoch: None,
+            ..Default::default()
         };
         let res: Result<Answer> = async {
             match r {
@@ -275,7 +318,7 @@ impl Registry {
                             )
                         }),
                         cut: Some(cut),
-                        epoch: None,
+                        ..Default::default()
                     })
                 }
                 Request::Promote { folder, epoch } => {
@@ -291,9 +334,8 @@ impl Registry {
                         .map_err(|e| anyhow!("folder {name}: {e}"))?;
                     Ok(Answer {
                         ok: true,
-                        error: None,
-                        cut: None,
                         epoch: Some(epoch),
+                        ..Default::default()
                     })
                 }
                 Request::PromoteStandby { folder } => {
@@ -301,9 +343,31 @@ impl Registry {
                     let epoch = crate::promotion::promote_standby(&f).await?;
                     Ok(Answer {
                         ok: true,
-                        error: None,
-                        cut: None,
                         epoch: Some(epoch),
+                        ..Default::default()
+                    })
+                }
+                Request::Handover {
+                    folder,
+                    kind,
+                    dry_run,
+                } => {
+                    let h = self.handover(folder)?;
+                    let kind: crate::handover::Kind =
+                        kind.parse().map_err(|e: String| anyhow!(e))?;
+                    crate::handover::start(&h, kind, dry_run)?;
+                    Ok(Answer {
+                        ok: true,
+                        handover: Some(h.progress(0)),
+                        ..Default::default()
+                    })
+                }
+                Request::HandoverProgress { folder, from } => {
+                    let h = self.handover(folder)?;
+                    Ok(Answer {
+                        ok: true,
+                        handover: Some(h.progress(from)),
+                        ..Default::default()
                     })
                 }
             }
@@ -354,5 +418,9 @@ pub async fn query(path: &Path) -> Result<Status> {
     Ok(Status {
         node: v["node"].as_str().unwrap_or_default().to_string(),
         folders: serde_json::from_value(v["folders"].clone()).context("parsing folder status")?,
+        handovers: match v.get("handovers") {
+            Some(h) => serde_json::from_value(h.clone()).context("parsing handover status")?,
+            None => Vec::new(),
+        },
     })
 }

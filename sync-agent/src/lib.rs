@@ -19,6 +19,7 @@ pub mod continuous;
 pub mod control;
 pub mod diverged;
 pub mod epoch;
+pub mod handover;
 pub mod hooks;
 pub mod identity;
 pub mod lag;

@@ -57,6 +57,7 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
         println!("{v}");
     } else {
         print_human(&st.node, &st.folders);
+        print_handovers(&st.handovers);
         if a.check {
             print_problems(&problems, a.max_lag);
         }
@@ -66,6 +67,19 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn print_handovers(handovers: &[sync_agent::handover::Progress]) {
+    for h in handovers {
+        let age = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .saturating_sub(h.started_unix);
+        println!(
+            "handover in progress: {} of folder {}, step {}, for {age} s (another one is refused until it ends)",
+            h.kind, h.folder, h.step
+        );
+    }
 }
 
 fn print_problems(problems: &[Problem], max_lag: f64) {

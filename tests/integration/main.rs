@@ -12,6 +12,7 @@ mod delta;
 mod do_no_harm;
 mod failover;
 mod fidelity;
+mod handover;
 mod hostile;
 mod hostile_flood;
 mod hostile_peer;

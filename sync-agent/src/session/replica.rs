@@ -166,6 +166,13 @@ async fn run_inner(
                             format!("peer {peer} may not push into folder {:?}", f.name),
                         ))
                     }
+                    Some(f) if crate::handover::promotion::pending(f).is_some() => Some((
+                        ErrorCode::Other,
+                        format!(
+                            "folder {:?}: a promotion is in progress on this node; retry",
+                            f.name
+                        ),
+                    )),
                     Some(f) => {
                         let fence = f.fence.lock().map(|g| *g).unwrap_or_default();
                         if h.epoch < fence.epoch || fence.source {
@@ -393,7 +400,8 @@ async fn fail(
 
 /// Promotion: the epoch persisted first (from then on older sources are
 /// refused), then the `start_replica` hook; if the hook fails, the old state is
-/// put back and the replica stays as it was. Bounds: [`crate::promotion::check`].
+/// put back and the replica stays as it was (durably: see
+/// [`crate::handover::promotion`]). Bounds: [`crate::promotion::check`].
 pub(crate) async fn promote(folder: &ReplicaFolder, epoch: u64) -> Result<()> {
     let Some(dir) = folder.state_dir.clone() else {
         bail!(
@@ -403,44 +411,7 @@ pub(crate) async fn promote(folder: &ReplicaFolder, epoch: u64) -> Result<()> {
     };
     let before = folder.fence.lock().map(|g| *g).unwrap_or_default();
     crate::promotion::check(folder, before, epoch)?;
-    let store = |f: Fence| {
-        let st = crate::epoch::FolderState {
-            role: if f.source {
-                crate::config::Role::Source
-            } else {
-                crate::config::Role::Replica
-            },
-            epoch: f.epoch,
-        };
-        crate::epoch::store(&dir, &folder.name, &folder.node, st)
-    };
-    let promoted = Fence {
-        epoch,
-        source: true,
-    };
-    store(promoted)?;
-    if let Ok(mut g) = folder.fence.lock() {
-        *g = promoted;
-    }
-    let hook = crate::config::Hook::StartReplica;
-    if let Some(cmd) = folder.hooks.command(hook)
-        && let Err(e) =
-            crate::hooks::run(hook.name(), cmd, &folder.name, folder.hooks.timeout()).await
-    {
-        if let Ok(mut g) = folder.fence.lock() {
-            *g = before;
-        }
-        let restored = store(before);
-        return Err(match restored {
-            Ok(()) => e.context(format!(
-                "promotion rolled back: this node stays a replica at epoch {}",
-                before.epoch
-            )),
-            Err(r) => e.context(format!(
-                "promotion rolled back, but restoring the epoch failed: {r:#}"
-            )),
-        });
-    }
+    crate::handover::promotion::promote(folder, &dir, before, epoch).await?;
     tracing::info!(folder = %folder.name, epoch, "promoted: this node is now the folder's source");
     Ok(())
 }
@@ -816,18 +787,33 @@ async fn apply_round(
             folder.filter.clone(),
         );
         let p = planned.clone();
-        let (root, differences) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let own = own_manifest(&r, d, f)?;
+        let (root, differences, held_by) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let (own, dbs) = own_manifest(&r, d, f)?;
+            // A cut says which databases another process holds open (the
+            // standby's application running), changed or not: a handover's
+            // preflight refuses on it.
+            let held_by: Vec<(RelPath, String)> = dbs
+                .into_iter()
+                .filter_map(|p| r.db_holders(&p).map(|who| (p, who)))
+                .collect();
             // Say what differs, so that a failed cut explains itself.
             let differences: Vec<String> = sync_core::manifest::diff(&p, &own)
                 .iter()
                 .take(5)
                 .map(|d| format!("after the cut: {d}"))
                 .collect();
-            Ok((own.root_hash(), differences))
+            Ok((own.root_hash(), differences, held_by))
         })
         .await??;
         summary.root_hash = Some(root);
+        for (p, who) in held_by {
+            summary
+                .warnings
+                .push(format!("{}{p}: {who}", super::HELD_PREFIX));
+            if !summary.held.contains(&p) {
+                summary.held.push(p);
+            }
+        }
         if round.full {
             summary.warnings.extend(differences);
         }
@@ -837,7 +823,11 @@ async fn apply_round(
 
 /// The replica's own manifest from a fresh scan of its tree (databases by
 /// their page hashes), whose root hash is compared with the source's after a cut.
-fn own_manifest(r: &Replica, detect: Arc<DbDetect>, filter: Filter) -> Result<Manifest> {
+fn own_manifest(
+    r: &Replica,
+    detect: Arc<DbDetect>,
+    filter: Filter,
+) -> Result<(Manifest, Vec<RelPath>)> {
     let opts = ScanOptions {
         databases: Some(detect),
         filter,
@@ -854,7 +844,7 @@ fn own_manifest(r: &Replica, detect: Arc<DbDetect>, filter: Filter) -> Result<Ma
             };
         }
     }
-    Ok(m)
+    Ok((m, report.databases))
 }
 
 /// Brings one database to the round's snapshot: `have` up, pages down (after
