@@ -472,7 +472,7 @@ fn partial_round(
 ) -> Result<Partial> {
     let Batch {
         mut dirty,
-        created,
+        mut created,
         renames,
     } = batch;
     // A database's log or journal changed: the database did.
@@ -484,6 +484,26 @@ fn partial_round(
         })
         .collect();
     dirty.extend(sidecar_bases);
+    // A database never moves by rename on the replica: the side files of the
+    // name it lands on would pair with another file there (a restore by
+    // `mv new.db app.db`). Both names are sent as they stand instead: the
+    // replica deletes one and takes the other as a database update.
+    let is_db = |p: &RelPath| {
+        known
+            .get(p)
+            .is_some_and(|e| matches!(e.kind, Kind::Database { .. }))
+            || opts
+                .databases
+                .as_ref()
+                .is_some_and(|d| d.known.read().is_ok_and(|k| k.contains(p)))
+    };
+    let (db_renames, renames): (Vec<_>, Vec<_>) =
+        renames.into_iter().partition(|(a, b)| is_db(a) || is_db(b));
+    for (a, b) in db_renames {
+        dirty.insert(a);
+        dirty.insert(b.clone());
+        created.insert(b);
+    }
     // Renames are kept when their source is on the replica: known, or moved
     // there by an earlier rename of the batch (`mv a t; mv b a; mv t b`).
     let mut targets: Vec<RelPath> = Vec::new();
