@@ -26,6 +26,7 @@ pub mod lag;
 pub mod promotion;
 pub mod session;
 pub mod tls;
+pub mod trust;
 mod wire;
 
 pub use identity::{Identity, NodeId};
