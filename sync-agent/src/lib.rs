@@ -26,6 +26,8 @@ pub mod lag;
 pub mod promotion;
 pub mod session;
 pub mod tls;
+pub mod trust;
+pub mod watch_limit;
 mod wire;
 
 pub use identity::{Identity, NodeId};

@@ -25,4 +25,5 @@ mod promote;
 mod push;
 mod races;
 mod sqlite;
+mod trust;
 mod util;
