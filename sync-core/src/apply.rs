@@ -832,6 +832,23 @@ impl Replica {
         if rustix::fs::statat(&dir, db.tmp.as_slice(), AtFlags::SYMLINK_NOFOLLOW).is_err() {
             return Ok(()); // carried out before a crash
         }
+        // Pages are written in place only into a database with no other name
+        // (a hard link from outside the root, a `cp -al` snapshot): one that
+        // gained a link since it was staged is replaced whole next round.
+        if !db.full && self.has_other_links(&db.path)? {
+            if let Ok(mut c) = self.db_cache.lock() {
+                c.remove(&db.path);
+            }
+            self.warn(format!(
+                "{shown}: database has other hard links; not written in place, \
+                 replaced by a whole copy next round"
+            ));
+            return gone(rustix::fs::unlinkat(
+                &dir,
+                db.tmp.as_slice(),
+                AtFlags::empty(),
+            ));
+        }
         if let Some(who) = self.db_holders(&db.path) {
             self.note_held(&db.path);
             self.warn(format!(
@@ -903,6 +920,19 @@ impl Replica {
             c.insert(db.path, (db_stamp(&st), held));
         }
         Ok(())
+    }
+
+    /// Whether the regular file at `path` has other names (st_nlink > 1): such
+    /// a file is replaced by a rename, never written in place.
+    pub fn has_other_links(&self, path: &RelPath) -> Result<bool, Error> {
+        let (dir, _, name) = self.parent(path)?;
+        match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(st.st_nlink > 1
+                && rustix::fs::FileType::from_raw_mode(st.st_mode)
+                    == rustix::fs::FileType::RegularFile),
+            Err(rustix::io::Errno::NOENT) => Ok(false),
+            Err(e) => Err(Error::io("stat", self.display(path), e)),
+        }
     }
 
     /// The database the replica holds at `path` (page hashes cached by inode,

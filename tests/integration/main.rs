@@ -18,6 +18,7 @@ mod hostile_peer;
 mod hostile_replica;
 mod hostile_source;
 mod hostile_tls;
+mod invariant12;
 mod netns;
 mod push;
 mod races;

@@ -753,10 +753,14 @@ async fn fetch_db(
         bail!("{}: not a database", entry.path);
     };
     let (r, p) = (replica.clone(), entry.path.clone());
-    let (held, holders) = tokio::task::spawn_blocking(move || -> Result<_> {
-        Ok((r.db_held(&p)?, r.db_holders(&p)))
+    let (held, holders, linked) = tokio::task::spawn_blocking(move || -> Result<_> {
+        Ok((r.db_held(&p)?, r.db_holders(&p), r.has_other_links(&p)?))
     })
     .await??;
+    // A database with other names (hard links from outside the root, a
+    // `cp -al` snapshot) is never written in place, its metadata included:
+    // the whole image is staged and renamed over.
+    let held = held.filter(|_| !linked);
     if held.as_ref().is_some_and(|h| h.hash == hash) {
         if current.as_ref() != Some(&entry.meta) {
             let (r, e) = (replica.clone(), entry.clone());

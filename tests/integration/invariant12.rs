@@ -1,0 +1,90 @@
+//! Issue 10, invariant 12 ("nothing grants more in between") and the temp-name
+//! sweep, black-box: replica databases hard-linked from outside the root,
+//! metadata changes watched by another uid, foreign entries with temp-like
+//! names, excluded paths under a directory the source removed.
+
+use crate::util::*;
+use rusqlite::Connection;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+fn rows(db: &Path) -> i64 {
+    Connection::open(db)
+        .unwrap()
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap()
+}
+
+fn add_rows(db: &Path, n: i64) {
+    let c = Connection::open(db).unwrap();
+    for i in 0..n {
+        c.execute(
+            "INSERT INTO t(v) VALUES (?1)",
+            [format!("row {i:04} {}", "x".repeat(200))],
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn database_hard_linked_from_outside_is_replaced_not_written() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, outside) = (
+        t.path().join("src"),
+        t.path().join("dst"),
+        t.path().join("outside"),
+    );
+    for d in [&src, &dst, &outside] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    for (name, mode) in [("a.db", "WAL"), ("b.db", "DELETE")] {
+        let c = Connection::open(src.join(name)).unwrap();
+        c.execute_batch(&format!(
+            "PRAGMA journal_mode={mode}; CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT);"
+        ))
+        .unwrap();
+        drop(c);
+        add_rows(&src.join(name), 50);
+    }
+    mirror_ok(&src, &dst);
+    for name in ["a.db", "b.db"] {
+        assert_eq!(rows(&dst.join(name)), 50);
+        std::fs::hard_link(dst.join(name), outside.join(name)).unwrap();
+    }
+    let before: Vec<Vec<u8>> = ["a.db", "b.db"]
+        .iter()
+        .map(|n| std::fs::read(outside.join(n)).unwrap())
+        .collect();
+    for name in ["a.db", "b.db"] {
+        add_rows(&src.join(name), 30);
+    }
+    mirror_ok(&src, &dst);
+    for (i, name) in ["a.db", "b.db"].iter().enumerate() {
+        assert!(
+            std::fs::read(outside.join(name)).unwrap() == before[i],
+            "{name}: the outside copy was written through its hard link"
+        );
+        assert_eq!(
+            rows(&dst.join(name)),
+            80,
+            "{name}: the replica has the new rows"
+        );
+        assert_eq!(
+            std::fs::metadata(dst.join(name)).unwrap().nlink(),
+            1,
+            "{name}"
+        );
+        assert_eq!(
+            std::fs::metadata(outside.join(name)).unwrap().nlink(),
+            1,
+            "{name}"
+        );
+    }
+    // Unlinked now: the next change is applied in place again, as usual.
+    add_rows(&src.join("a.db"), 5);
+    let ino = std::fs::metadata(dst.join("a.db")).unwrap().ino();
+    mirror_ok(&src, &dst);
+    assert_eq!(rows(&dst.join("a.db")), 85);
+    assert_eq!(std::fs::metadata(dst.join("a.db")).unwrap().ino(), ino);
+    assert!(temp_files(&dst).is_empty());
+}
