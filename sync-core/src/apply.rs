@@ -89,7 +89,9 @@ struct Journal {
 
 fn temp_name() -> Vec<u8> {
     let mut n = crate::TEMP_PREFIX.to_vec();
-    n.extend_from_slice(crate::hex(&rand::random::<[u8; 8]>()).as_bytes());
+    let suffix = crate::hex(&rand::random::<[u8; crate::TEMP_SUFFIX_LEN / 2]>());
+    n.extend_from_slice(suffix.as_bytes());
+    debug_assert!(crate::is_own_temp_name(&n));
     n
 }
 
@@ -222,13 +224,44 @@ impl Replica {
             .unwrap_or_default()
     }
 
-    /// Removes our temp files found by a scan.
+    /// Removes our temp files found by a scan. Only entries with exactly the
+    /// shape of our names ([`crate::is_own_temp_name`]) that are not
+    /// directories are removed; anything else with the prefix (a local user's
+    /// directory or notes) is left alone with a warning, and an entry that
+    /// cannot be removed is a warning too: never a failed round.
     pub fn sweep_temps(&self, temps: &[RelPath]) -> Result<usize, Error> {
         let mut n = 0;
         for t in temps {
-            let (dir, parent, name) = self.parent(t)?;
-            if !crate::is_temp_name(name) || (parent.is_root() && name == JOURNAL) {
+            let Some((parent, name)) = t.split_last() else {
                 continue;
+            };
+            if parent.is_root() && name == JOURNAL {
+                continue;
+            }
+            if !crate::is_own_temp_name(name) {
+                self.warn(format!(
+                    "{}: not an understudy temp file (foreign name with the reserved \
+                     prefix); left alone",
+                    self.display(t)
+                ));
+                continue;
+            }
+            let Ok(dir) = self.dir(&parent) else {
+                continue; // its directory went away or is a symlink
+            };
+            match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st)
+                    if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        == rustix::fs::FileType::Directory =>
+                {
+                    self.warn(format!(
+                        "{}: a directory with a temp-file name, not ours; left alone",
+                        self.display(t)
+                    ));
+                    continue;
+                }
+                Ok(_) => {}
+                Err(_) => continue,
             }
             match rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
                 Ok(()) => {
@@ -236,7 +269,7 @@ impl Replica {
                     self.touch(parent);
                 }
                 Err(rustix::io::Errno::NOENT) => {}
-                Err(e) => return Err(Error::io("remove temp file", self.display(t), e)),
+                Err(e) => self.warn(format!("{}: temp file not removed: {e}", self.display(t))),
             }
         }
         Ok(n)

@@ -88,3 +88,62 @@ fn database_hard_linked_from_outside_is_replaced_not_written() {
     assert_eq!(std::fs::metadata(dst.join("a.db")).unwrap().ino(), ino);
     assert!(temp_files(&dst).is_empty());
 }
+
+/// `sync-cli mirror` that must complete (warnings allowed: exit 0 or 3).
+fn mirror_done(src: &Path, dst: &Path) -> serde_json::Value {
+    let out = cli(&[
+        "mirror".as_ref(),
+        src.as_os_str(),
+        dst.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "mirror failed ({:?}): {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("summary JSON")
+}
+
+#[test]
+fn foreign_entries_with_temp_like_names_are_kept_and_never_wedge() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::write(src.join("sub/a"), b"one").unwrap();
+    sh(&format!("chown 4242:4242 {}/sub", src.display()));
+    mirror_ok(&src, &dst);
+    // A local user who owns `sub` on the replica; and a temp file of ours
+    // left by a crash.
+    sh(&format!(
+        "cd {d}/sub && mkdir .understudy.tmp.mine && echo mine > .understudy.tmp.mine/f \
+         && echo notes > .understudy.tmp.notes && chown -R 4242:4242 .understudy.tmp.mine .understudy.tmp.notes \
+         && echo crash > .understudy.tmp.0123456789abcdef",
+        d = dst.display()
+    ));
+    for round in 0..2 {
+        std::fs::write(src.join("sub/a"), format!("round {round}")).unwrap();
+        let s = mirror_done(&src, &dst);
+        assert_eq!(
+            std::fs::read_to_string(dst.join("sub/a")).unwrap(),
+            format!("round {round}"),
+            "{s}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dst.join("sub/.understudy.tmp.mine/f")).unwrap(),
+            "mine\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dst.join("sub/.understudy.tmp.notes")).unwrap(),
+            "notes\n"
+        );
+        assert!(!dst.join("sub/.understudy.tmp.0123456789abcdef").exists());
+        assert!(
+            s.to_string().contains(".understudy.tmp.mine"),
+            "warned: {s}"
+        );
+    }
+}
