@@ -147,3 +147,58 @@ fn foreign_entries_with_temp_like_names_are_kept_and_never_wedge() {
         );
     }
 }
+
+#[test]
+fn metadata_change_never_opens_the_file_to_the_new_group() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    for d in [&src, &dst] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(src.join("f"), b"secret").unwrap();
+    sh(&format!(
+        "chmod 755 {t} {s} {d} && chown 0:0 {s}/f && chmod 640 {s}/f",
+        t = t.path().display(),
+        s = src.display(),
+        d = dst.display()
+    ));
+    mirror_ok(&src, &dst);
+    sh(&format!(
+        "chown 0:4242 {s}/f && chmod 600 {s}/f",
+        s = src.display()
+    ));
+    // An observer as uid/gid 4242 opens the replica's file in a loop.
+    let stop = t.path().join("stop");
+    let observer = std::process::Command::new("setpriv")
+        .args(["--reuid=4242", "--regid=4242", "--clear-groups", "sh", "-c"])
+        .arg(format!(
+            "n=0; while [ ! -e {stop} ]; do if cat {f} >/dev/null 2>&1; then n=$((n+1)); fi; done; echo $n",
+            stop = stop.display(),
+            f = dst.join("f").display()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // The replica stops right after the chown, as a kill would: the state in
+    // between stays for the observer to try.
+    let out = run(std::process::Command::new(bin("sync-cli"))
+        .args(["mirror".as_ref(), src.as_os_str(), dst.as_os_str()])
+        .env("UNDERSTUDY_FAILPOINT", "metadata"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("failpoint metadata"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::fs::write(&stop, b"").unwrap();
+    let seen = observer.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&seen.stdout).trim(),
+        "0",
+        "uid/gid 4242 opened the file while its metadata changed"
+    );
+    mirror_ok(&src, &dst);
+    let m = std::fs::metadata(dst.join("f")).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 4242, 0o600));
+}
