@@ -306,53 +306,82 @@ impl Replica {
 
     /// Removes `path` and everything below it, never following a symlink.
     pub fn remove_all(&self, path: &RelPath) -> Result<(), Error> {
+        self.remove_all_but(path, &|_, _| false).map(|_| ())
+    }
+
+    /// Removes `path` and everything below it except the entries `keep`
+    /// names (excluded and overlay paths: `keep(path, is_dir)`); a directory
+    /// holding a kept entry is emptied of the rest and kept. Returns whether
+    /// `path` is gone.
+    pub fn remove_all_but(
+        &self,
+        path: &RelPath,
+        keep: &dyn Fn(&RelPath, bool) -> bool,
+    ) -> Result<bool, Error> {
         let (dir, parent, name) = match self.parent(path) {
             Ok(p) => p,
             // no parent directory: nothing to remove
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
-                return Ok(());
+                return Ok(true);
             }
             Err(e) => return Err(e),
         };
-        self.remove_at(dir.as_fd(), name, path)?;
+        let gone = self.remove_at(dir.as_fd(), name, path, keep)?;
         self.touch(parent);
-        Ok(())
+        Ok(gone)
     }
 
-    fn remove_at(&self, dir: BorrowedFd<'_>, name: &[u8], shown: &RelPath) -> Result<(), Error> {
+    fn remove_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        shown: &RelPath,
+        keep: &dyn Fn(&RelPath, bool) -> bool,
+    ) -> Result<bool, Error> {
         let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
-            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(rustix::io::Errno::NOENT) => return Ok(true),
             Err(e) => return Err(Error::io("stat", self.display(shown), e)),
         };
-        if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
-            let sub = rustix::fs::openat(
-                dir,
-                name,
-                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-                Mode::empty(),
-            )
-            .map_err(|e| Error::io("open directory", self.display(shown), e))?;
-            let mut names = Vec::new();
-            let rd = rustix::fs::Dir::read_from(&sub)
-                .map_err(|e| Error::io("read directory", self.display(shown), e))?;
-            for de in rd {
-                let de = de.map_err(|e| Error::io("read directory", self.display(shown), e))?;
-                let n = de.file_name().to_bytes();
-                if n != b"." && n != b".." {
-                    names.push(n.to_vec());
-                }
-            }
-            for n in names {
-                let child = shown.join(&n).unwrap_or_else(|_| shown.clone());
-                self.remove_at(sub.as_fd(), &n, &child)?;
-            }
-            rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
-                .map_err(|e| Error::io("remove directory", self.display(shown), e))
-        } else {
-            rustix::fs::unlinkat(dir, name, AtFlags::empty())
-                .map_err(|e| Error::io("remove", self.display(shown), e))
+        let is_dir =
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory;
+        if keep(shown, is_dir) {
+            return Ok(false);
         }
+        if !is_dir {
+            return rustix::fs::unlinkat(dir, name, AtFlags::empty())
+                .map(|()| true)
+                .map_err(|e| Error::io("remove", self.display(shown), e));
+        }
+        let sub = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open directory", self.display(shown), e))?;
+        let mut names = Vec::new();
+        let rd = rustix::fs::Dir::read_from(&sub)
+            .map_err(|e| Error::io("read directory", self.display(shown), e))?;
+        for de in rd {
+            let de = de.map_err(|e| Error::io("read directory", self.display(shown), e))?;
+            let n = de.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                names.push(n.to_vec());
+            }
+        }
+        let mut all_gone = true;
+        for n in names {
+            let child = shown.join(&n).unwrap_or_else(|_| shown.clone());
+            all_gone &= self.remove_at(sub.as_fd(), &n, &child, keep)?;
+        }
+        if !all_gone {
+            self.touch(shown.clone());
+            return Ok(false);
+        }
+        rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
+            .map(|()| true)
+            .map_err(|e| Error::io("remove directory", self.display(shown), e))
     }
 
     /// Creates a directory (owner-only until its metadata is set at the end).

@@ -202,3 +202,72 @@ fn metadata_change_never_opens_the_file_to_the_new_group() {
     let m = std::fs::metadata(dst.join("f")).unwrap();
     assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 4242, 0o600));
 }
+
+#[test]
+fn excluded_paths_survive_their_parent_removed_or_turned_into_a_file() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir_all(&dst).unwrap();
+    sh(&format!(
+        "mkdir -p {s}/config {s}/other && echo sys > {s}/config/system.xml && echo x > {s}/other/x",
+        s = src.display()
+    ));
+    let (a, b) = (t.path().join("id-a"), t.path().join("id-b"));
+    let (a_id, b_id) = (keygen(&a), keygen(&b));
+    let ex = [
+        "--exclude",
+        "/config/branding.xml",
+        "--exclude",
+        "/other/keep.xml",
+    ];
+    let agent = replica(&dst, &b, &a_id, &ex);
+    let push = || {
+        run(std::process::Command::new(bin("sync-cli"))
+            .arg("push")
+            .arg(&src)
+            .args(["--to", &agent.addr, "--peer", &b_id, "--json", "--identity"])
+            .arg(&a)
+            .args(ex))
+    };
+    assert!(push().status.success());
+    std::fs::write(dst.join("config/branding.xml"), b"backup server").unwrap();
+    std::fs::write(dst.join("other/keep.xml"), b"mine").unwrap();
+    sh(&format!(
+        "cd {s} && rm -r config other && echo now-a-file > other && echo new > new.txt",
+        s = src.display()
+    ));
+    let out = push();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(dst.join("config/branding.xml")).unwrap(),
+        b"backup server"
+    );
+    assert!(
+        !dst.join("config/system.xml").exists(),
+        "the rest is removed"
+    );
+    assert_eq!(std::fs::read(dst.join("other/keep.xml")).unwrap(), b"mine");
+    assert!(!dst.join("other/x").exists());
+    assert_eq!(
+        std::fs::read(dst.join("new.txt")).unwrap(),
+        b"new\n",
+        "the rest of the round applies"
+    );
+    assert!(
+        text.contains("other"),
+        "the refused type change is a warning: {text}"
+    );
+    // Later rounds keep them too, and do not fail.
+    let again = push();
+    assert!(matches!(again.status.code(), Some(0 | 3)));
+    assert_eq!(
+        std::fs::read(dst.join("config/branding.xml")).unwrap(),
+        b"backup server"
+    );
+    assert_eq!(std::fs::read(dst.join("other/keep.xml")).unwrap(), b"mine");
+}

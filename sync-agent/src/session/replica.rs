@@ -5,6 +5,7 @@ use crate::wire;
 use anyhow::{Context, Result, anyhow, bail};
 use proto::{ApplySummary, Entry, ErrorCode, Hello, Kind, Message, RelPath, Role};
 use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt as _;
 use std::sync::Arc;
 use sync_core::Manifest;
 use sync_core::apply::Replica;
@@ -527,8 +528,13 @@ async fn apply_round(
         for (from, to) in renamed.iter().filter(|(a, b)| !excluded(a) && !excluded(b)) {
             r.rename(from, to);
         }
+        // Excluded and overlay entries are never deleted, not even with their
+        // parent: a directory holding one is emptied of the rest and kept.
+        let keep = |p: &RelPath, is_dir: bool| f.excludes(p, is_dir);
         for p in deleted.iter().filter(|p| !excluded(p)) {
-            r.remove_all(p)?;
+            if !r.remove_all_but(p, &keep)? {
+                tracing::info!("{p}: kept, it holds excluded or overlay entries");
+            }
             sum.entries_deleted += 1;
         }
         let mut linked = std::collections::HashSet::new();
@@ -557,10 +563,33 @@ async fn apply_round(
             }
             Manifest { entries }
         };
-        let plan = sync_core::plan::plan_with_links(&s, &dst, checksum, &linked);
+        let mut plan = sync_core::plan::plan_with_links(&s, &dst, checksum, &linked);
+        let mut refused = std::collections::HashSet::new();
         for p in &plan.delete {
-            r.remove_all(p)?;
+            if !r.remove_all_but(p, &keep)? {
+                // A type change would destroy what it holds: refused for
+                // this path, the rest of the round applies.
+                if s.get(p).is_some_and(|(_, e)| e.kind != Kind::Dir) {
+                    r.warn(format!(
+                        "{}: not replaced by a {}: the directory holds excluded or \
+                         overlay entries",
+                        r.root_path()
+                            .join(std::ffi::OsStr::from_bytes(p.as_bytes()))
+                            .display(),
+                        s.get(p).map_or("file", |(_, e)| e.kind.name())
+                    ));
+                    refused.insert(p.clone());
+                }
+            }
             sum.entries_deleted += 1;
+        }
+        if !refused.is_empty() {
+            let ok = |i: &usize| !refused.contains(&s.entries[*i].path);
+            plan.fetch.retain(|f| ok(&f.index));
+            plan.dbs.retain(ok);
+            plan.create.retain(ok);
+            plan.hardlink.retain(ok);
+            plan.meta.retain(ok);
         }
         for &i in &plan.mkdir {
             r.mkdir(&s.entries[i].path)?;
@@ -694,7 +723,7 @@ async fn apply_round(
         );
         let p = planned.clone();
         let (root, differences) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let own = own_manifest(&r, d, f)?;
+            let own = without_kept_dirs(own_manifest(&r, d, f)?, &p);
             // Say what differs, so that a failed cut explains itself.
             let differences: Vec<String> = sync_core::manifest::diff(&p, &own)
                 .iter()
@@ -710,6 +739,24 @@ async fn apply_round(
         }
     }
     Ok(summary)
+}
+
+/// `own` without the directories the source no longer has that were kept
+/// only for the excluded or overlay entries they hold (which no manifest
+/// lists): the cut's root hash is the source's.
+fn without_kept_dirs(own: Manifest, planned: &Manifest) -> Manifest {
+    let mut kept: Vec<Entry> = Vec::with_capacity(own.entries.len());
+    for e in own.entries.into_iter().rev() {
+        let holds_something = kept
+            .last()
+            .is_some_and(|next| next.path != e.path && next.path.starts_with(&e.path));
+        if e.kind == Kind::Dir && !holds_something && planned.get(&e.path).is_none() {
+            continue;
+        }
+        kept.push(e);
+    }
+    kept.reverse();
+    Manifest { entries: kept }
 }
 
 /// The replica's own manifest from a fresh scan of its tree (databases by
