@@ -271,3 +271,72 @@ fn excluded_paths_survive_their_parent_removed_or_turned_into_a_file() {
     );
     assert_eq!(std::fs::read(dst.join("other/keep.xml")).unwrap(), b"mine");
 }
+
+/// Waits until `ok()` holds; panics with `what` after `secs`.
+fn wait_for(secs: u64, what: &str, ok: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not after {secs} s: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn excluded_paths_survive_their_parent_removed_with_continuous_agents() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir_all(&dst).unwrap();
+    sh(&format!(
+        "mkdir -p {s}/config {s}/other && echo sys > {s}/config/system.xml && echo x > {s}/other/x \
+         && mkdir -p {d}/config {d}/other && echo banner > {d}/config/branding.xml && echo mine > {d}/other/keep.xml",
+        s = src.display(),
+        d = dst.display()
+    ));
+    let (sid, s_id, rid, r_id) = identities(t.path());
+    let ex = [
+        "--exclude",
+        "/config/branding.xml",
+        "--exclude",
+        "/other/keep.xml",
+    ];
+    let patterns = vec![
+        "/config/branding.xml".to_string(),
+        "/other/keep.xml".to_string(),
+    ];
+    let rep = replica(&dst, &rid, &s_id, &ex);
+    let _src = source(&src, &sid, &r_id, &rep.addr, &ex);
+    wait_converged(&src, &dst, 30, &patterns);
+    sh(&format!(
+        "cd {s} && rm -r config other && echo now-a-file > other && echo new > new.txt",
+        s = src.display()
+    ));
+    wait_for(30, "the round applied", || {
+        std::fs::read(dst.join("new.txt")).is_ok_and(|b| b == b"new\n")
+            && !dst.join("config/system.xml").exists()
+            && !dst.join("other/x").exists()
+    });
+    assert_eq!(
+        std::fs::read(dst.join("config/branding.xml")).unwrap(),
+        b"banner\n"
+    );
+    assert_eq!(
+        std::fs::read(dst.join("other/keep.xml")).unwrap(),
+        b"mine\n"
+    );
+    // Not wedged: later changes still arrive, the kept paths stay.
+    std::fs::write(src.join("new.txt"), b"newer").unwrap();
+    wait_for(30, "a later change", || {
+        std::fs::read(dst.join("new.txt")).is_ok_and(|b| b == b"newer")
+    });
+    assert_eq!(
+        std::fs::read(dst.join("config/branding.xml")).unwrap(),
+        b"banner\n"
+    );
+    assert_eq!(
+        std::fs::read(dst.join("other/keep.xml")).unwrap(),
+        b"mine\n"
+    );
+}
