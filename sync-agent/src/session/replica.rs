@@ -564,33 +564,7 @@ async fn apply_round(
             Manifest { entries }
         };
         let mut plan = sync_core::plan::plan_with_links(&s, &dst, checksum, &linked);
-        let mut refused = std::collections::HashSet::new();
-        for p in &plan.delete {
-            if !r.remove_all_but(p, &keep)? {
-                // A type change would destroy what it holds: refused for
-                // this path, the rest of the round applies.
-                if s.get(p).is_some_and(|(_, e)| e.kind != Kind::Dir) {
-                    r.warn(format!(
-                        "{}: not replaced by a {}: the directory holds excluded or \
-                         overlay entries",
-                        r.root_path()
-                            .join(std::ffi::OsStr::from_bytes(p.as_bytes()))
-                            .display(),
-                        s.get(p).map_or("file", |(_, e)| e.kind.name())
-                    ));
-                    refused.insert(p.clone());
-                }
-            }
-            sum.entries_deleted += 1;
-        }
-        if !refused.is_empty() {
-            let ok = |i: &usize| !refused.contains(&s.entries[*i].path);
-            plan.fetch.retain(|f| ok(&f.index));
-            plan.dbs.retain(ok);
-            plan.create.retain(ok);
-            plan.hardlink.retain(ok);
-            plan.meta.retain(ok);
-        }
+        delete_keeping(&r, &s, &mut plan, &keep, &mut sum)?;
         for &i in &plan.mkdir {
             r.mkdir(&s.entries[i].path)?;
             sum.others_created += 1;
@@ -739,6 +713,43 @@ async fn apply_round(
         }
     }
     Ok(summary)
+}
+
+/// Removes what the plan deletes, keeping excluded and overlay entries
+/// (`keep`); a type change that would destroy them is refused for that path
+/// with a warning and dropped from the plan, so the rest of the round applies.
+fn delete_keeping(
+    r: &Replica,
+    s: &Manifest,
+    plan: &mut sync_core::plan::Plan,
+    keep: &dyn Fn(&RelPath, bool) -> bool,
+    sum: &mut ApplySummary,
+) -> Result<()> {
+    let mut refused = std::collections::HashSet::new();
+    for p in &plan.delete {
+        let gone = r.remove_all_but(p, keep)?;
+        sum.entries_deleted += 1;
+        let Some((_, e)) = s.get(p).filter(|(_, e)| !gone && e.kind != Kind::Dir) else {
+            continue;
+        };
+        r.warn(format!(
+            "{}: not replaced by a {}: the directory holds excluded or overlay entries",
+            r.root_path()
+                .join(std::ffi::OsStr::from_bytes(p.as_bytes()))
+                .display(),
+            e.kind.name()
+        ));
+        refused.insert(p.clone());
+    }
+    if !refused.is_empty() {
+        let ok = |i: &usize| !refused.contains(&s.entries[*i].path);
+        plan.fetch.retain(|f| ok(&f.index));
+        plan.dbs.retain(ok);
+        plan.create.retain(ok);
+        plan.hardlink.retain(ok);
+        plan.meta.retain(ok);
+    }
+    Ok(())
 }
 
 /// `own` without the directories the source no longer has that were kept
