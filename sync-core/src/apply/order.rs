@@ -64,31 +64,15 @@ pub fn steps(old: &Perms, new: &Perms, acl_changes: bool) -> Vec<Step> {
 mod tests {
     use super::*;
 
-    /// What a principal (uid, groups) is granted by a state without ACLs:
-    /// its class's rwx bits, and running as the owner or group (setuid,
-    /// setgid) when those bits are set.
-    fn grants(mode: u32, uid: u32, gid: u32, who: (u32, &[u32])) -> Vec<String> {
-        let bits = if who.0 == uid {
-            (mode >> 6) & 7
-        } else if who.1.contains(&gid) {
-            (mode >> 3) & 7
+    /// The rwx bits a principal (uid, groups) gets from a state without ACLs.
+    fn rwx(s: State, who: (u32, &[u32])) -> u32 {
+        if who.0 == s.1 {
+            (s.0 >> 6) & 7
+        } else if who.1.contains(&s.2) {
+            (s.0 >> 3) & 7
         } else {
-            mode & 7
-        };
-        let mut g: Vec<String> = (0..3)
-            .filter(|b| bits & (1 << b) != 0)
-            .map(|b| format!("rwx{b}"))
-            .collect();
-        if mode & 0o4000 != 0 {
-            g.push(format!("suid{uid}"));
+            s.0 & 7
         }
-        if mode & 0o2000 != 0 {
-            g.push(format!("sgid{gid}"));
-        }
-        if mode & 0o1000 != 0 {
-            g.push("sticky".into());
-        }
-        g
     }
 
     type State = (u32, u32, u32);
@@ -127,11 +111,15 @@ mod tests {
         out
     }
 
+    /// Whether `s` grants no principal more than `than` does: rwx bits, and
+    /// running as the owner (setuid) or group (setgid).
     fn no_more_than(s: State, than: State, principals: &[(u32, &[u32])]) -> bool {
-        principals.iter().all(|&p| {
-            let have = grants(than.0, than.1, than.2, p);
-            grants(s.0, s.1, s.2, p).iter().all(|g| have.contains(g))
-        })
+        let suid = |x: State| (x.0 & 0o4000 != 0).then_some(x.1);
+        let sgid = |x: State| (x.0 & 0o2000 != 0).then_some(x.2);
+        (suid(s).is_none() || suid(s) == suid(than))
+            && (sgid(s).is_none() || sgid(s) == sgid(than))
+            && (s.0 & 0o1000 == 0 || than.0 & 0o1000 != 0)
+            && principals.iter().all(|&p| rwx(s, p) & !rwx(than, p) == 0)
     }
 
     fn check(old: State, new: State, principals: &[(u32, &[u32])]) {
