@@ -19,6 +19,7 @@ mod hostile_peer;
 mod hostile_replica;
 mod hostile_source;
 mod hostile_tls;
+mod invariant12;
 mod lag;
 mod netns;
 mod promote;
