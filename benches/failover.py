@@ -158,7 +158,7 @@ def main():
         shutil.rmtree(h.root)
         os.makedirs(h.root)
         shutil.rmtree(os.path.join(h.dir, "state"), ignore_errors=True)
-    e2e.sh(f"{sys.executable} {a.bench_dir}/gen_corpus.py {A.root} --size small >/dev/null")
+    e2e.sh(f"{sys.executable} {a.bench_dir}/gen_corpus.py {A.root} --size small --force >/dev/null")
     pa, pb = free_port(), free_port()
     A.write_config(pa, "source", B, pb)
     B.write_config(pb, "replica", A, pa)
