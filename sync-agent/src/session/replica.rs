@@ -1,6 +1,6 @@
 //! The replica side of a session: rounds applied under the folder's root.
 
-use super::{MAX_ROUND_BYTES, MAX_ROUND_ENTRIES, PARALLEL_FILES};
+use super::{DB_PAGE_BYTES, MAX_ROUND_BYTES, MAX_ROUND_ENTRIES, PARALLEL_FILES};
 use crate::wire;
 use anyhow::{Context, Result, anyhow, bail};
 use proto::{ApplySummary, Entry, ErrorCode, Hello, Kind, Message, RelPath, Role};
@@ -385,7 +385,9 @@ async fn read_round(
             bail!("round {id} larger than {MAX_ROUND_ENTRIES} entries");
         }
         if bytes > MAX_ROUND_BYTES {
-            bail!("round {id} larger than {MAX_ROUND_BYTES} bytes of entries");
+            bail!(
+                "round {id} larger than {MAX_ROUND_BYTES} bytes of entries, inline content and database page tables"
+            );
         }
         match wire::expect_soon(ctl, "the rest of the round").await? {
             Message::Manifest(b) => {
@@ -402,6 +404,11 @@ async fn read_round(
                         .map(|x| x.name.len() + x.value.len() + 48)
                         .sum();
                     bytes += (e.path.as_bytes().len() + target + xattrs + 128) as u64;
+                    // A database's page table is staged in memory: its pages
+                    // count against the same budget (validated ≤ MAX_DB_PAGES).
+                    if let Kind::Database { pages, .. } = e.kind {
+                        bytes += u64::from(pages) * DB_PAGE_BYTES;
+                    }
                 }
                 r.entries.extend(b);
             }
@@ -420,7 +427,7 @@ async fn read_round(
                 r.renamed.extend(b);
             }
             Message::Inline { index, data } => {
-                bytes += data.len() as u64 + 16;
+                bytes += data.len() as u64 + 64;
                 r.inline.insert(index, data);
             }
             Message::RoundEnd {
@@ -785,6 +792,13 @@ async fn fetch_db(
         while let Some(msg) = rx.blocking_recv() {
             match msg {
                 Message::DbPages(batch) => {
+                    // Each page once at most: a source repeating pages is refused.
+                    if n + batch.len() as u64 > u64::from(pages) {
+                        bail!(
+                            "{}: more pages sent than the {pages} the database has",
+                            e.path
+                        );
+                    }
                     for (pgno, data) in batch {
                         staged.page(pgno, &data)?;
                         n += 1;
@@ -811,7 +825,11 @@ async fn fetch_db(
     });
     let reading = async {
         loop {
-            let msg = wire::expect_soon(&mut recv, "database pages").await?;
+            let msg = tokio::select! {
+                m = wire::expect_soon(&mut recv, "database pages") => m?,
+                // the writer gave up: its error is the one to report
+                () = tx.closed() => return Ok(()),
+            };
             match msg {
                 Message::DbNeedHashes => {
                     let hashes = held.as_ref().map(|h| h.hashes.as_slice()).unwrap_or(&[]);
@@ -852,7 +870,10 @@ async fn fetch_db(
     let _ = send.finish();
     drop(tx);
     let written = writer.await?;
-    reading?;
+    // A reader that failed first (a malformed or late frame) holds the cause;
+    // the writer then only saw its input end. Otherwise the writer's error
+    // names the cause.
+    reading.with_context(|| format!("{}: database stream from the source", entry.path))?;
     written.map(Some)
 }
 
