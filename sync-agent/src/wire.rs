@@ -60,6 +60,15 @@ pub fn stage_deadline() -> std::time::Duration {
     })
 }
 
+/// Most time a new connection has to open its control stream and say hello:
+/// 10 s, or the stage deadline when that is shorter.
+pub const HELLO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// [`HELLO_DEADLINE`], or [`stage_deadline`] when shorter.
+pub fn hello_deadline() -> std::time::Duration {
+    HELLO_DEADLINE.min(stage_deadline())
+}
+
 /// [`expect`] within [`stage_deadline`].
 pub async fn expect_soon(stream: &mut quinn::RecvStream, what: &str) -> Result<Message> {
     let d = stage_deadline();

@@ -13,6 +13,7 @@ mod do_no_harm;
 mod failover;
 mod fidelity;
 mod hostile;
+mod hostile_conns;
 mod hostile_counts;
 mod hostile_flood;
 mod hostile_peer;

@@ -110,12 +110,25 @@ async fn run_inner(
     let peer = peer_id
         .map(|p| p.to_string())
         .unwrap_or_else(|| "unknown".into());
-    let (mut ctl_send, mut ctl_recv) =
-        tokio::time::timeout(wire::stage_deadline(), conn.accept_bi())
+    // A connection that opens no control stream, or says no hello, in time
+    // gives its slot back.
+    let hello = tokio::time::timeout(wire::hello_deadline(), async {
+        let (s, mut r) = conn
+            .accept_bi()
             .await
-            .map_err(|_| anyhow!("peer {peer} opened no control stream"))?
             .context("waiting for the control stream")?;
-    let folder = match wire::expect_soon(&mut ctl_recv, "a hello").await? {
+        let m = wire::expect(&mut r, "a hello").await?;
+        Ok::<_, anyhow::Error>((s, r, m))
+    })
+    .await
+    .map_err(|_| {
+        anyhow!(
+            "peer {peer} opened no control stream or sent no hello within {} s",
+            wire::hello_deadline().as_secs()
+        )
+    })??;
+    let (mut ctl_send, mut ctl_recv, first) = hello;
+    let folder = match first {
         Message::Hello(h) => {
             let refusal = match h.check() {
                 Err(e) => Some((ErrorCode::UnsupportedVersion, e.to_string())),
