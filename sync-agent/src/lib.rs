@@ -244,6 +244,7 @@ pub fn replica_folder_with(
         hooks: settings.hooks,
         promoted: tokio::sync::Notify::new(),
         last_warning: std::sync::Mutex::new(None),
+        activity: Default::default(),
     }))
 }
 

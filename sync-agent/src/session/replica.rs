@@ -46,6 +46,40 @@ pub struct ReplicaFolder {
     /// The last round's warnings (a database held open by another process...),
     /// for status.
     pub last_warning: std::sync::Mutex<Option<String>>,
+    /// When the session holding the folder last heard from its peer: a session
+    /// silent for [`PREEMPT_IDLE`] is preempted by a new one.
+    pub activity: Activity,
+}
+
+/// When a session last heard from its peer (shared with its transfers).
+#[derive(Debug, Clone)]
+pub struct Activity(Arc<std::sync::Mutex<std::time::Instant>>);
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self(Arc::new(std::sync::Mutex::new(std::time::Instant::now())))
+    }
+}
+
+impl Activity {
+    /// The peer was heard from now.
+    pub fn touch(&self) {
+        if let Ok(mut t) = self.0.lock() {
+            *t = std::time::Instant::now();
+        }
+    }
+
+    /// How long since the peer was last heard from.
+    pub fn idle(&self) -> std::time::Duration {
+        self.0.lock().map(|t| t.elapsed()).unwrap_or_default()
+    }
+}
+
+/// A session whose peer sent nothing for this long (10 s, or the stage
+/// deadline when shorter) gives the folder up to a new session of a pinned
+/// peer, which closes it.
+pub fn preempt_idle() -> std::time::Duration {
+    std::time::Duration::from_secs(10).min(wire::stage_deadline())
 }
 
 /// A folder's fencing state in memory.
@@ -217,21 +251,12 @@ async fn run_inner(
     )
     .await?;
     *served = Some(folder.clone());
-    // The same peer reconnecting supersedes its own stale session; another peer
-    // waits its turn.
-    let stale = folder.current.lock().ok().and_then(|mut c| {
-        let same_peer = c.as_ref().is_some_and(|(p, _)| *p == peer_id);
-        let old = c.replace((peer_id, conn.clone()));
-        old.filter(|_| same_peer).map(|(_, c)| c)
-    });
-    if let Some(old) = stale {
-        old.close(1u32.into(), b"superseded by a new session");
-    }
-    let _guard = folder.lock.lock().await;
+    let _guard = take_folder(&folder, conn, peer_id, &peer).await;
+    folder.activity.touch();
     folder.replica.reset();
     tracing::info!(%peer, folder = %folder.name, "source connected");
     loop {
-        let round = match read_round(&mut ctl_recv).await {
+        let round = match read_round(&mut ctl_recv, &folder.activity).await {
             Ok(Some(Ok(r))) => r,
             Ok(Some(Err(epoch))) => {
                 let error = match promote(&folder, epoch).await {
@@ -299,7 +324,12 @@ async fn fail(
     let mut message = format!("{e:#}");
     // The frame's text bound: a long path must not make the error malformed.
     sync_core::apply::truncate(&mut message, proto::MAX_TEXT);
-    let _ = wire::send(ctl_send, &Message::Error { code, message }).await;
+    // A peer that does not read is not waited for long.
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        wire::send(ctl_send, &Message::Error { code, message }),
+    )
+    .await;
     let _ = ctl_send.finish();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
     Err(e.context(format!("session with peer {peer}, folder {}", folder.name)))
@@ -365,11 +395,49 @@ async fn promote(folder: &ReplicaFolder, epoch: u64) -> Result<()> {
     Ok(())
 }
 
+/// Waits for the folder: the same peer reconnecting supersedes its own stale
+/// session at once; a session of another peer is waited for, and preempted
+/// once its peer has been silent for [`preempt_idle`] (a stalled peer cannot
+/// hold the folder).
+async fn take_folder<'f>(
+    folder: &'f ReplicaFolder,
+    conn: &quinn::Connection,
+    peer_id: Option<crate::NodeId>,
+    peer: &str,
+) -> tokio::sync::MutexGuard<'f, ()> {
+    loop {
+        let holder = folder.current.lock().ok().and_then(|c| c.clone());
+        if let Some((p, old)) = holder
+            && old.stable_id() != conn.stable_id()
+        {
+            let idle = folder.activity.idle();
+            if p == peer_id {
+                old.close(1u32.into(), b"superseded by a new session");
+            } else if idle >= preempt_idle() {
+                tracing::warn!(%peer, folder = %folder.name, idle_s = idle.as_secs(), "preempting a stalled session of another peer");
+                old.close(1u32.into(), b"preempted: stalled while another peer waited");
+            }
+        }
+        tokio::select! {
+            g = folder.lock.lock() => {
+                if let Ok(mut c) = folder.current.lock() {
+                    *c = Some((peer_id, conn.clone()));
+                }
+                return g;
+            }
+            () = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+        }
+    }
+}
+
 /// The next round, or a promotion request (its epoch), or the end.
 async fn read_round(
     ctl: &mut quinn::RecvStream,
+    activity: &Activity,
 ) -> Result<Option<std::result::Result<Incoming, u64>>> {
-    let (id, full, checksum, verify) = match wire::recv(ctl).await? {
+    let first = wire::recv(ctl).await?;
+    activity.touch();
+    let (id, full, checksum, verify) = match first {
         None => return Ok(None),
         Some(Message::RoundStart {
             id,
@@ -392,7 +460,12 @@ async fn read_round(
         root_hash: [0; 32],
     };
     let mut bytes = 0u64;
+    // The whole round is bounded in time too, growing with what it carried
+    // (database page tables aside: their pages come later, on their own stages).
+    let (mut stage, mut tables, mut timed) = (wire::Stage::new(format!("round {id}"), 0), 0, 0);
     loop {
+        stage.grow((bytes - tables).saturating_sub(timed));
+        timed = bytes - tables;
         let count = (r.entries.len() + r.deleted.len() + r.renamed.len()) as u64;
         if count > MAX_ROUND_ENTRIES {
             bail!("round {id} larger than {MAX_ROUND_ENTRIES} entries");
@@ -402,7 +475,9 @@ async fn read_round(
                 "round {id} larger than {MAX_ROUND_BYTES} bytes of entries, inline content and database page tables"
             );
         }
-        match wire::expect_soon(ctl, "the rest of the round").await? {
+        let msg = stage.expect(ctl, "the rest of the round").await?;
+        activity.touch();
+        match msg {
             Message::Manifest(b) => {
                 for e in &b {
                     let target = match &e.kind {
@@ -421,6 +496,7 @@ async fn read_round(
                     // count against the same budget (validated ≤ MAX_DB_PAGES).
                     if let Kind::Database { pages, .. } = e.kind {
                         bytes += u64::from(pages) * DB_PAGE_BYTES;
+                        tables += u64::from(pages) * DB_PAGE_BYTES;
                     }
                 }
                 r.entries.extend(b);
@@ -649,9 +725,9 @@ async fn apply_round(
             folder.replica.clone(),
             planned.entries[f.index].clone(),
         );
-        let index = kept[f.index] as u64;
+        let (index, activity) = (kept[f.index] as u64, folder.activity.clone());
         tasks.spawn(async move {
-            let res = fetch_file(conn, r, entry, index, f.basis).await;
+            let res = fetch_file(conn, r, entry, index, f.basis, activity).await;
             drop(permit);
             res
         });
@@ -673,9 +749,8 @@ async fn apply_round(
     for &i in &plan.dbs {
         let entry = planned.entries[i].clone();
         let current = dst.get(&entry.path).map(|(_, d)| d.meta.clone());
-        if let Some(pages) =
-            fetch_db(conn, folder.replica.clone(), entry, kept[i] as u64, current).await?
-        {
+        let (r, activity) = (folder.replica.clone(), &folder.activity);
+        if let Some(pages) = fetch_db(conn, r, entry, kept[i] as u64, current, activity).await? {
             summary.databases_applied += 1;
             summary.db_pages += pages;
         }
@@ -763,6 +838,7 @@ async fn fetch_db(
     entry: Entry,
     index: u64,
     current: Option<proto::Meta>,
+    activity: &Activity,
 ) -> Result<Option<u64>> {
     let Kind::Database {
         page_size,
@@ -836,13 +912,19 @@ async fn fetch_db(
         }
         bail!("{}: stream ended before the database was complete", e.path)
     });
+    // The whole database is bounded in time: its size at the least rate.
+    let stage = wire::Stage::new(
+        format!("database {}", entry.path),
+        u64::from(page_size) * u64::from(pages),
+    );
     let reading = async {
         loop {
             let msg = tokio::select! {
-                m = wire::expect_soon(&mut recv, "database pages") => m?,
+                m = stage.expect(&mut recv, "database pages") => m?,
                 // the writer gave up: its error is the one to report
                 () = tx.closed() => return Ok(()),
             };
+            activity.touch();
             match msg {
                 Message::DbNeedHashes => {
                     let hashes = held.as_ref().map(|h| h.hashes.as_slice()).unwrap_or(&[]);
@@ -897,6 +979,7 @@ async fn fetch_file(
     entry: Entry,
     index: u64,
     basis: bool,
+    activity: Activity,
 ) -> Result<Option<(u64, u64)>> {
     let (r, path) = (replica.clone(), entry.path.clone());
     let basis = if basis {
@@ -921,16 +1004,23 @@ async fn fetch_file(
     wire::send(&mut send, &Message::FileRequest { index, signature }).await?;
     let _ = send.finish();
 
+    // The whole file is bounded in time: its size at the least rate.
+    let size = match entry.kind {
+        Kind::File { size, .. } => size,
+        _ => 0,
+    };
+    let stage = wire::Stage::new(format!("file {}", entry.path), size);
     let (tx, rx) = mpsc::channel::<Message>(2);
     let writer =
         tokio::task::spawn_blocking(move || write_file(&replica, &entry, map.as_deref(), rx));
     let reading = async {
         loop {
             let msg = tokio::select! {
-                m = wire::expect_soon(&mut recv, "file content") => m?,
+                m = stage.expect(&mut recv, "file content") => m?,
                 // the writer gave up: its error is the one to report
                 () = tx.closed() => return Ok(()),
             };
+            activity.touch();
             let end = matches!(msg, Message::FileEnd { .. });
             if !matches!(
                 msg,
