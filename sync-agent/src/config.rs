@@ -9,7 +9,7 @@
 //!
 //! [[peer]]
 //! id = "<node id>"
-//! address = "192.0.2.10:7878"                 # optional on the listening side
+//! address = "192.0.2.10:7878"                 # or "jellyfin-a.lan:7878"; resolved at each connect
 //!
 //! [[folder]]
 //! name = "jellyfin"
@@ -20,6 +20,7 @@
 //! exclude = ["*.tmp"]                         # gitignore-style
 //! sqlite = ["data/*.db", "*.sqlite"]          # databases (gitignore-style globs)
 //! overlay = ["config/network.xml"]            # each host keeps its own copy
+//! failover = true                             # false: this replica is never promoted
 //!
 //! [folder.hooks]                              # optional: `sh -c` commands
 //! stop_source = "docker stop jellyfin"        # before a failover's final cut
@@ -32,6 +33,7 @@
 //! Unknown keys are errors that name the key and its line; every reference is
 //! checked ([`Config::load`]) before the agent touches anything.
 
+pub use crate::addr::PeerAddr;
 use crate::identity::NodeId;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -75,8 +77,9 @@ pub struct Node {
 pub struct Peer {
     /// Node id (certificate fingerprint).
     pub id: String,
-    /// Where to reach it (needed for the peers of source folders).
-    pub address: Option<SocketAddr>,
+    /// Where to reach it: `ip:port` or `host:port` (needed for the peers of
+    /// source folders, and of replica folders that can be promoted).
+    pub address: Option<PeerAddr>,
 }
 
 /// Which end a folder is.
@@ -118,6 +121,14 @@ pub struct Folder {
     /// `[folder.hooks]`: commands run around a failover or failback.
     #[serde(default)]
     pub hooks: Hooks,
+    /// Whether this node may become the folder's source (a failover, or
+    /// `sync-cli promote`). A promotable replica needs its peers' addresses.
+    #[serde(default = "yes")]
+    pub failover: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `[folder.hooks]`: shell commands (`sh -c`) such as `docker stop jellyfin`.
@@ -403,6 +414,14 @@ impl Config {
                 if f.role == Role::Source && self.peers[pos].address.is_none() {
                     bail!("folder {}: peer {id} has no address to connect to", f.name);
                 }
+                if f.role == Role::Replica && f.failover && self.peers[pos].address.is_none() {
+                    bail!(
+                        "folder {}: [[peer]] {id} has no address: this replica can be promoted \
+                         (failover, `sync-cli promote`) and then connects to it; set the peer's \
+                         address, or failover = false in the folder",
+                        f.name
+                    );
+                }
             }
             if f.role == Role::Replica && self.node.listen.is_none() {
                 bail!("folder {}: a replica folder needs [node] listen", f.name);
@@ -413,11 +432,11 @@ impl Config {
 
     /// The address of a declared peer.
     #[must_use]
-    pub fn peer_address(&self, id: &NodeId) -> Option<SocketAddr> {
+    pub fn peer_address(&self, id: &NodeId) -> Option<PeerAddr> {
         self.peers
             .iter()
             .find(|p| p.id.parse::<NodeId>().ok().as_ref() == Some(id))
-            .and_then(|p| p.address)
+            .and_then(|p| p.address.clone())
     }
 }
 
@@ -602,5 +621,41 @@ mod tests {
 
         let e = format!("{:#}", load("sqlite = \"data/*.db\"\n").unwrap_err());
         assert!(e.contains("sqlite") && e.contains("line"), "{e}");
+    }
+
+    /// Issue 9: a standby without its peer's address ran until it was
+    /// promoted, then exited at every start.
+    #[test]
+    fn issue9_promotable_replica_needs_its_peers_address() {
+        let d = tempfile::tempdir().unwrap();
+        let id = crate::Identity::generate().unwrap().id().to_string();
+        let replica = base(d.path(), &id).replace("role = \"source\"", "role = \"replica\"");
+        Config::load(&write(d.path(), &replica)).unwrap();
+
+        let no_address = replica.replace("address = \"127.0.0.1:7879\"\n", "");
+        let e = format!(
+            "{:#}",
+            Config::load(&write(d.path(), &no_address)).unwrap_err()
+        );
+        assert!(
+            e.contains("folder jf") && e.contains("address") && e.contains(&id),
+            "{e}"
+        );
+        // A replica that is never promoted needs none.
+        let never = format!("{no_address}failover = false\n");
+        let c = Config::load(&write(d.path(), &never)).unwrap();
+        assert!(!c.folders[0].failover);
+
+        // Host names are accepted and kept as written; bad shapes are named.
+        let named = replica.replace("127.0.0.1:7879", "jellyfin-b.lan:7879");
+        let c = Config::load(&write(d.path(), &named)).unwrap();
+        let peer: NodeId = id.parse().unwrap();
+        assert_eq!(
+            c.peer_address(&peer).unwrap().as_str(),
+            "jellyfin-b.lan:7879"
+        );
+        let bad = replica.replace("127.0.0.1:7879", "jellyfin-b.lan");
+        let e = format!("{:#}", Config::load(&write(d.path(), &bad)).unwrap_err());
+        assert!(e.contains("address") && e.contains("no port"), "{e}");
     }
 }

@@ -8,6 +8,7 @@
 //! for a full rescan: events are never dropped silently.
 
 use crate::identity::{Identity, NodeId};
+use crate::lag::LagTracker;
 use crate::session::Progress;
 use crate::session::source::{Fenced, Round, SourceSession};
 use anyhow::{Context, Result};
@@ -15,10 +16,9 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use proto::{Entry, Kind, RelPath};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use sync_core::filter::Filter;
@@ -40,8 +40,8 @@ pub struct SourceFolder {
     pub identity: Identity,
     /// The replica's id.
     pub peer: NodeId,
-    /// The replica's address.
-    pub addr: SocketAddr,
+    /// The replica's address (a host name is resolved at each connect).
+    pub addr: crate::addr::PeerAddr,
     /// Where the hash index lives (`None`: in memory).
     pub index_path: Option<PathBuf>,
     /// Quiet time that ends a batch of watch events.
@@ -67,8 +67,8 @@ pub enum Command {
     Promote {
         /// The new epoch.
         epoch: u64,
-        /// The answer.
-        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+        /// The answer, typed: the handover decides on it.
+        reply: tokio::sync::oneshot::Sender<Result<(), crate::handover::PromoteFailure>>,
     },
 }
 
@@ -101,6 +101,10 @@ pub struct CutReport {
     /// the first differences).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Replica databases another process holds open, each with its holders
+    /// (`library.db: pid 42 (jellyfin)`).
+    #[serde(default)]
+    pub held: Vec<String>,
 }
 
 /// How a source loop ended.
@@ -127,10 +131,13 @@ pub struct FolderStatus {
     pub peer: String,
     /// Whether a session is up.
     pub connected: bool,
-    /// Seconds the oldest unshipped change has waited (0 when caught up);
-    /// computed when the status is read.
+    /// Seconds the oldest change the replica has not applied has waited
+    /// (database commits included; 0 when caught up): it grows while the
+    /// replica is away, frozen or refusing a held database, and during a full
+    /// round (see [`crate::lag`]). Computed when the status is read.
     pub lag_s: f64,
-    /// When the oldest unshipped change was seen (seconds since the epoch).
+    /// When the oldest change the replica has not applied was seen (seconds
+    /// since the epoch).
     pub pending_since_unix: Option<f64>,
     /// Bytes of file content in the unshipped changes (known once scanned).
     pub lag_bytes: u64,
@@ -168,6 +175,45 @@ pub struct FolderStatus {
     pub wire_bytes_total: u64,
     /// Database pages the replica wrote since the agent started.
     pub db_pages_total: u64,
+    /// Databases the replica refuses to update because another process holds
+    /// them open there (their changes count in the lag).
+    #[serde(default)]
+    pub held_databases: Vec<String>,
+    /// The full round in progress, if any (a first mirror, a reconnect, a
+    /// rescan, a cut).
+    #[serde(default)]
+    pub full_round: Option<FullRoundProgress>,
+    /// Replica rows: the epoch of the source whose rounds are applied.
+    #[serde(default)]
+    pub source_epoch: Option<u64>,
+    /// Replica rows: seconds since the last round was applied.
+    #[serde(default)]
+    pub last_applied_age_s: Option<f64>,
+    /// The live counters of the session's transfers; read when the status is
+    /// (they fill `full_round`).
+    #[serde(skip)]
+    pub progress: Option<Arc<Progress>>,
+    /// Where what only this node held was kept aside when it came back
+    /// fenced (`{state}/diverged/...`), if it ever did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diverged: Option<String>,
+}
+
+/// How far the full round in progress is.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FullRoundProgress {
+    /// When it started (seconds since the epoch).
+    pub started_unix: f64,
+    /// Entries in its manifest (0 while the source is still scanning).
+    pub entries_total: u64,
+    /// Manifest entries sent to the replica so far.
+    pub entries_sent: u64,
+    /// Bytes of file content in the tree (what a first mirror moves at most).
+    pub bytes_total: u64,
+    /// Content bytes sent so far (files the replica lacks or has older).
+    pub bytes_sent: u64,
+    /// Files whose content was sent so far.
+    pub files_sent: u64,
 }
 
 /// Shared status of one folder.
@@ -190,6 +236,46 @@ struct Watch {
     rx: mpsc::Receiver<WatchMsg>,
     wake: Arc<Notify>,
     rescan: Arc<AtomicBool>,
+    /// When the first event since the last [`Watch::take_first`] arrived: ns
+    /// after `base`, plus one (0: none). Set by the callback after it queued
+    /// the event, so an event drained from `rx` was noted before, or is noted
+    /// after (lag then errs on the long side).
+    first: Arc<AtomicU64>,
+    base: Instant,
+}
+
+impl Watch {
+    /// The instant of the first event since the last call, if any.
+    fn take_first(&self) -> Option<Instant> {
+        match self.first.swap(0, Ordering::SeqCst) {
+            0 => None,
+            n => Some(self.base + Duration::from_nanos(n - 1)),
+        }
+    }
+
+    /// Notes the first pending event's instant in `lag` (call before draining
+    /// `rx`).
+    fn note(&self, lag: &mut LagTracker<RelPath>) {
+        if let Some(t) = self.take_first() {
+            lag.seen(t);
+        }
+    }
+}
+
+/// Publishes the oldest unapplied change (status computes its age when read).
+fn publish_lag(status: &SharedStatus, lag: &LagTracker<RelPath>) {
+    let now = Instant::now();
+    let since = lag
+        .oldest()
+        .and_then(|t| unix_now().map(|u| u - now.saturating_duration_since(t).as_secs_f64()));
+    set(status, |s| {
+        s.pending_since_unix = since;
+        s.lag_s = lag.lag(now).as_secs_f64();
+        if since.is_none() {
+            s.lag_bytes = 0;
+            s.files_pending = 0;
+        }
+    });
 }
 
 /// Whether an event on `path` is one a held database's connections raise by
@@ -231,15 +317,16 @@ fn start_watch(
     let (tx, rx) = mpsc::channel::<WatchMsg>(16384);
     let wake = Arc::new(Notify::new());
     let rescan = Arc::new(AtomicBool::new(false));
-    let (w, r, st) = (wake.clone(), rescan.clone(), status.clone());
-    let base = root.to_path_buf();
+    let (first, base) = (Arc::new(AtomicU64::new(0)), Instant::now());
+    let (w, r, st, f) = (wake.clone(), rescan.clone(), status.clone(), first.clone());
+    let root_dir = root.to_path_buf();
     let handler = move |res: notify::Result<notify::Event>| {
         match res {
             Ok(ev) => {
                 tracing::trace!(?ev, "watch event");
                 if dbs
                     .as_deref()
-                    .is_some_and(|d| connection_noise(&base, d, &ev))
+                    .is_some_and(|d| connection_noise(&root_dir, d, &ev))
                 {
                     return;
                 }
@@ -287,6 +374,8 @@ fn start_watch(
                 r.store(true, Ordering::SeqCst);
             }
         }
+        let ns = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        let _ = f.compare_exchange(0, ns + 1, Ordering::SeqCst, Ordering::SeqCst);
         w.notify_one();
     };
     // Symlinks are mirrored as links, never followed: not into the tree twice,
@@ -309,6 +398,8 @@ fn start_watch(
         rx,
         wake,
         rescan,
+        first,
+        base,
     })
 }
 
@@ -559,6 +650,9 @@ fn partial_round(
         }
         drop(ix);
         crate::session::source::mark_databases(&mut changed, &l)?;
+        // The replica holds a recent cut: its pages are read now and the
+        // snapshots let go before the round waits on the network.
+        l.release(false)?;
     }
     changed.sort_by(|a, b| a.path.cmp(&b.path));
     changed.dedup_by(|a, b| a.path == b.path);
@@ -621,28 +715,47 @@ pub async fn run_source(
     // only the pages changed since what it holds.
     let live = Arc::new(Mutex::new(LiveSet::new(&cfg.root, crate::DB_BUSY)));
     set(&status, |s| s.epoch = cfg.epoch);
+    // What the replica holds is unknown until the first full round is applied.
+    let mut lag = LagTracker::unknown_since(Instant::now());
+    publish_lag(&status, &lag);
+    let progress = Arc::new(Progress::default());
+    set(&status, |s| s.progress = Some(progress.clone()));
     let mut backoff = Duration::from_millis(100);
     while !*shutdown.borrow() {
         set(&status, |s| s.connected = false);
-        let session = async {
-            let (endpoint, conn) = crate::connect(&cfg.identity, cfg.peer, cfg.addr).await?;
+        let connecting = async {
+            let to = cfg.addr.resolve().await?;
+            let (endpoint, conn) = crate::connect(&cfg.identity, cfg.peer, to).await?;
             let s = SourceSession::open(
                 conn,
                 cfg.root.clone(),
                 &cfg.name,
                 proto::PROTOCOL_VERSION,
                 cfg.epoch,
-                Arc::new(Progress::default()),
+                progress.clone(),
             )
             .await?;
             Ok::<_, anyhow::Error>((endpoint, s))
-        }
-        .await;
+        };
+        // A connect to a vanished replica takes the idle timeout: changes
+        // meanwhile are pending from their instant.
+        tokio::pin!(connecting);
+        let session = loop {
+            tokio::select! {
+                r = &mut connecting => break r,
+                () = w.wake.notified() => note_away(&mut w, &mut lag, &status),
+            }
+        };
         let (endpoint, mut session) = match session {
             Ok(s) => s,
             Err(e) if e.downcast_ref::<Fenced>().is_some() => {
                 let epoch = e.downcast_ref::<Fenced>().map_or(cfg.epoch, |f| f.epoch);
                 tracing::error!(folder = %cfg.name, "{e:#}; taking the replica role at epoch {epoch}");
+                // Before the role changes: what only this node holds is kept
+                // aside before the new source's first repair round.
+                if let Some(dir) = &cfg.state_dir {
+                    crate::diverged::mark(dir, &cfg.name, epoch)?;
+                }
                 set(&status, |s| s.last_error = Some(format!("{e:#}")));
                 return Ok(Outcome::Demoted { epoch });
             }
@@ -655,6 +768,7 @@ pub async fn run_source(
                     tokio::select! {
                         () = &mut deadline => break,
                         _ = shutdown.changed() => break,
+                        () = w.wake.notified() => note_away(&mut w, &mut lag, &status),
                         Some(c) = commands.recv() => refuse(c, &format!("folder {}: replica {} is unreachable: {e:#}", cfg.name, cfg.addr)),
                     }
                 }
@@ -678,8 +792,13 @@ pub async fn run_source(
             &mut shutdown,
             &live,
             commands,
+            &mut lag,
         )
         .await;
+        // Whatever the session left unapplied is still pending.
+        lag.round_failed();
+        publish_lag(&status, &lag);
+        set(&status, |s| s.full_round = None);
         if let Ok(Some(epoch)) = res {
             session.close().await;
             endpoint.close(0u32.into(), b"");
@@ -691,9 +810,14 @@ pub async fn run_source(
             // A session that fails at once again and again (a file we cannot read,
             // a full replica disk) must not spin: back off as for a failed connect.
             if began.elapsed() < Duration::from_secs(30) {
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {},
-                    _ = shutdown.changed() => {},
+                let deadline = tokio::time::sleep(backoff);
+                tokio::pin!(deadline);
+                loop {
+                    tokio::select! {
+                        () = &mut deadline => break,
+                        _ = shutdown.changed() => break,
+                        () = w.wake.notified() => note_away(&mut w, &mut lag, &status),
+                    }
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -707,13 +831,24 @@ pub async fn run_source(
     Ok(Outcome::Stopped)
 }
 
+/// A watch event while no session is up: the change is pending from its
+/// instant (the next session's full round ships it; the queue is emptied so
+/// it cannot overflow meanwhile).
+fn note_away(w: &mut Watch, lag: &mut LagTracker<RelPath>, status: &SharedStatus) {
+    w.note(lag);
+    while w.rx.try_recv().is_ok() {}
+    publish_lag(status, lag);
+}
+
 fn refuse(c: Command, why: &str) {
     match c {
         Command::Cut(reply) => {
             let _ = reply.send(Err(why.to_string()));
         }
         Command::Promote { reply, .. } => {
-            let _ = reply.send(Err(why.to_string()));
+            let _ = reply.send(Err(crate::handover::PromoteFailure::NotSent(
+                why.to_string(),
+            )));
         }
     }
 }
@@ -730,9 +865,15 @@ async fn drive(
     shutdown: &mut watch::Receiver<bool>,
     live: &Arc<Mutex<LiveSet>>,
     commands: &mut mpsc::Receiver<Command>,
+    lag: &mut LagTracker<RelPath>,
 ) -> Result<Option<u64>> {
     let mut known: Known = BTreeMap::new();
     let mut full = true;
+    // Whether the next full round may find changes no event announced (a new
+    // session, a lost event): then it is pending from its start at the latest.
+    let mut unknown = true;
+    // Databases the replica refused in the last round (held open there).
+    let mut refused: BTreeSet<RelPath> = BTreeSet::new();
     let mut cut_reply: Option<tokio::sync::oneshot::Sender<Result<CutReport, String>>> = None;
     let mut wire_seen = 0u64;
     let mut account = |session: &SourceSession, applied: &proto::ApplySummary| {
@@ -745,15 +886,18 @@ async fn drive(
         });
     };
     let mut last_full = Instant::now();
-    let mut pending_since: Option<Instant> = None;
     let mut deferred: std::collections::HashMap<RelPath, Instant> = Default::default();
     loop {
         if full {
             deferred.clear();
             // Changes from here on are caught by later rounds; the scan sees
             // everything before.
+            w.note(lag);
             w.rescan.store(false, Ordering::SeqCst);
             while w.rx.try_recv().is_ok() {}
+            lag.round_started(Instant::now(), std::mem::take(&mut unknown));
+            publish_lag(status, lag);
+            start_full_progress(status);
             let (root, o, ix, l) = (cfg.root.clone(), opts.clone(), index.clone(), live.clone());
             let started = Instant::now();
             let manifest = tokio::task::spawn_blocking(
@@ -775,6 +919,7 @@ async fn drive(
                     m.entries.retain(|e| !stats.dropped.contains(&e.path));
                     note_known(&o, &l);
                     crate::session::source::mark_databases(&mut m.entries, &l)?;
+                    l.release(true)?;
                     drop(l);
                     let now = sync_core::scan::now_ns();
                     let mut ix = ix
@@ -815,7 +960,14 @@ async fn drive(
                 live: Some(live.clone()),
                 ..Default::default()
             };
-            set(status, |s| s.files_pending = round.entries.len() as u64);
+            let bytes_total = content_bytes(&round.entries);
+            set(status, |s| {
+                s.files_pending = round.entries.len() as u64;
+                if let Some(f) = &mut s.full_round {
+                    f.entries_total = round.entries.len() as u64;
+                    f.bytes_total = bytes_total;
+                }
+            });
             let cut_id = session.next_round_id();
             let applied = session.round(&round).await;
             if let Ok(mut l) = live.lock() {
@@ -834,6 +986,17 @@ async fn drive(
             for p in &applied.held {
                 deferred.entry(p.clone()).or_insert_with(Instant::now);
             }
+            if stats.blocked.is_some() {
+                // The databases went at their previous cut: still pending, and
+                // offered again soon.
+                if let Ok(l) = live.lock() {
+                    for p in l.paths() {
+                        deferred.entry(p.clone()).or_insert_with(Instant::now);
+                    }
+                }
+            }
+            lag.round_applied(deferred.keys().cloned());
+            refused = applied.held.iter().cloned().collect();
             if let Some(r) = cut_reply.take() {
                 let replica_root = applied
                     .root_hash
@@ -853,6 +1016,7 @@ async fn drive(
                     epoch: cfg.epoch,
                     elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
                     warnings: applied.warnings.clone(),
+                    held: crate::session::held_databases(&applied),
                 }));
             }
             let wire_after = session.connection().stats().udp_tx.bytes;
@@ -864,7 +1028,8 @@ async fn drive(
             crate::trim_heap();
             full = false;
             last_full = Instant::now();
-            pending_since = None;
+            publish_lag(status, lag);
+            publish_held(status, &refused);
             set(status, |s| {
                 s.rounds += 1;
                 s.full_rounds += 1;
@@ -874,10 +1039,7 @@ async fn drive(
                 s.wire_bytes_last_full = wire_after - wire_before;
                 s.databases = databases;
                 s.max_writer_stall_ms = s.max_writer_stall_ms.max(stats.stall.as_secs_f64() * 1e3);
-                s.files_pending = 0;
-                s.lag_s = 0.0;
-                s.pending_since_unix = None;
-                s.lag_bytes = 0;
+                s.full_round = None;
                 s.last_applied_unix = unix_now();
             });
             continue;
@@ -910,15 +1072,16 @@ async fn drive(
                             if let Some(dir) = &cfg.state_dir {
                                 let st = crate::epoch::FolderState { role: crate::config::Role::Replica, epoch };
                                 if let Err(e) = crate::epoch::store(dir, &cfg.name, &cfg.identity.id().to_string(), st) {
-                                    let _ = reply.send(Err(format!("the replica was promoted, but persisting this node's demotion failed: {e:#}")));
-                                    return Ok(Some(epoch));
+                                    // The peer is the source all the same; the
+                                    // handover retries persisting the demotion.
+                                    tracing::error!(folder = %cfg.name, "the replica was promoted, but persisting this node's demotion failed: {e:#}");
                                 }
                             }
                             let _ = reply.send(Ok(()));
                             return Ok(Some(epoch));
                         }
                         Err(e) => {
-                            let _ = reply.send(Err(format!("{e:#}")));
+                            let _ = reply.send(Err(e));
                             continue;
                         }
                     }
@@ -927,16 +1090,13 @@ async fn drive(
         }
         // Debounce: collect until the events pause, at most 100 ms.
         let started = Instant::now();
-        if pending_since.is_none() {
-            pending_since = Some(started);
-            set(status, |s| {
-                s.pending_since_unix = s.pending_since_unix.or_else(unix_now)
-            });
-        }
+        w.note(lag);
+        publish_lag(status, lag);
         let mut dirty: BTreeSet<RelPath> = deferred.keys().cloned().collect();
         let mut created: BTreeSet<RelPath> = BTreeSet::new();
         let mut renames = Vec::new();
         loop {
+            w.note(lag);
             while let Ok(m) = w.rx.try_recv() {
                 match m {
                     WatchMsg::Paths(ps, new) => {
@@ -971,11 +1131,14 @@ async fn drive(
         );
         if w.rescan.swap(false, Ordering::SeqCst) {
             full = true;
+            unknown = true;
             continue;
         }
+        // The round covers every change noted so far.
+        lag.round_started(Instant::now(), false);
         if dirty.is_empty() && renames.is_empty() {
-            pending_since = None;
-            set(status, |s| s.pending_since_unix = None);
+            lag.round_applied(std::iter::empty());
+            publish_lag(status, lag);
             continue;
         }
         set(status, |s| s.files_pending = dirty.len() as u64);
@@ -1012,26 +1175,13 @@ async fn drive(
             continue;
         };
         if round.entries.is_empty() && round.deleted.is_empty() && round.renamed.is_empty() {
-            if deferred.is_empty() {
-                pending_since = None;
-                set(status, |s| {
-                    s.files_pending = 0;
-                    s.pending_since_unix = None;
-                });
-            }
+            lag.round_applied(deferred.keys().cloned());
+            refused.retain(|p| deferred.contains_key(p));
+            publish_lag(status, lag);
+            publish_held(status, &refused);
             continue;
         }
-        let bytes: u64 = round
-            .entries
-            .iter()
-            .map(|e| {
-                if let Kind::File { size, .. } = e.kind {
-                    size
-                } else {
-                    0
-                }
-            })
-            .sum();
+        let bytes = content_bytes(&round.entries);
         set(status, |s| {
             s.lag_bytes = bytes;
             s.files_pending = (round.entries.len() + round.deleted.len()) as u64;
@@ -1047,6 +1197,8 @@ async fn drive(
         for p in &applied.held {
             deferred.entry(p.clone()).or_insert_with(Instant::now);
         }
+        lag.round_applied(deferred.keys().cloned());
+        refused = applied.held.iter().cloned().collect();
         set(status, |s| {
             s.files_inline_total += applied.files_inline;
             s.files_requested_total += applied.files_transferred - applied.files_inline;
@@ -1065,11 +1217,7 @@ async fn drive(
             }
             known.insert(e.path.clone(), e.clone());
         }
-        let lag = pending_since
-            .take()
-            .map(|t| t.elapsed().as_secs_f64())
-            .unwrap_or(0.0);
-        tracing::debug!(folder = %cfg.name, entries = round.entries.len(), deleted = round.deleted.len(), lag, "round applied");
+        tracing::debug!(folder = %cfg.name, entries = round.entries.len(), deleted = round.deleted.len(), lag_s = lag.lag(Instant::now()).as_secs_f64(), "round applied");
         let ix = index.clone();
         let saved = tokio::task::spawn_blocking(move || match ix.lock() {
             Ok(mut i) => i.save().map_err(anyhow::Error::from),
@@ -1082,12 +1230,47 @@ async fn drive(
         set(status, |s| {
             s.rounds += 1;
             s.files_pending = 0;
-            s.lag_s = 0.0;
-            s.pending_since_unix = None;
             s.lag_bytes = 0;
             s.last_applied_unix = unix_now();
         });
+        publish_lag(status, lag);
+        publish_held(status, &refused);
     }
+}
+
+/// Bytes of file content among `entries`.
+fn content_bytes(entries: &[Entry]) -> u64 {
+    entries
+        .iter()
+        .map(|e| match e.kind {
+            Kind::File { size, .. } => size,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Names the databases the replica refused in status.
+fn publish_held(status: &SharedStatus, refused: &BTreeSet<RelPath>) {
+    set(status, |s| {
+        s.held_databases = refused.iter().map(ToString::to_string).collect();
+    });
+}
+
+/// A full round begins: its progress shows in status from now on, counted by
+/// the session's transfer counters (reset here).
+fn start_full_progress(status: &SharedStatus) {
+    set(status, |s| {
+        if let Some(p) = &s.progress {
+            p.entries.store(0, Ordering::Relaxed);
+            p.entries_sent.store(0, Ordering::Relaxed);
+            p.bytes_done.store(0, Ordering::Relaxed);
+            p.files_done.store(0, Ordering::Relaxed);
+        }
+        s.full_round = Some(FullRoundProgress {
+            started_unix: unix_now().unwrap_or_default(),
+            ..Default::default()
+        });
+    });
 }
 
 fn unix_now() -> Option<f64> {
@@ -1095,4 +1278,35 @@ fn unix_now() -> Option<f64> {
         .duration_since(SystemTime::UNIX_EPOCH)
         .ok()
         .map(|d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_watcher_keeps_the_instant_of_the_first_event_until_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(dir.path()).expect("canonical root");
+        let status = SharedStatus::default();
+        let mut w = start_watch(&root, &status, None).expect("watch");
+        let before = Instant::now();
+        std::fs::write(root.join("app.db-wal"), b"commit").expect("write");
+        tokio::time::timeout(Duration::from_secs(5), w.wake.notified())
+            .await
+            .expect("an event");
+        std::fs::write(root.join("later"), b"x").expect("write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut lag = LagTracker::default();
+        w.note(&mut lag);
+        let first = lag.oldest().expect("noted");
+        assert!(first >= before && first <= Instant::now());
+        // taken: the next look finds nothing new
+        assert_eq!(w.take_first(), None);
+        while w.rx.try_recv().is_ok() {}
+        // a commit while the replica is away counts from its instant
+        lag.round_started(Instant::now(), false);
+        lag.round_failed();
+        assert_eq!(lag.oldest(), Some(first));
+    }
 }

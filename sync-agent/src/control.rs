@@ -3,9 +3,15 @@
 //! Requests: `{"cmd":"status"}` (also what a client that sends nothing gets),
 //! `{"cmd":"cut","folder":NAME}` (a consistent cut, verified by both root
 //! hashes: [`CutReport`]), `{"cmd":"promote","folder":NAME,"epoch":N}` (hand the
-//! folder over to its replica; this node becomes the replica). `sync-cli status`,
-//! `cut`, `failover` and `failback` use it. The socket is created with mode 0600
-//! (root's tool).
+//! folder over to its replica; this node becomes the replica),
+//! `{"cmd":"promote_standby","folder":NAME}` (this standby takes the folder
+//! over while its source is gone: [`crate::promotion::promote_standby`]),
+//! `{"cmd":"handover","folder":NAME,"kind":"failover"|"failback","dry_run":B}`
+//! (the agent runs a whole handover on its own task and answers at once:
+//! [`crate::handover`]) and `{"cmd":"handover_progress","folder":NAME,"from":N}`
+//! (its progress lines from the N-th on, and its outcome once over).
+//! `sync-cli status`, `cut`, `failover`, `failback` and `promote` use it. The
+//! socket is created with mode 0600 (root's tool).
 
 use crate::continuous::{Command, CutReport, FolderStatus};
 use anyhow::{Context, Result, anyhow, bail};
@@ -16,7 +22,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt};
 
 /// What a client asks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
+#[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     /// The status of every folder.
     Status,
@@ -32,10 +38,35 @@ pub enum Request {
         /// The new epoch.
         epoch: u64,
     },
+    /// `sync-cli promote`: this standby takes the folder over (its source is
+    /// gone), at the epoch past every epoch it has seen.
+    #[serde(rename = "promote_standby")]
+    PromoteStandby {
+        /// The folder (optional when the agent has one).
+        folder: Option<String>,
+    },
+    /// Run a handover (failover or failback) of a source folder on the agent.
+    Handover {
+        /// The folder (optional when the agent has one).
+        folder: Option<String>,
+        /// `failover` or `failback`.
+        kind: String,
+        /// Only the preflight and the plan.
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// The progress of the current or last handover of a folder.
+    HandoverProgress {
+        /// The folder (optional when the agent has one).
+        folder: Option<String>,
+        /// The first progress line wanted.
+        #[serde(default)]
+        from: usize,
+    },
 }
 
-/// The answer to a cut or a promotion.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The answer to a cut, a promotion or a handover request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Answer {
     /// Whether it succeeded.
     pub ok: bool,
@@ -45,6 +76,12 @@ pub struct Answer {
     /// The cut, for a cut.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cut: Option<CutReport>,
+    /// The epoch reached, for `promote_standby`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// A handover's progress (for `handover` and `handover_progress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<crate::handover::Progress>,
 }
 
 /// What the agent reports.
@@ -54,6 +91,9 @@ pub struct Status {
     pub node: String,
     /// Per folder and peer.
     pub folders: Vec<FolderStatus>,
+    /// Handovers in progress on this node (their lines left out).
+    #[serde(default)]
+    pub handovers: Vec<crate::handover::Progress>,
 }
 
 /// The status sources of a running agent.
@@ -67,6 +107,8 @@ pub struct Registry {
     pub replicas: Vec<Arc<crate::session::replica::ReplicaFolder>>,
     /// Commands to each folder's source loop, by folder name.
     pub commands: std::collections::HashMap<String, tokio::sync::mpsc::Sender<Command>>,
+    /// Each folder's handover context, by folder name.
+    pub handovers: std::collections::HashMap<String, Arc<crate::handover::Folder>>,
 }
 
 impl Registry {
@@ -81,12 +123,7 @@ impl Registry {
             .folders
             .iter()
             .filter_map(|f| f.lock().ok().map(|s| s.clone()))
-            .map(|mut s| {
-                if let Some(t) = s.pending_since_unix {
-                    s.lag_s = (now - t).max(0.0);
-                }
-                s
-            })
+            .map(|s| source_row(s, now))
             .collect();
         // A folder shows in the role it plays now (a failover may swap them).
         let fence = |name: &str| {
@@ -101,23 +138,76 @@ impl Registry {
             if f.source {
                 continue;
             }
-            let last = r.last_applied.lock().ok().and_then(|t| *t);
-            folders.push(FolderStatus {
-                folder: r.name.clone(),
-                role: "replica".into(),
-                epoch: f.epoch,
-                last_error: r.last_warning.lock().ok().and_then(|w| w.clone()),
-                connected: r.lock.try_lock().is_err(),
-                last_applied_unix: last
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map(|d| d.as_secs_f64()),
-                ..Default::default()
-            });
+            folders.push(replica_row(r, f, now));
         }
+        let mut handovers: Vec<crate::handover::Progress> = self
+            .handovers
+            .values()
+            .map(|h| h.progress(usize::MAX))
+            .filter(|p| p.running)
+            .collect();
+        handovers.sort_by(|a, b| a.folder.cmp(&b.folder));
         Status {
             node: self.node.clone(),
             folders,
+            handovers,
         }
+    }
+}
+
+/// A source folder's row at `now`: its lag is the age of the oldest unapplied
+/// change, whatever the loop is doing; a full round shows its live counters.
+fn source_row(mut s: FolderStatus, now: f64) -> FolderStatus {
+    use std::sync::atomic::Ordering::Relaxed;
+    s.lag_s = s.pending_since_unix.map_or(0.0, |t| (now - t).max(0.0));
+    if let (Some(f), Some(p)) = (&mut s.full_round, &s.progress) {
+        f.entries_sent = p.entries_sent.load(Relaxed);
+        f.bytes_sent = p.bytes_done.load(Relaxed);
+        f.files_sent = p.files_done.load(Relaxed);
+    }
+    s
+}
+
+/// A replica folder's row at `now`.
+fn replica_row(
+    r: &crate::session::replica::ReplicaFolder,
+    f: crate::session::replica::Fence,
+    now: f64,
+) -> FolderStatus {
+    let last = r
+        .last_applied
+        .lock()
+        .ok()
+        .and_then(|t| *t)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64());
+    let stats = r.stats.lock().map(|g| g.clone()).unwrap_or_default();
+    let peer = r
+        .current
+        .lock()
+        .ok()
+        .and_then(|c| c.as_ref().and_then(|(p, _)| *p))
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    FolderStatus {
+        folder: r.name.clone(),
+        role: "replica".into(),
+        peer,
+        epoch: f.epoch,
+        source_epoch: stats.source_epoch,
+        rounds: stats.rounds,
+        full_rounds: stats.full_rounds,
+        held_databases: stats.held,
+        last_error: r.last_warning.lock().ok().and_then(|w| w.clone()),
+        connected: r.lock.try_lock().is_err(),
+        last_applied_unix: last,
+        last_applied_age_s: last.map(|t| (now - t).max(0.0)),
+        diverged: r
+            .diverged
+            .lock()
+            .ok()
+            .and_then(|d| d.as_ref().map(|p| p.display().to_string())),
+        ..Default::default()
     }
 }
 
@@ -147,7 +237,7 @@ pub async fn serve(path: PathBuf, registry: Registry) -> Result<()> {
                 Err(e) => serde_json::to_string(&Answer {
                     ok: false,
                     error: Some(format!("bad request: {e}")),
-                    cut: None,
+                    ..Default::default()
                 }),
             };
             if let Ok(line) = out {
@@ -179,11 +269,32 @@ impl Registry {
         }
     }
 
+    fn replica(&self, name: Option<String>) -> Result<Arc<crate::session::replica::ReplicaFolder>> {
+        let pick = |n: &str| self.replicas.iter().find(|r| r.name == n).cloned();
+        match name {
+            Some(n) => pick(&n).ok_or_else(|| {
+                anyhow!("this agent serves no folder named {n:?} as a replica ([node] listen set?)")
+            }),
+            None => match self.replicas.as_slice() {
+                [r] => Ok(r.clone()),
+                [] => bail!("this agent serves no replica folder ([node] listen is not set)"),
+                _ => bail!("this agent serves several folders: say which with --folder"),
+            },
+        }
+    }
+
+    fn handover(&self, name: Option<String>) -> Result<Arc<crate::handover::Folder>> {
+        let (name, _) = self.folder(name)?;
+        self.handovers.get(&name).cloned().ok_or_else(|| {
+            anyhow!("folder {name}: no handovers on this agent (run it from a config)")
+        })
+    }
+
     async fn command(&self, r: Request) -> Answer {
         let fail = |e: anyhow::Error| Answer {
             ok: false,
             error: Some(format!("{e:#}")),
-            cut: None,
+            ..Default::default()
         };
         let res: Result<Answer> = async {
             match r {
@@ -207,6 +318,7 @@ impl Registry {
                             )
                         }),
                         cut: Some(cut),
+                        ..Default::default()
                     })
                 }
                 Request::Promote { folder, epoch } => {
@@ -222,8 +334,40 @@ impl Registry {
                         .map_err(|e| anyhow!("folder {name}: {e}"))?;
                     Ok(Answer {
                         ok: true,
-                        error: None,
-                        cut: None,
+                        epoch: Some(epoch),
+                        ..Default::default()
+                    })
+                }
+                Request::PromoteStandby { folder } => {
+                    let f = self.replica(folder)?;
+                    let epoch = crate::promotion::promote_standby(&f).await?;
+                    Ok(Answer {
+                        ok: true,
+                        epoch: Some(epoch),
+                        ..Default::default()
+                    })
+                }
+                Request::Handover {
+                    folder,
+                    kind,
+                    dry_run,
+                } => {
+                    let h = self.handover(folder)?;
+                    let kind: crate::handover::Kind =
+                        kind.parse().map_err(|e: String| anyhow!(e))?;
+                    crate::handover::start(&h, kind, dry_run)?;
+                    Ok(Answer {
+                        ok: true,
+                        handover: Some(h.progress(0)),
+                        ..Default::default()
+                    })
+                }
+                Request::HandoverProgress { folder, from } => {
+                    let h = self.handover(folder)?;
+                    Ok(Answer {
+                        ok: true,
+                        handover: Some(h.progress(from)),
+                        ..Default::default()
                     })
                 }
             }
@@ -274,5 +418,9 @@ pub async fn query(path: &Path) -> Result<Status> {
     Ok(Status {
         node: v["node"].as_str().unwrap_or_default().to_string(),
         folders: serde_json::from_value(v["folders"].clone()).context("parsing folder status")?,
+        handovers: match v.get("handovers") {
+            Some(h) => serde_json::from_value(h.clone()).context("parsing handover status")?,
+            None => Vec::new(),
+        },
     })
 }

@@ -50,7 +50,7 @@ pub fn lock_path(state_dir: &Path, folder: &str) -> PathBuf {
 }
 
 /// A folder name must be a single plain file-name component to name state files.
-fn check_name(folder: &str) -> Result<()> {
+pub(crate) fn check_name(folder: &str) -> Result<()> {
     if folder.is_empty()
         || folder == "."
         || folder == ".."
@@ -99,9 +99,24 @@ pub fn store(state_dir: &Path, folder: &str, node: &str, st: FolderState) -> Res
     .context("encoding the epoch state")?;
     json.push(b'\n');
 
+    write_atomic(state_dir, &p, &json)
+        .with_context(|| format!("writing epoch file {}", p.display()))
+}
+
+/// Replaces `path` (inside `state_dir`) with `bytes` atomically: a temp file in
+/// the same directory, fsync, rename over, fsync of the directory. A crash
+/// leaves the old content or the new.
+///
+/// # Errors
+/// Any step fails.
+pub(crate) fn write_atomic(state_dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = state_dir.join(format!(
-        ".{folder}.epoch.tmp.{}.{}",
+        ".{name}.tmp.{}.{}",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
@@ -111,21 +126,18 @@ pub fn store(state_dir: &Path, folder: &str, node: &str, st: FolderState) -> Res
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(&json)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &p)
+        std::fs::rename(&tmp, path)
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("writing epoch file {}", p.display()));
+        return Err(e);
     }
-    File::open(state_dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync of state directory {}", state_dir.display()))?;
-    Ok(())
+    File::open(state_dir).and_then(|d| d.sync_all())
 }
 
-fn create_state_dir(state_dir: &Path) -> Result<()> {
+pub(crate) fn create_state_dir(state_dir: &Path) -> Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

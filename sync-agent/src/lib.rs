@@ -7,18 +7,24 @@
 //! - [`continuous`]: the source's watch loop, with reconnect and resume.
 //! - [`config`]: the TOML configuration.
 //! - [`control`]: the local control socket (`sync-cli status`).
+//! - [`lag`]: the age of the oldest unapplied change, and the health check.
 //! - [`push`], [`serve`], [`mirror`]: one-shot entry points.
 //!
 //! `sync-core` does the filesystem work; it is synchronous and called through
 //! `spawn_blocking`.
 
+pub mod addr;
 pub mod config;
 pub mod continuous;
 pub mod control;
+pub mod diverged;
 pub mod epoch;
+pub mod handover;
 pub mod hooks;
 pub mod identity;
+pub mod lag;
 pub mod limits;
+pub mod promotion;
 pub mod session;
 pub mod tls;
 mod wire;
@@ -216,6 +222,8 @@ pub struct ReplicaSettings {
     pub hooks: config::Hooks,
     /// The persisted fencing state.
     pub fence: session::replica::Fence,
+    /// Whether this node can serve as the folder's source once promoted.
+    pub promotable: bool,
 }
 
 /// [`replica_folder`] with database globs, fencing state and hooks.
@@ -239,12 +247,20 @@ pub fn replica_folder_with(
             ..Default::default()
         }),
         fence: std::sync::Mutex::new(settings.fence),
-        state_dir: settings.state_dir,
         node: settings.node,
         hooks: settings.hooks,
         promoted: tokio::sync::Notify::new(),
         last_warning: std::sync::Mutex::new(None),
         activity: Default::default(),
+        stats: std::sync::Mutex::default(),
+        promotable: settings.promotable,
+        diverged: std::sync::Mutex::new(
+            settings
+                .state_dir
+                .as_deref()
+                .and_then(|d| diverged::latest(d, name)),
+        ),
+        state_dir: settings.state_dir,
     }))
 }
 

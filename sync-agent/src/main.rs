@@ -125,6 +125,10 @@ struct FolderPlan {
     sources: Vec<SourceFolder>,
     fence: Fence,
     state_dir: Option<PathBuf>,
+    /// Hooks, run by handovers.
+    hooks: sync_agent::config::Hooks,
+    /// The configured role (the epoch file, when present, wins).
+    configured: Role,
 }
 
 fn refuse_writable_by_others(path: &Path) -> Result<()> {
@@ -189,6 +193,9 @@ fn plan_from_config(path: &Path) -> Result<Plan> {
                     node: identity.id().to_string(),
                     hooks: f.hooks.clone(),
                     fence,
+                    promotable: f.failover
+                        && !peers.is_empty()
+                        && peers.iter().all(|p| c.peer_address(p).is_some()),
                 },
             )?),
             None => None,
@@ -227,6 +234,8 @@ fn plan_from_config(path: &Path) -> Result<Plan> {
             sources,
             fence,
             state_dir: c.node.state.clone(),
+            hooks: f.hooks.clone(),
+            configured: f.role,
         });
     }
     plan.identity = Some(identity);
@@ -249,6 +258,13 @@ async fn run(plan: Plan) -> Result<ExitCode> {
         .iter()
         .filter_map(|f| f.replica.clone())
         .collect();
+    // A promotion an earlier run left half-way ends before anything is served:
+    // it decides the role.
+    for r in &replicas {
+        if let Err(e) = sync_agent::handover::promotion::resume(r).await {
+            tracing::error!(folder = %r.name, "{e:#}");
+        }
+    }
     if !replicas.is_empty() {
         let listen = plan
             .listen
@@ -278,7 +294,25 @@ async fn run(plan: Plan) -> Result<ExitCode> {
             .map(|_| Arc::new(Mutex::new(FolderStatus::default())))
             .collect();
         registry.folders.extend(statuses.iter().cloned());
+        let handover = Arc::new(sync_agent::handover::Folder::new(
+            &f.name,
+            f.hooks.clone(),
+            f.state_dir.clone(),
+            identity.id().to_string(),
+            f.configured,
+            tx_for(&registry, &f.name)?,
+            statuses.first().cloned(),
+            f.replica.clone(),
+        ));
+        registry.handovers.insert(f.name.clone(), handover);
         tasks.spawn(supervise(f, statuses, rx, stop_rx.clone()));
+    }
+    // A handover an earlier run left half-way is taken up again: it ends
+    // completed or rolled back.
+    for h in registry.handovers.values() {
+        if let Err(e) = sync_agent::handover::resume(h) {
+            tracing::error!(folder = %h.name, "resuming its handover: {e:#}");
+        }
     }
     if let Some(path) = plan.control {
         let reg = registry.clone();
@@ -371,6 +405,11 @@ async fn supervise(
             match outcome? {
                 Outcome::Stopped => return Ok(()),
                 Outcome::Demoted { epoch } => {
+                    for s in &statuses {
+                        if let Ok(mut s) = s.lock() {
+                            s.connected = false;
+                        }
+                    }
                     let st = sync_agent::epoch::FolderState {
                         role: Role::Replica,
                         epoch,
@@ -383,6 +422,18 @@ async fn supervise(
                             .unwrap_or_default();
                         sync_agent::epoch::store(dir, &f.name, &node, st)?;
                     }
+                    // The app is stopped before the replica side takes
+                    // sessions: the new source's first round (and, after a
+                    // fencing, the copy of what only this node held) never
+                    // races the app's last writes.
+                    if let Some(r) = &f.replica
+                        && let Some(cmd) = r.hooks.command(sync_agent::config::Hook::StopReplica)
+                        && let Err(e) =
+                            sync_agent::hooks::run("stop_replica", cmd, &f.name, r.hooks.timeout())
+                                .await
+                    {
+                        tracing::error!(folder = %f.name, "{e:#}");
+                    }
                     local = Fence {
                         epoch,
                         source: false,
@@ -393,14 +444,6 @@ async fn supervise(
                         *g = local;
                     }
                     tracing::warn!(folder = %f.name, epoch, "this node is now the folder's replica");
-                    if let Some(r) = &f.replica
-                        && let Some(cmd) = r.hooks.command(sync_agent::config::Hook::StopReplica)
-                        && let Err(e) =
-                            sync_agent::hooks::run("stop_replica", cmd, &f.name, r.hooks.timeout())
-                                .await
-                    {
-                        tracing::error!(folder = %f.name, "{e:#}");
-                    }
                 }
             }
         } else {
@@ -419,12 +462,20 @@ async fn supervise(
                     );
                     match c {
                         Command::Cut(reply) => { let _ = reply.send(Err(why)); }
-                        Command::Promote { reply, .. } => { let _ = reply.send(Err(why)); }
+                        Command::Promote { reply, .. } => { let _ = reply.send(Err(sync_agent::handover::PromoteFailure::NotSent(why))); }
                     }
                 }
             }
         }
     }
+}
+
+fn tx_for(registry: &Registry, name: &str) -> Result<mpsc::Sender<Command>> {
+    registry
+        .commands
+        .get(name)
+        .cloned()
+        .with_context(|| format!("folder {name}: no command channel"))
 }
 
 fn build_plan(cli: Cli) -> Result<Plan> {
@@ -459,6 +510,8 @@ fn build_plan(cli: Cli) -> Result<Plan> {
                     sources: Vec::new(),
                     fence: Fence::default(),
                     state_dir: None,
+                    hooks: Default::default(),
+                    configured: Role::Replica,
                 }],
                 control,
             })
@@ -505,7 +558,7 @@ fn build_plan(cli: Cli) -> Result<Plan> {
                         filter: Filter::new(&exclude)?,
                         identity,
                         peer,
-                        addr: connect,
+                        addr: connect.into(),
                         index_path,
                         debounce: Duration::from_millis(debounce_ms),
                         rescan_every: Duration::from_secs(rescan_s.max(1)),
@@ -518,6 +571,8 @@ fn build_plan(cli: Cli) -> Result<Plan> {
                         source: true,
                     },
                     state_dir: None,
+                    hooks: Default::default(),
+                    configured: Role::Source,
                 }],
                 control,
                 ..Default::default()

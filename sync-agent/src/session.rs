@@ -60,6 +60,31 @@ pub struct Summary {
     pub warnings: Vec<String>,
 }
 
+/// The prefix of the warning a replica adds, in a verified (cut) round, for
+/// each database another process holds open: `{HELD_PREFIX}{path}: {holders}`.
+pub const HELD_PREFIX: &str = "held open on the replica: ";
+
+/// The replica databases a round found held open, with their holders, from
+/// the round's typed `held` list (the holders from its warnings).
+#[must_use]
+pub fn held_databases(applied: &proto::ApplySummary) -> Vec<String> {
+    applied
+        .held
+        .iter()
+        .map(|p| {
+            let head = format!("{HELD_PREFIX}{p}: ");
+            applied
+                .warnings
+                .iter()
+                .find_map(|w| w.strip_prefix(&head))
+                .map_or_else(
+                    || format!("{p}: held open by another process"),
+                    |who| format!("{p}: {who}"),
+                )
+        })
+        .collect()
+}
+
 /// Live counters a progress display can poll.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -69,4 +94,7 @@ pub struct Progress {
     pub bytes_done: AtomicU64,
     /// Files completed.
     pub files_done: AtomicU64,
+    /// Manifest entries sent to the replica (rounds of a continuous session
+    /// add up; its status resets this at each full round).
+    pub entries_sent: AtomicU64,
 }

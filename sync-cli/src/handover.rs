@@ -1,22 +1,25 @@
 //! `cut`, `failover` and `failback`: consistent cuts and handovers, driven
 //! through the local agent's control socket.
 //!
-//! A failover runs on the source's host: lock (one at a time), check the replica
-//! is connected, `stop_source` hook, a final cut verified by both root hashes,
-//! promotion of the replica (its epoch + 1, its `start_replica` hook), and this
-//! node takes the replica role. Any failure before the promotion completes rolls
-//! back: `start_source` runs again and the replica stays as it was. A failback is
-//! the same handover run from the promoted side, once the old source is back as
-//! its replica (it came back fenced, took the replica role, and received only
-//! what changed since the promotion).
+//! A handover runs on the folder's current source host, and the *agent* runs
+//! it (`sync_agent::handover`), from persisted state: this command asks it to
+//! start and follows its progress; killing this command (Ctrl-C, a dropped SSH
+//! session) does not stop or break the handover. Preflight (this node is the
+//! source, the replica is connected, no replica database is held open),
+//! `stop_source` hook, a final cut verified by both root hashes, promotion of
+//! the replica (its epoch + 1, its `start_replica` hook), and this node takes
+//! the replica role. Any failure before the promotion completes rolls back:
+//! `start_source` runs again and the replica stays as it was. `failover` and
+//! `failback` both hand the folder to the peer, whichever way round; `failback`
+//! is refused at epoch 0 (nothing was failed over yet).
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use sync_agent::config::{Config, Folder, Hook};
-use sync_agent::continuous::{CutReport, FolderStatus};
+use std::time::Duration;
+use sync_agent::config::{Config, Folder};
+use sync_agent::continuous::CutReport;
 use sync_agent::control::{Answer, Request};
 
 #[derive(Args, Debug)]
@@ -34,7 +37,7 @@ pub struct CutArgs {
 
 #[derive(Args, Debug)]
 pub struct HandoverArgs {
-    /// This host's agent config file (the current source's).
+    /// This host's agent config file (the folder's current source).
     #[arg(long)]
     config: PathBuf,
     /// The folder (needed when the config has several).
@@ -129,24 +132,6 @@ pub fn cut(a: CutArgs) -> Result<ExitCode> {
     }
 }
 
-/// What a handover did, step by step, and where each side stands.
-#[derive(Debug, Default, Serialize)]
-struct Report {
-    folder: String,
-    kind: &'static str,
-    ok: bool,
-    dry_run: bool,
-    steps: Vec<String>,
-    /// This node's state at the end.
-    source_state: String,
-    /// The peer's state at the end.
-    replica_state: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cut: Option<CutReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
-
 pub fn failover(a: HandoverArgs) -> Result<ExitCode> {
     handover(a, "failover")
 }
@@ -155,246 +140,88 @@ pub fn failback(a: HandoverArgs) -> Result<ExitCode> {
     handover(a, "failback")
 }
 
+/// How often the progress is polled.
+const POLL: Duration = Duration::from_millis(200);
+
 fn handover(a: HandoverArgs, kind: &'static str) -> Result<ExitCode> {
     let cfg = Config::parse(&a.config)?;
     let f = folder(&cfg, a.folder.as_deref(), &a.config)?.clone();
     let sock = control(&cfg, &a.config)?;
-    let state = cfg.node.state.clone().with_context(|| {
-        format!(
-            "config {}: [node] state is not set (the fencing epoch lives there)",
-            a.config.display()
-        )
-    })?;
-    let _lock = sync_agent::epoch::FailoverLock::acquire(&state, &f.name)?;
     let rt = runtime()?;
-    let mut r = Report {
-        folder: f.name.clone(),
-        kind,
+    let req = Request::Handover {
+        folder: Some(f.name.clone()),
+        kind: kind.to_string(),
         dry_run: a.dry_run,
-        ..Default::default()
     };
-    let res = rt.block_on(run_handover(&f, &sock, kind, a.dry_run, &mut r));
-    if let Err(e) = &res {
-        r.error = Some(format!("{e:#}"));
+    let ans = rt.block_on(ask(&sock, &req))?;
+    if !ans.ok {
+        let e = ans.error.unwrap_or_default();
+        if a.json {
+            let v = serde_json::json!({"folder": f.name, "kind": kind, "ok": false,
+                "dry_run": a.dry_run, "error": e, "steps": []});
+            println!("{v}");
+        }
+        eprintln!("sync-cli: {kind} refused: {e}");
+        return Ok(ExitCode::from(2));
     }
-    r.ok = res.is_ok();
+    if !a.json {
+        println!(
+            "{kind} of folder {} runs in the agent; interrupting this command does not stop it \
+             (follow it with `sync-cli status`)",
+            f.name
+        );
+    }
+    let p = rt.block_on(follow(&sock, &f.name, !a.json))?;
+    let o = p.outcome.clone().unwrap_or_default();
     if a.json {
-        println!("{}", serde_json::to_string(&r)?);
+        let v = serde_json::json!({
+            "folder": f.name, "kind": kind, "ok": o.ok, "dry_run": a.dry_run,
+            "step": o.step, "steps": p.lines, "source_state": o.this_node,
+            "replica_state": o.peer, "error": o.error,
+        });
+        println!("{v}");
     } else {
-        for s in &r.steps {
-            println!("{s}");
-        }
-        println!("this node ({}): {}", f.name, r.source_state);
-        println!("its peer:  {}", r.replica_state);
-        if let Some(e) = &r.error {
-            eprintln!("sync-cli: {kind} failed: {e}");
+        println!("this node ({}): {}", f.name, o.this_node);
+        println!("its peer:  {}", o.peer);
+        if let Some(e) = &o.error {
+            eprintln!("sync-cli: {kind} failed ({}): {e}", o.step);
         }
     }
-    Ok(if r.ok {
+    Ok(if o.ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)
     })
 }
 
-async fn run_hook(f: &Folder, hook: Hook, r: &mut Report) -> Result<()> {
-    match f.hooks.command(hook) {
-        None => {
-            r.steps.push(format!("{hook}: not configured, skipped"));
-            Ok(())
-        }
-        Some(cmd) => {
-            let out = sync_agent::hooks::run(hook.name(), cmd, &f.name, f.hooks.timeout()).await;
-            match out {
-                Ok(o) => {
-                    r.steps.push(format!(
-                        "{hook}: ran {cmd:?} in {:.1} s",
-                        o.elapsed.as_secs_f64()
-                    ));
-                    Ok(())
-                }
-                Err(e) => {
-                    r.steps.push(format!("{hook}: FAILED: {e:#}"));
-                    Err(e)
-                }
+/// Follows the agent's handover until it is over; prints its lines as they come.
+async fn follow(sock: &Path, folder: &str, print: bool) -> Result<sync_agent::handover::Progress> {
+    let mut lines = Vec::new();
+    loop {
+        let req = Request::HandoverProgress {
+            folder: Some(folder.to_string()),
+            from: lines.len(),
+        };
+        let ans = ask(sock, &req).await.context(
+            "lost contact with the agent: the handover goes on (or resumes when it restarts); \
+             see `sync-cli status`",
+        )?;
+        let p = match (ans.ok, ans.handover) {
+            (true, Some(p)) => p,
+            _ => bail!(
+                "the agent answered without the handover's progress: {}",
+                ans.error.unwrap_or_default()
+            ),
+        };
+        for l in &p.lines {
+            if print {
+                println!("{l}");
             }
         }
-    }
-}
-
-/// Puts the source's application back after a failed handover.
-async fn roll_back(f: &Folder, epoch: u64, r: &mut Report, why: anyhow::Error) -> anyhow::Error {
-    r.steps.push("rolling back".into());
-    let restarted = run_hook(f, Hook::StartSource, r).await;
-    r.source_state = match restarted {
-        Ok(()) => format!(
-            "still the source at epoch {epoch}; its application was started again (start_source)"
-        ),
-        Err(e) => format!(
-            "still the source at epoch {epoch}, but start_source FAILED ({e:#}): its application may be stopped"
-        ),
-    };
-    why
-}
-
-async fn run_handover(
-    f: &Folder,
-    sock: &Path,
-    kind: &str,
-    dry_run: bool,
-    r: &mut Report,
-) -> Result<()> {
-    let status = sync_agent::control::query(sock).await?;
-    let st: FolderStatus = status
-        .folders
-        .iter()
-        .find(|s| s.folder == f.name && s.role == "source")
-        .cloned()
-        .ok_or_else(|| {
-            r.source_state = "not the folder's source on this node: nothing changed".into();
-            anyhow!(
-                "folder {}: this node is not its source (run the {kind} on the source's host)",
-                f.name
-            )
-        })?;
-    let epoch = st.epoch;
-    r.source_state = format!("the source at epoch {epoch}");
-    r.replica_state = format!(
-        "peer {} ({}), replica at epoch {epoch}",
-        st.peer,
-        if st.connected {
-            "connected"
-        } else {
-            "NOT connected"
+        lines.extend(p.lines.iter().cloned());
+        if !p.running && p.outcome.is_some() {
+            return Ok(sync_agent::handover::Progress { lines, ..p });
         }
-    );
-    if kind == "failback" && epoch == 0 {
-        bail!(
-            "folder {}: epoch 0, this node was never promoted: nothing to fail back (use failover)",
-            f.name
-        );
-    }
-    let plan = [
-        format!("1. check the replica {} is connected", st.peer),
-        format!(
-            "2. stop_source: {}",
-            f.hooks.stop_source.as_deref().unwrap_or("(none)")
-        ),
-        "3. final cut; both root hashes must match".to_string(),
-        format!(
-            "4. promote the replica to epoch {} (it persists the epoch, then runs its start_replica hook)",
-            epoch + 1
-        ),
-        format!("5. this node becomes the replica at epoch {}", epoch + 1),
-        format!(
-            "on any failure before 4 completes: start_source ({}) and the replica stays as it was",
-            f.hooks.start_source.as_deref().unwrap_or("none")
-        ),
-    ];
-    if dry_run {
-        r.steps
-            .push(format!("{kind} plan (dry run, nothing changed):"));
-        r.steps.extend(plan);
-        return Ok(());
-    }
-    if !st.connected {
-        r.replica_state = format!("peer {} unreachable: unchanged", st.peer);
-        r.source_state = format!(
-            "still the source at epoch {epoch}; its application was not stopped: nothing changed"
-        );
-        bail!(
-            "folder {}: the replica {} is not connected{}",
-            f.name,
-            st.peer,
-            st.last_error
-                .as_deref()
-                .map(|e| format!(" ({e})"))
-                .unwrap_or_default()
-        );
-    }
-    r.steps.push(format!("replica {} connected", st.peer));
-    if let Err(e) = run_hook(f, Hook::StopSource, r).await {
-        r.replica_state = format!("peer {}: replica at epoch {epoch}, unchanged", st.peer);
-        return Err(roll_back(f, epoch, r, e).await);
-    }
-    let cut = ask(
-        sock,
-        &Request::Cut {
-            folder: Some(f.name.clone()),
-        },
-    )
-    .await;
-    match cut {
-        Ok(a) if a.ok => {
-            let c = a.cut.unwrap_or_default();
-            r.steps.push(format!(
-                "final cut {}: roots match {} (writer stall {:.3} ms, {} bytes)",
-                c.cut_id, c.source_root, c.writer_stall_ms, c.bytes_shipped
-            ));
-            r.cut = Some(c);
-        }
-        Ok(a) => {
-            let e = anyhow!("final cut failed: {}", a.error.unwrap_or_default());
-            r.cut = a.cut;
-            r.replica_state = format!("peer {}: replica at epoch {epoch}, unchanged", st.peer);
-            return Err(roll_back(f, epoch, r, e).await);
-        }
-        Err(e) => {
-            r.replica_state = format!("peer {}: replica at epoch {epoch}, unchanged", st.peer);
-            return Err(roll_back(f, epoch, r, e.context("final cut")).await);
-        }
-    }
-    let promoted = ask(
-        sock,
-        &Request::Promote {
-            folder: Some(f.name.clone()),
-            epoch: epoch + 1,
-        },
-    )
-    .await;
-    match promoted {
-        Ok(a) if a.ok => {
-            r.steps.push(format!(
-                "replica {} promoted to epoch {} (its start_replica hook ran)",
-                st.peer,
-                epoch + 1
-            ));
-            r.replica_state = format!("peer {}: the SOURCE at epoch {}", st.peer, epoch + 1);
-            r.source_state = format!(
-                "the replica at epoch {} (its agent now applies the peer's changes)",
-                epoch + 1
-            );
-            Ok(())
-        }
-        Ok(a)
-            if a.error
-                .as_deref()
-                .is_some_and(|e| e.contains("refused the promotion")) =>
-        {
-            // The replica said no and put itself back: a clean rollback.
-            let e = anyhow!("promotion failed: {}", a.error.unwrap_or_default());
-            r.replica_state = format!(
-                "peer {}: replica at epoch {epoch} (it rolled its promotion back)",
-                st.peer
-            );
-            Err(roll_back(f, epoch, r, e).await)
-        }
-        other => {
-            // The answer was lost: the replica may have been promoted. Starting
-            // the application here too could make two masters; leave it stopped.
-            let e = match other {
-                Ok(a) => anyhow!("promotion: {}", a.error.unwrap_or_default()),
-                Err(e) => e.context("promotion"),
-            };
-            r.replica_state = format!(
-                "peer {}: UNKNOWN (the promotion's answer was lost): check `sync-cli status` on its host",
-                st.peer
-            );
-            r.source_state = format!(
-                "the source at epoch {epoch} with its application STOPPED (not restarted: the peer may \
-                 be the source now; if its status says replica at epoch {epoch}, run start_source by hand)"
-            );
-            Err(e)
-        }
+        tokio::time::sleep(POLL).await;
     }
 }

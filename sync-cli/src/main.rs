@@ -1,11 +1,14 @@
 //! `sync-cli`: the operator's tool.
 //!
-//! Exit codes: 0 success; 1 `verify` found differences; 2 error (nothing was
-//! left torn, the message names the cause); 3 the mirror completed but something
-//! could not be preserved (each listed on stderr).
+//! Exit codes: 0 success; 1 `verify` found differences, or `status --check`
+//! found a folder unhealthy; 2 error (nothing was left torn, the message names
+//! the cause; for `status`, the agent is unreachable or the config is bad); 3
+//! the mirror completed but something could not be preserved (each listed on
+//! stderr).
 
 mod handover;
 mod keys;
+mod promote;
 mod status;
 mod transfer;
 mod verify;
@@ -19,7 +22,7 @@ use std::process::ExitCode;
 #[command(
     version,
     about,
-    after_help = "Exit codes: 0 ok, 1 verify found differences, 2 error, 3 done with things not preserved."
+    after_help = "Exit codes: 0 ok, 1 verify found differences or status --check found a folder unhealthy, 2 error, 3 done with things not preserved."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -38,7 +41,9 @@ enum Cmd {
     Push(transfer::PushArgs),
     /// Compare two local trees by content and all metadata.
     Verify(verify::VerifyArgs),
-    /// Show a running agent's folders: connected, lag, pending, last error.
+    /// Show a running agent's folders: connected, lag, pending, last error;
+    /// with --check, judge them (exit 0 healthy, 1 unhealthy, 2 error).
+    #[command(after_help = status::EXIT_CODES)]
     Status(status::StatusArgs),
     /// Take a consistent cut of a source folder (every database frozen at one
     /// instant), ship it, and compare both root hashes (exit 0 only when equal).
@@ -49,6 +54,10 @@ enum Cmd {
     /// Hand a folder back to the old source once it is back as the replica:
     /// the same handover, run on the promoted side.
     Failback(handover::HandoverArgs),
+    /// On a standby whose master is dead: take the folder over (epoch past
+    /// all seen, start hook, serve as source). Refused while the source is
+    /// connected (use failover).
+    Promote(promote::PromoteArgs),
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -62,6 +71,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Cut(a) => handover::cut(a),
         Cmd::Failover(a) => handover::failover(a),
         Cmd::Failback(a) => handover::failback(a),
+        Cmd::Promote(a) => promote::promote(a),
     }
 }
 

@@ -1,9 +1,18 @@
-//! `status`: ask a running agent how far behind each folder is.
+//! `status`: ask a running agent how far behind each folder is; with `--check`,
+//! judge it (exit 0 healthy, 1 unhealthy, 2 error).
 
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use sync_agent::continuous::FolderStatus;
+use sync_agent::lag::Problem;
+
+/// What `status --help` says about exit codes.
+pub const EXIT_CODES: &str = "Exit codes: 0 the status was printed (with --check: every folder is \
+healthy); 1 with --check: some folder is unhealthy (not connected, lag over --max-lag, a database \
+held open on the replica), each reason printed as FOLDER: WHAT; 2 error (the agent is unreachable, \
+the config is bad).";
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
@@ -13,9 +22,19 @@ pub struct StatusArgs {
     /// Print the status as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Judge the status: exit 1 when a folder is not connected, a source's lag
+    /// is over --max-lag, or a replica database is held open.
+    #[arg(long)]
+    check: bool,
+    /// The most lag --check accepts, in seconds.
+    #[arg(long, value_name = "S", default_value_t = 30.0)]
+    max_lag: f64,
 }
 
 pub fn status(a: StatusArgs) -> Result<ExitCode> {
+    if !(a.max_lag.is_finite() && a.max_lag >= 0.0) {
+        anyhow::bail!("--max-lag must be a number of seconds ≥ 0");
+    }
     let cfg = sync_agent::config::Config::parse(&a.config)?;
     let control = cfg
         .node
@@ -25,16 +44,60 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     let st = rt.block_on(sync_agent::control::query(&control))?;
+    let problems = sync_agent::lag::check(&st.folders, a.max_lag);
     if a.json {
-        println!("{}", serde_json::to_string(&st)?);
-        return Ok(ExitCode::SUCCESS);
+        let mut v = serde_json::to_value(&st)?;
+        if a.check {
+            v["check"] = serde_json::json!({
+                "healthy": problems.is_empty(),
+                "max_lag_s": a.max_lag,
+                "problems": problems,
+            });
+        }
+        println!("{v}");
+    } else {
+        print_human(&st.node, &st.folders);
+        print_handovers(&st.handovers);
+        if a.check {
+            print_problems(&problems, a.max_lag);
+        }
     }
-    println!("node {}", st.node);
+    Ok(if a.check && !problems.is_empty() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_handovers(handovers: &[sync_agent::handover::Progress]) {
+    for h in handovers {
+        let age = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .saturating_sub(h.started_unix);
+        println!(
+            "handover in progress: {} of folder {}, step {}, for {age} s (another one is refused until it ends)",
+            h.kind, h.folder, h.step
+        );
+    }
+}
+
+fn print_problems(problems: &[Problem], max_lag: f64) {
+    if problems.is_empty() {
+        println!("healthy (max lag {max_lag} s)");
+    }
+    for p in problems {
+        println!("UNHEALTHY {}: {}", p.folder, p.what);
+    }
+}
+
+fn print_human(node: &str, folders: &[FolderStatus]) {
+    println!("node {node}");
     println!(
         "{:<16} {:<8} {:<10} {:>8} {:>12} {:>8} {:>7}  last error",
         "folder", "role", "connected", "lag s", "lag bytes", "pending", "rounds"
     );
-    for f in &st.folders {
+    for f in folders {
         println!(
             "{:<16} {:<8} {:<10} {:>8.3} {:>12} {:>8} {:>7}  {}",
             f.folder,
@@ -46,15 +109,97 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
             f.rounds,
             f.last_error.as_deref().unwrap_or("-")
         );
+        if let Some(d) = &f.diverged {
+            println!(
+                "  diverged: what only this node held when it came back fenced is kept in {d}"
+            );
+        }
         if let Some(w) = &f.watcher {
             println!("  watcher: {w}");
         }
-        if f.epoch > 0 || f.databases > 0 {
+        if let Some(p) = &f.full_round {
+            println!(
+                "  full round: {}/{} entries sent, {}/{} content bytes sent ({} files)",
+                p.entries_sent, p.entries_total, p.bytes_sent, p.bytes_total, p.files_sent
+            );
+        }
+        if f.role == "replica" {
+            println!("  {}", replica_line(f));
+        } else if f.epoch > 0 || f.databases > 0 {
             println!(
                 "  epoch {}, {} databases, worst writer stall {:.3} ms",
                 f.epoch, f.databases, f.max_writer_stall_ms
             );
         }
+        for db in &f.held_databases {
+            println!("  held open on the replica, not updated: {db}");
+        }
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+fn replica_line(f: &FolderStatus) -> String {
+    let applied = match (f.last_applied_unix, f.last_applied_age_s) {
+        (Some(t), Some(age)) => format!("last round applied {} ({age:.1} s ago)", utc(t)),
+        _ => "no round applied since the agent started".to_string(),
+    };
+    let source = f.source_epoch.map_or_else(
+        || "no source yet".to_string(),
+        |e| format!("source epoch {e}"),
+    );
+    format!(
+        "{applied}; {} rounds ({} full); epoch {}, {source}",
+        f.rounds, f.full_rounds, f.epoch
+    )
+}
+
+/// `2026-12-03T02:21:23Z` for seconds since the epoch (UTC, proleptic
+/// Gregorian; Howard Hinnant's `civil_from_days`).
+fn utc(unix: f64) -> String {
+    let secs = unix.max(0.0) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(utc(0.0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400.5), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_796_267_483.0), "2026-12-03T03:11:23Z");
+    }
+
+    #[test]
+    fn a_replica_row_says_when_and_from_which_epoch() {
+        let f = FolderStatus {
+            role: "replica".into(),
+            rounds: 7,
+            full_rounds: 1,
+            epoch: 3,
+            source_epoch: Some(3),
+            last_applied_unix: Some(0.0),
+            last_applied_age_s: Some(1.5),
+            ..Default::default()
+        };
+        assert_eq!(
+            replica_line(&f),
+            "last round applied 1970-01-01T00:00:00Z (1.5 s ago); 7 rounds (1 full); epoch 3, source epoch 3"
+        );
+    }
 }

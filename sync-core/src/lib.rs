@@ -16,6 +16,8 @@
 //! - [`index`]: the persistent hash index (SQLite), so restarts rehash nothing.
 //! - [`filter`]: gitignore-style excludes.
 //! - [`sqlite`]: live SQLite databases: consistent cuts, page hashes, page apply.
+//! - [`diverged`]: what a returning old master alone held, kept aside before
+//!   its repair.
 //!
 //! Everything here is synchronous; the agent calls it from `spawn_blocking`.
 //!
@@ -27,6 +29,7 @@
 
 pub mod apply;
 pub mod delta;
+pub mod diverged;
 mod error;
 pub mod filter;
 pub mod holders;

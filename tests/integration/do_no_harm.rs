@@ -150,10 +150,9 @@ fn with_the_agent_running_a_restore_by_rename_and_a_journal_mode_change_work() {
     // the source re-offers it within 250 ms)
     std::thread::sleep(Duration::from_millis(1500));
     drop(app);
-    assert!(
-        !side(&db, "-wal").exists(),
-        "the application's last close left its log"
-    );
+    // (the agent's own cut, raised by that close's checkpoint, may be making
+    // an empty log of its own at this instant: only frames would do harm)
+    assert_eq!(wal_len(&db), 0, "the application's last close left its log");
     let new = l.src.join("new.db");
     let n = Connection::open(&new).unwrap();
     n.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))

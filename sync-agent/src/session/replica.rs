@@ -47,8 +47,30 @@ pub struct ReplicaFolder {
     /// for status.
     pub last_warning: std::sync::Mutex<Option<String>>,
     /// When the session holding the folder last heard from its peer: a session
-    /// silent for [`PREEMPT_IDLE`] is preempted by a new one.
+    /// silent for [`preempt_idle`] is preempted by a new one.
     pub activity: Activity,
+    /// Rounds applied and the source's epoch, for status.
+    pub stats: std::sync::Mutex<ReplicaStats>,
+    /// Whether this node can serve as the folder's source (a peer address,
+    /// `failover` not off): a promotion of a node that cannot is refused.
+    pub promotable: bool,
+    /// The latest directory where what only this node held was kept aside
+    /// when it came back fenced (`{state}/diverged/...`), for status.
+    pub diverged: std::sync::Mutex<Option<std::path::PathBuf>>,
+}
+
+/// What a replica folder's status row shows besides its fence.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaStats {
+    /// The epoch of the source of the current (or last) session.
+    pub source_epoch: Option<u64>,
+    /// Rounds applied since the agent started.
+    pub rounds: u64,
+    /// Full rounds among them.
+    pub full_rounds: u64,
+    /// Databases the last round left alone because another process holds them
+    /// open here.
+    pub held: Vec<String>,
 }
 
 /// When a session last heard from its peer (shared with its transfers).
@@ -169,6 +191,14 @@ async fn run_inner(
                 Ok(()) if h.role != Role::Source => {
                     Some((ErrorCode::Protocol, "peer is not a source".to_string()))
                 }
+                Ok(()) if h.epoch > crate::promotion::MAX_EPOCH => Some((
+                    ErrorCode::Protocol,
+                    format!(
+                        "epoch {} is past the highest epoch {}",
+                        h.epoch,
+                        crate::promotion::MAX_EPOCH
+                    ),
+                )),
                 Ok(()) => match pick(folders, &h.folder) {
                     None => Some((
                         ErrorCode::Other,
@@ -183,6 +213,13 @@ async fn run_inner(
                             format!("peer {peer} may not push into folder {:?}", f.name),
                         ))
                     }
+                    Some(f) if crate::handover::promotion::pending(f).is_some() => Some((
+                        ErrorCode::Other,
+                        format!(
+                            "folder {:?}: a promotion is in progress on this node; retry",
+                            f.name
+                        ),
+                    )),
                     Some(f) => {
                         let fence = f.fence.lock().map(|g| *g).unwrap_or_default();
                         if h.epoch < fence.epoch || fence.source {
@@ -238,12 +275,18 @@ async fn run_inner(
                     .await;
                 bail!("peer {peer}: {message}");
             }
-            pick(folders, &h.folder)
+            let f = pick(folders, &h.folder)
                 .cloned()
-                .ok_or_else(|| anyhow!("folder vanished"))?
+                .ok_or_else(|| anyhow!("folder vanished"))?;
+            if let Ok(mut st) = f.stats.lock() {
+                st.source_epoch = Some(h.epoch);
+            }
+            adopt(&f, h.epoch, &peer);
+            (f, h.epoch)
         }
         other => bail!("peer {peer} opened with {other:?} instead of a hello"),
     };
+    let (folder, their_epoch) = folder;
     let epoch = folder.fence.lock().map(|g| g.epoch).unwrap_or_default();
     wire::send(
         &mut ctl_send,
@@ -253,6 +296,18 @@ async fn run_inner(
     *served = Some(folder.clone());
     let _guard = take_folder(&folder, conn, peer_id, &peer).await;
     folder.activity.touch();
+    // A local promotion (`sync-cli promote`) may have run while this session
+    // waited for the folder: then this source is fenced.
+    let now = folder.fence.lock().map(|g| *g).unwrap_or_default();
+    if now.source || now.epoch > their_epoch {
+        let e = anyhow!(
+            "folder {:?}: this node was promoted to epoch {} while the session waited; \
+             peer {peer} at epoch {their_epoch} is fenced",
+            folder.name,
+            now.epoch
+        );
+        return fail(conn, &mut ctl_send, &folder, e, ErrorCode::Fenced, &peer).await;
+    }
     folder.replica.reset();
     tracing::info!(%peer, folder = %folder.name, "source connected");
     loop {
@@ -299,6 +354,11 @@ async fn run_inner(
                 if let Ok(mut w) = folder.last_warning.lock() {
                     *w = (!summary.warnings.is_empty()).then(|| summary.warnings.join("; "));
                 }
+                if let Ok(mut st) = folder.stats.lock() {
+                    st.rounds += 1;
+                    st.full_rounds += u64::from(full);
+                    st.held = summary.held.iter().map(ToString::to_string).collect();
+                }
                 wire::send(&mut ctl_send, &Message::RoundDone { id, summary }).await?;
                 if full {
                     crate::trim_heap();
@@ -309,6 +369,52 @@ async fn run_inner(
     }
     let _ = ctl_send.finish();
     Ok(())
+}
+
+/// Where to keep aside what this node alone holds, when it was fenced and
+/// this is its first repair: `(state dir, capture dir, epoch)`.
+fn divergence_target(
+    folder: &ReplicaFolder,
+    full: bool,
+) -> Result<Option<(std::path::PathBuf, std::path::PathBuf, u64)>> {
+    let Some(state) = &folder.state_dir else {
+        return Ok(None);
+    };
+    let Some(epoch) = crate::diverged::pending(state, &folder.name)? else {
+        return Ok(None);
+    };
+    if !full {
+        bail!(
+            "folder {:?}: this node was fenced and keeps aside what only it holds during its \
+             first full round; a partial round comes first: refused",
+            folder.name
+        );
+    }
+    let into = crate::diverged::target(state, &folder.name, epoch)?;
+    Ok(Some((state.clone(), into, epoch)))
+}
+
+/// A source at a newer epoch than this replica holds is the folder's source
+/// now (a failover this node missed): its epoch is adopted and persisted, so
+/// that a later promotion of this node goes past it.
+fn adopt(folder: &ReplicaFolder, epoch: u64, peer: &str) {
+    let Ok(mut g) = folder.fence.lock() else {
+        return;
+    };
+    if epoch <= g.epoch || g.source {
+        return;
+    }
+    if let Some(dir) = &folder.state_dir {
+        let st = crate::epoch::FolderState {
+            role: crate::config::Role::Replica,
+            epoch,
+        };
+        if let Err(e) = crate::epoch::store(dir, &folder.name, &folder.node, st) {
+            tracing::warn!(folder = %folder.name, "adopting epoch {epoch} of peer {peer}: {e:#}");
+        }
+    }
+    tracing::info!(folder = %folder.name, %peer, "adopted the source's epoch {epoch} (was {})", g.epoch);
+    g.epoch = epoch;
 }
 
 async fn fail(
@@ -337,8 +443,9 @@ async fn fail(
 
 /// Promotion: the epoch persisted first (from then on older sources are
 /// refused), then the `start_replica` hook; if the hook fails, the old state is
-/// put back and the replica stays as it was.
-async fn promote(folder: &ReplicaFolder, epoch: u64) -> Result<()> {
+/// put back and the replica stays as it was (durably: see
+/// [`crate::handover::promotion`]). Bounds: [`crate::promotion::check`].
+pub(crate) async fn promote(folder: &ReplicaFolder, epoch: u64) -> Result<()> {
     let Some(dir) = folder.state_dir.clone() else {
         bail!(
             "folder {:?}: this replica has no state directory ([node] state) to persist an epoch in",
@@ -346,51 +453,8 @@ async fn promote(folder: &ReplicaFolder, epoch: u64) -> Result<()> {
         );
     };
     let before = folder.fence.lock().map(|g| *g).unwrap_or_default();
-    if epoch <= before.epoch {
-        bail!(
-            "folder {:?}: promotion to epoch {epoch}, but this node already holds epoch {}",
-            folder.name,
-            before.epoch
-        );
-    }
-    let store = |f: Fence| {
-        let st = crate::epoch::FolderState {
-            role: if f.source {
-                crate::config::Role::Source
-            } else {
-                crate::config::Role::Replica
-            },
-            epoch: f.epoch,
-        };
-        crate::epoch::store(&dir, &folder.name, &folder.node, st)
-    };
-    let promoted = Fence {
-        epoch,
-        source: true,
-    };
-    store(promoted)?;
-    if let Ok(mut g) = folder.fence.lock() {
-        *g = promoted;
-    }
-    let hook = crate::config::Hook::StartReplica;
-    if let Some(cmd) = folder.hooks.command(hook)
-        && let Err(e) =
-            crate::hooks::run(hook.name(), cmd, &folder.name, folder.hooks.timeout()).await
-    {
-        if let Ok(mut g) = folder.fence.lock() {
-            *g = before;
-        }
-        let restored = store(before);
-        return Err(match restored {
-            Ok(()) => e.context(format!(
-                "promotion rolled back: this node stays a replica at epoch {}",
-                before.epoch
-            )),
-            Err(r) => e.context(format!(
-                "promotion rolled back, but restoring the epoch failed: {r:#}"
-            )),
-        });
-    }
+    crate::promotion::check(folder, before, epoch)?;
+    crate::handover::promotion::promote(folder, &dir, before, epoch).await?;
     tracing::info!(folder = %folder.name, epoch, "promoted: this node is now the folder's source");
     Ok(())
 }
@@ -605,7 +669,9 @@ async fn apply_round(
     // A partial round (a few paths) always compares content; a full round does
     // when asked (rsync -c), by size and mtime otherwise, as rsync does.
     let checksum = round.checksum || !full;
-    let (dst, plan, mut summary) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let capture = divergence_target(folder, full)?;
+    let name = folder.name.clone();
+    let (dst, plan, mut summary, captured) = tokio::task::spawn_blocking(move || -> Result<_> {
         let mut sum = ApplySummary::default();
         let opts = ScanOptions {
             hash: checksum,
@@ -654,6 +720,24 @@ async fn apply_round(
             Manifest { entries }
         };
         let plan = sync_core::plan::plan_with_links(&s, &dst, checksum, &linked);
+        // The first repair after this node was fenced: what it alone holds is
+        // copied aside before anything is replaced or deleted.
+        let captured = match &capture {
+            Some((state, into, epoch)) => {
+                let header = format!(
+                    "# understudy: what this node held when it came back fenced, before the\n\
+                     # repair by the folder's new source (epoch {epoch}). folder {name}, root {}\n",
+                    r.root_path().display()
+                );
+                let c = sync_core::diverged::capture(&r, &s, &dst, &plan, into, &header)
+                    .with_context(|| {
+                        format!("folder {name}: keeping aside what only this node held")
+                    })?;
+                crate::diverged::clear(state, &name)?;
+                Some((into.clone(), c.kept.len()))
+            }
+            None => None,
+        };
         for p in &plan.delete {
             r.remove_all(p)?;
             sum.entries_deleted += 1;
@@ -666,9 +750,19 @@ async fn apply_round(
             r.create(&s.entries[i])?;
             sum.others_created += 1;
         }
-        Ok((dst, plan, sum))
+        Ok((dst, plan, sum, captured))
     })
     .await??;
+    if let Some((into, n)) = captured {
+        if n == 0 {
+            tracing::info!(folder = %folder.name, "fenced and repaired: this node held nothing the new source lacks");
+        } else {
+            tracing::warn!(folder = %folder.name, kept = n, dir = %into.display(), "fenced: what only this node held is kept aside (see its MANIFEST)");
+            if let Ok(mut d) = folder.diverged.lock() {
+                *d = Some(into);
+            }
+        }
+    }
 
     // Content that came with the round is written first; the rest is pulled.
     let (mut pulled, mut inlined) = (Vec::new(), Vec::new());
@@ -788,18 +882,33 @@ async fn apply_round(
             folder.filter.clone(),
         );
         let p = planned.clone();
-        let (root, differences) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let own = own_manifest(&r, d, f)?;
+        let (root, differences, held_by) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let (own, dbs) = own_manifest(&r, d, f)?;
+            // A cut says which databases another process holds open (the
+            // standby's application running), changed or not: a handover's
+            // preflight refuses on it.
+            let held_by: Vec<(RelPath, String)> = dbs
+                .into_iter()
+                .filter_map(|p| r.db_holders(&p).map(|who| (p, who)))
+                .collect();
             // Say what differs, so that a failed cut explains itself.
             let differences: Vec<String> = sync_core::manifest::diff(&p, &own)
                 .iter()
                 .take(5)
                 .map(|d| format!("after the cut: {d}"))
                 .collect();
-            Ok((own.root_hash(), differences))
+            Ok((own.root_hash(), differences, held_by))
         })
         .await??;
         summary.root_hash = Some(root);
+        for (p, who) in held_by {
+            summary
+                .warnings
+                .push(format!("{}{p}: {who}", super::HELD_PREFIX));
+            if !summary.held.contains(&p) {
+                summary.held.push(p);
+            }
+        }
         if round.full {
             summary.warnings.extend(differences);
         }
@@ -809,7 +918,11 @@ async fn apply_round(
 
 /// The replica's own manifest from a fresh scan of its tree (databases by
 /// their page hashes), whose root hash is compared with the source's after a cut.
-fn own_manifest(r: &Replica, detect: Arc<DbDetect>, filter: Filter) -> Result<Manifest> {
+fn own_manifest(
+    r: &Replica,
+    detect: Arc<DbDetect>,
+    filter: Filter,
+) -> Result<(Manifest, Vec<RelPath>)> {
     let opts = ScanOptions {
         databases: Some(detect),
         filter,
@@ -826,7 +939,7 @@ fn own_manifest(r: &Replica, detect: Arc<DbDetect>, filter: Filter) -> Result<Ma
             };
         }
     }
-    Ok(m)
+    Ok((m, report.databases))
 }
 
 /// Brings one database to the round's snapshot: `have` up, pages down (after

@@ -1,6 +1,7 @@
 //! The source side of a session.
 
 use super::{MANIFEST_FRAME_BYTES, Progress};
+use crate::handover::PromoteFailure;
 use crate::wire;
 use anyhow::{Context, Result, anyhow, bail};
 use proto::{ApplySummary, Entry, Hello, Kind, Message, RelPath, Role};
@@ -136,27 +137,40 @@ impl SourceSession {
 
     /// Asks the replica to become the folder's source at `epoch` (after a final
     /// cut); it runs its start hook and answers. Between rounds only.
-    pub async fn promote(&mut self, epoch: u64) -> Result<()> {
-        wire::send(&mut self.ctl_send, &Message::Promote { epoch }).await?;
+    ///
+    /// # Errors
+    /// Typed for the handover's decision: [`PromoteFailure::Refused`] when the
+    /// replica answered no (it stays a replica at its old epoch),
+    /// [`PromoteFailure::Lost`] when there is no usable answer (it may have
+    /// been promoted: only its epoch tells).
+    pub async fn promote(&mut self, epoch: u64) -> Result<(), PromoteFailure> {
+        let lost = |why: String| PromoteFailure::Lost(why);
+        wire::send(&mut self.ctl_send, &Message::Promote { epoch })
+            .await
+            .map_err(|e| lost(format!("sending the promotion: {e:#}")))?;
         let reply = tokio::time::timeout(PROMOTE_TIMEOUT, self.ctl_rx.recv())
             .await
-            .map_err(|_| anyhow!("the replica did not answer the promotion"))?;
+            .map_err(|_| lost("the replica did not answer the promotion".into()))?;
         match reply {
             Some(Ok(Some(Message::Promoted { epoch: e, error }))) if error.is_empty() => {
                 if e != epoch {
-                    bail!("replica promoted itself to epoch {e}, not {epoch}");
+                    return Err(lost(format!(
+                        "replica promoted itself to epoch {e}, not {epoch}"
+                    )));
                 }
                 Ok(())
             }
-            Some(Ok(Some(Message::Promoted { error, .. }))) => {
-                bail!("replica refused the promotion: {error}")
-            }
+            Some(Ok(Some(Message::Promoted { error, .. }))) => Err(PromoteFailure::Refused(error)),
             Some(Ok(Some(Message::Error { message, .. }))) => {
-                bail!("replica failed the promotion: {message}")
+                Err(lost(format!("replica failed the promotion: {message}")))
             }
-            Some(Ok(Some(other))) => bail!("replica answered the promotion with {other:?}"),
-            Some(Err(e)) => Err(e),
-            Some(Ok(None)) | None => bail!("replica closed the session during the promotion"),
+            Some(Ok(Some(other))) => Err(lost(format!(
+                "replica answered the promotion with {other:?}"
+            ))),
+            Some(Err(e)) => Err(lost(format!("{e:#}"))),
+            Some(Ok(None)) | None => Err(lost(
+                "replica closed the session during the promotion".into(),
+            )),
         }
     }
 
@@ -199,12 +213,16 @@ impl SourceSession {
                     .sum::<usize>();
             batch.push(e.clone());
             if batch.len() >= proto::MAX_ENTRIES_PER_BATCH || batch_bytes >= MANIFEST_FRAME_BYTES {
+                let n = batch.len() as u64;
                 wire::send(s, &Message::Manifest(std::mem::take(&mut batch))).await?;
+                self.progress.entries_sent.fetch_add(n, Ordering::Relaxed);
                 batch_bytes = 0;
             }
         }
         if !batch.is_empty() {
+            let n = batch.len() as u64;
             wire::send(s, &Message::Manifest(batch)).await?;
+            self.progress.entries_sent.fetch_add(n, Ordering::Relaxed);
         }
         if !round.full {
             // Small files travel with the round: no request per file on the hot path.

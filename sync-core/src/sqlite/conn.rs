@@ -40,6 +40,9 @@ pub(crate) struct Conns {
     pub reader: Connection,
     /// Whether `reader` is in a read transaction.
     pub reading: bool,
+    /// The log as it stood before these connections opened (`None`: there
+    /// was none, and the one they made is theirs to remove).
+    wal_at_open: Option<FileStamp>,
 }
 
 impl Conns {
@@ -50,15 +53,13 @@ impl Conns {
             | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         // A log that exists is the application's: never delete it (its
         // process may have lost its POSIX locks and still be writing to it).
-        let persist = std::fs::symlink_metadata(side_path(path, "-wal")).is_ok();
+        let wal_at_open = FileStamp::of(&side_path(path, "-wal"));
         let open = |query_only: bool| -> Result<Connection, Error> {
             let c =
                 Connection::open_with_flags(path, flags).map_err(|e| sql_err(path, "open", e))?;
             c.busy_timeout(busy)
                 .map_err(|e| sql_err(path, "busy timeout", e))?;
-            if persist {
-                persist_wal(&c, path)?;
-            }
+            persist_wal(&c, path, wal_at_open.is_some())?;
             if query_only {
                 c.execute_batch("PRAGMA query_only = 1")
                     .map_err(|e| sql_err(path, "query_only", e))?;
@@ -77,27 +78,34 @@ impl Conns {
             reader: open(true)?,
             locker: Some(locker),
             reading: false,
+            wal_at_open,
         })
     }
 
     /// Ends the snapshot and closes both connections. A log past
-    /// [`CHECKPOINT_BYTES`] is checkpointed first; a log with content is
-    /// truncated, not deleted, should this close be the database's last (a
-    /// stale log beside a database restored by rename would be replayed into
-    /// it).
+    /// [`CHECKPOINT_BYTES`] is checkpointed first. Should this close be the
+    /// database's last, a log that was there before the cut is never deleted
+    /// and, with content, truncated (a stale log beside a database restored
+    /// by rename would be replayed into it); one the cut made is removed, as
+    /// SQLite does.
     pub fn close(mut self, path: &Path) {
         if self.reading {
             let _ = self.reader.execute_batch("COMMIT");
             self.reading = false;
         }
         drop(self.locker.take());
-        let wal = std::fs::symlink_metadata(side_path(path, "-wal")).map_or(0, |m| m.len());
+        let now = FileStamp::of(&side_path(path, "-wal"));
+        let theirs = matches!((self.wal_at_open, now), (Some(a), Some(b)) if a.same_file(&b));
+        if let Err(e) = persist_wal(&self.reader, path, theirs) {
+            tracing::debug!("{e}");
+        }
+        let wal = now.map_or(0, |s| s.size);
         if wal > CHECKPOINT_BYTES {
             let _ = self
                 .reader
                 .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
         }
-        if wal > 0 {
+        if theirs && wal > 0 {
             let _ = self
                 .reader
                 .query_row("PRAGMA journal_size_limit = 0", [], |_| Ok(()));
@@ -108,12 +116,12 @@ impl Conns {
     }
 }
 
-/// Sets `SQLITE_FCNTL_PERSIST_WAL` on `c`'s main database: its close never
-/// deletes the log (SQLite's own flag for processes that share a log with
-/// others they cannot see).
+/// Sets (or clears) `SQLITE_FCNTL_PERSIST_WAL` on `c`'s main database: its
+/// close never deletes the log (SQLite's own flag for processes that share a
+/// log with others they cannot see).
 #[allow(unsafe_code)]
-fn persist_wal(c: &Connection, path: &Path) -> Result<(), Error> {
-    let mut on: std::ffi::c_int = 1;
+fn persist_wal(c: &Connection, path: &Path, persist: bool) -> Result<(), Error> {
+    let mut on: std::ffi::c_int = persist.into();
     // SAFETY: `handle()` is the live sqlite3* of `c`, used on this thread
     // only while `c` is borrowed; the name is a NUL-terminated literal and the
     // argument points to an int, as SQLITE_FCNTL_PERSIST_WAL requires.
@@ -140,7 +148,7 @@ fn persist_wal(c: &Connection, path: &Path) -> Result<(), Error> {
 pub(crate) struct FileStamp {
     dev: u64,
     ino: u64,
-    size: u64,
+    pub size: u64,
     mtime_ns: i128,
     ctime_ns: i128,
 }
@@ -253,7 +261,7 @@ mod tests {
             .expect("wal");
         c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
             .expect("write");
-        persist_wal(&c, &db).expect("persist");
+        persist_wal(&c, &db, true).expect("persist");
         c.close().expect("close");
         assert!(side_path(&db, "-wal").exists(), "log deleted on close");
         // without the flag the last close removes it

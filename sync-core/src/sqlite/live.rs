@@ -23,6 +23,10 @@ fn spin(n: i32) -> bool {
     u128::from((n - FAST).unsigned_abs()) * 2 < LOCK_WAIT.as_millis()
 }
 
+/// Bytes of pages a cut may read ahead so as to let its snapshots go before
+/// its round is served ([`LiveSet::release`]).
+pub const RELEASE_BUDGET: u64 = 32 << 20;
+
 /// How long a cut waits for a database's writer before giving up for now (the
 /// previous cut stands; the next round tries again).
 pub const LOCK_WAIT: Duration = Duration::from_secs(1);
@@ -34,6 +38,9 @@ struct LiveDb {
     path: PathBuf,
     busy: Duration,
     conns: Option<Conns>,
+    /// Pages of the current snapshot read ahead of its round (`Some` once
+    /// the snapshot itself was let go: [`LiveSet::release`]).
+    cache: Option<BTreeMap<u32, Vec<u8>>>,
     wal: WalPos,
     /// The database file as the last cut saw it, under its lock.
     seen: Option<Seen>,
@@ -57,6 +64,7 @@ impl LiveDb {
             path: path.to_path_buf(),
             busy,
             conns: None,
+            cache: None,
             wal: WalPos::default(),
             seen: None,
             frames: None,
@@ -252,11 +260,57 @@ impl LiveDb {
         self.frames = None;
     }
 
-    /// The round is served (or the cut postponed): the snapshot and the
-    /// connections are let go.
+    /// The round is served (or the cut postponed): the snapshot, the
+    /// connections and the pages read ahead are let go.
     fn end_round(&mut self) {
+        self.cache = None;
         if let Some(c) = self.conns.take() {
             c.close(&self.path);
+        }
+    }
+
+    /// Reads ahead the pages a replica holding any remembered cut can ask for
+    /// (every page when `all`, or when there is no remembered cut to go by)
+    /// and lets the snapshot go, when they fit in `budget` (which they use
+    /// up); otherwise the snapshot stays open for the round.
+    fn release(&mut self, all: bool, budget: &mut u64) -> Result<(), Error> {
+        if self.conns.is_none() || self.cache.is_some() {
+            return Ok(());
+        }
+        let count = self.hashes.len() as u32;
+        let pages: Vec<u32> = match self.history.front() {
+            Some((_, since)) if !all && self.history.len() > 1 => {
+                since.iter().copied().filter(|&p| p <= count).collect()
+            }
+            _ => (1..=count).collect(),
+        };
+        let bytes = pages.len() as u64 * u64::from(self.page_size);
+        if bytes > *budget {
+            return Ok(());
+        }
+        *budget -= bytes;
+        let r = self.reader()?;
+        let mut cache = BTreeMap::new();
+        for p in pages {
+            cache.insert(p, read_page(r, &self.path, p)?);
+        }
+        if let Some(c) = self.conns.take() {
+            c.close(&self.path);
+        }
+        self.cache = Some(cache);
+        Ok(())
+    }
+
+    /// Page `pgno` of the current snapshot.
+    fn page(&self, pgno: u32) -> Result<Vec<u8>, Error> {
+        match &self.cache {
+            Some(c) => c.get(&pgno).cloned().ok_or_else(|| Error::Sqlite {
+                path: self.path.display().to_string(),
+                msg: format!(
+                    "page {pgno} was not read ahead for this round (a replica at an unknown state: the next full round serves it)"
+                ),
+            }),
+            None => read_page(self.reader()?, &self.path, pgno),
         }
     }
 }
@@ -544,7 +598,23 @@ impl LiveSet {
             path: path.to_string(),
             msg: "not a tracked database".into(),
         })?;
-        read_page(db.reader()?, &db.path, pgno)
+        db.page(pgno)
+    }
+
+    /// Lets every snapshot of the cut go as soon as the pages its round may
+    /// ask for are read ahead (at most [`RELEASE_BUDGET`] bytes over all
+    /// databases; a database past it keeps its snapshot until
+    /// [`LiveSet::end_round`]). `all`: a replica at an unknown state may ask
+    /// for any page (a full round); otherwise it holds one of the remembered
+    /// cuts (a partial round). A rollback-journal snapshot blocks its
+    /// writers' commits and a WAL snapshot its log's reset: neither then
+    /// waits on the network or on the replica's disk.
+    pub fn release(&mut self, all: bool) -> Result<(), Error> {
+        let mut budget = RELEASE_BUDGET;
+        for db in self.dbs.values_mut() {
+            db.release(all, &mut budget)?;
+        }
+        Ok(())
     }
 
     /// The round is served: rollback-journal snapshots are released.

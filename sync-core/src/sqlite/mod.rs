@@ -220,5 +220,5 @@ mod tests;
 mod wal;
 
 pub use conn::CHECKPOINT_BYTES;
-pub use live::{CutStats, LOCK_WAIT, LiveSet, Need, Snapshot};
+pub use live::{CutStats, LOCK_WAIT, LiveSet, Need, RELEASE_BUDGET, Snapshot};
 pub use replica::{Held, apply_pages, integrity, read_hashes};

@@ -357,3 +357,46 @@ fn side_files_left_by_a_vanished_database_are_never_mirrored() {
     let names: Vec<String> = m.entries.iter().map(|e| e.path.to_string()).collect();
     assert_eq!(names, [".", "notes-journal", "odd-shm"], "{names:?}");
 }
+
+/// Once the pages a round may ask for are read ahead, the snapshot is gone:
+/// a rollback-journal writer commits at once (no busy wait) while the round
+/// is still being served, and the round is served from what was read.
+#[test]
+fn a_released_cut_blocks_no_writer_and_still_serves_its_round() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("a.db"), t.path().join("copy.db"));
+    let w = db(&src, false);
+    w.busy_timeout(Duration::ZERO).unwrap();
+    let rel = RelPath::new(b"a.db").unwrap();
+    let mut live = LiveSet::new(t.path(), Duration::from_secs(5));
+    live.track([&rel]);
+    live.cut().unwrap();
+    live.release(false).unwrap();
+    // a first cut: every page read ahead
+    w.execute("UPDATE t SET v = x'01' WHERE k = 1", []).unwrap();
+    ship_and_end(&mut live, &rel, &dst);
+    let shipped = live.snapshot(&rel).unwrap();
+    assert_ne!(read_hashes(&src).unwrap().unwrap().hash, shipped.hash);
+    live.cut().unwrap();
+    live.release(false).unwrap();
+    w.execute("UPDATE t SET v = x'02' WHERE k = 2", []).unwrap();
+    // the replica holds the previous cut: the pages changed since are there
+    ship(&live, &rel, &dst);
+    // a replica at an unknown state may need any page: not this round's
+    let mut far = Vec::new();
+    for p in 1..=live.snapshot(&rel).unwrap().pages {
+        if live.page(&rel, p).is_err() {
+            far.push(p);
+        }
+    }
+    assert!(!far.is_empty(), "every page was read ahead");
+    live.end_round();
+    // a full round reads every page ahead
+    live.cut().unwrap();
+    live.release(true).unwrap();
+    w.execute("UPDATE t SET v = x'03' WHERE k = 3", []).unwrap();
+    for p in far {
+        live.page(&rel, p).unwrap();
+    }
+    ship_and_end(&mut live, &rel, &dst);
+}
