@@ -1,5 +1,5 @@
 //! Absurd counts and sizes from a pinned source, in every message type that
-//! carries one (issue 10, item 1): each is refused before anything is sized
+//! carries one (on the control stream and on a database stream) (issue 10, item 1): each is refused before anything is sized
 //! from it, the error names the field, the agent stays alive and small, and a
 //! well-behaved push succeeds afterwards.
 
@@ -79,14 +79,12 @@ fn frames(msgs: &[Message]) -> Vec<u8> {
     msgs.iter().flat_map(encode).collect()
 }
 
-#[tokio::test]
-async fn absurd_counts_in_every_message_type_are_refused() {
-    let mut t = Target::start();
-    let before = snapshot(&t.outside);
+/// Control-stream frames with absurd counts, and what the refusal must say.
+fn control_cases() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     let many = proto::MAX_ENTRIES_PER_BATCH + 1;
     let path = |i: usize| RelPath::new(format!("p{i}").as_bytes()).unwrap();
     let start = round_start(1, false);
-    let control: Vec<(&str, Vec<u8>, &str)> = vec![
+    vec![
         (
             "database of u32::MAX pages of 64 KiB",
             frames(&[
@@ -179,13 +177,35 @@ async fn absurd_counts_in_every_message_type_are_refused() {
             ]),
             "database end: database of 4294967295 pages",
         ),
-    ];
+    ]
+}
+
+#[tokio::test]
+async fn absurd_counts_on_the_control_stream_are_refused() {
+    let mut t = Target::start();
+    let before = snapshot(&t.outside);
+    let control = control_cases();
     for (what, bytes, want) in control {
         let msg = refusal(&t, &bytes).await;
         assert!(msg.contains(want), "{what}: {msg}");
         assert!(t.alive(), "{what}: the agent died:\n{}", t.log());
     }
-    // On a database stream: pages, page numbers and the end.
+    let rss = t.peak_rss_kib();
+    println!(
+        "absurd counts on the control stream: all refused, replica peak RSS {} MiB",
+        rss >> 10
+    );
+    assert!(rss < 256 << 10, "peak RSS {} MiB", rss >> 10);
+    t.assert_clean(&before);
+    t.push_ok(&good_tree(&t)).await;
+    assert!(t.root.join("after").exists());
+}
+
+/// On a database stream: pages, page numbers and the end.
+#[tokio::test]
+async fn absurd_counts_on_a_database_stream_are_refused() {
+    let mut t = Target::start();
+    let before = snapshot(&t.outside);
     let small = || vec![db("app.db", 512, 4)];
     let page = |n: u32| (n, vec![0u8; 512]);
     let streams: Vec<(&str, Vec<Message>, &str)> = vec![
@@ -236,7 +256,7 @@ async fn absurd_counts_in_every_message_type_are_refused() {
     }
     let rss = t.peak_rss_kib();
     println!(
-        "absurd counts: all refused, replica peak RSS {} MiB",
+        "absurd counts on a database stream: all refused, replica peak RSS {} MiB",
         rss >> 10
     );
     assert!(rss < 256 << 10, "peak RSS {} MiB", rss >> 10);

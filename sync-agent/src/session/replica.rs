@@ -544,24 +544,9 @@ async fn read_round(
         match msg {
             Message::Manifest(b) => {
                 for e in &b {
-                    let target = match &e.kind {
-                        Kind::Symlink { target } => target.len(),
-                        Kind::HardLink { target } => target.as_bytes().len(),
-                        _ => 0,
-                    };
-                    let xattrs: usize = e
-                        .meta
-                        .xattrs
-                        .iter()
-                        .map(|x| x.name.len() + x.value.len() + 48)
-                        .sum();
-                    bytes += (e.path.as_bytes().len() + target + xattrs + 128) as u64;
-                    // A database's page table is staged in memory: its pages
-                    // count against the same budget (validated ≤ MAX_DB_PAGES).
-                    if let Kind::Database { pages, .. } = e.kind {
-                        bytes += u64::from(pages) * DB_PAGE_BYTES;
-                        tables += u64::from(pages) * DB_PAGE_BYTES;
-                    }
+                    let (entry, table) = entry_cost(e);
+                    bytes += entry + table;
+                    tables += table;
                 }
                 r.entries.extend(b);
             }
@@ -600,6 +585,30 @@ async fn read_round(
             other => bail!("expected the rest of round {id}, got {other:?}"),
         }
     }
+}
+
+/// What an entry costs the round's byte budget: its own bytes, and the page
+/// table a database's staging holds (validated ≤ `MAX_DB_PAGES`).
+fn entry_cost(e: &Entry) -> (u64, u64) {
+    let target = match &e.kind {
+        Kind::Symlink { target } => target.len(),
+        Kind::HardLink { target } => target.as_bytes().len(),
+        _ => 0,
+    };
+    let xattrs: usize = e
+        .meta
+        .xattrs
+        .iter()
+        .map(|x| x.name.len() + x.value.len() + 48)
+        .sum();
+    let table = match e.kind {
+        Kind::Database { pages, .. } => u64::from(pages) * DB_PAGE_BYTES,
+        _ => 0,
+    };
+    (
+        (e.path.as_bytes().len() + target + xattrs + 128) as u64,
+        table,
+    )
 }
 
 async fn apply_round(
@@ -986,45 +995,9 @@ async fn fetch_db(
     let (mut send, mut recv) = conn.open_bi().await.context("opening a database stream")?;
     let have = held.as_ref().map_or([0; 32], |h| h.hash);
     wire::send(&mut send, &Message::DbRequest { index, have }).await?;
-    let (tx, mut rx) = mpsc::channel::<Message>(4);
+    let (tx, rx) = mpsc::channel::<Message>(4);
     let (r, e, base) = (replica.clone(), entry.clone(), held.clone());
-    let writer = tokio::task::spawn_blocking(move || -> Result<u64> {
-        let mut staged = r.stage_db(&e.path, base, page_size, pages)?;
-        let mut n = 0u64;
-        while let Some(msg) = rx.blocking_recv() {
-            match msg {
-                Message::DbPages(batch) => {
-                    // Each page once at most: a source repeating pages is refused.
-                    if n + batch.len() as u64 > u64::from(pages) {
-                        bail!(
-                            "{}: more pages sent than the {pages} the database has",
-                            e.path
-                        );
-                    }
-                    for (pgno, data) in batch {
-                        staged.page(pgno, &data)?;
-                        n += 1;
-                    }
-                }
-                Message::DbEnd {
-                    page_size: ps,
-                    pages: count,
-                    hash: h,
-                } => {
-                    if (ps, count, h) != (page_size, pages, hash) {
-                        bail!(
-                            "{}: the source's database end does not match the round",
-                            e.path
-                        );
-                    }
-                    staged.commit(&hash, &e.meta)?;
-                    return Ok(n);
-                }
-                other => bail!("{}: unexpected {other:?}", e.path),
-            }
-        }
-        bail!("{}: stream ended before the database was complete", e.path)
-    });
+    let writer = tokio::task::spawn_blocking(move || write_db(&r, &e, base, rx));
     // The whole database is bounded in time: its size at the least rate.
     let stage = wire::Stage::new(
         format!("database {}", entry.path),
@@ -1039,31 +1012,7 @@ async fn fetch_db(
             };
             activity.touch();
             match msg {
-                Message::DbNeedHashes => {
-                    let hashes = held.as_ref().map(|h| h.hashes.as_slice()).unwrap_or(&[]);
-                    let ps = held.as_ref().map_or(0, |h| h.page_size);
-                    let mut chunks = hashes.chunks(proto::MAX_HASHES_PER_BATCH).peekable();
-                    if chunks.peek().is_none() {
-                        wire::send(
-                            &mut send,
-                            &Message::DbHashes {
-                                page_size: ps,
-                                hashes: Vec::new(),
-                                last: true,
-                            },
-                        )
-                        .await?;
-                    }
-                    while let Some(c) = chunks.next() {
-                        let last = chunks.peek().is_none();
-                        let m = Message::DbHashes {
-                            page_size: ps,
-                            hashes: c.to_vec(),
-                            last,
-                        };
-                        wire::send(&mut send, &m).await?;
-                    }
-                }
+                Message::DbNeedHashes => send_hashes(&mut send, held.as_deref()).await?,
                 Message::DbPages(_) | Message::DbEnd { .. } => {
                     let end = matches!(msg, Message::DbEnd { .. });
                     if tx.send(msg).await.is_err() || end {
@@ -1083,6 +1032,86 @@ async fn fetch_db(
     // names the cause.
     reading.with_context(|| format!("{}: database stream from the source", entry.path))?;
     written.map(Some)
+}
+
+/// Our page hashes, in batches, the last one marked (one empty batch for none).
+async fn send_hashes(
+    send: &mut quinn::SendStream,
+    held: Option<&sync_core::sqlite::Held>,
+) -> Result<()> {
+    let hashes = held.map(|h| h.hashes.as_slice()).unwrap_or(&[]);
+    let page_size = held.map_or(0, |h| h.page_size);
+    let mut chunks = hashes.chunks(proto::MAX_HASHES_PER_BATCH).peekable();
+    if chunks.peek().is_none() {
+        let m = Message::DbHashes {
+            page_size,
+            hashes: Vec::new(),
+            last: true,
+        };
+        return wire::send(send, &m).await;
+    }
+    while let Some(c) = chunks.next() {
+        let last = chunks.peek().is_none();
+        let m = Message::DbHashes {
+            page_size,
+            hashes: c.to_vec(),
+            last,
+        };
+        wire::send(send, &m).await?;
+    }
+    Ok(())
+}
+
+/// Stages the pages of one database as they arrive and commits it at its end.
+fn write_db(
+    r: &Replica,
+    e: &Entry,
+    base: Option<Arc<sync_core::sqlite::Held>>,
+    mut rx: mpsc::Receiver<Message>,
+) -> Result<u64> {
+    let Kind::Database {
+        page_size,
+        pages,
+        hash,
+    } = e.kind
+    else {
+        bail!("{}: not a database", e.path);
+    };
+    let mut staged = r.stage_db(&e.path, base, page_size, pages)?;
+    let mut n = 0u64;
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            Message::DbPages(batch) => {
+                // Each page once at most: a source repeating pages is refused.
+                if n + batch.len() as u64 > u64::from(pages) {
+                    bail!(
+                        "{}: more pages sent than the {pages} the database has",
+                        e.path
+                    );
+                }
+                for (pgno, data) in batch {
+                    staged.page(pgno, &data)?;
+                    n += 1;
+                }
+            }
+            Message::DbEnd {
+                page_size: ps,
+                pages: count,
+                hash: h,
+            } => {
+                if (ps, count, h) != (page_size, pages, hash) {
+                    bail!(
+                        "{}: the source's database end does not match the round",
+                        e.path
+                    );
+                }
+                staged.commit(&hash, &e.meta)?;
+                return Ok(n);
+            }
+            other => bail!("{}: unexpected {other:?}", e.path),
+        }
+    }
+    bail!("{}: stream ended before the database was complete", e.path)
 }
 
 /// Pulls one file: signature of our basis up, content down, staged and checked.
