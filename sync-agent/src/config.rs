@@ -350,6 +350,8 @@ impl Config {
     pub fn parse(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
+        // The config is the pin list: whoever can write it is trusted.
+        crate::trust::check(path, crate::trust::Kind::Config)?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
     }
 
@@ -370,6 +372,10 @@ impl Config {
                 self.node.identity.display(),
                 self.node.identity.display()
             );
+        }
+        if let Some(state) = &self.node.state {
+            // It holds the fencing epochs: whoever can write it can unfence.
+            crate::trust::check_dir_or_parent(state, crate::trust::Kind::StateDir)?;
         }
         let mut ids = Vec::new();
         for (i, p) in self.peers.iter().enumerate() {

@@ -232,7 +232,11 @@ enum WatchMsg {
 }
 
 struct Watch {
-    _watcher: notify::RecommendedWatcher,
+    watcher: notify::RecommendedWatcher,
+    /// A directory may be unwatched: poll (see [`crate::watch_limit`]).
+    degraded: crate::watch_limit::Degraded,
+    /// When a degraded folder polls next (a deadline: events do not delay it).
+    next_poll: tokio::time::Instant,
     rx: mpsc::Receiver<WatchMsg>,
     wake: Arc<Notify>,
     rescan: Arc<AtomicBool>,
@@ -318,7 +322,9 @@ fn start_watch(
     let wake = Arc::new(Notify::new());
     let rescan = Arc::new(AtomicBool::new(false));
     let (first, base) = (Arc::new(AtomicU64::new(0)), Instant::now());
+    let degraded = crate::watch_limit::Degraded::default();
     let (w, r, st, f) = (wake.clone(), rescan.clone(), status.clone(), first.clone());
+    let dg = degraded.clone();
     let root_dir = root.to_path_buf();
     let handler = move |res: notify::Result<notify::Event>| {
         match res {
@@ -362,15 +368,11 @@ fn start_watch(
                 }
             }
             Err(e) => {
-                let hint = if matches!(&e.kind, notify::ErrorKind::MaxFilesWatch)
-                    || matches!(&e.kind, notify::ErrorKind::Io(io) if io.raw_os_error() == Some(libc::ENOSPC))
-                {
-                    " (inotify watch limit reached: raise fs.inotify.max_user_watches)"
-                } else {
-                    ""
-                };
-                tracing::error!("watcher: {e}{hint}");
-                set(&st, |s| s.watcher = Some(format!("{e}{hint}")));
+                // Something under the root may be unwatched from now on.
+                let note = crate::watch_limit::error_note(&e);
+                tracing::error!("watcher: {note}");
+                set(&st, |s| s.watcher = Some(note));
+                dg.set();
                 r.store(true, Ordering::SeqCst);
             }
         }
@@ -394,7 +396,9 @@ fn start_watch(
         anyhow::anyhow!("watching {}: {e}{hint}", root.display())
     })?;
     Ok(Watch {
-        _watcher: watcher,
+        watcher,
+        degraded,
+        next_poll: tokio::time::Instant::now(),
         rx,
         wake,
         rescan,
@@ -472,7 +476,7 @@ fn partial_round(
 ) -> Result<Partial> {
     let Batch {
         mut dirty,
-        created,
+        mut created,
         renames,
     } = batch;
     // A database's log or journal changed: the database did.
@@ -484,6 +488,26 @@ fn partial_round(
         })
         .collect();
     dirty.extend(sidecar_bases);
+    // A database never moves by rename on the replica: the side files of the
+    // name it lands on would pair with another file there (a restore by
+    // `mv new.db app.db`). Both names are sent as they stand instead: the
+    // replica deletes one and takes the other as a database update.
+    let is_db = |p: &RelPath| {
+        known
+            .get(p)
+            .is_some_and(|e| matches!(e.kind, Kind::Database { .. }))
+            || opts
+                .databases
+                .as_ref()
+                .is_some_and(|d| d.known.read().is_ok_and(|k| k.contains(p)))
+    };
+    let (db_renames, renames): (Vec<_>, Vec<_>) =
+        renames.into_iter().partition(|(a, b)| is_db(a) || is_db(b));
+    for (a, b) in db_renames {
+        dirty.insert(a);
+        dirty.insert(b.clone());
+        created.insert(b);
+    }
     // Renames are kept when their source is on the replica: known, or moved
     // there by an earlier rename of the batch (`mv a t; mv b a; mv t b`).
     let mut targets: Vec<RelPath> = Vec::new();
@@ -840,6 +864,23 @@ fn note_away(w: &mut Watch, lag: &mut LagTracker<RelPath>, status: &SharedStatus
     publish_lag(status, lag);
 }
 
+/// A degraded folder's poll: retries the watch, notes the outcome (the caller
+/// rescans either way).
+fn poll_unwatched(w: &mut Watch, root: &Path, status: &SharedStatus) {
+    w.next_poll = tokio::time::Instant::now() + crate::watch_limit::POLL;
+    let note = match crate::watch_limit::retry(&mut w.watcher, root, &w.degraded) {
+        Ok(n) => {
+            tracing::info!(root = %root.display(), "watcher: {n}");
+            n
+        }
+        Err(n) => {
+            tracing::debug!(root = %root.display(), "watcher: {n}");
+            n
+        }
+    };
+    set(status, |s| s.watcher = Some(note));
+}
+
 fn refuse(c: Command, why: &str) {
     match c {
         Command::Cut(reply) => {
@@ -1056,6 +1097,11 @@ async fn drive(
             () = w.wake.notified() => {},
             () = tokio::time::sleep(tick), if !deferred.is_empty() => {},
             () = tokio::time::sleep(until_rescan) => { full = true; continue; },
+            () = tokio::time::sleep_until(w.next_poll), if w.degraded.is_set() => {
+                poll_unwatched(w, &cfg.root, status);
+                (full, unknown) = (true, true);
+                continue;
+            },
             _ = shutdown.changed() => return Ok(None),
             e = session.connection().closed() => {
                 return Err(anyhow::anyhow!("connection to the replica lost: {e}"));

@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::fmt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -126,7 +126,9 @@ impl Identity {
         Self::load(dir)
     }
 
-    /// Reads `dir/cert.pem` and `dir/key.pem`. Refuses a key that others can read.
+    /// Reads `dir/cert.pem` and `dir/key.pem`. Refuses them, and the directory,
+    /// unless owned by root (or the euid) and not writable by others, all the
+    /// way up, and a key that others can read ([`crate::trust`]).
     pub fn load(dir: &Path) -> Result<Self> {
         let cert_path = dir.join("cert.pem");
         let key_path = dir.join("key.pem");
@@ -137,17 +139,10 @@ impl Identity {
                 dir.display()
             );
         }
-        let mode = std::fs::metadata(&key_path)
-            .with_context(|| format!("reading {}", key_path.display()))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            bail!(
-                "{} is readable by others (mode {:o}): chmod 600 it",
-                key_path.display(),
-                mode & 0o777
-            );
-        }
+        // Whoever can write these can be us; whoever can read the key too.
+        crate::trust::check(dir, crate::trust::Kind::IdentityDir)?;
+        crate::trust::check(&key_path, crate::trust::Kind::Key)?;
+        crate::trust::check(&cert_path, crate::trust::Kind::Cert)?;
         let cert = CertificateDer::from_pem_file(&cert_path)
             .map_err(|e| anyhow::anyhow!("reading certificate {}: {e}", cert_path.display()))?;
         let key = PrivateKeyDer::from_pem_file(&key_path)
@@ -159,6 +154,7 @@ impl Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn id_round_trips_and_is_stable() {
@@ -199,6 +195,6 @@ mod tests {
         )
         .unwrap();
         let err = Identity::load(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("readable by others"), "{err}");
+        assert!(err.contains("readable by group or others"), "{err}");
     }
 }

@@ -27,6 +27,8 @@ pub mod limits;
 pub mod promotion;
 pub mod session;
 pub mod tls;
+pub mod trust;
+pub mod watch_limit;
 mod wire;
 
 pub use identity::{Identity, NodeId};

@@ -131,24 +131,7 @@ struct FolderPlan {
     configured: Role,
 }
 
-fn refuse_writable_by_others(path: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .with_context(|| format!("config {}", path.display()))?
-        .permissions()
-        .mode();
-    if mode & 0o022 != 0 {
-        bail!(
-            "config {} is writable by others (mode {:o}): chmod go-w it",
-            path.display(),
-            mode & 0o777
-        );
-    }
-    Ok(())
-}
-
 fn plan_from_config(path: &Path) -> Result<Plan> {
-    refuse_writable_by_others(path)?;
     let c = Config::load(path)?;
     let identity = Identity::load(&c.node.identity)?;
     let mut plan = Plan {
@@ -541,6 +524,7 @@ fn build_plan(cli: Cli) -> Result<Plan> {
             }
             let index_path = match state {
                 Some(s) => {
+                    sync_agent::trust::check_dir_or_parent(&s, sync_agent::trust::Kind::StateDir)?;
                     std::fs::create_dir_all(&s)
                         .with_context(|| format!("creating state dir {}", s.display()))?;
                     Some(s.join(format!("{folder}.index.db")))

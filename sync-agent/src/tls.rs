@@ -5,6 +5,12 @@
 //! pinned certificate without its key fails. Client authentication is mandatory,
 //! 0-RTT is off and session resumption is disabled (every connection does a full
 //! handshake, so every connection is checked against the pins).
+//!
+//! Validity dates are not checked: the pin (the fingerprint of the whole
+//! certificate, dates included) is the trust anchor, and removing it is how a
+//! peer is revoked. `sync-cli keygen` certificates are valid from 1975 to 4096;
+//! a wrong clock (a standby whose RTC reset) must not stop replication or a
+//! failover. See docs/SECURITY.md, "Transport".
 
 use crate::identity::{Identity, NodeId};
 use anyhow::{Context, Result};
@@ -232,3 +238,6 @@ pub fn peer_id(conn: &quinn::Connection) -> Option<NodeId> {
     let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
     certs.first().map(NodeId::of)
 }
+
+#[cfg(test)]
+mod dates_tests;

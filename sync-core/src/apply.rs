@@ -25,12 +25,15 @@
 //! a rename when the replica had none; the agent never updates a database that
 //! another process holds open.
 
+mod meta_apply;
+pub mod order;
+
 use crate::sqlite::{self, Held};
-use crate::{Entry, Error, Kind, Meta, RelPath, meta};
+use crate::{Entry, Error, Kind, Meta, RelPath};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -89,7 +92,9 @@ struct Journal {
 
 fn temp_name() -> Vec<u8> {
     let mut n = crate::TEMP_PREFIX.to_vec();
-    n.extend_from_slice(crate::hex(&rand::random::<[u8; 8]>()).as_bytes());
+    let suffix = crate::hex(&rand::random::<[u8; crate::TEMP_SUFFIX_LEN / 2]>());
+    n.extend_from_slice(suffix.as_bytes());
+    debug_assert!(crate::is_own_temp_name(&n));
     n
 }
 
@@ -222,13 +227,44 @@ impl Replica {
             .unwrap_or_default()
     }
 
-    /// Removes our temp files found by a scan.
+    /// Removes our temp files found by a scan. Only entries with exactly the
+    /// shape of our names ([`crate::is_own_temp_name`]) that are not
+    /// directories are removed; anything else with the prefix (a local user's
+    /// directory or notes) is left alone with a warning, and an entry that
+    /// cannot be removed is a warning too: never a failed round.
     pub fn sweep_temps(&self, temps: &[RelPath]) -> Result<usize, Error> {
         let mut n = 0;
         for t in temps {
-            let (dir, parent, name) = self.parent(t)?;
-            if !crate::is_temp_name(name) || (parent.is_root() && name == JOURNAL) {
+            let Some((parent, name)) = t.split_last() else {
                 continue;
+            };
+            if parent.is_root() && name == JOURNAL {
+                continue;
+            }
+            if !crate::is_own_temp_name(name) {
+                self.warn(format!(
+                    "{}: not an understudy temp file (foreign name with the reserved \
+                     prefix); left alone",
+                    self.display(t)
+                ));
+                continue;
+            }
+            let Ok(dir) = self.dir(&parent) else {
+                continue; // its directory went away or is a symlink
+            };
+            match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st)
+                    if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        == rustix::fs::FileType::Directory =>
+                {
+                    self.warn(format!(
+                        "{}: a directory with a temp-file name, not ours; left alone",
+                        self.display(t)
+                    ));
+                    continue;
+                }
+                Ok(_) => {}
+                Err(_) => continue,
             }
             match rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
                 Ok(()) => {
@@ -236,7 +272,7 @@ impl Replica {
                     self.touch(parent);
                 }
                 Err(rustix::io::Errno::NOENT) => {}
-                Err(e) => return Err(Error::io("remove temp file", self.display(t), e)),
+                Err(e) => self.warn(format!("{}: temp file not removed: {e}", self.display(t))),
             }
         }
         Ok(n)
@@ -244,53 +280,82 @@ impl Replica {
 
     /// Removes `path` and everything below it, never following a symlink.
     pub fn remove_all(&self, path: &RelPath) -> Result<(), Error> {
+        self.remove_all_but(path, &|_, _| false).map(|_| ())
+    }
+
+    /// Removes `path` and everything below it except the entries `keep`
+    /// names (excluded and overlay paths: `keep(path, is_dir)`); a directory
+    /// holding a kept entry is emptied of the rest and kept. Returns whether
+    /// `path` is gone.
+    pub fn remove_all_but(
+        &self,
+        path: &RelPath,
+        keep: &dyn Fn(&RelPath, bool) -> bool,
+    ) -> Result<bool, Error> {
         let (dir, parent, name) = match self.parent(path) {
             Ok(p) => p,
             // no parent directory: nothing to remove
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
-                return Ok(());
+                return Ok(true);
             }
             Err(e) => return Err(e),
         };
-        self.remove_at(dir.as_fd(), name, path)?;
+        let gone = self.remove_at(dir.as_fd(), name, path, keep)?;
         self.touch(parent);
-        Ok(())
+        Ok(gone)
     }
 
-    fn remove_at(&self, dir: BorrowedFd<'_>, name: &[u8], shown: &RelPath) -> Result<(), Error> {
+    fn remove_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        shown: &RelPath,
+        keep: &dyn Fn(&RelPath, bool) -> bool,
+    ) -> Result<bool, Error> {
         let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
-            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(rustix::io::Errno::NOENT) => return Ok(true),
             Err(e) => return Err(Error::io("stat", self.display(shown), e)),
         };
-        if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
-            let sub = rustix::fs::openat(
-                dir,
-                name,
-                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-                Mode::empty(),
-            )
-            .map_err(|e| Error::io("open directory", self.display(shown), e))?;
-            let mut names = Vec::new();
-            let rd = rustix::fs::Dir::read_from(&sub)
-                .map_err(|e| Error::io("read directory", self.display(shown), e))?;
-            for de in rd {
-                let de = de.map_err(|e| Error::io("read directory", self.display(shown), e))?;
-                let n = de.file_name().to_bytes();
-                if n != b"." && n != b".." {
-                    names.push(n.to_vec());
-                }
-            }
-            for n in names {
-                let child = shown.join(&n).unwrap_or_else(|_| shown.clone());
-                self.remove_at(sub.as_fd(), &n, &child)?;
-            }
-            rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
-                .map_err(|e| Error::io("remove directory", self.display(shown), e))
-        } else {
-            rustix::fs::unlinkat(dir, name, AtFlags::empty())
-                .map_err(|e| Error::io("remove", self.display(shown), e))
+        let is_dir =
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory;
+        if keep(shown, is_dir) {
+            return Ok(false);
         }
+        if !is_dir {
+            return rustix::fs::unlinkat(dir, name, AtFlags::empty())
+                .map(|()| true)
+                .map_err(|e| Error::io("remove", self.display(shown), e));
+        }
+        let sub = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open directory", self.display(shown), e))?;
+        let mut names = Vec::new();
+        let rd = rustix::fs::Dir::read_from(&sub)
+            .map_err(|e| Error::io("read directory", self.display(shown), e))?;
+        for de in rd {
+            let de = de.map_err(|e| Error::io("read directory", self.display(shown), e))?;
+            let n = de.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                names.push(n.to_vec());
+            }
+        }
+        let mut all_gone = true;
+        for n in names {
+            let child = shown.join(&n).unwrap_or_else(|_| shown.clone());
+            all_gone &= self.remove_at(sub.as_fd(), &n, &child, keep)?;
+        }
+        if !all_gone {
+            self.touch(shown.clone());
+            return Ok(false);
+        }
+        rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
+            .map(|()| true)
+            .map_err(|e| Error::io("remove directory", self.display(shown), e))
     }
 
     /// Creates a directory (owner-only until its metadata is set at the end).
@@ -442,157 +507,6 @@ impl Replica {
             self.set_meta(entry)?;
         }
         Ok(())
-    }
-
-    /// Owner, xattrs (ACLs included), mode and mtime on an open file or directory.
-    fn meta_fd(&self, f: &File, m: &Meta, shown_path: &str) -> Result<(), Error> {
-        use xattr::FileExt as _;
-        if let Err(e) = rustix::fs::fchown(f, Some(uid(m.uid)), Some(gid(m.gid))) {
-            self.not_preserved(shown_path, "owner", e.into())?;
-        }
-        crate::failpoint("metadata");
-        let existing: Vec<Vec<u8>> = match f.list_xattr() {
-            Ok(names) => names
-                .map(|n| std::os::unix::ffi::OsStrExt::as_bytes(n.as_os_str()).to_vec())
-                .collect(),
-            Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Vec::new(),
-            Err(e) => return Err(Error::io("listxattr", shown_path, e)),
-        };
-        for name in &existing {
-            if meta::is_mirrored_xattr(name)
-                && !m.xattrs.iter().any(|x| &x.name == name)
-                && let Err(e) = f.remove_xattr(os(name))
-            {
-                self.not_preserved(
-                    shown_path,
-                    &format!("removal of xattr {}", String::from_utf8_lossy(name)),
-                    e,
-                )?;
-            }
-        }
-        for x in &m.xattrs {
-            if !meta::is_mirrored_xattr(&x.name) {
-                continue;
-            }
-            if existing.contains(&x.name)
-                && f.get_xattr(os(&x.name)).ok().flatten().as_ref() == Some(&x.value)
-            {
-                continue;
-            }
-            if let Err(e) = f.set_xattr(os(&x.name), &x.value) {
-                self.not_preserved(
-                    shown_path,
-                    &format!("xattr {}", String::from_utf8_lossy(&x.name)),
-                    e,
-                )?;
-            }
-        }
-        rustix::fs::fchmod(f, Mode::from_raw_mode(m.mode))
-            .map_err(|e| Error::io("chmod", shown_path, e))?;
-        rustix::fs::futimens(f, &times(m)).map_err(|e| Error::io("set times", shown_path, e))?;
-        Ok(())
-    }
-
-    /// The same for a symlink or special file, by name in its held parent.
-    fn meta_at(
-        &self,
-        dir: BorrowedFd<'_>,
-        name: &[u8],
-        kind: &Kind,
-        m: &Meta,
-        shown_path: &str,
-    ) -> Result<(), Error> {
-        if let Err(e) = rustix::fs::chownat(
-            dir,
-            name,
-            Some(uid(m.uid)),
-            Some(gid(m.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        ) {
-            self.not_preserved(shown_path, "owner", e.into())?;
-        }
-        // l*xattr through the held parent's /proc link: the parent cannot be
-        // swapped, and the leaf is not followed.
-        let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
-        p.push(os(name));
-        let existing: Vec<Vec<u8>> = match xattr::list(&p) {
-            Ok(names) => names
-                .map(|n| std::os::unix::ffi::OsStrExt::as_bytes(n.as_os_str()).to_vec())
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        for n in &existing {
-            if meta::is_mirrored_xattr(n)
-                && !m.xattrs.iter().any(|x| &x.name == n)
-                && let Err(e) = xattr::remove(&p, os(n))
-            {
-                self.not_preserved(
-                    shown_path,
-                    &format!("removal of xattr {}", String::from_utf8_lossy(n)),
-                    e,
-                )?;
-            }
-        }
-        for x in m.xattrs.iter().filter(|x| meta::is_mirrored_xattr(&x.name)) {
-            if let Err(e) = xattr::set(&p, os(&x.name), &x.value) {
-                self.not_preserved(
-                    shown_path,
-                    &format!("xattr {}", String::from_utf8_lossy(&x.name)),
-                    e,
-                )?;
-            }
-        }
-        if !matches!(kind, Kind::Symlink { .. }) {
-            // chmodat would follow a symlink swapped in at `name`: pin the inode
-            // with O_PATH, check it is the special file we expect, chmod that.
-            let fd = rustix::fs::openat(
-                dir,
-                name,
-                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| Error::io("open", shown_path, e))?;
-            let st = rustix::fs::fstat(&fd).map_err(|e| Error::io("stat", shown_path, e))?;
-            let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
-            let expected = match kind {
-                Kind::Fifo => rustix::fs::FileType::Fifo,
-                Kind::Socket => rustix::fs::FileType::Socket,
-                Kind::CharDev { .. } => rustix::fs::FileType::CharacterDevice,
-                Kind::BlockDev { .. } => rustix::fs::FileType::BlockDevice,
-                _ => {
-                    return Err(Error::invalid(
-                        shown_path,
-                        format!("unexpected {}", kind.name()),
-                    ));
-                }
-            };
-            if ft != expected {
-                return Err(Error::invalid(
-                    shown_path,
-                    format!("changed under us: expected a {}", kind.name()),
-                ));
-            }
-            rustix::fs::chmod(
-                format!("/proc/self/fd/{}", fd.as_raw_fd()),
-                Mode::from_raw_mode(m.mode),
-            )
-            .map_err(|e| Error::io("chmod", shown_path, e))?;
-        }
-        rustix::fs::utimensat(dir, name, &times(m), AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|e| Error::io("set times", shown_path, e))?;
-        Ok(())
-    }
-
-    /// Records what the filesystem refused to keep (EPERM, ENOTSUP): a warning that
-    /// reaches the operator, not a silent loss. Other errors are failures.
-    fn not_preserved(&self, shown_path: &str, what: &str, e: std::io::Error) -> Result<(), Error> {
-        match e.raw_os_error() {
-            Some(libc::EPERM) | Some(libc::ENOTSUP) | Some(libc::EACCES) | Some(libc::EINVAL) => {
-                self.warn(format!("{shown_path}: {what} not preserved: {e}"));
-                Ok(())
-            }
-            _ => Err(Error::io("set metadata", shown_path, e)),
-        }
     }
 
     /// The replica's current regular file at `path`, mapped, as a delta basis.
@@ -822,6 +736,25 @@ impl Replica {
         crate::scan::abs(&self.canonical, path)
     }
 
+    /// Pages are written in place only into a database with no other name (a
+    /// hard link from outside the root, a `cp -al` snapshot): one that gained
+    /// a link since it was staged is left alone (warning) and replaced whole
+    /// next round.
+    fn linked_since_staged(&self, path: &RelPath) -> Result<bool, Error> {
+        if !self.has_other_links(path)? {
+            return Ok(false);
+        }
+        if let Ok(mut c) = self.db_cache.lock() {
+            c.remove(path);
+        }
+        self.warn(format!(
+            "{}: database has other hard links; not written in place, replaced by \
+             a whole copy next round",
+            self.display(path)
+        ));
+        Ok(true)
+    }
+
     fn update_db(&self, db: DbCommit) -> Result<(), Error> {
         let (dir, parent, name) = self.parent(&db.path)?;
         let shown = self.display(&db.path);
@@ -831,6 +764,13 @@ impl Replica {
         };
         if rustix::fs::statat(&dir, db.tmp.as_slice(), AtFlags::SYMLINK_NOFOLLOW).is_err() {
             return Ok(()); // carried out before a crash
+        }
+        if !db.full && self.linked_since_staged(&db.path)? {
+            return gone(rustix::fs::unlinkat(
+                &dir,
+                db.tmp.as_slice(),
+                AtFlags::empty(),
+            ));
         }
         if let Some(who) = self.db_holders(&db.path) {
             self.note_held(&db.path);
@@ -903,6 +843,19 @@ impl Replica {
             c.insert(db.path, (db_stamp(&st), held));
         }
         Ok(())
+    }
+
+    /// Whether the regular file at `path` has other names (st_nlink > 1): such
+    /// a file is replaced by a rename, never written in place.
+    pub fn has_other_links(&self, path: &RelPath) -> Result<bool, Error> {
+        let (dir, _, name) = self.parent(path)?;
+        match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(st.st_nlink > 1
+                && rustix::fs::FileType::from_raw_mode(st.st_mode)
+                    == rustix::fs::FileType::RegularFile),
+            Err(rustix::io::Errno::NOENT) => Ok(false),
+            Err(e) => Err(Error::io("stat", self.display(path), e)),
+        }
     }
 
     /// The database the replica holds at `path` (page hashes cached by inode,

@@ -55,6 +55,19 @@ pub fn is_temp_name(name: &[u8]) -> bool {
     name.starts_with(TEMP_PREFIX)
 }
 
+/// Hex digits of the random suffix of a temp name this agent makes.
+pub const TEMP_SUFFIX_LEN: usize = 16;
+
+/// Whether `name` has exactly the shape of a temp name this agent makes: the
+/// prefix and [`TEMP_SUFFIX_LEN`] lower-case hex digits of a random suffix.
+/// Other names with the prefix (`.understudy.tmp.notes`) are someone else's.
+#[must_use]
+pub fn is_own_temp_name(name: &[u8]) -> bool {
+    name.strip_prefix(TEMP_PREFIX).is_some_and(|rest| {
+        rest.len() == TEMP_SUFFIX_LEN && rest.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
 /// Crash-test hook: when `UNDERSTUDY_FAILPOINT` names this step, the process
 /// aborts here, as a `kill -9` at that instant would leave things (tests kill
 /// the replica at each step of an apply this way). Read once; absent in
@@ -106,5 +119,27 @@ pub(crate) mod test_util {
                 hash: [tag; 32],
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn own_temp_names_have_exactly_our_shape() {
+        assert!(super::is_own_temp_name(b".understudy.tmp.0123456789abcdef"));
+        for foreign in [
+            &b".understudy.tmp.notes"[..],
+            b".understudy.tmp.mine",
+            b".understudy.tmp.journal",
+            b".understudy.tmp.0123456789ABCDEF",
+            b".understudy.tmp.0123456789abcde",
+            b".understudy.tmp.0123456789abcdef0",
+        ] {
+            assert!(super::is_temp_name(foreign), "{foreign:?}");
+            assert!(!super::is_own_temp_name(foreign), "{foreign:?}");
+        }
+        assert!(!super::is_own_temp_name(
+            b"x.understudy.tmp.0123456789abcdef"
+        ));
     }
 }

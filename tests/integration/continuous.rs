@@ -4,41 +4,6 @@ use crate::util::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-struct Pair {
-    t: tempfile::TempDir,
-    src: std::path::PathBuf,
-    dst: std::path::PathBuf,
-    sid: std::path::PathBuf,
-    rid: std::path::PathBuf,
-    s_id: String,
-    r_id: String,
-}
-
-fn pair() -> Pair {
-    let t = tempfile::tempdir().unwrap();
-    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::create_dir_all(&dst).unwrap();
-    // So that "converged" means the first full round was applied, not that two
-    // empty trees look alike.
-    std::fs::write(src.join("seed"), b"seed").unwrap();
-    let (sid, s_id, rid, r_id) = identities(t.path());
-    Pair {
-        t,
-        src,
-        dst,
-        sid,
-        rid,
-        s_id,
-        r_id,
-    }
-}
-
-/// `sync-cli status --json` of the agent whose control socket is `control`.
-fn agent_status(p: &Pair, control: &Path) -> serde_json::Value {
-    control_status(p.t.path(), &p.sid, control)
-}
-
 fn step(p: &Pair, script: &str) {
     sh(&format!("cd {} && {script}", p.src.display()));
     wait_converged(&p.src, &p.dst, 20, &[]);
@@ -197,52 +162,6 @@ fn replica_gone_for_ten_seconds_then_back() {
 }
 
 /// Restores a sysctl on drop.
-struct Sysctl(&'static str, String);
-impl Drop for Sysctl {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.0, &self.1);
-    }
-}
-
-#[test]
-fn inotify_queue_overflow_triggers_a_rescan() {
-    let p = pair();
-    let rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
-    let knob = "/proc/sys/fs/inotify/max_queued_events";
-    let old = std::fs::read_to_string(knob).unwrap();
-    let guard = Sysctl(knob, old);
-    std::fs::write(knob, "32").unwrap();
-    let control = p.t.path().join("control.sock");
-    let _src = source(
-        &p.src,
-        &p.sid,
-        &p.r_id,
-        &rep.addr,
-        &["--control", control.to_str().unwrap()],
-    );
-    // the queue size is fixed when the watcher starts
-    std::thread::sleep(Duration::from_millis(500));
-    drop(guard);
-    wait_converged(&p.src, &p.dst, 20, &[]);
-    // Many events in one go, while the agent is busy hashing a big file.
-    std::fs::write(p.src.join("big"), random_bytes(64 << 20, 5)).unwrap();
-    for i in 0..2000 {
-        std::fs::write(p.src.join(format!("f{i}")), b"x").unwrap();
-    }
-    wait_converged(&p.src, &p.dst, 60, &[]);
-    let st = agent_status(&p, &control);
-    let f = &st["folders"][0];
-    assert_eq!(f["connected"], true, "{st}");
-    assert!(
-        f["full_rounds"].as_u64().unwrap() >= 2,
-        "no rescan after the overflow: {st}"
-    );
-    assert!(
-        f["watcher"].as_str().unwrap_or("").contains("overflow"),
-        "{st}"
-    );
-}
-
 #[test]
 fn excludes_hold_on_both_sides() {
     let p = pair();

@@ -294,7 +294,7 @@ fn back_to_back_handovers_alternate_with_one_app() {
     let t = tempfile::tempdir().unwrap();
     let (a, b, apps) = pair(t.path(), 0.0);
     let (_aa, _ab) = (a.start(), b.start());
-    for round in 0..6 {
+    for round in 0..20 {
         let src = source_of(&a, &b);
         let kind = if round % 2 == 0 {
             "failover"
@@ -308,8 +308,35 @@ fn back_to_back_handovers_alternate_with_one_app() {
         replay(&apps);
     }
     wait_for("settled", 30, || settled(&a, &b, &apps));
-    assert_eq!(a.epoch().unwrap()["epoch"], 6);
+    assert_eq!(a.epoch().unwrap()["epoch"], 20);
     assert!(std::ptr::eq(source_of(&a, &b), &a));
+}
+
+/// Both hosts' operators start a failover at the same instant: the one on the
+/// source hands over, the one on the replica is refused by its persisted
+/// state (never by a stale status), and at no instant do two apps run.
+#[test]
+fn handovers_started_at_once_from_both_hosts_leave_one_app() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b, apps) = pair(t.path(), 0.0);
+    let (_aa, _ab) = (a.start(), b.start());
+    for round in 0..4 {
+        let before = source_of(&a, &b);
+        let ep = |h: &Host| h.epoch().and_then(|v| v["epoch"].as_u64()).unwrap_or(0);
+        let epoch = ep(before);
+        let (oa, ob) = std::thread::scope(|s| {
+            let ha = s.spawn(|| a.cli(&["failover"]));
+            let hb = s.spawn(|| b.cli(&["failover"]));
+            (ha.join().unwrap(), hb.join().unwrap())
+        });
+        let ok = [&oa, &ob].iter().filter(|o| o.status.success()).count();
+        assert_eq!(ok, 1, "round {round}: a: {}\nb: {}", text(&oa), text(&ob));
+        replay(&apps);
+        wait_for("settled", 30, || settled(&a, &b, &apps));
+        let after = source_of(&a, &b);
+        assert!(!std::ptr::eq(after, before), "round {round}: no handover");
+        assert_eq!(ep(after), epoch + 1);
+    }
 }
 
 #[test]

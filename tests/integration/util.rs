@@ -371,3 +371,40 @@ pub fn control_status(dir: &Path, identity: &Path, control: &Path) -> serde_json
     ]);
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
+
+/// Two trees and two identities in one temp dir, for a source and a replica agent.
+pub struct Pair {
+    pub t: tempfile::TempDir,
+    pub src: std::path::PathBuf,
+    pub dst: std::path::PathBuf,
+    pub sid: std::path::PathBuf,
+    pub rid: std::path::PathBuf,
+    pub s_id: String,
+    pub r_id: String,
+}
+
+/// A fresh [`Pair`] whose source holds one file.
+pub fn pair() -> Pair {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(&dst).unwrap();
+    // So that "converged" means the first full round was applied, not that two
+    // empty trees look alike.
+    std::fs::write(src.join("seed"), b"seed").unwrap();
+    let (sid, s_id, rid, r_id) = identities(t.path());
+    Pair {
+        t,
+        src,
+        dst,
+        sid,
+        rid,
+        s_id,
+        r_id,
+    }
+}
+
+/// `sync-cli status --json` of the agent whose control socket is `control`.
+pub fn agent_status(p: &Pair, control: &Path) -> serde_json::Value {
+    control_status(p.t.path(), &p.sid, control)
+}

@@ -5,6 +5,7 @@ use crate::wire;
 use anyhow::{Context, Result, anyhow, bail};
 use proto::{ApplySummary, Entry, ErrorCode, Hello, Kind, Message, RelPath, Role};
 use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt as _;
 use std::sync::Arc;
 use sync_core::Manifest;
 use sync_core::apply::Replica;
@@ -698,8 +699,13 @@ async fn apply_round(
         for (from, to) in renamed.iter().filter(|(a, b)| !excluded(a) && !excluded(b)) {
             r.rename(from, to);
         }
+        // Excluded and overlay entries are never deleted, not even with their
+        // parent: a directory holding one is emptied of the rest and kept.
+        let keep = |p: &RelPath, is_dir: bool| f.excludes(p, is_dir);
         for p in deleted.iter().filter(|p| !excluded(p)) {
-            r.remove_all(p)?;
+            if !r.remove_all_but(p, &keep)? {
+                tracing::info!("{p}: kept, it holds excluded or overlay entries");
+            }
             sum.entries_deleted += 1;
         }
         let mut linked = std::collections::HashSet::new();
@@ -728,7 +734,7 @@ async fn apply_round(
             }
             Manifest { entries }
         };
-        let plan = sync_core::plan::plan_with_links(&s, &dst, checksum, &linked);
+        let mut plan = sync_core::plan::plan_with_links(&s, &dst, checksum, &linked);
         // The first repair after this node was fenced: what it alone holds is
         // copied aside before anything is replaced or deleted.
         let captured = match &capture {
@@ -747,10 +753,7 @@ async fn apply_round(
             }
             None => None,
         };
-        for p in &plan.delete {
-            r.remove_all(p)?;
-            sum.entries_deleted += 1;
-        }
+        delete_keeping(&r, &s, &mut plan, &keep, &mut sum)?;
         for &i in &plan.mkdir {
             r.mkdir(&s.entries[i].path)?;
             sum.others_created += 1;
@@ -893,6 +896,7 @@ async fn apply_round(
         let p = planned.clone();
         let (root, differences, held_by) = tokio::task::spawn_blocking(move || -> Result<_> {
             let (own, dbs) = own_manifest(&r, d, f)?;
+            let own = without_kept_dirs(own, &p);
             // A cut says which databases another process holds open (the
             // standby's application running), changed or not: a handover's
             // preflight refuses on it.
@@ -923,6 +927,61 @@ async fn apply_round(
         }
     }
     Ok(summary)
+}
+
+/// Removes what the plan deletes, keeping excluded and overlay entries
+/// (`keep`); a type change that would destroy them is refused for that path
+/// with a warning and dropped from the plan, so the rest of the round applies.
+fn delete_keeping(
+    r: &Replica,
+    s: &Manifest,
+    plan: &mut sync_core::plan::Plan,
+    keep: &dyn Fn(&RelPath, bool) -> bool,
+    sum: &mut ApplySummary,
+) -> Result<()> {
+    let mut refused = std::collections::HashSet::new();
+    for p in &plan.delete {
+        let gone = r.remove_all_but(p, keep)?;
+        sum.entries_deleted += 1;
+        let Some((_, e)) = s.get(p).filter(|(_, e)| !gone && e.kind != Kind::Dir) else {
+            continue;
+        };
+        r.warn(format!(
+            "{}: not replaced by a {}: the directory holds excluded or overlay entries",
+            r.root_path()
+                .join(std::ffi::OsStr::from_bytes(p.as_bytes()))
+                .display(),
+            e.kind.name()
+        ));
+        refused.insert(p.clone());
+    }
+    if !refused.is_empty() {
+        let ok = |i: &usize| !refused.contains(&s.entries[*i].path);
+        plan.fetch.retain(|f| ok(&f.index));
+        plan.dbs.retain(ok);
+        plan.create.retain(ok);
+        plan.hardlink.retain(ok);
+        plan.meta.retain(ok);
+    }
+    Ok(())
+}
+
+/// `own` without the directories the source no longer has that were kept
+/// only for the excluded or overlay entries they hold (which no manifest
+/// lists): the cut's root hash is the source's.
+fn without_kept_dirs(own: Manifest, planned: &Manifest) -> Manifest {
+    let mut kept: Vec<Entry> = Vec::with_capacity(own.entries.len());
+    for e in own.entries.into_iter().rev() {
+        let holds_something = kept
+            .last()
+            .is_some_and(|next| next.path != e.path && next.path.starts_with(&e.path));
+        if e.kind == Kind::Dir && !holds_something && planned.get(&e.path).is_none() {
+            continue;
+        }
+        kept.push(e);
+    }
+    kept.reverse();
+    Manifest { entries: kept }
 }
 
 /// The replica's own manifest from a fresh scan of its tree (databases by
@@ -971,10 +1030,14 @@ async fn fetch_db(
         bail!("{}: not a database", entry.path);
     };
     let (r, p) = (replica.clone(), entry.path.clone());
-    let (held, holders) = tokio::task::spawn_blocking(move || -> Result<_> {
-        Ok((r.db_held(&p)?, r.db_holders(&p)))
+    let (held, holders, linked) = tokio::task::spawn_blocking(move || -> Result<_> {
+        Ok((r.db_held(&p)?, r.db_holders(&p), r.has_other_links(&p)?))
     })
     .await??;
+    // A database with other names (hard links from outside the root, a
+    // `cp -al` snapshot) is never written in place, its metadata included:
+    // the whole image is staged and renamed over.
+    let held = held.filter(|_| !linked);
     if held.as_ref().is_some_and(|h| h.hash == hash) {
         if current.as_ref() != Some(&entry.meta) {
             let (r, e) = (replica.clone(), entry.clone());

@@ -321,6 +321,11 @@ impl Drop for LiveDb {
     }
 }
 
+/// Whether no file stands at `path` any more.
+fn vanished(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_err()
+}
+
 /// The connection pages are read from (split from `LiveDb` so the hashes can
 /// be updated while it is borrowed).
 fn reader_of<'c>(conns: &'c Option<Conns>, path: &Path) -> Result<&'c Connection, Error> {
@@ -483,7 +488,7 @@ impl LiveSet {
     fn connect_all(&mut self, gone: &mut Vec<RelPath>) -> Result<(), Error> {
         for (p, db) in self.dbs.iter_mut() {
             if let Err(e) = db.connect() {
-                if std::fs::symlink_metadata(&db.path).is_err() {
+                if vanished(&db.path) {
                     gone.push(p.clone());
                     continue;
                 }
@@ -521,6 +526,10 @@ impl LiveSet {
                         gone.push(p.clone());
                         continue;
                     }
+                    _ if vanished(&db.path) => {
+                        gone.push(p.clone());
+                        continue;
+                    }
                     _ => {
                         out = Err(sql_err(&db.path, "lock for the cut", e));
                         break;
@@ -529,6 +538,12 @@ impl LiveSet {
             }
             first.get_or_insert_with(Instant::now);
             if let Err(e) = db.begin_snapshot() {
+                // renamed or deleted since it was opened: the next round sees
+                // what stands there now
+                if vanished(&db.path) {
+                    gone.push(p.clone());
+                    continue;
+                }
                 out = Err(e);
                 break;
             }
