@@ -389,6 +389,35 @@ pub const MAX_PAGES_PER_BATCH: usize = 1024;
 /// Largest SQLite page size.
 pub const MAX_PAGE_SIZE: u32 = 65536;
 
+/// Most pages of one database (2^24: 64 GiB at SQLite's default 4 KiB pages,
+/// 1 TiB at 64 KiB). The replica keeps a 32-byte hash per page while a database
+/// is staged, so this bounds that table to 512 MiB, charged to the round's byte
+/// budget.
+pub const MAX_DB_PAGES: u32 = 1 << 24;
+/// Largest database, page size × pages (1 TiB).
+pub const MAX_DB_BYTES: u64 = 1 << 40;
+
+/// Checks a database's announced page size and page count against
+/// [`MAX_PAGE_SIZE`], [`MAX_DB_PAGES`] and [`MAX_DB_BYTES`]; the error names
+/// the field.
+pub fn check_db_bounds(page_size: u32, pages: u32) -> Result<(), String> {
+    if !valid_page_size(page_size) {
+        return Err(format!("database page size {page_size}"));
+    }
+    if pages > MAX_DB_PAGES {
+        return Err(format!(
+            "database of {pages} pages (at most {MAX_DB_PAGES})"
+        ));
+    }
+    let bytes = u64::from(page_size) * u64::from(pages);
+    if bytes > MAX_DB_BYTES {
+        return Err(format!(
+            "database of {pages} pages of {page_size} bytes: {bytes} bytes (at most {MAX_DB_BYTES})"
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `n` is a valid SQLite page size.
 #[must_use]
 pub fn valid_page_size(n: u32) -> bool {
@@ -474,9 +503,9 @@ impl Message {
                 }
                 Ok(())
             }
-            Message::DbEnd { page_size, .. } if !valid_page_size(*page_size) => {
-                Err(format!("page size {page_size}"))
-            }
+            Message::DbEnd {
+                page_size, pages, ..
+            } => check_db_bounds(*page_size, *pages).map_err(|e| format!("database end: {e}")),
             Message::Promoted { error, .. } => text(error, "promotion error"),
             Message::RoundDone { summary: s, .. } => {
                 if s.warnings.len() > 1000 || s.held.len() > 1000 {
@@ -491,6 +520,12 @@ impl Message {
 
 fn validate_entry(e: &Entry) -> Result<(), String> {
     let at = |m: String| format!("entry {}: {m}", e.path);
+    if let Kind::Database {
+        page_size, pages, ..
+    } = &e.kind
+    {
+        check_db_bounds(*page_size, *pages).map_err(at)?;
+    }
     match &e.kind {
         Kind::Symlink { target }
             if target.is_empty() || target.len() > MAX_LINK_TARGET || target.contains(&0) =>
@@ -501,9 +536,6 @@ fn validate_entry(e: &Entry) -> Result<(), String> {
             return Err(at("hard link to itself or to the root".into()));
         }
         Kind::Symlink { .. } | Kind::HardLink { .. } => {}
-        Kind::Database { page_size, .. } if !valid_page_size(*page_size) => {
-            return Err(at(format!("database page size {page_size}")));
-        }
         Kind::Dir => {}
         _ if e.path.is_root() => return Err(at("the root must be a directory".into())),
         _ => {}

@@ -218,3 +218,50 @@ proptest! {
         }
     }
 }
+
+/// Every database size a peer announces (in a manifest entry or a database
+/// end) is checked against its bound before anything is sized from it, and
+/// the refusal names the field.
+#[test]
+fn database_counts_beyond_their_bounds_are_refused() {
+    let db = |page_size: u32, pages: u32| Entry {
+        path: RelPath::new(&b"app.db"[..]).unwrap(),
+        kind: Kind::Database {
+            page_size,
+            pages,
+            hash: [0; 32],
+        },
+        meta: Meta::default(),
+    };
+    let end = |page_size: u32, pages: u32| Message::DbEnd {
+        page_size,
+        pages,
+        hash: [0; 32],
+    };
+    for (ps, pages) in [
+        (65536, u32::MAX),
+        (512, 50_000_000),
+        (512, MAX_DB_PAGES + 1),
+    ] {
+        let m = Message::Manifest(vec![db(ps, pages)]);
+        let err = m.validate().unwrap_err();
+        assert!(err.contains("app.db") && err.contains("pages"), "{err}");
+        let mut buf = Vec::new();
+        frame::encode(&m, &mut buf).unwrap();
+        assert!(matches!(
+            frame::decode(&buf),
+            Err(FrameError::Malformed(e)) if e.contains("pages")
+        ));
+        let err = end(ps, pages).validate().unwrap_err();
+        assert!(
+            err.contains("database end") && err.contains("pages"),
+            "{err}"
+        );
+    }
+    // The largest allowed announcement passes.
+    Message::Manifest(vec![db(65536, MAX_DB_PAGES)])
+        .validate()
+        .unwrap();
+    end(512, MAX_DB_PAGES).validate().unwrap();
+    assert!(u64::from(MAX_DB_PAGES) * u64::from(MAX_PAGE_SIZE) <= MAX_DB_BYTES);
+}

@@ -71,13 +71,15 @@ fn kind() -> impl Strategy<Value = Kind> {
         Just(Kind::Socket),
         any::<u64>().prop_map(|rdev| Kind::CharDev { rdev }),
         any::<u64>().prop_map(|rdev| Kind::BlockDev { rdev }),
-        (page_size(), any::<u32>(), any::<[u8; 32]>()).prop_map(|(page_size, pages, hash)| {
-            Kind::Database {
-                page_size,
-                pages,
-                hash,
+        (page_size(), 0..=proto::MAX_DB_PAGES, any::<[u8; 32]>()).prop_map(
+            |(page_size, pages, hash)| {
+                Kind::Database {
+                    page_size,
+                    pages,
+                    hash,
+                }
             }
-        }),
+        ),
     ]
 }
 
@@ -146,13 +148,15 @@ fn databases_and_roles() -> impl Strategy<Value = Message> {
         proptest::collection::vec((1u32.., any::<u8>()), 0..3).prop_map(|pages| {
             Message::DbPages(pages.into_iter().map(|(n, b)| (n, vec![b; 512])).collect())
         }),
-        (page_size(), any::<u32>(), any::<[u8; 32]>()).prop_map(|(page_size, pages, hash)| {
-            Message::DbEnd {
-                page_size,
-                pages,
-                hash,
+        (page_size(), 0..=proto::MAX_DB_PAGES, any::<[u8; 32]>()).prop_map(
+            |(page_size, pages, hash)| {
+                Message::DbEnd {
+                    page_size,
+                    pages,
+                    hash,
+                }
             }
-        }),
+        ),
         any::<u64>().prop_map(|epoch| Message::Promote { epoch }),
         (any::<u64>(), text()).prop_map(|(epoch, error)| Message::Promoted { epoch, error }),
     ]

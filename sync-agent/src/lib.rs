@@ -23,6 +23,7 @@ pub mod handover;
 pub mod hooks;
 pub mod identity;
 pub mod lag;
+pub mod limits;
 pub mod promotion;
 pub mod session;
 pub mod tls;
@@ -252,6 +253,7 @@ pub fn replica_folder_with(
         hooks: settings.hooks,
         promoted: tokio::sync::Notify::new(),
         last_warning: std::sync::Mutex::new(None),
+        activity: Default::default(),
         stats: std::sync::Mutex::default(),
         promotable: settings.promotable,
         diverged: std::sync::Mutex::new(
@@ -272,6 +274,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     tokio::pin!(shutdown);
+    let slots = Arc::new(limits::Connections::default());
     loop {
         let incoming = tokio::select! {
             () = &mut shutdown => break,
@@ -280,13 +283,24 @@ pub async fn serve(
                 None => break,
             },
         };
-        let folders = folders.clone();
+        let (folders, slots) = (folders.clone(), slots.clone());
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(%remote, "refused a connection: {e}");
+                    return;
+                }
+            };
+            // Authenticated: a slot in all and for this peer, or closed now.
+            let peer = tls::peer_id(&conn);
+            let _slot = match slots.admit(peer) {
+                Ok(s) => s,
+                Err(why) => {
+                    let shown = peer.map_or_else(|| "unknown".to_string(), |p| p.to_string());
+                    tracing::warn!(%remote, peer = %shown, "refused a connection: {why}");
+                    conn.close(limits::REFUSED_CODE.into(), why.as_bytes());
                     return;
                 }
             };

@@ -15,8 +15,13 @@ pub const PARALLEL_FILES: usize = 16;
 pub const MANIFEST_FRAME_BYTES: usize = 4 << 20;
 /// Most entries a replica accepts in one round.
 pub const MAX_ROUND_ENTRIES: u64 = 5_000_000;
-/// Most bytes of paths, targets and xattrs a replica accepts in one round.
+/// Most bytes of paths, targets, xattrs, inline content and database page
+/// tables a replica accepts in one round.
 pub const MAX_ROUND_BYTES: u64 = 1 << 30;
+/// Bytes of replica memory a database page costs while it is staged (its
+/// 32-byte hash and a bit of the missing-page map), charged to
+/// [`MAX_ROUND_BYTES`] when the round announces the database.
+pub const DB_PAGE_BYTES: u64 = 33;
 
 /// What a push did, as `--json` prints it.
 #[derive(Debug, Clone, Default, Serialize)]

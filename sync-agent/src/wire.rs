@@ -4,11 +4,19 @@ use anyhow::{Context, Result, bail};
 use proto::Message;
 use proto::frame::{self, HEADER_LEN};
 
-/// Writes one message as a frame.
+/// Writes one message as a frame, within [`stage_deadline`]: a peer that stops
+/// reading (flow control never opens) does not block the sender.
 pub async fn send(stream: &mut quinn::SendStream, msg: &Message) -> Result<()> {
     let mut buf = Vec::new();
     frame::encode(msg, &mut buf).context("encoding a message")?;
-    stream.write_all(&buf).await.context("sending to peer")?;
+    let d = stage_deadline();
+    match tokio::time::timeout(d, stream.write_all(&buf)).await {
+        Ok(r) => r.context("sending to peer")?,
+        Err(_) => bail!(
+            "peer read nothing for {} s while we sent to it",
+            d.as_secs()
+        ),
+    }
     Ok(())
 }
 
@@ -60,6 +68,15 @@ pub fn stage_deadline() -> std::time::Duration {
     })
 }
 
+/// Most time a new connection has to open its control stream and say hello:
+/// 10 s, or the stage deadline when that is shorter.
+pub const HELLO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// [`HELLO_DEADLINE`], or [`stage_deadline`] when shorter.
+pub fn hello_deadline() -> std::time::Duration {
+    HELLO_DEADLINE.min(stage_deadline())
+}
+
 /// [`expect`] within [`stage_deadline`].
 pub async fn expect_soon(stream: &mut quinn::RecvStream, what: &str) -> Result<Message> {
     let d = stage_deadline();
@@ -69,5 +86,57 @@ pub async fn expect_soon(stream: &mut quinn::RecvStream, what: &str) -> Result<M
             "peer sent nothing for {} s while we waited for {what}",
             d.as_secs()
         ),
+    }
+}
+
+/// Slowest rate a whole stage is given time for beyond its floor: 256 KiB/s.
+pub const STAGE_MIN_RATE: u64 = 256 << 10;
+
+/// A whole exchange (a round, a file, a database) bounded as a whole, not only
+/// frame by frame: it may take [`stage_deadline`] plus the time its bytes take
+/// at [`STAGE_MIN_RATE`]. A peer trickling valid frames is cut off at that.
+#[derive(Debug)]
+pub struct Stage {
+    started: std::time::Instant,
+    bytes: u64,
+    what: String,
+}
+
+impl Stage {
+    /// A stage named `what` (for errors) announcing `bytes` so far.
+    pub fn new(what: impl Into<String>, bytes: u64) -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            bytes,
+            what: what.into(),
+        }
+    }
+
+    /// More bytes announced: more time.
+    pub fn grow(&mut self, bytes: u64) {
+        self.bytes = self.bytes.saturating_add(bytes);
+    }
+
+    /// The whole stage's bound.
+    pub fn limit(&self) -> std::time::Duration {
+        stage_deadline().saturating_add(std::time::Duration::from_secs(self.bytes / STAGE_MIN_RATE))
+    }
+
+    /// [`expect`] within [`stage_deadline`] and what is left of the stage.
+    pub async fn expect(&self, stream: &mut quinn::RecvStream, what: &str) -> Result<Message> {
+        let (limit, per_frame) = (self.limit(), stage_deadline());
+        let left = limit.saturating_sub(self.started.elapsed());
+        match tokio::time::timeout(per_frame.min(left), expect(stream, what)).await {
+            Ok(r) => r,
+            Err(_) if left <= per_frame => bail!(
+                "{} took longer than its bound of {} s (peer too slow or stalled)",
+                self.what,
+                limit.as_secs()
+            ),
+            Err(_) => bail!(
+                "peer sent nothing for {} s while we waited for {what}",
+                per_frame.as_secs()
+            ),
+        }
     }
 }

@@ -896,6 +896,9 @@ impl Replica {
         page_size: u32,
         pages: u32,
     ) -> Result<StagedDb<'_>, Error> {
+        // The count comes from the peer: bounded before the page table is sized.
+        proto::check_db_bounds(page_size, pages)
+            .map_err(|e| Error::invalid(self.display(path), e))?;
         let base = base.filter(|b| b.page_size == page_size);
         let hashes = match &base {
             Some(b) => {
@@ -905,12 +908,8 @@ impl Replica {
             }
             None => vec![[0; 32]; pages as usize],
         };
-        let missing = if base.is_some() {
-            // pages past the old end must all arrive
-            (b_len(&base)..pages).collect()
-        } else {
-            (0..pages).collect()
-        };
+        // pages past the old end must all arrive (all of them without a base)
+        let missing = PageSet::range(b_len(&base).min(pages), pages);
         let (dir, tmp, file) = self.temp_beside(path)?;
         Ok(StagedDb {
             replica: self,
@@ -1132,6 +1131,53 @@ impl Iterator for PageRecords<'_> {
     }
 }
 
+/// A set of page numbers `start..end` as a bitmap: one bit a page (2 MiB at
+/// [`proto::MAX_DB_PAGES`]), where a `BTreeSet<u32>` took some 8 bytes a page.
+#[derive(Debug)]
+struct PageSet {
+    start: u32,
+    bits: Vec<u64>,
+    count: u32,
+}
+
+impl PageSet {
+    fn range(start: u32, end: u32) -> Self {
+        let n = end.saturating_sub(start);
+        let mut bits = vec![u64::MAX; n.div_ceil(64) as usize];
+        if let Some(last) = bits.last_mut()
+            && !n.is_multiple_of(64)
+        {
+            *last = (1u64 << (n % 64)) - 1;
+        }
+        Self {
+            start,
+            bits,
+            count: n,
+        }
+    }
+
+    fn remove(&mut self, page: &u32) {
+        let Some(i) = page.checked_sub(self.start) else {
+            return;
+        };
+        if let Some(w) = self.bits.get_mut((i / 64) as usize) {
+            let bit = 1u64 << (i % 64);
+            if *w & bit != 0 {
+                *w &= !bit;
+                self.count -= 1;
+            }
+        }
+    }
+
+    fn first(&self) -> Option<u32> {
+        if self.count == 0 {
+            return None;
+        }
+        let (i, w) = self.bits.iter().enumerate().find(|(_, w)| **w != 0)?;
+        Some(self.start + i as u32 * 64 + w.trailing_zeros())
+    }
+}
+
 /// A database update being received. Dropped without [`StagedDb::commit`], its
 /// staging file is removed.
 #[derive(Debug)]
@@ -1145,7 +1191,7 @@ pub struct StagedDb<'r> {
     page_size: u32,
     hashes: Vec<[u8; 32]>,
     /// Pages (from 0) that must still arrive.
-    missing: BTreeSet<u32>,
+    missing: PageSet,
     len: u64,
     done: bool,
 }
@@ -1193,13 +1239,14 @@ impl StagedDb<'_> {
     /// commit ([`Replica::flush`]); `meta` is set on the database file then.
     pub fn commit(mut self, hash: &[u8; 32], meta: &Meta) -> Result<(), Error> {
         let shown = self.replica.display(&self.path);
-        let got = sqlite::db_hash(self.page_size, &self.hashes);
         if let Some(m) = self.missing.first() {
             return Err(Error::Delta {
                 path: shown,
                 msg: format!("page {} never arrived", m + 1),
             });
         }
+        let got = sqlite::db_hash(self.page_size, &self.hashes);
+
         if &got != hash {
             return Err(Error::Delta {
                 path: shown,
@@ -1244,5 +1291,31 @@ impl Drop for StagedDb<'_> {
             let _ = rustix::fs::unlinkat(&self.dir, self.tmp.as_slice(), AtFlags::empty());
             self.replica.unstage(&self.path, &self.tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod page_set_tests {
+    use super::PageSet;
+
+    #[test]
+    fn page_set_tracks_what_is_missing() {
+        let mut s = PageSet::range(3, 200);
+        assert_eq!(s.first(), Some(3));
+        for p in 0..150 {
+            s.remove(&p);
+        }
+        assert_eq!(s.first(), Some(150));
+        s.remove(&150);
+        s.remove(&150);
+        for p in 151..1000 {
+            s.remove(&p);
+        }
+        assert_eq!(s.first(), None);
+        assert_eq!(PageSet::range(5, 5).first(), None);
+        assert_eq!(PageSet::range(0, 64).first(), Some(0));
+        // the largest allowed database: one bit a page
+        let big = PageSet::range(0, proto::MAX_DB_PAGES);
+        assert_eq!(big.bits.len() * 8, (proto::MAX_DB_PAGES / 8) as usize);
     }
 }

@@ -33,6 +33,11 @@ impl Target {
 
     /// The same, with environment variables for the agent.
     pub fn start_with(env: &[(&str, &str)]) -> Self {
+        Self::start_pinning(env, &[])
+    }
+
+    /// The same, pinning `others` too.
+    pub fn start_pinning(env: &[(&str, &str)], others: &[NodeId]) -> Self {
         let t = tempfile::tempdir().unwrap();
         let (root, outside) = (t.path().join("root"), t.path().join("outside"));
         std::fs::create_dir_all(&root).unwrap();
@@ -47,7 +52,11 @@ impl Target {
         let id: NodeId = keygen(&rid).parse().unwrap();
         let me = Identity::generate().unwrap();
         let log = t.path().join("replica.log");
-        let agent = replica_logged(&root, &rid, &me.id().to_string(), &log, env);
+        let allow: Vec<String> = std::iter::once(me.id())
+            .chain(others.iter().copied())
+            .map(|i| i.to_string())
+            .collect();
+        let agent = replica_logged(&root, &rid, &allow.join(","), &log, env);
         Self {
             t,
             root,

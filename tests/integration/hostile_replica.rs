@@ -154,3 +154,46 @@ async fn hostile_signatures_and_requests_refused() {
     let e = format!("{:#}", res.unwrap_err());
     assert!(e.contains("hostile replica gives up"), "{e}");
 }
+
+/// A hostile replica answering the source's request for page hashes with
+/// endless batches: the source stops after the most batches `MAX_DB_PAGES`
+/// takes and ends the stream, instead of reading them forever.
+#[tokio::test]
+async fn endless_page_hash_batches_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let c = rusqlite::Connection::open(src.join("app.db")).unwrap();
+    c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+        .unwrap();
+    drop(c);
+    let h = HostileReplica::start(&src);
+    let (conn, _ctl, entries) = h.accept_round().await;
+    let db = entries
+        .iter()
+        .position(|e| matches!(e.kind, Kind::Database { .. }))
+        .expect("the database in the round") as u64;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let req = Message::DbRequest {
+        index: db,
+        have: [7; 32],
+    };
+    send.write_all(&encode(&req)).await.unwrap();
+    let asked = read_msg(&mut recv).await;
+    assert!(matches!(asked, Some(Message::DbNeedHashes)), "{asked:?}");
+    let batch = encode(&Message::DbHashes {
+        page_size: 4096,
+        hashes: Vec::new(),
+        last: false,
+    });
+    let most = (proto::MAX_DB_PAGES as usize).div_ceil(proto::MAX_HASHES_PER_BATCH) + 1;
+    for _ in 0..most + 10 {
+        if send.write_all(&batch).await.is_err() {
+            break;
+        }
+    }
+    let got = tokio::time::timeout(ANSWER, read_msg(&mut recv))
+        .await
+        .expect("the source kept reading page hashes (hang)");
+    assert!(got.is_none(), "the source answered {got:?}");
+}

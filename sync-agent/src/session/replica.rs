@@ -1,6 +1,6 @@
 //! The replica side of a session: rounds applied under the folder's root.
 
-use super::{MAX_ROUND_BYTES, MAX_ROUND_ENTRIES, PARALLEL_FILES};
+use super::{DB_PAGE_BYTES, MAX_ROUND_BYTES, MAX_ROUND_ENTRIES, PARALLEL_FILES};
 use crate::wire;
 use anyhow::{Context, Result, anyhow, bail};
 use proto::{ApplySummary, Entry, ErrorCode, Hello, Kind, Message, RelPath, Role};
@@ -47,6 +47,9 @@ pub struct ReplicaFolder {
     /// The last round's warnings (a database held open by another process...),
     /// for status.
     pub last_warning: std::sync::Mutex<Option<String>>,
+    /// When the session holding the folder last heard from its peer: a session
+    /// silent for [`preempt_idle`] is preempted by a new one.
+    pub activity: Activity,
     /// Rounds applied and the source's epoch, for status.
     pub stats: std::sync::Mutex<ReplicaStats>,
     /// Whether this node can serve as the folder's source (a peer address,
@@ -69,6 +72,37 @@ pub struct ReplicaStats {
     /// Databases the last round left alone because another process holds them
     /// open here.
     pub held: Vec<String>,
+}
+
+/// When a session last heard from its peer (shared with its transfers).
+#[derive(Debug, Clone)]
+pub struct Activity(Arc<std::sync::Mutex<std::time::Instant>>);
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self(Arc::new(std::sync::Mutex::new(std::time::Instant::now())))
+    }
+}
+
+impl Activity {
+    /// The peer was heard from now.
+    pub fn touch(&self) {
+        if let Ok(mut t) = self.0.lock() {
+            *t = std::time::Instant::now();
+        }
+    }
+
+    /// How long since the peer was last heard from.
+    pub fn idle(&self) -> std::time::Duration {
+        self.0.lock().map(|t| t.elapsed()).unwrap_or_default()
+    }
+}
+
+/// A session whose peer sent nothing for this long (10 s, or the stage
+/// deadline when shorter) gives the folder up to a new session of a pinned
+/// peer, which closes it.
+pub fn preempt_idle() -> std::time::Duration {
+    std::time::Duration::from_secs(10).min(wire::stage_deadline())
 }
 
 /// A folder's fencing state in memory.
@@ -133,12 +167,25 @@ async fn run_inner(
     let peer = peer_id
         .map(|p| p.to_string())
         .unwrap_or_else(|| "unknown".into());
-    let (mut ctl_send, mut ctl_recv) =
-        tokio::time::timeout(wire::stage_deadline(), conn.accept_bi())
+    // A connection that opens no control stream, or says no hello, in time
+    // gives its slot back.
+    let hello = tokio::time::timeout(wire::hello_deadline(), async {
+        let (s, mut r) = conn
+            .accept_bi()
             .await
-            .map_err(|_| anyhow!("peer {peer} opened no control stream"))?
             .context("waiting for the control stream")?;
-    let folder = match wire::expect_soon(&mut ctl_recv, "a hello").await? {
+        let m = wire::expect(&mut r, "a hello").await?;
+        Ok::<_, anyhow::Error>((s, r, m))
+    })
+    .await
+    .map_err(|_| {
+        anyhow!(
+            "peer {peer} opened no control stream or sent no hello within {} s",
+            wire::hello_deadline().as_secs()
+        )
+    })??;
+    let (mut ctl_send, mut ctl_recv, first) = hello;
+    let folder = match first {
         Message::Hello(h) => {
             let refusal = match h.check() {
                 Err(e) => Some((ErrorCode::UnsupportedVersion, e.to_string())),
@@ -248,17 +295,8 @@ async fn run_inner(
     )
     .await?;
     *served = Some(folder.clone());
-    // The same peer reconnecting supersedes its own stale session; another peer
-    // waits its turn.
-    let stale = folder.current.lock().ok().and_then(|mut c| {
-        let same_peer = c.as_ref().is_some_and(|(p, _)| *p == peer_id);
-        let old = c.replace((peer_id, conn.clone()));
-        old.filter(|_| same_peer).map(|(_, c)| c)
-    });
-    if let Some(old) = stale {
-        old.close(1u32.into(), b"superseded by a new session");
-    }
-    let _guard = folder.lock.lock().await;
+    let _guard = take_folder(&folder, conn, peer_id, &peer).await;
+    folder.activity.touch();
     // A local promotion (`sync-cli promote`) may have run while this session
     // waited for the folder: then this source is fenced.
     let now = folder.fence.lock().map(|g| *g).unwrap_or_default();
@@ -274,7 +312,7 @@ async fn run_inner(
     folder.replica.reset();
     tracing::info!(%peer, folder = %folder.name, "source connected");
     loop {
-        let round = match read_round(&mut ctl_recv).await {
+        let round = match read_round(&mut ctl_recv, &folder.activity).await {
             Ok(Some(Ok(r))) => r,
             Ok(Some(Err(epoch))) => {
                 let error = match promote(&folder, epoch).await {
@@ -393,7 +431,12 @@ async fn fail(
     let mut message = format!("{e:#}");
     // The frame's text bound: a long path must not make the error malformed.
     sync_core::apply::truncate(&mut message, proto::MAX_TEXT);
-    let _ = wire::send(ctl_send, &Message::Error { code, message }).await;
+    // A peer that does not read is not waited for long.
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        wire::send(ctl_send, &Message::Error { code, message }),
+    )
+    .await;
     let _ = ctl_send.finish();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
     Err(e.context(format!("session with peer {peer}, folder {}", folder.name)))
@@ -417,11 +460,49 @@ pub(crate) async fn promote(folder: &ReplicaFolder, epoch: u64) -> Result<()> {
     Ok(())
 }
 
+/// Waits for the folder: the same peer reconnecting supersedes its own stale
+/// session at once; a session of another peer is waited for, and preempted
+/// once its peer has been silent for [`preempt_idle`] (a stalled peer cannot
+/// hold the folder).
+async fn take_folder<'f>(
+    folder: &'f ReplicaFolder,
+    conn: &quinn::Connection,
+    peer_id: Option<crate::NodeId>,
+    peer: &str,
+) -> tokio::sync::MutexGuard<'f, ()> {
+    loop {
+        let holder = folder.current.lock().ok().and_then(|c| c.clone());
+        if let Some((p, old)) = holder
+            && old.stable_id() != conn.stable_id()
+        {
+            let idle = folder.activity.idle();
+            if p == peer_id {
+                old.close(1u32.into(), b"superseded by a new session");
+            } else if idle >= preempt_idle() {
+                tracing::warn!(%peer, folder = %folder.name, idle_s = idle.as_secs(), "preempting a stalled session of another peer");
+                old.close(1u32.into(), b"preempted: stalled while another peer waited");
+            }
+        }
+        tokio::select! {
+            g = folder.lock.lock() => {
+                if let Ok(mut c) = folder.current.lock() {
+                    *c = Some((peer_id, conn.clone()));
+                }
+                return g;
+            }
+            () = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+        }
+    }
+}
+
 /// The next round, or a promotion request (its epoch), or the end.
 async fn read_round(
     ctl: &mut quinn::RecvStream,
+    activity: &Activity,
 ) -> Result<Option<std::result::Result<Incoming, u64>>> {
-    let (id, full, checksum, verify) = match wire::recv(ctl).await? {
+    let first = wire::recv(ctl).await?;
+    activity.touch();
+    let (id, full, checksum, verify) = match first {
         None => return Ok(None),
         Some(Message::RoundStart {
             id,
@@ -444,29 +525,29 @@ async fn read_round(
         root_hash: [0; 32],
     };
     let mut bytes = 0u64;
+    // The whole round is bounded in time too, growing with what it carried
+    // (database page tables aside: their pages come later, on their own stages).
+    let (mut stage, mut tables, mut timed) = (wire::Stage::new(format!("round {id}"), 0), 0, 0);
     loop {
+        stage.grow((bytes - tables).saturating_sub(timed));
+        timed = bytes - tables;
         let count = (r.entries.len() + r.deleted.len() + r.renamed.len()) as u64;
         if count > MAX_ROUND_ENTRIES {
             bail!("round {id} larger than {MAX_ROUND_ENTRIES} entries");
         }
         if bytes > MAX_ROUND_BYTES {
-            bail!("round {id} larger than {MAX_ROUND_BYTES} bytes of entries");
+            bail!(
+                "round {id} larger than {MAX_ROUND_BYTES} bytes of entries, inline content and database page tables"
+            );
         }
-        match wire::expect_soon(ctl, "the rest of the round").await? {
+        let msg = stage.expect(ctl, "the rest of the round").await?;
+        activity.touch();
+        match msg {
             Message::Manifest(b) => {
                 for e in &b {
-                    let target = match &e.kind {
-                        Kind::Symlink { target } => target.len(),
-                        Kind::HardLink { target } => target.as_bytes().len(),
-                        _ => 0,
-                    };
-                    let xattrs: usize = e
-                        .meta
-                        .xattrs
-                        .iter()
-                        .map(|x| x.name.len() + x.value.len() + 48)
-                        .sum();
-                    bytes += (e.path.as_bytes().len() + target + xattrs + 128) as u64;
+                    let (entry, table) = entry_cost(e);
+                    bytes += entry + table;
+                    tables += table;
                 }
                 r.entries.extend(b);
             }
@@ -485,7 +566,7 @@ async fn read_round(
                 r.renamed.extend(b);
             }
             Message::Inline { index, data } => {
-                bytes += data.len() as u64 + 16;
+                bytes += data.len() as u64 + 64;
                 r.inline.insert(index, data);
             }
             Message::RoundEnd {
@@ -505,6 +586,30 @@ async fn read_round(
             other => bail!("expected the rest of round {id}, got {other:?}"),
         }
     }
+}
+
+/// What an entry costs the round's byte budget: its own bytes, and the page
+/// table a database's staging holds (validated ≤ `MAX_DB_PAGES`).
+fn entry_cost(e: &Entry) -> (u64, u64) {
+    let target = match &e.kind {
+        Kind::Symlink { target } => target.len(),
+        Kind::HardLink { target } => target.as_bytes().len(),
+        _ => 0,
+    };
+    let xattrs: usize = e
+        .meta
+        .xattrs
+        .iter()
+        .map(|x| x.name.len() + x.value.len() + 48)
+        .sum();
+    let table = match e.kind {
+        Kind::Database { pages, .. } => u64::from(pages) * DB_PAGE_BYTES,
+        _ => 0,
+    };
+    (
+        (e.path.as_bytes().len() + target + xattrs + 128) as u64,
+        table,
+    )
 }
 
 async fn apply_round(
@@ -726,9 +831,9 @@ async fn apply_round(
             folder.replica.clone(),
             planned.entries[f.index].clone(),
         );
-        let index = kept[f.index] as u64;
+        let (index, activity) = (kept[f.index] as u64, folder.activity.clone());
         tasks.spawn(async move {
-            let res = fetch_file(conn, r, entry, index, f.basis).await;
+            let res = fetch_file(conn, r, entry, index, f.basis, activity).await;
             drop(permit);
             res
         });
@@ -750,9 +855,8 @@ async fn apply_round(
     for &i in &plan.dbs {
         let entry = planned.entries[i].clone();
         let current = dst.get(&entry.path).map(|(_, d)| d.meta.clone());
-        if let Some(pages) =
-            fetch_db(conn, folder.replica.clone(), entry, kept[i] as u64, current).await?
-        {
+        let (r, activity) = (folder.replica.clone(), &folder.activity);
+        if let Some(pages) = fetch_db(conn, r, entry, kept[i] as u64, current, activity).await? {
             summary.databases_applied += 1;
             summary.db_pages += pages;
         }
@@ -915,6 +1019,7 @@ async fn fetch_db(
     entry: Entry,
     index: u64,
     current: Option<proto::Meta>,
+    activity: &Activity,
 ) -> Result<Option<u64>> {
     let Kind::Database {
         page_size,
@@ -953,67 +1058,24 @@ async fn fetch_db(
     let (mut send, mut recv) = conn.open_bi().await.context("opening a database stream")?;
     let have = held.as_ref().map_or([0; 32], |h| h.hash);
     wire::send(&mut send, &Message::DbRequest { index, have }).await?;
-    let (tx, mut rx) = mpsc::channel::<Message>(4);
+    let (tx, rx) = mpsc::channel::<Message>(4);
     let (r, e, base) = (replica.clone(), entry.clone(), held.clone());
-    let writer = tokio::task::spawn_blocking(move || -> Result<u64> {
-        let mut staged = r.stage_db(&e.path, base, page_size, pages)?;
-        let mut n = 0u64;
-        while let Some(msg) = rx.blocking_recv() {
-            match msg {
-                Message::DbPages(batch) => {
-                    for (pgno, data) in batch {
-                        staged.page(pgno, &data)?;
-                        n += 1;
-                    }
-                }
-                Message::DbEnd {
-                    page_size: ps,
-                    pages: count,
-                    hash: h,
-                } => {
-                    if (ps, count, h) != (page_size, pages, hash) {
-                        bail!(
-                            "{}: the source's database end does not match the round",
-                            e.path
-                        );
-                    }
-                    staged.commit(&hash, &e.meta)?;
-                    return Ok(n);
-                }
-                other => bail!("{}: unexpected {other:?}", e.path),
-            }
-        }
-        bail!("{}: stream ended before the database was complete", e.path)
-    });
+    let writer = tokio::task::spawn_blocking(move || write_db(&r, &e, base, rx));
+    // The whole database is bounded in time: its size at the least rate.
+    let stage = wire::Stage::new(
+        format!("database {}", entry.path),
+        u64::from(page_size) * u64::from(pages),
+    );
     let reading = async {
         loop {
-            let msg = wire::expect_soon(&mut recv, "database pages").await?;
+            let msg = tokio::select! {
+                m = stage.expect(&mut recv, "database pages") => m?,
+                // the writer gave up: its error is the one to report
+                () = tx.closed() => return Ok(()),
+            };
+            activity.touch();
             match msg {
-                Message::DbNeedHashes => {
-                    let hashes = held.as_ref().map(|h| h.hashes.as_slice()).unwrap_or(&[]);
-                    let ps = held.as_ref().map_or(0, |h| h.page_size);
-                    let mut chunks = hashes.chunks(proto::MAX_HASHES_PER_BATCH).peekable();
-                    if chunks.peek().is_none() {
-                        wire::send(
-                            &mut send,
-                            &Message::DbHashes {
-                                page_size: ps,
-                                hashes: Vec::new(),
-                                last: true,
-                            },
-                        )
-                        .await?;
-                    }
-                    while let Some(c) = chunks.next() {
-                        let last = chunks.peek().is_none();
-                        let m = Message::DbHashes {
-                            page_size: ps,
-                            hashes: c.to_vec(),
-                            last,
-                        };
-                        wire::send(&mut send, &m).await?;
-                    }
-                }
+                Message::DbNeedHashes => send_hashes(&mut send, held.as_deref()).await?,
                 Message::DbPages(_) | Message::DbEnd { .. } => {
                     let end = matches!(msg, Message::DbEnd { .. });
                     if tx.send(msg).await.is_err() || end {
@@ -1028,8 +1090,91 @@ async fn fetch_db(
     let _ = send.finish();
     drop(tx);
     let written = writer.await?;
-    reading?;
+    // A reader that failed first (a malformed or late frame) holds the cause;
+    // the writer then only saw its input end. Otherwise the writer's error
+    // names the cause.
+    reading.with_context(|| format!("{}: database stream from the source", entry.path))?;
     written.map(Some)
+}
+
+/// Our page hashes, in batches, the last one marked (one empty batch for none).
+async fn send_hashes(
+    send: &mut quinn::SendStream,
+    held: Option<&sync_core::sqlite::Held>,
+) -> Result<()> {
+    let hashes = held.map(|h| h.hashes.as_slice()).unwrap_or(&[]);
+    let page_size = held.map_or(0, |h| h.page_size);
+    let mut chunks = hashes.chunks(proto::MAX_HASHES_PER_BATCH).peekable();
+    if chunks.peek().is_none() {
+        let m = Message::DbHashes {
+            page_size,
+            hashes: Vec::new(),
+            last: true,
+        };
+        return wire::send(send, &m).await;
+    }
+    while let Some(c) = chunks.next() {
+        let last = chunks.peek().is_none();
+        let m = Message::DbHashes {
+            page_size,
+            hashes: c.to_vec(),
+            last,
+        };
+        wire::send(send, &m).await?;
+    }
+    Ok(())
+}
+
+/// Stages the pages of one database as they arrive and commits it at its end.
+fn write_db(
+    r: &Replica,
+    e: &Entry,
+    base: Option<Arc<sync_core::sqlite::Held>>,
+    mut rx: mpsc::Receiver<Message>,
+) -> Result<u64> {
+    let Kind::Database {
+        page_size,
+        pages,
+        hash,
+    } = e.kind
+    else {
+        bail!("{}: not a database", e.path);
+    };
+    let mut staged = r.stage_db(&e.path, base, page_size, pages)?;
+    let mut n = 0u64;
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            Message::DbPages(batch) => {
+                // Each page once at most: a source repeating pages is refused.
+                if n + batch.len() as u64 > u64::from(pages) {
+                    bail!(
+                        "{}: more pages sent than the {pages} the database has",
+                        e.path
+                    );
+                }
+                for (pgno, data) in batch {
+                    staged.page(pgno, &data)?;
+                    n += 1;
+                }
+            }
+            Message::DbEnd {
+                page_size: ps,
+                pages: count,
+                hash: h,
+            } => {
+                if (ps, count, h) != (page_size, pages, hash) {
+                    bail!(
+                        "{}: the source's database end does not match the round",
+                        e.path
+                    );
+                }
+                staged.commit(&hash, &e.meta)?;
+                return Ok(n);
+            }
+            other => bail!("{}: unexpected {other:?}", e.path),
+        }
+    }
+    bail!("{}: stream ended before the database was complete", e.path)
 }
 
 /// Pulls one file: signature of our basis up, content down, staged and checked.
@@ -1039,6 +1184,7 @@ async fn fetch_file(
     entry: Entry,
     index: u64,
     basis: bool,
+    activity: Activity,
 ) -> Result<Option<(u64, u64)>> {
     let (r, path) = (replica.clone(), entry.path.clone());
     let basis = if basis {
@@ -1063,16 +1209,23 @@ async fn fetch_file(
     wire::send(&mut send, &Message::FileRequest { index, signature }).await?;
     let _ = send.finish();
 
+    // The whole file is bounded in time: its size at the least rate.
+    let size = match entry.kind {
+        Kind::File { size, .. } => size,
+        _ => 0,
+    };
+    let stage = wire::Stage::new(format!("file {}", entry.path), size);
     let (tx, rx) = mpsc::channel::<Message>(2);
     let writer =
         tokio::task::spawn_blocking(move || write_file(&replica, &entry, map.as_deref(), rx));
     let reading = async {
         loop {
             let msg = tokio::select! {
-                m = wire::expect_soon(&mut recv, "file content") => m?,
+                m = stage.expect(&mut recv, "file content") => m?,
                 // the writer gave up: its error is the one to report
                 () = tx.closed() => return Ok(()),
             };
+            activity.touch();
             let end = matches!(msg, Message::FileEnd { .. });
             if !matches!(
                 msg,

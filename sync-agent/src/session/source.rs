@@ -392,6 +392,10 @@ async fn serve_db(
         Need::Hashes => {
             wire::send(&mut send, &Message::DbNeedHashes).await?;
             let mut theirs: Vec<[u8; 32]> = Vec::new();
+            // A replica holds at most MAX_DB_PAGES pages: more batches than
+            // that takes are refused, not read forever.
+            let most = (proto::MAX_DB_PAGES as usize).div_ceil(proto::MAX_HASHES_PER_BATCH) + 1;
+            let mut batches = 0usize;
             let their_size = loop {
                 match wire::expect_soon(&mut recv, "page hashes").await? {
                     Message::DbHashes {
@@ -399,6 +403,14 @@ async fn serve_db(
                         hashes,
                         last,
                     } => {
+                        batches += 1;
+                        if batches > most {
+                            bail!(
+                                "replica sent more than {most} batches of page hashes for {} (at most {} pages)",
+                                entry.path,
+                                proto::MAX_DB_PAGES
+                            );
+                        }
                         // beyond our page count they do not matter: not kept
                         let room = (pages as usize).saturating_sub(theirs.len());
                         theirs.extend(hashes.into_iter().take(room));
