@@ -94,9 +94,12 @@ enum Cmd {
 }
 
 fn init_logs(json: bool) {
+    // notify logs an INFO line for every watch of a removed directory it
+    // cannot remove (the kernel already did): noise, not news.
     let filter = tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,notify=warn"));
     let b = tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if json { b.json().init() } else { b.init() }

@@ -360,3 +360,45 @@ fn disk_full_on_the_replica_is_retried_until_there_is_room() {
     wait_converged(&p.src, dst, 30, &[]);
     assert!(temp_files(dst).is_empty(), "{:?}", temp_files(dst));
 }
+
+/// The agents' logs in files: words without colour escapes, and none of
+/// notify's lines about the watches of removed directories.
+#[test]
+fn logs_in_files_are_plain_and_quiet() {
+    let p = pair();
+    let rlog = p.t.path().join("replica.log");
+    let rep = replica_logged(&p.dst, &p.rid, &p.s_id, &rlog, &[]);
+    let slog = p.t.path().join("source.log");
+    let mut src = std::process::Command::new(bin("sync-agent"))
+        .args(["source", "--connect", &rep.addr, "--peer", &p.r_id])
+        .arg("--root")
+        .arg(&p.src)
+        .arg("--identity")
+        .arg(&p.sid)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&slog).unwrap())
+        .spawn()
+        .unwrap();
+    wait_converged(&p.src, &p.dst, 20, &[]);
+    for i in 0..20 {
+        std::fs::create_dir_all(p.src.join(format!("d{i}/e"))).unwrap();
+        std::fs::write(p.src.join(format!("d{i}/e/f")), b"x").unwrap();
+    }
+    wait_converged(&p.src, &p.dst, 20, &[]);
+    for i in 0..20 {
+        std::fs::remove_dir_all(p.src.join(format!("d{i}"))).unwrap();
+    }
+    wait_converged(&p.src, &p.dst, 20, &[]);
+    let _ = src.kill();
+    let _ = src.wait();
+    let (s, r) = (
+        std::fs::read_to_string(&slog).unwrap(),
+        std::fs::read_to_string(&rlog).unwrap(),
+    );
+    assert!(s.contains("connected to replica"), "{s}");
+    assert!(
+        !s.contains('\x1b') && !r.contains('\x1b'),
+        "escape codes:\n{s}\n{r}"
+    );
+    assert!(!s.contains("unable to remove watch"), "{s}");
+}
