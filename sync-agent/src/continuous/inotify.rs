@@ -1,0 +1,156 @@
+//! The inotify bridge: notify's events turned into dirty paths and renames,
+//! without the noise of the databases' own connections.
+
+use super::*;
+
+impl Watch {
+    /// The instant of the first event since the last call, if any.
+    pub(super) fn take_first(&self) -> Option<Instant> {
+        match self.first.swap(0, Ordering::SeqCst) {
+            0 => None,
+            n => Some(self.base + Duration::from_nanos(n - 1)),
+        }
+    }
+
+    /// Notes the first pending event's instant in `lag` (call before draining
+    /// `rx`).
+    pub(super) fn note(&self, lag: &mut LagTracker<RelPath>) {
+        if let Some(t) = self.take_first() {
+            lag.seen(t);
+        }
+    }
+}
+
+/// Whether an event on `path` is one a held database's connections raise by
+/// being opened and closed (ours at every cut included), rather than a sign
+/// of a commit: a commit writes the log (WAL) or the database file (rollback
+/// journal), and a replacement creates, removes or renames the database
+/// file; closes, `-shm` traffic and side files coming and going say nothing.
+pub(super) fn connection_noise(
+    root: &Path,
+    dbs: &sync_core::scan::DbDetect,
+    ev: &notify::Event,
+) -> bool {
+    use notify::event::ModifyKind;
+    let held = |p: &RelPath| dbs.known.read().is_ok_and(|k| k.contains(p));
+    !ev.need_rescan()
+        && !ev.paths.is_empty()
+        && ev.paths.iter().all(|path| {
+            let Some(rel) = rel(root, path) else {
+                return false;
+            };
+            let Some((dir, name)) = rel.split_last() else {
+                return false;
+            };
+            match sync_core::sqlite::sidecar_base(name).and_then(|b| dir.join(b).ok()) {
+                Some(base) if held(&base) => {
+                    !(name.ends_with(b"-wal")
+                        && matches!(
+                            ev.kind,
+                            EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any)
+                        ))
+                }
+                Some(_) => false,
+                None => held(&rel) && matches!(ev.kind, EventKind::Access(_)),
+            }
+        })
+}
+
+pub(super) fn start_watch(
+    root: &Path,
+    status: &SharedStatus,
+    dbs: Option<Arc<sync_core::scan::DbDetect>>,
+) -> Result<Watch> {
+    let (tx, rx) = mpsc::channel::<WatchMsg>(16384);
+    let wake = Arc::new(Notify::new());
+    let rescan = Arc::new(AtomicBool::new(false));
+    let (first, base) = (Arc::new(AtomicU64::new(0)), Instant::now());
+    let degraded = crate::watch_limit::Degraded::default();
+    let (w, r, st, f) = (wake.clone(), rescan.clone(), status.clone(), first.clone());
+    let dg = degraded.clone();
+    let root_dir = root.to_path_buf();
+    let handler = move |res: notify::Result<notify::Event>| {
+        match res {
+            Ok(ev) => {
+                tracing::trace!(?ev, "watch event");
+                if dbs
+                    .as_deref()
+                    .is_some_and(|d| connection_noise(&root_dir, d, &ev))
+                {
+                    return;
+                }
+                if ev.need_rescan() {
+                    tracing::warn!("inotify queue overflowed: full rescan");
+                    set(&st, |s| {
+                        s.watcher = Some("kernel event queue overflowed; rescanned".into())
+                    });
+                    r.store(true, Ordering::SeqCst);
+                } else {
+                    use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+                    let msg = match ev.kind {
+                        // our own reads raise open/close events: only a closed writer matters
+                        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                            Some(WatchMsg::Paths(ev.paths, false))
+                        }
+                        EventKind::Create(_)
+                        | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                            Some(WatchMsg::Paths(ev.paths, true))
+                        }
+                        EventKind::Access(_) => None,
+                        EventKind::Modify(ModifyKind::Name(RenameMode::Both))
+                            if ev.paths.len() == 2 =>
+                        {
+                            Some(WatchMsg::Rename(ev.paths[0].clone(), ev.paths[1].clone()))
+                        }
+                        _ => Some(WatchMsg::Paths(ev.paths, false)),
+                    };
+                    let Some(m) = msg else { return };
+                    if tx.try_send(m).is_err() {
+                        r.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+            Err(e) => {
+                // Something under the root may be unwatched from now on.
+                let note = crate::watch_limit::error_note(&e);
+                tracing::error!("watcher: {note}");
+                set(&st, |s| s.watcher = Some(note));
+                dg.set();
+                r.store(true, Ordering::SeqCst);
+            }
+        }
+        let ns = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        let _ = f.compare_exchange(0, ns + 1, Ordering::SeqCst, Ordering::SeqCst);
+        w.notify_one();
+    };
+    // Symlinks are mirrored as links, never followed: not into the tree twice,
+    // not out of it.
+    let mut watcher = notify::RecommendedWatcher::new(
+        handler,
+        notify::Config::default().with_follow_symlinks(false),
+    )
+    .context("starting the inotify watcher")?;
+    watcher.watch(root, RecursiveMode::Recursive).map_err(|e| {
+        let hint = if matches!(&e.kind, notify::ErrorKind::MaxFilesWatch) {
+            ": inotify watch limit reached: raise fs.inotify.max_user_watches"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("watching {}: {e}{hint}", root.display())
+    })?;
+    Ok(Watch {
+        watcher,
+        degraded,
+        next_poll: tokio::time::Instant::now(),
+        rx,
+        wake,
+        rescan,
+        first,
+        base,
+    })
+}
+
+pub(super) fn rel(root: &Path, p: &Path) -> Option<RelPath> {
+    let r = p.strip_prefix(root).ok()?;
+    RelPath::new(r.as_os_str().as_bytes()).ok()
+}
