@@ -5,6 +5,7 @@
 
 pub mod replica;
 pub mod source;
+mod source_db;
 
 use serde::Serialize;
 use std::sync::atomic::AtomicU64;
