@@ -5,6 +5,7 @@
 
 pub mod replica;
 mod replica_fetch;
+mod replica_round;
 pub mod source;
 mod source_db;
 
