@@ -1,0 +1,464 @@
+//! The replica's databases: staging pages against the announced hash,
+//! the held-open check, and updates that never write through another name.
+
+use super::*;
+use crate::sqlite::{self, Held};
+use crate::{Entry, Error, Kind, Meta, RelPath};
+use rustix::fs::{AtFlags, Mode, OFlags};
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+impl Replica {
+    /// Records that the database at `path` was left alone because another
+    /// process holds it (see [`Replica::take_held`]).
+    pub fn note_held(&self, path: &RelPath) {
+        if let Ok(mut h) = self.held.lock() {
+            h.push(path.clone());
+        }
+    }
+
+    /// The databases left alone since the last call.
+    pub fn take_held(&self) -> Vec<RelPath> {
+        self.held
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default()
+    }
+
+    /// The other processes holding the database at `path` (or its side files)
+    /// open, as text, or `None`.
+    pub fn db_holders(&self, path: &RelPath) -> Option<String> {
+        let held = crate::holders::holders_of_db(&self.db_path(path)).unwrap_or_default();
+        (!held.is_empty()).then(|| {
+            held.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    }
+
+    pub(super) fn db_path(&self, path: &RelPath) -> PathBuf {
+        crate::scan::abs(&self.canonical, path)
+    }
+
+    /// Pages are written in place only into a database with no other name (a
+    /// hard link from outside the root, a `cp -al` snapshot): one that gained
+    /// a link since it was staged is left alone (warning) and replaced whole
+    /// next round.
+    pub(super) fn linked_since_staged(&self, path: &RelPath) -> Result<bool, Error> {
+        if !self.has_other_links(path)? {
+            return Ok(false);
+        }
+        if let Ok(mut c) = self.db_cache.lock() {
+            c.remove(path);
+        }
+        self.warn(format!(
+            "{}: database has other hard links; not written in place, replaced by \
+             a whole copy next round",
+            self.display(path)
+        ));
+        Ok(true)
+    }
+
+    pub(super) fn update_db(&self, db: DbCommit) -> Result<(), Error> {
+        let (dir, parent, name) = self.parent(&db.path)?;
+        let shown = self.display(&db.path);
+        let gone = |r: rustix::io::Result<()>| match r {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(Error::io("remove", &shown, e)),
+        };
+        if rustix::fs::statat(&dir, db.tmp.as_slice(), AtFlags::SYMLINK_NOFOLLOW).is_err() {
+            return Ok(()); // carried out before a crash
+        }
+        if !db.full && self.linked_since_staged(&db.path)? {
+            return gone(rustix::fs::unlinkat(
+                &dir,
+                db.tmp.as_slice(),
+                AtFlags::empty(),
+            ));
+        }
+        if let Some(who) = self.db_holders(&db.path) {
+            self.note_held(&db.path);
+            self.warn(format!(
+                "{shown}: database held open by {who}; not updated (the standby's \
+                 application must be stopped), retried next round"
+            ));
+            return gone(rustix::fs::unlinkat(
+                &dir,
+                db.tmp.as_slice(),
+                AtFlags::empty(),
+            ));
+        }
+        // Side files that are not plain files (a planted symlink) are removed
+        // before SQLite opens them by name.
+        for suffix in sqlite::SIDECARS {
+            let side = [name, suffix].concat();
+            if let Ok(st) = rustix::fs::statat(&dir, side.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
+                && (db.full
+                    || rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        != rustix::fs::FileType::RegularFile)
+            {
+                // A whole new database must not meet the old one's log.
+                gone(rustix::fs::unlinkat(
+                    &dir,
+                    side.as_slice(),
+                    AtFlags::empty(),
+                ))?;
+            }
+        }
+        if db.full {
+            rustix::fs::renameat(&dir, db.tmp.as_slice(), &dir, name)
+                .map_err(|e| Error::io("rename", &shown, e))?;
+        } else {
+            let fd = rustix::fs::openat(
+                &dir,
+                db.tmp.as_slice(),
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io("open staged pages of", &shown, e))?;
+            let staged = File::from(fd);
+            let records = PageRecords {
+                file: &staged,
+                at: 0,
+                shown: &shown,
+            };
+            sqlite::apply_pages(&self.db_path(&db.path), db.pages, records)?;
+            gone(rustix::fs::unlinkat(
+                &dir,
+                db.tmp.as_slice(),
+                AtFlags::empty(),
+            ))?;
+        }
+        self.touch(parent);
+        let entry = Entry {
+            path: db.path.clone(),
+            kind: Kind::File {
+                size: 0,
+                hash: [0; 32],
+            },
+            meta: db.meta,
+        };
+        self.set_meta(&entry)?;
+        if let (Some(held), Ok(st)) = (
+            db.held,
+            rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW),
+        ) && let Ok(mut c) = self.db_cache.lock()
+        {
+            c.insert(db.path, (db_stamp(&st), held));
+        }
+        Ok(())
+    }
+
+    /// Whether the regular file at `path` has other names (st_nlink > 1): such
+    /// a file is replaced by a rename, never written in place.
+    pub fn has_other_links(&self, path: &RelPath) -> Result<bool, Error> {
+        let (dir, _, name) = self.parent(path)?;
+        match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(st.st_nlink > 1
+                && rustix::fs::FileType::from_raw_mode(st.st_mode)
+                    == rustix::fs::FileType::RegularFile),
+            Err(rustix::io::Errno::NOENT) => Ok(false),
+            Err(e) => Err(Error::io("stat", self.display(path), e)),
+        }
+    }
+
+    /// The database the replica holds at `path` (page hashes cached by inode,
+    /// size and mtime), or `None` when there is none SQLite can open.
+    pub fn db_held(&self, path: &RelPath) -> Result<Option<Arc<Held>>, Error> {
+        let (dir, parent, name) = self.parent(path)?;
+        let st = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(Error::io("stat", self.display(path), e)),
+        };
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            return Ok(None);
+        }
+        let stamp = db_stamp(&st);
+        if let Ok(c) = self.db_cache.lock()
+            && let Some((s, h)) = c.get(path)
+            && *s == stamp
+        {
+            return Ok(Some(h.clone()));
+        }
+        // SQLite may create and remove side files beside it: the directory's
+        // mtime is put back with the round's directories.
+        self.touch(parent);
+        let held = sqlite::read_hashes(&self.db_path(path))?.map(Arc::new);
+        if let (Some(h), Ok(mut c)) = (&held, self.db_cache.lock()) {
+            c.insert(path.clone(), (stamp, h.clone()));
+        }
+        Ok(held)
+    }
+
+    /// Starts staging a database: pages on top of `base` (what the replica
+    /// holds), or a whole new database when there is no usable base.
+    pub fn stage_db(
+        &self,
+        path: &RelPath,
+        base: Option<Arc<Held>>,
+        page_size: u32,
+        pages: u32,
+    ) -> Result<StagedDb<'_>, Error> {
+        // The count comes from the peer: bounded before the page table is sized.
+        proto::check_db_bounds(page_size, pages)
+            .map_err(|e| Error::invalid(self.display(path), e))?;
+        let base = base.filter(|b| b.page_size == page_size);
+        let hashes = match &base {
+            Some(b) => {
+                let mut h = b.hashes.clone();
+                h.resize(pages as usize, [0; 32]);
+                h
+            }
+            None => vec![[0; 32]; pages as usize],
+        };
+        // pages past the old end must all arrive (all of them without a base)
+        let missing = PageSet::range(b_len(&base).min(pages), pages);
+        let (dir, tmp, file) = self.temp_beside(path)?;
+        Ok(StagedDb {
+            replica: self,
+            dir,
+            tmp,
+            path: path.clone(),
+            file,
+            full: base.is_none(),
+            page_size,
+            hashes,
+            missing,
+            len: 0,
+            done: false,
+        })
+    }
+}
+
+pub(super) fn db_stamp(st: &rustix::fs::Stat) -> DbStamp {
+    (st.st_ino, st.st_size as u64, st.st_mtime, st.st_mtime_nsec)
+}
+
+pub(super) fn b_len(b: &Option<Arc<Held>>) -> u32 {
+    b.as_ref().map_or(0, |b| b.hashes.len() as u32)
+}
+
+/// Page records of a staging file: page number (4 bytes, big-endian), length (4
+/// bytes) and the page image, one after another.
+pub(super) struct PageRecords<'f> {
+    file: &'f File,
+    at: u64,
+    shown: &'f str,
+}
+
+impl Iterator for PageRecords<'_> {
+    type Item = Result<(u32, Vec<u8>), Error>;
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut head = [0u8; 8];
+        match self.file.read_exact_at(&mut head, self.at) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+            Err(e) => return Some(Err(Error::io("read staged pages of", self.shown, e))),
+        }
+        let pgno = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        if !proto::valid_page_size(len) {
+            return Some(Err(Error::invalid(self.shown, "corrupt staged pages")));
+        }
+        let mut data = vec![0u8; len as usize];
+        if let Err(e) = self.file.read_exact_at(&mut data, self.at + 8) {
+            return Some(Err(Error::io("read staged pages of", self.shown, e)));
+        }
+        self.at += 8 + u64::from(len);
+        Some(Ok((pgno, data)))
+    }
+}
+
+/// A set of page numbers `start..end` as a bitmap: one bit a page (2 MiB at
+/// [`proto::MAX_DB_PAGES`]), where a `BTreeSet<u32>` took some 8 bytes a page.
+#[derive(Debug)]
+pub(super) struct PageSet {
+    start: u32,
+    bits: Vec<u64>,
+    count: u32,
+}
+
+impl PageSet {
+    fn range(start: u32, end: u32) -> Self {
+        let n = end.saturating_sub(start);
+        let mut bits = vec![u64::MAX; n.div_ceil(64) as usize];
+        if let Some(last) = bits.last_mut()
+            && !n.is_multiple_of(64)
+        {
+            *last = (1u64 << (n % 64)) - 1;
+        }
+        Self {
+            start,
+            bits,
+            count: n,
+        }
+    }
+
+    fn remove(&mut self, page: &u32) {
+        let Some(i) = page.checked_sub(self.start) else {
+            return;
+        };
+        if let Some(w) = self.bits.get_mut((i / 64) as usize) {
+            let bit = 1u64 << (i % 64);
+            if *w & bit != 0 {
+                *w &= !bit;
+                self.count -= 1;
+            }
+        }
+    }
+
+    fn first(&self) -> Option<u32> {
+        if self.count == 0 {
+            return None;
+        }
+        let (i, w) = self.bits.iter().enumerate().find(|(_, w)| **w != 0)?;
+        Some(self.start + i as u32 * 64 + w.trailing_zeros())
+    }
+}
+
+/// A database update being received. Dropped without [`StagedDb::commit`], its
+/// staging file is removed.
+#[derive(Debug)]
+pub struct StagedDb<'r> {
+    replica: &'r Replica,
+    dir: OwnedFd,
+    tmp: Vec<u8>,
+    path: RelPath,
+    file: File,
+    full: bool,
+    page_size: u32,
+    hashes: Vec<[u8; 32]>,
+    /// Pages (from 0) that must still arrive.
+    missing: PageSet,
+    len: u64,
+    done: bool,
+}
+
+impl StagedDb<'_> {
+    /// Whether the update is a whole new database (the replica had no usable one).
+    #[must_use]
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+
+    /// Records page `pgno` (from 1).
+    pub fn page(&mut self, pgno: u32, data: &[u8]) -> Result<(), Error> {
+        let shown = || self.replica.display(&self.path);
+        if pgno == 0 || pgno as usize > self.hashes.len() || data.len() != self.page_size as usize {
+            return Err(Error::invalid(
+                shown(),
+                format!(
+                    "page {pgno} of {} bytes for a database of {} pages of {}",
+                    data.len(),
+                    self.hashes.len(),
+                    self.page_size
+                ),
+            ));
+        }
+        let res = if self.full {
+            self.file
+                .write_all_at(data, u64::from(pgno - 1) * u64::from(self.page_size))
+        } else {
+            let mut rec = Vec::with_capacity(8 + data.len());
+            rec.extend_from_slice(&pgno.to_be_bytes());
+            rec.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            rec.extend_from_slice(data);
+            let r = self.file.write_all_at(&rec, self.len);
+            self.len += rec.len() as u64;
+            r
+        };
+        res.map_err(|e| Error::io("write", shown(), e))?;
+        self.hashes[pgno as usize - 1] = sqlite::page_hash(pgno, data);
+        self.missing.remove(&(pgno - 1));
+        Ok(())
+    }
+
+    /// Checks the result against `hash` and queues the update for the round's
+    /// commit ([`Replica::flush`]); `meta` is set on the database file then.
+    pub fn commit(mut self, hash: &[u8; 32], meta: &Meta) -> Result<(), Error> {
+        let shown = self.replica.display(&self.path);
+        if let Some(m) = self.missing.first() {
+            return Err(Error::Delta {
+                path: shown,
+                msg: format!("page {} never arrived", m + 1),
+            });
+        }
+        let got = sqlite::db_hash(self.page_size, &self.hashes);
+
+        if &got != hash {
+            return Err(Error::Delta {
+                path: shown,
+                msg: format!(
+                    "database hash {} does not match the source's {}",
+                    crate::hex(&got[..8]),
+                    crate::hex(&hash[..8])
+                ),
+            });
+        }
+        if self.full {
+            self.replica.meta_fd(&self.file, meta, &shown)?;
+        }
+        self.done = true;
+        let tmp = std::mem::take(&mut self.tmp);
+        self.replica.unstage(&self.path, &tmp);
+        let commit = DbCommit {
+            path: self.path.clone(),
+            tmp,
+            full: self.full,
+            pages: self.hashes.len() as u32,
+            meta: meta.clone(),
+            held: Some(Arc::new(Held {
+                page_size: self.page_size,
+                hash: got,
+                hashes: std::mem::take(&mut self.hashes),
+            })),
+        };
+        self.replica
+            .pending
+            .lock()
+            .map_err(|_| Error::invalid(&shown, "pending list poisoned"))?
+            .dbs
+            .push(commit);
+        Ok(())
+    }
+}
+
+impl Drop for StagedDb<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = rustix::fs::unlinkat(&self.dir, self.tmp.as_slice(), AtFlags::empty());
+            self.replica.unstage(&self.path, &self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod page_set_tests {
+    use super::PageSet;
+
+    #[test]
+    fn page_set_tracks_what_is_missing() {
+        let mut s = PageSet::range(3, 200);
+        assert_eq!(s.first(), Some(3));
+        for p in 0..150 {
+            s.remove(&p);
+        }
+        assert_eq!(s.first(), Some(150));
+        s.remove(&150);
+        s.remove(&150);
+        for p in 151..1000 {
+            s.remove(&p);
+        }
+        assert_eq!(s.first(), None);
+        assert_eq!(PageSet::range(5, 5).first(), None);
+        assert_eq!(PageSet::range(0, 64).first(), Some(0));
+        // the largest allowed database: one bit a page
+        let big = PageSet::range(0, proto::MAX_DB_PAGES);
+        assert_eq!(big.bits.len() * 8, (proto::MAX_DB_PAGES / 8) as usize);
+    }
+}
