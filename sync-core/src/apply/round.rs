@@ -1,0 +1,319 @@
+//! One round's transaction on the replica: staged temp files, one syncfs,
+//! the journal, and the renames and database updates it lists.
+
+use super::*;
+use crate::{Error, Meta, RelPath};
+use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt as _;
+
+impl Replica {
+    /// A new temp file (mode 0600, never an existing name) in `path`'s
+    /// directory, recorded as staging: its directory, name and file.
+    pub(super) fn temp_beside(&self, path: &RelPath) -> Result<(OwnedFd, Vec<u8>, File), Error> {
+        let (dir, parent, _) = self.parent(path)?;
+        let tmp = temp_name();
+        if let Ok(mut s) = self.staging.lock() {
+            s.insert((parent, tmp.clone()));
+        }
+        let fd = rustix::fs::openat(
+            &dir,
+            tmp.as_slice(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| Error::io("create temp file for", self.display(path), e))?;
+        Ok((dir, tmp, File::from(fd)))
+    }
+
+    /// Starts writing new content for `path` into a temp file beside it.
+    pub fn stage(&self, path: &RelPath) -> Result<Staged<'_>, Error> {
+        let (dir, tmp, file) = self.temp_beside(path)?;
+        Ok(Staged {
+            replica: self,
+            dir,
+            tmp,
+            path: path.clone(),
+            file,
+            hasher: blake3::Hasher::new(),
+            len: 0,
+            done: false,
+        })
+    }
+
+    /// Carries out the round: one `syncfs` makes every staged file durable, the
+    /// journal is written, then renames and database updates run, and the
+    /// journal is removed.
+    pub fn flush(&self) -> Result<(), Error> {
+        let batch = match self.pending.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(_) => {
+                return Err(Error::invalid(
+                    self.root_path.display(),
+                    "pending list poisoned",
+                ));
+            }
+        };
+        if batch.renames.is_empty() && batch.dbs.is_empty() {
+            return Ok(());
+        }
+        // A lone database update is one SQLite transaction, durable by itself:
+        // its staged pages need no sync first.
+        let lone_db = batch.renames.is_empty() && batch.dbs.len() == 1 && !batch.dbs[0].full;
+        if !lone_db {
+            rustix::fs::syncfs(&self.root)
+                .map_err(|e| Error::io("syncfs", self.root_path.display(), e))?;
+        }
+        crate::failpoint("synced");
+        let journal = Journal {
+            renames: batch.renames,
+            dbs: batch.dbs,
+        };
+        // One rename is atomic by itself; a database update is one SQLite
+        // transaction (or one rename).
+        if journal.renames.len() + journal.dbs.len() == 1 {
+            return self.carry_out(journal, false);
+        }
+        // The journal lives in the root: its creation and removal must not
+        // move the root's mtime when the round does not.
+        let root_times = rustix::fs::fstat(&self.root).ok();
+        if let Err(e) = self.write_journal(&journal) {
+            // Nothing was carried out: remove what was staged.
+            for (p, t) in journal
+                .renames
+                .iter()
+                .map(|(p, t)| (p, t))
+                .chain(journal.dbs.iter().map(|d| (&d.path, &d.tmp)))
+            {
+                if let Some((parent, _)) = p.split_last()
+                    && let Ok(dir) = self.dir(&parent)
+                {
+                    let _ = rustix::fs::unlinkat(&dir, t.as_slice(), AtFlags::empty());
+                }
+            }
+            return Err(e);
+        }
+        crate::failpoint("journaled");
+        self.carry_out(journal, true)?;
+        let root_touched = self
+            .touched
+            .lock()
+            .map(|t| t.contains(&RelPath::root()))
+            .unwrap_or(true);
+        if let (Some(st), false) = (root_times, root_touched) {
+            let t = Timestamps {
+                last_access: Timespec {
+                    tv_sec: 0,
+                    tv_nsec: rustix::fs::UTIME_OMIT,
+                },
+                last_modification: ts(st.st_mtime, st.st_mtime_nsec as u32),
+            };
+            let _ = rustix::fs::utimensat(&self.root, ".", &t, AtFlags::empty());
+        }
+        Ok(())
+    }
+
+    pub(super) fn write_journal(&self, j: &Journal) -> Result<(), Error> {
+        let bytes = bincode::serde::encode_to_vec(j, bincode::config::standard())
+            .map_err(|e| Error::invalid(self.root_path.display(), format!("journal: {e}")))?;
+        let tmp = temp_name();
+        let shown = self.root_path.display();
+        let fd = rustix::fs::openat(
+            &self.root,
+            tmp.as_slice(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| Error::io("create journal", &shown, e))?;
+        let f = File::from(fd);
+        let written = f
+            .write_all_at(&bytes, 0)
+            .and_then(|()| f.sync_data())
+            .map_err(|e| Error::io("write journal", &shown, e))
+            .and_then(|()| {
+                rustix::fs::renameat(&self.root, tmp.as_slice(), &self.root, JOURNAL)
+                    .map_err(|e| Error::io("rename journal", &shown, e))
+            })
+            .and_then(|()| {
+                rustix::fs::fsync(&self.root).map_err(|e| Error::io("fsync", &shown, e))
+            });
+        if written.is_err() {
+            let _ = rustix::fs::unlinkat(&self.root, tmp.as_slice(), AtFlags::empty());
+        }
+        written
+    }
+
+    /// Renames and database updates of a journal; idempotent, so a journal
+    /// found after a crash is simply carried out again.
+    pub(super) fn carry_out(&self, j: Journal, journaled: bool) -> Result<(), Error> {
+        for (path, tmp) in &j.renames {
+            let (dir, parent, name) = self.parent(path)?;
+            match rustix::fs::renameat(&dir, tmp.as_slice(), &dir, name) {
+                Ok(()) => {
+                    self.touch(parent);
+                    crate::failpoint("renamed");
+                }
+                // done before the crash
+                Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(Error::io("rename", self.display(path), e)),
+            }
+        }
+        for db in j.dbs {
+            self.update_db(db)?;
+        }
+        if !journaled {
+            return Ok(());
+        }
+        crate::failpoint("before-final-sync");
+        rustix::fs::syncfs(&self.root)
+            .map_err(|e| Error::io("syncfs", self.root_path.display(), e))?;
+        match rustix::fs::unlinkat(&self.root, JOURNAL, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(Error::io("remove journal", self.root_path.display(), e)),
+        }
+    }
+
+    /// Starts a new session: forgets what earlier sessions touched or staged
+    /// (an aborted session's temp files are swept by the next full scan).
+    pub fn reset(&self) {
+        if let Ok(mut t) = self.touched.lock() {
+            t.clear();
+        }
+        if let Ok(mut p) = self.pending.lock() {
+            *p = Pending::default();
+        }
+        if let Ok(mut s) = self.staging.lock() {
+            s.clear();
+        }
+        let _ = self.take_warnings();
+    }
+
+    /// Gives up a failed run: removes every temp file still being written or
+    /// waiting for its rename, so the destination holds only what it held before
+    /// (plus whole files renamed by earlier batches).
+    pub fn abort(&self) {
+        let staged = self
+            .staging
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
+        let pending = self
+            .pending
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default();
+        let pending = pending
+            .renames
+            .into_iter()
+            .chain(pending.dbs.into_iter().map(|d| (d.path, d.tmp)))
+            .filter_map(|(path, tmp)| path.split_last().map(|(parent, _)| (parent, tmp)));
+        for (parent, tmp) in staged.into_iter().chain(pending) {
+            if let Ok(dir) = self.dir(&parent) {
+                let _ = rustix::fs::unlinkat(&dir, tmp.as_slice(), AtFlags::empty());
+            }
+        }
+    }
+
+    pub(super) fn unstage(&self, path: &RelPath, tmp: &[u8]) {
+        if let (Some((parent, _)), Ok(mut s)) = (path.split_last(), self.staging.lock()) {
+            s.remove(&(parent, tmp.to_vec()));
+        }
+    }
+
+    /// Flushes what is staged and makes every rename and directory change durable.
+    pub fn finish(&self) -> Result<(), Error> {
+        self.flush()?;
+        rustix::fs::syncfs(&self.root).map_err(|e| Error::io("syncfs", self.root_path.display(), e))
+    }
+
+    pub(super) fn queue(&self, path: RelPath, tmp: Vec<u8>) -> Result<(), Error> {
+        self.pending
+            .lock()
+            .map_err(|_| Error::invalid(self.root_path.display(), "pending list poisoned"))?
+            .renames
+            .push((path, tmp));
+        Ok(())
+    }
+}
+
+/// New content being written beside its target. Dropped without
+/// [`Staged::commit`], the temp file is removed.
+#[derive(Debug)]
+pub struct Staged<'r> {
+    replica: &'r Replica,
+    dir: OwnedFd,
+    tmp: Vec<u8>,
+    path: RelPath,
+    file: File,
+    hasher: blake3::Hasher,
+    len: u64,
+    done: bool,
+}
+
+impl Staged<'_> {
+    /// Appends bytes; aligned all-zero blocks become holes.
+    pub fn write(&mut self, mut data: &[u8]) -> Result<(), Error> {
+        self.hasher.update(data);
+        while !data.is_empty() {
+            let in_block = (self.len % HOLE_BLOCK as u64) as usize;
+            let n = (HOLE_BLOCK - in_block).min(data.len());
+            let (piece, rest) = data.split_at(n);
+            let hole = in_block == 0 && n == HOLE_BLOCK && piece.iter().all(|&b| b == 0);
+            if !hole {
+                self.file
+                    .write_all_at(piece, self.len)
+                    .map_err(|e| Error::io("write", self.replica.display(&self.path), e))?;
+            }
+            self.len += n as u64;
+            data = rest;
+        }
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Checks the content against `hash`, sets `meta` on the fd and queues the
+    /// rename into place (done by [`Replica::flush`]).
+    pub fn commit(mut self, hash: &[u8; 32], meta: &Meta) -> Result<(), Error> {
+        crate::failpoint("temp-written");
+        let shown_path = self.replica.display(&self.path);
+        let got = *self.hasher.finalize().as_bytes();
+        if &got != hash {
+            return Err(Error::Delta {
+                path: shown_path,
+                msg: format!(
+                    "content hash {} does not match the source's {}",
+                    crate::hex(&got[..8]),
+                    crate::hex(&hash[..8])
+                ),
+            });
+        }
+        rustix::fs::ftruncate(&self.file, self.len)
+            .map_err(|e| Error::io("truncate", &shown_path, e))?;
+        self.replica.meta_fd(&self.file, meta, &shown_path)?;
+        self.done = true;
+        let tmp = std::mem::take(&mut self.tmp);
+        self.replica.unstage(&self.path, &tmp);
+        self.replica.queue(self.path.clone(), tmp)
+    }
+}
+
+impl Drop for Staged<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = rustix::fs::unlinkat(&self.dir, self.tmp.as_slice(), AtFlags::empty());
+            self.replica.unstage(&self.path, &self.tmp);
+        }
+    }
+}
