@@ -2,7 +2,7 @@
 
 use super::conn::{Conns, FileStamp, Seen, side_path};
 use super::wal::{WalPos, wal_frames};
-use super::{HISTORY, all_hashes, db_hash, page_hash, read_page, sql_err};
+use super::{read_page, sql_err};
 use crate::{Error, RelPath};
 use rusqlite::Connection;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -34,28 +34,28 @@ pub const LOCK_WAIT: Duration = Duration::from_secs(1);
 /// One live database on the source: what the last cut saw of it. Connections
 /// exist only from a cut to the end of the round that ships it.
 #[derive(Debug)]
-struct LiveDb {
-    path: PathBuf,
-    busy: Duration,
-    conns: Option<Conns>,
+pub(super) struct LiveDb {
+    pub(super) path: PathBuf,
+    pub(super) busy: Duration,
+    pub(super) conns: Option<Conns>,
     /// Pages of the current snapshot read ahead of its round (`Some` once
     /// the snapshot itself was let go: [`LiveSet::release`]).
-    cache: Option<BTreeMap<u32, Vec<u8>>>,
-    wal: WalPos,
+    pub(super) cache: Option<BTreeMap<u32, Vec<u8>>>,
+    pub(super) wal: WalPos,
     /// The database file as the last cut saw it, under its lock.
-    seen: Option<Seen>,
+    pub(super) seen: Option<Seen>,
     /// Pages named by the log frames committed before this cut (read under
     /// the cut's locks); `None` when the log could not tell.
-    frames: Option<BTreeSet<u32>>,
-    wal_mode: bool,
-    page_size: u32,
-    hashes: Vec<[u8; 32]>,
-    hash: [u8; 32],
+    pub(super) frames: Option<BTreeSet<u32>>,
+    pub(super) wal_mode: bool,
+    pub(super) page_size: u32,
+    pub(super) hashes: Vec<[u8; 32]>,
+    pub(super) hash: [u8; 32],
     /// Whether `hashes` describe a snapshot (false until the first cut).
-    known: bool,
-    change_counter: [u8; 4],
+    pub(super) known: bool,
+    pub(super) change_counter: [u8; 4],
     /// Hashes of recent cuts, each with the pages changed since.
-    history: VecDeque<([u8; 32], BTreeSet<u32>)>,
+    pub(super) history: VecDeque<([u8; 32], BTreeSet<u32>)>,
 }
 
 impl LiveDb {
@@ -87,7 +87,7 @@ impl LiveDb {
         Ok(())
     }
 
-    fn reader(&self) -> Result<&Connection, Error> {
+    pub(super) fn reader(&self) -> Result<&Connection, Error> {
         reader_of(&self.conns, &self.path)
     }
 
@@ -141,123 +141,6 @@ impl LiveDb {
             .map_err(|e| sql_err(&path, "begin snapshot", e))?;
         c.reading = true;
         Ok(())
-    }
-
-    /// After the locks are released: the pages changed since the previous cut
-    /// are found from the new snapshot.
-    fn advance(&mut self) -> Result<usize, Error> {
-        let r = self.reader()?;
-        let count: u32 = r
-            .query_row("PRAGMA page_count", [], |r| r.get(0))
-            .map_err(|e| sql_err(&self.path, "page count", e))?;
-        let page_size: u32 = r
-            .query_row("PRAGMA page_size", [], |r| r.get(0))
-            .map_err(|e| sql_err(&self.path, "page size", e))?;
-        let page1 = if count > 0 {
-            read_page(r, &self.path, 1)?
-        } else {
-            Vec::new()
-        };
-        let wal_mode = page1.get(18) == Some(&2);
-        let counter: [u8; 4] = page1
-            .get(24..28)
-            .and_then(|b| b.try_into().ok())
-            .unwrap_or_default();
-        let frames = if wal_mode {
-            self.frames.take()
-        } else {
-            self.wal = WalPos::default();
-            None
-        };
-        let changed = if !self.known || page_size != self.page_size {
-            let (ps, hashes) = all_hashes(self.reader()?, &self.path)?;
-            self.page_size = ps;
-            self.hashes = hashes;
-            self.history.clear();
-            (1..=self.hashes.len() as u32).collect()
-        } else {
-            // A journal-mode switch rewrites the header: compare everything.
-            let candidates = match frames {
-                Some(f) if wal_mode == self.wal_mode => Some(f),
-                None if !wal_mode && !self.wal_mode && counter == self.change_counter => {
-                    Some(BTreeSet::new())
-                }
-                _ => None,
-            };
-            self.changed_pages(count, candidates)?
-        };
-        self.wal_mode = wal_mode;
-        self.change_counter = counter;
-        self.known = true;
-        Ok(self.record(changed))
-    }
-
-    /// Rehashes the pages among `candidates` (every page when `None`) and
-    /// those past the old end; returns the pages whose hash changed.
-    fn changed_pages(
-        &mut self,
-        count: u32,
-        candidates: Option<BTreeSet<u32>>,
-    ) -> Result<BTreeSet<u32>, Error> {
-        let mut changed = BTreeSet::new();
-        let old_len = self.hashes.len() as u32;
-        self.hashes.truncate(count as usize);
-        self.hashes.resize(count as usize, [0; 32]);
-        let r = reader_of(&self.conns, &self.path)?;
-        match candidates {
-            Some(c) => {
-                // Pages past the old end are new whatever the log says.
-                for pgno in c.into_iter().chain(old_len + 1..=count) {
-                    if pgno == 0 || pgno > count {
-                        continue;
-                    }
-                    let h = page_hash(pgno, &read_page(r, &self.path, pgno)?);
-                    if self.hashes[pgno as usize - 1] != h {
-                        self.hashes[pgno as usize - 1] = h;
-                        changed.insert(pgno);
-                    }
-                }
-            }
-            None => {
-                let (_, hashes) = all_hashes(r, &self.path)?;
-                for (i, (a, b)) in self.hashes.iter().zip(&hashes).enumerate() {
-                    if a != b {
-                        changed.insert(i as u32 + 1);
-                    }
-                }
-                self.hashes = hashes;
-            }
-        }
-        if count < old_len {
-            // truncated: page 1 (the header's page count) changed with it
-            changed.insert(1);
-        }
-        Ok(changed)
-    }
-
-    /// Records the new content hash in the history; returns how many pages
-    /// changed.
-    fn record(&mut self, changed: BTreeSet<u32>) -> usize {
-        let hash = db_hash(self.page_size, &self.hashes);
-        let n = changed.len();
-        if hash != self.hash || self.history.is_empty() {
-            for (_, set) in self.history.iter_mut() {
-                set.extend(changed.iter().copied());
-            }
-            self.history.push_back((hash, BTreeSet::new()));
-            while self.history.len() > HISTORY {
-                self.history.pop_front();
-            }
-        }
-        self.hash = hash;
-        n
-    }
-
-    /// Forgets where the log was: the next cut compares every page.
-    fn forget_position(&mut self) {
-        self.seen = None;
-        self.wal = WalPos::default();
-        self.frames = None;
     }
 
     /// The round is served (or the cut postponed): the snapshot, the
@@ -328,7 +211,10 @@ fn vanished(path: &Path) -> bool {
 
 /// The connection pages are read from (split from `LiveDb` so the hashes can
 /// be updated while it is borrowed).
-fn reader_of<'c>(conns: &'c Option<Conns>, path: &Path) -> Result<&'c Connection, Error> {
+pub(super) fn reader_of<'c>(
+    conns: &'c Option<Conns>,
+    path: &Path,
+) -> Result<&'c Connection, Error> {
     conns
         .as_ref()
         .map(|c| &c.reader)

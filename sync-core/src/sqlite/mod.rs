@@ -217,6 +217,7 @@ mod live;
 mod replica;
 #[cfg(test)]
 mod tests;
+mod track;
 mod wal;
 
 pub use conn::CHECKPOINT_BYTES;

@@ -1,0 +1,127 @@
+//! What changed since the last cut: the pages the log names, or every page
+//! compared, recorded in the history a replica's state is matched against.
+
+use super::live::*;
+use super::wal::WalPos;
+use super::{HISTORY, all_hashes, db_hash, page_hash, read_page, sql_err};
+use crate::Error;
+use std::collections::BTreeSet;
+
+impl LiveDb {
+    /// After the locks are released: the pages changed since the previous cut
+    /// are found from the new snapshot.
+    pub(super) fn advance(&mut self) -> Result<usize, Error> {
+        let r = self.reader()?;
+        let count: u32 = r
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .map_err(|e| sql_err(&self.path, "page count", e))?;
+        let page_size: u32 = r
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(|e| sql_err(&self.path, "page size", e))?;
+        let page1 = if count > 0 {
+            read_page(r, &self.path, 1)?
+        } else {
+            Vec::new()
+        };
+        let wal_mode = page1.get(18) == Some(&2);
+        let counter: [u8; 4] = page1
+            .get(24..28)
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or_default();
+        let frames = if wal_mode {
+            self.frames.take()
+        } else {
+            self.wal = WalPos::default();
+            None
+        };
+        let changed = if !self.known || page_size != self.page_size {
+            let (ps, hashes) = all_hashes(self.reader()?, &self.path)?;
+            self.page_size = ps;
+            self.hashes = hashes;
+            self.history.clear();
+            (1..=self.hashes.len() as u32).collect()
+        } else {
+            // A journal-mode switch rewrites the header: compare everything.
+            let candidates = match frames {
+                Some(f) if wal_mode == self.wal_mode => Some(f),
+                None if !wal_mode && !self.wal_mode && counter == self.change_counter => {
+                    Some(BTreeSet::new())
+                }
+                _ => None,
+            };
+            self.changed_pages(count, candidates)?
+        };
+        self.wal_mode = wal_mode;
+        self.change_counter = counter;
+        self.known = true;
+        Ok(self.record(changed))
+    }
+
+    /// Rehashes the pages among `candidates` (every page when `None`) and
+    /// those past the old end; returns the pages whose hash changed.
+    pub(super) fn changed_pages(
+        &mut self,
+        count: u32,
+        candidates: Option<BTreeSet<u32>>,
+    ) -> Result<BTreeSet<u32>, Error> {
+        let mut changed = BTreeSet::new();
+        let old_len = self.hashes.len() as u32;
+        self.hashes.truncate(count as usize);
+        self.hashes.resize(count as usize, [0; 32]);
+        let r = reader_of(&self.conns, &self.path)?;
+        match candidates {
+            Some(c) => {
+                // Pages past the old end are new whatever the log says.
+                for pgno in c.into_iter().chain(old_len + 1..=count) {
+                    if pgno == 0 || pgno > count {
+                        continue;
+                    }
+                    let h = page_hash(pgno, &read_page(r, &self.path, pgno)?);
+                    if self.hashes[pgno as usize - 1] != h {
+                        self.hashes[pgno as usize - 1] = h;
+                        changed.insert(pgno);
+                    }
+                }
+            }
+            None => {
+                let (_, hashes) = all_hashes(r, &self.path)?;
+                for (i, (a, b)) in self.hashes.iter().zip(&hashes).enumerate() {
+                    if a != b {
+                        changed.insert(i as u32 + 1);
+                    }
+                }
+                self.hashes = hashes;
+            }
+        }
+        if count < old_len {
+            // truncated: page 1 (the header's page count) changed with it
+            changed.insert(1);
+        }
+        Ok(changed)
+    }
+
+    /// Records the new content hash in the history; returns how many pages
+    /// changed.
+    pub(super) fn record(&mut self, changed: BTreeSet<u32>) -> usize {
+        let hash = db_hash(self.page_size, &self.hashes);
+        let n = changed.len();
+        if hash != self.hash || self.history.is_empty() {
+            for (_, set) in self.history.iter_mut() {
+                set.extend(changed.iter().copied());
+            }
+            self.history.push_back((hash, BTreeSet::new()));
+            while self.history.len() > HISTORY {
+                self.history.pop_front();
+            }
+        }
+        self.hash = hash;
+        n
+    }
+
+    /// Forgets where the log was: the next cut compares every page.
+    pub(super) fn forget_position(&mut self) {
+        self.seen = None;
+        self.wal = WalPos::default();
+        self.frames = None;
+    }
+}
