@@ -10,6 +10,7 @@
 //! replica's side, [`promotion`] makes the promotion itself durable.
 
 pub mod machine;
+pub mod preflight;
 pub mod promotion;
 pub mod record;
 pub mod runner;

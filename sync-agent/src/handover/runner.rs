@@ -6,7 +6,8 @@
 //! this node is the source comes from its epoch file, and `start_source` is
 //! never run while that file says replica.
 
-use super::machine::{Action, Check, Event, Machine, Outcome, Peer, PromoteFailure};
+use super::machine::{Action, Event, Machine, Outcome, Peer, PromoteFailure};
+use super::preflight::{ask_cut, preflight};
 use super::record::{self, Kind, Record};
 use crate::config::{Hook, Hooks, Role};
 use crate::continuous::{Command, SharedStatus};
@@ -23,7 +24,7 @@ pub const CONNECT_WAIT: Duration = Duration::from_secs(10);
 /// How long a cut may take before it counts as failed.
 pub const CUT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Poll period while waiting on the peer or the source loop.
-const POLL: Duration = Duration::from_millis(250);
+pub(super) const POLL: Duration = Duration::from_millis(250);
 
 /// One folder's handover context, shared by the control socket and the task
 /// that runs a handover.
@@ -171,7 +172,7 @@ impl Folder {
     }
 
     /// This node's role and epoch for the folder, from its epoch file.
-    fn local(&self) -> Result<(Role, u64), String> {
+    pub(super) fn local(&self) -> Result<(Role, u64), String> {
         let Some(dir) = &self.state_dir else {
             return Ok((self.configured, 0));
         };
@@ -361,96 +362,6 @@ fn persist(f: &Folder, rec: &Record) -> Result<(), String> {
     record::store(dir, rec).map_err(|e| format!("{e:#}"))
 }
 
-async fn preflight(f: &Folder) -> Vec<Check> {
-    let mut checks = Vec::new();
-    let check = |name: &str, ok: bool, detail: String| Check {
-        name: name.into(),
-        ok,
-        detail,
-    };
-    match f.local() {
-        Ok((Role::Source, e)) => checks.push(check(
-            "this node is the source",
-            true,
-            format!("epoch {e} (persisted)"),
-        )),
-        Ok((Role::Replica, e)) => {
-            checks.push(check(
-                "this node is the source",
-                false,
-                format!("it is the replica at epoch {e}"),
-            ));
-            return checks;
-        }
-        Err(e) => {
-            checks.push(check("this node is the source", false, e));
-            return checks;
-        }
-    }
-    // Right after a handover the new source takes a moment to reach its
-    // replica: wait a little for a session and a first cut.
-    let deadline = Instant::now() + CONNECT_WAIT;
-    let cut = loop {
-        let attempt = match connected(f) {
-            Ok(peer) => ask_cut(f).await.map(|c| (peer, c)),
-            Err(e) => Err(e),
-        };
-        match attempt {
-            Ok(done) => break Ok(done),
-            Err(e) if Instant::now() >= deadline => break Err(e),
-            Err(_) => tokio::time::sleep(POLL).await,
-        }
-    };
-    let (peer, c) = match cut {
-        Ok(done) => done,
-        Err(e) => {
-            checks.push(check("replica connected", false, e));
-            return checks;
-        }
-    };
-    checks.push(check("replica connected", true, format!("peer {peer}")));
-    // The cut tells which replica databases another process holds open (the
-    // standby's application left running), before anything is stopped.
-    checks.push(check(
-        "replica databases not held open",
-        c.held.is_empty(),
-        if c.held.is_empty() {
-            format!("{} databases checked", c.databases)
-        } else {
-            format!(
-                "{} (stop the application on the replica's host)",
-                c.held.join("; ")
-            )
-        },
-    ));
-    checks.push(check(
-        "preflight cut",
-        c.matched,
-        format!(
-            "cut {}: source root {} replica root {}",
-            c.cut_id, c.source_root, c.replica_root
-        ),
-    ));
-    checks
-}
-
-/// The peer, when the source loop has a session with it; else why not.
-fn connected(f: &Folder) -> Result<String, String> {
-    let st = f.status.as_ref().and_then(|s| {
-        s.lock()
-            .ok()
-            .map(|s| (s.connected, s.peer.clone(), s.last_error.clone()))
-    });
-    match st {
-        Some((true, peer, _)) => Ok(peer),
-        Some((false, peer, err)) => Err(format!(
-            "replica {peer} is not connected{}",
-            err.map(|e| format!(" ({e})")).unwrap_or_default()
-        )),
-        None => Err("this node runs no source loop for the folder".into()),
-    }
-}
-
 async fn run_hook(f: &Folder, hook: Hook) -> Event {
     if hook == Hook::StartSource {
         match f.local() {
@@ -489,19 +400,6 @@ async fn run_hook(f: &Folder, hook: Hook) -> Event {
         sync_core::failpoint("handover-after-stop-source");
     }
     Event::Hook { hook, result }
-}
-
-async fn ask_cut(f: &Folder) -> Result<crate::continuous::CutReport, String> {
-    let (reply, rx) = tokio::sync::oneshot::channel();
-    f.commands
-        .send(Command::Cut(reply))
-        .await
-        .map_err(|_| format!("folder {}: its source loop is not running", f.name))?;
-    match tokio::time::timeout(CUT_TIMEOUT, rx).await {
-        Err(_) => Err(format!("no cut within {} s", CUT_TIMEOUT.as_secs())),
-        Ok(Err(_)) => Err("the session ended during the cut".into()),
-        Ok(Ok(r)) => r,
-    }
 }
 
 async fn cut(f: &Folder) -> Result<String, String> {
