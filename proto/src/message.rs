@@ -43,6 +43,11 @@ pub struct Hello {
     /// The sender's fencing epoch for the folder: a replica refuses a source whose
     /// epoch is older than its own (a resurrected old master).
     pub epoch: u64,
+    /// A replica's answer to "could you serve the folder as its source if
+    /// promoted?" (its `failover` is not off and it knows its peer's address).
+    /// The source's preflight refuses a handover to a replica that says no,
+    /// before anything is stopped. A source always says yes.
+    pub promotable: bool,
 }
 
 impl Hello {
@@ -56,6 +61,7 @@ impl Hello {
             software: concat!("understudy ", env!("CARGO_PKG_VERSION")).to_string(),
             folder: folder.to_string(),
             epoch: 0,
+            promotable: true,
         }
     }
 
@@ -63,6 +69,13 @@ impl Hello {
     #[must_use]
     pub fn with_epoch(mut self, epoch: u64) -> Self {
         self.epoch = epoch;
+        self
+    }
+
+    /// The same hello, saying whether the sender could be promoted.
+    #[must_use]
+    pub fn with_promotable(mut self, promotable: bool) -> Self {
+        self.promotable = promotable;
         self
     }
 

@@ -12,6 +12,33 @@ use crate::session::replica::{Fence, ReplicaFolder};
 use anyhow::{Result, bail};
 use std::sync::Arc;
 
+/// How long the source must have been silent before `promote` takes its
+/// folder: twice its longest reconnect backoff (5 s). A source that is alive
+/// but between sessions (a failed round, a restart of this agent) reconnects
+/// within that; promoting then would run this host's app while the master's
+/// still runs, until the master comes back fenced.
+pub const SOURCE_QUIET: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Refuses a promotion of `folder` while its source was heard from (or this
+/// agent started) less than [`SOURCE_QUIET`] ago.
+///
+/// # Errors
+/// The refusal, naming the folder and how long to wait.
+pub fn check_quiet(folder: &str, idle: std::time::Duration) -> Result<()> {
+    if idle < SOURCE_QUIET {
+        bail!(
+            "folder {folder:?}: its source was heard from {:.1} s ago (or this agent started \
+             then): a live source between sessions reconnects within 5 s, so promote waits until \
+             it has been silent for {} s; run it again in {:.0} s (for a planned switchover run \
+             `sync-cli failover` on the source's host)",
+            idle.as_secs_f64(),
+            SOURCE_QUIET.as_secs(),
+            (SOURCE_QUIET - idle).as_secs_f64().ceil()
+        );
+    }
+    Ok(())
+}
+
 /// The highest epoch a promotion may reach: `u64::MAX` is never used, so that
 /// "past every epoch seen" always exists.
 pub const MAX_EPOCH: u64 = u64::MAX - 1;
@@ -90,6 +117,7 @@ pub async fn promote_standby(folder: &Arc<ReplicaFolder>) -> Result<u64> {
             before.epoch
         );
     }
+    check_quiet(&folder.name, folder.activity.idle())?;
     let epoch = next_epoch(&folder.name, before.epoch)?;
     crate::session::replica::promote(folder, epoch).await?;
     folder.promoted.notify_waiters();
@@ -126,6 +154,9 @@ mod tests {
             },
         )
         .unwrap();
+        // Its source long silent (see `SOURCE_QUIET`).
+        f.activity
+            .backdate(SOURCE_QUIET + std::time::Duration::from_secs(1));
         (d, f)
     }
 
@@ -196,6 +227,19 @@ mod tests {
                 source: false
             }
         );
+
+        // A source heard from moments ago (alive, between sessions): refused
+        // with how long to wait; nothing persisted, no hook.
+        let (d, f) = folder(true, 0);
+        f.activity.touch();
+        let e = format!("{:#}", promote_standby(&f).await.unwrap_err());
+        assert!(e.contains("heard from") && e.contains("\"jf\""), "{e}");
+        assert!(
+            crate::epoch::load(&d.path().join("state"), "jf")
+                .unwrap()
+                .is_none()
+        );
+        assert!(!d.path().join("hook.log").exists());
 
         // Not promotable, or epochs exhausted: nothing persisted, no hook.
         for (promotable, epoch) in [(false, 0), (true, MAX_EPOCH)] {

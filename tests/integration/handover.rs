@@ -399,3 +399,44 @@ fn held_replica_database_refuses_before_stop_source() {
         text(&dry)
     );
 }
+
+/// A replica whose config says it cannot serve (`failover = false`) says so
+/// in its hello: the source's preflight refuses the handover before
+/// `stop_source` runs, naming the cause, instead of rolling back after the
+/// promotion is refused.
+#[test]
+fn replica_that_cannot_be_promoted_refuses_in_preflight() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b, apps) = pair(t.path(), 0.0);
+    let cfg = std::fs::read_to_string(&b.config).unwrap();
+    std::fs::write(
+        &b.config,
+        cfg.replace("overlay = [", "failover = false\noverlay = ["),
+    )
+    .unwrap();
+    let (_aa, _ab) = (a.start(), b.start());
+    wait_for("the first mirror", 30, || {
+        b.root.join("config.xml").exists()
+    });
+    let dry = a.cli(&["failover", "--dry-run"]);
+    assert_eq!(dry.status.code(), Some(2), "{}", text(&dry));
+    assert!(
+        text(&dry).contains("[FAIL] replica can serve as the source")
+            && text(&dry).contains("failover = false"),
+        "{}",
+        text(&dry)
+    );
+    let out = a.cli(&["failover"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be promoted"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&apps).unwrap(),
+        "a up\n",
+        "a hook ran"
+    );
+    assert!(a.epoch().is_none() && b.epoch().is_none());
+}

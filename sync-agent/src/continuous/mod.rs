@@ -204,6 +204,10 @@ pub struct FolderStatus {
     /// fenced (`{state}/diverged/...`), if it ever did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diverged: Option<String>,
+    /// Source rows: whether the connected replica said it could serve as the
+    /// source if promoted (its hello); `None` before the first session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_promotable: Option<bool>,
 }
 
 /// How far the full round in progress is.
@@ -389,9 +393,11 @@ pub async fn run_source(
                 continue;
             }
         };
+        let promotable = session.peer_promotable();
         set(&status, |s| {
             s.connected = true;
             s.last_error = None;
+            s.peer_promotable = Some(promotable);
         });
         tracing::info!(folder = %cfg.name, peer = %cfg.peer, "connected to replica {}", cfg.addr);
         let began = Instant::now();

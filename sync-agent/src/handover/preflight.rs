@@ -56,6 +56,22 @@ pub(super) async fn preflight(f: &Folder) -> Vec<Check> {
         }
     };
     checks.push(check("replica connected", true, format!("peer {peer}")));
+    // Only the replica knows whether it could serve (its `failover` and its
+    // peer's address): its hello says so. A no here refuses the handover
+    // before anything is stopped, not after `stop_source` ran.
+    let promotable = peer_promotable(f);
+    checks.push(check(
+        "replica can serve as the source",
+        promotable,
+        if promotable {
+            "its hello says it can be promoted".into()
+        } else {
+            format!(
+                "replica {peer} cannot be promoted: its config has `failover = false` for the \
+                 folder, or no `address` for its peer"
+            )
+        },
+    ));
     // The cut tells which replica databases another process holds open (the
     // standby's application left running), before anything is stopped.
     checks.push(check(
@@ -79,6 +95,15 @@ pub(super) async fn preflight(f: &Folder) -> Vec<Check> {
         ),
     ));
     checks
+}
+
+/// Whether the connected replica's hello said it could be promoted (an
+/// unknown answer is a no: no session, no promotion).
+fn peer_promotable(f: &Folder) -> bool {
+    f.status
+        .as_ref()
+        .and_then(|s| s.lock().ok().and_then(|s| s.peer_promotable))
+        .unwrap_or(false)
 }
 
 /// The peer, when the source loop has a session with it; else why not.

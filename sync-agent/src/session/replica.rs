@@ -88,9 +88,21 @@ impl Activity {
         }
     }
 
-    /// How long since the peer was last heard from.
+    /// How long since the peer was last heard from (since the agent started,
+    /// when it never was).
     pub fn idle(&self) -> std::time::Duration {
         self.0.lock().map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    /// Moves the last contact `by` into the past (tests of what a quiet
+    /// source allows).
+    #[cfg(test)]
+    pub(crate) fn backdate(&self, by: std::time::Duration) {
+        if let Ok(mut t) = self.0.lock()
+            && let Some(then) = t.checked_sub(by)
+        {
+            *t = then;
+        }
     }
 }
 
@@ -256,7 +268,9 @@ async fn run_inner(
                     } else {
                         Role::Replica
                     };
-                    let ours = Hello::new(role, &f.name).with_epoch(fence.epoch);
+                    let ours = Hello::new(role, &f.name)
+                        .with_epoch(fence.epoch)
+                        .with_promotable(f.promotable);
                     wire::send(&mut ctl_send, &Message::Hello(ours)).await?;
                 }
                 wire::send(
@@ -287,7 +301,11 @@ async fn run_inner(
     let epoch = folder.fence.lock().map(|g| g.epoch).unwrap_or_default();
     wire::send(
         &mut ctl_send,
-        &Message::Hello(Hello::new(Role::Replica, &folder.name).with_epoch(epoch)),
+        &Message::Hello(
+            Hello::new(Role::Replica, &folder.name)
+                .with_epoch(epoch)
+                .with_promotable(folder.promotable),
+        ),
     )
     .await?;
     *served = Some(folder.clone());

@@ -49,6 +49,8 @@ pub struct SourceSession {
     progress: Arc<Progress>,
     /// The replica's epoch, from its hello.
     peer_epoch: u64,
+    /// Whether the replica said it could be promoted, from its hello.
+    peer_promotable: bool,
 }
 
 impl SourceSession {
@@ -66,45 +68,46 @@ impl SourceSession {
         let mut hello = Hello::new(Role::Source, folder).with_epoch(epoch);
         hello.version = version;
         wire::send(&mut ctl_send, &Message::Hello(hello)).await?;
-        let peer_epoch = match wire::expect_soon(&mut ctl_recv, "the replica's hello").await? {
-            Message::Hello(h) => {
-                h.check()
-                    .map_err(|e| anyhow!("replica refused the handshake: {e}"))?;
-                if h.role != Role::Replica || h.epoch > epoch {
-                    // Fenced: the peer's hello carries its epoch, then why.
-                    let message =
-                        match wire::expect_soon(&mut ctl_recv, "the replica's answer").await {
-                            Ok(Message::Error { message, .. }) => message,
-                            _ => format!(
-                                "peer is the folder's {} at epoch {}",
-                                if h.role == Role::Source {
-                                    "source"
-                                } else {
-                                    "replica"
-                                },
-                                h.epoch
-                            ),
-                        };
-                    if h.epoch > epoch {
-                        return Err(Fenced {
-                            epoch: h.epoch,
-                            message,
+        let (peer_epoch, peer_promotable) =
+            match wire::expect_soon(&mut ctl_recv, "the replica's hello").await? {
+                Message::Hello(h) => {
+                    h.check()
+                        .map_err(|e| anyhow!("replica refused the handshake: {e}"))?;
+                    if h.role != Role::Replica || h.epoch > epoch {
+                        // Fenced: the peer's hello carries its epoch, then why.
+                        let message =
+                            match wire::expect_soon(&mut ctl_recv, "the replica's answer").await {
+                                Ok(Message::Error { message, .. }) => message,
+                                _ => format!(
+                                    "peer is the folder's {} at epoch {}",
+                                    if h.role == Role::Source {
+                                        "source"
+                                    } else {
+                                        "replica"
+                                    },
+                                    h.epoch
+                                ),
+                            };
+                        if h.epoch > epoch {
+                            return Err(Fenced {
+                                epoch: h.epoch,
+                                message,
+                            }
+                            .into());
                         }
-                        .into());
+                        // A peer that still believes it is the source at an epoch no
+                        // newer than ours is a stale master: it is fenced when its own
+                        // loop reaches us; we retry.
+                        bail!(
+                            "peer claims the folder at epoch {} (ours is {epoch}): {message}",
+                            h.epoch
+                        );
                     }
-                    // A peer that still believes it is the source at an epoch no
-                    // newer than ours is a stale master: it is fenced when its own
-                    // loop reaches us; we retry.
-                    bail!(
-                        "peer claims the folder at epoch {} (ours is {epoch}): {message}",
-                        h.epoch
-                    );
+                    (h.epoch, h.promotable)
                 }
-                h.epoch
-            }
-            Message::Error { message, .. } => bail!("replica refused the session: {message}"),
-            other => bail!("replica sent {other:?} instead of a hello"),
-        };
+                Message::Error { message, .. } => bail!("replica refused the session: {message}"),
+                other => bail!("replica sent {other:?} instead of a hello"),
+            };
         let (tx, ctl_rx) = mpsc::channel(4);
         tokio::spawn(async move {
             loop {
@@ -123,6 +126,7 @@ impl SourceSession {
             next_id: 1,
             progress,
             peer_epoch,
+            peer_promotable,
         })
     }
 
@@ -130,6 +134,12 @@ impl SourceSession {
     #[must_use]
     pub fn peer_epoch(&self) -> u64 {
         self.peer_epoch
+    }
+
+    /// Whether the replica said it could serve as the source if promoted.
+    #[must_use]
+    pub fn peer_promotable(&self) -> bool {
+        self.peer_promotable
     }
 
     /// The id the next round will have.
