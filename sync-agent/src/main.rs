@@ -145,8 +145,9 @@ fn plan_from_config(path: &Path) -> Result<Plan> {
     for f in &c.folders {
         let filter = f.filter()?;
         let peers = f.peer_ids()?;
-        let sqlite =
-            Filter::new(&f.sqlite).with_context(|| format!("folder {}: sqlite", f.name))?;
+        let sqlite = Filter::new(&f.sqlite_globs()?)
+            .with_context(|| format!("folder {}: sqlite", f.name))?;
+        sync_agent::config::profiles::advise(f, &filter);
         // The persisted fencing state wins over the configured role: a failover
         // may have swapped them.
         let persisted = match &c.node.state {

@@ -8,6 +8,7 @@
 
 mod handover;
 mod keys;
+mod profiles;
 mod promote;
 mod status;
 mod transfer;
@@ -58,6 +59,9 @@ enum Cmd {
     /// all seen, start hook, serve as source). Refused while the source is
     /// connected (use failover).
     Promote(promote::PromoteArgs),
+    /// List the app profiles (`profile = "NAME"` in a folder): excludes,
+    /// databases, overlays and identity files per image layout.
+    Profiles(profiles::ProfilesArgs),
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -72,6 +76,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Failover(a) => handover::failover(a),
         Cmd::Failback(a) => handover::failback(a),
         Cmd::Promote(a) => promote::promote(a),
+        Cmd::Profiles(a) => profiles::profiles(a),
     }
 }
 

@@ -25,6 +25,7 @@ mod hostile_tls;
 mod invariant12;
 mod lag;
 mod netns;
+mod profiles;
 mod promote;
 mod push;
 mod races;

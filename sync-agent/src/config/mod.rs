@@ -16,7 +16,7 @@
 //! path = "/mnt/user/appdata/jellyfin"
 //! role = "source"                             # or "replica"
 //! peers = ["<node id>"]
-//! profile = "jellyfin"                        # optional: its default excludes
+//! profile = "jellyfin"                        # optional: excludes, databases, overlays (`sync-cli profiles`)
 //! exclude = ["*.tmp"]                         # gitignore-style
 //! sqlite = ["data/*.db", "*.sqlite"]          # databases (gitignore-style globs)
 //! overlay = ["config/network.xml"]            # each host keeps its own copy
@@ -32,6 +32,8 @@
 //!
 //! Unknown keys are errors that name the key and its line; every reference is
 //! checked ([`Config::load`]) before the agent touches anything.
+
+pub mod profiles;
 
 pub use crate::addr::PeerAddr;
 use crate::identity::NodeId;
@@ -105,7 +107,9 @@ pub struct Folder {
     /// Peer ids (declared in `[[peer]]`).
     #[serde(default)]
     pub peers: Vec<String>,
-    /// A named set of default excludes (`jellyfin`).
+    /// An app profile (`jellyfin`, `home-assistant`, `vaultwarden`, `sonarr`,
+    /// `radarr`, `plex`): its excludes, databases and overlays come first.
+    /// See [`profiles`].
     pub profile: Option<String>,
     /// gitignore-style excludes.
     #[serde(default)]
@@ -245,37 +249,12 @@ impl SqliteMatcher {
     }
 }
 
-/// The excludes of a profile.
-pub fn profile_excludes(name: &str) -> Option<&'static [&'static str]> {
-    match name {
-        // Regenerable: transcodes, caches, logs.
-        "jellyfin" => Some(&["cache/", "transcodes/", "log/"]),
-        _ => None,
-    }
-}
-
-/// The overlays of a profile: paths each host keeps as its own.
-pub fn profile_overlays(name: &str) -> Option<&'static [&'static str]> {
-    match name {
-        // Branding (a "you are on the backup server" banner) and per-host
-        // hardware acceleration.
-        "jellyfin" => Some(&["config/branding.xml", "config/encoding.xml"]),
-        _ => None,
-    }
-}
-
 impl Folder {
     /// The folder's compiled excludes (profile first, then its own).
     pub fn filter(&self) -> Result<Filter> {
         let mut pats: Vec<String> = Vec::new();
-        if let Some(p) = &self.profile {
-            let Some(ex) = profile_excludes(p) else {
-                bail!(
-                    "folder {}: unknown profile {p:?} (known: jellyfin)",
-                    self.name
-                )
-            };
-            pats.extend(ex.iter().map(|s| s.to_string()));
+        if let Some(p) = self.app_profile()? {
+            pats.extend(p.excludes());
         }
         pats.extend(self.exclude.iter().cloned());
         // Overlays are each host's own: never sent, overwritten or deleted.
@@ -287,9 +266,35 @@ impl Folder {
         Filter::new(&pats).with_context(|| format!("folder {}", self.name))
     }
 
-    /// The folder's `sqlite` globs, compiled.
+    /// The folder's profile, if it names one; an unknown name is an error
+    /// listing the known ones.
+    pub fn app_profile(&self) -> Result<Option<&'static profiles::Profile>> {
+        match &self.profile {
+            None => Ok(None),
+            Some(p) => match profiles::find(p) {
+                Some(found) => Ok(Some(found)),
+                None => bail!(
+                    "folder {}: unknown profile {p:?} (known: {})",
+                    self.name,
+                    profiles::names()
+                ),
+            },
+        }
+    }
+
+    /// The folder's database globs: its profile's, then its own `sqlite`.
+    pub fn sqlite_globs(&self) -> Result<Vec<String>> {
+        let mut globs = self
+            .app_profile()?
+            .map(|p| p.databases())
+            .unwrap_or_default();
+        globs.extend(self.sqlite.iter().cloned());
+        Ok(globs)
+    }
+
+    /// The folder's database globs, compiled.
     pub fn sqlite_matcher(&self) -> Result<SqliteMatcher> {
-        SqliteMatcher::new(&self.sqlite).with_context(|| format!("folder {}", self.name))
+        SqliteMatcher::new(&self.sqlite_globs()?).with_context(|| format!("folder {}", self.name))
     }
 
     /// The folder's overlay paths: its profile's first, then its own, each once,
@@ -300,13 +305,10 @@ impl Folder {
         let profile = self
             .profile
             .as_deref()
-            .and_then(profile_overlays)
-            .unwrap_or(&[]);
-        for p in profile
-            .iter()
-            .map(|s| s.to_string())
-            .chain(self.overlay.iter().cloned())
-        {
+            .and_then(profiles::find)
+            .map(profiles::Profile::overlays)
+            .unwrap_or_default();
+        for p in profile.into_iter().chain(self.overlay.iter().cloned()) {
             if !out.contains(&p) {
                 out.push(p);
             }

@@ -20,7 +20,7 @@ fn shipped_sample_parses() {
     let text = include_str!("../../../dist/examples/understudy.toml");
     let c: Config = toml::from_str(text).unwrap();
     assert_eq!(c.folders[0].profile.as_deref(), Some("jellyfin"));
-    assert!(profile_excludes("jellyfin").is_some());
+    assert!(profiles::find("jellyfin").is_some());
     let f = &c.folders[0];
     f.sqlite_matcher().unwrap();
     f.overlay_paths().unwrap();
@@ -105,17 +105,20 @@ fn sqlite_overlay_and_hooks_parse() {
     assert!(SqliteMatcher::default().is_empty());
     assert!(!SqliteMatcher::default().matches(&p("data/library.db")));
 
-    // Profile overlays first, then the folder's own, each once.
+    // Profile overlays first (both Jellyfin layouts'), then the folder's
+    // own, each once.
     assert_eq!(
         f.overlays(),
         [
             "config/branding.xml",
             "config/encoding.xml",
+            "branding.xml",
+            "encoding.xml",
             "config/network.xml",
             "banner/"
         ]
     );
-    assert_eq!(f.overlay_paths().unwrap()[3], p("banner"));
+    assert_eq!(f.overlay_paths().unwrap()[5], p("banner"));
 
     assert_eq!(
         f.hooks.command(Hook::StopSource),
@@ -130,16 +133,30 @@ fn sqlite_overlay_and_hooks_parse() {
     assert_eq!(f.hooks.timeout(), Duration::from_secs(30));
     assert_eq!(Hook::StopReplica.to_string(), "stop_replica");
 
-    // Without the new keys: no databases, the profile's overlays, no hooks.
+    // Without the new keys: the profile's databases and overlays, no hooks.
     let c = Config::load(&write(d.path(), &base(d.path(), &id))).unwrap();
     let f = &c.folders[0];
-    assert!(f.sqlite_matcher().unwrap().is_empty());
-    assert_eq!(f.overlays(), ["config/branding.xml", "config/encoding.xml"]);
+    let m = f.sqlite_matcher().unwrap();
+    assert!(m.matches(&p("data/data/library.db")) && !m.matches(&p("a/b/plugins.sqlite")));
+    assert_eq!(
+        f.overlays(),
+        [
+            "config/branding.xml",
+            "config/encoding.xml",
+            "branding.xml",
+            "encoding.xml"
+        ]
+    );
     assert_eq!(f.hooks, Hooks::default());
     assert_eq!(f.hooks.timeout(), Hooks::DEFAULT_TIMEOUT);
     let no_profile = base(d.path(), &id).replace("profile = \"jellyfin\"\n", "");
     let c = Config::load(&write(d.path(), &no_profile)).unwrap();
     assert!(c.folders[0].overlays().is_empty());
+    assert!(c.folders[0].sqlite_matcher().unwrap().is_empty());
+    let unknown = base(d.path(), &id).replace("\"jellyfin\"", "\"emby\"");
+    let c = Config::load(&write(d.path(), &unknown));
+    let e = format!("{:#}", c.err().unwrap_or_else(|| anyhow::anyhow!("loaded")));
+    assert!(e.contains("emby") && e.contains("plex"), "{e}");
 }
 
 #[test]
