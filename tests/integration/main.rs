@@ -9,6 +9,7 @@ mod confinement;
 mod continuous;
 mod crash_points;
 mod delta;
+mod deploy;
 mod do_no_harm;
 mod failover;
 mod fidelity;
