@@ -33,6 +33,7 @@ pub mod diverged;
 mod error;
 pub mod filter;
 pub mod holders;
+pub mod idmap;
 pub mod index;
 pub mod manifest;
 pub mod meta;
