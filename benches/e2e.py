@@ -20,6 +20,7 @@ and bytes on the wire: rsync's own "Total bytes sent/received" (before ssh
 framing) against understudy's UDP payload bytes (QUIC headers included).
 """
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -81,8 +82,21 @@ def setup_ssh(work):
         f.write(f"ListenAddress 127.0.0.1\nPort 2222\nHostKey {work}/host_key\nPermitRootLogin prohibit-password\n"
                 f"PubkeyAuthentication yes\nPasswordAuthentication no\nUsePAM no\nPidFile {work}/sshd.pid\n")
     sh(f"/usr/sbin/sshd -f {work}/sshd_config")
+    # Stopped however the bench ends (a failure, Ctrl-C): a listener left on
+    # 127.0.0.1:2222 breaks the next bench's rsync comparison.
+    atexit.register(stop_ssh, work)
     time.sleep(0.3)
     return f"ssh -p 2222 -i {key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
+
+
+def stop_ssh(work):
+    """Stops the sshd that setup_ssh started (by its pid file, then by its config)."""
+    try:
+        with open(f"{work}/sshd.pid") as f:
+            os.kill(int(f.read().strip()), 15)
+    except (OSError, ValueError):
+        pass
+    subprocess.run(["pkill", "-f", f"sshd.*{work}/sshd_config"])
 
 
 def rsync_run(ssh, src, dst):
