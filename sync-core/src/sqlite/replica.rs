@@ -66,29 +66,56 @@ pub fn apply_pages(
     let tx = c
         .unchecked_transaction()
         .map_err(|e| sql_err(path, "begin", e))?;
-    tx.execute_batch("SELECT count(*) FROM sqlite_schema")
-        .map_err(|e| sql_err(path, "begin", e))?;
+    // The size is read before any page is written: a new page 1 may describe
+    // a database SQLite cannot read back until the transaction is whole (one
+    // emptied to a single page reads as malformed in between).
+    let before: u32 = tx
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .map_err(|e| sql_err(path, "page count", e))?;
+    let cookie: u32 = tx
+        .query_row("PRAGMA schema_version", [], |r| r.get(0))
+        .map_err(|e| sql_err(path, "schema version", e))?;
     let mut n = 0u64;
     {
         let mut put = tx
             .prepare("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")
             .map_err(|e| sql_err(path, "write pages", e))?;
+        // Page 1 goes last (see below).
+        let mut first = None;
         for p in pages {
             let (pgno, data) = p?;
+            if pgno == 1 {
+                first = Some(data);
+                n += 1;
+                continue;
+            }
             put.execute(rusqlite::params![pgno, data])
                 .map_err(|e| sql_err(path, &format!("write page {pgno}"), e))?;
             n += 1;
         }
-        let now: u32 = tx
-            .query_row("PRAGMA page_count", [], |r| r.get(0))
-            .map_err(|e| sql_err(path, "page count", e))?;
-        if now > count {
-            tx.execute(
-                "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, NULL)",
-                [count + 1],
-            )
-            .map_err(|e| sql_err(path, "truncate", e))?;
+        // Once page 1 has a new schema cookie, the next statement rereads
+        // the schema through the old page's parse (and finds the database
+        // malformed when the schema moved on the page): page 1 then goes in
+        // the same statement as the truncation, which must be the last write
+        // (a page written after it cancels it).
+        let cut = (before > count).then_some(count + 1);
+        match (first, cut) {
+            (Some(data), Some(cut)) if data.get(40..44) != Some(&cookie.to_be_bytes()[..]) => tx
+                .execute(
+                    "INSERT INTO sqlite_dbpage(pgno, data) VALUES (1, ?1), (?2, NULL)",
+                    rusqlite::params![data, cut],
+                )
+                .map(drop),
+            (first, cut) => first
+                .map_or(Ok(0), |data| put.execute(rusqlite::params![1, data]))
+                .and_then(|_| {
+                    cut.map_or(Ok(0), |cut| {
+                        put.execute(rusqlite::params![cut, None::<Vec<u8>>])
+                    })
+                })
+                .map(drop),
         }
+        .map_err(|e| sql_err(path, "write page 1", e))?;
     }
     tx.commit().map_err(|e| sql_err(path, "commit", e))?;
     // The last connection's close checkpoints a WAL database and removes its log.
@@ -105,3 +132,7 @@ pub fn integrity(path: &Path) -> Result<String, Error> {
         .map_err(|e| sql_err(path, "integrity_check", e))
         .map(|s: Option<String>| s.unwrap_or_default())
 }
+
+#[cfg(test)]
+#[path = "replica_tests.rs"]
+mod tests;
