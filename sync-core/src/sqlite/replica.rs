@@ -123,6 +123,63 @@ pub fn apply_pages(
     Ok(n)
 }
 
+/// SQLite's EXCLUSIVE lock on a replica database, held while its file is
+/// replaced by a whole new image and its side files are removed: no other
+/// connection is reading or writing it meanwhile, and none can begin.
+#[derive(Debug)]
+pub struct Exclusive {
+    _c: Connection,
+}
+
+/// What [`lock_exclusive`] found.
+#[derive(Debug)]
+pub enum Lock {
+    /// No other connection has the database open; none can start until the
+    /// lock is dropped.
+    Held(Exclusive),
+    /// Another connection holds it (after waiting `wait`).
+    Busy,
+    /// Not a database SQLite can open (a plain file with a database's name).
+    NotDb,
+}
+
+/// Takes SQLite's own EXCLUSIVE lock on the database at `path`, waiting up to
+/// `wait` for other connections to finish. Nothing is written: the connection
+/// uses `locking_mode=EXCLUSIVE` before its first access (so it never maps the
+/// `-shm`), and its close after the file was renamed over neither checkpoints
+/// nor removes anything (SQLite sees the database moved).
+pub fn lock_exclusive(path: &Path, wait: Duration) -> Result<Lock, Error> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+    let c = match Connection::open_with_flags(path, flags) {
+        Ok(c) => c,
+        Err(_) => return Ok(Lock::NotDb),
+    };
+    c.busy_timeout(wait)
+        .map_err(|e| sql_err(path, "busy timeout", e))?;
+    c.query_row("PRAGMA locking_mode=EXCLUSIVE", [], |_| Ok(()))
+        .map_err(|e| sql_err(path, "locking mode", e))?;
+    // A write transaction takes the file's EXCLUSIVE lock in either journal
+    // mode (in WAL mode because of the locking mode); reading the schema makes
+    // it real.
+    let begun = c
+        .execute_batch("BEGIN EXCLUSIVE")
+        .and_then(|()| c.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(())));
+    match begun {
+        Ok(()) => Ok(Lock::Held(Exclusive { _c: c })),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ) =>
+        {
+            Ok(Lock::Busy)
+        }
+        Err(_) => Ok(Lock::NotDb),
+    }
+}
+
 /// `PRAGMA integrity_check` of the database at `path`: `"ok"` when sound.
 pub fn integrity(path: &Path) -> Result<String, Error> {
     let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
