@@ -26,6 +26,7 @@
 //! another process holds open.
 
 mod db;
+use db::db_like;
 mod meta_apply;
 mod round;
 pub use round::Staged;
@@ -424,6 +425,12 @@ impl Replica {
             return false;
         };
         if crate::is_temp_name(fname) || crate::is_temp_name(tname) {
+            return false;
+        }
+        // A database moved by name would leave its log behind, or meet the
+        // target's: its entry brings it whole instead.
+        if db_like(fdir.as_fd(), fname) || db_like(tdir.as_fd(), tname) {
+            tracing::debug!("rename {from} -> {to} not done: a database");
             return false;
         }
         match rustix::fs::renameat(&fdir, fname, &tdir, tname) {

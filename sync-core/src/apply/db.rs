@@ -266,6 +266,29 @@ impl Replica {
     }
 }
 
+/// Whether `name` in `dir` is a SQLite database (by its header) or has a
+/// database's side files beside it.
+pub(super) fn db_like(dir: std::os::fd::BorrowedFd<'_>, name: &[u8]) -> bool {
+    let sidecar = sqlite::SIDECARS.iter().any(|suffix| {
+        let side = [name, suffix].concat();
+        rustix::fs::statat(dir, side.as_slice(), AtFlags::SYMLINK_NOFOLLOW).is_ok()
+    });
+    let Ok(fd) = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    ) else {
+        return sidecar;
+    };
+    let mut head = [0u8; 16];
+    let is_db = rustix::fs::fstat(&fd).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+    }) && File::from(fd).read_exact_at(&mut head, 0).is_ok()
+        && &head == b"SQLite format 3\0";
+    sidecar || is_db
+}
+
 /// How long a whole-image replacement waits for another connection to the
 /// database it replaces.
 const HELD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);

@@ -129,3 +129,47 @@ fn readers_never_see_a_torn_database_while_whole_images_replace_it() {
     assert!(reads.load(Ordering::Relaxed) > 10);
     assert_eq!(sqlite::integrity(&root.join("app.db")).unwrap(), "ok");
 }
+
+/// A rename hint (from a hostile or older source) never moves a database by
+/// name, nor moves anything onto one: its log would be left behind or meet
+/// the moved-in file. Plain files still move.
+#[test]
+fn a_rename_hint_never_moves_a_database_or_onto_one() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    make_db(&root.join("a.db"), 100, "A");
+    make_db(&root.join("b.db"), 100, "B");
+    // b.db's log still holds a commit (its writer has not closed)
+    let w = Connection::open(root.join("b.db")).unwrap();
+    w.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    w.execute("UPDATE t SET v = 'B-later' WHERE k = 1", [])
+        .unwrap();
+    assert!(std::fs::metadata(root.join("b.db-wal")).unwrap().len() > 0);
+    std::fs::write(root.join("notes.txt"), b"plain").unwrap();
+    std::fs::write(root.join("c.db"), b"not a database at all, a plain file").unwrap();
+    let r = Replica::open(&root).unwrap();
+    let p = |n: &[u8]| RelPath::new(n).unwrap();
+    assert!(
+        !r.rename(&p(b"a.db"), &p(b"b.db")),
+        "a database moved onto one"
+    );
+    assert!(!r.rename(&p(b"a.db"), &p(b"moved.db")), "a database moved");
+    assert!(
+        !r.rename(&p(b"notes.txt"), &p(b"b.db")),
+        "a file moved onto a database"
+    );
+    assert!(r.rename(&p(b"notes.txt"), &p(b"notes2.txt")));
+    assert!(
+        r.rename(&p(b"c.db"), &p(b"d.db")),
+        "a plain file with a database's name"
+    );
+    drop(w);
+    assert_eq!(tag_of(&root.join("a.db")).unwrap(), "A");
+    let c = Connection::open(root.join("b.db")).unwrap();
+    let v: String = c
+        .query_row("SELECT v FROM t WHERE k = 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, "B-later");
+    assert_eq!(sqlite::integrity(&root.join("b.db")).unwrap(), "ok");
+}
