@@ -266,6 +266,18 @@ impl Replica {
                     ));
                     continue;
                 }
+                // Ours are made by this agent's user: a file of that shape
+                // owned by another user is theirs (a planted name, a local
+                // user's file). (One of ours chowned to the source's owner
+                // before a crash is left too: a warning, not a loss.)
+                Ok(st) if st.st_uid != rustix::process::geteuid().as_raw() => {
+                    self.warn(format!(
+                        "{}: owned by uid {}, not this agent's: not our temp file; left alone",
+                        self.display(t),
+                        st.st_uid
+                    ));
+                    continue;
+                }
                 Ok(_) => {}
                 Err(_) => continue,
             }

@@ -173,3 +173,33 @@ fn a_rename_hint_never_moves_a_database_or_onto_one() {
     assert_eq!(v, "B-later");
     assert_eq!(sqlite::integrity(&root.join("b.db")).unwrap(), "ok");
 }
+
+/// The temp sweep removes only what this agent's user made: a file of the
+/// exact shape of our temp names owned by another user is kept, with a
+/// warning.
+#[test]
+fn the_temp_sweep_keeps_a_foreign_users_file_of_our_shape() {
+    let t = tempfile::tempdir().unwrap();
+    let ours = ".understudy.tmp.0123456789abcdef";
+    let theirs = ".understudy.tmp.fedcba9876543210";
+    std::fs::write(t.path().join(ours), b"left by a crash").unwrap();
+    std::fs::write(t.path().join(theirs), b"a local user's").unwrap();
+    let me = rustix::process::geteuid().as_raw();
+    let other = if me == 4242 { 4243 } else { 4242 };
+    std::os::unix::fs::chown(t.path().join(theirs), Some(other), None).unwrap();
+    let r = Replica::open(t.path()).unwrap();
+    let p = |n: &str| RelPath::new(n.as_bytes()).unwrap();
+    let n = r.sweep_temps(&[p(ours), p(theirs)]).unwrap();
+    assert_eq!(n, 1);
+    assert!(!t.path().join(ours).exists());
+    assert_eq!(
+        std::fs::read(t.path().join(theirs)).unwrap(),
+        b"a local user's"
+    );
+    let w = r.take_warnings();
+    assert!(
+        w.iter()
+            .any(|w| w.contains(theirs) && w.contains(&format!("uid {other}"))),
+        "{w:?}"
+    );
+}
