@@ -413,3 +413,131 @@ fn status_check_exits_2_when_the_agent_is_unreachable() {
     ]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A database the replica skipped while another process held it is offered
+/// again once freed, though the source's writer has stopped (issue 10 item
+/// 12: 43 commits behind for more than 30 s).
+#[test]
+fn a_database_skipped_while_held_catches_up_once_freed_without_new_commits() {
+    let s = setup();
+    let c = create_db(&s.src.join("app.db"));
+    let rep = replica(&s.dst, &s.rid, &s.s_id, &[]);
+    let src = start_source(&s, &rep.addr);
+    let replica_db = s.dst.join("app.db");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rows(&replica_db) != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "app.db never reached the replica"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut holder = Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec 3<'{}'; exec sleep 60", replica_db.display()))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..5 {
+        insert(&c);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The writer stops; a full round (a new source session, as after a cut
+    // or a reconnect) offers the database again and the replica skips it.
+    drop(src);
+    let _src = start_source(&s, &rep.addr);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(rows(&replica_db), Some(1), "applied under a holder");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let freed = Instant::now();
+    while rows(&replica_db) != Some(6) {
+        assert!(
+            freed.elapsed() < Duration::from_secs(3),
+            "the replica stayed at {:?} rows of 6 for 3 s after the holder exited",
+            rows(&replica_db)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("caught up {:?} after the holder exited", freed.elapsed());
+}
+
+/// The same when the replica skips the database at its commit (a process
+/// opened it while its pages were on the way): the source served the pages,
+/// but the database still counts as not applied.
+#[test]
+fn a_database_skipped_at_its_commit_catches_up_once_freed() {
+    let s = setup();
+    let c = create_db(&s.src.join("app.db"));
+    c.execute_batch(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 3000)
+         INSERT INTO t(v) SELECT randomblob(4000) FROM n;",
+    )
+    .unwrap();
+    let rep = replica(&s.dst, &s.rid, &s.s_id, &[]);
+    let src = start_source(&s, &rep.addr);
+    let replica_db = s.dst.join("app.db");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rows(&replica_db) != Some(3001) {
+        assert!(
+            Instant::now() < deadline,
+            "app.db never reached the replica"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // One commit rewriting every row (some 12 MB of pages to stage), sent by
+    // a full round (a new session, as after a reconnect or a cut).
+    drop(src);
+    c.execute("UPDATE t SET v = randomblob(4000)", []).unwrap();
+    let _src = start_source(&s, &rep.addr);
+    let want: i64 = c
+        .query_row("SELECT sum(length(v)) + max(id) FROM t", [], |r| r.get(0))
+        .unwrap();
+    // The pages are being staged: the held-open check at the fetch is past.
+    let staging = Instant::now();
+    let holder = loop {
+        let temp = std::fs::read_dir(&s.dst).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".understudy.tmp")
+        });
+        if temp {
+            break std::fs::File::open(&replica_db).unwrap();
+        }
+        assert!(staging.elapsed() < Duration::from_secs(20), "never staged");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(holder);
+    let freed = Instant::now();
+    let sum = |p: &Path| {
+        let c = Connection::open_with_flags(p, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+        c.query_row("SELECT sum(length(v)) + max(id) FROM t", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .ok()
+    };
+    let same = |p: &Path| {
+        let a: Option<Vec<u8>> = Connection::open_with_flags(p, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()
+            .and_then(|c| {
+                c.query_row("SELECT v FROM t WHERE id = 77", [], |r| r.get(0))
+                    .ok()
+            });
+        let b: Option<Vec<u8>> = c
+            .query_row("SELECT v FROM t WHERE id = 77", [], |r| r.get(0))
+            .ok();
+        a.is_some() && a == b
+    };
+    while !(sum(&replica_db) == Some(want) && same(&replica_db)) {
+        assert!(
+            freed.elapsed() < Duration::from_secs(4),
+            "the replica stayed behind for 4 s after the holder let go"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("caught up {:?} after the holder let go", freed.elapsed());
+}
