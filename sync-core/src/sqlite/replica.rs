@@ -72,9 +72,10 @@ pub fn apply_pages(
     let before: u32 = tx
         .query_row("PRAGMA page_count", [], |r| r.get(0))
         .map_err(|e| sql_err(path, "page count", e))?;
-    let cookie: u32 = tx
-        .query_row("PRAGMA schema_version", [], |r| r.get(0))
-        .map_err(|e| sql_err(path, "schema version", e))?;
+    // (the header's 4 bytes; SQLite shows them signed)
+    let cookie = tx
+        .query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))
+        .map_err(|e| sql_err(path, "schema version", e))? as u32;
     let mut n = 0u64;
     {
         let mut put = tx
@@ -95,27 +96,29 @@ pub fn apply_pages(
         }
         // Once page 1 has a new schema cookie, the next statement rereads
         // the schema through the old page's parse (and finds the database
-        // malformed when the schema moved on the page): page 1 then goes in
-        // the same statement as the truncation, which must be the last write
-        // (a page written after it cancels it).
-        let cut = (before > count).then_some(count + 1);
-        match (first, cut) {
-            (Some(data), Some(cut)) if data.get(40..44) != Some(&cookie.to_be_bytes()[..]) => tx
-                .execute(
-                    "INSERT INTO sqlite_dbpage(pgno, data) VALUES (1, ?1), (?2, NULL)",
-                    rusqlite::params![data, cut],
-                )
-                .map(drop),
-            (first, cut) => first
-                .map_or(Ok(0), |data| put.execute(rusqlite::params![1, data]))
-                .and_then(|_| {
-                    cut.map_or(Ok(0), |cut| {
-                        put.execute(rusqlite::params![cut, None::<Vec<u8>>])
-                    })
-                })
-                .map(drop),
+        // malformed when the schema moved on the page), and the truncation
+        // must be the last page write (a page written after it cancels it).
+        // So page 1 goes in last with the old cookie, then the truncation,
+        // then the new cookie through SQLite's own header update.
+        let new_cookie = first
+            .as_ref()
+            .and_then(|d| d.get(40..44))
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+        if let Some(mut data) = first {
+            if let Some(head) = data.get_mut(40..44) {
+                head.copy_from_slice(&cookie.to_be_bytes());
+            }
+            put.execute(rusqlite::params![1, data])
+                .map_err(|e| sql_err(path, "write page 1", e))?;
         }
-        .map_err(|e| sql_err(path, "write page 1", e))?;
+        if before > count {
+            put.execute(rusqlite::params![count + 1, None::<Vec<u8>>])
+                .map_err(|e| sql_err(path, "truncate", e))?;
+        }
+        if let Some(new) = new_cookie.filter(|n| *n != cookie) {
+            tx.execute_batch(&format!("PRAGMA schema_version = {}", new as i32))
+                .map_err(|e| sql_err(path, "schema version", e))?;
+        }
     }
     tx.commit().map_err(|e| sql_err(path, "commit", e))?;
     // The last connection's close checkpoints a WAL database and removes its log.
