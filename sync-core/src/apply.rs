@@ -26,6 +26,7 @@
 //! another process holds open.
 
 mod db;
+use db::db_like;
 mod meta_apply;
 mod round;
 pub use round::Staged;
@@ -265,6 +266,18 @@ impl Replica {
                     ));
                     continue;
                 }
+                // Ours are made by this agent's user: a file of that shape
+                // owned by another user is theirs (a planted name, a local
+                // user's file). (One of ours chowned to the source's owner
+                // before a crash is left too: a warning, not a loss.)
+                Ok(st) if st.st_uid != rustix::process::geteuid().as_raw() => {
+                    self.warn(format!(
+                        "{}: owned by uid {}, not this agent's: not our temp file; left alone",
+                        self.display(t),
+                        st.st_uid
+                    ));
+                    continue;
+                }
                 Ok(_) => {}
                 Err(_) => continue,
             }
@@ -424,6 +437,12 @@ impl Replica {
             return false;
         };
         if crate::is_temp_name(fname) || crate::is_temp_name(tname) {
+            return false;
+        }
+        // A database moved by name would leave its log behind, or meet the
+        // target's: its entry brings it whole instead.
+        if db_like(fdir.as_fd(), fname) || db_like(tdir.as_fd(), tname) {
+            tracing::debug!("rename {from} -> {to} not done: a database");
             return false;
         }
         match rustix::fs::renameat(&fdir, fname, &tdir, tname) {

@@ -37,7 +37,7 @@ fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !f() {
         assert!(Instant::now() < deadline, "{what}: not after {secs} s");
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -165,6 +165,14 @@ fn with_the_agent_running_a_restore_by_rename_and_a_journal_mode_change_work() {
     std::fs::rename(&new, &db).unwrap();
     assert_eq!(wal_len(&db), 0, "a stale log beside the restored database");
     assert_eq!(sync_core::sqlite::integrity(&db).unwrap(), "ok");
+    // Had the agent held new.db open at the application's close (so that
+    // close was not the last and did not checkpoint) and let go only after
+    // the mv, the restored rows would have stayed in new.db-wal.
+    assert_eq!(
+        rows(&db, "SELECT v FROM t"),
+        Some(vec!["restored".to_string()]),
+        "the restore lost its rows at the source (new.db's log left behind)"
+    );
     eventually(30, "the restored database on the replica", || {
         rows(&rep, "SELECT v FROM t").is_some_and(|r| r == ["restored"])
     });

@@ -413,3 +413,111 @@ fn status_check_exits_2_when_the_agent_is_unreachable() {
     ]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A source and a replica over `app.db` with `1 + extra` rows of `size`
+/// bytes, converged: the writer's connection and the agents.
+fn held_setup(extra: u32, size: u32) -> (Setup, Connection, Agent, Agent) {
+    let s = setup();
+    let c = create_db(&s.src.join("app.db"));
+    c.execute_batch(&format!(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < {extra})
+         INSERT INTO t(v) SELECT randomblob({size}) FROM n WHERE {extra} > 0;"
+    ))
+    .unwrap();
+    let rep = replica(&s.dst, &s.rid, &s.s_id, &[]);
+    let src = start_source(&s, &rep.addr);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rows(&s.dst.join("app.db")) != Some(1 + i64::from(extra)) {
+        assert!(
+            Instant::now() < deadline,
+            "app.db never reached the replica"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (s, c, rep, src)
+}
+
+/// Waits until `done`, at most 3 s after `freed`; says how long it took.
+fn caught_up_after(freed: Instant, done: impl Fn() -> bool) {
+    while !done() {
+        assert!(
+            freed.elapsed() < Duration::from_secs(3),
+            "the replica stayed behind for 3 s after the holder let go"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("caught up {:?} after the holder let go", freed.elapsed());
+}
+
+/// A database the replica skipped while another process held it is offered
+/// again once freed, though the source's writer has stopped (issue 10 item
+/// 12: 43 commits behind for more than 30 s).
+#[test]
+fn a_database_skipped_while_held_catches_up_once_freed_without_new_commits() {
+    let (s, c, rep, src) = held_setup(0, 0);
+    let replica_db = s.dst.join("app.db");
+    let mut holder = Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec 3<'{}'; exec sleep 60", replica_db.display()))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..5 {
+        insert(&c);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The writer stops; a full round (a new source session, as after a cut
+    // or a reconnect) offers the database again and the replica skips it.
+    drop(src);
+    let _src = start_source(&s, &rep.addr);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(rows(&replica_db), Some(1), "applied under a holder");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    caught_up_after(Instant::now(), || rows(&replica_db) == Some(6));
+}
+
+/// The same when the replica skips the database at its commit (a process
+/// opened it while its pages were on the way): the source served the pages,
+/// but the database still counts as not applied.
+#[test]
+fn a_database_skipped_at_its_commit_catches_up_once_freed() {
+    let (s, c, rep, src) = held_setup(3000, 4000);
+    let replica_db = s.dst.join("app.db");
+    std::thread::sleep(Duration::from_millis(500));
+    // One commit rewriting every row (some 12 MB of pages to stage), sent by
+    // a full round (a new session, as after a reconnect or a cut).
+    drop(src);
+    c.execute("UPDATE t SET v = randomblob(4000)", []).unwrap();
+    let _src = start_source(&s, &rep.addr);
+    // The pages are being staged: the held-open check at the fetch is past.
+    let staging = Instant::now();
+    let holder = loop {
+        let temp = std::fs::read_dir(&s.dst).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".understudy.tmp")
+        });
+        if temp {
+            break std::fs::File::open(&replica_db).unwrap();
+        }
+        assert!(staging.elapsed() < Duration::from_secs(20), "never staged");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let row = |c: &Connection| -> Option<Vec<u8>> {
+        c.query_row("SELECT v FROM t WHERE id = 77", [], |r| r.get(0))
+            .ok()
+    };
+    let want = row(&c).unwrap();
+    let seen = || {
+        Connection::open_with_flags(&replica_db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()
+            .and_then(|r| row(&r))
+    };
+    assert_ne!(seen(), Some(want.clone()), "applied under a holder");
+    drop(holder);
+    caught_up_after(Instant::now(), || seen() == Some(want.clone()));
+}

@@ -6,7 +6,7 @@ use crate::sqlite::{self, Held};
 use crate::{Entry, Error, Kind, Meta, RelPath};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -80,35 +80,39 @@ impl Replica {
                 AtFlags::empty(),
             ));
         }
-        if let Some(who) = self.db_holders(&db.path) {
+        let held = |who: &str| {
             self.note_held(&db.path);
             self.warn(format!(
                 "{shown}: database held open by {who}; not updated (the standby's \
                  application must be stopped), retried next round"
             ));
-            return gone(rustix::fs::unlinkat(
+            gone(rustix::fs::unlinkat(
                 &dir,
                 db.tmp.as_slice(),
                 AtFlags::empty(),
-            ));
+            ))
+        };
+        if let Some(who) = self.db_holders(&db.path) {
+            return held(&who);
         }
-        // Side files that are not plain files (a planted symlink) are removed
-        // before SQLite opens them by name.
-        for suffix in sqlite::SIDECARS {
-            let side = [name, suffix].concat();
-            if let Ok(st) = rustix::fs::statat(&dir, side.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
-                && (db.full
-                    || rustix::fs::FileType::from_raw_mode(st.st_mode)
-                        != rustix::fs::FileType::RegularFile)
-            {
-                // A whole new database must not meet the old one's log.
-                gone(rustix::fs::unlinkat(
-                    &dir,
-                    side.as_slice(),
-                    AtFlags::empty(),
-                ))?;
+        // A whole image replaces the file: SQLite's own EXCLUSIVE lock on the
+        // old one is held across the side files' removal and the rename, so no
+        // connection is using them (one that opened since the check above is
+        // waited for, then the database is left alone) and none pairs the
+        // old log with the new file. Pages written in place go through SQLite.
+        let _lock = if db.full {
+            match sqlite::lock_exclusive(&self.db_path(&db.path), HELD_WAIT)? {
+                sqlite::Lock::Held(x) => Some(x),
+                sqlite::Lock::Busy => return held("another connection"),
+                sqlite::Lock::NotDb => None,
             }
-        }
+        } else {
+            None
+        };
+        // A whole new database must not meet the old one's log; side files
+        // that are not plain files (a planted symlink) are removed before
+        // SQLite opens them by name.
+        self.clear_sidecars(dir.as_fd(), name, db.full, &shown)?;
         if db.full {
             rustix::fs::renameat(&dir, db.tmp.as_slice(), &dir, name)
                 .map_err(|e| Error::io("rename", &shown, e))?;
@@ -149,6 +153,33 @@ impl Replica {
         ) && let Ok(mut c) = self.db_cache.lock()
         {
             c.insert(db.path, (db_stamp(&st), held));
+        }
+        Ok(())
+    }
+
+    /// Removes the side files (`-wal`, `-shm`, `-journal`) of the database
+    /// `name` in `dir`: all of them, or (`all` false) those that are not
+    /// regular files. A database's own are removed only under SQLite's
+    /// EXCLUSIVE lock on it (or when it is not a database SQLite opens).
+    pub(super) fn clear_sidecars(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &[u8],
+        all: bool,
+        shown: &str,
+    ) -> Result<(), Error> {
+        for suffix in sqlite::SIDECARS {
+            let side = [name, suffix].concat();
+            if let Ok(st) = rustix::fs::statat(dir, side.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
+                && (all
+                    || rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        != rustix::fs::FileType::RegularFile)
+            {
+                match rustix::fs::unlinkat(dir, side.as_slice(), AtFlags::empty()) {
+                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                    Err(e) => return Err(Error::io("remove", shown, e)),
+                }
+            }
         }
         Ok(())
     }
@@ -234,6 +265,33 @@ impl Replica {
         })
     }
 }
+
+/// Whether `name` in `dir` is a SQLite database (by its header) or has a
+/// database's side files beside it.
+pub(super) fn db_like(dir: std::os::fd::BorrowedFd<'_>, name: &[u8]) -> bool {
+    let sidecar = sqlite::SIDECARS.iter().any(|suffix| {
+        let side = [name, suffix].concat();
+        rustix::fs::statat(dir, side.as_slice(), AtFlags::SYMLINK_NOFOLLOW).is_ok()
+    });
+    let Ok(fd) = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    ) else {
+        return sidecar;
+    };
+    let mut head = [0u8; 16];
+    let is_db = rustix::fs::fstat(&fd).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+    }) && File::from(fd).read_exact_at(&mut head, 0).is_ok()
+        && &head == b"SQLite format 3\0";
+    sidecar || is_db
+}
+
+/// How long a whole-image replacement waits for another connection to the
+/// database it replaces.
+const HELD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(super) fn db_stamp(st: &rustix::fs::Stat) -> DbStamp {
     (st.st_ino, st.st_size as u64, st.st_mtime, st.st_mtime_nsec)
@@ -462,3 +520,7 @@ mod page_set_tests {
         assert_eq!(big.bits.len() * 8, (proto::MAX_DB_PAGES / 8) as usize);
     }
 }
+
+#[cfg(test)]
+#[path = "db_tests.rs"]
+mod tests;

@@ -222,4 +222,4 @@ mod wal;
 
 pub use conn::CHECKPOINT_BYTES;
 pub use live::{CutStats, LOCK_WAIT, LiveSet, Need, RELEASE_BUDGET, Snapshot};
-pub use replica::{Held, apply_pages, integrity, read_hashes};
+pub use replica::{Exclusive, Held, Lock, apply_pages, integrity, lock_exclusive, read_hashes};

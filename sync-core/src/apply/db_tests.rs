@@ -1,0 +1,205 @@
+//! Whole database images replacing a replica's database under other
+//! connections (readers that opened it after the held-open check).
+
+use super::*;
+use rusqlite::{Connection, OpenFlags};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+fn make_db(path: &Path, rows: u32, tag: &str) {
+    let c = Connection::open(path).unwrap();
+    c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+        .unwrap();
+    c.execute_batch(&format!(
+        "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < {rows})
+         INSERT INTO t SELECT i, '{tag}' || hex(randomblob(100)) FROM n;"
+    ))
+    .unwrap();
+}
+
+/// Stages the database at `src` as a whole new image of `rel` and commits it.
+fn replace_whole(r: &Replica, rel: &RelPath, src: &Path) {
+    let held = sqlite::read_hashes(src).unwrap().unwrap();
+    let c = Connection::open(src).unwrap();
+    let mut staged = r
+        .stage_db(rel, None, held.page_size, held.hashes.len() as u32)
+        .unwrap();
+    assert!(staged.is_full());
+    let mut s = c.prepare("SELECT pgno, data FROM sqlite_dbpage").unwrap();
+    let mut rows = s.query([]).unwrap();
+    while let Some(row) = rows.next().unwrap() {
+        let (pgno, data): (u32, Vec<u8>) = (row.get(0).unwrap(), row.get(1).unwrap());
+        staged.page(pgno, &data).unwrap();
+    }
+    let meta = crate::meta::from_stat(&std::fs::metadata(src).unwrap());
+    staged.commit(&held.hash, &meta).unwrap();
+    r.flush().unwrap();
+}
+
+fn tag_of(path: &Path) -> rusqlite::Result<String> {
+    let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    c.query_row("SELECT substr(v, 1, 1) FROM t WHERE k = 1", [], |r| {
+        r.get(0)
+    })
+}
+
+/// A connection the held-open check could not see (ours: it skips its own
+/// process) keeps the file it reads: the image is not renamed over it, and
+/// lands once it is closed.
+#[test]
+fn a_whole_image_is_never_renamed_over_an_open_connection() {
+    let t = tempfile::tempdir().unwrap();
+    let (root, src) = (t.path().join("root"), t.path().join("src.db"));
+    std::fs::create_dir(&root).unwrap();
+    make_db(&root.join("app.db"), 500, "A");
+    make_db(&src, 50, "B");
+    let r = Replica::open(&root).unwrap();
+    let rel = RelPath::new(b"app.db").unwrap();
+    let reader = Connection::open(root.join("app.db")).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let n: u32 = reader
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 500);
+    replace_whole(&r, &rel, &src);
+    assert_eq!(r.take_held(), std::slice::from_ref(&rel));
+    reader.execute_batch("COMMIT").unwrap();
+    drop(reader);
+    assert_eq!(tag_of(&root.join("app.db")).unwrap(), "A");
+    replace_whole(&r, &rel, &src);
+    assert!(r.take_held().is_empty());
+    assert_eq!(tag_of(&root.join("app.db")).unwrap(), "B");
+    assert_eq!(sqlite::integrity(&root.join("app.db")).unwrap(), "ok");
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".understudy"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A reader opening the replica's database every few milliseconds while
+/// whole images of different databases replace it never sees a malformed
+/// database: each read sees one image whole.
+#[test]
+fn readers_never_see_a_torn_database_while_whole_images_replace_it() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let srcs: Vec<_> = [("A", 800), ("B", 30), ("C", 300)]
+        .iter()
+        .map(|(tag, rows)| {
+            let p = t.path().join(format!("{tag}.db"));
+            make_db(&p, *rows, tag);
+            p
+        })
+        .collect();
+    std::fs::copy(&srcs[0], root.join("app.db")).unwrap();
+    let r = Replica::open(&root).unwrap();
+    let rel = RelPath::new(b"app.db").unwrap();
+    let (stop, reads) = (AtomicBool::new(false), AtomicU64::new(0));
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let db = root.join("app.db");
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(c) = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY) {
+                    match c.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
+                        Ok(v) => assert_eq!(v, "ok", "a reader saw a torn database"),
+                        Err(rusqlite::Error::SqliteFailure(e, m))
+                            if e.code == rusqlite::ErrorCode::DatabaseCorrupt
+                                || e.code == rusqlite::ErrorCode::NotADatabase =>
+                        {
+                            panic!("a reader saw a torn database: {e} {m:?}")
+                        }
+                        Err(_) => {} // busy: the image is being replaced
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        });
+        for i in 0..30 {
+            replace_whole(&r, &rel, &srcs[i % srcs.len()]);
+            let _ = r.take_held();
+        }
+        stop.store(true, Ordering::Relaxed);
+        reader.join().unwrap();
+    });
+    assert!(reads.load(Ordering::Relaxed) > 10);
+    assert_eq!(sqlite::integrity(&root.join("app.db")).unwrap(), "ok");
+}
+
+/// A rename hint (from a hostile or older source) never moves a database by
+/// name, nor moves anything onto one: its log would be left behind or meet
+/// the moved-in file. Plain files still move.
+#[test]
+fn a_rename_hint_never_moves_a_database_or_onto_one() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    make_db(&root.join("a.db"), 100, "A");
+    make_db(&root.join("b.db"), 100, "B");
+    // b.db's log still holds a commit (its writer has not closed)
+    let w = Connection::open(root.join("b.db")).unwrap();
+    w.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    w.execute("UPDATE t SET v = 'B-later' WHERE k = 1", [])
+        .unwrap();
+    assert!(std::fs::metadata(root.join("b.db-wal")).unwrap().len() > 0);
+    std::fs::write(root.join("notes.txt"), b"plain").unwrap();
+    std::fs::write(root.join("c.db"), b"not a database at all, a plain file").unwrap();
+    let r = Replica::open(&root).unwrap();
+    let p = |n: &[u8]| RelPath::new(n).unwrap();
+    assert!(
+        !r.rename(&p(b"a.db"), &p(b"b.db")),
+        "a database moved onto one"
+    );
+    assert!(!r.rename(&p(b"a.db"), &p(b"moved.db")), "a database moved");
+    assert!(
+        !r.rename(&p(b"notes.txt"), &p(b"b.db")),
+        "a file moved onto a database"
+    );
+    assert!(r.rename(&p(b"notes.txt"), &p(b"notes2.txt")));
+    assert!(
+        r.rename(&p(b"c.db"), &p(b"d.db")),
+        "a plain file with a database's name"
+    );
+    drop(w);
+    assert_eq!(tag_of(&root.join("a.db")).unwrap(), "A");
+    let c = Connection::open(root.join("b.db")).unwrap();
+    let v: String = c
+        .query_row("SELECT v FROM t WHERE k = 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, "B-later");
+    assert_eq!(sqlite::integrity(&root.join("b.db")).unwrap(), "ok");
+}
+
+/// The temp sweep removes only what this agent's user made: a file of the
+/// exact shape of our temp names owned by another user is kept, with a
+/// warning.
+#[test]
+fn the_temp_sweep_keeps_a_foreign_users_file_of_our_shape() {
+    let t = tempfile::tempdir().unwrap();
+    let ours = ".understudy.tmp.0123456789abcdef";
+    let theirs = ".understudy.tmp.fedcba9876543210";
+    std::fs::write(t.path().join(ours), b"left by a crash").unwrap();
+    std::fs::write(t.path().join(theirs), b"a local user's").unwrap();
+    let me = rustix::process::geteuid().as_raw();
+    let other = if me == 4242 { 4243 } else { 4242 };
+    std::os::unix::fs::chown(t.path().join(theirs), Some(other), None).unwrap();
+    let r = Replica::open(t.path()).unwrap();
+    let p = |n: &str| RelPath::new(n.as_bytes()).unwrap();
+    let n = r.sweep_temps(&[p(ours), p(theirs)]).unwrap();
+    assert_eq!(n, 1);
+    assert!(!t.path().join(ours).exists());
+    assert_eq!(
+        std::fs::read(t.path().join(theirs)).unwrap(),
+        b"a local user's"
+    );
+    let w = r.take_warnings();
+    assert!(
+        w.iter()
+            .any(|w| w.contains(theirs) && w.contains(&format!("uid {other}"))),
+        "{w:?}"
+    );
+}
