@@ -8,12 +8,15 @@
 //! - [`config`]: the TOML configuration.
 //! - [`control`]: the local control socket (`sync-cli status`).
 //! - [`lag`]: the age of the oldest unapplied change, and the health check.
+//! - [`surface`]: the operator's surface: [`http`] (`/health`, `/metrics`
+//!   from [`metrics`], the [`page`]) and [`alerts`] (webhooks).
 //! - [`push`], [`serve`], [`mirror`]: one-shot entry points.
 //!
 //! `sync-core` does the filesystem work; it is synchronous and called through
 //! `spawn_blocking`.
 
 pub mod addr;
+pub mod alerts;
 pub mod config;
 pub mod continuous;
 pub mod control;
@@ -21,11 +24,15 @@ pub mod diverged;
 pub mod epoch;
 pub mod handover;
 pub mod hooks;
+pub mod http;
 pub mod identity;
 pub mod lag;
 pub mod limits;
+pub mod metrics;
+pub mod page;
 pub mod promotion;
 pub mod session;
+pub mod surface;
 pub mod tls;
 pub mod trust;
 pub mod watch_limit;

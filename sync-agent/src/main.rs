@@ -118,6 +118,7 @@ struct Plan {
     listen: Option<SocketAddr>,
     folders: Vec<FolderPlan>,
     control: Option<PathBuf>,
+    surface: sync_agent::surface::Settings,
 }
 
 /// One folder: the replica side (served when this node is not its source), the
@@ -140,6 +141,7 @@ fn plan_from_config(path: &Path) -> Result<Plan> {
     let mut plan = Plan {
         listen: c.node.listen,
         control: c.node.control.clone(),
+        surface: sync_agent::surface::Settings::from_config(&c)?,
         ..Default::default()
     };
     for f in &c.folders {
@@ -277,7 +279,14 @@ async fn run(plan: Plan) -> Result<ExitCode> {
         let statuses: Vec<_> = f
             .sources
             .iter()
-            .map(|_| Arc::new(Mutex::new(FolderStatus::default())))
+            .map(|s| {
+                let (folder, role) = (s.name.clone(), "source".into());
+                Arc::new(Mutex::new(FolderStatus {
+                    folder,
+                    role,
+                    ..Default::default()
+                }))
+            })
             .collect();
         registry.folders.extend(statuses.iter().cloned());
         let handover = Arc::new(sync_agent::handover::Folder::new(
@@ -300,6 +309,7 @@ async fn run(plan: Plan) -> Result<ExitCode> {
             tracing::error!(folder = %h.name, "resuming its handover: {e:#}");
         }
     }
+    sync_agent::surface::start(plan.surface, registry.clone()).await?;
     if let Some(path) = plan.control {
         let reg = registry.clone();
         tokio::spawn(async move {
@@ -500,6 +510,7 @@ fn build_plan(cli: Cli) -> Result<Plan> {
                     configured: Role::Replica,
                 }],
                 control,
+                ..Default::default()
             })
         }
         (

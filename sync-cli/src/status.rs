@@ -139,7 +139,10 @@ fn print_human(node: &str, folders: &[FolderStatus]) {
 
 fn replica_line(f: &FolderStatus) -> String {
     let applied = match (f.last_applied_unix, f.last_applied_age_s) {
-        (Some(t), Some(age)) => format!("last round applied {} ({age:.1} s ago)", utc(t)),
+        (Some(t), Some(age)) => format!(
+            "last round applied {} ({age:.1} s ago)",
+            sync_agent::alerts::rfc3339(t)
+        ),
         _ => "no round applied since the agent started".to_string(),
     };
     let source = f.source_epoch.map_or_else(
@@ -152,38 +155,9 @@ fn replica_line(f: &FolderStatus) -> String {
     )
 }
 
-/// `2026-12-03T02:21:23Z` for seconds since the epoch (UTC, proleptic
-/// Gregorian; Howard Hinnant's `civil_from_days`).
-fn utc(unix: f64) -> String {
-    let secs = unix.max(0.0) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn utc_formats_known_instants() {
-        assert_eq!(utc(0.0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(951_782_400.5), "2000-02-29T00:00:00Z");
-        assert_eq!(utc(1_796_267_483.0), "2026-12-03T03:11:23Z");
-    }
 
     #[test]
     fn a_replica_row_says_when_and_from_which_epoch() {

@@ -29,5 +29,6 @@ mod promote;
 mod push;
 mod races;
 mod sqlite;
+mod surface;
 mod trust;
 mod util;
