@@ -250,7 +250,7 @@ mod tests {
         crate::control::Status {
             node: "n".into(),
             folders: rows,
-            handovers: Vec::new(),
+            ..Default::default()
         }
     }
 

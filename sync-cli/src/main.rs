@@ -6,6 +6,7 @@
 //! the mirror completed but something could not be preserved (each listed on
 //! stderr).
 
+mod doctor;
 mod handover;
 mod keys;
 mod promote;
@@ -58,6 +59,12 @@ enum Cmd {
     /// all seen, start hook, serve as source). Refused while the source is
     /// connected (use failover).
     Promote(promote::PromoteArgs),
+    /// Preflight this node for a config's folders: filesystem, xattrs, ACLs,
+    /// nanosecond times, inotify limits, free space, trust, PID namespace,
+    /// unexcluded caches and logs, the agent and its peer. Each check ok, warn
+    /// or fail with a sentence.
+    #[command(after_help = doctor::EXIT_CODES)]
+    Doctor(doctor::DoctorArgs),
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -72,6 +79,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Failover(a) => handover::failover(a),
         Cmd::Failback(a) => handover::failback(a),
         Cmd::Promote(a) => promote::promote(a),
+        Cmd::Doctor(a) => doctor::doctor(a),
     }
 }
 

@@ -10,6 +10,7 @@ mod continuous;
 mod crash_points;
 mod delta;
 mod do_no_harm;
+mod doctor;
 mod failover;
 mod fidelity;
 mod handover;

@@ -7,7 +7,7 @@ fn status(rows: Vec<FolderStatus>) -> Status {
     Status {
         node: "NODE".into(),
         folders: rows,
-        handovers: Vec::new(),
+        ..Default::default()
     }
 }
 
