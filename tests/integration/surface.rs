@@ -245,3 +245,71 @@ fn issue13_health_active_metrics_page_and_an_alert_when_the_replica_dies() {
     );
     assert!(alert["time"].as_str().unwrap().ends_with('Z'), "{alert}");
 }
+
+/// One GET with `Authorization: Bearer token`: the status code.
+fn get_with(addr: &str, path: &str, token: &str) -> u16 {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    let mut raw = String::new();
+    if s.write_all(req.as_bytes()).is_err() || s.read_to_string(&mut raw).is_err() {
+        return 0;
+    }
+    raw.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn issue13_a_token_is_asked_and_idle_clients_do_not_hurt_the_agent() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = hosts(t.path(), "", "");
+    let http_a = serve_http(&a, "");
+    let token = a.dir.join("http.token");
+    std::fs::write(&token, "tok-123\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let body = std::fs::read_to_string(&a.config).unwrap().replacen(
+        "[node]\n",
+        &format!("[node]\nhttp_token_file = \"{}\"\n", token.display()),
+        1,
+    );
+    std::fs::write(&a.config, body).unwrap();
+    let _agent_a = a.start();
+    let _agent_b = b.start();
+    let diag = || logs(&[&a, &b]);
+    wait_or(
+        "healthy",
+        30,
+        || get_with(&http_a, "/health", "tok-123") == 200,
+        diag,
+    );
+    assert_eq!(code(&http_a, "/health"), 401);
+    assert_eq!(get_with(&http_a, "/health", "tok-12"), 401);
+    assert_eq!(get_with(&http_a, "/metrics", "tok-123"), 200);
+
+    // 200 connections that send nothing: the agent goes on mirroring, and the
+    // server answers again once the idle ones hit the head timeout.
+    let idle: Vec<TcpStream> = (0..200)
+        .filter_map(|_| TcpStream::connect(&http_a).ok())
+        .collect();
+    std::fs::write(a.root.join("during-the-flood"), "x").unwrap();
+    wait_or(
+        "the change mirrored",
+        10,
+        || b.root.join("during-the-flood").exists(),
+        diag,
+    );
+    wait_or(
+        "an answer again",
+        10,
+        || get_with(&http_a, "/health", "tok-123") == 200,
+        diag,
+    );
+    drop(idle);
+}
