@@ -88,12 +88,26 @@ pub async fn connect(
         .parse()
         .context("bind address")?;
     let mut endpoint = quinn::Endpoint::client(bind).context("opening a UDP socket")?;
-    endpoint.set_default_client_config(tls::client_config(identity, peer)?);
-    let conn = endpoint
+    let (config, presented) = tls::client_config_noting(identity, peer)?;
+    endpoint.set_default_client_config(config);
+    let conn = match endpoint
         .connect(to, tls::SERVER_NAME)
         .context("starting the connection")?
         .await
-        .with_context(|| format!("connecting to replica {to} (expected id {peer})"))?;
+    {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(other) = presented.lock().ok().and_then(|g| *g) {
+                bail!(
+                    "replica {to} presented id {other}, expected {peer}: the peer id in the \
+                     config (or --peer) is not that replica's (`sync-cli id --dir IDENTITY` \
+                     on it prints its id)"
+                );
+            }
+            return Err(e)
+                .with_context(|| format!("connecting to replica {to} (expected id {peer})"));
+        }
+    };
     Ok((endpoint, conn))
 }
 
