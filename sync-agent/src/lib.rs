@@ -157,6 +157,9 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
         progress
             .entries
             .store(manifest.entries.len() as u64, Ordering::Relaxed);
+        progress
+            .bytes_total
+            .store(manifest.bytes_total(), Ordering::Relaxed);
         let root_hash = manifest.root_hash();
         let (files_total, bytes_total, entries_total) = (
             manifest.files() as u64,

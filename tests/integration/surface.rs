@@ -313,3 +313,35 @@ fn issue13_a_token_is_asked_and_idle_clients_do_not_hurt_the_agent() {
     );
     drop(idle);
 }
+
+#[test]
+fn issue13_mirror_on_a_terminal_shows_a_bar_with_total_percentage_and_eta() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir_all(&src).unwrap();
+    // Big enough that the bar is drawn a few times after the scan.
+    std::fs::write(src.join("big"), crate::util::random_bytes(120 << 20, 13)).unwrap();
+    let typescript = t.path().join("typescript");
+    let cmd = format!(
+        "{} mirror {} {}",
+        crate::util::bin("sync-cli").display(),
+        src.display(),
+        dst.display()
+    );
+    // `script` gives the command a terminal.
+    crate::util::sh(&format!(
+        "script -qfec '{cmd}' {} > /dev/null",
+        typescript.display()
+    ));
+    let screen = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
+    let bar = screen
+        .split(['\r', '\n'])
+        .find(|l| l.contains("/120.00 MiB") && l.contains('%') && l.contains("ETA"))
+        .map(str::to_string);
+    assert!(
+        bar.is_some(),
+        "no bar with total, % and ETA in {} bytes of terminal output",
+        screen.len()
+    );
+    assert!(screen.contains("files: 1 scanned"));
+}
