@@ -150,10 +150,38 @@ pub fn chart(s: &mut String, samples: &[(f64, f64)], bound: f64) {
         "<svg width={W} height={H} viewBox=\"0 0 {W} {H}\" role=img aria-label=\"lag over the last hour\">\
          <line x1=0 x2={W} y1={b:.1} y2={b:.1} stroke=#b42318 stroke-dasharray=4></line>\
          <polyline fill=none stroke=#2563eb stroke-width=2 points=\"{}\"></polyline>\
-         <text x=4 y=14 font-size=11>{top:.0} s</text><text x=4 y={t:.1} font-size=11 fill=#b42318>bound {bound} s</text></svg>\
+         <text x=4 y=14 font-size=11>{top:.1} s</text><text x={r} y={t:.1} font-size=11 fill=#b42318 text-anchor=end>bound {bound} s</text></svg>\
          <div><small>lag over the last hour (one sample per 10 s)</small></div>",
         pts.join(" "),
         b = y(bound),
-        t = (y(bound) - 3.0).max(24.0),
+        t = (y(bound) - 3.0).max(12.0),
+        r = W - 4.0,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_escaped_and_the_chart_spans_the_last_hour() {
+        assert_eq!(
+            esc("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+        let mut s = String::new();
+        // Two hours of samples: only the last hour is drawn, the newest at the right.
+        let samples: Vec<(f64, f64)> = (0..720).map(|i| (f64::from(i) * 10.0, 1.0)).collect();
+        chart(&mut s, &samples, 30.0);
+        let points = s
+            .split("points=\"")
+            .nth(1)
+            .and_then(|p| p.split('"').next())
+            .unwrap_or_default();
+        assert_eq!(points.split(' ').count(), 361, "{s}");
+        assert!(points.ends_with("600.0,116.8"), "{points}");
+        let mut empty = String::new();
+        chart(&mut empty, &[], 30.0);
+        assert!(empty.contains("No lag samples yet"));
+    }
 }

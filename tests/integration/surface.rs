@@ -345,3 +345,75 @@ fn issue13_mirror_on_a_terminal_shows_a_bar_with_total_percentage_and_eta() {
     );
     assert!(screen.contains("files: 1 scanned"));
 }
+
+/// Headless Chromium (installed by `.ci/run`) on `url` with `args`, its
+/// profile in `profile`: its stdout.
+fn chromium(profile: &std::path::Path, url: &str, args: &[&str]) -> String {
+    let out = crate::util::run(
+        std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(args)
+            .arg(url),
+    );
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn issue13_the_status_page_renders_in_a_browser() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = hosts(t.path(), "", "");
+    let http_a = serve_http(&a, "");
+    let _agent_a = a.start();
+    let _agent_b = b.start();
+    wait_or(
+        "healthy",
+        30,
+        || code(&http_a, "/health") == 200,
+        || logs(&[&a, &b]),
+    );
+    let url = format!("http://{http_a}/");
+    let profile = t.path().join("chromium");
+    let dom = chromium(&profile, &url, &["--dump-dom"]);
+    assert!(
+        dom.contains("<h2>app <small>(source)</small></h2>"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("healthy") && dom.contains("(bound 2 s)"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("<svg") && dom.contains("polyline"),
+        "no lag chart: {dom}"
+    );
+    assert!(dom.contains(&b.id), "the peer is not named: {dom}");
+    // The screenshot stays beside the test's build output, for a person to look at.
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("issue13-status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(
+        &profile,
+        &url,
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1000,700",
+        ],
+    );
+    let png = std::fs::read(&shot).unwrap_or_default();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes at {}",
+        png.len(),
+        shot.display()
+    );
+}
