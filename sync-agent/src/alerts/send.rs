@@ -183,7 +183,7 @@ async fn deliver(
 }
 
 /// One POST of `e`.
-async fn post(t: &Target, format: Format, e: &Event) -> Result<(), String> {
+pub(super) async fn post(t: &Target, format: Format, e: &Event) -> Result<(), String> {
     let addr = tokio::net::lookup_host((t.host.as_str(), t.port))
         .await
         .map_err(|err| format!("resolving {}: {err}", t.host))?
@@ -210,8 +210,11 @@ async fn post(t: &Target, format: Format, e: &Event) -> Result<(), String> {
         .header(hyper::header::HOST, t.host_header())
         .header(hyper::header::CONTENT_TYPE, ctype)
         .header(hyper::header::USER_AGENT, "understudy-agent");
-    if format == Format::Ntfy {
-        req = req.header("Title", format!("understudy {}: {}", e.event, e.folder));
+    // A title a header cannot carry (a folder name in UTF-8) is left out.
+    let title =
+        hyper::header::HeaderValue::from_str(&format!("understudy {}: {}", e.event, e.folder));
+    if let (Format::Ntfy, Ok(t)) = (format, title) {
+        req = req.header("Title", t);
     }
     let req = req
         .body(Full::new(Bytes::from(body)))

@@ -250,3 +250,96 @@ fn times_are_rfc3339_utc() {
     assert_eq!(rfc3339(1_796_271_845.9), "2026-12-03T04:24:05Z");
     assert_eq!(rfc3339(1_796_267_483.0), "2026-12-03T03:11:23Z");
 }
+
+fn event() -> Event {
+    Event {
+        event: "lag_high",
+        folder: "app".into(),
+        node: "NODE".into(),
+        peer: "PEER".into(),
+        message: "folder app: lag 3.0 s over 2 s".into(),
+        time: rfc3339(0.0),
+    }
+}
+
+/// Accepts one request on `l` and returns its head and body, answering 200.
+async fn one_request(l: tokio::net::TcpListener) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut s, _) = l.accept().await.expect("accept");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).await.expect("read");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if body.len() >= len || n == 0 {
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await
+                    .expect("answer");
+                return (head.to_string(), body.to_string());
+            }
+        }
+        assert!(n > 0, "request cut short: {text}");
+    }
+}
+
+#[tokio::test]
+async fn an_ntfy_webhook_gets_the_message_as_text_with_a_title() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/alerts", l.local_addr().expect("addr"));
+    let got = tokio::spawn(one_request(l));
+    let t = Target::parse(&url).expect("url");
+    send::post(&t, Format::Ntfy, &event())
+        .await
+        .expect("delivered");
+    let (head, body) = got.await.expect("receiver");
+    assert!(head.starts_with("POST /alerts HTTP/1.1"), "{head}");
+    assert!(
+        head.contains("title: understudy lag_high: app")
+            || head.contains("Title: understudy lag_high: app"),
+        "{head}"
+    );
+    assert_eq!(body, "folder app: lag 3.0 s over 2 s");
+}
+
+#[tokio::test]
+async fn a_webhook_that_never_answers_costs_drops_not_waits() {
+    // Accepts connections and reads nothing: every try waits for its timeout.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/", l.local_addr().expect("addr"));
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sink = Sink {
+        url,
+        events: Vec::new(),
+        format: Format::Json,
+    };
+    let d = Dispatch::start(vec![sink], dropped.clone(), std::sync::Arc::default());
+    let started = std::time::Instant::now();
+    for _ in 0..200 {
+        d.send(&event());
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "send waited"
+    );
+    let n = dropped.load(std::sync::atomic::Ordering::Relaxed);
+    // The queue holds 64 and the task may have taken one.
+    assert!(
+        (200 - send::QUEUE as u64 - 1..=200 - send::QUEUE as u64).contains(&n),
+        "{n} dropped"
+    );
+    drop(l);
+}
