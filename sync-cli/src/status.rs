@@ -10,8 +10,8 @@ use sync_agent::lag::Problem;
 
 /// What `status --help` says about exit codes.
 pub const EXIT_CODES: &str = "Exit codes: 0 the status was printed (with --check: every folder is \
-healthy); 1 with --check: some folder is unhealthy (not connected, lag over --max-lag, a database \
-held open on the replica), each reason printed as FOLDER: WHAT; 2 error (the agent is unreachable, \
+healthy); 1 with --check: some folder is unhealthy (not connected, lag over --max-lag or else the \
+folder's max_lag_secs, a database held open on the replica), each reason printed as FOLDER: WHAT; 2 error (the agent is unreachable, \
 the config is bad).";
 
 #[derive(Args, Debug)]
@@ -26,13 +26,14 @@ pub struct StatusArgs {
     /// is over --max-lag, or a replica database is held open.
     #[arg(long)]
     check: bool,
-    /// The most lag --check accepts, in seconds.
-    #[arg(long, value_name = "S", default_value_t = 30.0)]
-    max_lag: f64,
+    /// The most lag --check accepts, in seconds, for every folder (default:
+    /// each folder's `max_lag_secs`, 30 when it has none).
+    #[arg(long, value_name = "S")]
+    max_lag: Option<f64>,
 }
 
 pub fn status(a: StatusArgs) -> Result<ExitCode> {
-    if !(a.max_lag.is_finite() && a.max_lag >= 0.0) {
+    if a.max_lag.is_some_and(|m| !(m.is_finite() && m >= 0.0)) {
         anyhow::bail!("--max-lag must be a number of seconds ≥ 0");
     }
     let cfg = sync_agent::config::Config::parse(&a.config)?;
@@ -44,13 +45,27 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     let st = rt.block_on(sync_agent::control::query(&control))?;
-    let problems = sync_agent::lag::check(&st.folders, a.max_lag);
+    let default = sync_agent::config::Folder::DEFAULT_MAX_LAG_SECS as f64;
+    let bound = |name: &str| {
+        a.max_lag.unwrap_or_else(|| {
+            cfg.folders
+                .iter()
+                .find(|f| f.name == name)
+                .map_or(default, |f| f.max_lag())
+        })
+    };
+    let problems: Vec<Problem> = st
+        .folders
+        .iter()
+        .flat_map(|f| sync_agent::lag::check(std::slice::from_ref(f), bound(&f.folder)))
+        .collect();
+    let max_lag = a.max_lag.unwrap_or(default);
     if a.json {
         let mut v = serde_json::to_value(&st)?;
         if a.check {
             v["check"] = serde_json::json!({
                 "healthy": problems.is_empty(),
-                "max_lag_s": a.max_lag,
+                "max_lag_s": max_lag,
                 "problems": problems,
             });
         }
@@ -59,7 +74,11 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
         print_human(&st.node, &st.folders);
         print_handovers(&st.handovers);
         if a.check {
-            print_problems(&problems, a.max_lag);
+            let bound = match a.max_lag {
+                Some(m) => format!("max lag {m} s"),
+                None => "each folder within its max_lag_secs".to_string(),
+            };
+            print_problems(&problems, &bound);
         }
     }
     Ok(if a.check && !problems.is_empty() {
@@ -82,9 +101,9 @@ fn print_handovers(handovers: &[sync_agent::handover::Progress]) {
     }
 }
 
-fn print_problems(problems: &[Problem], max_lag: f64) {
+fn print_problems(problems: &[Problem], bound: &str) {
     if problems.is_empty() {
-        println!("healthy (max lag {max_lag} s)");
+        println!("healthy ({bound})");
     }
     for p in problems {
         println!("UNHEALTHY {}: {}", p.folder, p.what);

@@ -226,6 +226,11 @@ fn issue13_health_active_metrics_page_and_an_alert_when_the_replica_dies() {
         body.contains("over 2 s") || body.contains("not connected"),
         "{body}"
     );
+    // `status --check` judges by the folder's max_lag_secs too.
+    let out = a.cli(&["status", "--check"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("UNHEALTHY app"), "{said}");
     let later = lag_of(&http_a);
     assert!(
         later > MAX_LAG as f64 && lags.iter().all(|l| *l <= later),
