@@ -148,6 +148,15 @@ fn answer<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
     let status = shared.registry.snapshot();
     match path.split('/').collect::<Vec<_>>().as_slice() {
         ["", "health"] => {
+            // The current or last handover of each folder, ended ones included.
+            let mut status = status.clone();
+            status.handovers = shared
+                .registry
+                .handovers
+                .values()
+                .map(|h| h.progress(usize::MAX))
+                .filter(|p| p.id > 0)
+                .collect();
             let (ok, body) = health(&status, &|f| shared.max_lag(f));
             json(ok_or_unavailable(ok), &body)
         }
@@ -193,7 +202,8 @@ fn answer<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
 
 /// Whether every folder of `status` is healthy, and the JSON body of
 /// `/health`: per folder its role, epoch, connection, lag and bound, last
-/// applied round, held databases, handover, and the reasons when unhealthy.
+/// applied round, held databases, its current or last handover (kind, step,
+/// running, outcome), and the reasons when unhealthy.
 /// `max_lag` gives a folder's bound in seconds.
 #[must_use]
 pub fn health(
@@ -213,7 +223,10 @@ pub fn health(
             all_ok &= reasons.is_empty();
             let handover =
                 status.handovers.iter().find(|h| h.folder == f.folder).map(
-                    |h| serde_json::json!({"kind": h.kind, "step": h.step, "running": h.running}),
+                    |h| {
+                        let outcome = h.outcome.as_ref().map(|o| o.step.as_str());
+                        serde_json::json!({"kind": h.kind, "step": h.step, "running": h.running, "outcome": outcome})
+                    },
                 );
             serde_json::json!({
                 "folder": f.folder,
@@ -279,6 +292,35 @@ mod tests {
         let mut down = row("b", 0.0);
         down.connected = false;
         assert!(!health(&status(vec![down]), &bound).0);
+    }
+
+    #[test]
+    fn health_names_the_folders_handover_and_how_it_ended() {
+        let mut st = status(vec![FolderStatus {
+            folder: "app".into(),
+            role: "replica".into(),
+            connected: true,
+            ..Default::default()
+        }]);
+        st.handovers = vec![crate::handover::Progress {
+            folder: "app".into(),
+            id: 1,
+            kind: "failover".into(),
+            step: "rolled_back".into(),
+            outcome: Some(crate::handover::Outcome {
+                step: "rolled_back".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        let (ok, body) = health(&st, &|_| 30.0);
+        assert!(ok, "{body}");
+        let h = &body["folders"][0]["handover"];
+        assert_eq!(
+            (h["kind"].as_str(), h["running"].as_bool()),
+            (Some("failover"), Some(false))
+        );
+        assert_eq!(h["outcome"], "rolled_back", "{body}");
     }
 
     #[test]
