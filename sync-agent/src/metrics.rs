@@ -25,6 +25,7 @@
 //! | `understudy_alerts_dropped_total` | counter | alerts not delivered (queue full, rate spent, webhook failing) |
 //! | `understudy_alerts_sent_total` | counter | alerts delivered |
 
+use crate::continuous::FolderStatus;
 use crate::control::Status;
 use crate::surface::Shared;
 use prometheus_client::encoding::text::encode;
@@ -38,90 +39,128 @@ type Labels = Vec<(String, String)>;
 type GaugeF = Family<Labels, Gauge<f64, AtomicU64>>;
 type CounterU = Family<Labels, Counter<u64>>;
 
-fn gauge(reg: &mut Registry, name: &str, help: &str) -> GaugeF {
-    let g = GaugeF::default();
-    reg.register(name, help, g.clone());
-    g
-}
+/// A per-folder gauge's value (none: the series is left out).
+type GaugeValue = fn(&FolderStatus, &Status, &Shared) -> Option<f64>;
 
-fn counter(reg: &mut Registry, name: &str, help: &str) -> CounterU {
-    let c = CounterU::default();
-    reg.register(name, help, c.clone());
-    c
-}
+/// The per-folder gauges: name, help, value.
+const GAUGES: &[(&str, &str, GaugeValue)] = &[
+    (
+        "lag_seconds",
+        "Age of the oldest change the replica has not applied",
+        |f, _, _| Some(f.lag_s),
+    ),
+    (
+        "lag_bytes",
+        "Content bytes of the unshipped changes",
+        |f, _, _| Some(f.lag_bytes as f64),
+    ),
+    (
+        "files_pending",
+        "Paths changed and not yet applied",
+        |f, _, _| Some(f.files_pending as f64),
+    ),
+    (
+        "max_lag_seconds",
+        "The folder's max_lag_secs",
+        |f, _, sh| Some(sh.max_lag(&f.folder)),
+    ),
+    (
+        "connected",
+        "1 while a session with the peer is up",
+        |f, _, _| Some(f64::from(u8::from(f.connected))),
+    ),
+    (
+        "epoch",
+        "This node's fencing epoch for the folder",
+        |f, _, _| Some(f.epoch as f64),
+    ),
+    (
+        "last_applied_timestamp_seconds",
+        "When the last round (a consistent cut) was applied",
+        |f, _, _| f.last_applied_unix,
+    ),
+    (
+        "databases",
+        "Live databases shipped from cuts",
+        |f, _, _| Some(f.databases as f64),
+    ),
+    (
+        "databases_held",
+        "Databases the replica does not update while another process holds them open",
+        |f, _, _| Some(f.held_databases.len() as f64),
+    ),
+    (
+        "cut_writer_stall_max_seconds",
+        "Longest writer stall of the cuts so far",
+        |f, _, _| Some(f.max_writer_stall_ms / 1000.0),
+    ),
+    (
+        "handover_in_progress",
+        "1 while a failover or failback runs",
+        |f, st, _| {
+            let running = st
+                .handovers
+                .iter()
+                .any(|h| h.folder == f.folder && h.running);
+            Some(f64::from(u8::from(running)))
+        },
+    ),
+];
+
+/// A per-folder counter's value.
+type CounterValue = fn(&FolderStatus) -> u64;
+
+/// The per-folder counters: name (`_total` is added), help, value.
+const COUNTERS: &[(&str, &str, CounterValue)] = &[
+    ("full_rounds", "Full rounds applied", |f| f.full_rounds),
+    ("shipped_bytes", "UDP bytes sent to the replica", |f| {
+        f.wire_bytes_total
+    }),
+    ("db_pages", "Database pages the replica wrote", |f| {
+        f.db_pages_total
+    }),
+];
 
 /// The OpenMetrics text of `status`.
 pub fn encode_status(status: &Status, shared: &Shared) -> Result<String, std::fmt::Error> {
     let mut reg = Registry::with_prefix("understudy");
-    let lag = gauge(
-        &mut reg,
-        "lag_seconds",
-        "Age of the oldest change the replica has not applied",
-    );
-    let lag_bytes = gauge(
-        &mut reg,
-        "lag_bytes",
-        "Content bytes of the unshipped changes",
-    );
-    let pending = gauge(
-        &mut reg,
-        "files_pending",
-        "Paths changed and not yet applied",
-    );
-    let bound = gauge(&mut reg, "max_lag_seconds", "The folder's max_lag_secs");
-    let connected = gauge(
-        &mut reg,
-        "connected",
-        "1 while a session with the peer is up",
-    );
-    let epoch = gauge(
-        &mut reg,
-        "epoch",
-        "This node's fencing epoch for the folder",
-    );
-    let role = gauge(
-        &mut reg,
+    let gauges: Vec<(GaugeF, GaugeValue)> = GAUGES
+        .iter()
+        .map(|(name, help, value)| {
+            let g = GaugeF::default();
+            reg.register(*name, *help, g.clone());
+            (g, *value)
+        })
+        .collect();
+    let counters: Vec<(CounterU, CounterValue)> = COUNTERS
+        .iter()
+        .map(|(name, help, value)| {
+            let c = CounterU::default();
+            reg.register(*name, *help, c.clone());
+            (c, *value)
+        })
+        .collect();
+    let role = GaugeF::default();
+    reg.register(
         "role",
         "1 for the role this node plays for the folder",
+        role.clone(),
     );
-    let rounds = counter(&mut reg, "rounds", "Rounds, by result");
-    let full = counter(&mut reg, "full_rounds", "Full rounds applied");
-    let shipped = counter(&mut reg, "shipped_bytes", "UDP bytes sent to the replica");
-    let pages = counter(&mut reg, "db_pages", "Database pages the replica wrote");
-    let last = gauge(
-        &mut reg,
-        "last_applied_timestamp_seconds",
-        "When the last round (a consistent cut) was applied",
-    );
-    let dbs = gauge(&mut reg, "databases", "Live databases shipped from cuts");
-    let held = gauge(
-        &mut reg,
-        "databases_held",
-        "Databases the replica does not update while another process holds them open",
-    );
-    let stall = gauge(
-        &mut reg,
-        "cut_writer_stall_max_seconds",
-        "Longest writer stall of the cuts so far",
-    );
-    let handover = gauge(
-        &mut reg,
-        "handover_in_progress",
-        "1 while a failover or failback runs",
-    );
+    let rounds = CounterU::default();
+    reg.register("rounds", "Rounds, by result", rounds.clone());
     for f in &status.folders {
         let l: Labels = vec![
             ("folder".into(), f.folder.clone()),
             ("peer".into(), f.peer.clone()),
         ];
-        lag.get_or_create(&l).set(f.lag_s);
-        lag_bytes.get_or_create(&l).set(f.lag_bytes as f64);
-        pending.get_or_create(&l).set(f.files_pending as f64);
-        bound.get_or_create(&l).set(shared.max_lag(&f.folder));
-        connected
-            .get_or_create(&l)
-            .set(f64::from(u8::from(f.connected)));
-        epoch.get_or_create(&l).set(f.epoch as f64);
+        for (g, value) in &gauges {
+            if let Some(v) = value(f, status, shared) {
+                g.get_or_create(&l).set(v);
+            }
+        }
+        for (c, value) in &counters {
+            c.get_or_create(&l).inc_by(value(f));
+        }
         let with = |k: &str, v: &str| {
             let mut l = l.clone();
             l.push((k.into(), v.into()));
@@ -134,31 +173,19 @@ pub fn encode_status(status: &Status, shared: &Shared) -> Result<String, std::fm
         rounds
             .get_or_create(&with("result", "failed"))
             .inc_by(f.rounds_failed);
-        full.get_or_create(&l).inc_by(f.full_rounds);
-        shipped.get_or_create(&l).inc_by(f.wire_bytes_total);
-        pages.get_or_create(&l).inc_by(f.db_pages_total);
-        if let Some(t) = f.last_applied_unix {
-            last.get_or_create(&l).set(t);
-        }
-        dbs.get_or_create(&l).set(f.databases as f64);
-        held.get_or_create(&l).set(f.held_databases.len() as f64);
-        stall.get_or_create(&l).set(f.max_writer_stall_ms / 1000.0);
-        let running = status
-            .handovers
-            .iter()
-            .any(|h| h.folder == f.folder && h.running);
-        handover.get_or_create(&l).set(f64::from(u8::from(running)));
     }
-    let dropped = Counter::<u64>::default();
-    dropped.inc_by(shared.alerts_dropped.load(Ordering::Relaxed));
-    reg.register(
-        "alerts_dropped",
-        "Alerts not delivered (queue full, rate spent, webhook failing)",
-        dropped,
-    );
-    let sent = Counter::<u64>::default();
-    sent.inc_by(shared.alerts_sent.load(Ordering::Relaxed));
-    reg.register("alerts_sent", "Alerts delivered", sent);
+    for (name, help, n) in [
+        (
+            "alerts_dropped",
+            "Alerts not delivered (queue full, rate spent, webhook failing)",
+            &shared.alerts_dropped,
+        ),
+        ("alerts_sent", "Alerts delivered", &shared.alerts_sent),
+    ] {
+        let c = Counter::<u64>::default();
+        c.inc_by(n.load(Ordering::Relaxed));
+        reg.register(name, help, c);
+    }
     let mut out = String::new();
     encode(&mut out, &reg)?;
     Ok(out)

@@ -145,6 +145,33 @@ fn webhook() -> (String, mpsc::Receiver<String>) {
     (url, rx)
 }
 
+/// `/metrics` of a source parses, names the folder, its peer and role; `/`
+/// shows the folder.
+fn metrics_and_page_of_a_source(http_a: &str, peer: &str) {
+    let (c, text) = get(http_a, "/metrics").unwrap();
+    assert_eq!(c, 200);
+    let samples = parse_metrics(&text);
+    let lag = samples
+        .iter()
+        .find(|(n, l, _)| {
+            n == "understudy_lag_seconds" && l.contains(&("folder".into(), "app".into()))
+        })
+        .unwrap_or_else(|| panic!("no lag of app in\n{text}"));
+    assert!(lag.1.contains(&("peer".into(), peer.to_string())), "{text}");
+    assert!(samples.iter().any(|(n, l, v)| n == "understudy_role"
+        && l.contains(&("role".into(), "source".into()))
+        && *v == 1.0));
+    assert!(
+        samples
+            .iter()
+            .any(|(n, _, _)| n == "understudy_rounds_total"),
+        "{text}"
+    );
+    let (c, page) = get(http_a, "/").unwrap();
+    assert_eq!(c, 200);
+    assert!(page.contains("<h2>app") && page.contains("lag"), "{page}");
+}
+
 #[test]
 fn issue13_health_active_metrics_page_and_an_alert_when_the_replica_dies() {
     let t = tempfile::tempdir().unwrap();
@@ -180,28 +207,7 @@ fn issue13_health_active_metrics_page_and_an_alert_when_the_replica_dies() {
     assert_eq!(code(&http_a, "/health/nope/active"), 404);
     assert_eq!(code(&http_a, "/nothing"), 404);
 
-    let (c, text) = get(&http_a, "/metrics").unwrap();
-    assert_eq!(c, 200);
-    let samples = parse_metrics(&text);
-    let lag = samples
-        .iter()
-        .find(|(n, l, _)| {
-            n == "understudy_lag_seconds" && l.contains(&("folder".into(), "app".into()))
-        })
-        .unwrap_or_else(|| panic!("no lag of app in\n{text}"));
-    assert!(lag.1.contains(&("peer".into(), b.id.clone())), "{text}");
-    assert!(samples.iter().any(|(n, l, v)| n == "understudy_role"
-        && l.contains(&("role".into(), "source".into()))
-        && *v == 1.0));
-    assert!(
-        samples
-            .iter()
-            .any(|(n, _, _)| n == "understudy_rounds_total"),
-        "{text}"
-    );
-    let (c, page) = get(&http_a, "/").unwrap();
-    assert_eq!(c, 200);
-    assert!(page.contains("<h2>app") && page.contains("lag"), "{page}");
+    metrics_and_page_of_a_source(&http_a, &b.id);
 
     // The replica dies while the source's database keeps changing.
     agent_b.kill9();
