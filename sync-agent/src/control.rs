@@ -217,6 +217,15 @@ fn replica_row(
     }
 }
 
+/// Serves the unix socket `path` on a task of its own; an error is logged.
+pub fn spawn(path: PathBuf, registry: Registry) {
+    tokio::spawn(async move {
+        if let Err(e) = serve(path, registry).await {
+            tracing::error!("control socket: {e:#}");
+        }
+    });
+}
+
 /// Serves the unix socket `path` until the task is dropped.
 pub async fn serve(path: PathBuf, registry: Registry) -> Result<()> {
     let listener = bind(&path)?;

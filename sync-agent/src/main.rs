@@ -276,18 +276,7 @@ async fn run(plan: Plan) -> Result<ExitCode> {
     for f in plan.folders {
         let (tx, rx) = mpsc::channel::<Command>(4);
         registry.commands.insert(f.name.clone(), tx);
-        let statuses: Vec<_> = f
-            .sources
-            .iter()
-            .map(|s| {
-                let (folder, role) = (s.name.clone(), "source".into());
-                Arc::new(Mutex::new(FolderStatus {
-                    folder,
-                    role,
-                    ..Default::default()
-                }))
-            })
-            .collect();
+        let statuses: Vec<_> = f.sources.iter().map(|s| source_row(&s.name)).collect();
         registry.folders.extend(statuses.iter().cloned());
         let handover = Arc::new(sync_agent::handover::Folder::new(
             &f.name,
@@ -311,12 +300,7 @@ async fn run(plan: Plan) -> Result<ExitCode> {
     }
     sync_agent::surface::start(plan.surface, registry.clone()).await?;
     if let Some(path) = plan.control {
-        let reg = registry.clone();
-        tokio::spawn(async move {
-            if let Err(e) = sync_agent::control::serve(path, reg).await {
-                tracing::error!("control socket: {e:#}");
-            }
-        });
+        sync_agent::control::spawn(path, registry.clone());
     }
 
     let failed = tokio::select! {
@@ -464,6 +448,17 @@ async fn supervise(
             }
         }
     }
+}
+
+/// A source loop's status row before it runs: named, so that a replica's
+/// snapshot tells it from the replica row.
+fn source_row(folder: &str) -> Arc<Mutex<FolderStatus>> {
+    let (folder, role) = (folder.to_string(), "source".into());
+    Arc::new(Mutex::new(FolderStatus {
+        folder,
+        role,
+        ..Default::default()
+    }))
 }
 
 fn tx_for(registry: &Registry, name: &str) -> Result<mpsc::Sender<Command>> {
