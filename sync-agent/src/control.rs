@@ -85,10 +85,14 @@ pub struct Answer {
 }
 
 /// What the agent reports.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Status {
     /// This node's id.
     pub node: String,
+    /// The agent's version.
+    pub version: String,
+    /// The protocol version it speaks.
+    pub protocol: u32,
     /// Per folder and peer.
     pub folders: Vec<FolderStatus>,
     /// Handovers in progress on this node (their lines left out).
@@ -149,6 +153,8 @@ impl Registry {
         handovers.sort_by(|a, b| a.folder.cmp(&b.folder));
         Status {
             node: self.node.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            protocol: proto::PROTOCOL_VERSION,
             folders,
             handovers,
         }
@@ -209,6 +215,15 @@ fn replica_row(
             .and_then(|d| d.as_ref().map(|p| p.display().to_string())),
         ..Default::default()
     }
+}
+
+/// Serves the unix socket `path` on a task of its own; an error is logged.
+pub fn spawn(path: PathBuf, registry: Registry) {
+    tokio::spawn(async move {
+        if let Err(e) = serve(path, registry).await {
+            tracing::error!("control socket: {e:#}");
+        }
+    });
 }
 
 /// Serves the unix socket `path` until the task is dropped.
@@ -417,6 +432,11 @@ pub async fn query(path: &Path) -> Result<Status> {
     let v = request(path, &Request::Status).await?;
     Ok(Status {
         node: v["node"].as_str().unwrap_or_default().to_string(),
+        version: v["version"].as_str().unwrap_or_default().to_string(),
+        protocol: v["protocol"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or_default(),
         folders: serde_json::from_value(v["folders"].clone()).context("parsing folder status")?,
         handovers: match v.get("handovers") {
             Some(h) => serde_json::from_value(h.clone()).context("parsing handover status")?,

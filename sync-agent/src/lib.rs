@@ -8,12 +8,15 @@
 //! - [`config`]: the TOML configuration.
 //! - [`control`]: the local control socket (`sync-cli status`).
 //! - [`lag`]: the age of the oldest unapplied change, and the health check.
+//! - [`surface`]: the operator's surface: [`http`] (`/health`, `/metrics`
+//!   from [`metrics`], the [`page`]) and [`alerts`] (webhooks).
 //! - [`push`], [`serve`], [`mirror`]: one-shot entry points.
 //!
 //! `sync-core` does the filesystem work; it is synchronous and called through
 //! `spawn_blocking`.
 
 pub mod addr;
+pub mod alerts;
 pub mod config;
 pub mod continuous;
 pub mod control;
@@ -21,11 +24,15 @@ pub mod diverged;
 pub mod epoch;
 pub mod handover;
 pub mod hooks;
+pub mod http;
 pub mod identity;
 pub mod lag;
 pub mod limits;
+pub mod metrics;
+pub mod page;
 pub mod promotion;
 pub mod session;
+pub mod surface;
 pub mod tls;
 pub mod trust;
 pub mod watch_limit;
@@ -81,12 +88,26 @@ pub async fn connect(
         .parse()
         .context("bind address")?;
     let mut endpoint = quinn::Endpoint::client(bind).context("opening a UDP socket")?;
-    endpoint.set_default_client_config(tls::client_config(identity, peer)?);
-    let conn = endpoint
+    let (config, presented) = tls::client_config_noting(identity, peer)?;
+    endpoint.set_default_client_config(config);
+    let conn = match endpoint
         .connect(to, tls::SERVER_NAME)
         .context("starting the connection")?
         .await
-        .with_context(|| format!("connecting to replica {to} (expected id {peer})"))?;
+    {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(other) = presented.lock().ok().and_then(|g| *g) {
+                bail!(
+                    "replica {to} presented id {other}, expected {peer}: the peer id in the \
+                     config (or --peer) is not that replica's (`sync-cli id --dir IDENTITY` \
+                     on it prints its id)"
+                );
+            }
+            return Err(e)
+                .with_context(|| format!("connecting to replica {to} (expected id {peer})"));
+        }
+    };
     Ok((endpoint, conn))
 }
 
@@ -136,6 +157,9 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
         progress
             .entries
             .store(manifest.entries.len() as u64, Ordering::Relaxed);
+        progress
+            .bytes_total
+            .store(manifest.bytes_total(), Ordering::Relaxed);
         let root_hash = manifest.root_hash();
         let (files_total, bytes_total, entries_total) = (
             manifest.files() as u64,

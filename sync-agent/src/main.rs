@@ -118,6 +118,7 @@ struct Plan {
     listen: Option<SocketAddr>,
     folders: Vec<FolderPlan>,
     control: Option<PathBuf>,
+    surface: sync_agent::surface::Settings,
 }
 
 /// One folder: the replica side (served when this node is not its source), the
@@ -140,6 +141,7 @@ fn plan_from_config(path: &Path) -> Result<Plan> {
     let mut plan = Plan {
         listen: c.node.listen,
         control: c.node.control.clone(),
+        surface: sync_agent::surface::Settings::from_config(&c)?,
         ..Default::default()
     };
     for f in &c.folders {
@@ -275,11 +277,7 @@ async fn run(plan: Plan) -> Result<ExitCode> {
     for f in plan.folders {
         let (tx, rx) = mpsc::channel::<Command>(4);
         registry.commands.insert(f.name.clone(), tx);
-        let statuses: Vec<_> = f
-            .sources
-            .iter()
-            .map(|_| Arc::new(Mutex::new(FolderStatus::default())))
-            .collect();
+        let statuses: Vec<_> = f.sources.iter().map(|s| source_row(&s.name)).collect();
         registry.folders.extend(statuses.iter().cloned());
         let handover = Arc::new(sync_agent::handover::Folder::new(
             &f.name,
@@ -301,13 +299,9 @@ async fn run(plan: Plan) -> Result<ExitCode> {
             tracing::error!(folder = %h.name, "resuming its handover: {e:#}");
         }
     }
+    sync_agent::surface::start(plan.surface, registry.clone()).await?;
     if let Some(path) = plan.control {
-        let reg = registry.clone();
-        tokio::spawn(async move {
-            if let Err(e) = sync_agent::control::serve(path, reg).await {
-                tracing::error!("control socket: {e:#}");
-            }
-        });
+        sync_agent::control::spawn(path, registry.clone());
     }
 
     let failed = tokio::select! {
@@ -457,6 +451,17 @@ async fn supervise(
     }
 }
 
+/// A source loop's status row before it runs: named, so that a replica's
+/// snapshot tells it from the replica row.
+fn source_row(folder: &str) -> Arc<Mutex<FolderStatus>> {
+    let (folder, role) = (folder.to_string(), "source".into());
+    Arc::new(Mutex::new(FolderStatus {
+        folder,
+        role,
+        ..Default::default()
+    }))
+}
+
 fn tx_for(registry: &Registry, name: &str) -> Result<mpsc::Sender<Command>> {
     registry
         .commands
@@ -501,6 +506,7 @@ fn build_plan(cli: Cli) -> Result<Plan> {
                     configured: Role::Replica,
                 }],
                 control,
+                ..Default::default()
             })
         }
         (

@@ -100,4 +100,7 @@ pub struct Progress {
     /// Manifest entries sent to the replica (rounds of a continuous session
     /// add up; its status resets this at each full round).
     pub entries_sent: AtomicU64,
+    /// Content bytes in the scanned tree (set once the scan ends; what a first
+    /// mirror sends at most).
+    pub bytes_total: AtomicU64,
 }

@@ -35,7 +35,12 @@ fn provider() -> Arc<CryptoProvider> {
 struct Pinned {
     allowed: Vec<NodeId>,
     provider: Arc<CryptoProvider>,
+    /// The last refused id, for an error in words ([`client_config_noting`]).
+    refused: Presented,
 }
+
+/// The id a peer presented and the pin refused, if one did.
+pub type Presented = Arc<std::sync::Mutex<Option<NodeId>>>;
 
 #[derive(Debug)]
 struct NotPinned(NodeId);
@@ -53,6 +58,9 @@ impl Pinned {
             Ok(())
         } else {
             tracing::warn!(peer = %id, "refused a peer whose certificate is not pinned");
+            if let Ok(mut r) = self.refused.lock() {
+                *r = Some(id);
+            }
             Err(rustls::Error::InvalidCertificate(CertificateError::Other(
                 rustls::OtherError(Arc::new(NotPinned(id))),
             )))
@@ -188,6 +196,7 @@ pub fn server(addr: SocketAddr, me: &Identity, allowed: Vec<NodeId>) -> Result<q
     let verifier = Arc::new(Pinned {
         allowed,
         provider: provider.clone(),
+        refused: Presented::default(),
     });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -209,10 +218,21 @@ pub fn server(addr: SocketAddr, me: &Identity, allowed: Vec<NodeId>) -> Result<q
 
 /// A client configuration that presents `me` and accepts only `peer`.
 pub fn client_config(me: &Identity, peer: NodeId) -> Result<quinn::ClientConfig> {
+    client_config_noting(me, peer).map(|(c, _)| c)
+}
+
+/// [`client_config`], and where the id a server presented is noted when it
+/// is not `peer` (so that the error can say both).
+pub fn client_config_noting(
+    me: &Identity,
+    peer: NodeId,
+) -> Result<(quinn::ClientConfig, Presented)> {
     let provider = provider();
+    let refused = Presented::default();
     let verifier = Arc::new(Pinned {
         allowed: vec![peer],
         provider: provider.clone(),
+        refused: refused.clone(),
     });
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -228,7 +248,7 @@ pub fn client_config(me: &Identity, peer: NodeId) -> Result<quinn::ClientConfig>
         quinn::crypto::rustls::QuicClientConfig::try_from(cfg).context("QUIC TLS configuration")?;
     let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
     cc.transport_config(transport());
-    Ok(cc)
+    Ok((cc, refused))
 }
 
 /// The node id of the peer on a connection.

@@ -31,6 +31,9 @@ pub enum Kind {
     Cert,
     /// The state directory (fencing epochs, hash indexes).
     StateDir,
+    /// The HTTP server's bearer token file: also not readable by group or
+    /// others.
+    Token,
 }
 
 impl Kind {
@@ -41,6 +44,7 @@ impl Kind {
             Self::Key => "key",
             Self::Cert => "certificate",
             Self::StateDir => "state directory",
+            Self::Token => "http token file",
         }
     }
 }
@@ -76,7 +80,7 @@ pub fn leaf_flaw(st: Stat, euid: u32, kind: Kind) -> Option<Flaw> {
         Some(Flaw::Owner(st.uid))
     } else if st.mode & 0o022 != 0 {
         Some(Flaw::Writable(st.mode))
-    } else if kind == Kind::Key && st.mode & 0o077 != 0 {
+    } else if matches!(kind, Kind::Key | Kind::Token) && st.mode & 0o077 != 0 {
         Some(Flaw::Readable(st.mode))
     } else {
         None
@@ -282,13 +286,14 @@ mod tests {
             Kind::Key,
             Kind::Cert,
             Kind::StateDir,
+            Kind::Token,
         ] {
             for uid in OWNERS {
                 for mode in 0..=0o7777 {
                     let got = leaf_flaw(Stat { uid, mode }, EUID, kind);
                     assert_eq!(
                         got.is_none(),
-                        leaf_ok(uid, mode, kind == Kind::Key),
+                        leaf_ok(uid, mode, matches!(kind, Kind::Key | Kind::Token)),
                         "{kind:?} uid {uid} mode {mode:o}: {got:?}"
                     );
                     if let Some(Flaw::Owner(u)) = got {

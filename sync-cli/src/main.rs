@@ -6,6 +6,7 @@
 //! the mirror completed but something could not be preserved (each listed on
 //! stderr).
 
+mod doctor;
 mod handover;
 mod keys;
 mod profiles;
@@ -62,6 +63,12 @@ enum Cmd {
     /// List the app profiles (`profile = "NAME"` in a folder): excludes,
     /// databases, overlays and identity files per image layout.
     Profiles(profiles::ProfilesArgs),
+    /// Preflight this node for a config's folders: filesystem, xattrs, ACLs,
+    /// nanosecond times, inotify limits, free space, trust, PID namespace,
+    /// unexcluded caches and logs, the agent and its peer. Each check ok, warn
+    /// or fail with a sentence.
+    #[command(after_help = doctor::EXIT_CODES)]
+    Doctor(doctor::DoctorArgs),
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -77,6 +84,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Failback(a) => handover::failback(a),
         Cmd::Promote(a) => promote::promote(a),
         Cmd::Profiles(a) => profiles::profiles(a),
+        Cmd::Doctor(a) => doctor::doctor(a),
     }
 }
 
@@ -85,6 +93,7 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("UNDERSTUDY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();

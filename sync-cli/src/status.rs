@@ -10,8 +10,8 @@ use sync_agent::lag::Problem;
 
 /// What `status --help` says about exit codes.
 pub const EXIT_CODES: &str = "Exit codes: 0 the status was printed (with --check: every folder is \
-healthy); 1 with --check: some folder is unhealthy (not connected, lag over --max-lag, a database \
-held open on the replica), each reason printed as FOLDER: WHAT; 2 error (the agent is unreachable, \
+healthy); 1 with --check: some folder is unhealthy (not connected, lag over --max-lag or else the \
+folder's max_lag_secs, a database held open on the replica), each reason printed as FOLDER: WHAT; 2 error (the agent is unreachable, \
 the config is bad).";
 
 #[derive(Args, Debug)]
@@ -26,13 +26,14 @@ pub struct StatusArgs {
     /// is over --max-lag, or a replica database is held open.
     #[arg(long)]
     check: bool,
-    /// The most lag --check accepts, in seconds.
-    #[arg(long, value_name = "S", default_value_t = 30.0)]
-    max_lag: f64,
+    /// The most lag --check accepts, in seconds, for every folder (default:
+    /// each folder's `max_lag_secs`, 30 when it has none).
+    #[arg(long, value_name = "S")]
+    max_lag: Option<f64>,
 }
 
 pub fn status(a: StatusArgs) -> Result<ExitCode> {
-    if !(a.max_lag.is_finite() && a.max_lag >= 0.0) {
+    if a.max_lag.is_some_and(|m| !(m.is_finite() && m >= 0.0)) {
         anyhow::bail!("--max-lag must be a number of seconds ≥ 0");
     }
     let cfg = sync_agent::config::Config::parse(&a.config)?;
@@ -44,13 +45,27 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     let st = rt.block_on(sync_agent::control::query(&control))?;
-    let problems = sync_agent::lag::check(&st.folders, a.max_lag);
+    let default = sync_agent::config::Folder::DEFAULT_MAX_LAG_SECS as f64;
+    let bound = |name: &str| {
+        a.max_lag.unwrap_or_else(|| {
+            cfg.folders
+                .iter()
+                .find(|f| f.name == name)
+                .map_or(default, |f| f.max_lag())
+        })
+    };
+    let problems: Vec<Problem> = st
+        .folders
+        .iter()
+        .flat_map(|f| sync_agent::lag::check(std::slice::from_ref(f), bound(&f.folder)))
+        .collect();
+    let max_lag = a.max_lag.unwrap_or(default);
     if a.json {
         let mut v = serde_json::to_value(&st)?;
         if a.check {
             v["check"] = serde_json::json!({
                 "healthy": problems.is_empty(),
-                "max_lag_s": a.max_lag,
+                "max_lag_s": max_lag,
                 "problems": problems,
             });
         }
@@ -59,7 +74,11 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
         print_human(&st.node, &st.folders);
         print_handovers(&st.handovers);
         if a.check {
-            print_problems(&problems, a.max_lag);
+            let bound = match a.max_lag {
+                Some(m) => format!("max lag {m} s"),
+                None => "each folder within its max_lag_secs".to_string(),
+            };
+            print_problems(&problems, &bound);
         }
     }
     Ok(if a.check && !problems.is_empty() {
@@ -82,9 +101,9 @@ fn print_handovers(handovers: &[sync_agent::handover::Progress]) {
     }
 }
 
-fn print_problems(problems: &[Problem], max_lag: f64) {
+fn print_problems(problems: &[Problem], bound: &str) {
     if problems.is_empty() {
-        println!("healthy (max lag {max_lag} s)");
+        println!("healthy ({bound})");
     }
     for p in problems {
         println!("UNHEALTHY {}: {}", p.folder, p.what);
@@ -139,7 +158,10 @@ fn print_human(node: &str, folders: &[FolderStatus]) {
 
 fn replica_line(f: &FolderStatus) -> String {
     let applied = match (f.last_applied_unix, f.last_applied_age_s) {
-        (Some(t), Some(age)) => format!("last round applied {} ({age:.1} s ago)", utc(t)),
+        (Some(t), Some(age)) => format!(
+            "last round applied {} ({age:.1} s ago)",
+            sync_agent::alerts::rfc3339(t)
+        ),
         _ => "no round applied since the agent started".to_string(),
     };
     let source = f.source_epoch.map_or_else(
@@ -152,38 +174,9 @@ fn replica_line(f: &FolderStatus) -> String {
     )
 }
 
-/// `2026-12-03T02:21:23Z` for seconds since the epoch (UTC, proleptic
-/// Gregorian; Howard Hinnant's `civil_from_days`).
-fn utc(unix: f64) -> String {
-    let secs = unix.max(0.0) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn utc_formats_known_instants() {
-        assert_eq!(utc(0.0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(951_782_400.5), "2000-02-29T00:00:00Z");
-        assert_eq!(utc(1_796_267_483.0), "2026-12-03T03:11:23Z");
-    }
 
     #[test]
     fn a_replica_row_says_when_and_from_which_epoch() {

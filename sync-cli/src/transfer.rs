@@ -85,6 +85,12 @@ where
             let p = progress.clone();
             tokio::spawn(async move {
                 loop {
+                    // Once the scan has the total: a bar with percentage and ETA.
+                    let total = p.bytes_total.load(Ordering::Relaxed);
+                    if total > 0 && b.length().is_none() {
+                        b.set_length(total);
+                        b.set_style(bar_style());
+                    }
                     b.set_position(p.bytes_done.load(Ordering::Relaxed));
                     b.set_message(format!(
                         "{} files sent, {} entries scanned",
@@ -105,6 +111,15 @@ where
         b.finish_and_clear();
     }
     res
+}
+
+/// The bar once the total is known (content bytes of the tree: a first mirror
+/// sends all of them, a later one less and ends early).
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{bar:30} {bytes}/{total_bytes} {percent}% {bytes_per_sec} ETA {eta} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
 }
 
 fn report(s: &Summary, json: bool) -> Result<ExitCode> {

@@ -6,6 +6,8 @@
 //! listen = "0.0.0.0:7878"                     # where replicas listen (optional)
 //! control = "/run/understudy/control.sock"    # local control socket for sync-cli
 //! state = "/var/lib/understudy/state"         # hash index and other state
+//! http = "127.0.0.1:9810"                     # /health, /metrics (off when absent)
+//! http_token_file = "/etc/understudy/http.token" # bearer token; required off loopback
 //!
 //! [[peer]]
 //! id = "<node id>"
@@ -21,6 +23,7 @@
 //! sqlite = ["data/*.db", "*.sqlite"]          # databases (gitignore-style globs)
 //! overlay = ["config/network.xml"]            # each host keeps its own copy
 //! failover = true                             # false: this replica is never promoted
+//! max_lag_secs = 30                           # /health and alerts: the lag bound
 //!
 //! [folder.hooks]                              # optional: `sh -c` commands
 //! stop_source = "docker stop jellyfin"        # before a failover's final cut
@@ -28,6 +31,11 @@
 //! stop_replica = "docker stop jellyfin"       # before a failback
 //! start_replica = "docker start jellyfin"     # after promotion
 //! timeout_secs = 120                          # per hook; the group is killed
+//!
+//! [[alert]]                                   # optional, repeatable: a webhook
+//! url = "http://127.0.0.1:8080/understudy"    # plain http (a local relay for https)
+//! events = ["lag_high", "disconnected"]       # optional: all events when absent
+//! format = "json"                             # or "ntfy": plain text with a Title
 //! ```
 //!
 //! Unknown keys are errors that name the key and its line; every reference is
@@ -57,6 +65,9 @@ pub struct Config {
     /// Folders kept.
     #[serde(default, rename = "folder")]
     pub folders: Vec<Folder>,
+    /// `[[alert]]`: webhooks told about trouble ([`crate::alerts`]).
+    #[serde(default, rename = "alert")]
+    pub alerts: Vec<crate::alerts::Sink>,
 }
 
 /// `[node]`.
@@ -71,6 +82,12 @@ pub struct Node {
     pub control: Option<PathBuf>,
     /// State directory (hash index).
     pub state: Option<PathBuf>,
+    /// TCP address of the HTTP server (`/health`, `/metrics`: [`crate::http`]);
+    /// off when absent.
+    pub http: Option<SocketAddr>,
+    /// A file holding the bearer token the HTTP server asks for; required when
+    /// `http` is not a loopback address.
+    pub http_token_file: Option<PathBuf>,
 }
 
 /// `[[peer]]`.
@@ -129,6 +146,9 @@ pub struct Folder {
     /// `sync-cli promote`). A promotable replica needs its peers' addresses.
     #[serde(default = "yes")]
     pub failover: bool,
+    /// The lag over which the folder is unhealthy (`/health`, alerts), in
+    /// seconds; [`Folder::DEFAULT_MAX_LAG_SECS`] when absent.
+    pub max_lag_secs: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -250,6 +270,15 @@ impl SqliteMatcher {
 }
 
 impl Folder {
+    /// The lag bound when `max_lag_secs` is absent.
+    pub const DEFAULT_MAX_LAG_SECS: u64 = 30;
+
+    /// The folder's lag bound, in seconds.
+    #[must_use]
+    pub fn max_lag(&self) -> f64 {
+        self.max_lag_secs.unwrap_or(Self::DEFAULT_MAX_LAG_SECS) as f64
+    }
+
     /// The folder's compiled excludes (profile first, then its own).
     pub fn filter(&self) -> Result<Filter> {
         let mut pats: Vec<String> = Vec::new();
@@ -379,6 +408,10 @@ impl Config {
             // It holds the fencing epochs: whoever can write it can unfence.
             crate::trust::check_dir_or_parent(state, crate::trust::Kind::StateDir)?;
         }
+        self.check_http()?;
+        for (i, a) in self.alerts.iter().enumerate() {
+            a.check().with_context(|| format!("[[alert]] #{}", i + 1))?;
+        }
         let mut ids = Vec::new();
         for (i, p) in self.peers.iter().enumerate() {
             let id: NodeId =
@@ -405,6 +438,9 @@ impl Config {
                 if f.hooks.command(h).is_some_and(|c| c.trim().is_empty()) {
                     bail!("folder {}: hooks.{h} is empty", f.name);
                 }
+            }
+            if f.max_lag_secs == Some(0) {
+                bail!("folder {}: max_lag_secs must be at least 1", f.name);
             }
             if f.hooks.timeout_secs == Some(0) {
                 bail!("folder {}: hooks.timeout_secs must be at least 1", f.name);
@@ -434,6 +470,24 @@ impl Config {
             if f.role == Role::Replica && self.node.listen.is_none() {
                 bail!("folder {}: a replica folder needs [node] listen", f.name);
             }
+        }
+        Ok(())
+    }
+
+    /// `[node] http` off loopback needs a token: the status names folders,
+    /// peers and errors.
+    fn check_http(&self) -> Result<()> {
+        if let Some(addr) = self.node.http
+            && !addr.ip().is_loopback()
+            && self.node.http_token_file.is_none()
+        {
+            bail!(
+                "[node] http: {addr} is not a loopback address; set http_token_file \
+                 (a file holding a bearer token) or bind 127.0.0.1"
+            );
+        }
+        if let Some(p) = &self.node.http_token_file {
+            crate::http::read_token(p).context("[node] http_token_file")?;
         }
         Ok(())
     }

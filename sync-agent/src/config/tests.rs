@@ -233,3 +233,63 @@ fn issue9_promotable_replica_needs_its_peers_address() {
     let e = format!("{:#}", Config::load(&write(d.path(), &bad)).unwrap_err());
     assert!(e.contains("address") && e.contains("no port"), "{e}");
 }
+
+#[test]
+fn issue13_http_token_lag_bound_and_alerts_are_checked_and_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let id = crate::Identity::generate().unwrap().id().to_string();
+    let with_node =
+        |extra: &str| base(d.path(), &id).replace("[node]\n", &format!("[node]\n{extra}\n"));
+    let err = |text: String| format!("{:#}", Config::load(&write(d.path(), &text)).unwrap_err());
+
+    let c = Config::load(&write(d.path(), &with_node("http = \"127.0.0.1:9810\""))).unwrap();
+    assert_eq!(c.node.http, Some("127.0.0.1:9810".parse().unwrap()));
+    assert_eq!(c.folders[0].max_lag(), 30.0);
+    let e = err(with_node("http = \"localhost-9810\""));
+    assert!(e.contains("http") && e.contains("line"), "{e}");
+    let e = err(with_node("http = \"0.0.0.0:9810\""));
+    assert!(
+        e.contains("[node] http") && e.contains("http_token_file"),
+        "{e}"
+    );
+
+    let token = d.path().join("http.token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let node = format!(
+        "http = \"0.0.0.0:9810\"\nhttp_token_file = \"{}\"",
+        token.display()
+    );
+    let e = err(with_node(&node));
+    assert!(
+        e.contains("http_token_file") && e.contains("chmod 600"),
+        "{e}"
+    );
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    Config::load(&write(d.path(), &with_node(&node))).unwrap();
+
+    let lag = |v: &str| {
+        base(d.path(), &id).replace("profile =", &format!("max_lag_secs = {v}\nprofile ="))
+    };
+    assert_eq!(
+        Config::load(&write(d.path(), &lag("2"))).unwrap().folders[0].max_lag(),
+        2.0
+    );
+    let e = err(lag("0"));
+    assert!(e.contains("max_lag_secs"), "{e}");
+
+    let alert = |body: &str| format!("{}\n[[alert]]\n{body}\n", base(d.path(), &id));
+    let c = Config::load(&write(
+        d.path(),
+        &alert("url = \"http://127.0.0.1:8080/x\"\nformat = \"ntfy\""),
+    ))
+    .unwrap();
+    assert_eq!(c.alerts.len(), 1);
+    let e = err(alert("url = \"https://ntfy.sh/x\""));
+    assert!(e.contains("[[alert]] #1") && e.contains("url"), "{e}");
+    let e = err(alert("url = \"http://h/\"\nevents = [\"lagg\"]"));
+    assert!(e.contains("events") && e.contains("lagg"), "{e}");
+    let e = err(alert("url = \"http://h/\"\nformat = \"slack\""));
+    assert!(e.contains("format") || e.contains("slack"), "{e}");
+}

@@ -154,6 +154,9 @@ pub struct FolderStatus {
     pub rounds: u64,
     /// Full rounds (start, reconnect, rescan) among them.
     pub full_rounds: u64,
+    /// Sessions that ended on an error with their round unapplied.
+    #[serde(default)]
+    pub rounds_failed: u64,
     /// When the last round was applied (seconds since the epoch).
     pub last_applied_unix: Option<f64>,
     /// The last error, if any.
@@ -425,7 +428,10 @@ pub async fn run_source(
         }
         if let Err(e) = &res {
             tracing::warn!(folder = %cfg.name, "session ended: {e:#}");
-            set(&status, |s| s.last_error = Some(format!("{e:#}")));
+            set(&status, |s| {
+                s.last_error = Some(format!("{e:#}"));
+                s.rounds_failed += 1;
+            });
             // A session that fails at once again and again (a file we cannot read,
             // a full replica disk) must not spin: back off as for a failed connect.
             if began.elapsed() < Duration::from_secs(30) {
