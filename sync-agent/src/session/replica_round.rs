@@ -1,12 +1,12 @@
 //! The replica side of a session: reading a round from the peer and applying it.
 
+use super::PARALLEL_FILES;
 use super::replica::*;
 use super::replica_fetch::{fetch_db, fetch_file};
-use super::{DB_PAGE_BYTES, MAX_ROUND_BYTES, MAX_ROUND_ENTRIES, PARALLEL_FILES};
 use crate::wire;
 use anyhow::{Context, Result, bail};
-use proto::{ApplySummary, Entry, Kind, Message, RelPath};
-use std::collections::HashMap;
+use proto::round::{Assembler, Event};
+use proto::{ApplySummary, Entry, Kind, RelPath};
 use std::os::unix::ffi::OsStrExt as _;
 use std::sync::Arc;
 use sync_core::Manifest;
@@ -15,121 +15,34 @@ use sync_core::filter::Filter;
 use sync_core::scan::{DbDetect, ScanOptions};
 use tokio::sync::Semaphore;
 
-/// The next round, or a promotion request (its epoch), or the end.
+/// The next round, or a promotion request (its epoch), or the end. The
+/// messages go through [`Assembler`], which checks their order, the round's
+/// bounds and its end; this glue adds the time bound, growing with what the
+/// round carried.
 pub(super) async fn read_round(
     ctl: &mut quinn::RecvStream,
     activity: &Activity,
 ) -> Result<Option<std::result::Result<Incoming, u64>>> {
-    let first = wire::recv(ctl).await?;
+    let Some(first) = wire::recv(ctl).await? else {
+        return Ok(None);
+    };
     activity.touch();
-    let (id, full, checksum, verify) = match first {
-        None => return Ok(None),
-        Some(Message::RoundStart {
-            id,
-            full,
-            checksum,
-            verify,
-        }) => (id, full, checksum, verify),
-        Some(Message::Promote { epoch }) => return Ok(Some(Err(epoch))),
-        Some(other) => bail!("expected a round, got {other:?}"),
-    };
-    let mut r = Incoming {
-        id,
-        full,
-        checksum,
-        verify,
-        entries: Vec::new(),
-        deleted: Vec::new(),
-        renamed: Vec::new(),
-        inline: HashMap::new(),
-        root_hash: [0; 32],
-    };
-    let mut bytes = 0u64;
-    // The whole round is bounded in time too, growing with what it carried
-    // (database page tables aside: their pages come later, on their own stages).
-    let (mut stage, mut tables, mut timed) = (wire::Stage::new(format!("round {id}"), 0), 0, 0);
+    let mut asm = Assembler::new();
+    let mut event = asm.handle(first)?;
+    let id = asm.round_id().unwrap_or_default();
+    let (mut stage, mut timed) = (wire::Stage::new(format!("round {id}"), 0), 0);
     loop {
-        stage.grow((bytes - tables).saturating_sub(timed));
-        timed = bytes - tables;
-        let count = (r.entries.len() + r.deleted.len() + r.renamed.len()) as u64;
-        if count > MAX_ROUND_ENTRIES {
-            bail!("round {id} larger than {MAX_ROUND_ENTRIES} entries");
+        match event {
+            Some(Event::Round(r)) => return Ok(Some(Ok(r))),
+            Some(Event::Promote { epoch }) => return Ok(Some(Err(epoch))),
+            None => {}
         }
-        if bytes > MAX_ROUND_BYTES {
-            bail!(
-                "round {id} larger than {MAX_ROUND_BYTES} bytes of entries, inline content and database page tables"
-            );
-        }
+        stage.grow(asm.timed_bytes().saturating_sub(timed));
+        timed = asm.timed_bytes();
         let msg = stage.expect(ctl, "the rest of the round").await?;
         activity.touch();
-        match msg {
-            Message::Manifest(b) => {
-                for e in &b {
-                    let (entry, table) = entry_cost(e);
-                    bytes += entry + table;
-                    tables += table;
-                }
-                r.entries.extend(b);
-            }
-            Message::Deleted(b) => {
-                bytes += b
-                    .iter()
-                    .map(|p| p.as_bytes().len() as u64 + 24)
-                    .sum::<u64>();
-                r.deleted.extend(b);
-            }
-            Message::Renamed(b) => {
-                bytes += b
-                    .iter()
-                    .map(|(a, c)| (a.as_bytes().len() + c.as_bytes().len()) as u64 + 48)
-                    .sum::<u64>();
-                r.renamed.extend(b);
-            }
-            Message::Inline { index, data } => {
-                bytes += data.len() as u64 + 64;
-                r.inline.insert(index, data);
-            }
-            Message::RoundEnd {
-                id: end,
-                entries,
-                root_hash,
-            } => {
-                if end != id || entries != r.entries.len() as u64 {
-                    bail!(
-                        "round {id} ended as round {end} with {entries} entries announced, {} carried",
-                        r.entries.len()
-                    );
-                }
-                r.root_hash = root_hash;
-                return Ok(Some(Ok(r)));
-            }
-            other => bail!("expected the rest of round {id}, got {other:?}"),
-        }
+        event = asm.handle(msg)?;
     }
-}
-
-/// What an entry costs the round's byte budget: its own bytes, and the page
-/// table a database's staging holds (validated ≤ `MAX_DB_PAGES`).
-pub(super) fn entry_cost(e: &Entry) -> (u64, u64) {
-    let target = match &e.kind {
-        Kind::Symlink { target } => target.len(),
-        Kind::HardLink { target } => target.as_bytes().len(),
-        _ => 0,
-    };
-    let xattrs: usize = e
-        .meta
-        .xattrs
-        .iter()
-        .map(|x| x.name.len() + x.value.len() + 48)
-        .sum();
-    let table = match e.kind {
-        Kind::Database { pages, .. } => u64::from(pages) * DB_PAGE_BYTES,
-        _ => 0,
-    };
-    (
-        (e.path.as_bytes().len() + target + xattrs + 128) as u64,
-        table,
-    )
 }
 
 pub(super) async fn apply_round(
