@@ -14,8 +14,8 @@ use sync_core::delta::{self, Chunk, Encoder};
 use sync_core::sqlite::LiveSet;
 use tokio::sync::mpsc;
 
-pub use super::source_db::mark_databases;
 use super::source_db::serve_db;
+pub use sync_core::sqlite::mark_databases;
 
 /// One round to ship.
 #[derive(Debug, Clone, Default)]
