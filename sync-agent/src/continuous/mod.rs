@@ -30,6 +30,8 @@ use tokio::sync::{Notify, mpsc, watch};
 mod drive;
 mod inotify;
 mod partial;
+#[cfg(test)]
+mod partial_tests;
 use drive::drive;
 use inotify::{rel, start_watch};
 use partial::{note_known, partial_round, remove_subtree};
