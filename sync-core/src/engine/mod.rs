@@ -398,3 +398,5 @@ pub fn own_manifest(
 mod pair;
 #[cfg(test)]
 mod pair_tests;
+#[cfg(test)]
+mod unit_tests;
