@@ -423,3 +423,107 @@ fn a_promotion_between_rounds_is_not_a_round() {
         .expect_err("not a round");
     assert_eq!(e, "promote 2");
 }
+
+#[test]
+fn fifos_and_empty_files_are_made_not_pulled() {
+    let mut p = Pair::new();
+    write(&p, "empty", b"");
+    let status = std::process::Command::new("mkfifo")
+        .arg(p.src("pipe"))
+        .status()
+        .expect("mkfifo runs");
+    assert!(status.success());
+    p.full().expect("round");
+    use std::os::unix::fs::FileTypeExt;
+    let ft = fs::symlink_metadata(p.dst("pipe"))
+        .expect("stat")
+        .file_type();
+    assert!(ft.is_fifo());
+    assert_eq!(fs::read(p.dst("empty")).expect("read"), b"");
+    p.assert_mirrored();
+}
+
+#[test]
+fn a_checksum_round_finds_a_change_that_kept_size_and_mtime() {
+    let mut p = Pair::new();
+    write(&p, "f", b"aaaa");
+    p.full().expect("first");
+    let mtime = fs::metadata(p.src("f"))
+        .expect("stat")
+        .modified()
+        .expect("mtime");
+    fs::write(p.src("f"), b"bbbb").expect("write");
+    fs::File::options()
+        .write(true)
+        .open(p.src("f"))
+        .and_then(|f| f.set_modified(mtime))
+        .expect("mtime back");
+    let m = p.source_manifest();
+    let out = |id, checksum| Outgoing {
+        id,
+        full: true,
+        checksum,
+        verify: true,
+        entries: &m.entries,
+        renamed: &[],
+        deleted: &[],
+        root_hash: m.root_hash(),
+    };
+    let sum = p
+        .send(out(2, false).messages(Vec::new()))
+        .expect("by size and mtime");
+    assert_eq!(sum.files_transferred, 0, "rsync's quick check misses it");
+    // the verified cut says so
+    assert_ne!(sum.root_hash, Some(m.root_hash()));
+    assert!(
+        sum.warnings.iter().any(|w| w.contains("differs: f")),
+        "{sum:?}"
+    );
+    let sum = p
+        .send(out(3, true).messages(Vec::new()))
+        .expect("by content");
+    assert_eq!(sum.files_transferred, 1);
+    assert_eq!(sum.root_hash, Some(m.root_hash()));
+    assert_eq!(fs::read(p.dst("f")).expect("read"), b"bbbb");
+}
+
+#[test]
+fn a_directory_replaced_by_a_file_in_a_partial_round() {
+    let mut p = Pair::new();
+    write(&p, "x/inner", b"i");
+    p.full().expect("first");
+    fs::remove_dir_all(p.src("x")).expect("rm");
+    write(&p, "x", b"now a file");
+    p.partial(&["x"], &[], &[]).expect("partial");
+    assert_eq!(fs::read(p.dst("x")).expect("read"), b"now a file");
+}
+
+#[test]
+fn a_deleted_tree_goes_whole_in_a_partial_round() {
+    let mut p = Pair::new();
+    write(&p, "t/a/b/c", b"c");
+    write(&p, "t/d", b"d");
+    write(&p, "keep", b"k");
+    p.full().expect("first");
+    fs::remove_dir_all(p.src("t")).expect("rm");
+    let sum = p.partial(&[], &["t"], &[]).expect("partial");
+    assert_eq!(sum.entries_deleted, 1, "{sum:?}");
+    assert!(!p.dst("t").exists());
+    assert!(p.dst("keep").exists());
+}
+
+#[test]
+fn a_round_with_nothing_changed_writes_nothing() {
+    let mut p = Pair::new();
+    write(&p, "a", b"a");
+    p.full().expect("first");
+    let sum = p.partial(&[], &[], &[]).expect("an empty partial round");
+    assert_eq!(
+        sum,
+        proto::ApplySummary {
+            root_hash: sum.root_hash,
+            ..Default::default()
+        }
+    );
+    assert!(temp_files(&p).is_empty());
+}
