@@ -209,7 +209,7 @@ fn scan_paths(
                 if e.kind == Kind::Dir
                     && (force || known.get(&p).is_none_or(|k| k.kind != Kind::Dir)) =>
             {
-                new_dir(root, opts, ix, known, &p, force, &mut out)?;
+                new_dir(root, opts, ix, known, (&p, &ex.renamed), force, &mut out)?;
                 if out.full_needed {
                     return Ok(out);
                 }
@@ -230,12 +230,15 @@ fn scan_paths(
 /// A new directory: its content may predate the watch on it, so it is
 /// scanned whole; what the replica still holds below it and the source no
 /// longer has is deleted (the directory was replaced, not just created).
+/// What the replica held below the source of a rename landing in `p` lands
+/// there with the rename, and is deleted there too when the source no longer
+/// has it (`mv gone moved; rm moved/z` in one batch).
 fn new_dir(
     root: &Path,
     opts: &ScanOptions,
     ix: &HashIndex,
     known: &Known,
-    p: &RelPath,
+    (p, renamed): (&RelPath, &[(RelPath, RelPath)]),
     force: bool,
     out: &mut Scanned,
 ) -> Result<()> {
@@ -247,14 +250,22 @@ fn new_dir(
         return Ok(());
     }
     let present: BTreeSet<&RelPath> = sub.iter().map(|e| &e.path).collect();
+    let under = |base: &RelPath, to: &RelPath| -> Vec<RelPath> {
+        known
+            .range(base.clone()..)
+            .take_while(|(k, _)| k.starts_with(base))
+            .filter_map(|(k, _)| moved(k, base, to))
+            .collect()
+    };
+    let mut held: BTreeSet<RelPath> = under(p, p).into_iter().collect();
+    for (a, b) in renamed.iter().filter(|(_, b)| b.starts_with(p)) {
+        held.extend(under(a, b));
+    }
     let mut gone: Option<RelPath> = None;
-    for (k, _) in known
-        .range(p.clone()..)
-        .take_while(|(k, _)| k.starts_with(p))
-    {
-        if !present.contains(k) && !gone.as_ref().is_some_and(|g| k.starts_with(g)) {
+    for k in held {
+        if !present.contains(&k) && !gone.as_ref().is_some_and(|g| k.starts_with(g)) {
             out.deleted.push(k.clone());
-            gone = Some(k.clone());
+            gone = Some(k);
         }
     }
     out.changed.extend(
@@ -262,6 +273,17 @@ fn new_dir(
             .filter(|e| force || known.get(&e.path) != Some(e)),
     );
     Ok(())
+}
+
+/// `k` (below `base`) as it stands below `to`.
+fn moved(k: &RelPath, base: &RelPath, to: &RelPath) -> Option<RelPath> {
+    let rest = &k.as_bytes()[base.as_bytes().len()..];
+    let rest = rest.strip_prefix(b"/").unwrap_or(rest);
+    match (to.is_root(), rest.is_empty()) {
+        (_, true) => Some(to.clone()),
+        (true, false) => RelPath::new(rest.to_vec()).ok(),
+        (false, false) => RelPath::new([to.as_bytes(), b"/", rest].concat()).ok(),
+    }
 }
 
 /// Builds a partial round from a batch.

@@ -137,3 +137,66 @@ fn an_applied_round_folds_into_what_the_replica_holds() {
     // d became a file: what was below it is gone; a moved away, b is re-sent
     assert_eq!(names, ["d", "n"]);
 }
+
+/// A tree at `root` with `dirs` and the replica's view of `rename` kept.
+fn renamed_dir_round(root: &Path, k: &Known, dirty: &[&str], rename: (&str, &str)) -> Round {
+    let batch = Batch {
+        dirty: set(dirty),
+        renames: vec![(p(rename.0), p(rename.1))],
+        ..Default::default()
+    };
+    let index = Mutex::new(HashIndex::in_memory());
+    let live = Arc::new(Mutex::new(LiveSet::new(root, Duration::from_secs(1))));
+    let mut stats = CutStats::default();
+    let deferred = Default::default();
+    let opts = ScanOptions::default();
+    let (round, held) = partial_round(root, &opts, &index, k, batch, &deferred, &live, &mut stats)
+        .expect("a round");
+    assert!(held.is_empty());
+    round.expect("a partial round")
+}
+
+#[test]
+fn a_renamed_directory_loses_what_was_deleted_below_it_in_the_same_batch() {
+    // mkdir -p gone/sub && echo z > gone/sub/z   (shipped: the replica holds it)
+    // mv gone moved-away && rm moved-away/sub/z  (one batch)
+    let t = tempfile::tempdir().expect("a temp dir");
+    let root = t.path();
+    std::fs::create_dir_all(root.join("moved-away/sub")).expect("mkdir");
+    let mut k = known(&["gone/sub/z"]);
+    for d in ["", "gone", "gone/sub"] {
+        let mut e = file(d);
+        e.kind = Kind::Dir;
+        k.insert(p(d), e);
+    }
+    let round = renamed_dir_round(
+        root,
+        &k,
+        &["moved-away/sub/z", "moved-away/sub"],
+        ("gone", "moved-away"),
+    );
+    assert_eq!(round.renamed, vec![(p("gone"), p("moved-away"))]);
+    assert!(
+        round.deleted.contains(&p("moved-away/sub/z")),
+        "the rename brings z along on the replica: {:?}",
+        round.deleted
+    );
+}
+
+#[test]
+fn a_directory_moved_into_a_new_one_loses_what_was_deleted_below_it() {
+    // the replica holds a/x/z; mkdir n && mv a/x n/x && rm n/x/z
+    let t = tempfile::tempdir().expect("a temp dir");
+    let root = t.path();
+    std::fs::create_dir_all(root.join("n/x")).expect("mkdir");
+    std::fs::create_dir_all(root.join("a")).expect("mkdir");
+    let mut k = known(&["a/x/z"]);
+    for d in ["", "a", "a/x"] {
+        let mut e = file(d);
+        e.kind = Kind::Dir;
+        k.insert(p(d), e);
+    }
+    let round = renamed_dir_round(root, &k, &["n", "n/x/z"], ("a/x", "n/x"));
+    assert!(round.deleted.contains(&p("n/x/z")), "{:?}", round.deleted);
+    assert!(!round.deleted.contains(&p("n/x")), "{:?}", round.deleted);
+}
