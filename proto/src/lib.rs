@@ -11,6 +11,12 @@
 //! - [`Entry`], [`Kind`], [`Meta`]: one manifest entry with all metadata.
 //! - [`Message`]: everything that travels, one per frame.
 //! - [`frame`]: `encode` and the two-step decoder (`frame_len` then `decode_body`).
+//! - [`handshake`]: admission and fencing decisions as plain functions.
+//! - [`round`]: the source's round encoder and the replica's round assembler,
+//!   state machines fed messages; [`ProtocolError`] says what broke the protocol.
+//!
+//! The contract: no I/O and no clock here. Whoever drives these (the agent over
+//! QUIC, tests in memory) reads frames, feeds them in, and does what comes out.
 //!
 //! ```
 //! use proto::{frame, Hello, Message, Role};
@@ -22,10 +28,14 @@
 //! assert_eq!(decoded, msg);
 //! ```
 
+mod error;
 pub mod frame;
+pub mod handshake;
 mod message;
 mod path;
+pub mod round;
 
+pub use error::ProtocolError;
 pub use frame::{FrameError, MAX_FRAME_LEN};
 pub use message::*;
 pub use path::{PathError, RelPath};

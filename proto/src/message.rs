@@ -580,3 +580,7 @@ fn validate_entry(e: &Entry) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "validate_tests.rs"]
+mod validate_tests;

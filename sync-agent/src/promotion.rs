@@ -41,7 +41,7 @@ pub fn check_quiet(folder: &str, idle: std::time::Duration) -> Result<()> {
 
 /// The highest epoch a promotion may reach: `u64::MAX` is never used, so that
 /// "past every epoch seen" always exists.
-pub const MAX_EPOCH: u64 = u64::MAX - 1;
+pub const MAX_EPOCH: u64 = proto::handshake::MAX_EPOCH;
 
 /// The epoch one step past `seen`, or an error naming the folder when the
 /// epochs are exhausted.

@@ -14,17 +14,7 @@ use std::sync::atomic::AtomicU64;
 
 /// Files fetched at once, each on its own stream.
 pub const PARALLEL_FILES: usize = 16;
-/// Bytes of manifest entries per frame (well under the frame limit).
-pub const MANIFEST_FRAME_BYTES: usize = 4 << 20;
-/// Most entries a replica accepts in one round.
-pub const MAX_ROUND_ENTRIES: u64 = 5_000_000;
-/// Most bytes of paths, targets, xattrs, inline content and database page
-/// tables a replica accepts in one round.
-pub const MAX_ROUND_BYTES: u64 = 1 << 30;
-/// Bytes of replica memory a database page costs while it is staged (its
-/// 32-byte hash and a bit of the missing-page map), charged to
-/// [`MAX_ROUND_BYTES`] when the round announces the database.
-pub const DB_PAGE_BYTES: u64 = 33;
+pub use proto::round::{DB_PAGE_BYTES, MANIFEST_FRAME_BYTES, MAX_ROUND_BYTES, MAX_ROUND_ENTRIES};
 
 /// What a push did, as `--json` prints it.
 #[derive(Debug, Clone, Default, Serialize)]

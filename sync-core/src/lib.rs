@@ -16,6 +16,8 @@
 //! - [`index`]: the persistent hash index (SQLite), so restarts rehash nothing.
 //! - [`filter`]: gitignore-style excludes.
 //! - [`sqlite`]: live SQLite databases: consistent cuts, page hashes, page apply.
+//! - [`engine`]: the replica's round engine, one round's synchronous phases
+//!   (and [`engine::content`], where contents come from).
 //! - [`diverged`]: what a returning old master alone held, kept aside before
 //!   its repair.
 //!
@@ -30,6 +32,7 @@
 pub mod apply;
 pub mod delta;
 pub mod diverged;
+pub mod engine;
 mod error;
 pub mod filter;
 pub mod holders;

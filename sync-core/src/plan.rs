@@ -78,23 +78,10 @@ pub fn plan_with_links(
             }
         })
         .collect();
-    let mut p = Plan::default();
-    // Deletions: replica entries the source does not have (top-most only), and
-    // entries whose kind change cannot be done by a rename over them.
-    let mut deleted: Option<&RelPath> = None;
-    for d in &dst.entries {
-        if d.path.is_root() || deleted.is_some_and(|top| d.path.starts_with(top)) {
-            continue;
-        }
-        let remove = match src.get(&d.path) {
-            None => true,
-            Some((_, s)) => (d.kind == Kind::Dir) != (s.kind == Kind::Dir),
-        };
-        if remove {
-            p.delete.push(d.path.clone());
-            deleted = Some(&d.path);
-        }
-    }
+    let mut p = Plan {
+        delete: deletions(src, dst),
+        ..Plan::default()
+    };
     let deleted: std::collections::HashSet<&RelPath> = p.delete.iter().collect();
     let under_deleted = |path: &RelPath| {
         let mut cur = path.clone();
@@ -171,6 +158,25 @@ pub fn plan_with_links(
             .all(|w| path_cmp(&src.entries[w[0]].path, &src.entries[w[1]].path).is_lt())
     );
     p
+}
+
+/// Deletions: replica entries the source does not have (top-most only), and
+/// entries whose kind change cannot be done by a rename over them.
+fn deletions(src: &Manifest, dst: &Manifest) -> Vec<RelPath> {
+    let mut out: Vec<RelPath> = Vec::new();
+    for d in &dst.entries {
+        if d.path.is_root() || out.last().is_some_and(|top| d.path.starts_with(top)) {
+            continue;
+        }
+        let remove = match src.get(&d.path) {
+            None => true,
+            Some((_, s)) => (d.kind == Kind::Dir) != (s.kind == Kind::Dir),
+        };
+        if remove {
+            out.push(d.path.clone());
+        }
+    }
+    out
 }
 
 fn same_meta(s: &Entry, d: &Entry) -> bool {

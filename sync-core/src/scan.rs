@@ -291,19 +291,7 @@ impl<'o> Walker<'o> {
     /// Adds the entry at `path`; `Some(is_dir)` when it exists and is included.
     fn visit(&mut self, path: &RelPath) -> Result<Option<bool>, Error> {
         if path.is_root() {
-            let st =
-                fs::metadata(&self.root).map_err(|e| Error::io("stat", self.root.display(), e))?;
-            let mut m = meta::from_stat(&st);
-            m.xattrs = meta::read_xattrs(&self.root)?;
-            self.push(
-                Entry {
-                    path: RelPath::root(),
-                    kind: Kind::Dir,
-                    meta: m,
-                },
-                None,
-            );
-            return Ok(Some(true));
+            return self.visit_root();
         }
         if path
             .split_last()
@@ -390,6 +378,22 @@ impl<'o> Walker<'o> {
             stamp,
         );
         Ok(Some(is_dir))
+    }
+
+    /// Adds the root: a directory, followed (it may be a symlink to one).
+    fn visit_root(&mut self) -> Result<Option<bool>, Error> {
+        let st = fs::metadata(&self.root).map_err(|e| Error::io("stat", self.root.display(), e))?;
+        let mut m = meta::from_stat(&st);
+        m.xattrs = meta::read_xattrs(&self.root)?;
+        self.push(
+            Entry {
+                path: RelPath::root(),
+                kind: Kind::Dir,
+                meta: m,
+            },
+            None,
+        );
+        Ok(Some(true))
     }
 
     fn walk_dir(&mut self, dir: &RelPath) -> Result<(), Error> {

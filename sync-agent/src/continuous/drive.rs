@@ -1,7 +1,66 @@
 //! One session's loop: full rounds, debounced partial rounds, cuts and
 //! promotions asked for over the control socket.
+//!
+//! [`drive`] is a thin loop over the steps of [`Driver`]: a full round
+//! ([`Driver::full_round`]), waiting for something to do ([`Driver::wait`]),
+//! collecting a debounced batch ([`Driver::collect`]) and shipping it
+//! ([`Driver::partial`]).
 
 use super::*;
+
+/// A cut's answer channel.
+type CutReply = tokio::sync::oneshot::Sender<Result<CutReport, String>>;
+
+/// What woke the loop between rounds.
+enum Wake {
+    /// Changes to collect.
+    Changes,
+    /// Back to the top of the loop (a full round may be due).
+    Again,
+    /// The session ends: shutdown (`None`) or a handover (`Some(epoch)`).
+    Exit(Option<u64>),
+}
+
+/// A full round's figures for status.
+struct FullFigures {
+    root_hash: [u8; 32],
+    bytes_hashed: u64,
+    wire_before: u64,
+    databases: u64,
+    stall: Duration,
+}
+
+/// A debounced batch of watch events.
+struct Collected {
+    dirty: BTreeSet<RelPath>,
+    created: BTreeSet<RelPath>,
+    renames: Vec<(RelPath, RelPath)>,
+}
+
+/// One session's loop state and what it works with.
+struct Driver<'a> {
+    cfg: &'a SourceFolder,
+    session: &'a mut SourceSession,
+    w: &'a mut Watch,
+    index: &'a Arc<Mutex<HashIndex>>,
+    opts: &'a ScanOptions,
+    status: &'a SharedStatus,
+    shutdown: &'a mut watch::Receiver<bool>,
+    live: &'a Arc<Mutex<LiveSet>>,
+    commands: &'a mut mpsc::Receiver<Command>,
+    lag: &'a mut LagTracker<RelPath>,
+    known: Known,
+    full: bool,
+    /// Whether the next full round may find changes no event announced (a new
+    /// session, a lost event): then it is pending from its start at the latest.
+    unknown: bool,
+    /// Databases the replica refused in the last round (held open there).
+    refused: BTreeSet<RelPath>,
+    cut_reply: Option<CutReply>,
+    wire_seen: u64,
+    last_full: Instant,
+    deferred: std::collections::HashMap<RelPath, Instant>,
+}
 
 /// Rounds until shutdown (`None`) or a handover (`Some(epoch)`).
 #[allow(clippy::too_many_arguments)]
@@ -17,363 +76,430 @@ pub(super) async fn drive(
     commands: &mut mpsc::Receiver<Command>,
     lag: &mut LagTracker<RelPath>,
 ) -> Result<Option<u64>> {
-    let mut known: Known = BTreeMap::new();
-    let mut full = true;
-    // Whether the next full round may find changes no event announced (a new
-    // session, a lost event): then it is pending from its start at the latest.
-    let mut unknown = true;
-    // Databases the replica refused in the last round (held open there).
-    let mut refused: BTreeSet<RelPath> = BTreeSet::new();
-    let mut cut_reply: Option<tokio::sync::oneshot::Sender<Result<CutReport, String>>> = None;
-    let mut wire_seen = 0u64;
-    let mut account = |session: &SourceSession, applied: &proto::ApplySummary| {
-        let now = session.connection().stats().udp_tx.bytes;
-        let sent = now.saturating_sub(wire_seen);
-        wire_seen = now;
-        set(status, |s| {
+    let mut d = Driver {
+        cfg,
+        session,
+        w,
+        index,
+        opts,
+        status,
+        shutdown,
+        live,
+        commands,
+        lag,
+        known: BTreeMap::new(),
+        full: true,
+        unknown: true,
+        refused: BTreeSet::new(),
+        cut_reply: None,
+        wire_seen: 0,
+        last_full: Instant::now(),
+        deferred: Default::default(),
+    };
+    loop {
+        if d.full {
+            d.full_round().await?;
+            continue;
+        }
+        match d.wait().await? {
+            Wake::Changes => {}
+            Wake::Again => continue,
+            Wake::Exit(r) => return Ok(r),
+        }
+        if let Some(batch) = d.collect().await {
+            d.partial(batch).await?;
+        }
+    }
+}
+
+/// The full round's scan and cut: the manifest (databases marked with their
+/// snapshots), the bytes hashed, the cut's figures; the index updated.
+fn scan_and_cut(
+    root: &Path,
+    o: &ScanOptions,
+    ix: &Mutex<HashIndex>,
+    l: &Mutex<LiveSet>,
+) -> Result<(sync_core::Manifest, u64, CutStats)> {
+    let guard = ix
+        .lock()
+        .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
+    let (mut m, report) = sync_core::scan::scan_with(root, o, Some(&guard))?;
+    drop(guard);
+    // The cut: every database frozen at one instant.
+    let mut l = l
+        .lock()
+        .map_err(|_| anyhow::anyhow!("live database set poisoned"))?;
+    l.track(&report.databases);
+    note_known(o, &l);
+    let stats = l.cut()?;
+    // Gone since the scan (deleted, renamed away, or no longer
+    // databases): the next round sees what took their place.
+    m.entries.retain(|e| !stats.dropped.contains(&e.path));
+    note_known(o, &l);
+    crate::session::source::mark_databases(&mut m.entries, &l)?;
+    l.release(true)?;
+    drop(l);
+    let now = sync_core::scan::now_ns();
+    let mut ix = ix
+        .lock()
+        .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
+    for (p, s, h) in report.hashed {
+        ix.record(&p, s, h, now);
+    }
+    let live: std::collections::HashSet<&[u8]> =
+        m.entries.iter().map(|e| e.path.as_bytes()).collect();
+    ix.retain(|p| live.contains(p));
+    ix.save()?;
+    Ok((m, report.bytes_hashed, stats))
+}
+
+impl Driver<'_> {
+    /// Counts the wire bytes and database pages of an applied round.
+    fn account(&mut self, applied: &proto::ApplySummary) {
+        let now = self.session.connection().stats().udp_tx.bytes;
+        let sent = now.saturating_sub(self.wire_seen);
+        self.wire_seen = now;
+        set(self.status, |s| {
             s.wire_bytes_total += sent;
             s.db_pages_total += applied.db_pages;
         });
-    };
-    let mut last_full = Instant::now();
-    let mut deferred: std::collections::HashMap<RelPath, Instant> = Default::default();
-    loop {
-        if full {
-            deferred.clear();
-            // Changes from here on are caught by later rounds; the scan sees
-            // everything before.
-            w.note(lag);
-            w.rescan.store(false, Ordering::SeqCst);
-            while w.rx.try_recv().is_ok() {}
-            lag.round_started(Instant::now(), std::mem::take(&mut unknown));
-            publish_lag(status, lag);
-            start_full_progress(status);
-            let (root, o, ix, l) = (cfg.root.clone(), opts.clone(), index.clone(), live.clone());
-            let started = Instant::now();
-            let manifest = tokio::task::spawn_blocking(
-                move || -> Result<(sync_core::Manifest, u64, CutStats)> {
-                    let guard = ix
-                        .lock()
-                        .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
-                    let (mut m, report) = sync_core::scan::scan_with(&root, &o, Some(&guard))?;
-                    drop(guard);
-                    // The cut: every database frozen at one instant.
-                    let mut l = l
-                        .lock()
-                        .map_err(|_| anyhow::anyhow!("live database set poisoned"))?;
-                    l.track(&report.databases);
-                    note_known(&o, &l);
-                    let stats = l.cut()?;
-                    // Gone since the scan (deleted, renamed away, or no longer
-                    // databases): the next round sees what took their place.
-                    m.entries.retain(|e| !stats.dropped.contains(&e.path));
-                    note_known(&o, &l);
-                    crate::session::source::mark_databases(&mut m.entries, &l)?;
-                    l.release(true)?;
-                    drop(l);
-                    let now = sync_core::scan::now_ns();
-                    let mut ix = ix
-                        .lock()
-                        .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
-                    for (p, s, h) in report.hashed {
-                        ix.record(&p, s, h, now);
-                    }
-                    let live: std::collections::HashSet<&[u8]> =
-                        m.entries.iter().map(|e| e.path.as_bytes()).collect();
-                    ix.retain(|p| live.contains(p));
-                    ix.save()?;
-                    Ok((m, report.bytes_hashed, stats))
-                },
-            )
-            .await??;
-            let (manifest, bytes_hashed, stats) = manifest;
-            if let Some(why) = &stats.blocked {
-                // The previous cut of the databases stands; a requested cut waits
-                // for the operator to try again.
-                tracing::info!(folder = %cfg.name, "{why}");
-                if let Some(r) = cut_reply.take() {
-                    let _ = r.send(Err(why.clone()));
-                }
+    }
+
+    /// A full round: scan, cut, ship, and answer a cut asked for.
+    async fn full_round(&mut self) -> Result<()> {
+        let (cfg, status) = (self.cfg, self.status);
+        self.deferred.clear();
+        // Changes from here on are caught by later rounds; the scan sees
+        // everything before.
+        self.w.note(self.lag);
+        self.w.rescan.store(false, Ordering::SeqCst);
+        while self.w.rx.try_recv().is_ok() {}
+        self.lag
+            .round_started(Instant::now(), std::mem::take(&mut self.unknown));
+        publish_lag(status, self.lag);
+        start_full_progress(status);
+        let (root, o, ix, l) = (
+            cfg.root.clone(),
+            self.opts.clone(),
+            self.index.clone(),
+            self.live.clone(),
+        );
+        let started = Instant::now();
+        let (manifest, bytes_hashed, stats) =
+            tokio::task::spawn_blocking(move || scan_and_cut(&root, &o, &ix, &l)).await??;
+        if let Some(why) = &stats.blocked {
+            // The previous cut of the databases stands; a requested cut waits
+            // for the operator to try again.
+            tracing::info!(folder = %cfg.name, "{why}");
+            if let Some(r) = self.cut_reply.take() {
+                let _ = r.send(Err(why.clone()));
             }
-            let wire_before = session.connection().stats().udp_tx.bytes;
-            let root_hash = manifest.root_hash();
-            let databases = manifest
-                .entries
-                .iter()
-                .filter(|e| matches!(e.kind, Kind::Database { .. }))
-                .count() as u64;
-            let round = Round {
-                full: true,
-                entries: Arc::new(manifest.entries),
-                root_hash,
-                verify: cut_reply.is_some(),
-                live: Some(live.clone()),
-                ..Default::default()
-            };
-            let bytes_total = content_bytes(&round.entries);
-            set(status, |s| {
-                s.files_pending = round.entries.len() as u64;
-                if let Some(f) = &mut s.full_round {
-                    f.entries_total = round.entries.len() as u64;
-                    f.bytes_total = bytes_total;
-                }
-            });
-            let cut_id = session.next_round_id();
-            let applied = session.round(&round).await;
-            if let Ok(mut l) = live.lock() {
-                l.end_round();
-            }
-            let applied = match applied {
-                Ok(a) => a,
-                Err(e) => {
-                    if let Some(r) = cut_reply.take() {
-                        let _ = r.send(Err(format!("{e:#}")));
-                    }
-                    return Err(e);
-                }
-            };
-            account(session, &applied);
-            for p in &applied.held {
-                deferred.entry(p.clone()).or_insert_with(Instant::now);
-            }
-            if stats.blocked.is_some() {
-                // The databases went at their previous cut: still pending, and
-                // offered again soon.
-                if let Ok(l) = live.lock() {
-                    for p in l.paths() {
-                        deferred.entry(p.clone()).or_insert_with(Instant::now);
-                    }
-                }
-            }
-            lag.round_applied(deferred.keys().cloned());
-            refused = applied.held.iter().cloned().collect();
-            if let Some(r) = cut_reply.take() {
-                let replica_root = applied
-                    .root_hash
-                    .map(|h| sync_core::hex(&h))
-                    .unwrap_or_default();
-                let source_root = sync_core::hex(&root_hash);
-                let _ = r.send(Ok(CutReport {
-                    folder: cfg.name.clone(),
-                    cut_id,
-                    writer_stall_ms: stats.stall.as_secs_f64() * 1e3,
-                    databases,
-                    pages_changed: stats.pages_changed as u64,
-                    bytes_shipped: session.connection().stats().udp_tx.bytes - wire_before,
-                    matched: replica_root == source_root,
-                    source_root,
-                    replica_root,
-                    epoch: cfg.epoch,
-                    elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
-                    warnings: applied.warnings.clone(),
-                    held: crate::session::held_databases(&applied),
-                }));
-            }
-            let wire_after = session.connection().stats().udp_tx.bytes;
-            let entries = Arc::try_unwrap(round.entries).unwrap_or_else(|shared| (*shared).clone());
-            known = entries.into_iter().map(|e| (e.path.clone(), e)).collect();
-            // A full round's transient buffers (scan, hashing, QUIC send
-            // buffers) are freed by now; hand the pages back to the system so an
-            // idle agent stays small.
-            crate::trim_heap();
-            full = false;
-            last_full = Instant::now();
-            publish_lag(status, lag);
-            publish_held(status, &refused);
-            set(status, |s| {
-                s.rounds += 1;
-                s.full_rounds += 1;
-                s.root_hash = sync_core::hex(&root_hash);
-                s.entries_last_full = known.len() as u64;
-                s.bytes_hashed_last_full = bytes_hashed;
-                s.wire_bytes_last_full = wire_after - wire_before;
-                s.databases = databases;
-                s.max_writer_stall_ms = s.max_writer_stall_ms.max(stats.stall.as_secs_f64() * 1e3);
-                s.full_round = None;
-                s.last_applied_unix = unix_now();
-            });
-            continue;
         }
-        // Wait for changes, a rescan, or shutdown.
-        let until_rescan = cfg.rescan_every.saturating_sub(last_full.elapsed());
+        let wire_before = self.session.connection().stats().udp_tx.bytes;
+        let root_hash = manifest.root_hash();
+        let databases = manifest
+            .entries
+            .iter()
+            .filter(|e| matches!(e.kind, Kind::Database { .. }))
+            .count() as u64;
+        let round = Round {
+            full: true,
+            entries: Arc::new(manifest.entries),
+            root_hash,
+            verify: self.cut_reply.is_some(),
+            live: Some(self.live.clone()),
+            ..Default::default()
+        };
+        let bytes_total = content_bytes(&round.entries);
+        set(status, |s| {
+            s.files_pending = round.entries.len() as u64;
+            if let Some(f) = &mut s.full_round {
+                f.entries_total = round.entries.len() as u64;
+                f.bytes_total = bytes_total;
+            }
+        });
+        let cut_id = self.session.next_round_id();
+        let applied = self.session.round(&round).await;
+        if let Ok(mut l) = self.live.lock() {
+            l.end_round();
+        }
+        let applied = match applied {
+            Ok(a) => a,
+            Err(e) => {
+                if let Some(r) = self.cut_reply.take() {
+                    let _ = r.send(Err(format!("{e:#}")));
+                }
+                return Err(e);
+            }
+        };
+        self.account(&applied);
+        self.defer_after_full(&applied, &stats);
+        if let Some(r) = self.cut_reply.take() {
+            let replica_root = applied
+                .root_hash
+                .map(|h| sync_core::hex(&h))
+                .unwrap_or_default();
+            let source_root = sync_core::hex(&root_hash);
+            let _ = r.send(Ok(CutReport {
+                folder: cfg.name.clone(),
+                cut_id,
+                writer_stall_ms: stats.stall.as_secs_f64() * 1e3,
+                databases,
+                pages_changed: stats.pages_changed as u64,
+                bytes_shipped: self.session.connection().stats().udp_tx.bytes - wire_before,
+                matched: replica_root == source_root,
+                source_root,
+                replica_root,
+                epoch: cfg.epoch,
+                elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+                warnings: applied.warnings.clone(),
+                held: crate::session::held_databases(&applied),
+            }));
+        }
+        let figures = FullFigures {
+            root_hash,
+            bytes_hashed,
+            wire_before,
+            databases,
+            stall: stats.stall,
+        };
+        self.record_full(round.entries, figures);
+        Ok(())
+    }
+
+    /// A full round applied: what the replica holds, and status.
+    fn record_full(&mut self, entries: Arc<Vec<Entry>>, f: FullFigures) {
+        let status = self.status;
+        let wire_after = self.session.connection().stats().udp_tx.bytes;
+        let entries = Arc::try_unwrap(entries).unwrap_or_else(|shared| (*shared).clone());
+        self.known = entries.into_iter().map(|e| (e.path.clone(), e)).collect();
+        // A full round's transient buffers (scan, hashing, QUIC send
+        // buffers) are freed by now; hand the pages back to the system so an
+        // idle agent stays small.
+        crate::trim_heap();
+        self.full = false;
+        self.last_full = Instant::now();
+        publish_lag(status, self.lag);
+        publish_held(status, &self.refused);
+        let known = self.known.len() as u64;
+        set(status, |s| {
+            s.rounds += 1;
+            s.full_rounds += 1;
+            s.root_hash = sync_core::hex(&f.root_hash);
+            s.entries_last_full = known;
+            s.bytes_hashed_last_full = f.bytes_hashed;
+            s.wire_bytes_last_full = wire_after - f.wire_before;
+            s.databases = f.databases;
+            s.max_writer_stall_ms = s.max_writer_stall_ms.max(f.stall.as_secs_f64() * 1e3);
+            s.full_round = None;
+            s.last_applied_unix = unix_now();
+        });
+    }
+
+    /// After a full round: the databases the replica held, and all of them
+    /// when the cut was blocked, are offered again soon.
+    fn defer_after_full(&mut self, applied: &proto::ApplySummary, stats: &CutStats) {
+        for p in &applied.held {
+            self.deferred.entry(p.clone()).or_insert_with(Instant::now);
+        }
+        if stats.blocked.is_some() {
+            // The databases went at their previous cut: still pending, and
+            // offered again soon.
+            if let Ok(l) = self.live.lock() {
+                for p in l.paths() {
+                    self.deferred.entry(p.clone()).or_insert_with(Instant::now);
+                }
+            }
+        }
+        self.lag.round_applied(self.deferred.keys().cloned());
+        self.refused = applied.held.iter().cloned().collect();
+    }
+
+    /// Waits for changes, a rescan, a command, or shutdown.
+    async fn wait(&mut self) -> Result<Wake> {
+        let cfg = self.cfg;
+        let until_rescan = cfg.rescan_every.saturating_sub(self.last_full.elapsed());
         tracing::trace!(?until_rescan, "waiting for changes");
-        let tick = if deferred.is_empty() {
+        let tick = if self.deferred.is_empty() {
             until_rescan
         } else {
             Duration::from_millis(250)
         };
+        let w = &mut *self.w;
         tokio::select! {
-            () = w.wake.notified() => {},
-            () = tokio::time::sleep(tick), if !deferred.is_empty() => {},
-            () = tokio::time::sleep(until_rescan) => { full = true; continue; },
-            () = tokio::time::sleep_until(w.next_poll), if w.degraded.is_set() => {
-                poll_unwatched(w, &cfg.root, status);
-                (full, unknown) = (true, true);
-                continue;
+            () = w.wake.notified() => Ok(Wake::Changes),
+            () = tokio::time::sleep(tick), if !self.deferred.is_empty() => Ok(Wake::Changes),
+            () = tokio::time::sleep(until_rescan) => {
+                self.full = true;
+                Ok(Wake::Again)
             },
-            _ = shutdown.changed() => return Ok(None),
-            e = session.connection().closed() => {
-                return Err(anyhow::anyhow!("connection to the replica lost: {e}"));
+            () = tokio::time::sleep_until(w.next_poll), if w.degraded.is_set() => {
+                poll_unwatched(w, &cfg.root, self.status);
+                (self.full, self.unknown) = (true, true);
+                Ok(Wake::Again)
+            },
+            _ = self.shutdown.changed() => Ok(Wake::Exit(None)),
+            e = self.session.connection().closed() => {
+                Err(anyhow::anyhow!("connection to the replica lost: {e}"))
             }
-            Some(c) = commands.recv() => match c {
+            Some(c) = self.commands.recv() => match c {
                 Command::Cut(reply) => {
-                    cut_reply = Some(reply);
-                    full = true;
-                    continue;
+                    self.cut_reply = Some(reply);
+                    self.full = true;
+                    Ok(Wake::Again)
                 }
                 Command::Promote { epoch, reply } => {
-                    match session.promote(epoch).await {
+                    match self.session.promote(epoch).await {
                         Ok(()) => {
-                            if let Some(dir) = &cfg.state_dir {
-                                let st = crate::epoch::FolderState { role: crate::config::Role::Replica, epoch };
-                                if let Err(e) = crate::epoch::store(dir, &cfg.name, &cfg.identity.id().to_string(), st) {
-                                    // The peer is the source all the same; the
-                                    // handover retries persisting the demotion.
-                                    tracing::error!(folder = %cfg.name, "the replica was promoted, but persisting this node's demotion failed: {e:#}");
-                                }
-                            }
+                            persist_demotion(cfg, epoch);
                             let _ = reply.send(Ok(()));
-                            return Ok(Some(epoch));
+                            Ok(Wake::Exit(Some(epoch)))
                         }
                         Err(e) => {
                             let _ = reply.send(Err(e));
-                            continue;
+                            Ok(Wake::Again)
                         }
                     }
                 }
             },
         }
-        // Debounce: collect until the events pause, at most 100 ms.
+    }
+
+    /// Debounce: collects until the events pause, at most 100 ms. `None`
+    /// when there is nothing to ship (or a full rescan is due).
+    async fn collect(&mut self) -> Option<Collected> {
+        let cfg = self.cfg;
         let started = Instant::now();
-        w.note(lag);
-        publish_lag(status, lag);
-        let mut dirty: BTreeSet<RelPath> = deferred.keys().cloned().collect();
-        let mut created: BTreeSet<RelPath> = BTreeSet::new();
-        let mut renames = Vec::new();
+        self.w.note(self.lag);
+        publish_lag(self.status, self.lag);
+        let mut c = Collected {
+            dirty: self.deferred.keys().cloned().collect(),
+            created: BTreeSet::new(),
+            renames: Vec::new(),
+        };
         loop {
-            w.note(lag);
-            while let Ok(m) = w.rx.try_recv() {
+            self.w.note(self.lag);
+            while let Ok(m) = self.w.rx.try_recv() {
                 match m {
                     WatchMsg::Paths(ps, new) => {
                         for p in ps.iter().filter_map(|p| rel(&cfg.root, p)) {
                             if new {
-                                created.insert(p.clone());
+                                c.created.insert(p.clone());
                             }
-                            dirty.insert(p);
+                            c.dirty.insert(p);
                         }
                     }
                     WatchMsg::Rename(a, b) => {
                         if let (Some(a), Some(b)) = (rel(&cfg.root, &a), rel(&cfg.root, &b)) {
-                            renames.push((a, b));
+                            c.renames.push((a, b));
                         }
                     }
                 }
             }
-            if started.elapsed() >= Duration::from_millis(100) {
+            if debounce_over(started, Instant::now()) {
                 break;
             }
-            let quiet = tokio::time::timeout(cfg.debounce, w.wake.notified())
+            let quiet = tokio::time::timeout(cfg.debounce, self.w.wake.notified())
                 .await
                 .is_err();
-            if quiet && w.rx.is_empty() {
+            if quiet && self.w.rx.is_empty() {
                 break;
             }
         }
         tracing::trace!(
-            dirty = dirty.len(),
-            renames = renames.len(),
+            dirty = c.dirty.len(),
+            renames = c.renames.len(),
             "batch collected"
         );
-        if w.rescan.swap(false, Ordering::SeqCst) {
-            full = true;
-            unknown = true;
-            continue;
+        if self.w.rescan.swap(false, Ordering::SeqCst) {
+            self.full = true;
+            self.unknown = true;
+            return None;
         }
         // The round covers every change noted so far.
-        lag.round_started(Instant::now(), false);
-        if dirty.is_empty() && renames.is_empty() {
-            lag.round_applied(std::iter::empty());
-            publish_lag(status, lag);
-            continue;
+        self.lag.round_started(Instant::now(), false);
+        if c.dirty.is_empty() && c.renames.is_empty() {
+            self.lag.round_applied(std::iter::empty());
+            publish_lag(self.status, self.lag);
+            return None;
         }
-        set(status, |s| s.files_pending = dirty.len() as u64);
+        set(self.status, |s| s.files_pending = c.dirty.len() as u64);
+        Some(c)
+    }
+
+    /// A partial round of a collected batch: built on a blocking thread,
+    /// shipped, and folded into what the replica is known to hold.
+    async fn partial(&mut self, c: Collected) -> Result<()> {
         let (root, o, ix, k) = (
-            cfg.root.clone(),
-            opts.clone(),
-            index.clone(),
-            std::mem::take(&mut known),
+            self.cfg.root.clone(),
+            self.opts.clone(),
+            self.index.clone(),
+            std::mem::take(&mut self.known),
         );
-        let held_before = std::mem::take(&mut deferred);
-        let l = live.clone();
+        let held_before = std::mem::take(&mut self.deferred);
+        let l = self.live.clone();
         let (round, k, held_before, stats) = tokio::task::spawn_blocking(move || {
             let batch = Batch {
-                dirty,
-                created,
-                renames,
+                dirty: c.dirty,
+                created: c.created,
+                renames: c.renames,
             };
             let mut stats = CutStats::default();
             let r = partial_round(&root, &o, &ix, &k, batch, &held_before, &l, &mut stats);
             (r, k, held_before, stats)
         })
         .await?;
-        set(status, |s| {
+        set(self.status, |s| {
             s.max_writer_stall_ms = s.max_writer_stall_ms.max(stats.stall.as_secs_f64() * 1e3)
         });
-        known = k;
+        self.known = k;
         let (round, held) = round?;
         for p in held {
             let since = held_before.get(&p).copied().unwrap_or_else(Instant::now);
-            deferred.insert(p, since);
+            self.deferred.insert(p, since);
         }
         let Some(round) = round else {
-            full = true;
-            continue;
+            self.full = true;
+            return Ok(());
         };
         if round.entries.is_empty() && round.deleted.is_empty() && round.renamed.is_empty() {
-            lag.round_applied(deferred.keys().cloned());
-            refused.retain(|p| deferred.contains_key(p));
-            publish_lag(status, lag);
-            publish_held(status, &refused);
-            continue;
+            self.lag.round_applied(self.deferred.keys().cloned());
+            self.refused.retain(|p| self.deferred.contains_key(p));
+            publish_lag(self.status, self.lag);
+            publish_held(self.status, &self.refused);
+            return Ok(());
         }
+        self.ship_partial(round).await
+    }
+
+    /// Ships a partial round and records what the replica now holds.
+    async fn ship_partial(&mut self, round: Round) -> Result<()> {
+        let (cfg, status) = (self.cfg, self.status);
         let bytes = content_bytes(&round.entries);
         set(status, |s| {
             s.lag_bytes = bytes;
             s.files_pending = (round.entries.len() + round.deleted.len()) as u64;
         });
-        let applied = session.round(&round).await;
-        if let Ok(mut l) = live.lock() {
+        let applied = self.session.round(&round).await;
+        if let Ok(mut l) = self.live.lock() {
             l.end_round();
         }
         let applied = applied?;
-        account(session, &applied);
+        self.account(&applied);
         // Databases the replica could not update (held open there) are offered
         // again soon, not at the next change.
         for p in &applied.held {
-            deferred.entry(p.clone()).or_insert_with(Instant::now);
+            self.deferred.entry(p.clone()).or_insert_with(Instant::now);
         }
-        lag.round_applied(deferred.keys().cloned());
-        refused = applied.held.iter().cloned().collect();
+        self.lag.round_applied(self.deferred.keys().cloned());
+        self.refused = applied.held.iter().cloned().collect();
         set(status, |s| {
             s.files_inline_total += applied.files_inline;
             s.files_requested_total += applied.files_transferred - applied.files_inline;
         });
-        for p in &round.deleted {
-            remove_subtree(&mut known, p);
-        }
-        for (a, b) in &round.renamed {
-            // what moved is re-sent under its new name in the same round
-            remove_subtree(&mut known, a);
-            remove_subtree(&mut known, b);
-        }
-        for e in round.entries.iter() {
-            if e.kind != Kind::Dir {
-                remove_subtree(&mut known, &e.path);
-            }
-            known.insert(e.path.clone(), e.clone());
-        }
-        tracing::debug!(folder = %cfg.name, entries = round.entries.len(), deleted = round.deleted.len(), lag_s = lag.lag(Instant::now()).as_secs_f64(), "round applied");
-        let ix = index.clone();
+        fold_round(&mut self.known, &round);
+        tracing::debug!(folder = %cfg.name, entries = round.entries.len(), deleted = round.deleted.len(), lag_s = self.lag.lag(Instant::now()).as_secs_f64(), "round applied");
+        let ix = self.index.clone();
         let saved = tokio::task::spawn_blocking(move || match ix.lock() {
             Ok(mut i) => i.save().map_err(anyhow::Error::from),
             Err(_) => Err(anyhow::anyhow!("index lock poisoned")),
@@ -388,8 +514,47 @@ pub(super) async fn drive(
             s.lag_bytes = 0;
             s.last_applied_unix = unix_now();
         });
-        publish_lag(status, lag);
-        publish_held(status, &refused);
+        publish_lag(status, self.lag);
+        publish_held(status, &self.refused);
+        Ok(())
+    }
+}
+
+/// Whether a batch has collected long enough (100 ms from its start) at `now`.
+pub(super) fn debounce_over(started: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(started) >= Duration::from_millis(100)
+}
+
+/// What the replica holds after an applied partial round.
+pub(super) fn fold_round(known: &mut Known, round: &Round) {
+    for p in &round.deleted {
+        remove_subtree(known, p);
+    }
+    for (a, b) in &round.renamed {
+        // what moved is re-sent under its new name in the same round
+        remove_subtree(known, a);
+        remove_subtree(known, b);
+    }
+    for e in round.entries.iter() {
+        if e.kind != Kind::Dir {
+            remove_subtree(known, &e.path);
+        }
+        known.insert(e.path.clone(), e.clone());
+    }
+}
+
+/// The replica was promoted: this node's demotion is persisted.
+fn persist_demotion(cfg: &SourceFolder, epoch: u64) {
+    if let Some(dir) = &cfg.state_dir {
+        let st = crate::epoch::FolderState {
+            role: crate::config::Role::Replica,
+            epoch,
+        };
+        if let Err(e) = crate::epoch::store(dir, &cfg.name, &cfg.identity.id().to_string(), st) {
+            // The peer is the source all the same; the
+            // handover retries persisting the demotion.
+            tracing::error!(folder = %cfg.name, "the replica was promoted, but persisting this node's demotion failed: {e:#}");
+        }
     }
 }
 

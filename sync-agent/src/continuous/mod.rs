@@ -27,9 +27,13 @@ use sync_core::scan::ScanOptions;
 use sync_core::sqlite::{CutStats, LiveSet};
 use tokio::sync::{Notify, mpsc, watch};
 
+mod backoff;
 mod drive;
 mod inotify;
 mod partial;
+#[cfg(test)]
+mod partial_tests;
+use backoff::{Backoff, connect_session, pause};
 use drive::drive;
 use inotify::{rel, start_watch};
 use partial::{note_known, partial_round, remove_subtree};
@@ -321,16 +325,7 @@ pub async fn run_source(
         ..Default::default()
     };
     let mut w = start_watch(&cfg.root, &status, opts.databases.clone())?;
-    let index = Arc::new(Mutex::new(match &cfg.index_path {
-        Some(p) => {
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating state directory {}", dir.display()))?;
-            }
-            HashIndex::open(p).with_context(|| format!("hash index {}", p.display()))?
-        }
-        None => HashIndex::in_memory(),
-    }));
+    let index = Arc::new(Mutex::new(open_index(&cfg)?));
     // Held across sessions: a replica that reconnects a few cuts behind gets
     // only the pages changed since what it holds.
     let live = Arc::new(Mutex::new(LiveSet::new(&cfg.root, crate::DB_BUSY)));
@@ -340,59 +335,26 @@ pub async fn run_source(
     publish_lag(&status, &lag);
     let progress = Arc::new(Progress::default());
     set(&status, |s| s.progress = Some(progress.clone()));
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     while !*shutdown.borrow() {
         set(&status, |s| s.connected = false);
-        let connecting = async {
-            let to = cfg.addr.resolve().await?;
-            let (endpoint, conn) = crate::connect(&cfg.identity, cfg.peer, to).await?;
-            let s = SourceSession::open(
-                conn,
-                cfg.root.clone(),
-                &cfg.name,
-                proto::PROTOCOL_VERSION,
-                cfg.epoch,
-                progress.clone(),
-            )
-            .await?;
-            Ok::<_, anyhow::Error>((endpoint, s))
-        };
-        // A connect to a vanished replica takes the idle timeout: changes
-        // meanwhile are pending from their instant.
-        tokio::pin!(connecting);
-        let session = loop {
-            tokio::select! {
-                r = &mut connecting => break r,
-                () = w.wake.notified() => note_away(&mut w, &mut lag, &status),
-            }
-        };
+        let session = connect_session(&cfg, &progress, &mut w, &mut lag, &status).await;
         let (endpoint, mut session) = match session {
             Ok(s) => s,
             Err(e) if e.downcast_ref::<Fenced>().is_some() => {
-                let epoch = e.downcast_ref::<Fenced>().map_or(cfg.epoch, |f| f.epoch);
-                tracing::error!(folder = %cfg.name, "{e:#}; taking the replica role at epoch {epoch}");
-                // Before the role changes: what only this node holds is kept
-                // aside before the new source's first repair round.
-                if let Some(dir) = &cfg.state_dir {
-                    crate::diverged::mark(dir, &cfg.name, epoch)?;
-                }
-                set(&status, |s| s.last_error = Some(format!("{e:#}")));
-                return Ok(Outcome::Demoted { epoch });
+                return demote_fenced(&cfg, &status, &e);
             }
             Err(e) => {
-                tracing::warn!(folder = %cfg.name, "replica {} unreachable: {e:#}; retrying in {backoff:?}", cfg.addr);
+                let delay = backoff.delay;
+                tracing::warn!(folder = %cfg.name, "replica {} unreachable: {e:#}; retrying in {delay:?}", cfg.addr);
                 set(&status, |s| s.last_error = Some(format!("{e:#}")));
-                let deadline = tokio::time::sleep(backoff);
-                tokio::pin!(deadline);
-                loop {
-                    tokio::select! {
-                        () = &mut deadline => break,
-                        _ = shutdown.changed() => break,
-                        () = w.wake.notified() => note_away(&mut w, &mut lag, &status),
-                        Some(c) = commands.recv() => refuse(c, &format!("folder {}: replica {} is unreachable: {e:#}", cfg.name, cfg.addr)),
-                    }
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let why = format!(
+                    "folder {}: replica {} is unreachable: {e:#}",
+                    cfg.name, cfg.addr
+                );
+                let cmds = Some(&mut *commands);
+                pause(delay, &mut shutdown, &mut w, &mut lag, &status, cmds, &why).await;
+                backoff.grow();
                 continue;
             }
         };
@@ -432,28 +394,45 @@ pub async fn run_source(
                 s.last_error = Some(format!("{e:#}"));
                 s.rounds_failed += 1;
             });
-            // A session that fails at once again and again (a file we cannot read,
-            // a full replica disk) must not spin: back off as for a failed connect.
-            if began.elapsed() < Duration::from_secs(30) {
-                let deadline = tokio::time::sleep(backoff);
-                tokio::pin!(deadline);
-                loop {
-                    tokio::select! {
-                        () = &mut deadline => break,
-                        _ = shutdown.changed() => break,
-                        () = w.wake.notified() => note_away(&mut w, &mut lag, &status),
-                    }
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+            // A session that fails at once again and again must not spin.
+            if Backoff::waits_after(began.elapsed()) {
+                let delay = backoff.delay;
+                pause(delay, &mut shutdown, &mut w, &mut lag, &status, None, "").await;
+                backoff.grow();
             }
         }
         session.close().await;
         endpoint.close(0u32.into(), b"");
-        if res.is_ok() || began.elapsed() >= Duration::from_secs(30) {
-            backoff = Duration::from_millis(100);
-        }
+        backoff.session_ended(res.is_ok(), began.elapsed());
     }
     Ok(Outcome::Stopped)
+}
+
+/// The folder's hash index (its state directory made), or one in memory.
+fn open_index(cfg: &SourceFolder) -> Result<HashIndex> {
+    Ok(match &cfg.index_path {
+        Some(p) => {
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating state directory {}", dir.display()))?;
+            }
+            HashIndex::open(p).with_context(|| format!("hash index {}", p.display()))?
+        }
+        None => HashIndex::in_memory(),
+    })
+}
+
+/// The peer fenced us (its epoch is newer): this node takes the replica role.
+fn demote_fenced(cfg: &SourceFolder, status: &SharedStatus, e: &anyhow::Error) -> Result<Outcome> {
+    let epoch = e.downcast_ref::<Fenced>().map_or(cfg.epoch, |f| f.epoch);
+    tracing::error!(folder = %cfg.name, "{e:#}; taking the replica role at epoch {epoch}");
+    // Before the role changes: what only this node holds is kept
+    // aside before the new source's first repair round.
+    if let Some(dir) = &cfg.state_dir {
+        crate::diverged::mark(dir, &cfg.name, epoch)?;
+    }
+    set(status, |s| s.last_error = Some(format!("{e:#}")));
+    Ok(Outcome::Demoted { epoch })
 }
 
 /// A watch event while no session is up: the change is pending from its

@@ -25,9 +25,16 @@ pub(super) const MAX_DEFER: Duration = Duration::from_secs(5);
 
 /// Whether a big file is still being written and may wait for the next round:
 /// shipping a growing 1 GiB file every 100 ms would hash and send it many times.
-pub(super) fn still_hot(root: &Path, p: &RelPath, since: Option<&Instant>, now_ns: i128) -> bool {
+/// `since` is when it was first held back, `now` and `now_ns` the clock.
+pub(super) fn still_hot(
+    root: &Path,
+    p: &RelPath,
+    since: Option<&Instant>,
+    now: Instant,
+    now_ns: i128,
+) -> bool {
     use std::os::unix::fs::MetadataExt;
-    if since.is_some_and(|t| t.elapsed() >= MAX_DEFER) {
+    if since.is_some_and(|t| now.saturating_duration_since(*t) >= MAX_DEFER) {
         return false;
     }
     let Ok(st) = std::fs::symlink_metadata(sync_core::scan::abs(root, p)) else {
@@ -37,18 +44,31 @@ pub(super) fn still_hot(root: &Path, p: &RelPath, since: Option<&Instant>, now_n
     st.is_file() && st.size() >= HOT_SIZE && now_ns - mtime < HOT_AGE_NS
 }
 
-/// Builds a partial round from a batch.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn partial_round(
-    root: &Path,
-    opts: &ScanOptions,
-    index: &Mutex<HashIndex>,
-    known: &Known,
-    batch: Batch,
-    deferred: &std::collections::HashMap<RelPath, Instant>,
-    live: &Arc<Mutex<LiveSet>>,
-    stats: &mut CutStats,
-) -> Result<Partial> {
+/// A batch expanded to the paths a partial round looks at.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Expanded {
+    /// Every path to look at (with the parents of changed ones).
+    pub(super) paths: BTreeSet<RelPath>,
+    /// Paths sent as they are, whatever `known` says.
+    pub(super) forced: BTreeSet<RelPath>,
+    /// Renames kept (their source is on the replica).
+    pub(super) renamed: Vec<(RelPath, RelPath)>,
+    /// Where the kept renames landed.
+    pub(super) targets: Vec<RelPath>,
+}
+
+impl Expanded {
+    /// Whether the replica holds `p` (known, or moved there by a kept rename).
+    fn on_replica(&self, known: &Known, p: &RelPath) -> bool {
+        known.contains_key(p) || self.targets.iter().any(|t| p.starts_with(t))
+    }
+}
+
+/// Expands a batch: a changed side file stands for its database; a rename
+/// involving a database becomes both names sent as they stand; renames are kept
+/// when their source is on the replica; parents of changed paths join (their
+/// mtime moved).
+pub(super) fn expand(batch: Batch, known: &Known, opts: &ScanOptions) -> Expanded {
     let Batch {
         mut dirty,
         mut created,
@@ -96,8 +116,6 @@ pub(super) fn partial_round(
             keep
         })
         .collect();
-    let on_replica =
-        |p: &RelPath| known.contains_key(p) || targets.iter().any(|t| p.starts_with(t));
     // Paths that appeared anew or took part in a rename are sent as they are,
     // whatever `known` says (the replica's copy moved, or was replaced); a
     // directory among them is scanned whole (files made in it before its watch
@@ -115,20 +133,52 @@ pub(super) fn partial_round(
         .filter_map(|p| p.split_last().map(|(d, _)| d))
         .collect();
     paths.extend(parents);
-    let ix = index
-        .lock()
-        .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
-    let now = sync_core::scan::now_ns();
-    let mut changed: Vec<Entry> = Vec::new();
-    let mut deleted = Vec::new();
-    let mut hashed = Vec::new();
+    Expanded {
+        paths,
+        forced,
+        renamed,
+        targets,
+    }
+}
+
+/// What looking at a batch's paths found.
+#[derive(Debug, Default)]
+struct Scanned {
+    changed: Vec<Entry>,
+    deleted: Vec<RelPath>,
+    hashed: Vec<(RelPath, sync_core::index::Stamp, [u8; 32])>,
+    held: Vec<RelPath>,
+    dbs_seen: Vec<RelPath>,
+    /// Directories seen unchanged: sent anyway when something inside them
+    /// changes, so the replica can put back the mtime its own writes moved.
+    dirs: BTreeMap<RelPath, Entry>,
+    /// A name of a multiply linked file changed: only a full scan sees the
+    /// whole link group.
+    full_needed: bool,
+}
+
+/// The clock a partial round reads: for hot-file deferral.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Clock {
+    /// Monotonic now.
+    pub(super) now: Instant,
+    /// Wall-clock now, ns since the epoch (compared with mtimes).
+    pub(super) now_ns: i128,
+}
+
+/// Looks at each path of the batch against what the replica holds.
+fn scan_paths(
+    root: &Path,
+    opts: &ScanOptions,
+    ix: &HashIndex,
+    known: &Known,
+    ex: &Expanded,
+    deferred: &std::collections::HashMap<RelPath, Instant>,
+    clock: Clock,
+) -> Result<Scanned> {
+    let mut out = Scanned::default();
     let mut covered: Option<RelPath> = None;
-    // Directories seen unchanged: sent anyway when something inside them changes,
-    // so the replica can put back the mtime its own writes moved.
-    let mut dirs: BTreeMap<RelPath, Entry> = BTreeMap::new();
-    let mut held = Vec::new();
-    let mut dbs_seen: Vec<RelPath> = Vec::new();
-    for p in paths {
+    for p in ex.paths.iter().cloned() {
         if covered.as_ref().is_some_and(|c| p.starts_with(c)) {
             continue;
         }
@@ -136,23 +186,22 @@ pub(super) fn partial_round(
             .databases
             .as_ref()
             .is_some_and(|d| d.known.read().is_ok_and(|k| k.contains(&p)));
-        if !live_db && still_hot(root, &p, deferred.get(&p), now) {
-            held.push(p);
+        if !live_db && still_hot(root, &p, deferred.get(&p), clock.now, clock.now_ns) {
+            out.held.push(p);
             continue;
         }
-        let (entry, report) = sync_core::scan::entry_at(root, &p, opts, Some(&ix))?;
-        hashed.extend(report.hashed);
-        dbs_seen.extend(report.databases);
+        let (entry, report) = sync_core::scan::entry_at(root, &p, opts, Some(ix))?;
+        out.hashed.extend(report.hashed);
+        out.dbs_seen.extend(report.databases);
         if !report.multi_linked.is_empty() {
-            // A name of a multiply linked file changed: only a full scan sees the
-            // whole link group.
-            return Ok((None, held));
+            out.full_needed = true;
+            return Ok(out);
         }
-        let force = forced.contains(&p);
+        let force = ex.forced.contains(&p);
         match entry {
             None => {
-                if on_replica(&p) {
-                    deleted.push(p.clone());
+                if ex.on_replica(known, &p) {
+                    out.deleted.push(p.clone());
                     covered = Some(p);
                 }
             }
@@ -160,110 +209,191 @@ pub(super) fn partial_round(
                 if e.kind == Kind::Dir
                     && (force || known.get(&p).is_none_or(|k| k.kind != Kind::Dir)) =>
             {
-                // A new directory: its content may predate the watch on it.
-                let (sub, report) = sync_core::scan::scan_subtree(root, &p, opts, Some(&ix))?;
-                hashed.extend(report.hashed);
-                dbs_seen.extend(report.databases);
-                if !report.multi_linked.is_empty() {
-                    return Ok((None, held));
+                new_dir(root, opts, ix, known, (&p, &ex.renamed), force, &mut out)?;
+                if out.full_needed {
+                    return Ok(out);
                 }
-                // What the replica still holds below it and the source no
-                // longer has (the directory was replaced, not just created).
-                let present: BTreeSet<&RelPath> = sub.iter().map(|e| &e.path).collect();
-                let mut gone: Option<RelPath> = None;
-                for (k, _) in known
-                    .range(p.clone()..)
-                    .take_while(|(k, _)| k.starts_with(&p))
-                {
-                    if !present.contains(k) && !gone.as_ref().is_some_and(|g| k.starts_with(g)) {
-                        deleted.push(k.clone());
-                        gone = Some(k.clone());
-                    }
-                }
-                changed.extend(
-                    sub.into_iter()
-                        .filter(|e| force || known.get(&e.path) != Some(e)),
-                );
                 covered = Some(p);
             }
             Some(e) => {
                 if force || known.get(&p) != Some(&e) {
-                    changed.push(e);
+                    out.changed.push(e);
                 } else if e.kind == Kind::Dir {
-                    dirs.insert(p, e);
+                    out.dirs.insert(p, e);
                 }
             }
         }
     }
+    Ok(out)
+}
+
+/// A new directory: its content may predate the watch on it, so it is
+/// scanned whole; what the replica still holds below it and the source no
+/// longer has is deleted (the directory was replaced, not just created).
+/// What the replica held below the source of a rename landing in `p` lands
+/// there with the rename, and is deleted there too when the source no longer
+/// has it (`mv gone moved; rm moved/z` in one batch).
+fn new_dir(
+    root: &Path,
+    opts: &ScanOptions,
+    ix: &HashIndex,
+    known: &Known,
+    (p, renamed): (&RelPath, &[(RelPath, RelPath)]),
+    force: bool,
+    out: &mut Scanned,
+) -> Result<()> {
+    let (sub, report) = sync_core::scan::scan_subtree(root, p, opts, Some(ix))?;
+    out.hashed.extend(report.hashed);
+    out.dbs_seen.extend(report.databases);
+    if !report.multi_linked.is_empty() {
+        out.full_needed = true;
+        return Ok(());
+    }
+    let present: BTreeSet<&RelPath> = sub.iter().map(|e| &e.path).collect();
+    let under = |base: &RelPath, to: &RelPath| -> Vec<RelPath> {
+        known
+            .range(base.clone()..)
+            .take_while(|(k, _)| k.starts_with(base))
+            .filter_map(|(k, _)| moved(k, base, to))
+            .collect()
+    };
+    let mut held: BTreeSet<RelPath> = under(p, p).into_iter().collect();
+    for (a, b) in renamed.iter().filter(|(_, b)| b.starts_with(p)) {
+        held.extend(under(a, b));
+    }
+    let mut gone: Option<RelPath> = None;
+    for k in held {
+        if !present.contains(&k) && !gone.as_ref().is_some_and(|g| k.starts_with(g)) {
+            out.deleted.push(k.clone());
+            gone = Some(k);
+        }
+    }
+    out.changed.extend(
+        sub.into_iter()
+            .filter(|e| force || known.get(&e.path) != Some(e)),
+    );
+    Ok(())
+}
+
+/// `k` (below `base`) as it stands below `to`.
+fn moved(k: &RelPath, base: &RelPath, to: &RelPath) -> Option<RelPath> {
+    let rest = &k.as_bytes()[base.as_bytes().len()..];
+    let rest = rest.strip_prefix(b"/").unwrap_or(rest);
+    match (to.is_root(), rest.is_empty()) {
+        (_, true) => Some(to.clone()),
+        (true, false) => RelPath::new(rest.to_vec()).ok(),
+        (false, false) => RelPath::new([to.as_bytes(), b"/", rest].concat()).ok(),
+    }
+}
+
+/// Builds a partial round from a batch.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn partial_round(
+    root: &Path,
+    opts: &ScanOptions,
+    index: &Mutex<HashIndex>,
+    known: &Known,
+    batch: Batch,
+    deferred: &std::collections::HashMap<RelPath, Instant>,
+    live: &Arc<Mutex<LiveSet>>,
+    stats: &mut CutStats,
+) -> Result<Partial> {
+    let ex = expand(batch, known, opts);
+    let clock = Clock {
+        now: Instant::now(),
+        now_ns: sync_core::scan::now_ns(),
+    };
+    let ix = index
+        .lock()
+        .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
+    let mut sc = scan_paths(root, opts, &ix, known, &ex, deferred, clock)?;
     drop(ix);
-    let parents: BTreeSet<RelPath> = changed
+    if sc.full_needed {
+        return Ok((None, sc.held));
+    }
+    let parents: BTreeSet<RelPath> = sc
+        .changed
         .iter()
         .map(|e| &e.path)
-        .chain(deleted.iter())
+        .chain(sc.deleted.iter())
         .filter_map(|p| p.split_last().map(|(d, _)| d))
         .collect();
-    changed.extend(parents.iter().filter_map(|p| dirs.remove(p)));
+    sc.changed
+        .extend(parents.iter().filter_map(|p| sc.dirs.remove(p)));
     if let Ok(mut ix) = index.lock() {
-        for (p, s, h) in hashed {
-            ix.record(&p, s, h, now);
+        for (p, s, h) in std::mem::take(&mut sc.hashed) {
+            ix.record(&p, s, h, clock.now_ns);
         }
     }
-    // The cut: every database at one instant; those that changed join the round.
-    {
-        let mut l = live
-            .lock()
-            .map_err(|_| anyhow::anyhow!("live database set poisoned"))?;
-        let gone: Vec<RelPath> = l
-            .paths()
-            .filter(|p| deleted.iter().any(|d| p.starts_with(d)))
-            .cloned()
-            .collect();
-        for p in &gone {
-            l.forget(p);
-        }
-        l.add(&dbs_seen);
-        note_known(opts, &l);
-        *stats = l.cut()?;
-        if !stats.dropped.is_empty() {
-            // A database vanished or was replaced by something else: only a
-            // full scan tells what stands there now.
-            note_known(opts, &l);
-            return Ok((None, held));
-        }
-        if let Some(why) = &stats.blocked {
-            // No cut this time: the databases wait for the next round (the
-            // replica keeps the previous cut); the rest of the batch goes now.
-            tracing::debug!("{why}");
-            let dbs: BTreeSet<RelPath> = l.paths().cloned().collect();
-            changed.retain(|e| !dbs.contains(&e.path));
-            held.extend(dbs);
-        }
-        let have: BTreeSet<RelPath> = changed.iter().map(|e| e.path.clone()).collect();
-        let ix = index
-            .lock()
-            .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
-        for p in stats.changed.iter().filter(|p| !have.contains(*p)) {
-            if let (Some(e), _) = sync_core::scan::entry_at(root, p, opts, Some(&ix))? {
-                changed.push(e);
-            }
-        }
-        drop(ix);
-        crate::session::source::mark_databases(&mut changed, &l)?;
-        // The replica holds a recent cut: its pages are read now and the
-        // snapshots let go before the round waits on the network.
-        l.release(false)?;
+    if !cut_databases(root, opts, index, live, &mut sc, stats)? {
+        return Ok((None, sc.held));
     }
+    let mut changed = sc.changed;
     changed.sort_by(|a, b| a.path.cmp(&b.path));
     changed.dedup_by(|a, b| a.path == b.path);
     let round = Round {
         full: false,
         entries: Arc::new(changed),
-        deleted,
-        renamed,
+        deleted: sc.deleted,
+        renamed: ex.renamed,
         live: Some(live.clone()),
         ..Default::default()
     };
-    Ok((Some(round), held))
+    Ok((Some(round), sc.held))
+}
+
+/// The cut: every database at one instant; those that changed join the
+/// round. `false` when only a full scan will do (a database vanished or was
+/// replaced by something else).
+fn cut_databases(
+    root: &Path,
+    opts: &ScanOptions,
+    index: &Mutex<HashIndex>,
+    live: &Mutex<LiveSet>,
+    sc: &mut Scanned,
+    stats: &mut CutStats,
+) -> Result<bool> {
+    let mut l = live
+        .lock()
+        .map_err(|_| anyhow::anyhow!("live database set poisoned"))?;
+    let gone: Vec<RelPath> = l
+        .paths()
+        .filter(|p| sc.deleted.iter().any(|d| p.starts_with(d)))
+        .cloned()
+        .collect();
+    for p in &gone {
+        l.forget(p);
+    }
+    l.add(&sc.dbs_seen);
+    note_known(opts, &l);
+    *stats = l.cut()?;
+    if !stats.dropped.is_empty() {
+        note_known(opts, &l);
+        return Ok(false);
+    }
+    if let Some(why) = &stats.blocked {
+        // No cut this time: the databases wait for the next round (the
+        // replica keeps the previous cut); the rest of the batch goes now.
+        tracing::debug!("{why}");
+        let dbs: BTreeSet<RelPath> = l.paths().cloned().collect();
+        sc.changed.retain(|e| !dbs.contains(&e.path));
+        sc.held.extend(dbs);
+    }
+    let have: BTreeSet<RelPath> = sc.changed.iter().map(|e| e.path.clone()).collect();
+    let ix = index
+        .lock()
+        .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
+    for p in stats.changed.iter().filter(|p| !have.contains(*p)) {
+        if let (Some(e), _) = sync_core::scan::entry_at(root, p, opts, Some(&ix))? {
+            sc.changed.push(e);
+        }
+    }
+    drop(ix);
+    crate::session::source::mark_databases(&mut sc.changed, &l)?;
+    // The replica holds a recent cut: its pages are read now and the
+    // snapshots let go before the round waits on the network.
+    l.release(false)?;
+    Ok(true)
 }
 
 /// Tells the scanner which databases this process holds (never read raw).

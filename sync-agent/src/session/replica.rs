@@ -3,7 +3,8 @@
 use super::replica_round::{apply_round, read_round};
 use crate::wire;
 use anyhow::{Context, Result, anyhow, bail};
-use proto::{Entry, ErrorCode, Hello, Message, RelPath, Role};
+use proto::handshake::{self, FolderView, Refusal};
+use proto::{ErrorCode, Hello, Message, Role};
 use std::collections::HashMap;
 use std::sync::Arc;
 use sync_core::apply::Replica;
@@ -114,13 +115,7 @@ pub fn preempt_idle() -> std::time::Duration {
 }
 
 /// A folder's fencing state in memory.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Fence {
-    /// The epoch this node holds.
-    pub epoch: u64,
-    /// Whether this node is now the folder's source (promoted).
-    pub source: bool,
-}
+pub use proto::handshake::Fence;
 
 /// The folders of a replica; a replica with a single folder accepts any name.
 pub type Folders = HashMap<String, Arc<ReplicaFolder>>;
@@ -135,19 +130,8 @@ fn pick<'f>(folders: &'f Folders, name: &str) -> Option<&'f Arc<ReplicaFolder>> 
     })
 }
 
-/// A round as received.
-#[derive(Debug)]
-pub(super) struct Incoming {
-    pub(super) id: u64,
-    pub(super) full: bool,
-    pub(super) checksum: bool,
-    pub(super) verify: bool,
-    pub(super) entries: Vec<Entry>,
-    pub(super) deleted: Vec<RelPath>,
-    pub(super) renamed: Vec<(RelPath, RelPath)>,
-    pub(super) inline: HashMap<u64, Vec<u8>>,
-    pub(super) root_hash: [u8; 32],
-}
+/// A round as received (assembled and checked by [`proto::round::Assembler`]).
+pub(super) use proto::round::Incoming;
 
 /// Serves one connection: hello, then rounds until the source ends the session.
 pub async fn run(conn: quinn::Connection, folders: Arc<Folders>) -> Result<()> {
@@ -175,129 +159,27 @@ async fn run_inner(
     let peer = peer_id
         .map(|p| p.to_string())
         .unwrap_or_else(|| "unknown".into());
-    // A connection that opens no control stream, or says no hello, in time
-    // gives its slot back.
-    let hello = tokio::time::timeout(wire::hello_deadline(), async {
-        let (s, mut r) = conn
-            .accept_bi()
-            .await
-            .context("waiting for the control stream")?;
-        let m = wire::expect(&mut r, "a hello").await?;
-        Ok::<_, anyhow::Error>((s, r, m))
-    })
-    .await
-    .map_err(|_| {
-        anyhow!(
-            "peer {peer} opened no control stream or sent no hello within {} s",
-            wire::hello_deadline().as_secs()
-        )
-    })??;
-    let (mut ctl_send, mut ctl_recv, first) = hello;
-    let folder = match first {
-        Message::Hello(h) => {
-            let refusal = match h.check() {
-                Err(e) => Some((ErrorCode::UnsupportedVersion, e.to_string())),
-                Ok(()) if h.role != Role::Source => {
-                    Some((ErrorCode::Protocol, "peer is not a source".to_string()))
-                }
-                Ok(()) if h.epoch > crate::promotion::MAX_EPOCH => Some((
-                    ErrorCode::Protocol,
-                    format!(
-                        "epoch {} is past the highest epoch {}",
-                        h.epoch,
-                        crate::promotion::MAX_EPOCH
-                    ),
-                )),
-                Ok(()) => match pick(folders, &h.folder) {
-                    None => Some((
-                        ErrorCode::Other,
-                        format!("this replica serves no folder named {:?}", h.folder),
-                    )),
-                    Some(f)
-                        if !f.allowed.is_empty()
-                            && !peer_id.is_some_and(|p| f.allowed.contains(&p)) =>
-                    {
-                        Some((
-                            ErrorCode::Other,
-                            format!("peer {peer} may not push into folder {:?}", f.name),
-                        ))
-                    }
-                    Some(f) if crate::handover::promotion::pending(f).is_some() => Some((
-                        ErrorCode::Other,
-                        format!(
-                            "folder {:?}: a promotion is in progress on this node; retry",
-                            f.name
-                        ),
-                    )),
-                    Some(f) => {
-                        let fence = f.fence.lock().map(|g| *g).unwrap_or_default();
-                        if h.epoch < fence.epoch || fence.source {
-                            Some((
-                                ErrorCode::Fenced,
-                                format!(
-                                    "folder {:?}: this node is {} at epoch {}; peer {peer} pushes at epoch {}: {}",
-                                    f.name,
-                                    if fence.source {
-                                        "the source"
-                                    } else {
-                                        "a replica"
-                                    },
-                                    fence.epoch,
-                                    h.epoch,
-                                    if h.epoch < fence.epoch {
-                                        "its epoch is older, it was demoted by a failover and must take the replica role"
-                                    } else {
-                                        "two sources at one epoch; refusing"
-                                    }
-                                ),
-                            ))
-                        } else {
-                            None
-                        }
-                    }
-                },
-            };
-            if let Some((code, message)) = refusal {
-                if code == ErrorCode::Fenced
-                    && let Some(f) = pick(folders, &h.folder)
-                {
-                    // Our hello first: it carries the epoch the fenced side adopts.
-                    let fence = f.fence.lock().map(|g| *g).unwrap_or_default();
-                    let role = if fence.source {
-                        Role::Source
-                    } else {
-                        Role::Replica
-                    };
-                    let ours = Hello::new(role, &f.name)
-                        .with_epoch(fence.epoch)
-                        .with_promotable(f.promotable);
-                    wire::send(&mut ctl_send, &Message::Hello(ours)).await?;
-                }
-                wire::send(
-                    &mut ctl_send,
-                    &Message::Error {
-                        code,
-                        message: message.clone(),
-                    },
-                )
-                .await?;
-                let _ = ctl_send.finish();
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), ctl_send.stopped())
-                    .await;
-                bail!("peer {peer}: {message}");
-            }
-            let f = pick(folders, &h.folder)
-                .cloned()
-                .ok_or_else(|| anyhow!("folder vanished"))?;
-            if let Ok(mut st) = f.stats.lock() {
-                st.source_epoch = Some(h.epoch);
-            }
-            adopt(&f, h.epoch, &peer);
-            (f, h.epoch)
-        }
+    let (mut ctl_send, mut ctl_recv, first) = first_frame(conn, &peer).await?;
+    let h = match first {
+        Message::Hello(h) => h,
         other => bail!("peer {peer} opened with {other:?} instead of a hello"),
     };
-    let (folder, their_epoch) = folder;
+    let found = pick(folders, &h.folder);
+    let view = found.map(|f| FolderView {
+        name: &f.name,
+        peer_allowed: f.allowed.is_empty() || peer_id.is_some_and(|p| f.allowed.contains(&p)),
+        promotion_pending: crate::handover::promotion::pending(f).is_some(),
+        fence: f.fence.lock().map(|g| *g).unwrap_or_default(),
+    });
+    let their_epoch = match handshake::admit(&h, &peer, view) {
+        Ok(admitted) => admitted.epoch,
+        Err(refusal) => return refuse(&mut ctl_send, &peer, refusal).await,
+    };
+    let folder = found.cloned().ok_or_else(|| anyhow!("folder vanished"))?;
+    if let Ok(mut st) = folder.stats.lock() {
+        st.source_epoch = Some(their_epoch);
+    }
+    adopt(&folder, their_epoch, &peer);
     let epoch = folder.fence.lock().map(|g| g.epoch).unwrap_or_default();
     wire::send(
         &mut ctl_send,
@@ -314,76 +196,143 @@ async fn run_inner(
     // A local promotion (`sync-cli promote`) may have run while this session
     // waited for the folder: then this source is fenced.
     let now = folder.fence.lock().map(|g| *g).unwrap_or_default();
-    if now.source || now.epoch > their_epoch {
-        let e = anyhow!(
-            "folder {:?}: this node was promoted to epoch {} while the session waited; \
-             peer {peer} at epoch {their_epoch} is fenced",
-            folder.name,
-            now.epoch
-        );
-        return fail(conn, &mut ctl_send, &folder, e, ErrorCode::Fenced, &peer).await;
+    if let Err(r) = handshake::recheck(&folder.name, &peer, now, their_epoch) {
+        let code = r.code();
+        return fail(conn, &mut ctl_send, &folder, r.into(), code, &peer).await;
     }
     folder.replica.reset();
     tracing::info!(%peer, folder = %folder.name, "source connected");
+    serve_rounds(conn, &folder, &mut ctl_send, &mut ctl_recv, &peer).await
+}
+
+/// The control stream and its first frame: a connection that opens no control
+/// stream, or says no hello, in time gives its slot back.
+async fn first_frame(
+    conn: &quinn::Connection,
+    peer: &str,
+) -> Result<(quinn::SendStream, quinn::RecvStream, Message)> {
+    tokio::time::timeout(wire::hello_deadline(), async {
+        let (s, mut r) = conn
+            .accept_bi()
+            .await
+            .context("waiting for the control stream")?;
+        let m = wire::expect(&mut r, "a hello").await?;
+        Ok::<_, anyhow::Error>((s, r, m))
+    })
+    .await
+    .map_err(|_| {
+        anyhow!(
+            "peer {peer} opened no control stream or sent no hello within {} s",
+            wire::hello_deadline().as_secs()
+        )
+    })?
+}
+
+/// Says why the source is refused (after our hello when it is fenced: it
+/// carries the epoch the fenced side adopts) and ends the session.
+async fn refuse(ctl_send: &mut quinn::SendStream, peer: &str, refusal: Refusal) -> Result<()> {
+    if let Some(ours) = refusal.reply_hello() {
+        wire::send(ctl_send, &Message::Hello(ours)).await?;
+    }
+    let message = refusal.to_string();
+    let code = refusal.code();
+    wire::send(
+        ctl_send,
+        &Message::Error {
+            code,
+            message: message.clone(),
+        },
+    )
+    .await?;
+    let _ = ctl_send.finish();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), ctl_send.stopped()).await;
+    bail!("peer {peer}: {message}");
+}
+
+/// Rounds and promotion requests until the source ends the session.
+async fn serve_rounds(
+    conn: &quinn::Connection,
+    folder: &Arc<ReplicaFolder>,
+    ctl_send: &mut quinn::SendStream,
+    ctl_recv: &mut quinn::RecvStream,
+    peer: &str,
+) -> Result<()> {
     loop {
-        let round = match read_round(&mut ctl_recv, &folder.activity).await {
+        let round = match read_round(ctl_recv, &folder.activity).await {
             Ok(Some(Ok(r))) => r,
             Ok(Some(Err(epoch))) => {
-                let error = match promote(&folder, epoch).await {
-                    Ok(()) => String::new(),
-                    Err(e) => format!("{e:#}"),
-                };
-                wire::send(
-                    &mut ctl_send,
-                    &Message::Promoted {
-                        epoch,
-                        error: error.clone(),
-                    },
-                )
-                .await?;
-                if error.is_empty() {
-                    folder.promoted.notify_waiters();
-                    folder.promoted.notify_one();
-                    // A source no longer: this session is over once the old
-                    // source has read the answer and closed.
-                    let _ = ctl_send.finish();
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                        while let Ok(Some(_)) = wire::recv(&mut ctl_recv).await {}
-                    })
-                    .await;
+                if answer_promotion(folder, epoch, ctl_send, ctl_recv).await? {
                     return Ok(());
                 }
                 continue;
             }
             Ok(None) => break,
-            Err(e) => {
-                return fail(conn, &mut ctl_send, &folder, e, ErrorCode::Protocol, &peer).await;
-            }
+            Err(e) => return fail(conn, ctl_send, folder, e, ErrorCode::Protocol, peer).await,
         };
         let (id, full) = (round.id, round.full);
-        match apply_round(conn, &folder, round).await {
+        match apply_round(conn, folder, round).await {
             Ok(summary) => {
-                if let Ok(mut t) = folder.last_applied.lock() {
-                    *t = Some(std::time::SystemTime::now());
-                }
-                if let Ok(mut w) = folder.last_warning.lock() {
-                    *w = (!summary.warnings.is_empty()).then(|| summary.warnings.join("; "));
-                }
-                if let Ok(mut st) = folder.stats.lock() {
-                    st.rounds += 1;
-                    st.full_rounds += u64::from(full);
-                    st.held = summary.held.iter().map(ToString::to_string).collect();
-                }
-                wire::send(&mut ctl_send, &Message::RoundDone { id, summary }).await?;
+                record_round(folder, full, &summary);
+                wire::send(ctl_send, &Message::RoundDone { id, summary }).await?;
                 if full {
                     crate::trim_heap();
                 }
             }
-            Err(e) => return fail(conn, &mut ctl_send, &folder, e, ErrorCode::Apply, &peer).await,
+            Err(e) => return fail(conn, ctl_send, folder, e, ErrorCode::Apply, peer).await,
         }
     }
     let _ = ctl_send.finish();
     Ok(())
+}
+
+/// Runs a promotion the source asked for and answers it; `true` when this
+/// node is now the source (the session is over).
+async fn answer_promotion(
+    folder: &ReplicaFolder,
+    epoch: u64,
+    ctl_send: &mut quinn::SendStream,
+    ctl_recv: &mut quinn::RecvStream,
+) -> Result<bool> {
+    let error = match promote(folder, epoch).await {
+        Ok(()) => String::new(),
+        Err(e) => format!("{e:#}"),
+    };
+    wire::send(
+        ctl_send,
+        &Message::Promoted {
+            epoch,
+            error: error.clone(),
+        },
+    )
+    .await?;
+    if !error.is_empty() {
+        return Ok(false);
+    }
+    folder.promoted.notify_waiters();
+    folder.promoted.notify_one();
+    // A source no longer: this session is over once the old source has read
+    // the answer and closed.
+    let _ = ctl_send.finish();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while let Ok(Some(_)) = wire::recv(ctl_recv).await {}
+    })
+    .await;
+    Ok(true)
+}
+
+/// A round applied, for status.
+fn record_round(folder: &ReplicaFolder, full: bool, summary: &proto::ApplySummary) {
+    if let Ok(mut t) = folder.last_applied.lock() {
+        *t = Some(std::time::SystemTime::now());
+    }
+    if let Ok(mut w) = folder.last_warning.lock() {
+        *w = (!summary.warnings.is_empty()).then(|| summary.warnings.join("; "));
+    }
+    if let Ok(mut st) = folder.stats.lock() {
+        st.rounds += 1;
+        st.full_rounds += u64::from(full);
+        st.held = summary.held.iter().map(ToString::to_string).collect();
+    }
 }
 
 /// Where to keep aside what this node alone holds, when it was fenced and
@@ -416,7 +365,7 @@ fn adopt(folder: &ReplicaFolder, epoch: u64, peer: &str) {
     let Ok(mut g) = folder.fence.lock() else {
         return;
     };
-    if epoch <= g.epoch || g.source {
+    if !g.adopts(epoch) {
         return;
     }
     if let Some(dir) = &folder.state_dir {

@@ -1,9 +1,11 @@
 //! The source side of a session.
 
-use super::{MANIFEST_FRAME_BYTES, Progress};
+use super::Progress;
 use crate::handover::PromoteFailure;
 use crate::wire;
 use anyhow::{Context, Result, anyhow, bail};
+use proto::handshake::{self, Answer};
+use proto::round::Outgoing;
 use proto::{ApplySummary, Entry, Hello, Kind, Message, RelPath, Role};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -12,8 +14,8 @@ use sync_core::delta::{self, Chunk, Encoder};
 use sync_core::sqlite::LiveSet;
 use tokio::sync::mpsc;
 
-pub use super::source_db::mark_databases;
 use super::source_db::serve_db;
+pub use sync_core::sqlite::mark_databases;
 
 /// One round to ship.
 #[derive(Debug, Clone, Default)]
@@ -68,46 +70,40 @@ impl SourceSession {
         let mut hello = Hello::new(Role::Source, folder).with_epoch(epoch);
         hello.version = version;
         wire::send(&mut ctl_send, &Message::Hello(hello)).await?;
-        let (peer_epoch, peer_promotable) =
-            match wire::expect_soon(&mut ctl_recv, "the replica's hello").await? {
-                Message::Hello(h) => {
-                    h.check()
-                        .map_err(|e| anyhow!("replica refused the handshake: {e}"))?;
-                    if h.role != Role::Replica || h.epoch > epoch {
+        let (peer_epoch, peer_promotable) = match wire::expect_soon(
+            &mut ctl_recv,
+            "the replica's hello",
+        )
+        .await?
+        {
+            Message::Hello(h) => {
+                let answer = handshake::judge_answer(&h, epoch)
+                    .map_err(|e| anyhow!("replica refused the handshake: {e}"))?;
+                match answer {
+                    Answer::Accepted { epoch } => (epoch, h.promotable),
+                    Answer::FencedBy { epoch: theirs } => {
                         // Fenced: the peer's hello carries its epoch, then why.
-                        let message =
-                            match wire::expect_soon(&mut ctl_recv, "the replica's answer").await {
-                                Ok(Message::Error { message, .. }) => message,
-                                _ => format!(
-                                    "peer is the folder's {} at epoch {}",
-                                    if h.role == Role::Source {
-                                        "source"
-                                    } else {
-                                        "replica"
-                                    },
-                                    h.epoch
-                                ),
-                            };
-                        if h.epoch > epoch {
-                            return Err(Fenced {
-                                epoch: h.epoch,
-                                message,
-                            }
-                            .into());
+                        let message = refusal_text(&mut ctl_recv, &h).await;
+                        return Err(Fenced {
+                            epoch: theirs,
+                            message,
                         }
+                        .into());
+                    }
+                    Answer::Claimed { epoch: theirs, .. } => {
                         // A peer that still believes it is the source at an epoch no
                         // newer than ours is a stale master: it is fenced when its own
                         // loop reaches us; we retry.
+                        let message = refusal_text(&mut ctl_recv, &h).await;
                         bail!(
-                            "peer claims the folder at epoch {} (ours is {epoch}): {message}",
-                            h.epoch
+                            "peer claims the folder at epoch {theirs} (ours is {epoch}): {message}"
                         );
                     }
-                    (h.epoch, h.promotable)
                 }
-                Message::Error { message, .. } => bail!("replica refused the session: {message}"),
-                other => bail!("replica sent {other:?} instead of a hello"),
-            };
+            }
+            Message::Error { message, .. } => bail!("replica refused the session: {message}"),
+            other => bail!("replica sent {other:?} instead of a hello"),
+        };
         let (tx, ctl_rx) = mpsc::channel(4);
         tokio::spawn(async move {
             loop {
@@ -199,65 +195,34 @@ impl SourceSession {
         let id = self.next_id;
         self.next_id += 1;
         let s = &mut self.ctl_send;
-        wire::send(
-            s,
-            &Message::RoundStart {
-                id,
-                full: round.full,
-                checksum: round.checksum,
-                verify: round.verify,
-            },
-        )
-        .await?;
-        let mut batch = Vec::new();
-        let mut batch_bytes = 0;
-        for e in round.entries.iter() {
-            batch_bytes += e.path.as_bytes().len()
-                + 64
-                + match &e.kind {
-                    Kind::Symlink { target } => target.len(),
-                    Kind::HardLink { target } => target.as_bytes().len(),
-                    _ => 0,
-                }
-                + e.meta
-                    .xattrs
-                    .iter()
-                    .map(|x| x.name.len() + x.value.len() + 8)
-                    .sum::<usize>();
-            batch.push(e.clone());
-            if batch.len() >= proto::MAX_ENTRIES_PER_BATCH || batch_bytes >= MANIFEST_FRAME_BYTES {
-                let n = batch.len() as u64;
-                wire::send(s, &Message::Manifest(std::mem::take(&mut batch))).await?;
-                self.progress.entries_sent.fetch_add(n, Ordering::Relaxed);
-                batch_bytes = 0;
-            }
-        }
-        if !batch.is_empty() {
-            let n = batch.len() as u64;
-            wire::send(s, &Message::Manifest(batch)).await?;
-            self.progress.entries_sent.fetch_add(n, Ordering::Relaxed);
-        }
-        if !round.full {
-            // Small files travel with the round: no request per file on the hot path.
-            let (entries, root) = (round.entries.clone(), self.root.clone());
-            let inline =
-                tokio::task::spawn_blocking(move || inline_contents(&root, &entries)).await?;
-            for (index, data) in inline {
-                wire::send(s, &Message::Inline { index, data }).await?;
-            }
-        }
-        for chunk in round.renamed.chunks(proto::MAX_ENTRIES_PER_BATCH) {
-            wire::send(s, &Message::Renamed(chunk.to_vec())).await?;
-        }
-        for chunk in round.deleted.chunks(proto::MAX_ENTRIES_PER_BATCH) {
-            wire::send(s, &Message::Deleted(chunk.to_vec())).await?;
-        }
-        let end = Message::RoundEnd {
+        let out = Outgoing {
             id,
-            entries: round.entries.len() as u64,
+            full: round.full,
+            checksum: round.checksum,
+            verify: round.verify,
+            entries: &round.entries,
+            renamed: &round.renamed,
+            deleted: &round.deleted,
             root_hash: round.root_hash,
         };
-        wire::send(s, &end).await?;
+        for msg in out.head() {
+            let n = match &msg {
+                Message::Manifest(b) => b.len() as u64,
+                _ => 0,
+            };
+            wire::send(s, &msg).await?;
+            self.progress.entries_sent.fetch_add(n, Ordering::Relaxed);
+        }
+        let inline = if round.full {
+            Vec::new()
+        } else {
+            // Small files travel with the round: no request per file on the hot path.
+            let (entries, root) = (round.entries.clone(), self.root.clone());
+            tokio::task::spawn_blocking(move || inline_contents(&root, &entries)).await?
+        };
+        for msg in out.tail(inline) {
+            wire::send(s, &msg).await?;
+        }
 
         let mut serving = tokio::task::JoinSet::new();
         // A replica may open many streams; at most this many are served at once
@@ -300,6 +265,14 @@ impl SourceSession {
         // The replica closes once it has read the end of the control stream.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.conn.closed()).await;
         self.conn.close(0u32.into(), b"done");
+    }
+}
+
+/// Why a peer refused us: its `Error` frame, or what its hello says.
+async fn refusal_text(ctl_recv: &mut quinn::RecvStream, h: &Hello) -> String {
+    match wire::expect_soon(ctl_recv, "the replica's answer").await {
+        Ok(Message::Error { message, .. }) => message,
+        _ => handshake::claim_text(h.role, h.epoch),
     }
 }
 

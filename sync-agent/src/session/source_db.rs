@@ -105,21 +105,3 @@ pub(super) async fn serve_db(
 pub(super) fn lock_live(l: &Mutex<LiveSet>) -> Result<std::sync::MutexGuard<'_, LiveSet>> {
     l.lock().map_err(|_| anyhow!("live database set poisoned"))
 }
-
-/// Gives the entries of live databases their snapshot (page size, count, hash):
-/// a database is never shipped as a file.
-pub fn mark_databases(entries: &mut [Entry], live: &LiveSet) -> Result<()> {
-    for e in entries.iter_mut() {
-        if live.contains(&e.path) {
-            let snap = live
-                .snapshot(&e.path)
-                .ok_or_else(|| anyhow!("database {}: no snapshot taken", e.path))?;
-            e.kind = Kind::Database {
-                page_size: snap.page_size,
-                pages: snap.pages,
-                hash: snap.hash,
-            };
-        }
-    }
-    Ok(())
-}

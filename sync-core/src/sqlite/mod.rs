@@ -223,3 +223,22 @@ mod wal;
 pub use conn::CHECKPOINT_BYTES;
 pub use live::{CutStats, LOCK_WAIT, LiveSet, Need, RELEASE_BUDGET, Snapshot};
 pub use replica::{Exclusive, Held, Lock, apply_pages, integrity, lock_exclusive, read_hashes};
+
+/// Gives the entries of live databases their snapshot (page size, count, hash):
+/// a database is never shipped as a file.
+pub fn mark_databases(entries: &mut [proto::Entry], live: &LiveSet) -> Result<(), Error> {
+    for e in entries.iter_mut() {
+        if live.contains(&e.path) {
+            let snap = live.snapshot(&e.path).ok_or_else(|| Error::Sqlite {
+                path: e.path.to_string(),
+                msg: "no snapshot taken".into(),
+            })?;
+            e.kind = proto::Kind::Database {
+                page_size: snap.page_size,
+                pages: snap.pages,
+                hash: snap.hash,
+            };
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,402 @@
+//! The replica's round engine: the synchronous phases of applying one
+//! round, with no network, no tokio and no clock.
+//!
+//! A round, once assembled by [`proto::round::Assembler`], goes through:
+//! [`check`] (before anything is made), [`keep`] (excluded entries dropped),
+//! [`prepare`] (renames, explicit deletions, the replica's own scan, the plan),
+//! [`make`] (the plan's deletions, directories, other entries), contents
+//! ([`write_whole`] for content at hand; the agent pulls the rest over
+//! QUIC, the tests' [`content::Loopback`] reads it from the source tree),
+//! [`finish`] (renames into place, links, metadata, directories, durability),
+//! and [`verify`] when the round asks for the replica's root hash.
+
+mod check;
+pub mod content;
+
+pub use check::{RoundError, check};
+
+use crate::apply::Replica;
+use crate::filter::Filter;
+use crate::plan::Plan;
+use crate::scan::{DbDetect, ScanOptions};
+use crate::{Error, Manifest};
+use proto::round::Incoming;
+use proto::{ApplySummary, Entry, Kind, RelPath};
+use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt as _;
+use std::sync::Arc;
+
+/// A received round, its entries as a manifest.
+#[derive(Debug, Clone, Default)]
+pub struct Round {
+    /// Round number.
+    pub id: u64,
+    /// Whether `src` is the whole tree.
+    pub full: bool,
+    /// Compare regular files by content hash (full rounds; partial rounds always do).
+    pub checksum: bool,
+    /// Report the replica's root hash after the round.
+    pub verify: bool,
+    /// The round's entries.
+    pub src: Manifest,
+    /// Paths removed.
+    pub deleted: Vec<RelPath>,
+    /// Renames, applied first.
+    pub renamed: Vec<(RelPath, RelPath)>,
+    /// Content that came with the round, by entry index.
+    pub inline: HashMap<u64, Vec<u8>>,
+    /// The source's root hash after the round.
+    pub root_hash: [u8; 32],
+}
+
+impl From<Incoming> for Round {
+    fn from(r: Incoming) -> Self {
+        Self {
+            id: r.id,
+            full: r.full,
+            checksum: r.checksum,
+            verify: r.verify,
+            src: Manifest { entries: r.entries },
+            deleted: r.deleted,
+            renamed: r.renamed,
+            inline: r.inline,
+            root_hash: r.root_hash,
+        }
+    }
+}
+
+impl Round {
+    /// Whether files are compared by content: a partial round (a few paths)
+    /// always does; a full round when asked (rsync -c), by size and mtime
+    /// otherwise, as rsync does.
+    #[must_use]
+    pub fn compares_content(&self) -> bool {
+        self.checksum || !self.full
+    }
+}
+
+/// Drops excluded entries: the planned manifest, and for each of its entries
+/// its index in the round (which the source serves).
+#[must_use]
+pub fn keep(src: &Manifest, filter: &Filter) -> (Vec<usize>, Manifest) {
+    let kept: Vec<usize> = (0..src.entries.len())
+        .filter(|&i| !filter.excludes(&src.entries[i].path, src.entries[i].kind == Kind::Dir))
+        .collect();
+    let planned = Manifest {
+        entries: kept.iter().map(|&i| src.entries[i].clone()).collect(),
+    };
+    (kept, planned)
+}
+
+/// What [`prepare`] needs besides the replica and the planned manifest.
+#[derive(Debug)]
+pub struct Prepare<'a> {
+    /// Excludes (never written, never deleted).
+    pub filter: &'a Filter,
+    /// How databases are told.
+    pub detect: Arc<DbDetect>,
+    /// Whether the round is full.
+    pub full: bool,
+    /// Whether files are compared by content.
+    pub checksum: bool,
+    /// The round's renames.
+    pub renamed: &'a [(RelPath, RelPath)],
+    /// The round's deletions.
+    pub deleted: &'a [RelPath],
+}
+
+/// Renames and explicit deletions (excluded paths left alone), then the
+/// replica's own manifest (a scan of the tree for a full round, of the
+/// planned paths for a partial one), and the plan from it to `s`.
+pub fn prepare(
+    r: &Replica,
+    s: &Manifest,
+    p: &Prepare<'_>,
+    sum: &mut ApplySummary,
+) -> Result<(Manifest, Plan), Error> {
+    let f = p.filter;
+    let opts = ScanOptions {
+        hash: p.checksum,
+        hard_links: false,
+        filter: f.clone(),
+        databases: Some(p.detect.clone()),
+    };
+    // Excludes are matched with the replica's own kind of the entry.
+    let excluded = |path: &RelPath| {
+        let is_dir = std::fs::symlink_metadata(crate::scan::abs(r.root_path(), path))
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
+        f.excludes(path, is_dir)
+    };
+    for (from, to) in p
+        .renamed
+        .iter()
+        .filter(|(a, b)| !excluded(a) && !excluded(b))
+    {
+        r.rename(from, to);
+    }
+    // Excluded and overlay entries are never deleted, not even with their
+    // parent: a directory holding one is emptied of the rest and kept.
+    let keep = |path: &RelPath, is_dir: bool| f.excludes(path, is_dir);
+    for path in p.deleted.iter().filter(|path| !excluded(path)) {
+        if !r.remove_all_but(path, &keep)? {
+            tracing::info!("{path}: kept, it holds excluded or overlay entries");
+        }
+        sum.entries_deleted += 1;
+    }
+    let (dst, linked) = if p.full {
+        let (dst, report) = crate::scan::scan_with(r.root_path(), &opts, None)?;
+        let swept = r.sweep_temps(&report.temp_files)?;
+        if swept > 0 {
+            tracing::info!(swept, "removed temp files left by an interrupted run");
+        }
+        (dst, report.multi_linked)
+    } else {
+        own_entries(r, s, &opts)?
+    };
+    let plan = crate::plan::plan_with_links(s, &dst, p.checksum, &linked);
+    Ok((dst, plan))
+}
+
+/// The replica's own entries at the planned paths of a partial round, and
+/// which of them have other links.
+fn own_entries(
+    r: &Replica,
+    s: &Manifest,
+    opts: &ScanOptions,
+) -> Result<(Manifest, std::collections::HashSet<RelPath>), Error> {
+    let mut linked = std::collections::HashSet::new();
+    let mut entries = Vec::with_capacity(s.entries.len());
+    for e in &s.entries {
+        // Only through real directories: a symlinked parent (planted by an
+        // earlier round) is never looked through, so nothing outside the root
+        // is stat'ed or hashed; the entry counts as absent.
+        if let Some((parent, _)) = e.path.split_last()
+            && r.dir(&parent).is_err()
+        {
+            continue;
+        }
+        let (d, report) = crate::scan::entry_at(r.root_path(), &e.path, opts, None)?;
+        linked.extend(report.multi_linked);
+        entries.extend(d);
+    }
+    Ok((Manifest { entries }, linked))
+}
+
+/// The plan's deletions (excluded and overlay entries kept), then its
+/// directories and its other entries (links, specials).
+pub fn make(
+    r: &Replica,
+    s: &Manifest,
+    plan: &mut Plan,
+    filter: &Filter,
+    sum: &mut ApplySummary,
+) -> Result<(), Error> {
+    let keep = |p: &RelPath, is_dir: bool| filter.excludes(p, is_dir);
+    delete_keeping(r, s, plan, &keep, sum)?;
+    for &i in &plan.mkdir {
+        r.mkdir(&s.entries[i].path)?;
+        sum.others_created += 1;
+    }
+    for &i in &plan.create {
+        r.create(&s.entries[i])?;
+        sum.others_created += 1;
+    }
+    Ok(())
+}
+
+/// Writes whole contents of planned entries (`(index in s, content)`),
+/// staged and checked against their hash: `(files, bytes)` written.
+pub fn write_whole(
+    r: &Replica,
+    s: &Manifest,
+    contents: Vec<(usize, Vec<u8>)>,
+) -> Result<(u64, u64), Error> {
+    let (mut files, mut bytes) = (0, 0);
+    for (i, data) in contents {
+        let e = &s.entries[i];
+        let Kind::File { hash, .. } = e.kind else {
+            continue;
+        };
+        let mut staged = r.stage(&e.path)?;
+        staged.write(&data)?;
+        staged.commit(&hash, &e.meta)?;
+        files += 1;
+        bytes += data.len() as u64;
+    }
+    Ok((files, bytes))
+}
+
+/// Renames into place, links, metadata, directories, durability; the
+/// replica's warnings and held databases go into the summary.
+pub fn finish(
+    r: &Replica,
+    s: &Manifest,
+    plan: &Plan,
+    dst: &Manifest,
+    mut summary: ApplySummary,
+) -> Result<ApplySummary, Error> {
+    r.flush()?;
+    for &i in &plan.hardlink {
+        let e = &s.entries[i];
+        if let Kind::HardLink { target } = &e.kind {
+            r.hardlink(&e.path, target)?;
+            summary.others_created += 1;
+        }
+    }
+    for &i in &plan.meta {
+        r.set_meta(&s.entries[i])?;
+        summary.meta_updated += 1;
+    }
+    for &i in &plan.dirs {
+        let e = &s.entries[i];
+        r.finish_dir(e, dst.get(&e.path).map(|(_, d)| &d.meta))?;
+    }
+    r.finish()?;
+    summary.warnings = r.take_warnings();
+    summary.held = r.take_held();
+    Ok(summary)
+}
+
+/// What a verified round found on the replica after it.
+#[derive(Debug, Clone, Default)]
+pub struct Verified {
+    /// The replica's root hash, from a fresh scan.
+    pub root: [u8; 32],
+    /// The first differences from the planned manifest.
+    pub differences: Vec<String>,
+    /// Databases another process holds open, with the holders.
+    pub held_by: Vec<(RelPath, String)>,
+}
+
+/// The replica's own root hash after a round, what differs from `planned`,
+/// and which databases another process holds open (a handover's preflight
+/// refuses on it).
+pub fn verify(
+    r: &Replica,
+    detect: Arc<DbDetect>,
+    filter: Filter,
+    planned: &Manifest,
+) -> Result<Verified, Error> {
+    let (own, dbs) = own_manifest(r, detect, filter)?;
+    let own = without_kept_dirs(own, planned);
+    let held_by = dbs
+        .into_iter()
+        .filter_map(|p| r.db_holders(&p).map(|who| (p, who)))
+        .collect();
+    // Say what differs, so that a failed cut explains itself.
+    let differences = crate::manifest::diff(planned, &own)
+        .iter()
+        .take(5)
+        .map(|d| format!("after the cut: {d}"))
+        .collect();
+    Ok(Verified {
+        root: own.root_hash(),
+        differences,
+        held_by,
+    })
+}
+
+/// Adds what [`verify`] found to the round's summary: the root hash, a
+/// warning `{held_prefix}{path}: {holders}` per held database, and on a full
+/// round the differences.
+pub fn add_verified(summary: &mut ApplySummary, v: Verified, full: bool, held_prefix: &str) {
+    summary.root_hash = Some(v.root);
+    for (p, who) in v.held_by {
+        summary.warnings.push(format!("{held_prefix}{p}: {who}"));
+        if !summary.held.contains(&p) {
+            summary.held.push(p);
+        }
+    }
+    if full {
+        summary.warnings.extend(v.differences);
+    }
+}
+
+/// Removes what the plan deletes, keeping excluded and overlay entries
+/// (`keep`); a type change that would destroy them is refused for that path
+/// with a warning and dropped from the plan, so the rest of the round applies.
+pub fn delete_keeping(
+    r: &Replica,
+    s: &Manifest,
+    plan: &mut Plan,
+    keep: &dyn Fn(&RelPath, bool) -> bool,
+    sum: &mut ApplySummary,
+) -> Result<(), Error> {
+    let mut refused = std::collections::HashSet::new();
+    for p in &plan.delete {
+        let gone = r.remove_all_but(p, keep)?;
+        sum.entries_deleted += 1;
+        let Some((_, e)) = s.get(p).filter(|(_, e)| !gone && e.kind != Kind::Dir) else {
+            continue;
+        };
+        r.warn(format!(
+            "{}: not replaced by a {}: the directory holds excluded or overlay entries",
+            r.root_path()
+                .join(std::ffi::OsStr::from_bytes(p.as_bytes()))
+                .display(),
+            e.kind.name()
+        ));
+        refused.insert(p.clone());
+    }
+    if !refused.is_empty() {
+        let ok = |i: &usize| !refused.contains(&s.entries[*i].path);
+        plan.fetch.retain(|f| ok(&f.index));
+        plan.dbs.retain(ok);
+        plan.create.retain(ok);
+        plan.hardlink.retain(ok);
+        plan.meta.retain(ok);
+    }
+    Ok(())
+}
+
+/// `own` without the directories the source no longer has that were kept
+/// only for the excluded or overlay entries they hold (which no manifest
+/// lists): the cut's root hash is the source's.
+pub fn without_kept_dirs(own: Manifest, planned: &Manifest) -> Manifest {
+    let mut kept: Vec<Entry> = Vec::with_capacity(own.entries.len());
+    for e in own.entries.into_iter().rev() {
+        let holds_something = kept
+            .last()
+            .is_some_and(|next| next.path != e.path && next.path.starts_with(&e.path));
+        if e.kind == Kind::Dir && !holds_something && planned.get(&e.path).is_none() {
+            continue;
+        }
+        kept.push(e);
+    }
+    kept.reverse();
+    Manifest { entries: kept }
+}
+
+/// The replica's own manifest from a fresh scan of its tree (databases by
+/// their page hashes), whose root hash is compared with the source's after a cut.
+pub fn own_manifest(
+    r: &Replica,
+    detect: Arc<DbDetect>,
+    filter: Filter,
+) -> Result<(Manifest, Vec<RelPath>), Error> {
+    let opts = ScanOptions {
+        databases: Some(detect),
+        filter,
+        ..Default::default()
+    };
+    let (mut m, report) = crate::scan::scan_with(r.root_path(), &opts, None)?;
+    for p in &report.databases {
+        let held = r.db_held(p)?;
+        if let (Some(i), Some(h)) = (m.entries.iter().position(|e| &e.path == p), held) {
+            m.entries[i].kind = Kind::Database {
+                page_size: h.page_size,
+                pages: h.hashes.len() as u32,
+                hash: h.hash,
+            };
+        }
+    }
+    Ok((m, report.databases))
+}
+
+#[cfg(test)]
+mod pair;
+#[cfg(test)]
+mod pair_tests;
+#[cfg(test)]
+mod unit_tests;

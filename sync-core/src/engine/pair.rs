@@ -1,0 +1,293 @@
+//! The in-memory pair of the fast test tier: a source and a replica over two
+//! temp dirs, the round's messages passed through [`Outgoing`] and
+//! [`Assembler`] in memory, contents from the source tree ([`Loopback`]),
+//! database pages from the source's [`LiveSet`]. No network, no tokio.
+
+use super::content::{ContentSource as _, Loopback, pull, split_inline};
+use super::*;
+use crate::sqlite::{LiveSet, Need};
+use proto::Message;
+use proto::round::{Assembler, Event, Outgoing};
+use std::path::PathBuf;
+
+pub(super) struct Pair {
+    pub src: tempfile::TempDir,
+    pub dst: tempfile::TempDir,
+    pub replica: Replica,
+    pub filter: Filter,
+    detect: Arc<DbDetect>,
+    live: LiveSet,
+    next_id: u64,
+}
+
+/// The prefix of held-database warnings in verified rounds here.
+const HELD: &str = "held: ";
+
+impl Pair {
+    pub fn new() -> Self {
+        let src = tempfile::tempdir().expect("a temp dir");
+        let dst = tempfile::tempdir().expect("a temp dir");
+        let replica = Replica::open(dst.path()).expect("the replica root opens");
+        replica.reset();
+        let live = LiveSet::new(src.path(), std::time::Duration::from_secs(5));
+        Self {
+            src,
+            dst,
+            replica,
+            filter: Filter::default(),
+            detect: Arc::new(DbDetect::default()),
+            live,
+            next_id: 1,
+        }
+    }
+
+    pub fn src(&self, rel: &str) -> PathBuf {
+        self.src.path().join(rel)
+    }
+
+    pub fn dst(&self, rel: &str) -> PathBuf {
+        self.dst.path().join(rel)
+    }
+
+    /// The source's whole manifest as the agent makes it: scan, cut of the
+    /// live databases, their entries marked with their snapshots.
+    pub fn source_manifest(&mut self) -> Manifest {
+        let opts = ScanOptions {
+            databases: Some(self.detect.clone()),
+            filter: self.filter.clone(),
+            ..Default::default()
+        };
+        let (mut m, report) =
+            crate::scan::scan_with(self.src.path(), &opts, None).expect("the source scans");
+        self.live.track(&report.databases);
+        let stats = self.live.cut().expect("a cut");
+        m.entries.retain(|e| !stats.dropped.contains(&e.path));
+        crate::sqlite::mark_databases(&mut m.entries, &self.live).expect("marked");
+        m
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id - 1
+    }
+
+    /// A full, verified round of the whole source tree; the replica's root
+    /// hash after it is the source's.
+    pub fn full(&mut self) -> Result<ApplySummary, String> {
+        let m = self.source_manifest();
+        let out = Outgoing {
+            id: self.id(),
+            full: true,
+            checksum: false,
+            verify: true,
+            entries: &m.entries,
+            renamed: &[],
+            deleted: &[],
+            root_hash: m.root_hash(),
+        };
+        let msgs: Vec<Message> = out.messages(Vec::new()).collect();
+        let sum = self.send(msgs)?;
+        assert_eq!(sum.root_hash, Some(m.root_hash()), "{sum:?}");
+        Ok(sum)
+    }
+
+    /// A partial round of `changed` paths (as the source has them now),
+    /// `deleted` and `renamed`, with small contents inline; then the
+    /// replica's root hash is the source's.
+    pub fn partial(
+        &mut self,
+        changed: &[&str],
+        deleted: &[&str],
+        renamed: &[(&str, &str)],
+    ) -> Result<ApplySummary, String> {
+        let whole = self.source_manifest();
+        // With their parent directories, whose mtimes the changes moved (as
+        // the agent's batches carry them).
+        let named = changed
+            .iter()
+            .chain(deleted)
+            .chain(renamed.iter().flat_map(|(a, b)| [a, b]));
+        let mut paths: Vec<RelPath> = named
+            .flat_map(|p| {
+                let p = rel(p);
+                let parent = p.split_last().map(|(d, _)| d);
+                [Some(p), parent]
+            })
+            .flatten()
+            .filter(|p| !deleted.contains(&p.to_string().as_str()))
+            .collect();
+        paths.sort();
+        paths.dedup();
+        let entries: Vec<Entry> = paths
+            .iter()
+            .filter_map(|p| whole.get(p).map(|(_, e)| e.clone()))
+            .collect();
+        let inline: Vec<(u64, Vec<u8>)> = (0..entries.len())
+            .filter_map(|i| {
+                let data = Loopback {
+                    root: self.src.path(),
+                }
+                .content(i as u64, &entries[i])?;
+                (data.len() <= proto::MAX_INLINE).then_some((i as u64, data))
+            })
+            .collect();
+        let deleted: Vec<RelPath> = deleted.iter().map(|p| rel(p)).collect();
+        let renamed: Vec<(RelPath, RelPath)> =
+            renamed.iter().map(|(a, b)| (rel(a), rel(b))).collect();
+        let out = Outgoing {
+            id: self.id(),
+            full: false,
+            checksum: false,
+            verify: true,
+            entries: &entries,
+            renamed: &renamed,
+            deleted: &deleted,
+            root_hash: [0; 32],
+        };
+        let msgs: Vec<Message> = out.messages(inline).collect();
+        let sum = self.send(msgs)?;
+        self.assert_mirrored_but_root_mtime();
+        Ok(sum)
+    }
+
+    /// Feeds messages to the replica side as they would arrive; the round
+    /// they complete is applied.
+    pub fn send(
+        &mut self,
+        msgs: impl IntoIterator<Item = Message>,
+    ) -> Result<ApplySummary, String> {
+        let mut asm = Assembler::new();
+        for m in msgs {
+            match asm.handle(m).map_err(|e| e.to_string())? {
+                Some(Event::Round(r)) => return self.apply(r),
+                Some(Event::Promote { epoch }) => return Err(format!("promote {epoch}")),
+                None => {}
+            }
+        }
+        Err("the messages ended inside a round".into())
+    }
+
+    /// The replica engine's phases, in the agent's order, contents from the
+    /// source tree; a failed round is aborted as the agent aborts it.
+    pub fn apply(&mut self, r: Incoming) -> Result<ApplySummary, String> {
+        let round = Round::from(r);
+        check(&round, self.replica.root_path()).map_err(|e| e.to_string())?;
+        let res = self.apply_checked(round);
+        if res.is_err() {
+            self.replica.abort();
+        }
+        self.live.end_round();
+        res.map_err(|e| e.to_string())
+    }
+
+    fn apply_checked(&self, mut round: Round) -> Result<ApplySummary, Error> {
+        let r = &self.replica;
+        let (kept, planned) = keep(&round.src, &self.filter);
+        let mut sum = ApplySummary::default();
+        let prep = Prepare {
+            filter: &self.filter,
+            detect: self.detect.clone(),
+            full: round.full,
+            checksum: round.compares_content(),
+            renamed: &round.renamed,
+            deleted: &round.deleted,
+        };
+        let (dst, mut plan) = prepare(r, &planned, &prep, &mut sum)?;
+        make(r, &planned, &mut plan, &self.filter, &mut sum)?;
+        let (inlined, pulled) = split_inline(&plan, &kept, &mut round.inline);
+        let (files, bytes) = write_whole(r, &planned, inlined)?;
+        sum.files_inline += files;
+        sum.files_transferred += files;
+        sum.bytes_literal += bytes;
+        let loopback = Loopback {
+            root: self.src.path(),
+        };
+        let contents = pull(&loopback, &planned, &kept, &pulled);
+        let (files, bytes) = write_whole(r, &planned, contents)?;
+        sum.files_transferred += files;
+        sum.bytes_literal += bytes;
+        for &i in &plan.dbs {
+            let e = &planned.entries[i];
+            if let Some(pages) = self.ship_db(e, dst.get(&e.path).map(|(_, d)| &d.meta))? {
+                sum.databases_applied += 1;
+                sum.db_pages += pages;
+            }
+        }
+        let mut sum = finish(r, &planned, &plan, &dst, sum)?;
+        if round.verify {
+            let v = verify(r, self.detect.clone(), self.filter.clone(), &planned)?;
+            add_verified(&mut sum, v, round.full, HELD);
+        }
+        Ok(sum)
+    }
+
+    /// One database brought to the source's snapshot, pages from the
+    /// source's cut (what the agent's database exchange carries).
+    fn ship_db(&self, e: &Entry, current: Option<&proto::Meta>) -> Result<Option<u64>, Error> {
+        let Kind::Database {
+            page_size,
+            pages,
+            hash,
+        } = e.kind
+        else {
+            return Ok(None);
+        };
+        let r = &self.replica;
+        let held = r.db_held(&e.path)?;
+        if held.as_ref().is_some_and(|h| h.hash == hash) {
+            if current != Some(&e.meta) {
+                r.set_meta(e)?;
+            }
+            return Ok(None);
+        }
+        let have = held.as_ref().map_or([0; 32], |h| h.hash);
+        let wanted = match self.live.need(&e.path, &have) {
+            Need::Nothing => Vec::new(),
+            Need::Pages(p) => p,
+            Need::Hashes => match &held {
+                Some(h) => self.live.differing(&e.path, h.page_size, &h.hashes),
+                None => self.live.differing(&e.path, 0, &[]),
+            },
+        };
+        let mut staged = r.stage_db(&e.path, held, page_size, pages)?;
+        for &p in &wanted {
+            staged.page(p, &self.live.page(&e.path, p)?)?;
+        }
+        staged.commit(&hash, &e.meta)?;
+        Ok(Some(wanted.len() as u64))
+    }
+
+    /// The replica's tree, scanned as the source's is: the same root hash.
+    pub fn assert_mirrored(&mut self) {
+        self.compare(true);
+    }
+
+    /// The same, but for the root directory's mtime. A partial round that
+    /// does not carry the root leaves it as the round's journal (or a
+    /// database's) left it once the session touched the root (the replica
+    /// forgets what it touched per session, not per round); the next full
+    /// round sets it.
+    pub fn assert_mirrored_but_root_mtime(&mut self) {
+        self.compare(false);
+    }
+
+    fn compare(&mut self, root_mtime: bool) {
+        let mut want = self.source_manifest();
+        let (mut own, _) = own_manifest(&self.replica, self.detect.clone(), self.filter.clone())
+            .expect("the replica scans");
+        if !root_mtime {
+            for m in [&mut want, &mut own] {
+                if let Some(root) = m.entries.first_mut().filter(|e| e.path.is_root()) {
+                    (root.meta.mtime_sec, root.meta.mtime_nsec) = (0, 0);
+                }
+            }
+        }
+        let diff = crate::manifest::diff(&want, &own);
+        assert!(diff.is_empty(), "{diff:?}");
+        assert_eq!(own.root_hash(), want.root_hash());
+    }
+}
+
+pub(super) fn rel(p: &str) -> RelPath {
+    RelPath::new(p.as_bytes().to_vec()).expect("a valid test path")
+}
