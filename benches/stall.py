@@ -11,7 +11,7 @@ file of random bytes is written into the same tree. Run twice: with a
 and with no agent at all. Prints the writer's worst commit (BEGIN IMMEDIATE to
 the end of COMMIT, lock waits included) of each run. Needs root and a build of
 the workspace's binaries (`cargo build --workspace --bins`, or --release with
---bin-dir target/release; sqlite_writer is always taken from target/debug).
+--bin-dir target/release; sqlite_writer is taken from --bin-dir, else target/debug).
 """
 import argparse
 import os
@@ -27,6 +27,12 @@ ROOT = os.path.dirname(HERE)
 
 def run(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def writer_bin(args):
+    """sqlite_writer from --bin-dir when it was built there, else target/debug."""
+    here = os.path.join(args.bin_dir, "sqlite_writer")
+    return here if os.path.exists(here) else os.path.join(ROOT, "target/debug/sqlite_writer")
 
 
 def writer_run(args, src, with_agents):
@@ -51,7 +57,7 @@ def writer_run(args, src, with_agents):
                                      stderr=subprocess.DEVNULL)
         procs = [src_agent, rep]
         time.sleep(2)
-    w = subprocess.Popen([os.path.join(ROOT, "target/debug/sqlite_writer"), "--dir", src, "--journal", "delete",
+    w = subprocess.Popen([writer_bin(args), "--dir", src, "--journal", "delete",
                           "--rate", str(args.rate), "--seconds", str(args.seconds), "--log", os.devnull],
                          stderr=subprocess.PIPE, text=True)
     time.sleep(3)

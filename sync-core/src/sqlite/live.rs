@@ -1,6 +1,7 @@
 //! The source side: a folder's live databases, cut together.
 
 use super::conn::{Conns, FileStamp, Seen, side_path};
+use super::copy::{COPY_BUDGET, Head};
 use super::wal::{WalPos, wal_frames};
 use super::{read_page, sql_err};
 use crate::{Error, RelPath};
@@ -41,6 +42,13 @@ pub(super) struct LiveDb {
     /// Pages of the current snapshot read ahead of its round (`Some` once
     /// the snapshot itself was let go: [`LiveSet::release`]).
     pub(super) cache: Option<BTreeMap<u32, Vec<u8>>>,
+    /// A rollback-journal database's whole file as this cut took it
+    /// (`copy.rs`).
+    pub(super) copy: Option<Vec<u8>>,
+    /// The cut's page count, page size and first page, when read already.
+    pub(super) head: Option<Head>,
+    /// Whether the file is another one than the last cut's (a new inode).
+    pub(super) replaced: bool,
     pub(super) wal: WalPos,
     /// The database file as the last cut saw it, under its lock.
     pub(super) seen: Option<Seen>,
@@ -65,6 +73,9 @@ impl LiveDb {
             busy,
             conns: None,
             cache: None,
+            copy: None,
+            head: None,
+            replaced: false,
             wal: WalPos::default(),
             seen: None,
             frames: None,
@@ -123,6 +134,7 @@ impl LiveDb {
         let frames = wal_frames(&wal, &mut self.wal, limit, base_unchanged);
         // A database restored by rename is another file: compare every page.
         self.frames = if replaced { None } else { frames };
+        self.replaced = replaced;
         self.seen = Some(Seen {
             stamp: now,
             at_ns: crate::scan::now_ns(),
@@ -145,8 +157,10 @@ impl LiveDb {
 
     /// The round is served (or the cut postponed): the snapshot, the
     /// connections and the pages read ahead are let go.
-    fn end_round(&mut self) {
+    pub(super) fn end_round(&mut self) {
         self.cache = None;
+        self.copy = None;
+        self.head = None;
         if let Some(c) = self.conns.take() {
             c.close(&self.path);
         }
@@ -158,6 +172,18 @@ impl LiveDb {
     /// up); otherwise the snapshot stays open for the round.
     fn release(&mut self, all: bool, budget: &mut u64) -> Result<(), Error> {
         if self.conns.is_none() || self.cache.is_some() {
+            return Ok(());
+        }
+        if self.copy.is_some() {
+            // the round is served from the copy
+            if let Some(c) = self.conns.take() {
+                c.close(&self.path);
+            }
+            return Ok(());
+        }
+        if self.conns.as_ref().is_some_and(|c| !c.reading) {
+            // found unchanged: pages are read, if asked for, in short read
+            // transactions that check it still is
             return Ok(());
         }
         let count = self.hashes.len() as u32;
@@ -193,7 +219,7 @@ impl LiveDb {
                     "page {pgno} was not read ahead for this round (a replica at an unknown state: the next full round serves it)"
                 ),
             }),
-            None => read_page(self.reader()?, &self.path, pgno),
+            None => self.cut_page(pgno),
         }
     }
 }
@@ -347,6 +373,16 @@ impl LiveSet {
                 return Ok(stats);
             }
             Ok(None) => {}
+        }
+        // Rollback-journal snapshots block their writers: let go before hashing.
+        let mut budget = COPY_BUDGET;
+        let detached = self
+            .dbs
+            .values_mut()
+            .try_for_each(|db| db.detach(&mut budget));
+        if let Err(e) = detached {
+            self.abandon();
+            return Err(e);
         }
         let mut failed = None;
         for (p, db) in self.dbs.iter_mut() {

@@ -20,8 +20,13 @@
 //! when the database file is surely unwritten since (its stat, git's "racily
 //! clean" rule), and otherwise every page is compared (`wal.rs`). A database
 //! file replaced by another (a new inode) is compared whole.
-//! Rollback-journal databases have no log: their file change counter tells
-//! whether anything changed, and then every page is hashed again.
+//! Rollback-journal databases have no log, and their snapshot (a SHARED lock)
+//! blocks every commit: right after the cut's locks, one found unchanged by
+//! its header's file change counter (and its page size, page count and inode)
+//! is let go at once; a changed one is copied whole into memory with big
+//! sequential reads (up to [`COPY_BUDGET`] per cut) and let go, and its pages
+//! are hashed and served from the copy (`copy.rs`). Only a changed database
+//! past the budget keeps its snapshot while every page is hashed.
 //!
 //! The agent's connections never delete a log they did not create
 //! (`SQLITE_FCNTL_PERSIST_WAL`): an application that lost its POSIX locks may
@@ -213,6 +218,7 @@ pub(crate) fn all_hashes(c: &Connection, path: &Path) -> Result<(u32, Vec<[u8; 3
 }
 
 mod conn;
+mod copy;
 mod live;
 mod replica;
 #[cfg(test)]
@@ -221,5 +227,6 @@ mod track;
 mod wal;
 
 pub use conn::CHECKPOINT_BYTES;
+pub use copy::COPY_BUDGET;
 pub use live::{CutStats, LOCK_WAIT, LiveSet, Need, RELEASE_BUDGET, Snapshot};
 pub use replica::{Held, apply_pages, integrity, read_hashes};

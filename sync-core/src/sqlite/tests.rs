@@ -389,7 +389,9 @@ fn a_released_cut_blocks_no_writer_and_still_serves_its_round() {
             far.push(p);
         }
     }
-    assert!(!far.is_empty(), "every page was read ahead");
+    // a rollback-journal database's cut is copied whole (`copy.rs`): any
+    // page is served without holding the snapshot
+    assert!(far.is_empty(), "pages {far:?} not served");
     live.end_round();
     // a full round reads every page ahead
     live.cut().unwrap();
@@ -399,4 +401,84 @@ fn a_released_cut_blocks_no_writer_and_still_serves_its_round() {
         live.page(&rel, p).unwrap();
     }
     ship_and_end(&mut live, &rel, &dst);
+}
+
+/// A changed rollback-journal database's snapshot is let go before its pages
+/// are hashed: a writer that does not wait at all commits in the middle of the
+/// cut's hashing, and the cut is still the state before that commit.
+#[test]
+fn a_rollback_journal_cut_lets_its_writer_commit_while_hashing() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("a.db"), t.path().join("copy.db"));
+    let w = db(&src, false);
+    let rel = RelPath::new(b"a.db").unwrap();
+    let mut live = LiveSet::new(t.path(), Duration::from_secs(5));
+    live.track([&rel]);
+    live.cut().unwrap();
+    ship_and_end(&mut live, &rel, &dst);
+    w.execute("UPDATE t SET v = x'01' WHERE k = 1", []).unwrap();
+    let committed = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let seen = committed.clone();
+    let hook_src = src.clone();
+    copy::BEFORE_HASHING.with(|h| {
+        *h.borrow_mut() = Some(Box::new(move |p: &Path| {
+            assert_eq!(p.file_name(), hook_src.file_name());
+            let c = Connection::open(&hook_src).unwrap();
+            c.busy_timeout(Duration::ZERO).unwrap();
+            seen.borrow_mut().push(
+                c.execute("UPDATE t SET v = x'02' WHERE k = 2", [])
+                    .map_err(|e| e.to_string()),
+            );
+        }));
+    });
+    let c = live.cut();
+    copy::BEFORE_HASHING.with(|h| h.borrow_mut().take());
+    let c = c.unwrap();
+    assert_eq!(c.changed, vec![rel.clone()]);
+    assert_eq!(
+        *committed.borrow(),
+        vec![Ok(1)],
+        "the writer waited on the cut"
+    );
+    // the round is served from the cut: row 1 changed, row 2 not yet
+    ship_and_end(&mut live, &rel, &dst);
+    let row = |k: i64| -> Vec<u8> {
+        Connection::open(&dst)
+            .unwrap()
+            .query_row("SELECT v FROM t WHERE k = ?1", [k], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(row(1), vec![1]);
+    assert_ne!(row(2), vec![2]);
+    // the next cut finds the writer's commit
+    let c = live.cut().unwrap();
+    assert_eq!(c.changed, vec![rel.clone()]);
+    ship_and_end(&mut live, &rel, &dst);
+    assert_eq!(row(2), vec![2]);
+    assert_eq!(replica_hash(&dst), read_hashes(&src).unwrap().unwrap().hash);
+}
+
+/// A rollback-journal database found unchanged by its header holds no lock
+/// after the cut; a page asked for later is read only if it still is the cut.
+#[test]
+fn an_unchanged_rollback_journal_cut_reads_pages_only_while_unchanged() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("a.db");
+    let w = db(&src, false);
+    w.busy_timeout(Duration::ZERO).unwrap();
+    let rel = RelPath::new(b"a.db").unwrap();
+    let mut live = LiveSet::new(t.path(), Duration::from_secs(5));
+    live.track([&rel]);
+    live.cut().unwrap();
+    live.end_round();
+    let c = live.cut().unwrap();
+    assert!(c.changed.is_empty(), "{c:?}");
+    live.release(true).unwrap();
+    let before = live.page(&rel, 2).unwrap();
+    w.execute("UPDATE t SET v = x'01' WHERE k = 1", []).unwrap();
+    let err = live.page(&rel, 2).unwrap_err().to_string();
+    assert!(err.contains("written since its cut"), "{err}");
+    live.end_round();
+    live.cut().unwrap();
+    assert_eq!(live.page(&rel, 2).unwrap().len(), before.len());
 }
