@@ -218,6 +218,7 @@ pub(crate) fn all_hashes(c: &Connection, path: &Path) -> Result<(u32, Vec<[u8; 3
 }
 
 mod conn;
+mod content;
 mod copy;
 mod live;
 mod replica;
@@ -227,6 +228,7 @@ mod track;
 mod wal;
 
 pub use conn::CHECKPOINT_BYTES;
+pub use content::{content_snapshot, mark_by_content};
 pub use copy::COPY_BUDGET;
 pub use live::{CutStats, LOCK_WAIT, LiveSet, Need, RELEASE_BUDGET, Snapshot};
 pub use replica::{Held, apply_pages, integrity, read_hashes};
