@@ -40,6 +40,8 @@ pub(crate) struct Conns {
     pub reader: Connection,
     /// Whether `reader` is in a read transaction.
     pub reading: bool,
+    /// When that read transaction (the snapshot) began.
+    pub since: Option<std::time::Instant>,
     /// The log as it stood before these connections opened (`None`: there
     /// was none, and the one they made is theirs to remove).
     wal_at_open: Option<FileStamp>,
@@ -81,6 +83,7 @@ impl Conns {
             reader: open(true)?,
             locker: Some(locker),
             reading: false,
+            since: None,
             wal_at_open,
             dir,
         })
@@ -93,10 +96,7 @@ impl Conns {
     /// by rename would be replayed into it); one the cut made is removed, as
     /// SQLite does.
     pub fn close(mut self, path: &Path) {
-        if self.reading {
-            let _ = self.reader.execute_batch("COMMIT");
-            self.reading = false;
-        }
+        self.end_read(path);
         drop(self.locker.take());
         let now = FileStamp::of(&side_path(path, "-wal"));
         let theirs = matches!((self.wal_at_open, now), (Some(a), Some(b)) if a.same_file(&b));
@@ -195,6 +195,21 @@ fn list(dir: &Path) -> Option<Vec<std::ffi::OsString>> {
     }
     names.sort();
     Some(names)
+}
+
+impl Conns {
+    /// Ends the read transaction, if any: the snapshot is let go (and how
+    /// long it was held is logged, for `benches/stall.py`).
+    pub fn end_read(&mut self, path: &Path) {
+        if self.reading {
+            let _ = self.reader.execute_batch("COMMIT");
+            self.reading = false;
+            if let Some(t) = self.since.take() {
+                let held_us = t.elapsed().as_micros() as u64;
+                tracing::debug!(held_us, "snapshot of {} let go", path.display());
+            }
+        }
+    }
 }
 
 /// Sets (or clears) `SQLITE_FCNTL_PERSIST_WAL` on `c`'s main database: its

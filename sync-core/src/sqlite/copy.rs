@@ -128,9 +128,8 @@ impl LiveDb {
 
     /// Ends the read transaction (the connections stay, holding no lock).
     fn end_snapshot(&mut self) {
-        if let Some(c) = self.conns.as_mut().filter(|c| c.reading) {
-            let _ = c.reader.execute_batch("COMMIT");
-            c.reading = false;
+        if let Some(c) = self.conns.as_mut() {
+            c.end_read(&self.path);
         }
     }
 

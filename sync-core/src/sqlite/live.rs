@@ -152,6 +152,7 @@ impl LiveDb {
             })
             .map_err(|e| sql_err(&path, "begin snapshot", e))?;
         c.reading = true;
+        c.since = Some(Instant::now());
         Ok(())
     }
 
