@@ -223,7 +223,7 @@ pub(super) fn partial_round(
         }
         l.add(&dbs_seen);
         note_known(opts, &l);
-        *stats = l.cut()?;
+        *stats = l.cut_partial()?;
         if !stats.dropped.is_empty() {
             // A database vanished or was replaced by something else: only a
             // full scan tells what stands there now.

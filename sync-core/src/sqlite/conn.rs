@@ -262,6 +262,15 @@ impl FileStamp {
         })
     }
 
+    /// The stamp with its ctime taken for its mtime (for a file whose
+    /// ctime moves without a write).
+    pub fn without_ctime(self) -> Self {
+        Self {
+            ctime_ns: self.mtime_ns,
+            ..self
+        }
+    }
+
     /// Whether `other` is the same file (device and inode).
     pub fn same_file(&self, other: &Self) -> bool {
         (self.dev, self.ino) == (other.dev, other.ino)

@@ -11,9 +11,8 @@
 //! Only a changed database past [`COPY_BUDGET`] keeps its snapshot for that.
 //!
 //! The pages of an unchanged database are read, should a round ask for them,
-//! each in a short read transaction that checks the change counter still is
-//! the cut's: the same counter is the same content (SQLite's own page cache
-//! relies on it).
+//! each in a short read transaction, and served only if their hash still is
+//! the cut's (`idle.rs`).
 
 use super::live::LiveDb;
 use super::{read_page, sql_err};
@@ -149,31 +148,15 @@ impl LiveDb {
                     msg: format!("page {pgno} is past the end of the cut"),
                 });
         }
-        let c = self.conns.as_ref().ok_or_else(|| Error::Sqlite {
-            path: self.path.display().to_string(),
-            msg: "no snapshot open (its cut was postponed, or its round is over)".into(),
-        })?;
-        if c.reading {
-            return read_page(&c.reader, &self.path, pgno);
+        match &self.conns {
+            Some(c) if c.reading => read_page(&c.reader, &self.path, pgno),
+            Some(c) => self.validated_page(&c.reader, pgno),
+            None if self.idle => self.idle_page(pgno),
+            None => Err(Error::Sqlite {
+                path: self.path.display().to_string(),
+                msg: "no snapshot open (its cut was postponed, or its round is over)".into(),
+            }),
         }
-        let r = &c.reader;
-        r.execute_batch("BEGIN")
-            .map_err(|e| sql_err(&self.path, "begin read", e))?;
-        let page = Head::read(r, &self.path).and_then(|h| {
-            if h.counter() != self.change_counter || h.count as usize != self.hashes.len() {
-                return Err(Error::Sqlite {
-                    path: self.path.display().to_string(),
-                    msg: "written since its cut: the next round ships it".into(),
-                });
-            }
-            if pgno == 1 {
-                Ok(h.page1)
-            } else {
-                read_page(r, &self.path, pgno)
-            }
-        });
-        let _ = r.execute_batch("COMMIT");
-        page
     }
 
     /// Every page hash of the cut, from the copy or the open snapshot.

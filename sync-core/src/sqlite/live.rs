@@ -49,6 +49,14 @@ pub(super) struct LiveDb {
     pub(super) head: Option<Head>,
     /// Whether the file is another one than the last cut's (a new inode).
     pub(super) replaced: bool,
+    /// The log as the last cut saw it, under its lock.
+    pub(super) wal_seen: Option<FileStamp>,
+    /// Left out of this (partial) cut: surely unwritten since the last one
+    /// (`idle.rs`).
+    pub(super) idle: bool,
+    /// A connection opened, should the round ask for a page of an idle
+    /// database, to read it in short read transactions.
+    pub(super) lazy: std::cell::RefCell<Option<Conns>>,
     pub(super) wal: WalPos,
     /// The database file as the last cut saw it, under its lock.
     pub(super) seen: Option<Seen>,
@@ -76,6 +84,9 @@ impl LiveDb {
             copy: None,
             head: None,
             replaced: false,
+            wal_seen: None,
+            idle: false,
+            lazy: std::cell::RefCell::new(None),
             wal: WalPos::default(),
             seen: None,
             frames: None,
@@ -130,7 +141,8 @@ impl LiveDb {
         let replaced = seen.is_some_and(|s| s.replaced_by(now));
         let base_unchanged = seen.is_some_and(|s| s.unchanged(now));
         let wal = side_path(&self.path, "-wal");
-        let limit = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        self.wal_seen = FileStamp::of(&wal);
+        let limit = self.wal_seen.map_or(0, |s| s.size);
         let frames = wal_frames(&wal, &mut self.wal, limit, base_unchanged);
         // A database restored by rename is another file: compare every page.
         self.frames = if replaced { None } else { frames };
@@ -162,7 +174,11 @@ impl LiveDb {
         self.cache = None;
         self.copy = None;
         self.head = None;
-        if let Some(c) = self.conns.take() {
+        self.idle = false;
+        for c in [self.conns.take(), self.lazy.get_mut().take()]
+            .into_iter()
+            .flatten()
+        {
             c.close(&self.path);
         }
     }
@@ -295,10 +311,14 @@ pub enum Need {
 pub struct LiveSet {
     root: PathBuf,
     busy: Duration,
-    dbs: BTreeMap<RelPath, LiveDb>,
+    pub(super) dbs: BTreeMap<RelPath, LiveDb>,
 }
 
 impl LiveSet {
+    pub(super) fn dbs_mut(&mut self) -> impl Iterator<Item = &mut LiveDb> {
+        self.dbs.values_mut()
+    }
+
     /// An empty set for the folder at `root`; `busy` bounds each lock wait.
     #[must_use]
     pub fn new(root: &Path, busy: Duration) -> Self {
@@ -353,6 +373,11 @@ impl LiveSet {
     /// A database that vanished, or is no longer one, leaves the set
     /// ([`CutStats::dropped`]).
     pub fn cut(&mut self) -> Result<CutStats, Error> {
+        self.cut_marked()
+    }
+
+    /// [`LiveSet::cut`] of the databases not marked idle.
+    pub(super) fn cut_marked(&mut self) -> Result<CutStats, Error> {
         let mut stats = CutStats::default();
         if let Err(e) = self.connect_all(&mut stats.dropped) {
             self.abandon();
@@ -386,7 +411,7 @@ impl LiveSet {
             return Err(e);
         }
         let mut failed = None;
-        for (p, db) in self.dbs.iter_mut() {
+        for (p, db) in self.dbs.iter_mut().filter(|(_, d)| !d.idle) {
             match db.advance() {
                 Ok(0) => {}
                 Ok(n) => {
@@ -409,7 +434,7 @@ impl LiveSet {
     /// Opens every database's connections; those whose file is gone are
     /// listed in `gone`.
     fn connect_all(&mut self, gone: &mut Vec<RelPath>) -> Result<(), Error> {
-        for (p, db) in self.dbs.iter_mut() {
+        for (p, db) in self.dbs.iter_mut().filter(|(_, d)| !d.idle) {
             if let Err(e) = db.connect() {
                 if vanished(&db.path) {
                     gone.push(p.clone());
@@ -432,7 +457,7 @@ impl LiveSet {
         let mut first: Option<Instant> = None;
         let mut out = Ok(None);
         for (p, db) in self.dbs.iter_mut() {
-            if gone.contains(p) {
+            if gone.contains(p) || db.idle {
                 continue;
             }
             if let Err(e) = db.lock() {

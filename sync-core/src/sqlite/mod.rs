@@ -220,6 +220,7 @@ pub(crate) fn all_hashes(c: &Connection, path: &Path) -> Result<(u32, Vec<[u8; 3
 mod conn;
 mod content;
 mod copy;
+mod idle;
 mod live;
 mod replica;
 #[cfg(test)]

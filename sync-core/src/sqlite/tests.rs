@@ -291,8 +291,9 @@ fn the_log_resets_between_cuts_and_stays_small() {
 }
 
 /// The application's checkpoints, log resets, closes, reopenings and
-/// VACUUMs between cuts never make a cut miss a change: after every cut the
-/// replica equals the source.
+/// VACUUMs between cuts never make a cut miss a change, whole or partial
+/// (which leaves a quiet database alone): after every cut the replica equals
+/// the source.
 #[test]
 fn cuts_follow_every_way_the_log_can_move() {
     let t = tempfile::tempdir().unwrap();
@@ -305,8 +306,9 @@ fn cuts_follow_every_way_the_log_can_move() {
         seed ^= seed << 17;
         seed % n
     };
+    let mut idle = 0;
     for _ in 0..60 {
-        for _ in 0..=next(3) {
+        for _ in 0..next(4) {
             let c = w.get_or_insert_with(|| Connection::open(&src).unwrap());
             match next(7) {
                 0 => c
@@ -330,10 +332,21 @@ fn cuts_follow_every_way_the_log_can_move() {
                 }
             }
         }
-        live.cut().unwrap();
+        if next(3) == 0 {
+            // file times older than a clock tick: the next partial cut may
+            // find the database quiet and leave it alone
+            std::thread::sleep(Duration::from_millis(60));
+        }
+        if next(2) == 0 {
+            live.cut().unwrap();
+        } else {
+            live.cut_partial().unwrap();
+            idle += usize::from(!live.connected(&rel));
+        }
         ship_and_end(&mut live, &rel, &dst);
         assert_same(&src, &dst);
     }
+    assert!(idle > 0, "no partial cut left the database alone");
 }
 
 #[test]
@@ -474,11 +487,95 @@ fn an_unchanged_rollback_journal_cut_reads_pages_only_while_unchanged() {
     let c = live.cut().unwrap();
     assert!(c.changed.is_empty(), "{c:?}");
     live.release(true).unwrap();
-    let before = live.page(&rel, 2).unwrap();
-    w.execute("UPDATE t SET v = x'01' WHERE k = 1", []).unwrap();
-    let err = live.page(&rel, 2).unwrap_err().to_string();
-    assert!(err.contains("written since its cut"), "{err}");
+    let pages = live.snapshot(&rel).unwrap().pages;
+    let before: Vec<Vec<u8>> = (1..=pages).map(|p| live.page(&rel, p).unwrap()).collect();
+    w.execute("UPDATE t SET v = randomblob(300)", []).unwrap();
+    // a page the write changed is refused, one it left alone is served
+    let mut refused = 0;
+    for p in 1..=pages {
+        match live.page(&rel, p) {
+            Ok(page) => assert!(
+                page_hash(p, &page) == page_hash(p, &before[p as usize - 1]),
+                "page {p} served though changed"
+            ),
+            Err(e) => {
+                assert!(e.to_string().contains("written since its cut"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused > 0 && refused < pages,
+        "{refused} of {pages} refused"
+    );
     live.end_round();
     live.cut().unwrap();
-    assert_eq!(live.page(&rel, 2).unwrap().len(), before.len());
+    assert_eq!(live.page(&rel, 2).unwrap().len(), before[1].len());
+}
+
+/// A partial round's cut opens no connection to a database nobody wrote since
+/// the last cut; a replica a few cuts behind still gets its pages (read and
+/// checked against the cut's hashes); a write during the cut makes it cut
+/// every database again.
+#[test]
+fn a_partial_cut_leaves_quiet_databases_alone() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a.db"), t.path().join("b.db"));
+    let (wa, wb) = (db(&a, false), db(&b, true));
+    let (ra, rb) = (
+        RelPath::new(b"a.db").unwrap(),
+        RelPath::new(b"b.db").unwrap(),
+    );
+    let (da, db_) = (t.path().join("ra.db"), t.path().join("rb.db"));
+    let mut live = LiveSet::new(t.path(), Duration::from_secs(5));
+    live.track([&ra, &rb]);
+    // file times older than a clock tick when the cut stamps them
+    let settle = || std::thread::sleep(Duration::from_millis(120));
+    settle();
+    live.cut().unwrap();
+    ship(&live, &ra, &da);
+    ship_and_end(&mut live, &rb, &db_);
+    // b changes; the replica does not get it (it stays a cut behind)
+    wb.execute("UPDATE t SET v = x'01' WHERE k < 50", [])
+        .unwrap();
+    settle();
+    live.cut_partial().unwrap();
+    live.end_round();
+    // a changes, b is quiet: no connection to b, and its pages still served
+    wa.execute("UPDATE t SET v = x'02' WHERE k = 9", [])
+        .unwrap();
+    let c = live.cut_partial().unwrap();
+    assert_eq!(c.changed, vec![ra.clone()]);
+    assert!(!live.connected(&rb), "a quiet database was connected to");
+    ship(&live, &ra, &da);
+    ship(&live, &rb, &db_);
+    assert_same(&b, &db_);
+    // a page written since the cut is refused rather than shipped
+    wb.execute("UPDATE t SET v = randomblob(300)", []).unwrap();
+    let pages = live.snapshot(&rb).unwrap().pages;
+    assert!((1..=pages).any(|p| live.page(&rb, p).is_err()));
+    live.end_round();
+    settle();
+    live.cut().unwrap();
+    ship_and_end(&mut live, &rb, &db_);
+    settle();
+    // b written while a's pages are hashed (a rollback-journal copy): the
+    // cut is taken again, and b's change is in it
+    wa.execute("UPDATE t SET v = x'03' WHERE k = 9", [])
+        .unwrap();
+    let hook_b = b.clone();
+    copy::BEFORE_HASHING.with(|h| {
+        *h.borrow_mut() = Some(Box::new(move |_: &Path| {
+            let c = Connection::open(&hook_b).unwrap();
+            c.execute("UPDATE t SET v = x'04' WHERE k = 1", []).unwrap();
+        }));
+    });
+    let c = live.cut_partial();
+    copy::BEFORE_HASHING.with(|h| h.borrow_mut().take());
+    let c = c.unwrap();
+    assert_eq!(c.changed, vec![ra.clone(), rb.clone()]);
+    ship(&live, &ra, &da);
+    ship_and_end(&mut live, &rb, &db_);
+    assert_same(&a, &da);
+    assert_same(&b, &db_);
 }
