@@ -41,6 +41,9 @@
 //! process's POSIX locks on it (SQLite's "How To Corrupt" §2.2). Scans skip
 //! known databases and their side files, and side files whose database is gone.
 //!
+//! A partial round's cut ([`LiveSet::cut_partial`]) leaves alone a database
+//! whose file and log are surely unwritten since the last cut (`idle.rs`).
+//!
 //! **Content hash**: blake3 of each page (page 1 with the change counter and the
 //! version-valid-for fields zeroed: SQLite rewrites them on commit), then
 //! [`db_hash`] over the page hashes: what both sides compare, and what the root
