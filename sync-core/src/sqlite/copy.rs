@@ -151,7 +151,7 @@ impl LiveDb {
         match &self.conns {
             Some(c) if c.reading => read_page(&c.reader, &self.path, pgno),
             Some(c) => self.validated_page(&c.reader, pgno),
-            None if self.idle => self.idle_page(pgno),
+            None if self.idle => self.lazy_page(pgno),
             None => Err(Error::Sqlite {
                 path: self.path.display().to_string(),
                 msg: "no snapshot open (its cut was postponed, or its round is over)".into(),

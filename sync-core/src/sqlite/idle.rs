@@ -6,7 +6,9 @@
 //! connection is opened to it. Should it be written while the cut is taken, the
 //! cut is taken again with every database. Should the round ask for one of its
 //! pages (a replica a few cuts behind), the page is read in a short read
-//! transaction and served only if its hash is the cut's.
+//! transaction and served only if its hash is the cut's; so is a page a
+//! partial round did not read ahead before letting a snapshot go (a replica
+//! at a state older than every remembered cut).
 
 use super::conn::{Conns, FileStamp, Seen, side_path};
 use super::live::{CutStats, LiveDb, LiveSet};
@@ -30,9 +32,10 @@ impl LiveDb {
         seen.unchanged(FileStamp::of(&self.path)) && wal.unchanged(wal_now)
     }
 
-    /// Page `pgno` of a database left out of the cut, read now in a short
-    /// read transaction of a connection opened for it.
-    pub(super) fn idle_page(&self, pgno: u32) -> Result<Vec<u8>, Error> {
+    /// Page `pgno` of a database left out of the cut, or not read ahead
+    /// before its snapshot was let go, read now in a short read transaction of
+    /// a connection opened for it.
+    pub(super) fn lazy_page(&self, pgno: u32) -> Result<Vec<u8>, Error> {
         let mut lazy = self.lazy.borrow_mut();
         if lazy.is_none() {
             let mut c = Conns::open(&self.path, self.busy, |_| false)?;
@@ -114,5 +117,13 @@ impl LiveSet {
         self.dbs
             .get(path)
             .is_some_and(|d| d.conns.is_some() || d.lazy.borrow().is_some())
+    }
+
+    /// How many pages of `path` were read ahead.
+    pub(super) fn read_ahead(&self, path: &crate::RelPath) -> usize {
+        self.dbs
+            .get(path)
+            .and_then(|d| d.cache.as_ref())
+            .map_or(0, |c| c.len())
     }
 }

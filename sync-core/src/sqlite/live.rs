@@ -186,7 +186,9 @@ impl LiveDb {
     /// Reads ahead the pages a replica holding any remembered cut can ask for
     /// (every page when `all`, or when there is no remembered cut to go by)
     /// and lets the snapshot go, when they fit in `budget` (which they use
-    /// up); otherwise the snapshot stays open for the round.
+    /// up); otherwise the snapshot stays open for the round. A replica at
+    /// another state gets its other pages read later and checked
+    /// (`idle.rs`).
     fn release(&mut self, all: bool, budget: &mut u64) -> Result<(), Error> {
         if self.conns.is_none() || self.cache.is_some() {
             return Ok(());
@@ -230,12 +232,10 @@ impl LiveDb {
     /// Page `pgno` of the current snapshot.
     fn page(&self, pgno: u32) -> Result<Vec<u8>, Error> {
         match &self.cache {
-            Some(c) => c.get(&pgno).cloned().ok_or_else(|| Error::Sqlite {
-                path: self.path.display().to_string(),
-                msg: format!(
-                    "page {pgno} was not read ahead for this round (a replica at an unknown state: the next full round serves it)"
-                ),
-            }),
+            Some(c) => match c.get(&pgno) {
+                Some(p) => Ok(p.clone()),
+                None => self.lazy_page(pgno),
+            },
             None => self.cut_page(pgno),
         }
     }

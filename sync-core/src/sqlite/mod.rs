@@ -228,6 +228,8 @@ mod live;
 mod replica;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_cut;
 mod track;
 mod wal;
 
