@@ -149,17 +149,24 @@ fn a_cut_waits_for_a_writer_and_sees_its_commit_whole() {
 
 /// A WAL source database `a.db` with its rows, tracked by a live set, and
 /// where its replica copy goes.
-pub(super) fn wal_source(
-    t: &Path,
-) -> (
+pub(super) fn wal_source(t: &Path) -> Source {
+    source(t, true)
+}
+
+/// A source database, its replica's path, its writer, its path in the
+/// folder and the live set tracking it.
+pub(super) type Source = (
     std::path::PathBuf,
     std::path::PathBuf,
     Connection,
     RelPath,
     LiveSet,
-) {
+);
+
+/// [`wal_source`], or a rollback-journal one.
+pub(super) fn source(t: &Path, wal: bool) -> Source {
     let (src, dst) = (t.join("a.db"), t.join("copy.db"));
-    let w = db(&src, true);
+    let w = db(&src, wal);
     let rel = RelPath::new(b"a.db").unwrap();
     let mut live = LiveSet::new(t, Duration::from_secs(5));
     live.track([&rel]);

@@ -1,7 +1,7 @@
 //! Tests of how long a cut holds its snapshots and what it reads: copies of
 //! rollback-journal databases, partial cuts, read-ahead.
 
-use super::tests::{assert_same, db, replica_hash, ship, ship_and_end, wal_source};
+use super::tests::{assert_same, db, replica_hash, ship, ship_and_end, source, wal_source};
 use super::*;
 use crate::RelPath;
 use rusqlite::Connection;
@@ -14,11 +14,7 @@ use std::time::Duration;
 #[test]
 fn a_rollback_journal_cut_lets_its_writer_commit_while_hashing() {
     let t = tempfile::tempdir().unwrap();
-    let (src, dst) = (t.path().join("a.db"), t.path().join("copy.db"));
-    let w = db(&src, false);
-    let rel = RelPath::new(b"a.db").unwrap();
-    let mut live = LiveSet::new(t.path(), Duration::from_secs(5));
-    live.track([&rel]);
+    let (src, dst, w, rel, mut live) = source(t.path(), false);
     live.cut().unwrap();
     ship_and_end(&mut live, &rel, &dst);
     w.execute("UPDATE t SET v = x'01' WHERE k = 1", []).unwrap();
@@ -68,12 +64,8 @@ fn a_rollback_journal_cut_lets_its_writer_commit_while_hashing() {
 #[test]
 fn an_unchanged_rollback_journal_cut_reads_pages_only_while_unchanged() {
     let t = tempfile::tempdir().unwrap();
-    let src = t.path().join("a.db");
-    let w = db(&src, false);
+    let (_, _, w, rel, mut live) = source(t.path(), false);
     w.busy_timeout(Duration::ZERO).unwrap();
-    let rel = RelPath::new(b"a.db").unwrap();
-    let mut live = LiveSet::new(t.path(), Duration::from_secs(5));
-    live.track([&rel]);
     live.cut().unwrap();
     live.end_round();
     let c = live.cut().unwrap();
