@@ -3,6 +3,7 @@
 while the agents ship a round that also carries a big file.
 
     benches/stall.py [--file-mb 400] [--seconds 20] [--rate 30] [--work DIR] [--bin-dir DIR]
+                     [--replica-dir DIR]
 
 A writer (tests/src/bin/sqlite_writer, `--journal delete`) commits --rate
 transactions a second to two databases for --seconds; 3 s in, a --file-mb
@@ -46,7 +47,7 @@ def writer_run(args, src, with_agents):
             if not os.path.exists(os.path.join(d, "cert.pem")):
                 run([cli, "keygen", "--dir", d])
             ids[who] = (d, run([cli, "id", "--dir", d]).strip())
-        dst = os.path.join(args.work, "dst")
+        dst = args.replica_dir or os.path.join(args.work, "dst")
         shutil.rmtree(dst, ignore_errors=True)
         os.makedirs(dst)
         rep = subprocess.Popen([agent, "replica", "--listen", "127.0.0.1:0", "--identity", ids["r"][0],
@@ -91,6 +92,8 @@ def main():
     ap.add_argument("--rate", type=int, default=30)
     ap.add_argument("--work", default="/var/tmp/understudy-stall")
     ap.add_argument("--bin-dir", default=os.path.join(ROOT, "target/debug"))
+    ap.add_argument("--replica-dir", help="the replica's tree (default WORK/dst); on another "
+                    "filesystem (e.g. /dev/shm) its writes and syncs do not compete with the writer's")
     args = ap.parse_args()
     out = {}
     for with_agents in (True, False):
