@@ -1,4 +1,4 @@
-//! `verify`: compare two local trees by manifest.
+//! `verify`: compare two local trees by manifest (databases by content).
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -27,10 +27,19 @@ struct Report {
 }
 
 pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
-    let opts = sync_core::scan::ScanOptions::default();
+    // Databases compare by their content (logs included), as a cut does.
+    let opts = sync_core::scan::ScanOptions {
+        databases: Some(Default::default()),
+        ..Default::default()
+    };
+    let by_content = |root: &std::path::Path| -> Result<manifest::Manifest, sync_core::Error> {
+        let (mut m, report) = sync_core::scan::scan_with(root, &opts, None)?;
+        sync_core::sqlite::mark_by_content(root, &mut m, &report.databases)?;
+        Ok(m)
+    };
     let (src, dst) = std::thread::scope(|s| {
-        let l = s.spawn(|| sync_core::scan::scan(&a.src, &opts));
-        let r = sync_core::scan::scan(&a.dst, &opts);
+        let l = s.spawn(|| by_content(&a.src));
+        let r = by_content(&a.dst);
         (l.join(), r)
     });
     let src = src

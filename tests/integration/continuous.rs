@@ -402,3 +402,68 @@ fn logs_in_files_are_plain_and_quiet() {
     );
     assert!(!s.contains("unable to remove watch"), "{s}");
 }
+
+/// Issue 10 item 11: partial rounds that create entries in the root (several
+/// renames: the round's journal comes and goes in the root) and update
+/// databases in it (their updates make and remove side files there) leave the
+/// replica root's mtime equal to the source's, without waiting for a full round.
+#[test]
+fn partial_rounds_in_the_root_keep_its_mtime() {
+    let p = pair();
+    let open = |name: &str, wal: bool| {
+        let c = rusqlite::Connection::open(p.src.join(name)).unwrap();
+        if wal {
+            c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+                .unwrap();
+        }
+        c.execute_batch("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+            .unwrap();
+        c
+    };
+    let (wal, journal) = (open("wal.db", true), open("journal.db", false));
+    // a WAL database its application opens and closes (no log between)
+    open("closed.db", true).close().unwrap();
+    let rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
+    let _src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &[]);
+    // databases compare by content: `verify`, not the raw root hash
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cli(&["verify".as_ref(), p.src.as_os_str(), p.dst.as_os_str()])
+        .status
+        .code()
+        != Some(0)
+    {
+        assert!(Instant::now() < deadline, "not converged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mtime = |d: &Path| {
+        let m = std::fs::metadata(d).unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        (m.mtime(), m.mtime_nsec())
+    };
+    let settle = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while mtime(&p.dst) != mtime(&p.src) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(mtime(&p.dst), mtime(&p.src), "{what}");
+    };
+    for round in 0..3 {
+        sh(&format!(
+            "cd {} && echo a > r{round}a && echo b > r{round}b && mkdir r{round}d && echo c > r{round}d/c",
+            p.src.display()
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !p.dst.join(format!("r{round}d/c")).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        settle(&format!("entries, round {round}"));
+        let closed = rusqlite::Connection::open(p.src.join("closed.db")).unwrap();
+        for c in [&wal, &journal, &closed] {
+            c.execute("INSERT INTO t VALUES (?1, randomblob(100))", [round])
+                .unwrap();
+        }
+        closed.close().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        settle(&format!("databases, round {round}"));
+    }
+}

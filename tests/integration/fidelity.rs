@@ -117,3 +117,45 @@ fn verify_reports_differences_and_fails() {
         roots[1].split_whitespace().last()
     );
 }
+
+/// Issue 10 item 11: a live WAL database (commits still in its log) and one
+/// closed cleanly (no log: the agent's connections make one and remove it)
+/// are mirrored; `verify` finds the trees identical, comparing databases by
+/// content, and the databases' directory keeps its mtime.
+#[test]
+fn verify_compares_live_databases_by_content() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir_all(src.join("app")).unwrap();
+    let open = |name: &str| {
+        let c = rusqlite::Connection::open(src.join("app").join(name)).unwrap();
+        c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+            .unwrap();
+        c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        c.execute_batch(
+            "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 500)
+             INSERT INTO t SELECT i, randomblob(200) FROM n;",
+        )
+        .unwrap();
+        c
+    };
+    let live = open("live.db");
+    open("closed.db").close().unwrap();
+    assert!(src.join("app/live.db-wal").exists());
+    assert!(!src.join("app/closed.db-wal").exists());
+    sh(&format!("touch -d @1000000000 {}/app", src.display()));
+    mirror_ok(&src, &dst);
+    let out = cli(&["verify".as_ref(), src.as_os_str(), dst.as_os_str()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    assert_eq!(mtime(&src.join("app")), mtime(&dst.join("app")));
+    // a commit the replica has not got is a difference
+    live.execute("UPDATE t SET v = x'00' WHERE k = 7", [])
+        .unwrap();
+    let out = cli(&["verify".as_ref(), src.as_os_str(), dst.as_os_str()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("differs: app/live.db"), "{text}");
+}

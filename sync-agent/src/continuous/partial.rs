@@ -366,7 +366,7 @@ fn cut_databases(
     }
     l.add(&sc.dbs_seen);
     note_known(opts, &l);
-    *stats = l.cut()?;
+    *stats = l.cut_partial()?;
     if !stats.dropped.is_empty() {
         note_known(opts, &l);
         return Ok(false);

@@ -40,9 +40,13 @@ pub(crate) struct Conns {
     pub reader: Connection,
     /// Whether `reader` is in a read transaction.
     pub reading: bool,
+    /// When that read transaction (the snapshot) began.
+    pub since: Option<std::time::Instant>,
     /// The log as it stood before these connections opened (`None`: there
     /// was none, and the one they made is theirs to remove).
     wal_at_open: Option<FileStamp>,
+    /// The database's directory as it stood before they opened.
+    dir: Option<DirBefore>,
 }
 
 impl Conns {
@@ -54,6 +58,7 @@ impl Conns {
         // A log that exists is the application's: never delete it (its
         // process may have lost its POSIX locks and still be writing to it).
         let wal_at_open = FileStamp::of(&side_path(path, "-wal"));
+        let dir = DirBefore::of(path);
         let open = |query_only: bool| -> Result<Connection, Error> {
             let c =
                 Connection::open_with_flags(path, flags).map_err(|e| sql_err(path, "open", e))?;
@@ -78,7 +83,9 @@ impl Conns {
             reader: open(true)?,
             locker: Some(locker),
             reading: false,
+            since: None,
             wal_at_open,
+            dir,
         })
     }
 
@@ -89,10 +96,7 @@ impl Conns {
     /// by rename would be replayed into it); one the cut made is removed, as
     /// SQLite does.
     pub fn close(mut self, path: &Path) {
-        if self.reading {
-            let _ = self.reader.execute_batch("COMMIT");
-            self.reading = false;
-        }
+        self.end_read(path);
         drop(self.locker.take());
         let now = FileStamp::of(&side_path(path, "-wal"));
         let theirs = matches!((self.wal_at_open, now), (Some(a), Some(b)) if a.same_file(&b));
@@ -113,6 +117,98 @@ impl Conns {
         if let Err((_, e)) = self.reader.close() {
             tracing::debug!("closing {}: {e}", path.display());
         }
+        if let Some(d) = self.dir.take() {
+            d.restore();
+        }
+    }
+}
+
+/// Directories with more entries than this are not listed to tell whether
+/// their times may be put back (their times are then left as they are).
+const DIR_LIST_MAX: usize = 4096;
+
+/// A database's directory before connections to it opened: the side files
+/// they make and remove (a log and `-shm` beside a database that had none)
+/// move its times, which are put back once they are closed when its entries
+/// are the same as before (the scan that listed it, and a replica mirroring
+/// it, see what the application left).
+#[derive(Debug)]
+pub(crate) struct DirBefore {
+    dir: PathBuf,
+    mtime: (i64, i64),
+    names: Vec<std::ffi::OsString>,
+}
+
+impl DirBefore {
+    /// The directory holding the database at `db` (`None`: unreadable, or
+    /// too big to list).
+    pub fn of(db: &Path) -> Option<Self> {
+        let dir = db.parent()?.to_path_buf();
+        let m = std::fs::symlink_metadata(&dir).ok()?;
+        Some(Self {
+            names: list(&dir)?,
+            mtime: (m.mtime(), m.mtime_nsec()),
+            dir,
+        })
+    }
+
+    /// Puts the directory's modification time back if it moved while its
+    /// entries stayed the same.
+    pub fn restore(self) {
+        let Ok(m) = std::fs::symlink_metadata(&self.dir) else {
+            return;
+        };
+        if (m.mtime(), m.mtime_nsec()) == self.mtime || list(&self.dir) != Some(self.names) {
+            return;
+        }
+        let flags = rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::CLOEXEC;
+        let Ok(fd) = rustix::fs::open(&self.dir, flags, rustix::fs::Mode::empty()) else {
+            return;
+        };
+        let t = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_OMIT,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: self.mtime.0,
+                tv_nsec: self.mtime.1,
+            },
+        };
+        if let Err(e) = rustix::fs::futimens(&fd, &t) {
+            tracing::debug!("putting back the times of {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// The sorted names in `dir` (`None`: unreadable, or past [`DIR_LIST_MAX`]).
+fn list(dir: &Path) -> Option<Vec<std::ffi::OsString>> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir).ok()? {
+        names.push(e.ok()?.file_name());
+        if names.len() > DIR_LIST_MAX {
+            return None;
+        }
+    }
+    names.sort();
+    Some(names)
+}
+
+impl Conns {
+    /// Ends the read transaction, if any: the snapshot is let go (and how
+    /// long it was held is logged, for `benches/stall.py`).
+    pub fn end_read(&mut self, path: &Path) {
+        if self.reading {
+            let _ = self.reader.execute_batch("COMMIT");
+            self.reading = false;
+            if let Some(t) = self.since.take() {
+                let held_us = t.elapsed().as_micros() as u64;
+                tracing::debug!(held_us, "snapshot of {} let go", path.display());
+            }
+        }
     }
 }
 
@@ -120,7 +216,7 @@ impl Conns {
 /// close never deletes the log (SQLite's own flag for processes that share a
 /// log with others they cannot see).
 #[allow(unsafe_code)]
-fn persist_wal(c: &Connection, path: &Path, persist: bool) -> Result<(), Error> {
+pub(crate) fn persist_wal(c: &Connection, path: &Path, persist: bool) -> Result<(), Error> {
     let mut on: std::ffi::c_int = persist.into();
     // SAFETY: `handle()` is the live sqlite3* of `c`, used on this thread
     // only while `c` is borrowed; the name is a NUL-terminated literal and the
@@ -164,6 +260,15 @@ impl FileStamp {
             mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
             ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
         })
+    }
+
+    /// The stamp with its ctime taken for its mtime (for a file whose
+    /// ctime moves without a write).
+    pub fn without_ctime(self) -> Self {
+        Self {
+            ctime_ns: self.mtime_ns,
+            ..self
+        }
     }
 
     /// Whether `other` is the same file (device and inode).
@@ -250,6 +355,54 @@ mod tests {
         other.ino = 3;
         assert!(seen.replaced_by(Some(other)));
         assert!(seen.replaced_by(None));
+    }
+
+    /// A WAL database with no log: a cut's connections make one (and a
+    /// `-shm`) and remove them; the directory's mtime is what it was.
+    #[test]
+    fn a_cut_leaves_its_databases_directory_times_as_they_were() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let dir = t.path().join("d");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let db = dir.join("a.db");
+        let c = Connection::open(&db).expect("open");
+        c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+            .expect("wal");
+        c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+            .expect("write");
+        c.close().expect("close");
+        assert!(!side_path(&db, "-wal").exists());
+        let old = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 1_000_000_000,
+                tv_nsec: 5,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 1_000_000_000,
+                tv_nsec: 7,
+            },
+        };
+        rustix::fs::utimensat(rustix::fs::CWD, &dir, &old, rustix::fs::AtFlags::empty())
+            .expect("utimensat");
+        let conns = Conns::open(&db, Duration::from_secs(1), |_| false).expect("conns");
+        conns
+            .reader
+            .execute_batch("BEGIN; SELECT * FROM t;")
+            .expect("read");
+        assert!(
+            side_path(&db, "-wal").exists(),
+            "no log made: nothing tested"
+        );
+        conns.close(&db);
+        assert!(!side_path(&db, "-wal").exists());
+        let m = std::fs::metadata(&dir).expect("stat");
+        assert_eq!((m.mtime(), m.mtime_nsec()), (1_000_000_000, 7));
+        // a change of the application's own (a new entry) is not undone
+        let conns = Conns::open(&db, Duration::from_secs(1), |_| false).expect("conns");
+        std::fs::write(dir.join("other"), b"x").expect("write");
+        conns.close(&db);
+        let m = std::fs::metadata(&dir).expect("stat");
+        assert_ne!((m.mtime(), m.mtime_nsec()), (1_000_000_000, 7));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The source side: a folder's live databases, cut together.
 
 use super::conn::{Conns, FileStamp, Seen, side_path};
+use super::copy::{COPY_BUDGET, Head};
 use super::wal::{WalPos, wal_frames};
 use super::{read_page, sql_err};
 use crate::{Error, RelPath};
@@ -41,6 +42,21 @@ pub(super) struct LiveDb {
     /// Pages of the current snapshot read ahead of its round (`Some` once
     /// the snapshot itself was let go: [`LiveSet::release`]).
     pub(super) cache: Option<BTreeMap<u32, Vec<u8>>>,
+    /// A rollback-journal database's whole file as this cut took it
+    /// (`copy.rs`).
+    pub(super) copy: Option<Vec<u8>>,
+    /// The cut's page count, page size and first page, when read already.
+    pub(super) head: Option<Head>,
+    /// Whether the file is another one than the last cut's (a new inode).
+    pub(super) replaced: bool,
+    /// The log as the last cut saw it, under its lock.
+    pub(super) wal_seen: Option<FileStamp>,
+    /// Left out of this (partial) cut: surely unwritten since the last one
+    /// (`idle.rs`).
+    pub(super) idle: bool,
+    /// A connection opened, should the round ask for a page of an idle
+    /// database, to read it in short read transactions.
+    pub(super) lazy: std::cell::RefCell<Option<Conns>>,
     pub(super) wal: WalPos,
     /// The database file as the last cut saw it, under its lock.
     pub(super) seen: Option<Seen>,
@@ -65,6 +81,12 @@ impl LiveDb {
             busy,
             conns: None,
             cache: None,
+            copy: None,
+            head: None,
+            replaced: false,
+            wal_seen: None,
+            idle: false,
+            lazy: std::cell::RefCell::new(None),
             wal: WalPos::default(),
             seen: None,
             frames: None,
@@ -119,10 +141,12 @@ impl LiveDb {
         let replaced = seen.is_some_and(|s| s.replaced_by(now));
         let base_unchanged = seen.is_some_and(|s| s.unchanged(now));
         let wal = side_path(&self.path, "-wal");
-        let limit = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        self.wal_seen = FileStamp::of(&wal);
+        let limit = self.wal_seen.map_or(0, |s| s.size);
         let frames = wal_frames(&wal, &mut self.wal, limit, base_unchanged);
         // A database restored by rename is another file: compare every page.
         self.frames = if replaced { None } else { frames };
+        self.replaced = replaced;
         self.seen = Some(Seen {
             stamp: now,
             at_ns: crate::scan::now_ns(),
@@ -140,14 +164,21 @@ impl LiveDb {
             })
             .map_err(|e| sql_err(&path, "begin snapshot", e))?;
         c.reading = true;
+        c.since = Some(Instant::now());
         Ok(())
     }
 
     /// The round is served (or the cut postponed): the snapshot, the
     /// connections and the pages read ahead are let go.
-    fn end_round(&mut self) {
+    pub(super) fn end_round(&mut self) {
         self.cache = None;
-        if let Some(c) = self.conns.take() {
+        self.copy = None;
+        self.head = None;
+        self.idle = false;
+        for c in [self.conns.take(), self.lazy.get_mut().take()]
+            .into_iter()
+            .flatten()
+        {
             c.close(&self.path);
         }
     }
@@ -155,9 +186,23 @@ impl LiveDb {
     /// Reads ahead the pages a replica holding any remembered cut can ask for
     /// (every page when `all`, or when there is no remembered cut to go by)
     /// and lets the snapshot go, when they fit in `budget` (which they use
-    /// up); otherwise the snapshot stays open for the round.
+    /// up); otherwise the snapshot stays open for the round. A replica at
+    /// another state gets its other pages read later and checked
+    /// (`idle.rs`).
     fn release(&mut self, all: bool, budget: &mut u64) -> Result<(), Error> {
         if self.conns.is_none() || self.cache.is_some() {
+            return Ok(());
+        }
+        if self.copy.is_some() {
+            // the round is served from the copy
+            if let Some(c) = self.conns.take() {
+                c.close(&self.path);
+            }
+            return Ok(());
+        }
+        if self.conns.as_ref().is_some_and(|c| !c.reading) {
+            // found unchanged: pages are read, if asked for, in short read
+            // transactions that check it still is
             return Ok(());
         }
         let count = self.hashes.len() as u32;
@@ -187,13 +232,11 @@ impl LiveDb {
     /// Page `pgno` of the current snapshot.
     fn page(&self, pgno: u32) -> Result<Vec<u8>, Error> {
         match &self.cache {
-            Some(c) => c.get(&pgno).cloned().ok_or_else(|| Error::Sqlite {
-                path: self.path.display().to_string(),
-                msg: format!(
-                    "page {pgno} was not read ahead for this round (a replica at an unknown state: the next full round serves it)"
-                ),
-            }),
-            None => read_page(self.reader()?, &self.path, pgno),
+            Some(c) => match c.get(&pgno) {
+                Some(p) => Ok(p.clone()),
+                None => self.lazy_page(pgno),
+            },
+            None => self.cut_page(pgno),
         }
     }
 }
@@ -268,10 +311,14 @@ pub enum Need {
 pub struct LiveSet {
     root: PathBuf,
     busy: Duration,
-    dbs: BTreeMap<RelPath, LiveDb>,
+    pub(super) dbs: BTreeMap<RelPath, LiveDb>,
 }
 
 impl LiveSet {
+    pub(super) fn dbs_mut(&mut self) -> impl Iterator<Item = &mut LiveDb> {
+        self.dbs.values_mut()
+    }
+
     /// An empty set for the folder at `root`; `busy` bounds each lock wait.
     #[must_use]
     pub fn new(root: &Path, busy: Duration) -> Self {
@@ -326,6 +373,11 @@ impl LiveSet {
     /// A database that vanished, or is no longer one, leaves the set
     /// ([`CutStats::dropped`]).
     pub fn cut(&mut self) -> Result<CutStats, Error> {
+        self.cut_marked()
+    }
+
+    /// [`LiveSet::cut`] of the databases not marked idle.
+    pub(super) fn cut_marked(&mut self) -> Result<CutStats, Error> {
         let mut stats = CutStats::default();
         if let Err(e) = self.connect_all(&mut stats.dropped) {
             self.abandon();
@@ -348,8 +400,18 @@ impl LiveSet {
             }
             Ok(None) => {}
         }
+        // Rollback-journal snapshots block their writers: let go before hashing.
+        let mut budget = COPY_BUDGET;
+        let detached = self
+            .dbs
+            .values_mut()
+            .try_for_each(|db| db.detach(&mut budget));
+        if let Err(e) = detached {
+            self.abandon();
+            return Err(e);
+        }
         let mut failed = None;
-        for (p, db) in self.dbs.iter_mut() {
+        for (p, db) in self.dbs.iter_mut().filter(|(_, d)| !d.idle) {
             match db.advance() {
                 Ok(0) => {}
                 Ok(n) => {
@@ -372,7 +434,7 @@ impl LiveSet {
     /// Opens every database's connections; those whose file is gone are
     /// listed in `gone`.
     fn connect_all(&mut self, gone: &mut Vec<RelPath>) -> Result<(), Error> {
-        for (p, db) in self.dbs.iter_mut() {
+        for (p, db) in self.dbs.iter_mut().filter(|(_, d)| !d.idle) {
             if let Err(e) = db.connect() {
                 if vanished(&db.path) {
                     gone.push(p.clone());
@@ -395,7 +457,7 @@ impl LiveSet {
         let mut first: Option<Instant> = None;
         let mut out = Ok(None);
         for (p, db) in self.dbs.iter_mut() {
-            if gone.contains(p) {
+            if gone.contains(p) || db.idle {
                 continue;
             }
             if let Err(e) = db.lock() {

@@ -20,8 +20,13 @@
 //! when the database file is surely unwritten since (its stat, git's "racily
 //! clean" rule), and otherwise every page is compared (`wal.rs`). A database
 //! file replaced by another (a new inode) is compared whole.
-//! Rollback-journal databases have no log: their file change counter tells
-//! whether anything changed, and then every page is hashed again.
+//! Rollback-journal databases have no log, and their snapshot (a SHARED lock)
+//! blocks every commit: right after the cut's locks, one found unchanged by
+//! its header's file change counter (and its page size, page count and inode)
+//! is let go at once; a changed one is copied whole into memory with big
+//! sequential reads (up to [`COPY_BUDGET`] per cut) and let go, and its pages
+//! are hashed and served from the copy (`copy.rs`). Only a changed database
+//! past the budget keeps its snapshot while every page is hashed.
 //!
 //! The agent's connections never delete a log they did not create
 //! (`SQLITE_FCNTL_PERSIST_WAL`): an application that lost its POSIX locks may
@@ -35,6 +40,9 @@
 //! `-shm`) with plain file I/O: closing any descriptor of a file drops all of the
 //! process's POSIX locks on it (SQLite's "How To Corrupt" §2.2). Scans skip
 //! known databases and their side files, and side files whose database is gone.
+//!
+//! A partial round's cut ([`LiveSet::cut_partial`]) leaves alone a database
+//! whose file and log are surely unwritten since the last cut (`idle.rs`).
 //!
 //! **Content hash**: blake3 of each page (page 1 with the change counter and the
 //! version-valid-for fields zeroed: SQLite rewrites them on commit), then
@@ -213,14 +221,21 @@ pub(crate) fn all_hashes(c: &Connection, path: &Path) -> Result<(u32, Vec<[u8; 3
 }
 
 mod conn;
+mod content;
+mod copy;
+mod idle;
 mod live;
 mod replica;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_cut;
 mod track;
 mod wal;
 
 pub use conn::CHECKPOINT_BYTES;
+pub use content::{content_snapshot, mark_by_content};
+pub use copy::COPY_BUDGET;
 pub use live::{CutStats, LOCK_WAIT, LiveSet, Need, RELEASE_BUDGET, Snapshot};
 pub use replica::{Exclusive, Held, Lock, apply_pages, integrity, lock_exclusive, read_hashes};
 

@@ -1,9 +1,10 @@
 //! What changed since the last cut: the pages the log names, or every page
 //! compared, recorded in the history a replica's state is matched against.
 
+use super::copy::Head;
 use super::live::*;
 use super::wal::WalPos;
-use super::{HISTORY, all_hashes, db_hash, page_hash, read_page, sql_err};
+use super::{HISTORY, db_hash, page_hash};
 use crate::Error;
 use std::collections::BTreeSet;
 
@@ -11,23 +12,12 @@ impl LiveDb {
     /// After the locks are released: the pages changed since the previous cut
     /// are found from the new snapshot.
     pub(super) fn advance(&mut self) -> Result<usize, Error> {
-        let r = self.reader()?;
-        let count: u32 = r
-            .query_row("PRAGMA page_count", [], |r| r.get(0))
-            .map_err(|e| sql_err(&self.path, "page count", e))?;
-        let page_size: u32 = r
-            .query_row("PRAGMA page_size", [], |r| r.get(0))
-            .map_err(|e| sql_err(&self.path, "page size", e))?;
-        let page1 = if count > 0 {
-            read_page(r, &self.path, 1)?
-        } else {
-            Vec::new()
+        let head = match self.head.take() {
+            Some(h) => h,
+            None => Head::read(self.reader()?, &self.path)?,
         };
-        let wal_mode = page1.get(18) == Some(&2);
-        let counter: [u8; 4] = page1
-            .get(24..28)
-            .and_then(|b| b.try_into().ok())
-            .unwrap_or_default();
+        let (count, page_size) = (head.count, head.page_size);
+        let (wal_mode, counter) = (head.wal_mode(), head.counter());
         let frames = if wal_mode {
             self.frames.take()
         } else {
@@ -35,16 +25,19 @@ impl LiveDb {
             None
         };
         let changed = if !self.known || page_size != self.page_size {
-            let (ps, hashes) = all_hashes(self.reader()?, &self.path)?;
-            self.page_size = ps;
-            self.hashes = hashes;
+            self.page_size = page_size;
+            self.hashes = self.cut_hashes()?;
             self.history.clear();
             (1..=self.hashes.len() as u32).collect()
         } else {
             // A journal-mode switch rewrites the header: compare everything.
             let candidates = match frames {
                 Some(f) if wal_mode == self.wal_mode => Some(f),
-                None if !wal_mode && !self.wal_mode && counter == self.change_counter => {
+                None if !wal_mode
+                    && !self.wal_mode
+                    && !self.replaced
+                    && counter == self.change_counter =>
+                {
                     Some(BTreeSet::new())
                 }
                 _ => None,
@@ -68,7 +61,6 @@ impl LiveDb {
         let old_len = self.hashes.len() as u32;
         self.hashes.truncate(count as usize);
         self.hashes.resize(count as usize, [0; 32]);
-        let r = reader_of(&self.conns, &self.path)?;
         match candidates {
             Some(c) => {
                 // Pages past the old end are new whatever the log says.
@@ -76,7 +68,7 @@ impl LiveDb {
                     if pgno == 0 || pgno > count {
                         continue;
                     }
-                    let h = page_hash(pgno, &read_page(r, &self.path, pgno)?);
+                    let h = page_hash(pgno, &self.cut_page(pgno)?);
                     if self.hashes[pgno as usize - 1] != h {
                         self.hashes[pgno as usize - 1] = h;
                         changed.insert(pgno);
@@ -84,7 +76,7 @@ impl LiveDb {
                 }
             }
             None => {
-                let (_, hashes) = all_hashes(r, &self.path)?;
+                let hashes = self.cut_hashes()?;
                 for (i, (a, b)) in self.hashes.iter().zip(&hashes).enumerate() {
                     if a != b {
                         changed.insert(i as u32 + 1);

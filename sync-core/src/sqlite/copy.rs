@@ -1,0 +1,224 @@
+//! A rollback-journal database's cut, let go in milliseconds.
+//!
+//! Such a database has no log: its snapshot is a SHARED lock on the file, and
+//! while it is held no writer can commit. So right after the cut's locks are
+//! released, each rollback-journal snapshot is either found unchanged (the
+//! header's file change counter, page size and page count as the last cut saw
+//! them, the same inode) and let go at once, or copied whole into memory with
+//! big sequential reads through SQLite's own file handle (no descriptor of ours
+//! is opened or closed on the file: that would drop the process's POSIX locks)
+//! and let go. Hashing, comparing and serving the round then read the copy.
+//! Only a changed database past [`COPY_BUDGET`] keeps its snapshot for that.
+//!
+//! The pages of an unchanged database are read, should a round ask for them,
+//! each in a short read transaction, and served only if their hash still is
+//! the cut's (`idle.rs`).
+
+use super::live::LiveDb;
+use super::{read_page, sql_err};
+use crate::Error;
+use rusqlite::{Connection, ffi};
+use std::path::Path;
+
+/// Bytes of rollback-journal databases a cut may copy into memory so as to let
+/// their snapshots go before hashing (over all of a cut's databases).
+pub const COPY_BUDGET: u64 = 64 << 20;
+
+/// Reads through SQLite's file handle go this many bytes at a time.
+const READ_CHUNK: usize = 1 << 20;
+
+/// A snapshot's page count, page size and first page.
+#[derive(Debug, Clone)]
+pub(super) struct Head {
+    pub count: u32,
+    pub page_size: u32,
+    pub page1: Vec<u8>,
+}
+
+impl Head {
+    /// Read in `c`'s current read transaction.
+    pub fn read(c: &Connection, path: &Path) -> Result<Self, Error> {
+        let count: u32 = c
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .map_err(|e| sql_err(path, "page count", e))?;
+        let page_size: u32 = c
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(|e| sql_err(path, "page size", e))?;
+        let page1 = if count > 0 {
+            read_page(c, path, 1)?
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            count,
+            page_size,
+            page1,
+        })
+    }
+
+    /// Whether the database is in WAL mode (its header's read/write versions).
+    pub fn wal_mode(&self) -> bool {
+        self.page1.get(18) == Some(&2)
+    }
+
+    /// The file change counter.
+    pub fn counter(&self) -> [u8; 4] {
+        self.page1
+            .get(24..28)
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// A test's callback (see `BEFORE_HASHING`).
+#[cfg(test)]
+pub(super) type Hook = Box<dyn FnMut(&Path)>;
+
+#[cfg(test)]
+thread_local! {
+    /// Called with the database's path when a cut starts finding its changed
+    /// pages: tests check there which locks are still held.
+    pub(super) static BEFORE_HASHING: std::cell::RefCell<Option<Hook>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl LiveDb {
+    /// After the cut's locks are released: a rollback-journal snapshot is let
+    /// go, unchanged or copied (when it fits in what is left of `budget`,
+    /// which it uses up). WAL snapshots (which block no writer) stay.
+    pub(super) fn detach(&mut self, budget: &mut u64) -> Result<(), Error> {
+        let Some(c) = self.conns.as_ref().filter(|c| c.reading) else {
+            return Ok(());
+        };
+        let head = Head::read(&c.reader, &self.path)?;
+        if head.wal_mode() {
+            self.head = Some(head);
+            return Ok(());
+        }
+        let unchanged = self.known
+            && !self.wal_mode
+            && !self.replaced
+            && head.counter() == self.change_counter
+            && head.page_size == self.page_size
+            && head.count as usize == self.hashes.len();
+        let bytes = u64::from(head.count) * u64::from(head.page_size);
+        if !unchanged {
+            if bytes > *budget {
+                self.head = Some(head);
+                return Ok(());
+            }
+            match copy_file(&c.reader, &self.path, bytes as usize) {
+                Ok(copy) => {
+                    *budget -= bytes;
+                    self.copy = Some(copy);
+                }
+                Err(e) => {
+                    // hashed under the snapshot instead, as before
+                    tracing::debug!("{e}");
+                    self.head = Some(head);
+                    return Ok(());
+                }
+            }
+        }
+        self.head = Some(head);
+        self.end_snapshot();
+        Ok(())
+    }
+
+    /// Ends the read transaction (the connections stay, holding no lock).
+    fn end_snapshot(&mut self) {
+        if let Some(c) = self.conns.as_mut() {
+            c.end_read(&self.path);
+        }
+    }
+
+    /// Page `pgno` as this cut took it: from the copy, the open snapshot, or,
+    /// for a database found unchanged, a short read transaction that checks it
+    /// still is.
+    pub(super) fn cut_page(&self, pgno: u32) -> Result<Vec<u8>, Error> {
+        if let Some(copy) = &self.copy {
+            let ps = self.page_size as usize;
+            let at = (pgno as usize).wrapping_sub(1).wrapping_mul(ps);
+            return copy
+                .get(at..at.saturating_add(ps))
+                .filter(|_| pgno > 0)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| Error::Sqlite {
+                    path: self.path.display().to_string(),
+                    msg: format!("page {pgno} is past the end of the cut"),
+                });
+        }
+        match &self.conns {
+            Some(c) if c.reading => read_page(&c.reader, &self.path, pgno),
+            Some(c) => self.validated_page(&c.reader, pgno),
+            None if self.idle => self.lazy_page(pgno),
+            None => Err(Error::Sqlite {
+                path: self.path.display().to_string(),
+                msg: "no snapshot open (its cut was postponed, or its round is over)".into(),
+            }),
+        }
+    }
+
+    /// Every page hash of the cut, from the copy or the open snapshot.
+    pub(super) fn cut_hashes(&self) -> Result<Vec<[u8; 32]>, Error> {
+        #[cfg(test)]
+        BEFORE_HASHING.with(|h| {
+            if let Some(f) = h.borrow_mut().as_mut() {
+                f(&self.path);
+            }
+        });
+        match &self.copy {
+            Some(copy) => Ok(copy
+                .chunks(self.page_size.max(1) as usize)
+                .enumerate()
+                .map(|(i, p)| super::page_hash(i as u32 + 1, p))
+                .collect()),
+            None => super::all_hashes(super::live::reader_of(&self.conns, &self.path)?, &self.path)
+                .map(|(_, h)| h),
+        }
+    }
+}
+
+/// The first `len` bytes of the main database file of `c`, read in its
+/// current transaction through SQLite's own handle of the file.
+#[allow(unsafe_code)]
+fn copy_file(c: &Connection, path: &Path, len: usize) -> Result<Vec<u8>, Error> {
+    let fail = |msg: String| Error::Sqlite {
+        path: path.display().to_string(),
+        msg,
+    };
+    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    // SAFETY: `handle()` is the live sqlite3* of `c`, used on this thread only
+    // while `c` is borrowed; SQLITE_FCNTL_FILE_POINTER writes one pointer to
+    // the argument, which points to a pointer.
+    let rc = unsafe {
+        ffi::sqlite3_file_control(
+            c.handle(),
+            c"main".as_ptr(),
+            ffi::SQLITE_FCNTL_FILE_POINTER,
+            (&raw mut file).cast(),
+        )
+    };
+    if rc != ffi::SQLITE_OK || file.is_null() {
+        return Err(fail(format!("no file handle (code {rc})")));
+    }
+    // SAFETY: `file` is the open sqlite3_file of `c`'s main database, which
+    // stays open while `c` is borrowed; its methods are SQLite's VFS's.
+    let read = unsafe { (*file).pMethods.as_ref() }
+        .and_then(|m| m.xRead)
+        .ok_or_else(|| fail("the file handle cannot read".into()))?;
+    let mut buf = vec![0u8; len];
+    for (i, chunk) in buf.chunks_mut(READ_CHUNK).enumerate() {
+        let n = std::ffi::c_int::try_from(chunk.len())
+            .map_err(|_| fail("read chunk too large".into()))?;
+        let at = (i * READ_CHUNK) as ffi::sqlite3_int64;
+        // SAFETY: `chunk` is `n` writable bytes; `file` is valid (above), read
+        // on the connection's own thread while its read transaction holds the
+        // file's SHARED lock, as SQLite's pager does.
+        let rc = unsafe { read(file, chunk.as_mut_ptr().cast(), n, at) };
+        if rc != ffi::SQLITE_OK {
+            return Err(fail(format!("copy at byte {at} failed (code {rc})")));
+        }
+    }
+    Ok(buf)
+}

@@ -1,0 +1,200 @@
+//! Tests of how long a cut holds its snapshots and what it reads: copies of
+//! rollback-journal databases, partial cuts, read-ahead.
+
+use super::tests::{assert_same, db, replica_hash, ship, ship_and_end, source, wal_source};
+use super::*;
+use crate::RelPath;
+use rusqlite::Connection;
+use std::path::Path;
+use std::time::Duration;
+
+/// A changed rollback-journal database's snapshot is let go before its pages
+/// are hashed: a writer that does not wait at all commits in the middle of the
+/// cut's hashing, and the cut is still the state before that commit.
+#[test]
+fn a_rollback_journal_cut_lets_its_writer_commit_while_hashing() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, w, rel, mut live) = source(t.path(), false);
+    live.cut().unwrap();
+    ship_and_end(&mut live, &rel, &dst);
+    w.execute("UPDATE t SET v = x'01' WHERE k = 1", []).unwrap();
+    let committed = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let seen = committed.clone();
+    let hook_src = src.clone();
+    copy::BEFORE_HASHING.with(|h| {
+        *h.borrow_mut() = Some(Box::new(move |p: &Path| {
+            assert_eq!(p.file_name(), hook_src.file_name());
+            let c = Connection::open(&hook_src).unwrap();
+            c.busy_timeout(Duration::ZERO).unwrap();
+            seen.borrow_mut().push(
+                c.execute("UPDATE t SET v = x'02' WHERE k = 2", [])
+                    .map_err(|e| e.to_string()),
+            );
+        }));
+    });
+    let c = live.cut();
+    copy::BEFORE_HASHING.with(|h| h.borrow_mut().take());
+    let c = c.unwrap();
+    assert_eq!(c.changed, vec![rel.clone()]);
+    assert_eq!(
+        *committed.borrow(),
+        vec![Ok(1)],
+        "the writer waited on the cut"
+    );
+    // the round is served from the cut: row 1 changed, row 2 not yet
+    ship_and_end(&mut live, &rel, &dst);
+    let row = |k: i64| -> Vec<u8> {
+        Connection::open(&dst)
+            .unwrap()
+            .query_row("SELECT v FROM t WHERE k = ?1", [k], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(row(1), vec![1]);
+    assert_ne!(row(2), vec![2]);
+    // the next cut finds the writer's commit
+    let c = live.cut().unwrap();
+    assert_eq!(c.changed, vec![rel.clone()]);
+    ship_and_end(&mut live, &rel, &dst);
+    assert_eq!(row(2), vec![2]);
+    assert_eq!(replica_hash(&dst), read_hashes(&src).unwrap().unwrap().hash);
+}
+
+/// A rollback-journal database found unchanged by its header holds no lock
+/// after the cut; a page asked for later is read only if it still is the cut.
+#[test]
+fn an_unchanged_rollback_journal_cut_reads_pages_only_while_unchanged() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, _, w, rel, mut live) = source(t.path(), false);
+    w.busy_timeout(Duration::ZERO).unwrap();
+    live.cut().unwrap();
+    live.end_round();
+    let c = live.cut().unwrap();
+    assert!(c.changed.is_empty(), "{c:?}");
+    live.release(true).unwrap();
+    let pages = live.snapshot(&rel).unwrap().pages;
+    let before: Vec<Vec<u8>> = (1..=pages).map(|p| live.page(&rel, p).unwrap()).collect();
+    w.execute("UPDATE t SET v = randomblob(300)", []).unwrap();
+    // a page the write changed is refused, one it left alone is served
+    let mut refused = 0;
+    for p in 1..=pages {
+        match live.page(&rel, p) {
+            Ok(page) => assert!(
+                page_hash(p, &page) == page_hash(p, &before[p as usize - 1]),
+                "page {p} served though changed"
+            ),
+            Err(e) => {
+                assert!(e.to_string().contains("written since its cut"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused > 0 && refused < pages,
+        "{refused} of {pages} refused"
+    );
+    live.end_round();
+    live.cut().unwrap();
+    assert_eq!(live.page(&rel, 2).unwrap().len(), before[1].len());
+}
+
+/// A partial round's cut opens no connection to a database nobody wrote since
+/// the last cut; a replica a few cuts behind still gets its pages (read and
+/// checked against the cut's hashes); a write during the cut makes it cut
+/// every database again.
+#[test]
+fn a_partial_cut_leaves_quiet_databases_alone() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a.db"), t.path().join("b.db"));
+    let (wa, wb) = (db(&a, false), db(&b, true));
+    let (ra, rb) = (
+        RelPath::new(b"a.db").unwrap(),
+        RelPath::new(b"b.db").unwrap(),
+    );
+    let (da, db_) = (t.path().join("ra.db"), t.path().join("rb.db"));
+    let mut live = LiveSet::new(t.path(), Duration::from_secs(5));
+    live.track([&ra, &rb]);
+    // file times older than a clock tick when the cut stamps them
+    let settle = || std::thread::sleep(Duration::from_millis(120));
+    settle();
+    live.cut().unwrap();
+    ship(&live, &ra, &da);
+    ship_and_end(&mut live, &rb, &db_);
+    // b changes; the replica does not get it (it stays a cut behind)
+    wb.execute("UPDATE t SET v = x'01' WHERE k < 50", [])
+        .unwrap();
+    settle();
+    live.cut_partial().unwrap();
+    live.end_round();
+    // a changes, b is quiet: no connection to b, and its pages still served
+    wa.execute("UPDATE t SET v = x'02' WHERE k = 9", [])
+        .unwrap();
+    let c = live.cut_partial().unwrap();
+    assert_eq!(c.changed, vec![ra.clone()]);
+    assert!(!live.connected(&rb), "a quiet database was connected to");
+    ship(&live, &ra, &da);
+    ship(&live, &rb, &db_);
+    assert_same(&b, &db_);
+    // a page written since the cut is refused rather than shipped
+    wb.execute("UPDATE t SET v = randomblob(300)", []).unwrap();
+    let pages = live.snapshot(&rb).unwrap().pages;
+    assert!((1..=pages).any(|p| live.page(&rb, p).is_err()));
+    live.end_round();
+    settle();
+    live.cut().unwrap();
+    ship_and_end(&mut live, &rb, &db_);
+    settle();
+    // b written while a's pages are hashed (a rollback-journal copy): the
+    // cut is taken again, and b's change is in it
+    wa.execute("UPDATE t SET v = x'03' WHERE k = 9", [])
+        .unwrap();
+    let hook_b = b.clone();
+    copy::BEFORE_HASHING.with(|h| {
+        *h.borrow_mut() = Some(Box::new(move |_: &Path| {
+            let c = Connection::open(&hook_b).unwrap();
+            c.execute("UPDATE t SET v = x'04' WHERE k = 1", []).unwrap();
+        }));
+    });
+    let c = live.cut_partial();
+    copy::BEFORE_HASHING.with(|h| h.borrow_mut().take());
+    let c = c.unwrap();
+    assert_eq!(c.changed, vec![ra.clone(), rb.clone()]);
+    ship(&live, &ra, &da);
+    ship_and_end(&mut live, &rb, &db_);
+    assert_same(&a, &da);
+    assert_same(&b, &db_);
+}
+
+/// A partial round reads ahead the pages changed since the oldest remembered
+/// cut; a replica older than that still gets the others (read later and
+/// checked against the cut's hashes), and a page written since is refused.
+#[test]
+fn a_replica_older_than_every_remembered_cut_is_still_served() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, w, rel, mut live) = wal_source(t.path());
+    live.cut().unwrap();
+    ship_and_end(&mut live, &rel, &dst);
+    // the replica stays at this cut while more than HISTORY are taken
+    w.execute("UPDATE t SET v = randomblob(300) WHERE k < 400", [])
+        .unwrap();
+    for k in 0..=HISTORY as i64 {
+        live.cut().unwrap();
+        live.end_round();
+        w.execute("UPDATE t SET v = randomblob(9) WHERE k = ?1", [1500 + k])
+            .unwrap();
+    }
+    live.cut().unwrap();
+    live.release(false).unwrap();
+    let snap = live.snapshot(&rel).unwrap();
+    assert!(live.read_ahead(&rel) < snap.pages as usize / 2);
+    let have = read_hashes(&dst).unwrap().unwrap().hash;
+    assert_eq!(live.need(&rel, &have), Need::Hashes);
+    ship(&live, &rel, &dst);
+    assert_same(&src, &dst);
+    // pages written after the cut are refused, not served
+    w.execute("UPDATE t SET v = randomblob(300)", []).unwrap();
+    let refused = (1..=snap.pages)
+        .filter(|&p| live.page(&rel, p).is_err())
+        .count();
+    assert!(refused > 0, "pages written after the cut were served");
+    live.end_round();
+}
