@@ -262,6 +262,10 @@ pub struct ApplySummary {
     /// Databases not updated because another process holds them open: the
     /// source offers them again soon.
     pub held: Vec<RelPath>,
+    /// A verified round (a cut): what the replica's folder `parity` command
+    /// printed (the app's version there), or why it failed; `None` when the
+    /// replica has none. A handover compares it with the source's.
+    pub parity: Option<String>,
 }
 
 /// How many variants [`Message`] has (the decoder names others as unknown types).
@@ -523,6 +527,9 @@ impl Message {
             Message::RoundDone { summary: s, .. } => {
                 if s.warnings.len() > 1000 || s.held.len() > 1000 {
                     return Err("more than 1000 warnings or held databases".into());
+                }
+                if let Some(p) = &s.parity {
+                    text(p, "parity output")?;
                 }
                 s.warnings.iter().try_for_each(|w| text(w, "warning"))
             }

@@ -6,7 +6,7 @@
 //! folder over to its replica; this node becomes the replica),
 //! `{"cmd":"promote_standby","folder":NAME}` (this standby takes the folder
 //! over while its source is gone: [`crate::promotion::promote_standby`]),
-//! `{"cmd":"handover","folder":NAME,"kind":"failover"|"failback","dry_run":B}`
+//! `{"cmd":"handover","folder":NAME,"kind":"failover"|"failback","dry_run":B,"ignore_parity":B}`
 //! (the agent runs a whole handover on its own task and answers at once:
 //! [`crate::handover`]) and `{"cmd":"handover_progress","folder":NAME,"from":N}`
 //! (its progress lines from the N-th on, and its outcome once over).
@@ -54,6 +54,9 @@ pub enum Request {
         /// Only the preflight and the plan.
         #[serde(default)]
         dry_run: bool,
+        /// Go on even when the `parity` outputs differ (logged).
+        #[serde(default)]
+        ignore_parity: bool,
     },
     /// The progress of the current or last handover of a folder.
     HandoverProgress {
@@ -366,11 +369,12 @@ impl Registry {
                     folder,
                     kind,
                     dry_run,
+                    ignore_parity,
                 } => {
                     let h = self.handover(folder)?;
                     let kind: crate::handover::Kind =
                         kind.parse().map_err(|e: String| anyhow!(e))?;
-                    crate::handover::start(&h, kind, dry_run)?;
+                    crate::handover::start(&h, kind, dry_run, ignore_parity)?;
                     Ok(Answer {
                         ok: true,
                         handover: Some(h.progress(0)),

@@ -46,6 +46,10 @@ pub struct HandoverArgs {
     /// Print the plan and the current state; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Go on even when the two hosts' `parity` outputs differ (the app's
+    /// versions; Jellyfin has no downgrade path). Logged.
+    #[arg(long)]
+    ignore_parity: bool,
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
@@ -152,6 +156,7 @@ fn handover(a: HandoverArgs, kind: &'static str) -> Result<ExitCode> {
         folder: Some(f.name.clone()),
         kind: kind.to_string(),
         dry_run: a.dry_run,
+        ignore_parity: a.ignore_parity,
     };
     let ans = rt.block_on(ask(&sock, &req))?;
     if !ans.ok {

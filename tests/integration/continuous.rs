@@ -242,8 +242,8 @@ fn bad_configs_are_named_and_nothing_runs() {
             vec!["/nonexistent/id"],
         ),
         (
-            good.replace("profile = \"jellyfin\"", "profile = \"plex\""),
-            vec!["unknown profile", "plex"],
+            good.replace("profile = \"jellyfin\"", "profile = \"emby\""),
+            vec!["unknown profile", "emby", "plex"],
         ),
     ];
     for (body, words) in cases {

@@ -440,3 +440,56 @@ fn replica_that_cannot_be_promoted_refuses_in_preflight() {
     );
     assert!(a.epoch().is_none() && b.epoch().is_none());
 }
+
+/// Issue 12's parity guard: both hosts run their folder's `parity` command
+/// (the app's version) at the preflight cut. Different outputs refuse the
+/// handover before any hook runs, showing both; `--ignore-parity` overrides;
+/// equal outputs proceed.
+#[test]
+fn parity_outputs_that_differ_refuse_the_handover_before_any_hook() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b, apps) = pair(t.path(), 0.0);
+    for (h, v) in [(&a, "jellyfin 10.10.3"), (&b, "jellyfin 10.9.11")] {
+        let version = h.dir.join("version");
+        std::fs::write(&version, format!("{v}\n")).unwrap();
+        let cfg = std::fs::read_to_string(&h.config).unwrap().replace(
+            "overlay = [",
+            &format!("parity = \"cat {}\"\noverlay = [", version.display()),
+        );
+        std::fs::write(&h.config, cfg).unwrap();
+    }
+    let (_aa, _ab) = (a.start(), b.start());
+    wait_for("the first mirror", 30, || {
+        b.root.join("config.xml").exists()
+    });
+    let dry = a.cli(&["failover", "--dry-run"]);
+    assert_eq!(dry.status.code(), Some(2), "{}", text(&dry));
+    for want in [
+        "[FAIL] app versions match (parity)",
+        "jellyfin 10.10.3",
+        "jellyfin 10.9.11",
+    ] {
+        assert!(text(&dry).contains(want), "{want}: {}", text(&dry));
+    }
+    let out = a.cli(&["failover"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("jellyfin 10.9.11"), "{}", text(&out));
+    assert_eq!(
+        std::fs::read_to_string(&apps).unwrap(),
+        "a up\n",
+        "a hook ran"
+    );
+    assert!(a.epoch().is_none() && b.epoch().is_none());
+    let ignored = a.cli(&["failover", "--dry-run", "--ignore-parity"]);
+    assert!(ignored.status.success(), "{}", text(&ignored));
+    assert!(
+        text(&ignored).contains("ignored (--ignore-parity)"),
+        "{}",
+        text(&ignored)
+    );
+    // The standby upgraded to the master's version: the handover proceeds.
+    std::fs::write(b.dir.join("version"), "jellyfin 10.10.3\n").unwrap();
+    let out = a.cli(&["failover"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(replay(&apps), ["b"]);
+}

@@ -23,6 +23,7 @@
 //! sqlite = ["data/*.db", "*.sqlite"]          # databases (gitignore-style globs)
 //! overlay = ["config/network.xml"]            # each host keeps its own copy
 //! failover = true                             # false: this replica is never promoted
+//! parity = "docker inspect --format '{{.Image}}' jellyfin"  # same output on both hosts before a handover
 //! max_lag_secs = 30                           # /health and alerts: the lag bound
 //!
 //! [folder.hooks]                              # optional: `sh -c` commands
@@ -146,6 +147,11 @@ pub struct Folder {
     /// `sync-cli promote`). A promotable replica needs its peers' addresses.
     #[serde(default = "yes")]
     pub failover: bool,
+    /// A command whose output tells the app's version on this host
+    /// (`docker inspect --format '{{.Image}}' jellyfin`). Before a handover
+    /// both hosts run it; different outputs refuse the handover before any
+    /// hook runs (`--ignore-parity` overrides, logged).
+    pub parity: Option<String>,
     /// The lag over which the folder is unhealthy (`/health`, alerts), in
     /// seconds; [`Folder::DEFAULT_MAX_LAG_SECS`] when absent.
     pub max_lag_secs: Option<u64>,
@@ -169,6 +175,10 @@ pub struct Hooks {
     pub start_replica: Option<String>,
     /// Per-hook limit in seconds; [`Hooks::DEFAULT_TIMEOUT`] when absent.
     pub timeout_secs: Option<u64>,
+    /// The folder's `parity` command (set from [`Folder::parity`] at load,
+    /// so that it travels with the hooks).
+    #[serde(skip)]
+    pub parity: Option<String>,
 }
 
 /// Which hook.
@@ -383,7 +393,12 @@ impl Config {
             .with_context(|| format!("reading config {}", path.display()))?;
         // The config is the pin list: whoever can write it is trusted.
         crate::trust::check(path, crate::trust::Kind::Config)?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+        let mut c: Self =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        for f in &mut c.folders {
+            f.hooks.parity.clone_from(&f.parity);
+        }
+        Ok(c)
     }
 
     /// Reads, parses and checks `path`: peers declared and well-formed, folder
@@ -438,6 +453,9 @@ impl Config {
                 if f.hooks.command(h).is_some_and(|c| c.trim().is_empty()) {
                     bail!("folder {}: hooks.{h} is empty", f.name);
                 }
+            }
+            if f.parity.as_deref().is_some_and(|c| c.trim().is_empty()) {
+                bail!("folder {}: parity is empty", f.name);
             }
             if f.max_lag_secs == Some(0) {
                 bail!("folder {}: max_lag_secs must be at least 1", f.name);

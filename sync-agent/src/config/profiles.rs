@@ -12,8 +12,8 @@
 //! - **identity** files: mirrored so the standby answers as the same server
 //!   after a handover, which is also why the app must never run on both hosts
 //!   at once (a cold standby);
-//! - a **parity** command to put in the folder's `parity` key, that prints the
-//!   app's version on each host.
+//! - a **parity** command for the folder's `parity` key, that prints the app's
+//!   version on each host (a handover refuses when the two differ).
 //!
 //! A folder with a profile gets the rules of every layout of it: a standby's
 //! root is empty before its first mirror, so the layout cannot be told there,

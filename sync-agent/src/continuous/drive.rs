@@ -254,6 +254,7 @@ impl Driver<'_> {
                 elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
                 warnings: applied.warnings.clone(),
                 held: crate::session::held_databases(&applied),
+                replica_parity: applied.parity.clone(),
             }));
         }
         let figures = FullFigures {

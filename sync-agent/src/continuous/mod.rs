@@ -116,6 +116,9 @@ pub struct CutReport {
     /// (`library.db: pid 42 (jellyfin)`).
     #[serde(default)]
     pub held: Vec<String>,
+    /// What the replica's `parity` command printed, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_parity: Option<String>,
 }
 
 /// How a source loop ended.

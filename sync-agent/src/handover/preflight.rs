@@ -86,6 +86,20 @@ pub(super) async fn preflight(f: &Folder) -> Vec<Check> {
             )
         },
     ));
+    let ours = match f.hooks.parity.as_deref() {
+        Some(cmd) => Some(
+            match crate::hooks::run("parity", cmd, &f.name, f.hooks.timeout()).await {
+                Ok(out) => out.stdout.trim().to_string(),
+                Err(e) => format!("error: {e:#}"),
+            },
+        ),
+        None => None,
+    };
+    checks.extend(judge_parity(
+        ours.as_deref(),
+        c.replica_parity.as_deref(),
+        f.ignore_parity(),
+    ));
     checks.push(check(
         "preflight cut",
         c.matched,
@@ -133,5 +147,79 @@ pub(super) async fn ask_cut(f: &Folder) -> Result<crate::continuous::CutReport, 
         Err(_) => Err(format!("no cut within {} s", CUT_TIMEOUT.as_secs())),
         Ok(Err(_)) => Err("the session ended during the cut".into()),
         Ok(Ok(r)) => r,
+    }
+}
+
+/// The parity check: both hosts' `parity` outputs (the app's versions) must
+/// be equal, or the handover is refused before any hook runs. No check when
+/// neither host has the command; one host without it cannot be compared and
+/// fails. With `ignore`, a failure passes, says so, and is logged.
+pub(super) fn judge_parity(
+    ours: Option<&str>,
+    theirs: Option<&str>,
+    ignore: bool,
+) -> Option<Check> {
+    let (ok, detail) = match (ours, theirs) {
+        (None, None) => return None,
+        (Some(a), Some(b)) if a == b && !a.starts_with("error: ") => {
+            (true, format!("both hosts print {a:?}"))
+        }
+        (Some(a), Some(b)) => (
+            false,
+            format!("this host prints {a:?}, the replica prints {b:?}"),
+        ),
+        (Some(_), None) => (
+            false,
+            "the replica has no `parity` command in its config: the versions cannot be compared"
+                .into(),
+        ),
+        (None, Some(b)) => (
+            false,
+            format!(
+                "this host has no `parity` command in its config (the replica prints {b:?}): the \
+                 versions cannot be compared"
+            ),
+        ),
+    };
+    if !ok && ignore {
+        tracing::warn!("parity check ignored (--ignore-parity): {detail}");
+        return Some(Check {
+            name: "app versions match (parity)".into(),
+            ok: true,
+            detail: format!("ignored (--ignore-parity): {detail}"),
+        });
+    }
+    Some(Check {
+        name: "app versions match (parity)".into(),
+        ok,
+        detail,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::judge_parity;
+
+    #[test]
+    fn parity_outputs_must_be_equal_unless_ignored() {
+        assert!(judge_parity(None, None, false).is_none());
+        let same = judge_parity(Some("sha256:1"), Some("sha256:1"), false).unwrap();
+        assert!(same.ok, "{same:?}");
+        let differ = judge_parity(Some("sha256:1"), Some("sha256:2"), false).unwrap();
+        assert!(
+            !differ.ok && differ.detail.contains("sha256:1") && differ.detail.contains("sha256:2"),
+            "{differ:?}"
+        );
+        let ignored = judge_parity(Some("sha256:1"), Some("sha256:2"), true).unwrap();
+        assert!(
+            ignored.ok && ignored.detail.starts_with("ignored"),
+            "{ignored:?}"
+        );
+        for (a, b) in [(Some("x"), None), (None, Some("x"))] {
+            assert!(!judge_parity(a, b, false).unwrap().ok, "{a:?} {b:?}");
+        }
+        // Two failures to run the command are not a match.
+        let e = "error: hook parity failed";
+        assert!(!judge_parity(Some(e), Some(e), false).unwrap().ok);
     }
 }

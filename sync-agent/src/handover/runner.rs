@@ -61,6 +61,9 @@ pub struct Progress {
     pub kind: String,
     /// A dry run.
     pub dry_run: bool,
+    /// Different `parity` outputs do not refuse it (`--ignore-parity`).
+    #[serde(default)]
+    pub ignore_parity: bool,
     /// Still running.
     pub running: bool,
     /// The step it is at.
@@ -171,6 +174,11 @@ impl Folder {
         }
     }
 
+    /// Whether the current handover goes on when the `parity` outputs differ.
+    pub(super) fn ignore_parity(&self) -> bool {
+        self.progress.lock().is_ok_and(|p| p.ignore_parity)
+    }
+
     /// This node's role and epoch for the folder, from its epoch file.
     pub(super) fn local(&self) -> Result<(Role, u64), String> {
         let Some(dir) = &self.state_dir else {
@@ -189,7 +197,12 @@ impl Folder {
 /// # Errors
 /// [`Refused`]: one is in progress, this node is not the source, or the state
 /// directory is missing or unusable. Nothing was done then.
-pub fn start(f: &Arc<Folder>, kind: Kind, dry_run: bool) -> Result<u64, Refused> {
+pub fn start(
+    f: &Arc<Folder>,
+    kind: Kind,
+    dry_run: bool,
+    ignore_parity: bool,
+) -> Result<u64, Refused> {
     let state_err = |why: String| Refused::State {
         folder: f.name.clone(),
         why,
@@ -233,6 +246,7 @@ pub fn start(f: &Arc<Folder>, kind: Kind, dry_run: bool) -> Result<u64, Refused>
         id: p.id + 1,
         kind: kind.to_string(),
         dry_run,
+        ignore_parity,
         running: true,
         step: "preflight".into(),
         started_unix: now,
@@ -266,6 +280,8 @@ pub fn resume(f: &Arc<Folder>) -> anyhow::Result<bool> {
             id: p.id + 1,
             kind: rec.kind.to_string(),
             dry_run: false,
+            // Taken up past its preflight: the parity check already passed.
+            ignore_parity: false,
             running: true,
             step: rec.step.to_string(),
             started_unix: rec.started_unix,
