@@ -136,6 +136,46 @@ pub fn cut(a: CutArgs) -> Result<ExitCode> {
     }
 }
 
+/// `verify --config`: a folder's two hosts compared through the agents, as a
+/// cut: exit 0 when both root hashes match, 1 when they differ (the first
+/// differences printed), 2 when no cut could be taken (not the source host,
+/// agent down, replica away).
+pub fn verify_hosts(config: Option<&Path>, folder: Option<String>, json: bool) -> Result<ExitCode> {
+    let config = config.context("verify needs SRC and DST, or --config")?;
+    let cfg = Config::parse(config)?;
+    let sock = control(&cfg, config)?;
+    let ans = runtime()?.block_on(ask(&sock, &Request::Cut { folder }))?;
+    let Some(c) = ans.cut else {
+        let e = ans.error.unwrap_or_default();
+        if json {
+            println!("{}", serde_json::json!({"identical": false, "error": e}));
+        }
+        eprintln!(
+            "sync-cli: verify: no cut: {e} (run it on the folder's source host, with the replica connected)"
+        );
+        return Ok(ExitCode::from(2));
+    };
+    if json {
+        let v = serde_json::json!({
+            "identical": c.matched, "folder": c.folder, "source_root": c.source_root,
+            "destination_root": c.replica_root, "differences": c.warnings, "held": c.held,
+        });
+        println!("{v}");
+    } else {
+        println!("source root      {}", c.source_root);
+        println!("replica root     {}", c.replica_root);
+        for d in c.warnings.iter().chain(&c.held) {
+            println!("{d}");
+        }
+        println!("{}", if c.matched { "identical" } else { "DIFFERENT" });
+    }
+    Ok(if c.matched {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 pub fn failover(a: HandoverArgs) -> Result<ExitCode> {
     handover(a, "failover")
 }

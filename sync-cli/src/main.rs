@@ -41,7 +41,8 @@ enum Cmd {
     Mirror(transfer::MirrorArgs),
     /// Mirror SRC to a running replica (`sync-agent replica`).
     Push(transfer::PushArgs),
-    /// Compare two local trees by content and all metadata.
+    /// Compare two local trees by content and all metadata, or with --config
+    /// a folder's two hosts through the agents (a cut: both root hashes).
     Verify(verify::VerifyArgs),
     /// Show a running agent's folders: connected, lag, pending, last error;
     /// with --check, judge them (exit 0 healthy, 1 unhealthy, 2 error).

@@ -428,3 +428,65 @@ fn issue13_the_status_page_renders_in_a_browser() {
         shot.display()
     );
 }
+
+/// `verify --config` on the source host compares the two hosts through the
+/// agents: 0 on a converged pair with an overlay (each host's own banner), an
+/// excluded cache that differs and a live database with uncheckpointed
+/// frames; 2 on the replica host, naming where to run it.
+#[test]
+fn issue13_verify_config_on_a_converged_pair_with_overlays_excludes_and_live_databases() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = hosts(t.path(), "", "");
+    for h in [&a, &b] {
+        let cfg = std::fs::read_to_string(&h.config).unwrap();
+        std::fs::write(
+            &h.config,
+            cfg.replace("overlay = [", "exclude = [\"cache/\"]\noverlay = ["),
+        )
+        .unwrap();
+    }
+    for (h, who) in [(&a, "master"), (&b, "standby")] {
+        std::fs::write(h.root.join("banner.txt"), who).unwrap();
+        std::fs::create_dir_all(h.root.join("cache")).unwrap();
+        std::fs::write(h.root.join("cache/thumb"), who).unwrap();
+    }
+    make_db(&a.root.join("library.db"), 10);
+    // A live database: an open connection with frames not checkpointed.
+    let live = rusqlite::Connection::open(a.root.join("library.db")).unwrap();
+    live.execute_batch("PRAGMA wal_autocheckpoint=0; INSERT INTO t(v) VALUES ('live')")
+        .unwrap();
+    let (_aa, _ab) = (a.start(), b.start());
+    wait_or(
+        "the first mirror",
+        30,
+        || crate::failover::rows(&b.root.join("library.db")) == 11,
+        || logs(&[&a, &b]),
+    );
+    let out = a.cli(&["verify", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        crate::failover::text(&out)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["identical"], true, "{v}");
+    assert_eq!(v["source_root"], v["destination_root"], "{v}");
+    assert_eq!(
+        std::fs::read_to_string(b.root.join("banner.txt")).unwrap(),
+        "standby"
+    );
+    let on_replica = b.cli(&["verify"]);
+    assert_eq!(
+        on_replica.status.code(),
+        Some(2),
+        "{}",
+        crate::failover::text(&on_replica)
+    );
+    assert!(
+        crate::failover::text(&on_replica).contains("source host"),
+        "{}",
+        crate::failover::text(&on_replica)
+    );
+    drop(live);
+}
