@@ -48,6 +48,10 @@ pub struct Hello {
     /// The source's preflight refuses a handover to a replica that says no,
     /// before anything is stopped. A source always says yes.
     pub promotable: bool,
+    /// The sender's wall clock when it sent this, in ms since the Unix epoch
+    /// (0: not said). The other side compares it with its own to report
+    /// clock skew (`sync-cli doctor`); nothing decides on it.
+    pub sent_unix_ms: u64,
 }
 
 impl Hello {
@@ -62,7 +66,15 @@ impl Hello {
             folder: folder.to_string(),
             epoch: 0,
             promotable: true,
+            sent_unix_ms: 0,
         }
+    }
+
+    /// The same hello, stamped with the sender's clock (`unix_ms`).
+    #[must_use]
+    pub fn sent_at(mut self, unix_ms: u64) -> Self {
+        self.sent_unix_ms = unix_ms;
+        self
     }
 
     /// The same hello, carrying `epoch`.

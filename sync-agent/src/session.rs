@@ -94,3 +94,11 @@ pub struct Progress {
     /// mirror sends at most).
     pub bytes_total: AtomicU64,
 }
+
+/// This host's wall clock in ms since the Unix epoch, for hellos.
+#[must_use]
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

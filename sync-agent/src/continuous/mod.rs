@@ -218,6 +218,13 @@ pub struct FolderStatus {
     /// source if promoted (its hello); `None` before the first session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_promotable: Option<bool>,
+    /// Source rows: the replica's software and version (its hello).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_software: Option<String>,
+    /// Source rows: the replica's clock minus this host's, in ms, when the
+    /// session began (within half a round trip).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_clock_skew_ms: Option<i64>,
 }
 
 /// How far the full round in progress is.
@@ -362,10 +369,13 @@ pub async fn run_source(
             }
         };
         let promotable = session.peer_promotable();
+        let (software, skew) = session.peer_build();
         set(&status, |s| {
             s.connected = true;
             s.last_error = None;
             s.peer_promotable = Some(promotable);
+            s.peer_software = Some(software);
+            s.peer_clock_skew_ms = skew;
         });
         tracing::info!(folder = %cfg.name, peer = %cfg.peer, "connected to replica {}", cfg.addr);
         let began = Instant::now();

@@ -186,7 +186,8 @@ async fn run_inner(
         &Message::Hello(
             Hello::new(Role::Replica, &folder.name)
                 .with_epoch(epoch)
-                .with_promotable(folder.promotable),
+                .with_promotable(folder.promotable)
+                .sent_at(super::unix_ms()),
         ),
     )
     .await?;

@@ -53,6 +53,11 @@ pub struct SourceSession {
     peer_epoch: u64,
     /// Whether the replica said it could be promoted, from its hello.
     peer_promotable: bool,
+    /// The replica's software and version, from its hello.
+    peer_software: String,
+    /// The replica's clock minus ours when its hello arrived, in ms (within
+    /// half a round trip); `None` when it did not say its time.
+    peer_clock_skew_ms: Option<i64>,
 }
 
 impl SourceSession {
@@ -67,43 +72,49 @@ impl SourceSession {
     ) -> Result<Self> {
         let (mut ctl_send, mut ctl_recv) =
             conn.open_bi().await.context("opening the control stream")?;
-        let mut hello = Hello::new(Role::Source, folder).with_epoch(epoch);
+        let mut hello = Hello::new(Role::Source, folder)
+            .with_epoch(epoch)
+            .sent_at(super::unix_ms());
         hello.version = version;
         wire::send(&mut ctl_send, &Message::Hello(hello)).await?;
-        let (peer_epoch, peer_promotable) = match wire::expect_soon(
-            &mut ctl_recv,
-            "the replica's hello",
-        )
-        .await?
-        {
-            Message::Hello(h) => {
-                let answer = handshake::judge_answer(&h, epoch)
-                    .map_err(|e| anyhow!("replica refused the handshake: {e}"))?;
-                match answer {
-                    Answer::Accepted { epoch } => (epoch, h.promotable),
-                    Answer::FencedBy { epoch: theirs } => {
-                        // Fenced: the peer's hello carries its epoch, then why.
-                        let message = refusal_text(&mut ctl_recv, &h).await;
-                        return Err(Fenced {
-                            epoch: theirs,
-                            message,
+        let (peer_epoch, peer_promotable, peer_software, peer_clock_skew_ms) =
+            match wire::expect_soon(&mut ctl_recv, "the replica's hello").await? {
+                Message::Hello(h) => {
+                    let answer = handshake::judge_answer(&h, epoch)
+                        .map_err(|e| anyhow!("replica refused the handshake: {e}"))?;
+                    match answer {
+                        Answer::Accepted { epoch } => {
+                            let skew = (h.sent_unix_ms > 0).then(|| {
+                                i64::try_from(
+                                    i128::from(h.sent_unix_ms) - i128::from(super::unix_ms()),
+                                )
+                                .unwrap_or(i64::MAX)
+                            });
+                            (epoch, h.promotable, h.software.clone(), skew)
                         }
-                        .into());
-                    }
-                    Answer::Claimed { epoch: theirs, .. } => {
-                        // A peer that still believes it is the source at an epoch no
-                        // newer than ours is a stale master: it is fenced when its own
-                        // loop reaches us; we retry.
-                        let message = refusal_text(&mut ctl_recv, &h).await;
-                        bail!(
-                            "peer claims the folder at epoch {theirs} (ours is {epoch}): {message}"
-                        );
+                        Answer::FencedBy { epoch: theirs } => {
+                            // Fenced: the peer's hello carries its epoch, then why.
+                            let message = refusal_text(&mut ctl_recv, &h).await;
+                            return Err(Fenced {
+                                epoch: theirs,
+                                message,
+                            }
+                            .into());
+                        }
+                        Answer::Claimed { epoch: theirs, .. } => {
+                            // A peer that still believes it is the source at an epoch no
+                            // newer than ours is a stale master: it is fenced when its own
+                            // loop reaches us; we retry.
+                            let message = refusal_text(&mut ctl_recv, &h).await;
+                            bail!(
+                                "peer claims the folder at epoch {theirs} (ours is {epoch}): {message}"
+                            );
+                        }
                     }
                 }
-            }
-            Message::Error { message, .. } => bail!("replica refused the session: {message}"),
-            other => bail!("replica sent {other:?} instead of a hello"),
-        };
+                Message::Error { message, .. } => bail!("replica refused the session: {message}"),
+                other => bail!("replica sent {other:?} instead of a hello"),
+            };
         let (tx, ctl_rx) = mpsc::channel(4);
         tokio::spawn(async move {
             loop {
@@ -123,6 +134,8 @@ impl SourceSession {
             progress,
             peer_epoch,
             peer_promotable,
+            peer_software,
+            peer_clock_skew_ms,
         })
     }
 
@@ -136,6 +149,12 @@ impl SourceSession {
     #[must_use]
     pub fn peer_promotable(&self) -> bool {
         self.peer_promotable
+    }
+
+    /// The replica's software and version, and its clock skew in ms.
+    #[must_use]
+    pub fn peer_build(&self) -> (String, Option<i64>) {
+        (self.peer_software.clone(), self.peer_clock_skew_ms)
     }
 
     /// The id the next round will have.

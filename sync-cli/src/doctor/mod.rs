@@ -336,10 +336,87 @@ fn agent_checks(r: &mut Report, c: &Config) {
             })
             .unwrap_or_default();
         let name = format!("peer:{}", f.name);
+        if let Some(x) = rows.iter().find(|x| x["peer_software"].is_string()) {
+            for (what, verdict, detail) in peer_build(version, x) {
+                r.add(format!("{what}:{}", f.name), verdict, detail);
+            }
+        }
         match rows.iter().find(|x| x["connected"] == true) {
             Some(x) => r.add(name, Verdict::Ok, format!("connected as {} with {} (lag {} s)", x["role"].as_str().unwrap_or("?"), x["peer"].as_str().unwrap_or("?"), x["lag_s"])),
             None if rows.is_empty() => r.add(name, Verdict::Warn, "the agent does not report this folder (restart it to load this config?)"),
             None => r.add(name, Verdict::Warn, format!("no session with the peer: {}", rows.iter().find_map(|x| x["last_error"].as_str()).unwrap_or("not connected yet (is the other agent running, and UDP open between the hosts?)"))),
         }
+    }
+}
+
+/// How far apart the two hosts' clocks may be before doctor warns: file times
+/// are copied, not compared across clocks, but logs, lag and the handover
+/// records are read side by side.
+const SKEW_WARN_MS: i64 = 2_000;
+
+/// The peer's build and clock, from a source row of the agent's status: its
+/// version against this agent's (`mine`), its clock skew against the bound.
+fn peer_build(mine: &str, row: &serde_json::Value) -> Vec<(&'static str, Verdict, String)> {
+    let mut out = Vec::new();
+    let theirs = row["peer_software"].as_str().unwrap_or("?");
+    let want = format!("understudy {mine}");
+    out.push(if theirs == want {
+        (
+            "peer-version",
+            Verdict::Ok,
+            format!("the peer runs {theirs}, as this host does"),
+        )
+    } else {
+        (
+            "peer-version",
+            Verdict::Warn,
+            format!("the peer runs {theirs}, this host {want}: upgrade both to the same release"),
+        )
+    });
+    if let Some(skew) = row["peer_clock_skew_ms"].as_i64() {
+        let detail =
+            format!("the peer's clock is {skew:+} ms from this host's (at the session's start)");
+        out.push(if skew.abs() <= SKEW_WARN_MS {
+            ("clock", Verdict::Ok, detail)
+        } else {
+            (
+                "clock",
+                Verdict::Warn,
+                format!("{detail}: run NTP (chrony, systemd-timesyncd) on both hosts"),
+            )
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_version_and_clock_skew_are_judged() {
+        let row =
+            serde_json::json!({"peer_software": "understudy 0.1.0", "peer_clock_skew_ms": -40});
+        let got = peer_build("0.1.0", &row);
+        assert_eq!(
+            got.iter().map(|c| c.1).collect::<Vec<_>>(),
+            [Verdict::Ok, Verdict::Ok]
+        );
+        let row =
+            serde_json::json!({"peer_software": "understudy 0.0.9", "peer_clock_skew_ms": 7_500});
+        let got = peer_build("0.1.0", &row);
+        assert_eq!(
+            got.iter().map(|c| c.1).collect::<Vec<_>>(),
+            [Verdict::Warn, Verdict::Warn]
+        );
+        assert!(
+            got[0].2.contains("0.0.9") && got[1].2.contains("+7500 ms"),
+            "{got:?}"
+        );
+        // No time said: no clock check.
+        assert_eq!(
+            peer_build("0.1.0", &serde_json::json!({"peer_software": "x"})).len(),
+            1
+        );
     }
 }
