@@ -118,6 +118,12 @@ fn excluded_leftovers_are_reported_then_swept_but_overlays_stay() {
     let mut agent_b = b.start();
     let diag = || logs(&[&a, &b]);
     wait_or("the report", 30, || leftovers(&b)["count"] == 1, diag);
+    wait_or(
+        "the first mirror",
+        30,
+        || b.root.join("config.xml").exists(),
+        diag,
+    );
     assert_eq!(leftovers(&b)["first"], serde_json::json!(["cache"]));
     let human = text(&b.cli(&["status"]));
     assert!(
@@ -135,8 +141,17 @@ fn excluded_leftovers_are_reported_then_swept_but_overlays_stay() {
         std::fs::read_to_string(b.root.join("banner.txt")).unwrap(),
         "standby"
     );
-    assert_eq!(
-        std::fs::read_to_string(b.root.join("config.xml")).unwrap(),
-        "<x/>"
+    // The sweep comes before the round's contents: the round applies too.
+    std::fs::write(a.root.join("config.xml"), "<y/>").unwrap();
+    wait_or(
+        "the change after the sweep",
+        30,
+        || {
+            std::fs::read_to_string(b.root.join("config.xml"))
+                .ok()
+                .as_deref()
+                == Some("<y/>")
+        },
+        diag,
     );
 }
