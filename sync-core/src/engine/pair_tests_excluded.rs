@@ -97,3 +97,24 @@ fn without_delete_excluded_leftovers_stay_and_are_counted() {
     assert_eq!((l.count, l.swept), (2, 0));
     assert_eq!(l.first, [rel("cache"), rel("x.log")]);
 }
+
+#[test]
+fn delete_excluded_never_removes_a_database_s_side_files() {
+    let mut p = Pair::new();
+    p.filter = Filter::new(&["*.db-shm".into()]).expect("f");
+    p.sweep.delete = true;
+    let c = rusqlite::Connection::open(p.src("library.db")).expect("open");
+    c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+        .expect("sql");
+    drop(c);
+    p.full().expect("round");
+    // The standby's own process has the database open: its index is there.
+    fs::write(p.dst("library.db-shm"), vec![0u8; 32768]).expect("write");
+    fs::write(p.dst("stray.db-shm"), b"no database beside it").expect("write");
+    p.full().expect("round");
+    assert!(
+        p.dst("library.db-shm").exists(),
+        "a live index was unlinked"
+    );
+    assert!(!p.dst("stray.db-shm").exists());
+}
