@@ -206,6 +206,13 @@ fn replica_row(
         source_epoch: stats.source_epoch,
         rounds: stats.rounds,
         full_rounds: stats.full_rounds,
+        excluded_leftovers: stats
+            .leftovers
+            .map(|l| crate::continuous::ExcludedLeftovers {
+                count: l.count,
+                first: l.first.iter().map(ToString::to_string).collect(),
+                swept: l.swept,
+            }),
         held_databases: stats.held,
         last_error: r.last_warning.lock().ok().and_then(|w| w.clone()),
         connected: r.lock.try_lock().is_err(),

@@ -250,6 +250,10 @@ pub struct ReplicaSettings {
     pub fence: session::replica::Fence,
     /// Whether this node can serve as the folder's source once promoted.
     pub promotable: bool,
+    /// The folder's `uid_map`/`gid_map` (the source's ids to this host's).
+    pub ids: sync_core::idmap::IdMap,
+    /// What full rounds do with excluded leftovers (`delete_excluded`).
+    pub sweep: sync_core::engine::Sweep,
 }
 
 /// [`replica_folder`] with database globs, fencing state and hooks.
@@ -280,6 +284,8 @@ pub fn replica_folder_with(
         activity: Default::default(),
         stats: std::sync::Mutex::default(),
         promotable: settings.promotable,
+        ids: settings.ids,
+        sweep: settings.sweep,
         diverged: std::sync::Mutex::new(
             settings
                 .state_dir

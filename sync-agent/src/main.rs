@@ -185,6 +185,8 @@ fn plan_from_config(path: &Path) -> Result<Plan> {
                     promotable: f.failover
                         && !peers.is_empty()
                         && peers.iter().all(|p| c.peer_address(p).is_some()),
+                    ids: f.id_map()?,
+                    sweep: f.sweep()?,
                 },
             )?),
             None => None,

@@ -150,6 +150,13 @@ fn print_human(node: &str, folders: &[FolderStatus]) {
                 f.epoch, f.databases, f.max_writer_stall_ms
             );
         }
+        if let Some(l) = f.excluded_leftovers.as_ref().filter(|l| l.count > 0) {
+            println!(
+                "  {} excluded paths present on the replica (delete_excluded = true removes them): {}",
+                l.count,
+                l.first.join(", ")
+            );
+        }
         for db in &f.held_databases {
             println!("  held open on the replica, not updated: {db}");
         }

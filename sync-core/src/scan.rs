@@ -98,6 +98,10 @@ pub struct ScanReport {
     pub multi_linked: std::collections::HashSet<RelPath>,
     /// Live SQLite databases (listed as files with a zero hash, never read).
     pub databases: Vec<RelPath>,
+    /// Excluded paths met (the topmost: an excluded directory is not
+    /// entered), with whether each is a directory; a replica's full round
+    /// sweeps or reports them (`delete_excluded`).
+    pub excluded: Vec<(RelPath, bool)>,
 }
 
 /// Scans `root` into a manifest.
@@ -209,6 +213,7 @@ struct Walker<'o> {
     temp_files: Vec<RelPath>,
     multi_linked: std::collections::HashSet<RelPath>,
     databases: Vec<RelPath>,
+    excluded: Vec<(RelPath, bool)>,
 }
 
 impl<'o> Walker<'o> {
@@ -222,6 +227,7 @@ impl<'o> Walker<'o> {
             temp_files: Vec::new(),
             multi_linked: Default::default(),
             databases: Vec::new(),
+            excluded: Vec::new(),
         }
     }
 
@@ -236,6 +242,7 @@ impl<'o> Walker<'o> {
             temp_files: std::mem::take(&mut self.temp_files),
             multi_linked: std::mem::take(&mut self.multi_linked),
             databases: std::mem::take(&mut self.databases),
+            excluded: std::mem::take(&mut self.excluded),
             ..Default::default()
         };
         if !self.opts.hash {
@@ -309,6 +316,7 @@ impl<'o> Walker<'o> {
         };
         let ft = st.file_type();
         if self.opts.filter.excludes(path, ft.is_dir()) {
+            self.excluded.push((path.clone(), ft.is_dir()));
             return Ok(None);
         }
         let db = self.opts.databases.as_deref();

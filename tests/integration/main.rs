@@ -24,6 +24,7 @@ mod hostile_replica;
 mod hostile_source;
 mod hostile_stall;
 mod hostile_tls;
+mod idmap;
 mod invariant12;
 mod lag;
 mod netns;

@@ -24,6 +24,9 @@
 //! overlay = ["config/network.xml"]            # each host keeps its own copy
 //! failover = true                             # false: this replica is never promoted
 //! parity = "docker inspect --format '{{.Image}}' jellyfin"  # same output on both hosts before a handover
+//! uid_map = ["1000:99"]                       # when receiving: the sender's uid 1000 is 99 here
+//! gid_map = ["1000:100"]                      # (owners and POSIX ACL entries; see below)
+//! delete_excluded = false                     # true: full rounds remove excluded paths here
 //! max_lag_secs = 30                           # /health and alerts: the lag bound
 //!
 //! [folder.hooks]                              # optional: `sh -c` commands
@@ -38,6 +41,19 @@
 //! events = ["lag_high", "disconnected"]       # optional: all events when absent
 //! format = "json"                             # or "ntfy": plain text with a Title
 //! ```
+//!
+//! `uid_map`/`gid_map` (`"REMOTE:LOCAL"`) apply when this host receives the
+//! folder: owners and the qualifiers of POSIX ACL entries (access and default)
+//! are mapped to this host's ids, and back when the replica's root hash is
+//! computed (cuts compare it with the source's). Each map is a permutation:
+//! an id that is a LOCAL but not a REMOTE goes the other way. The other host's
+//! config holds the reverse map (`["99:1000"]`) for the way back after a
+//! failover.
+//!
+//! `delete_excluded = true` (rsync's `--delete-excluded`): a full round on
+//! this replica removes paths the folder's excludes match (leftovers mirrored
+//! before an exclude was added); overlays and SQLite side files never. Without
+//! it, status reports such paths (`excluded_leftovers`).
 //!
 //! Unknown keys are errors that name the key and its line; every reference is
 //! checked ([`Config::load`]) before the agent touches anything.
@@ -155,6 +171,17 @@ pub struct Folder {
     /// The lag over which the folder is unhealthy (`/health`, alerts), in
     /// seconds; [`Folder::DEFAULT_MAX_LAG_SECS`] when absent.
     pub max_lag_secs: Option<u64>,
+    /// `"REMOTE:LOCAL"` uids, applied when this host receives the folder
+    /// (see [`Folder::id_map`]).
+    #[serde(default)]
+    pub uid_map: Vec<String>,
+    /// `"REMOTE:LOCAL"` gids, likewise.
+    #[serde(default)]
+    pub gid_map: Vec<String>,
+    /// Full rounds remove excluded paths present on this replica (never
+    /// overlays); see [`Folder::sweep`].
+    #[serde(default)]
+    pub delete_excluded: bool,
 }
 
 fn yes() -> bool {
@@ -297,11 +324,7 @@ impl Folder {
         }
         pats.extend(self.exclude.iter().cloned());
         // Overlays are each host's own: never sent, overwritten or deleted.
-        pats.extend(
-            self.overlays()
-                .into_iter()
-                .map(|o| format!("/{}", o.trim_start_matches('/'))),
-        );
+        pats.extend(self.sweep()?.overlays.patterns().iter().cloned());
         Filter::new(&pats).with_context(|| format!("folder {}", self.name))
     }
 
@@ -372,6 +395,28 @@ impl Folder {
                 }
             })
             .collect()
+    }
+
+    /// The folder's `uid_map` and `gid_map`; a bad entry is an error naming
+    /// the folder, the field and the entry.
+    pub fn id_map(&self) -> Result<sync_core::idmap::IdMap> {
+        sync_core::idmap::IdMap::parse(&self.uid_map, &self.gid_map)
+            .with_context(|| format!("folder {}", self.name))
+    }
+
+    /// What full rounds on this replica do with excluded leftovers: removed
+    /// with `delete_excluded`, overlays kept either way.
+    pub fn sweep(&self) -> Result<sync_core::engine::Sweep> {
+        let anchored: Vec<String> = self
+            .overlays()
+            .into_iter()
+            .map(|o| format!("/{}", o.trim_start_matches('/')))
+            .collect();
+        Ok(sync_core::engine::Sweep {
+            delete: self.delete_excluded,
+            overlays: Filter::new(&anchored)
+                .with_context(|| format!("folder {}: overlay", self.name))?,
+        })
     }
 
     /// The folder's peers, parsed.
@@ -449,6 +494,7 @@ impl Config {
             f.filter()?;
             f.sqlite_matcher()?;
             f.overlay_paths()?;
+            f.id_map()?;
             for h in Hook::ALL {
                 if f.hooks.command(h).is_some_and(|c| c.trim().is_empty()) {
                     bail!("folder {}: hooks.{h} is empty", f.name);

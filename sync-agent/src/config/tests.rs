@@ -293,3 +293,34 @@ fn issue13_http_token_lag_bound_and_alerts_are_checked_and_named() {
     let e = err(alert("url = \"http://h/\"\nformat = \"slack\""));
     assert!(e.contains("format") || e.contains("slack"), "{e}");
 }
+
+#[test]
+fn id_maps_and_delete_excluded_load_and_bad_maps_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let id = crate::Identity::generate().unwrap().id().to_string();
+    let good = format!(
+        "{}uid_map = [\"1000:99\"]\ngid_map = [\"1000:100\"]\ndelete_excluded = true\noverlay = [\"banner.txt\"]\n",
+        base(d.path(), &id)
+    );
+    let c = Config::load(&write(d.path(), &good)).unwrap();
+    let f = &c.folders[0];
+    let ids = f.id_map().unwrap();
+    assert_eq!(ids.uid(1000, sync_core::idmap::Direction::ToLocal), 99);
+    assert_eq!(ids.gid(1000, sync_core::idmap::Direction::ToLocal), 100);
+    let sweep = f.sweep().unwrap();
+    assert!(sweep.delete);
+    let banner = sync_core::RelPath::new(&b"banner.txt"[..]).unwrap();
+    assert!(sweep.overlays.excludes(&banner, false));
+    let cache = sync_core::RelPath::new(&b"cache"[..]).unwrap();
+    assert!(
+        !sweep.overlays.excludes(&cache, true),
+        "a profile exclude is no overlay"
+    );
+
+    let bad = good.replace("\"1000:100\"", "\"1000:100\", \"7:100\"");
+    let e = format!("{:#}", Config::load(&write(d.path(), &bad)).unwrap_err());
+    assert!(
+        e.contains("folder jf") && e.contains("gid_map") && e.contains("7:100"),
+        "{e}"
+    );
+}

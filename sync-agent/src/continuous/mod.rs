@@ -225,6 +225,21 @@ pub struct FolderStatus {
     /// session began (within half a round trip).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_clock_skew_ms: Option<i64>,
+    /// Replica rows: excluded paths present on the replica, as its last full
+    /// round found them (`delete_excluded` off); `None` before a full round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub excluded_leftovers: Option<ExcludedLeftovers>,
+}
+
+/// Excluded paths present on a replica (mirrored before an exclude was added).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExcludedLeftovers {
+    /// How many (the topmost of each excluded subtree).
+    pub count: u64,
+    /// The first few, relative to the folder root.
+    pub first: Vec<String>,
+    /// Removed by the last full round (`delete_excluded`).
+    pub swept: u64,
 }
 
 /// How far the full round in progress is.

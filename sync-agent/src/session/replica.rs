@@ -55,6 +55,11 @@ pub struct ReplicaFolder {
     /// The latest directory where what only this node held was kept aside
     /// when it came back fenced (`{state}/diverged/...`), for status.
     pub diverged: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// `uid_map`/`gid_map`: the source's owners and ACL qualifiers to this
+    /// host's ids (and back for the root hash).
+    pub ids: sync_core::idmap::IdMap,
+    /// What full rounds do with excluded leftovers (`delete_excluded`).
+    pub sweep: sync_core::engine::Sweep,
 }
 
 /// What a replica folder's status row shows besides its fence.
@@ -69,6 +74,8 @@ pub struct ReplicaStats {
     /// Databases the last round left alone because another process holds them
     /// open here.
     pub held: Vec<String>,
+    /// Excluded paths present here, as the last full round found them.
+    pub leftovers: Option<sync_core::engine::Leftovers>,
 }
 
 /// When a session last heard from its peer (shared with its transfers).

@@ -52,6 +52,7 @@ pub(super) async fn apply_round(
 ) -> Result<ApplySummary> {
     let mut round = engine::Round::from(round);
     engine::check(&round, folder.replica.root_path())?;
+    round.map_ids(&folder.ids);
     // Excluded entries are dropped; `kept` maps what is planned back to the
     // round's indexes, which the source serves.
     let (kept, planned) = engine::keep(&round.src, &folder.filter);
@@ -91,8 +92,9 @@ pub(super) async fn apply_round(
         // A cut says which databases another process holds open (the
         // standby's application running), changed or not: a handover's
         // preflight refuses on it.
+        let ids = folder.ids.clone();
         let verified =
-            tokio::task::spawn_blocking(move || engine::verify(&r, d, f, &planned)).await??;
+            tokio::task::spawn_blocking(move || engine::verify(&r, d, f, &planned, &ids)).await??;
         engine::add_verified(&mut summary, verified, round.full, super::HELD_PREFIX);
         summary.parity = parity(folder).await;
     }
@@ -134,40 +136,51 @@ async fn prepare_and_make(
         std::mem::take(&mut round.renamed),
     );
     let capture = divergence_target(folder, full)?;
-    let name = folder.name.clone();
-    let (dst, plan, sum, captured) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let mut sum = ApplySummary::default();
-        let prep = engine::Prepare {
-            filter: &f,
-            detect,
-            full,
-            checksum,
-            renamed: &renamed,
-            deleted: &deleted,
-        };
-        let (dst, mut plan) = engine::prepare(&r, &s, &prep, &mut sum)?;
-        // The first repair after this node was fenced: what it alone holds is
-        // copied aside before anything is replaced or deleted.
-        let captured = match &capture {
-            Some((state, into, epoch)) => {
-                let header = format!(
-                    "# understudy: what this node held when it came back fenced, before the\n\
+    let (name, sweep) = (folder.name.clone(), folder.sweep.clone());
+    let (dst, plan, sum, captured, leftovers) =
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            let mut sum = ApplySummary::default();
+            let prep = engine::Prepare {
+                filter: &f,
+                detect,
+                full,
+                checksum,
+                renamed: &renamed,
+                deleted: &deleted,
+                sweep: &sweep,
+            };
+            let engine::Prepared {
+                dst,
+                mut plan,
+                leftovers,
+            } = engine::prepare(&r, &s, &prep, &mut sum)?;
+            // The first repair after this node was fenced: what it alone holds is
+            // copied aside before anything is replaced or deleted.
+            let captured = match &capture {
+                Some((state, into, epoch)) => {
+                    let header = format!(
+                        "# understudy: what this node held when it came back fenced, before the\n\
                      # repair by the folder's new source (epoch {epoch}). folder {name}, root {}\n",
-                    r.root_path().display()
-                );
-                let c = sync_core::diverged::capture(&r, &s, &dst, &plan, into, &header)
-                    .with_context(|| {
-                        format!("folder {name}: keeping aside what only this node held")
-                    })?;
-                crate::diverged::clear(state, &name)?;
-                Some((into.clone(), c.kept.len()))
-            }
-            None => None,
-        };
-        engine::make(&r, &s, &mut plan, &f, &mut sum)?;
-        Ok((dst, plan, sum, captured))
-    })
-    .await??;
+                        r.root_path().display()
+                    );
+                    let c = sync_core::diverged::capture(&r, &s, &dst, &plan, into, &header)
+                        .with_context(|| {
+                            format!("folder {name}: keeping aside what only this node held")
+                        })?;
+                    crate::diverged::clear(state, &name)?;
+                    Some((into.clone(), c.kept.len()))
+                }
+                None => None,
+            };
+            engine::make(&r, &s, &mut plan, &f, &mut sum)?;
+            Ok((dst, plan, sum, captured, leftovers))
+        })
+        .await??;
+    if let Some(l) = leftovers
+        && let Ok(mut st) = folder.stats.lock()
+    {
+        st.leftovers = Some(l);
+    }
     if let Some((into, n)) = captured {
         if n == 0 {
             tracing::info!(folder = %folder.name, "fenced and repaired: this node held nothing the new source lacks");

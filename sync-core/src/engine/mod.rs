@@ -12,11 +12,14 @@
 
 mod check;
 pub mod content;
+pub mod leftovers;
 
 pub use check::{RoundError, check};
+pub use leftovers::{Leftovers, Sweep};
 
 use crate::apply::Replica;
 use crate::filter::Filter;
+use crate::idmap::{Direction, IdMap};
 use crate::plan::Plan;
 use crate::scan::{DbDetect, ScanOptions};
 use crate::{Error, Manifest};
@@ -73,6 +76,19 @@ impl Round {
     pub fn compares_content(&self) -> bool {
         self.checksum || !self.full
     }
+
+    /// The entries' owners and ACL qualifiers mapped to this host's ids
+    /// (`uid_map`, `gid_map`), once [`check`] has matched the source's root
+    /// hash on them as sent: the plan then compares this host's ids with its
+    /// tree.
+    pub fn map_ids(&mut self, ids: &IdMap) {
+        if ids.is_empty() {
+            return;
+        }
+        for e in &mut self.src.entries {
+            e.meta = ids.meta(&e.meta, Direction::ToLocal);
+        }
+    }
 }
 
 /// Drops excluded entries: the planned manifest, and for each of its entries
@@ -103,17 +119,32 @@ pub struct Prepare<'a> {
     pub renamed: &'a [(RelPath, RelPath)],
     /// The round's deletions.
     pub deleted: &'a [RelPath],
+    /// What a full round does with excluded leftovers.
+    pub sweep: &'a Sweep,
+}
+
+/// What [`prepare`] found: the replica's own manifest, the plan, and on a
+/// full round the excluded leftovers.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The replica's own entries (of the tree, or of the planned paths).
+    pub dst: Manifest,
+    /// From them to the planned manifest.
+    pub plan: Plan,
+    /// Excluded paths present on the replica (full rounds).
+    pub leftovers: Option<Leftovers>,
 }
 
 /// Renames and explicit deletions (excluded paths left alone), then the
 /// replica's own manifest (a scan of the tree for a full round, of the
-/// planned paths for a partial one), and the plan from it to `s`.
+/// planned paths for a partial one; a full round sweeps or counts excluded
+/// leftovers), and the plan from it to `s`.
 pub fn prepare(
     r: &Replica,
     s: &Manifest,
     p: &Prepare<'_>,
     sum: &mut ApplySummary,
-) -> Result<(Manifest, Plan), Error> {
+) -> Result<Prepared, Error> {
     let f = p.filter;
     let opts = ScanOptions {
         hash: p.checksum,
@@ -144,18 +175,26 @@ pub fn prepare(
         }
         sum.entries_deleted += 1;
     }
+    let mut leftovers = None;
     let (dst, linked) = if p.full {
         let (dst, report) = crate::scan::scan_with(r.root_path(), &opts, None)?;
         let swept = r.sweep_temps(&report.temp_files)?;
         if swept > 0 {
             tracing::info!(swept, "removed temp files left by an interrupted run");
         }
+        let found = leftovers::sweep_or_count(r, &report.excluded, &p.detect, p.sweep)?;
+        sum.entries_deleted += found.swept;
+        leftovers = Some(found);
         (dst, report.multi_linked)
     } else {
         own_entries(r, s, &opts)?
     };
     let plan = crate::plan::plan_with_links(s, &dst, p.checksum, &linked);
-    Ok((dst, plan))
+    Ok(Prepared {
+        dst,
+        plan,
+        leftovers,
+    })
 }
 
 /// The replica's own entries at the planned paths of a partial round, and
@@ -269,14 +308,16 @@ pub struct Verified {
     pub held_by: Vec<(RelPath, String)>,
 }
 
-/// The replica's own root hash after a round, what differs from `planned`,
-/// and which databases another process holds open (a handover's preflight
-/// refuses on it).
+/// The replica's own root hash after a round (its owners and ACL
+/// qualifiers mapped back to the source's ids by `ids`, so that it is the
+/// source's), what differs from `planned`, and which databases another
+/// process holds open (a handover's preflight refuses on it).
 pub fn verify(
     r: &Replica,
     detect: Arc<DbDetect>,
     filter: Filter,
     planned: &Manifest,
+    ids: &IdMap,
 ) -> Result<Verified, Error> {
     let (own, dbs) = own_manifest(r, detect, filter)?;
     let own = without_kept_dirs(own, planned);
@@ -290,8 +331,20 @@ pub fn verify(
         .take(5)
         .map(|d| format!("after the cut: {d}"))
         .collect();
+    let root = if ids.is_empty() {
+        own.root_hash()
+    } else {
+        let entries = own.entries.iter().map(|e| Entry {
+            meta: ids.meta(&e.meta, Direction::ToRemote),
+            ..e.clone()
+        });
+        Manifest {
+            entries: entries.collect(),
+        }
+        .root_hash()
+    };
     Ok(Verified {
-        root: own.root_hash(),
+        root,
         differences,
         held_by,
     })
@@ -398,5 +451,7 @@ pub fn own_manifest(
 mod pair;
 #[cfg(test)]
 mod pair_tests;
+#[cfg(test)]
+mod pair_tests_excluded;
 #[cfg(test)]
 mod unit_tests;

@@ -15,6 +15,12 @@ pub(super) struct Pair {
     pub dst: tempfile::TempDir,
     pub replica: Replica,
     pub filter: Filter,
+    /// The replica folder's uid/gid maps.
+    pub ids: crate::idmap::IdMap,
+    /// What full rounds do with excluded leftovers.
+    pub sweep: Sweep,
+    /// The last full round's excluded leftovers.
+    pub leftovers: Option<Leftovers>,
     detect: Arc<DbDetect>,
     live: LiveSet,
     next_id: u64,
@@ -35,6 +41,9 @@ impl Pair {
             dst,
             replica,
             filter: Filter::default(),
+            ids: Default::default(),
+            sweep: Sweep::default(),
+            leftovers: None,
             detect: Arc::new(DbDetect::default()),
             live,
             next_id: 1,
@@ -180,7 +189,8 @@ impl Pair {
         res.map_err(|e| e.to_string())
     }
 
-    fn apply_checked(&self, mut round: Round) -> Result<ApplySummary, Error> {
+    fn apply_checked(&mut self, mut round: Round) -> Result<ApplySummary, Error> {
+        round.map_ids(&self.ids);
         let r = &self.replica;
         let (kept, planned) = keep(&round.src, &self.filter);
         let mut sum = ApplySummary::default();
@@ -191,8 +201,16 @@ impl Pair {
             checksum: round.compares_content(),
             renamed: &round.renamed,
             deleted: &round.deleted,
+            sweep: &self.sweep,
         };
-        let (dst, mut plan) = prepare(r, &planned, &prep, &mut sum)?;
+        let Prepared {
+            dst,
+            mut plan,
+            leftovers,
+        } = prepare(r, &planned, &prep, &mut sum)?;
+        if leftovers.is_some() {
+            self.leftovers = leftovers;
+        }
         make(r, &planned, &mut plan, &self.filter, &mut sum)?;
         let (inlined, pulled) = split_inline(&plan, &kept, &mut round.inline);
         let (files, bytes) = write_whole(r, &planned, inlined)?;
@@ -215,7 +233,8 @@ impl Pair {
         }
         let mut sum = finish(r, &planned, &plan, &dst, sum)?;
         if round.verify {
-            let v = verify(r, self.detect.clone(), self.filter.clone(), &planned)?;
+            let (d, f) = (self.detect.clone(), self.filter.clone());
+            let v = verify(r, d, f, &planned, &self.ids)?;
             add_verified(&mut sum, v, round.full, HELD);
         }
         Ok(sum)
@@ -275,6 +294,9 @@ impl Pair {
         let mut want = self.source_manifest();
         let (mut own, _) = own_manifest(&self.replica, self.detect.clone(), self.filter.clone())
             .expect("the replica scans");
+        for e in &mut own.entries {
+            e.meta = self.ids.meta(&e.meta, crate::idmap::Direction::ToRemote);
+        }
         if !root_mtime {
             for m in [&mut want, &mut own] {
                 if let Some(root) = m.entries.first_mut().filter(|e| e.path.is_root()) {
