@@ -225,11 +225,14 @@ mod content;
 mod copy;
 mod idle;
 mod live;
+mod moved;
 mod replica;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_cut;
+#[cfg(test)]
+mod tests_moved;
 mod track;
 mod wal;
 
