@@ -230,7 +230,7 @@ impl LiveDb {
     }
 
     /// Page `pgno` of the current snapshot.
-    fn page(&self, pgno: u32) -> Result<Vec<u8>, Error> {
+    pub(super) fn page(&self, pgno: u32) -> Result<Vec<u8>, Error> {
         match &self.cache {
             Some(c) => match c.get(&pgno) {
                 Some(p) => Ok(p.clone()),
@@ -282,28 +282,6 @@ pub struct CutStats {
     pub blocked: Option<String>,
     /// Databases that vanished or stopped being databases: no longer held.
     pub dropped: Vec<RelPath>,
-}
-
-/// A database's snapshot as the manifest shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Snapshot {
-    /// Page size.
-    pub page_size: u32,
-    /// Page count.
-    pub pages: u32,
-    /// Page Merkle hash.
-    pub hash: [u8; 32],
-}
-
-/// Which pages a replica needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Need {
-    /// It already holds the snapshot.
-    Nothing,
-    /// These pages (it holds a recent cut).
-    Pages(Vec<u32>),
-    /// Its page hashes are needed to tell.
-    Hashes,
 }
 
 /// The live databases of a source folder.
@@ -509,59 +487,6 @@ impl LiveSet {
             db.end_round();
             db.forget_position();
         }
-    }
-
-    /// The current snapshot of `path`.
-    #[must_use]
-    pub fn snapshot(&self, path: &RelPath) -> Option<Snapshot> {
-        self.dbs.get(path).filter(|d| d.known).map(|d| Snapshot {
-            page_size: d.page_size,
-            pages: d.hashes.len() as u32,
-            hash: d.hash,
-        })
-    }
-
-    /// What a replica holding `have` needs to reach the snapshot of `path`.
-    #[must_use]
-    pub fn need(&self, path: &RelPath, have: &[u8; 32]) -> Need {
-        let Some(db) = self.dbs.get(path) else {
-            return Need::Hashes;
-        };
-        if have == &db.hash {
-            return Need::Nothing;
-        }
-        match db.history.iter().find(|(h, _)| h == have) {
-            Some((_, set)) => Need::Pages(
-                set.iter()
-                    .copied()
-                    .filter(|&p| p as usize <= db.hashes.len())
-                    .collect(),
-            ),
-            None => Need::Hashes,
-        }
-    }
-
-    /// The pages whose hashes differ from a replica's (`page_size` 0: it has
-    /// no database).
-    #[must_use]
-    pub fn differing(&self, path: &RelPath, page_size: u32, theirs: &[[u8; 32]]) -> Vec<u32> {
-        let Some(db) = self.dbs.get(path) else {
-            return Vec::new();
-        };
-        let same_size = page_size == db.page_size;
-        (0..db.hashes.len())
-            .filter(|&i| !same_size || theirs.get(i) != Some(&db.hashes[i]))
-            .map(|i| i as u32 + 1)
-            .collect()
-    }
-
-    /// Page `pgno` of the current snapshot of `path`.
-    pub fn page(&self, path: &RelPath, pgno: u32) -> Result<Vec<u8>, Error> {
-        let db = self.dbs.get(path).ok_or_else(|| Error::Sqlite {
-            path: path.to_string(),
-            msg: "not a tracked database".into(),
-        })?;
-        db.page(pgno)
     }
 
     /// Lets every snapshot of the cut go as soon as the pages its round may

@@ -227,6 +227,7 @@ mod idle;
 mod live;
 mod moved;
 mod replica;
+mod serve;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -239,8 +240,9 @@ mod wal;
 pub use conn::CHECKPOINT_BYTES;
 pub use content::{content_snapshot, mark_by_content};
 pub use copy::COPY_BUDGET;
-pub use live::{CutStats, LOCK_WAIT, LiveSet, Need, RELEASE_BUDGET, Snapshot};
+pub use live::{CutStats, LOCK_WAIT, LiveSet, RELEASE_BUDGET};
 pub use replica::{Exclusive, Held, Lock, apply_pages, integrity, lock_exclusive, read_hashes};
+pub use serve::{Need, Snapshot};
 
 /// Gives the entries of live databases their snapshot (page size, count, hash):
 /// a database is never shipped as a file.
