@@ -301,6 +301,12 @@ impl FileStamp {
         (self.dev, self.ino)
     }
 
+    /// The later of its mtime and ctime (ns since the Unix epoch): when it
+    /// was last written, as far as anyone can tell (a ctime cannot be set).
+    pub fn changed_ns(self) -> i128 {
+        self.mtime_ns.max(self.ctime_ns)
+    }
+
     /// Whether `other` is the same file (device and inode).
     pub fn same_file(&self, other: &Self) -> bool {
         (self.dev, self.ino) == (other.dev, other.ino)

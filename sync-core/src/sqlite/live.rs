@@ -54,6 +54,13 @@ pub(super) struct LiveDb {
     /// Left out of this (partial) cut: surely unwritten since the last one
     /// (`idle.rs`).
     pub(super) idle: bool,
+    /// Left out of this (partial) cut: a file no cut opened yet, not quiet
+    /// for long enough (`settle.rs`).
+    pub(super) pending: bool,
+    /// The file (device, inode) a cut opened last.
+    pub(super) settled_id: Option<(u64, u64)>,
+    /// Another file, and since when it waits to be quiet.
+    pub(super) pending_since: Option<((u64, u64), Instant)>,
     /// A connection opened, should the round ask for a page of an idle
     /// database, to read it in short read transactions.
     pub(super) lazy: std::cell::RefCell<Option<Conns>>,
@@ -86,6 +93,9 @@ impl LiveDb {
             replaced: false,
             wal_seen: None,
             idle: false,
+            pending: false,
+            settled_id: None,
+            pending_since: None,
             lazy: std::cell::RefCell::new(None),
             wal: WalPos::default(),
             seen: None,
@@ -105,7 +115,9 @@ impl LiveDb {
     fn connect(&mut self) -> Result<(), Error> {
         // A snapshot still open from an earlier cut gives way to the new one.
         self.end_round();
-        self.conns = Some(Conns::open(&self.path, self.busy, spin)?);
+        let c = Conns::open(&self.path, self.busy, spin)?;
+        self.settled_id = Some(c.opened);
+        self.conns = Some(c);
         Ok(())
     }
 
@@ -175,6 +187,7 @@ impl LiveDb {
         self.copy = None;
         self.head = None;
         self.idle = false;
+        self.pending = false;
         for c in [self.conns.take(), self.lazy.get_mut().take()]
             .into_iter()
             .flatten()
@@ -282,6 +295,10 @@ pub struct CutStats {
     pub blocked: Option<String>,
     /// Databases that vanished or stopped being databases: no longer held.
     pub dropped: Vec<RelPath>,
+    /// Databases left out of this (partial) cut: files no cut opened yet,
+    /// still being written (`settle.rs`). Neither cut nor shipped as files:
+    /// offer them again soon.
+    pub pending: Vec<RelPath>,
 }
 
 /// The live databases of a source folder.
@@ -289,6 +306,8 @@ pub struct CutStats {
 pub struct LiveSet {
     root: PathBuf,
     busy: Duration,
+    /// How long a file no cut opened yet must be quiet (`settle.rs`).
+    pub(super) settle: Duration,
     pub(super) dbs: BTreeMap<RelPath, LiveDb>,
 }
 
@@ -304,8 +323,17 @@ impl LiveSet {
             // SQLite opens databases by path, refusing symlinks on the way.
             root: std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()),
             busy,
+            settle: super::settle::SETTLE,
             dbs: BTreeMap::new(),
         }
+    }
+
+    /// The same set, with files no cut opened yet waiting to be quiet for
+    /// `settle` (zero: opened at once) instead of [`super::SETTLE`].
+    #[must_use]
+    pub fn with_settle(mut self, settle: Duration) -> Self {
+        self.settle = settle;
+        self
     }
 
     /// The databases held.
@@ -350,14 +378,18 @@ impl LiveSet {
     /// the new snapshots. The snapshots are held until [`LiveSet::end_round`].
     /// A database that vanished, or is no longer one, leaves the set
     /// ([`CutStats::dropped`]).
+    /// A database no cut opened yet is waited for until it is quiet (at
+    /// most [`super::SETTLE_MAX`], `settle.rs`).
     pub fn cut(&mut self) -> Result<CutStats, Error> {
-        self.cut_marked()
+        self.wait_settled();
+        self.cut_marked(false)
     }
 
-    /// [`LiveSet::cut`] of the databases not marked idle.
-    pub(super) fn cut_marked(&mut self) -> Result<CutStats, Error> {
+    /// [`LiveSet::cut`] of the databases not marked idle; with `gate`, those
+    /// not settled are left out too ([`CutStats::pending`]).
+    pub(super) fn cut_marked(&mut self, gate: bool) -> Result<CutStats, Error> {
         let mut stats = CutStats::default();
-        if let Err(e) = self.connect_all(&mut stats.dropped) {
+        if let Err(e) = self.connect_all(gate, &mut stats) {
             self.abandon();
             return Err(e);
         }
@@ -389,7 +421,7 @@ impl LiveSet {
             return Err(e);
         }
         let mut failed = None;
-        for (p, db) in self.dbs.iter_mut().filter(|(_, d)| !d.idle) {
+        for (p, db) in self.dbs.iter_mut().filter(|(_, d)| !d.idle && !d.pending) {
             match db.advance() {
                 Ok(0) => {}
                 Ok(n) => {
@@ -410,12 +442,25 @@ impl LiveSet {
     }
 
     /// Opens every database's connections; those whose file is gone are
-    /// listed in `gone`.
-    fn connect_all(&mut self, gone: &mut Vec<RelPath>) -> Result<(), Error> {
+    /// listed as dropped, and with `gate` those not settled (or replaced
+    /// while being opened) as pending.
+    fn connect_all(&mut self, gate: bool, stats: &mut CutStats) -> Result<(), Error> {
+        let (settle, now) = (self.settle, Instant::now());
         for (p, db) in self.dbs.iter_mut().filter(|(_, d)| !d.idle) {
+            if gate && !db.settled(settle, now) {
+                db.pending = true;
+                stats.pending.push(p.clone());
+                continue;
+            }
             if let Err(e) = db.connect() {
                 if vanished(&db.path) {
-                    gone.push(p.clone());
+                    stats.dropped.push(p.clone());
+                    continue;
+                }
+                if gate && db.settled_id != super::conn::FileStamp::of(&db.path).map(|s| s.id()) {
+                    // replaced while being opened: not settled
+                    db.pending = true;
+                    stats.pending.push(p.clone());
                     continue;
                 }
                 return Err(e);
@@ -435,7 +480,7 @@ impl LiveSet {
         let mut first: Option<Instant> = None;
         let mut out = Ok(None);
         for (p, db) in self.dbs.iter_mut() {
-            if gone.contains(p) || db.idle {
+            if gone.contains(p) || db.idle || db.pending {
                 continue;
             }
             if let Err(e) = db.lock() {

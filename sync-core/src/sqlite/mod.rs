@@ -228,6 +228,7 @@ mod live;
 mod moved;
 mod replica;
 mod serve;
+mod settle;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -243,6 +244,7 @@ pub use copy::COPY_BUDGET;
 pub use live::{CutStats, LOCK_WAIT, LiveSet, RELEASE_BUDGET};
 pub use replica::{Exclusive, Held, Lock, apply_pages, integrity, lock_exclusive, read_hashes};
 pub use serve::{Need, Snapshot};
+pub use settle::{SETTLE, SETTLE_MAX};
 
 /// Gives the entries of live databases their snapshot (page size, count, hash):
 /// a database is never shipped as a file.

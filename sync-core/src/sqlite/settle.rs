@@ -67,11 +67,71 @@ impl LiveSet {
         let started = Instant::now();
         let settle = self.settle;
         while started.elapsed() < SETTLE_MAX
-            && self
-                .dbs_mut()
-                .any(|d| !d.settled(settle, Instant::now()))
+            && self.dbs_mut().any(|d| !d.settled(settle, Instant::now()))
         {
             std::thread::sleep(SETTLE_POLL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RelPath;
+    use rusqlite::Connection;
+
+    fn write(path: &std::path::Path, v: &str) {
+        let c = Connection::open(path).expect("open");
+        c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+            .expect("wal");
+        c.execute_batch("CREATE TABLE IF NOT EXISTS t(v TEXT)")
+            .expect("create");
+        c.execute("INSERT INTO t VALUES (?1)", [v]).expect("insert");
+    }
+
+    /// A database no cut opened yet is left out of a partial cut until it
+    /// is quiet (no connection, no snapshot: pending), then cut; a file
+    /// renamed over it waits again while the old snapshot stands; writes to
+    /// a file a cut opened before never make it wait.
+    #[test]
+    fn a_new_or_replaced_database_waits_until_quiet() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let db = t.path().join("app.db");
+        write(&db, "a");
+        let p = RelPath::new(b"app.db").expect("path");
+        let hour = Duration::from_secs(3600);
+        let mut live = LiveSet::new(t.path(), Duration::from_secs(5)).with_settle(hour);
+        live.track([&p]);
+        let stats = live.cut_partial().expect("cut");
+        assert_eq!(stats.pending, [p.clone()]);
+        assert!(stats.changed.is_empty());
+        assert!(!live.connected(&p), "a new database was opened");
+        assert!(live.snapshot(&p).is_none());
+        live.settle = Duration::from_nanos(1);
+        let stats = live.cut_partial().expect("cut");
+        assert!(stats.pending.is_empty());
+        let first = live.snapshot(&p).expect("cut once quiet");
+        live.end_round();
+        // written since through a file a cut opened: cut at once
+        live.settle = hour;
+        write(&db, "b");
+        let stats = live.cut_partial().expect("cut");
+        assert!(stats.pending.is_empty());
+        assert_eq!(stats.changed, [p.clone()]);
+        let second = live.snapshot(&p).expect("snapshot");
+        assert_ne!(first, second);
+        live.end_round();
+        // restored by rename: another file, which waits; the last cut stands
+        let new = t.path().join("new.db");
+        write(&new, "restored");
+        std::fs::rename(&new, &db).expect("mv");
+        let stats = live.cut_partial().expect("cut");
+        assert_eq!(stats.pending, [p.clone()]);
+        assert!(!live.connected(&p));
+        assert_eq!(live.snapshot(&p), Some(second));
+        live.settle = Duration::from_nanos(1);
+        let stats = live.cut_partial().expect("cut");
+        assert_eq!(stats.changed, [p.clone()]);
+        assert_ne!(live.snapshot(&p), Some(second));
     }
 }
