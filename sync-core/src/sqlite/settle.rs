@@ -103,7 +103,7 @@ mod tests {
         let mut live = LiveSet::new(t.path(), Duration::from_secs(5)).with_settle(hour);
         live.track([&p]);
         let stats = live.cut_partial().expect("cut");
-        assert_eq!(stats.pending, [p.clone()]);
+        assert_eq!(stats.pending, std::slice::from_ref(&p));
         assert!(stats.changed.is_empty());
         assert!(!live.connected(&p), "a new database was opened");
         assert!(live.snapshot(&p).is_none());
@@ -117,7 +117,7 @@ mod tests {
         write(&db, "b");
         let stats = live.cut_partial().expect("cut");
         assert!(stats.pending.is_empty());
-        assert_eq!(stats.changed, [p.clone()]);
+        assert_eq!(stats.changed, std::slice::from_ref(&p));
         let second = live.snapshot(&p).expect("snapshot");
         assert_ne!(first, second);
         live.end_round();
@@ -126,12 +126,12 @@ mod tests {
         write(&new, "restored");
         std::fs::rename(&new, &db).expect("mv");
         let stats = live.cut_partial().expect("cut");
-        assert_eq!(stats.pending, [p.clone()]);
+        assert_eq!(stats.pending, std::slice::from_ref(&p));
         assert!(!live.connected(&p));
         assert_eq!(live.snapshot(&p), Some(second));
         live.settle = Duration::from_nanos(1);
         let stats = live.cut_partial().expect("cut");
-        assert_eq!(stats.changed, [p.clone()]);
+        assert_eq!(stats.changed, std::slice::from_ref(&p));
         assert_ne!(live.snapshot(&p), Some(second));
     }
 }
