@@ -59,6 +59,16 @@ pub fn holders_of_db(db: &Path) -> io::Result<Vec<Holder>> {
     scan_proc(&ids)
 }
 
+/// The other processes that hold open one of the files `ids` (device, inode)
+/// names, by ascending pid: for a file that may no longer have the name it was
+/// opened by (a database renamed away while open).
+///
+/// # Errors
+/// `/proc` cannot be read.
+pub fn holders_of_ids(ids: &[(u64, u64)]) -> io::Result<Vec<Holder>> {
+    scan_proc(ids)
+}
+
 /// `db` with `suffix` appended to its file name (`library.db` → `library.db-wal`).
 #[must_use]
 pub fn sibling(db: &Path, suffix: &str) -> PathBuf {

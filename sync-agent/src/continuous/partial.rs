@@ -371,6 +371,13 @@ fn cut_databases(
         note_known(opts, &l);
         return Ok(false);
     }
+    if !stats.pending.is_empty() {
+        // Databases still being written that no cut opened yet: neither cut
+        // nor shipped as files this time; offered again soon, pending in the
+        // lag meanwhile.
+        sc.changed.retain(|e| !stats.pending.contains(&e.path));
+        sc.held.extend(stats.pending.iter().cloned());
+    }
     if let Some(why) = &stats.blocked {
         // No cut this time: the databases wait for the next round (the
         // replica keeps the previous cut); the rest of the batch goes now.

@@ -200,3 +200,49 @@ fn a_directory_moved_into_a_new_one_loses_what_was_deleted_below_it() {
     assert!(round.deleted.contains(&p("n/x/z")), "{:?}", round.deleted);
     assert!(!round.deleted.contains(&p("n/x")), "{:?}", round.deleted);
 }
+
+/// A database written just now that no cut opened yet is neither cut nor
+/// shipped as a file: the round leaves it out and holds it for later.
+#[test]
+fn a_database_still_being_written_is_held_not_shipped() {
+    let t = tempfile::tempdir().expect("a temp dir");
+    let root = t.path();
+    let c = rusqlite::Connection::open(root.join("new.db")).expect("open");
+    c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+        .expect("wal");
+    c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+        .expect("write");
+    drop(c);
+    let batch = Batch {
+        dirty: set(&["new.db"]),
+        created: set(&["new.db"]),
+        ..Default::default()
+    };
+    let index = Mutex::new(HashIndex::in_memory());
+    let hour = Duration::from_secs(3600);
+    let live = LiveSet::new(root, Duration::from_secs(1)).with_settle(hour);
+    let live = Arc::new(Mutex::new(live));
+    let mut stats = CutStats::default();
+    let opts = ScanOptions {
+        databases: Some(Arc::new(sync_core::scan::DbDetect::default())),
+        ..Default::default()
+    };
+    let (round, held) = partial_round(
+        root,
+        &opts,
+        &index,
+        &Known::new(),
+        batch,
+        &Default::default(),
+        &live,
+        &mut stats,
+    )
+    .expect("a round");
+    assert_eq!(held, [p("new.db")]);
+    let round = round.expect("a partial round");
+    assert!(
+        round.entries.iter().all(|e| e.path != p("new.db")),
+        "shipped: {:?}",
+        round.entries
+    );
+}

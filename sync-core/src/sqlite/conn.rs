@@ -47,6 +47,10 @@ pub(crate) struct Conns {
     wal_at_open: Option<FileStamp>,
     /// The database's directory as it stood before they opened.
     dir: Option<DirBefore>,
+    /// The database file both connections opened (device, inode): should it
+    /// be renamed away or replaced while they hold it, their close finishes
+    /// what the application's own close would have done (`moved.rs`).
+    pub(super) opened: (u64, u64),
 }
 
 impl Conns {
@@ -59,6 +63,7 @@ impl Conns {
         // process may have lost its POSIX locks and still be writing to it).
         let wal_at_open = FileStamp::of(&side_path(path, "-wal"));
         let dir = DirBefore::of(path);
+        let before = FileStamp::of(path);
         let open = |query_only: bool| -> Result<Connection, Error> {
             let c =
                 Connection::open_with_flags(path, flags).map_err(|e| sql_err(path, "open", e))?;
@@ -79,13 +84,24 @@ impl Conns {
             .busy_handler(Some(spin))
             .map_err(|e| sql_err(path, "busy handler", e))?;
         require_dbpage(&locker, path)?;
+        let reader = open(true)?;
+        // Which file the two connections hold: the one at the path before and
+        // after they opened, which neither of them has seen move since.
+        let opened = before
+            .filter(|b| FileStamp::of(path).is_some_and(|a| a.same_file(b)))
+            .filter(|_| !super::moved::has_moved(&locker) && !super::moved::has_moved(&reader))
+            .ok_or_else(|| Error::Sqlite {
+                path: path.display().to_string(),
+                msg: "replaced while it was being opened".into(),
+            })?;
         Ok(Self {
-            reader: open(true)?,
+            reader,
             locker: Some(locker),
             reading: false,
             since: None,
             wal_at_open,
             dir,
+            opened: opened.id(),
         })
     }
 
@@ -98,6 +114,15 @@ impl Conns {
     pub fn close(mut self, path: &Path) {
         self.end_read(path);
         drop(self.locker.take());
+        if super::moved::has_moved(&self.reader) {
+            // SQLite's close will neither checkpoint nor remove the log of a
+            // file that moved: what that close would have done is done here.
+            self.after_move(path);
+            if let Err((_, e)) = self.reader.close() {
+                tracing::debug!("closing {}: {e}", path.display());
+            }
+            return;
+        }
         let now = FileStamp::of(&side_path(path, "-wal"));
         let theirs = matches!((self.wal_at_open, now), (Some(a), Some(b)) if a.same_file(&b));
         if let Err(e) = persist_wal(&self.reader, path, theirs) {
@@ -269,6 +294,17 @@ impl FileStamp {
             ctime_ns: self.mtime_ns,
             ..self
         }
+    }
+
+    /// The file's device and inode.
+    pub fn id(&self) -> (u64, u64) {
+        (self.dev, self.ino)
+    }
+
+    /// The later of its mtime and ctime (ns since the Unix epoch): when it
+    /// was last written, as far as anyone can tell (a ctime cannot be set).
+    pub fn changed_ns(self) -> i128 {
+        self.mtime_ns.max(self.ctime_ns)
     }
 
     /// Whether `other` is the same file (device and inode).

@@ -3,7 +3,7 @@
 //! commits may still be in its log. What `sync-cli verify` compares.
 
 use super::conn::{DirBefore, FileStamp, side_path};
-use super::live::Snapshot;
+use super::serve::Snapshot;
 use super::{all_hashes, db_hash, sql_err};
 use crate::{Error, Manifest, RelPath};
 use proto::Kind;

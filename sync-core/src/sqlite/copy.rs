@@ -187,21 +187,7 @@ fn copy_file(c: &Connection, path: &Path, len: usize) -> Result<Vec<u8>, Error> 
         path: path.display().to_string(),
         msg,
     };
-    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
-    // SAFETY: `handle()` is the live sqlite3* of `c`, used on this thread only
-    // while `c` is borrowed; SQLITE_FCNTL_FILE_POINTER writes one pointer to
-    // the argument, which points to a pointer.
-    let rc = unsafe {
-        ffi::sqlite3_file_control(
-            c.handle(),
-            c"main".as_ptr(),
-            ffi::SQLITE_FCNTL_FILE_POINTER,
-            (&raw mut file).cast(),
-        )
-    };
-    if rc != ffi::SQLITE_OK || file.is_null() {
-        return Err(fail(format!("no file handle (code {rc})")));
-    }
+    let file = super::moved::main_file(c).ok_or_else(|| fail("no file handle".into()))?;
     // SAFETY: `file` is the open sqlite3_file of `c`'s main database, which
     // stays open while `c` is borrowed; its methods are SQLite's VFS's.
     let read = unsafe { (*file).pMethods.as_ref() }

@@ -88,14 +88,14 @@ impl LiveSet {
             db.end_round();
             db.idle = quiet;
         }
-        let mut stats = self.cut_marked()?;
+        let mut stats = self.cut_marked(true)?;
         if stats.blocked.is_some() || self.dbs_mut().all(|d| !d.idle || d.quiet()) {
             return Ok(stats);
         }
         // Written while the cut was taken: its state at the cut's instant is
         // not known, so the cut is taken again with every database.
         self.end_round();
-        let again = self.cut_marked()?;
+        let again = self.cut_marked(true)?;
         for p in again.changed {
             if !stats.changed.contains(&p) {
                 stats.changed.push(p);
@@ -105,6 +105,7 @@ impl LiveSet {
         stats.pages_changed += again.pages_changed;
         stats.stall += again.stall;
         stats.dropped.extend(again.dropped);
+        stats.pending = again.pending;
         stats.blocked = again.blocked;
         Ok(stats)
     }

@@ -54,6 +54,13 @@ pub(super) struct LiveDb {
     /// Left out of this (partial) cut: surely unwritten since the last one
     /// (`idle.rs`).
     pub(super) idle: bool,
+    /// Left out of this (partial) cut: a file no cut opened yet, not quiet
+    /// for long enough (`settle.rs`).
+    pub(super) pending: bool,
+    /// The file (device, inode) a cut opened last.
+    pub(super) settled_id: Option<(u64, u64)>,
+    /// Another file, and since when it waits to be quiet.
+    pub(super) pending_since: Option<((u64, u64), Instant)>,
     /// A connection opened, should the round ask for a page of an idle
     /// database, to read it in short read transactions.
     pub(super) lazy: std::cell::RefCell<Option<Conns>>,
@@ -86,6 +93,9 @@ impl LiveDb {
             replaced: false,
             wal_seen: None,
             idle: false,
+            pending: false,
+            settled_id: None,
+            pending_since: None,
             lazy: std::cell::RefCell::new(None),
             wal: WalPos::default(),
             seen: None,
@@ -105,7 +115,9 @@ impl LiveDb {
     fn connect(&mut self) -> Result<(), Error> {
         // A snapshot still open from an earlier cut gives way to the new one.
         self.end_round();
-        self.conns = Some(Conns::open(&self.path, self.busy, spin)?);
+        let c = Conns::open(&self.path, self.busy, spin)?;
+        self.settled_id = Some(c.opened);
+        self.conns = Some(c);
         Ok(())
     }
 
@@ -175,6 +187,7 @@ impl LiveDb {
         self.copy = None;
         self.head = None;
         self.idle = false;
+        self.pending = false;
         for c in [self.conns.take(), self.lazy.get_mut().take()]
             .into_iter()
             .flatten()
@@ -230,7 +243,7 @@ impl LiveDb {
     }
 
     /// Page `pgno` of the current snapshot.
-    fn page(&self, pgno: u32) -> Result<Vec<u8>, Error> {
+    pub(super) fn page(&self, pgno: u32) -> Result<Vec<u8>, Error> {
         match &self.cache {
             Some(c) => match c.get(&pgno) {
                 Some(p) => Ok(p.clone()),
@@ -282,28 +295,10 @@ pub struct CutStats {
     pub blocked: Option<String>,
     /// Databases that vanished or stopped being databases: no longer held.
     pub dropped: Vec<RelPath>,
-}
-
-/// A database's snapshot as the manifest shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Snapshot {
-    /// Page size.
-    pub page_size: u32,
-    /// Page count.
-    pub pages: u32,
-    /// Page Merkle hash.
-    pub hash: [u8; 32],
-}
-
-/// Which pages a replica needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Need {
-    /// It already holds the snapshot.
-    Nothing,
-    /// These pages (it holds a recent cut).
-    Pages(Vec<u32>),
-    /// Its page hashes are needed to tell.
-    Hashes,
+    /// Databases left out of this (partial) cut: files no cut opened yet,
+    /// still being written (`settle.rs`). Neither cut nor shipped as files:
+    /// offer them again soon.
+    pub pending: Vec<RelPath>,
 }
 
 /// The live databases of a source folder.
@@ -311,6 +306,8 @@ pub enum Need {
 pub struct LiveSet {
     root: PathBuf,
     busy: Duration,
+    /// How long a file no cut opened yet must be quiet (`settle.rs`).
+    pub(super) settle: Duration,
     pub(super) dbs: BTreeMap<RelPath, LiveDb>,
 }
 
@@ -326,8 +323,17 @@ impl LiveSet {
             // SQLite opens databases by path, refusing symlinks on the way.
             root: std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()),
             busy,
+            settle: super::settle::SETTLE,
             dbs: BTreeMap::new(),
         }
+    }
+
+    /// The same set, with files no cut opened yet waiting to be quiet for
+    /// `settle` (zero: opened at once) instead of [`super::SETTLE`].
+    #[must_use]
+    pub fn with_settle(mut self, settle: Duration) -> Self {
+        self.settle = settle;
+        self
     }
 
     /// The databases held.
@@ -372,14 +378,18 @@ impl LiveSet {
     /// the new snapshots. The snapshots are held until [`LiveSet::end_round`].
     /// A database that vanished, or is no longer one, leaves the set
     /// ([`CutStats::dropped`]).
+    /// A database no cut opened yet is waited for until it is quiet (at
+    /// most [`super::SETTLE_MAX`], `settle.rs`).
     pub fn cut(&mut self) -> Result<CutStats, Error> {
-        self.cut_marked()
+        self.wait_settled();
+        self.cut_marked(false)
     }
 
-    /// [`LiveSet::cut`] of the databases not marked idle.
-    pub(super) fn cut_marked(&mut self) -> Result<CutStats, Error> {
+    /// [`LiveSet::cut`] of the databases not marked idle; with `gate`, those
+    /// not settled are left out too ([`CutStats::pending`]).
+    pub(super) fn cut_marked(&mut self, gate: bool) -> Result<CutStats, Error> {
         let mut stats = CutStats::default();
-        if let Err(e) = self.connect_all(&mut stats.dropped) {
+        if let Err(e) = self.connect_all(gate, &mut stats) {
             self.abandon();
             return Err(e);
         }
@@ -411,7 +421,7 @@ impl LiveSet {
             return Err(e);
         }
         let mut failed = None;
-        for (p, db) in self.dbs.iter_mut().filter(|(_, d)| !d.idle) {
+        for (p, db) in self.dbs.iter_mut().filter(|(_, d)| !d.idle && !d.pending) {
             match db.advance() {
                 Ok(0) => {}
                 Ok(n) => {
@@ -432,12 +442,25 @@ impl LiveSet {
     }
 
     /// Opens every database's connections; those whose file is gone are
-    /// listed in `gone`.
-    fn connect_all(&mut self, gone: &mut Vec<RelPath>) -> Result<(), Error> {
+    /// listed as dropped, and with `gate` those not settled (or replaced
+    /// while being opened) as pending.
+    fn connect_all(&mut self, gate: bool, stats: &mut CutStats) -> Result<(), Error> {
+        let (settle, now) = (self.settle, Instant::now());
         for (p, db) in self.dbs.iter_mut().filter(|(_, d)| !d.idle) {
+            if gate && !db.settled(settle, now) {
+                db.pending = true;
+                stats.pending.push(p.clone());
+                continue;
+            }
             if let Err(e) = db.connect() {
                 if vanished(&db.path) {
-                    gone.push(p.clone());
+                    stats.dropped.push(p.clone());
+                    continue;
+                }
+                if gate && db.settled_id != super::conn::FileStamp::of(&db.path).map(|s| s.id()) {
+                    // replaced while being opened: not settled
+                    db.pending = true;
+                    stats.pending.push(p.clone());
                     continue;
                 }
                 return Err(e);
@@ -457,7 +480,7 @@ impl LiveSet {
         let mut first: Option<Instant> = None;
         let mut out = Ok(None);
         for (p, db) in self.dbs.iter_mut() {
-            if gone.contains(p) || db.idle {
+            if gone.contains(p) || db.idle || db.pending {
                 continue;
             }
             if let Err(e) = db.lock() {
@@ -509,59 +532,6 @@ impl LiveSet {
             db.end_round();
             db.forget_position();
         }
-    }
-
-    /// The current snapshot of `path`.
-    #[must_use]
-    pub fn snapshot(&self, path: &RelPath) -> Option<Snapshot> {
-        self.dbs.get(path).filter(|d| d.known).map(|d| Snapshot {
-            page_size: d.page_size,
-            pages: d.hashes.len() as u32,
-            hash: d.hash,
-        })
-    }
-
-    /// What a replica holding `have` needs to reach the snapshot of `path`.
-    #[must_use]
-    pub fn need(&self, path: &RelPath, have: &[u8; 32]) -> Need {
-        let Some(db) = self.dbs.get(path) else {
-            return Need::Hashes;
-        };
-        if have == &db.hash {
-            return Need::Nothing;
-        }
-        match db.history.iter().find(|(h, _)| h == have) {
-            Some((_, set)) => Need::Pages(
-                set.iter()
-                    .copied()
-                    .filter(|&p| p as usize <= db.hashes.len())
-                    .collect(),
-            ),
-            None => Need::Hashes,
-        }
-    }
-
-    /// The pages whose hashes differ from a replica's (`page_size` 0: it has
-    /// no database).
-    #[must_use]
-    pub fn differing(&self, path: &RelPath, page_size: u32, theirs: &[[u8; 32]]) -> Vec<u32> {
-        let Some(db) = self.dbs.get(path) else {
-            return Vec::new();
-        };
-        let same_size = page_size == db.page_size;
-        (0..db.hashes.len())
-            .filter(|&i| !same_size || theirs.get(i) != Some(&db.hashes[i]))
-            .map(|i| i as u32 + 1)
-            .collect()
-    }
-
-    /// Page `pgno` of the current snapshot of `path`.
-    pub fn page(&self, path: &RelPath, pgno: u32) -> Result<Vec<u8>, Error> {
-        let db = self.dbs.get(path).ok_or_else(|| Error::Sqlite {
-            path: path.to_string(),
-            msg: "not a tracked database".into(),
-        })?;
-        db.page(pgno)
     }
 
     /// Lets every snapshot of the cut go as soon as the pages its round may

@@ -41,6 +41,13 @@
 //! process's POSIX locks on it (SQLite's "How To Corrupt" §2.2). Scans skip
 //! known databases and their side files, and side files whose database is gone.
 //!
+//! A database file no cut opened yet (a new path, or a new inode) is opened
+//! only once it and its log have been quiet for [`SETTLE`] (`settle.rs`): an
+//! application building `new.db` to rename it over `app.db` is not held at
+//! its close. Should a file move while a cut holds it all the same, the cut's
+//! close does what the application's would have: it checkpoints the log into
+//! the moved file when nothing else holds it (`moved.rs`).
+//!
 //! A partial round's cut ([`LiveSet::cut_partial`]) leaves alone a database
 //! whose file and log are surely unwritten since the last cut (`idle.rs`).
 //!
@@ -225,19 +232,26 @@ mod content;
 mod copy;
 mod idle;
 mod live;
+mod moved;
 mod replica;
+mod serve;
+mod settle;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_cut;
+#[cfg(test)]
+mod tests_moved;
 mod track;
 mod wal;
 
 pub use conn::CHECKPOINT_BYTES;
 pub use content::{content_snapshot, mark_by_content};
 pub use copy::COPY_BUDGET;
-pub use live::{CutStats, LOCK_WAIT, LiveSet, Need, RELEASE_BUDGET, Snapshot};
+pub use live::{CutStats, LOCK_WAIT, LiveSet, RELEASE_BUDGET};
 pub use replica::{Exclusive, Held, Lock, apply_pages, integrity, lock_exclusive, read_hashes};
+pub use serve::{Need, Snapshot};
+pub use settle::{SETTLE, SETTLE_MAX};
 
 /// Gives the entries of live databases their snapshot (page size, count, hash):
 /// a database is never shipped as a file.

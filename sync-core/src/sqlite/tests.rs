@@ -76,7 +76,7 @@ fn cut_follows_writes(wal: bool) {
     let dst = t.path().join("copy.db");
     let w = db(&src, wal);
     let rel = RelPath::new(b"a.db").unwrap();
-    let mut live = LiveSet::new(t.path(), Duration::from_secs(5));
+    let mut live = LiveSet::new(t.path(), Duration::from_secs(5)).with_settle(Duration::ZERO);
     live.track([&rel]);
     let first = live.cut().unwrap();
     assert_eq!(first.changed, vec![rel.clone()]);
@@ -125,14 +125,14 @@ fn a_cut_waits_for_a_writer_and_sees_its_commit_whole() {
     let src = t.path().join("a.db");
     let w = db(&src, true);
     let rel = RelPath::new(b"a.db").unwrap();
-    let mut live = LiveSet::new(t.path(), Duration::from_secs(5));
+    let mut live = LiveSet::new(t.path(), Duration::from_secs(5)).with_settle(Duration::ZERO);
     live.track([&rel]);
     live.cut().unwrap();
     w.execute_batch("BEGIN IMMEDIATE; UPDATE t SET v = x'00' WHERE k = 1;")
         .unwrap();
     let done = std::thread::scope(|s| {
         let h = s.spawn(|| {
-            let mut l2 = LiveSet::new(t.path(), Duration::from_secs(5));
+            let mut l2 = LiveSet::new(t.path(), Duration::from_secs(5)).with_settle(Duration::ZERO);
             l2.track([&rel]);
             l2.cut().unwrap();
             let v = l2.page(&rel, 1).unwrap();
@@ -168,7 +168,7 @@ pub(super) fn source(t: &Path, wal: bool) -> Source {
     let (src, dst) = (t.join("a.db"), t.join("copy.db"));
     let w = db(&src, wal);
     let rel = RelPath::new(b"a.db").unwrap();
-    let mut live = LiveSet::new(t, Duration::from_secs(5));
+    let mut live = LiveSet::new(t, Duration::from_secs(5)).with_settle(Duration::ZERO);
     live.track([&rel]);
     (src, dst, w, rel, live)
 }
@@ -388,7 +388,7 @@ fn a_released_cut_blocks_no_writer_and_still_serves_its_round() {
     let w = db(&src, false);
     w.busy_timeout(Duration::ZERO).unwrap();
     let rel = RelPath::new(b"a.db").unwrap();
-    let mut live = LiveSet::new(t.path(), Duration::from_secs(5));
+    let mut live = LiveSet::new(t.path(), Duration::from_secs(5)).with_settle(Duration::ZERO);
     live.track([&rel]);
     live.cut().unwrap();
     live.release(false).unwrap();

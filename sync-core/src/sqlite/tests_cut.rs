@@ -111,7 +111,7 @@ fn a_partial_cut_leaves_quiet_databases_alone() {
         RelPath::new(b"b.db").unwrap(),
     );
     let (da, db_) = (t.path().join("ra.db"), t.path().join("rb.db"));
-    let mut live = LiveSet::new(t.path(), Duration::from_secs(5));
+    let mut live = LiveSet::new(t.path(), Duration::from_secs(5)).with_settle(Duration::ZERO);
     live.track([&ra, &rb]);
     // file times older than a clock tick when the cut stamps them
     let settle = || std::thread::sleep(Duration::from_millis(120));
