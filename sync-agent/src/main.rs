@@ -5,19 +5,16 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use sync_agent::config::Role;
-use sync_agent::continuous::{Command, FolderStatus, SourceFolder};
+use sync_agent::NodeId;
+use sync_agent::continuous::{Command, FolderStatus};
 use sync_agent::control::Registry;
 use sync_agent::folder::supervise;
-use sync_agent::plan::{FolderPlan, Plan, plan_from_config};
-use sync_agent::session::replica::{Fence, ReplicaFolder};
-use sync_agent::{Identity, NodeId};
-use sync_core::filter::Filter;
+use sync_agent::plan::{Plan, ReplicaFlags, SourceFlags, plan_from_config};
+use sync_agent::session::replica::ReplicaFolder;
 use tokio::sync::mpsc;
 use tokio::sync::watch;
 
@@ -40,59 +37,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Watch a folder and keep a replica in step with it.
-    Source {
-        /// The folder to keep.
-        #[arg(long)]
-        root: PathBuf,
-        /// The replica's address (host:port).
-        #[arg(long)]
-        connect: SocketAddr,
-        /// Directory with this node's cert.pem and key.pem (`sync-cli keygen`).
-        #[arg(long)]
-        identity: PathBuf,
-        /// The replica's node id.
-        #[arg(long)]
-        peer: String,
-        /// Folder name as the replica knows it.
-        #[arg(long, default_value = "default")]
-        folder: String,
-        /// gitignore-style exclude (repeatable).
-        #[arg(long)]
-        exclude: Vec<String>,
-        /// State directory for the hash index (default: in memory).
-        #[arg(long)]
-        state: Option<PathBuf>,
-        /// Control socket for `sync-cli status`.
-        #[arg(long)]
-        control: Option<PathBuf>,
-        /// Quiet time that ends a batch of changes, in ms.
-        #[arg(long, default_value_t = 5)]
-        debounce_ms: u64,
-        /// Seconds between safety full rescans.
-        #[arg(long, default_value_t = 600)]
-        rescan_s: u64,
-    },
+    Source(SourceFlags),
     /// Serve pushes and continuous sources from pinned peers into a root.
-    Replica {
-        /// The replica root (must exist).
-        #[arg(long)]
-        root: PathBuf,
-        /// Address to listen on (UDP), e.g. 0.0.0.0:7878.
-        #[arg(long)]
-        listen: SocketAddr,
-        /// Directory with this node's cert.pem and key.pem (`sync-cli keygen`).
-        #[arg(long)]
-        identity: PathBuf,
-        /// Node ids allowed to push, comma separated.
-        #[arg(long, value_delimiter = ',', required = true)]
-        allow: Vec<String>,
-        /// gitignore-style exclude (repeatable): neither written nor deleted.
-        #[arg(long)]
-        exclude: Vec<String>,
-        /// Control socket for `sync-cli status`.
-        #[arg(long)]
-        control: Option<PathBuf>,
-    },
+    Replica(ReplicaFlags),
 }
 
 fn init_logs(json: bool) {
@@ -105,12 +52,6 @@ fn init_logs(json: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if json { b.json().init() } else { b.init() }
-}
-
-fn parse_ids(ids: &[String], what: &str) -> Result<Vec<NodeId>> {
-    ids.iter()
-        .map(|s| s.parse::<NodeId>().with_context(|| format!("{what} {s}")))
-        .collect()
 }
 
 async fn run(plan: Plan) -> Result<ExitCode> {
@@ -231,101 +172,8 @@ fn build_plan(cli: Cli) -> Result<Plan> {
         (None, None) => {
             bail!("nothing to run: give --config FILE, or `source`/`replica` (see --help)")
         }
-        (
-            None,
-            Some(Cmd::Replica {
-                root,
-                listen,
-                identity,
-                allow,
-                exclude,
-                control,
-            }),
-        ) => {
-            let identity = Identity::load(&identity)?;
-            let allowed = parse_ids(&allow, "--allow")?;
-            let filter = Filter::new(&exclude)?;
-            Ok(Plan {
-                identity: Some(identity),
-                listen: Some(listen),
-                folders: vec![FolderPlan {
-                    name: "default".into(),
-                    replica: Some(sync_agent::replica_folder(
-                        "default", &root, filter, allowed,
-                    )?),
-                    sources: Vec::new(),
-                    fence: Fence::default(),
-                    state_dir: None,
-                    hooks: Default::default(),
-                    configured: Role::Replica,
-                }],
-                control,
-                ..Default::default()
-            })
-        }
-        (
-            None,
-            Some(Cmd::Source {
-                root,
-                connect,
-                identity,
-                peer,
-                folder,
-                exclude,
-                state,
-                control,
-                debounce_ms,
-                rescan_s,
-            }),
-        ) => {
-            let identity = Identity::load(&identity)?;
-            let peer: NodeId = peer.parse().context("--peer")?;
-            if !root.is_dir() {
-                bail!(
-                    "--root {} does not exist or is not a directory",
-                    root.display()
-                );
-            }
-            let index_path = match state {
-                Some(s) => {
-                    sync_agent::trust::check_dir_or_parent(&s, sync_agent::trust::Kind::StateDir)?;
-                    std::fs::create_dir_all(&s)
-                        .with_context(|| format!("creating state dir {}", s.display()))?;
-                    Some(s.join(format!("{folder}.index.db")))
-                }
-                None => None,
-            };
-            Ok(Plan {
-                identity: Some(identity.clone()),
-                folders: vec![FolderPlan {
-                    name: folder.clone(),
-                    replica: None,
-                    sources: vec![SourceFolder {
-                        name: folder,
-                        root,
-                        filter: Filter::new(&exclude)?,
-                        identity,
-                        peer,
-                        addr: connect.into(),
-                        index_path,
-                        debounce: Duration::from_millis(debounce_ms),
-                        rescan_every: Duration::from_secs(rescan_s.max(1)),
-                        sqlite: Filter::default(),
-                        epoch: 0,
-                        state_dir: None,
-                    }],
-                    fence: Fence {
-                        epoch: 0,
-                        source: true,
-                    },
-                    state_dir: None,
-                    hooks: Default::default(),
-                    configured: Role::Source,
-                }],
-                control,
-                ..Default::default()
-            })
-        }
+        (None, Some(Cmd::Replica(flags))) => sync_agent::plan::from_replica_flags(flags),
+        (None, Some(Cmd::Source(flags))) => sync_agent::plan::from_source_flags(flags),
     }
 }
 

@@ -316,14 +316,7 @@ pub async fn run_source(
         s.role = "source".into();
         s.peer = cfg.peer.to_string();
     });
-    let opts = ScanOptions {
-        filter: cfg.filter.clone(),
-        databases: Some(Arc::new(sync_core::scan::DbDetect {
-            globs: cfg.sqlite.clone(),
-            ..Default::default()
-        })),
-        ..Default::default()
-    };
+    let opts = scan_options(&cfg);
     let mut w = start_watch(&cfg.root, &status, opts.databases.clone())?;
     let index = Arc::new(Mutex::new(open_index(&cfg)?));
     // Held across sessions: a replica that reconnects a few cuts behind gets
@@ -406,6 +399,18 @@ pub async fn run_source(
         backoff.session_ended(res.is_ok(), began.elapsed());
     }
     Ok(Outcome::Stopped)
+}
+
+/// How the folder is scanned: its excludes, its databases by glob.
+fn scan_options(cfg: &SourceFolder) -> ScanOptions {
+    ScanOptions {
+        filter: cfg.filter.clone(),
+        databases: Some(Arc::new(sync_core::scan::DbDetect {
+            globs: cfg.sqlite.clone(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
 }
 
 /// The folder's hash index (its state directory made), or one in memory.
