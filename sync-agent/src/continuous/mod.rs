@@ -33,10 +33,12 @@ mod inotify;
 mod partial;
 #[cfg(test)]
 mod partial_tests;
+mod progress;
 use backoff::{Backoff, connect_session, pause};
 use drive::drive;
 use inotify::{rel, start_watch};
 use partial::{note_known, partial_round, remove_subtree};
+use progress::{content_bytes, publish_held, start_full_progress};
 
 /// A source folder's settings.
 #[derive(Debug, Clone)]
