@@ -60,6 +60,8 @@ struct Driver<'a> {
     wire_seen: u64,
     last_full: Instant,
     deferred: std::collections::HashMap<RelPath, Instant>,
+    /// Partial rounds, told at INFO in summaries.
+    partials: PartialSummary,
 }
 
 /// Rounds until shutdown (`None`) or a handover (`Some(epoch)`).
@@ -95,6 +97,7 @@ pub(super) async fn drive(
         wire_seen: 0,
         last_full: Instant::now(),
         deferred: Default::default(),
+        partials: PartialSummary::new(Duration::from_secs(10)),
     };
     loop {
         if d.full {
@@ -188,12 +191,7 @@ impl Driver<'_> {
         let (manifest, bytes_hashed, stats) =
             tokio::task::spawn_blocking(move || scan_and_cut(&root, &o, &ix, &l)).await??;
         if let Some(why) = &stats.blocked {
-            // The previous cut of the databases stands; a requested cut waits
-            // for the operator to try again.
-            tracing::info!(folder = %cfg.name, "{why}");
-            if let Some(r) = self.cut_reply.take() {
-                let _ = r.send(Err(why.clone()));
-            }
+            self.cut_blocked(why);
         }
         let wire_before = self.session.connection().stats().udp_tx.bytes;
         let root_hash = manifest.root_hash();
@@ -218,6 +216,8 @@ impl Driver<'_> {
                 f.bytes_total = bytes_total;
             }
         });
+        let entries = round.entries.len() as u64;
+        log_full_start(&cfg.name, entries, bytes_total);
         let cut_id = self.session.next_round_id();
         let applied = self.session.round(&round).await;
         if let Ok(mut l) = self.live.lock() {
@@ -233,6 +233,7 @@ impl Driver<'_> {
             }
         };
         self.account(&applied);
+        log_full_end(status, entries, bytes_total, started.elapsed());
         self.defer_after_full(&applied, &stats);
         if let Some(r) = self.cut_reply.take() {
             let replica_root = applied
@@ -265,6 +266,15 @@ impl Driver<'_> {
         };
         self.record_full(round.entries, figures);
         Ok(())
+    }
+
+    /// The cut was blocked: the previous cut of the databases stands; a
+    /// requested cut waits for the operator to try again.
+    fn cut_blocked(&mut self, why: &str) {
+        tracing::info!(folder = %self.cfg.name, "{why}");
+        if let Some(r) = self.cut_reply.take() {
+            let _ = r.send(Err(why.to_string()));
+        }
     }
 
     /// A full round applied: what the replica holds, and status.
@@ -499,6 +509,10 @@ impl Driver<'_> {
         });
         fold_round(&mut self.known, &round);
         tracing::debug!(folder = %cfg.name, entries = round.entries.len(), deleted = round.deleted.len(), lag_s = self.lag.lag(Instant::now()).as_secs_f64(), "round applied");
+        let carried = (round.entries.len() + round.deleted.len() + round.renamed.len()) as u64;
+        if let Some(t) = self.partials.record(Instant::now(), carried, bytes) {
+            tracing::info!(folder = %cfg.name, rounds = t.rounds, entries = t.entries, bytes = t.bytes, "partial rounds applied");
+        }
         let ix = self.index.clone();
         let saved = tokio::task::spawn_blocking(move || match ix.lock() {
             Ok(mut i) => i.save().map_err(anyhow::Error::from),

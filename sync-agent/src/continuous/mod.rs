@@ -38,7 +38,9 @@ use backoff::{Backoff, connect_session, pause};
 use drive::drive;
 use inotify::{rel, start_watch};
 use partial::{note_known, partial_round, remove_subtree};
-use progress::{content_bytes, publish_held, start_full_progress};
+use progress::{
+    PartialSummary, content_bytes, log_full_end, log_full_start, publish_held, start_full_progress,
+};
 
 /// A source folder's settings.
 #[derive(Debug, Clone)]
