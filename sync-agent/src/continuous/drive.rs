@@ -301,6 +301,7 @@ impl Driver<'_> {
             s.wire_bytes_last_full = wire_after - f.wire_before;
             s.databases = f.databases;
             s.max_writer_stall_ms = s.max_writer_stall_ms.max(f.stall.as_secs_f64() * 1e3);
+            s.writer_stall.observe(f.stall);
             s.full_round = None;
             s.last_applied_unix = unix_now();
         });
@@ -460,7 +461,8 @@ impl Driver<'_> {
         })
         .await?;
         set(self.status, |s| {
-            s.max_writer_stall_ms = s.max_writer_stall_ms.max(stats.stall.as_secs_f64() * 1e3)
+            s.max_writer_stall_ms = s.max_writer_stall_ms.max(stats.stall.as_secs_f64() * 1e3);
+            s.writer_stall.observe(stats.stall);
         });
         self.known = k;
         let (round, held) = round?;

@@ -187,6 +187,9 @@ pub struct FolderStatus {
     pub databases: u64,
     /// Longest writer stall of the cuts so far, in ms.
     pub max_writer_stall_ms: f64,
+    /// The writer stalls of the cuts so far.
+    #[serde(default)]
+    pub writer_stall: crate::metrics::StallHistogram,
     /// This node's fencing epoch for the folder.
     pub epoch: u64,
     /// UDP bytes sent to the replica since the agent started (QUIC included).
