@@ -139,8 +139,12 @@ pub struct StallHistogram {
 }
 
 impl StallHistogram {
-    /// Counts one cut's writer stall.
+    /// Counts one cut's writer stall. A zero stall locked no database (a
+    /// round without live databases, or all idle): no cut, not counted.
     pub fn observe(&mut self, stall: std::time::Duration) {
+        if stall.is_zero() {
+            return;
+        }
         let secs = stall.as_secs_f64();
         self.counts.resize(STALL_BUCKETS.len() + 1, 0);
         let i = STALL_BUCKETS
@@ -271,6 +275,7 @@ mod tests {
     #[test]
     fn stalls_fall_in_their_buckets_and_encode_as_a_histogram() {
         let mut h = StallHistogram::default();
+        h.observe(Duration::ZERO);
         h.observe(Duration::from_micros(500));
         h.observe(Duration::from_millis(30));
         h.observe(Duration::from_secs(9));
