@@ -1,7 +1,7 @@
 //! Typed protocol errors: what broke the protocol, and the wire [`ErrorCode`]
 //! the session ends with.
 
-use crate::{ErrorCode, Message};
+use crate::{ErrorCode, Message, ValidateError};
 
 /// A message that breaks the round protocol (order, bounds, a bad end).
 ///
@@ -66,6 +66,9 @@ pub enum ProtocolError {
         /// Entries the round carried.
         carried: u64,
     },
+    /// A message out of the bounds [`Message::validate`] checks.
+    #[error("{0}")]
+    Invalid(#[from] ValidateError),
 }
 
 impl ProtocolError {

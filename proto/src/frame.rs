@@ -25,6 +25,9 @@ pub enum FrameError {
     /// The body is not a valid message, or breaks a bound.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// The message breaks a bound its types do not keep.
+    #[error("malformed message: {0}")]
+    Invalid(#[from] crate::ValidateError),
 }
 
 fn config() -> impl bincode::config::Config {
@@ -73,7 +76,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, FrameError> {
             body.len() - used
         )));
     }
-    msg.validate().map_err(FrameError::Malformed)?;
+    msg.validate()?;
     Ok(msg)
 }
 

@@ -34,11 +34,13 @@ pub mod handshake;
 mod message;
 mod path;
 pub mod round;
+mod validate;
 
 pub use error::ProtocolError;
 pub use frame::{FrameError, MAX_FRAME_LEN};
 pub use message::*;
 pub use path::{PathError, RelPath};
+pub use validate::*;
 
 /// The 8 bytes that open every session: a peer that does not send them is not an
 /// understudy agent.

@@ -26,7 +26,7 @@ fn file(path: &str) -> Entry {
 }
 
 fn refused(m: &Message, needle: &str) {
-    let e = m.validate().expect_err("refused");
+    let e = m.validate().expect_err("refused").to_string();
     assert!(e.contains(needle), "{e} lacks {needle:?}");
 }
 
@@ -287,9 +287,11 @@ fn page_sizes_are_powers_of_two_from_512_to_65536() {
 fn database_bounds_name_the_field() {
     assert!(check_db_bounds(4096, 1).is_ok());
     let e = check_db_bounds(100, 1).expect_err("page size");
-    assert!(e.contains("page size 100"), "{e}");
+    assert_eq!(e, DbBoundsError::PageSize(100));
+    assert!(e.to_string().contains("page size 100"), "{e}");
     let e = check_db_bounds(512, MAX_DB_PAGES + 1).expect_err("pages");
-    assert!(e.contains("pages"), "{e}");
+    assert_eq!(e, DbBoundsError::Pages(MAX_DB_PAGES + 1));
+    assert!(e.to_string().contains("pages"), "{e}");
 }
 
 #[test]

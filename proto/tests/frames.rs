@@ -150,13 +150,25 @@ fn bounds_checked_on_decode() {
     }];
     let mut buf = Vec::new();
     frame::encode(&Message::Manifest(vec![e]), &mut buf).unwrap();
-    assert!(matches!(frame::decode(&buf), Err(FrameError::Malformed(_))));
+    assert!(matches!(
+        frame::decode(&buf),
+        Err(FrameError::Invalid(ValidateError::Entry {
+            why: EntryError::XattrValue(_),
+            ..
+        }))
+    ));
 
     let mut e = sample_entry();
     e.meta.mode = 0o170755;
     buf.clear();
     frame::encode(&Message::Manifest(vec![e]), &mut buf).unwrap();
-    assert!(matches!(frame::decode(&buf), Err(FrameError::Malformed(_))));
+    assert!(matches!(
+        frame::decode(&buf),
+        Err(FrameError::Invalid(ValidateError::Entry {
+            why: EntryError::Mode(0o170755),
+            ..
+        }))
+    ));
 }
 
 #[test]
@@ -171,7 +183,7 @@ fn deleting_the_root_or_renaming_into_itself_refused() {
         let mut buf = Vec::new();
         frame::encode(&msg, &mut buf).unwrap();
         assert!(
-            matches!(frame::decode(&buf), Err(FrameError::Malformed(_))),
+            matches!(frame::decode(&buf), Err(FrameError::Invalid(_))),
             "{msg:?}"
         );
     }
@@ -244,15 +256,15 @@ fn database_counts_beyond_their_bounds_are_refused() {
         (512, MAX_DB_PAGES + 1),
     ] {
         let m = Message::Manifest(vec![db(ps, pages)]);
-        let err = m.validate().unwrap_err();
+        let err = m.validate().unwrap_err().to_string();
         assert!(err.contains("app.db") && err.contains("pages"), "{err}");
         let mut buf = Vec::new();
         frame::encode(&m, &mut buf).unwrap();
         assert!(matches!(
             frame::decode(&buf),
-            Err(FrameError::Malformed(e)) if e.contains("pages")
+            Err(FrameError::Invalid(e)) if e.to_string().contains("pages")
         ));
-        let err = end(ps, pages).validate().unwrap_err();
+        let err = end(ps, pages).validate().unwrap_err().to_string();
         assert!(
             err.contains("database end") && err.contains("pages"),
             "{err}"

@@ -278,7 +278,7 @@ proptest! {
         let decoded = frame::decode(&encode(&msg));
         match valid {
             Ok(()) => prop_assert_eq!(decoded.unwrap().unwrap().0, msg),
-            Err(why) => prop_assert_eq!(decoded, Err(FrameError::Malformed(why))),
+            Err(why) => prop_assert_eq!(decoded, Err(FrameError::Invalid(why))),
         }
     }
 

@@ -5,17 +5,16 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use sync_agent::config::{Config, Role};
-use sync_agent::continuous::{Command, FolderStatus, Outcome, SourceFolder};
+use sync_agent::NodeId;
+use sync_agent::continuous::{Command, FolderStatus};
 use sync_agent::control::Registry;
-use sync_agent::session::replica::{Fence, ReplicaFolder};
-use sync_agent::{Identity, NodeId};
-use sync_core::filter::Filter;
+use sync_agent::folder::supervise;
+use sync_agent::plan::{Plan, ReplicaFlags, SourceFlags, plan_from_config};
+use sync_agent::session::replica::ReplicaFolder;
 use tokio::sync::mpsc;
 use tokio::sync::watch;
 
@@ -38,59 +37,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Watch a folder and keep a replica in step with it.
-    Source {
-        /// The folder to keep.
-        #[arg(long)]
-        root: PathBuf,
-        /// The replica's address (host:port).
-        #[arg(long)]
-        connect: SocketAddr,
-        /// Directory with this node's cert.pem and key.pem (`sync-cli keygen`).
-        #[arg(long)]
-        identity: PathBuf,
-        /// The replica's node id.
-        #[arg(long)]
-        peer: String,
-        /// Folder name as the replica knows it.
-        #[arg(long, default_value = "default")]
-        folder: String,
-        /// gitignore-style exclude (repeatable).
-        #[arg(long)]
-        exclude: Vec<String>,
-        /// State directory for the hash index (default: in memory).
-        #[arg(long)]
-        state: Option<PathBuf>,
-        /// Control socket for `sync-cli status`.
-        #[arg(long)]
-        control: Option<PathBuf>,
-        /// Quiet time that ends a batch of changes, in ms.
-        #[arg(long, default_value_t = 5)]
-        debounce_ms: u64,
-        /// Seconds between safety full rescans.
-        #[arg(long, default_value_t = 600)]
-        rescan_s: u64,
-    },
+    Source(SourceFlags),
     /// Serve pushes and continuous sources from pinned peers into a root.
-    Replica {
-        /// The replica root (must exist).
-        #[arg(long)]
-        root: PathBuf,
-        /// Address to listen on (UDP), e.g. 0.0.0.0:7878.
-        #[arg(long)]
-        listen: SocketAddr,
-        /// Directory with this node's cert.pem and key.pem (`sync-cli keygen`).
-        #[arg(long)]
-        identity: PathBuf,
-        /// Node ids allowed to push, comma separated.
-        #[arg(long, value_delimiter = ',', required = true)]
-        allow: Vec<String>,
-        /// gitignore-style exclude (repeatable): neither written nor deleted.
-        #[arg(long)]
-        exclude: Vec<String>,
-        /// Control socket for `sync-cli status`.
-        #[arg(long)]
-        control: Option<PathBuf>,
-    },
+    Replica(ReplicaFlags),
 }
 
 fn init_logs(json: bool) {
@@ -103,134 +52,6 @@ fn init_logs(json: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if json { b.json().init() } else { b.init() }
-}
-
-fn parse_ids(ids: &[String], what: &str) -> Result<Vec<NodeId>> {
-    ids.iter()
-        .map(|s| s.parse::<NodeId>().with_context(|| format!("{what} {s}")))
-        .collect()
-}
-
-/// Everything one agent process runs.
-#[derive(Default)]
-struct Plan {
-    identity: Option<Identity>,
-    listen: Option<SocketAddr>,
-    folders: Vec<FolderPlan>,
-    control: Option<PathBuf>,
-    surface: sync_agent::surface::Settings,
-}
-
-/// One folder: the replica side (served when this node is not its source), the
-/// source loops (one per peer, run while it is), and its fencing state.
-struct FolderPlan {
-    name: String,
-    replica: Option<Arc<ReplicaFolder>>,
-    sources: Vec<SourceFolder>,
-    fence: Fence,
-    state_dir: Option<PathBuf>,
-    /// Hooks, run by handovers.
-    hooks: sync_agent::config::Hooks,
-    /// The configured role (the epoch file, when present, wins).
-    configured: Role,
-}
-
-fn plan_from_config(path: &Path) -> Result<Plan> {
-    let c = Config::load(path)?;
-    let identity = Identity::load(&c.node.identity)?;
-    let mut plan = Plan {
-        listen: c.node.listen,
-        control: c.node.control.clone(),
-        surface: sync_agent::surface::Settings::from_config(&c)?,
-        ..Default::default()
-    };
-    for f in &c.folders {
-        let filter = f.filter()?;
-        let peers = f.peer_ids()?;
-        let sqlite = Filter::new(&f.sqlite_globs()?)
-            .with_context(|| format!("folder {}: sqlite", f.name))?;
-        sync_agent::config::profiles::advise(f, &filter);
-        // The persisted fencing state wins over the configured role: a failover
-        // may have swapped them.
-        let persisted = match &c.node.state {
-            Some(dir) => sync_agent::epoch::load(dir, &f.name)?,
-            None => None,
-        };
-        let (role, epoch) = persisted.map_or((f.role, 0), |st| (st.role, st.epoch));
-        if persisted.is_some() && role != f.role {
-            tracing::info!(folder = %f.name, ?role, epoch, "role from the persisted fencing state (a failover swapped it)");
-        }
-        let fence = Fence {
-            epoch,
-            source: role == Role::Source,
-        };
-        if role == Role::Replica && c.node.listen.is_none() {
-            bail!(
-                "folder {}: this node is its replica but [node] listen is not set",
-                f.name
-            );
-        }
-        let replica = match c.node.listen {
-            Some(_) => Some(sync_agent::replica_folder_with(
-                &f.name,
-                &f.path,
-                filter.clone(),
-                peers.clone(),
-                sync_agent::ReplicaSettings {
-                    sqlite: sqlite.clone(),
-                    state_dir: c.node.state.clone(),
-                    node: identity.id().to_string(),
-                    hooks: f.hooks.clone(),
-                    fence,
-                    promotable: f.failover
-                        && !peers.is_empty()
-                        && peers.iter().all(|p| c.peer_address(p).is_some()),
-                    ids: f.id_map()?,
-                    sweep: f.sweep()?,
-                },
-            )?),
-            None => None,
-        };
-        let mut sources = Vec::new();
-        for peer in peers {
-            let Some(addr) = c.peer_address(&peer) else {
-                if role == Role::Source {
-                    bail!("folder {}: peer {peer} has no address", f.name);
-                }
-                continue;
-            };
-            let index_path = c
-                .node
-                .state
-                .as_ref()
-                .map(|s| s.join(format!("{}.{}.index.db", f.name, &peer.to_string()[..9])));
-            sources.push(SourceFolder {
-                name: f.name.clone(),
-                root: f.path.clone(),
-                filter: filter.clone(),
-                identity: identity.clone(),
-                peer,
-                addr,
-                index_path,
-                debounce: Duration::from_millis(5),
-                rescan_every: Duration::from_secs(600),
-                sqlite: sqlite.clone(),
-                epoch,
-                state_dir: c.node.state.clone(),
-            });
-        }
-        plan.folders.push(FolderPlan {
-            name: f.name.clone(),
-            replica,
-            sources,
-            fence,
-            state_dir: c.node.state.clone(),
-            hooks: f.hooks.clone(),
-            configured: f.role,
-        });
-    }
-    plan.identity = Some(identity);
-    Ok(plan)
 }
 
 async fn run(plan: Plan) -> Result<ExitCode> {
@@ -325,134 +146,6 @@ async fn run(plan: Plan) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs one folder in the role its fencing state says, switching when a
-/// failover promotes or demotes this node.
-async fn supervise(
-    f: FolderPlan,
-    statuses: Vec<Arc<Mutex<FolderStatus>>>,
-    mut commands: mpsc::Receiver<Command>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<()> {
-    let fence = |f: &FolderPlan| {
-        f.replica
-            .as_ref()
-            .and_then(|r| r.fence.lock().ok().map(|g| *g))
-            .unwrap_or(f.fence)
-    };
-    let mut local = f.fence;
-    loop {
-        if *stop.borrow() {
-            return Ok(());
-        }
-        let now = if f.replica.is_some() {
-            fence(&f)
-        } else {
-            local
-        };
-        if now.source {
-            // The first peer drives handovers; more peers each get a copy.
-            let Some((first, rest)) = f.sources.split_first() else {
-                bail!(
-                    "folder {}: this node is its source but no peer has an address",
-                    f.name
-                );
-            };
-            let (sub_stop_tx, sub_stop) = watch::channel(false);
-            let mut others = tokio::task::JoinSet::new();
-            for (cfg, st) in rest.iter().zip(statuses.iter().skip(1)) {
-                let mut cfg = cfg.clone();
-                cfg.epoch = now.epoch;
-                let (st, s) = (st.clone(), sub_stop.clone());
-                others.spawn(async move {
-                    let (_tx, mut rx) = mpsc::channel(1);
-                    sync_agent::continuous::run_source(cfg, st, s, &mut rx).await
-                });
-            }
-            let mut cfg = first.clone();
-            cfg.epoch = now.epoch;
-            let status = statuses.first().cloned().unwrap_or_default();
-            let stop_first = {
-                let mut stop = stop.clone();
-                let sub = sub_stop_tx.clone();
-                tokio::spawn(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                    let _ = sub.send(true);
-                })
-            };
-            let outcome =
-                sync_agent::continuous::run_source(cfg, status, sub_stop.clone(), &mut commands)
-                    .await;
-            let _ = sub_stop_tx.send(true);
-            stop_first.abort();
-            while others.join_next().await.is_some() {}
-            match outcome? {
-                Outcome::Stopped => return Ok(()),
-                Outcome::Demoted { epoch } => {
-                    for s in &statuses {
-                        if let Ok(mut s) = s.lock() {
-                            s.connected = false;
-                        }
-                    }
-                    let st = sync_agent::epoch::FolderState {
-                        role: Role::Replica,
-                        epoch,
-                    };
-                    if let Some(dir) = &f.state_dir {
-                        let node = f
-                            .sources
-                            .first()
-                            .map(|s| s.identity.id().to_string())
-                            .unwrap_or_default();
-                        sync_agent::epoch::store(dir, &f.name, &node, st)?;
-                    }
-                    // The app is stopped before the replica side takes
-                    // sessions: the new source's first round (and, after a
-                    // fencing, the copy of what only this node held) never
-                    // races the app's last writes.
-                    if let Some(r) = &f.replica
-                        && let Some(cmd) = r.hooks.command(sync_agent::config::Hook::StopReplica)
-                        && let Err(e) =
-                            sync_agent::hooks::run("stop_replica", cmd, &f.name, r.hooks.timeout())
-                                .await
-                    {
-                        tracing::error!(folder = %f.name, "{e:#}");
-                    }
-                    local = Fence {
-                        epoch,
-                        source: false,
-                    };
-                    if let Some(r) = &f.replica
-                        && let Ok(mut g) = r.fence.lock()
-                    {
-                        *g = local;
-                    }
-                    tracing::warn!(folder = %f.name, epoch, "this node is now the folder's replica");
-                }
-            }
-        } else {
-            let Some(r) = f.replica.clone() else {
-                tracing::error!(folder = %f.name, "this node is now the folder's replica, but [node] listen is not set: not serving it");
-                let _ = stop.wait_for(|s| *s).await;
-                return Ok(());
-            };
-            tokio::select! {
-                () = r.promoted.notified() => {}
-                _ = stop.wait_for(|s| *s) => return Ok(()),
-                Some(c) = commands.recv() => {
-                    let why = format!(
-                        "folder {}: this node is its replica (epoch {}); run this on the source's host",
-                        f.name, now.epoch
-                    );
-                    match c {
-                        Command::Cut(reply) => { let _ = reply.send(Err(why)); }
-                        Command::Promote { reply, .. } => { let _ = reply.send(Err(sync_agent::handover::PromoteFailure::NotSent(why))); }
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// A source loop's status row before it runs: named, so that a replica's
 /// snapshot tells it from the replica row.
 fn source_row(folder: &str) -> Arc<Mutex<FolderStatus>> {
@@ -479,101 +172,8 @@ fn build_plan(cli: Cli) -> Result<Plan> {
         (None, None) => {
             bail!("nothing to run: give --config FILE, or `source`/`replica` (see --help)")
         }
-        (
-            None,
-            Some(Cmd::Replica {
-                root,
-                listen,
-                identity,
-                allow,
-                exclude,
-                control,
-            }),
-        ) => {
-            let identity = Identity::load(&identity)?;
-            let allowed = parse_ids(&allow, "--allow")?;
-            let filter = Filter::new(&exclude)?;
-            Ok(Plan {
-                identity: Some(identity),
-                listen: Some(listen),
-                folders: vec![FolderPlan {
-                    name: "default".into(),
-                    replica: Some(sync_agent::replica_folder(
-                        "default", &root, filter, allowed,
-                    )?),
-                    sources: Vec::new(),
-                    fence: Fence::default(),
-                    state_dir: None,
-                    hooks: Default::default(),
-                    configured: Role::Replica,
-                }],
-                control,
-                ..Default::default()
-            })
-        }
-        (
-            None,
-            Some(Cmd::Source {
-                root,
-                connect,
-                identity,
-                peer,
-                folder,
-                exclude,
-                state,
-                control,
-                debounce_ms,
-                rescan_s,
-            }),
-        ) => {
-            let identity = Identity::load(&identity)?;
-            let peer: NodeId = peer.parse().context("--peer")?;
-            if !root.is_dir() {
-                bail!(
-                    "--root {} does not exist or is not a directory",
-                    root.display()
-                );
-            }
-            let index_path = match state {
-                Some(s) => {
-                    sync_agent::trust::check_dir_or_parent(&s, sync_agent::trust::Kind::StateDir)?;
-                    std::fs::create_dir_all(&s)
-                        .with_context(|| format!("creating state dir {}", s.display()))?;
-                    Some(s.join(format!("{folder}.index.db")))
-                }
-                None => None,
-            };
-            Ok(Plan {
-                identity: Some(identity.clone()),
-                folders: vec![FolderPlan {
-                    name: folder.clone(),
-                    replica: None,
-                    sources: vec![SourceFolder {
-                        name: folder,
-                        root,
-                        filter: Filter::new(&exclude)?,
-                        identity,
-                        peer,
-                        addr: connect.into(),
-                        index_path,
-                        debounce: Duration::from_millis(debounce_ms),
-                        rescan_every: Duration::from_secs(rescan_s.max(1)),
-                        sqlite: Filter::default(),
-                        epoch: 0,
-                        state_dir: None,
-                    }],
-                    fence: Fence {
-                        epoch: 0,
-                        source: true,
-                    },
-                    state_dir: None,
-                    hooks: Default::default(),
-                    configured: Role::Source,
-                }],
-                control,
-                ..Default::default()
-            })
-        }
+        (None, Some(Cmd::Replica(flags))) => sync_agent::plan::from_replica_flags(flags),
+        (None, Some(Cmd::Source(flags))) => sync_agent::plan::from_source_flags(flags),
     }
 }
 

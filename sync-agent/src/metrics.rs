@@ -21,6 +21,7 @@
 //! | `understudy_databases` | gauge | live databases shipped from cuts |
 //! | `understudy_databases_held` | gauge | databases the replica refuses while held open |
 //! | `understudy_cut_writer_stall_max_seconds` | gauge | longest writer stall of the cuts |
+//! | `understudy_cut_writer_stall_seconds` | histogram | each cut's writer stall |
 //! | `understudy_handover_in_progress` | gauge | 1 while a failover or failback runs |
 //! | `understudy_alerts_dropped_total` | counter | alerts not delivered (queue full, rate spent, webhook failing) |
 //! | `understudy_alerts_sent_total` | counter | alerts delivered |
@@ -29,10 +30,13 @@ use crate::continuous::FolderStatus;
 use crate::control::Status;
 use crate::surface::Shared;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 type Labels = Vec<(String, String)>;
@@ -121,6 +125,68 @@ const COUNTERS: &[(&str, &str, CounterValue)] = &[
     }),
 ];
 
+/// Upper bounds of the writer stall buckets, in seconds (the last is +Inf).
+const STALL_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+/// The writer stalls of a folder's cuts as a histogram: kept in status, so
+/// that `/metrics` encodes it from a snapshot like everything else.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StallHistogram {
+    /// Stalls per bucket of [`STALL_BUCKETS`], then over the last bound.
+    pub counts: Vec<u64>,
+    /// Sum of the stalls, in seconds.
+    pub sum: f64,
+}
+
+impl StallHistogram {
+    /// Counts one cut's writer stall. A zero stall locked no database (a
+    /// round without live databases, or all idle): no cut, not counted.
+    pub fn observe(&mut self, stall: std::time::Duration) {
+        if stall.is_zero() {
+            return;
+        }
+        let secs = stall.as_secs_f64();
+        self.counts.resize(STALL_BUCKETS.len() + 1, 0);
+        let i = STALL_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(STALL_BUCKETS.len());
+        self.counts[i] += 1;
+        self.sum += secs;
+    }
+
+    /// (upper bound, count in that bucket alone), +Inf last.
+    fn buckets(&self) -> Vec<(f64, u64)> {
+        STALL_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::MAX]) // the encoder writes it as +Inf
+            .enumerate()
+            .map(|(i, b)| (b, self.counts.get(i).copied().unwrap_or(0)))
+            .collect()
+    }
+}
+
+/// The stall histograms of every folder, by labels.
+#[derive(Debug, Default)]
+struct StallFamily(Vec<(Labels, StallHistogram)>);
+
+impl EncodeMetric for StallFamily {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (labels, h) in &self.0 {
+            let count = h.counts.iter().sum();
+            encoder
+                .encode_family(labels)?
+                .encode_histogram::<NoLabelSet>(h.sum, count, &h.buckets(), None)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
 /// The OpenMetrics text of `status`.
 pub fn encode_status(status: &Status, shared: &Shared) -> Result<String, std::fmt::Error> {
     let mut reg = Registry::with_prefix("understudy");
@@ -148,6 +214,7 @@ pub fn encode_status(status: &Status, shared: &Shared) -> Result<String, std::fm
     );
     let rounds = CounterU::default();
     reg.register("rounds", "Rounds, by result", rounds.clone());
+    let mut stalls = StallFamily::default();
     for f in &status.folders {
         let l: Labels = vec![
             ("folder".into(), f.folder.clone()),
@@ -166,6 +233,10 @@ pub fn encode_status(status: &Status, shared: &Shared) -> Result<String, std::fm
             l.push((k.into(), v.into()));
             l
         };
+        // Sources cut; the series is there from the start, empty until a cut.
+        if f.role == "source" {
+            stalls.0.push((l.clone(), f.writer_stall.clone()));
+        }
         role.get_or_create(&with("role", &f.role)).set(1.0);
         rounds
             .get_or_create(&with("result", "applied"))
@@ -174,6 +245,11 @@ pub fn encode_status(status: &Status, shared: &Shared) -> Result<String, std::fm
             .get_or_create(&with("result", "failed"))
             .inc_by(f.rounds_failed);
     }
+    reg.register(
+        "cut_writer_stall_seconds",
+        "How long each cut made the databases' writers wait",
+        stalls,
+    );
     for (name, help, n) in [
         (
             "alerts_dropped",
@@ -189,4 +265,51 @@ pub fn encode_status(status: &Status, shared: &Shared) -> Result<String, std::fm
     let mut out = String::new();
     encode(&mut out, &reg)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn stalls_fall_in_their_buckets_and_encode_as_a_histogram() {
+        let mut h = StallHistogram::default();
+        h.observe(Duration::ZERO);
+        h.observe(Duration::from_micros(500));
+        h.observe(Duration::from_millis(30));
+        h.observe(Duration::from_secs(9));
+        assert_eq!(h.counts, [1, 0, 0, 1, 0, 0, 0, 0, 1]);
+        let status = Status {
+            folders: vec![FolderStatus {
+                folder: "app".into(),
+                peer: "p".into(),
+                role: "source".into(),
+                writer_stall: h,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let shared = Shared {
+            registry: Default::default(),
+            token: None,
+            max_lag: Default::default(),
+            alerts_dropped: Default::default(),
+            alerts_sent: Default::default(),
+            history: Default::default(),
+        };
+        let text = encode_status(&status, &shared).unwrap();
+        assert!(
+            text.contains("# TYPE understudy_cut_writer_stall_seconds histogram"),
+            "{text}"
+        );
+        for want in [
+            "understudy_cut_writer_stall_seconds_count{folder=\"app\",peer=\"p\"} 3",
+            "understudy_cut_writer_stall_seconds_bucket{le=\"0.001\",folder=\"app\",peer=\"p\"} 1",
+            "understudy_cut_writer_stall_seconds_bucket{le=\"0.05\",folder=\"app\",peer=\"p\"} 2",
+            "understudy_cut_writer_stall_seconds_bucket{le=\"+Inf\",folder=\"app\",peer=\"p\"} 3",
+        ] {
+            assert!(text.lines().any(|l| l == want), "{want} not in {text}");
+        }
+    }
 }

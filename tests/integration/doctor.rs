@@ -64,7 +64,11 @@ fn issue13_doctor_on_a_healthy_pair_and_an_unexcluded_transcodes_dir() {
     assert_eq!(named(&checks, "peer:app")["status"], "ok", "{checks:#?}");
     // The replica's hello says its build and its clock: same build, and a
     // clock on this machine, so no skew to speak of.
-    assert_eq!(named(&checks, "peer-version:app")["status"], "ok", "{checks:#?}");
+    assert_eq!(
+        named(&checks, "peer-version:app")["status"],
+        "ok",
+        "{checks:#?}"
+    );
     assert_eq!(named(&checks, "clock:app")["status"], "ok", "{checks:#?}");
     assert!(
         named(&checks, "inotify:app")["detail"]

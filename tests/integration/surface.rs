@@ -167,6 +167,22 @@ fn metrics_and_page_of_a_source(http_a: &str, peer: &str) {
             .any(|(n, _, _)| n == "understudy_rounds_total"),
         "{text}"
     );
+    // The cuts' writer stalls, as a histogram (there from the start).
+    let app = |l: &Vec<(String, String)>| l.contains(&("folder".into(), "app".into()));
+    assert!(
+        samples
+            .iter()
+            .any(|(n, l, _)| n == "understudy_cut_writer_stall_seconds_count" && app(l)),
+        "{text}"
+    );
+    assert!(
+        samples.iter().any(
+            |(n, l, _)| n == "understudy_cut_writer_stall_seconds_bucket"
+                && app(l)
+                && l.contains(&("le".into(), "+Inf".into()))
+        ),
+        "{text}"
+    );
     let (c, page) = get(http_a, "/").unwrap();
     assert_eq!(c, 200);
     assert!(page.contains("<h2>app") && page.contains("lag"), "{page}");

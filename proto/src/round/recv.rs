@@ -86,6 +86,9 @@ impl Assembler {
     /// Feeds one message: `Ok(Some(_))` when it completed a round or was a
     /// promotion request, `Ok(None)` when the round goes on.
     pub fn handle(&mut self, msg: Message) -> Result<Option<Event>, ProtocolError> {
+        // Decoded frames are checked already; messages from elsewhere (an
+        // in-memory pair) are not.
+        msg.validate()?;
         let Some(mut b) = self.building.take() else {
             return start(msg).map(|started| match started {
                 Ok(b) => {

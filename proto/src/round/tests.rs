@@ -370,6 +370,32 @@ fn inline_bytes_count_to_the_budget() {
 }
 
 #[test]
+fn a_message_out_of_bounds_is_refused_by_the_assembler_with_its_validate_error() {
+    // Messages that never went through a frame (an in-memory pair) are
+    // checked too.
+    let mut bad = file("a");
+    bad.meta.mode = 0o170_755;
+    let mut a = Assembler::new();
+    let e = feed(&mut a, vec![start(1), Message::Manifest(vec![bad])]);
+    assert_eq!(
+        e,
+        Err(ProtocolError::Invalid(crate::ValidateError::Entry {
+            path: p("a"),
+            why: crate::EntryError::Mode(0o170_755),
+        }))
+    );
+    let e = a.handle(Message::Deleted(vec![RelPath::root()]));
+    assert_eq!(
+        e,
+        Err(ProtocolError::Invalid(crate::ValidateError::RootDeleted))
+    );
+    assert_eq!(
+        ProtocolError::from(crate::ValidateError::RootDeleted).code(),
+        crate::ErrorCode::Protocol
+    );
+}
+
+#[test]
 fn every_protocol_error_is_a_protocol_code() {
     let e = ProtocolError::ExpectedRound { got: "Manifest" };
     assert_eq!(e.code(), crate::ErrorCode::Protocol);

@@ -60,6 +60,8 @@ struct Driver<'a> {
     wire_seen: u64,
     last_full: Instant,
     deferred: std::collections::HashMap<RelPath, Instant>,
+    /// Partial rounds, told at INFO in summaries.
+    partials: PartialSummary,
 }
 
 /// Rounds until shutdown (`None`) or a handover (`Some(epoch)`).
@@ -95,6 +97,7 @@ pub(super) async fn drive(
         wire_seen: 0,
         last_full: Instant::now(),
         deferred: Default::default(),
+        partials: PartialSummary::new(Duration::from_secs(10)),
     };
     loop {
         if d.full {
@@ -188,12 +191,7 @@ impl Driver<'_> {
         let (manifest, bytes_hashed, stats) =
             tokio::task::spawn_blocking(move || scan_and_cut(&root, &o, &ix, &l)).await??;
         if let Some(why) = &stats.blocked {
-            // The previous cut of the databases stands; a requested cut waits
-            // for the operator to try again.
-            tracing::info!(folder = %cfg.name, "{why}");
-            if let Some(r) = self.cut_reply.take() {
-                let _ = r.send(Err(why.clone()));
-            }
+            self.cut_blocked(why);
         }
         let wire_before = self.session.connection().stats().udp_tx.bytes;
         let root_hash = manifest.root_hash();
@@ -218,6 +216,8 @@ impl Driver<'_> {
                 f.bytes_total = bytes_total;
             }
         });
+        let entries = round.entries.len() as u64;
+        log_full_start(&cfg.name, entries, bytes_total);
         let cut_id = self.session.next_round_id();
         let applied = self.session.round(&round).await;
         if let Ok(mut l) = self.live.lock() {
@@ -233,6 +233,7 @@ impl Driver<'_> {
             }
         };
         self.account(&applied);
+        log_full_end(status, entries, bytes_total, started.elapsed());
         self.defer_after_full(&applied, &stats);
         if let Some(r) = self.cut_reply.take() {
             let replica_root = applied
@@ -268,6 +269,15 @@ impl Driver<'_> {
         Ok(())
     }
 
+    /// The cut was blocked: the previous cut of the databases stands; a
+    /// requested cut waits for the operator to try again.
+    fn cut_blocked(&mut self, why: &str) {
+        tracing::info!(folder = %self.cfg.name, "{why}");
+        if let Some(r) = self.cut_reply.take() {
+            let _ = r.send(Err(why.to_string()));
+        }
+    }
+
     /// A full round applied: what the replica holds, and status.
     fn record_full(&mut self, entries: Arc<Vec<Entry>>, f: FullFigures) {
         let status = self.status;
@@ -292,6 +302,7 @@ impl Driver<'_> {
             s.wire_bytes_last_full = wire_after - f.wire_before;
             s.databases = f.databases;
             s.max_writer_stall_ms = s.max_writer_stall_ms.max(f.stall.as_secs_f64() * 1e3);
+            s.writer_stall.observe(f.stall);
             s.full_round = None;
             s.last_applied_unix = unix_now();
         });
@@ -451,7 +462,8 @@ impl Driver<'_> {
         })
         .await?;
         set(self.status, |s| {
-            s.max_writer_stall_ms = s.max_writer_stall_ms.max(stats.stall.as_secs_f64() * 1e3)
+            s.max_writer_stall_ms = s.max_writer_stall_ms.max(stats.stall.as_secs_f64() * 1e3);
+            s.writer_stall.observe(stats.stall);
         });
         self.known = k;
         let (round, held) = round?;
@@ -500,6 +512,10 @@ impl Driver<'_> {
         });
         fold_round(&mut self.known, &round);
         tracing::debug!(folder = %cfg.name, entries = round.entries.len(), deleted = round.deleted.len(), lag_s = self.lag.lag(Instant::now()).as_secs_f64(), "round applied");
+        let carried = (round.entries.len() + round.deleted.len() + round.renamed.len()) as u64;
+        if let Some(t) = self.partials.record(Instant::now(), carried, bytes) {
+            tracing::info!(folder = %cfg.name, rounds = t.rounds, entries = t.entries, bytes = t.bytes, "partial rounds applied");
+        }
         let ix = self.index.clone();
         let saved = tokio::task::spawn_blocking(move || match ix.lock() {
             Ok(mut i) => i.save().map_err(anyhow::Error::from),
@@ -557,39 +573,4 @@ fn persist_demotion(cfg: &SourceFolder, epoch: u64) {
             tracing::error!(folder = %cfg.name, "the replica was promoted, but persisting this node's demotion failed: {e:#}");
         }
     }
-}
-
-/// Bytes of file content among `entries`.
-pub(super) fn content_bytes(entries: &[Entry]) -> u64 {
-    entries
-        .iter()
-        .map(|e| match e.kind {
-            Kind::File { size, .. } => size,
-            _ => 0,
-        })
-        .sum()
-}
-
-/// Names the databases the replica refused in status.
-pub(super) fn publish_held(status: &SharedStatus, refused: &BTreeSet<RelPath>) {
-    set(status, |s| {
-        s.held_databases = refused.iter().map(ToString::to_string).collect();
-    });
-}
-
-/// A full round begins: its progress shows in status from now on, counted by
-/// the session's transfer counters (reset here).
-pub(super) fn start_full_progress(status: &SharedStatus) {
-    set(status, |s| {
-        if let Some(p) = &s.progress {
-            p.entries.store(0, Ordering::Relaxed);
-            p.entries_sent.store(0, Ordering::Relaxed);
-            p.bytes_done.store(0, Ordering::Relaxed);
-            p.files_done.store(0, Ordering::Relaxed);
-        }
-        s.full_round = Some(FullRoundProgress {
-            started_unix: unix_now().unwrap_or_default(),
-            ..Default::default()
-        });
-    });
 }

@@ -33,10 +33,14 @@ mod inotify;
 mod partial;
 #[cfg(test)]
 mod partial_tests;
+mod progress;
 use backoff::{Backoff, connect_session, pause};
 use drive::drive;
 use inotify::{rel, start_watch};
 use partial::{note_known, partial_round, remove_subtree};
+use progress::{
+    PartialSummary, content_bytes, log_full_end, log_full_start, publish_held, start_full_progress,
+};
 
 /// A source folder's settings.
 #[derive(Debug, Clone)]
@@ -186,6 +190,9 @@ pub struct FolderStatus {
     pub databases: u64,
     /// Longest writer stall of the cuts so far, in ms.
     pub max_writer_stall_ms: f64,
+    /// The writer stalls of the cuts so far.
+    #[serde(default)]
+    pub writer_stall: crate::metrics::StallHistogram,
     /// This node's fencing epoch for the folder.
     pub epoch: u64,
     /// UDP bytes sent to the replica since the agent started (QUIC included).
@@ -325,6 +332,17 @@ struct Batch {
     renames: Vec<(RelPath, RelPath)>,
 }
 
+/// What the replica's hello said of itself, for status and `doctor`.
+fn note_peer(status: &SharedStatus, session: &SourceSession) {
+    let promotable = session.peer_promotable();
+    let (software, skew) = session.peer_build();
+    set(status, |s| {
+        s.peer_promotable = Some(promotable);
+        s.peer_software = Some(software);
+        s.peer_clock_skew_ms = skew;
+    });
+}
+
 /// Runs a source folder until `shutdown` turns true, or until it is demoted
 /// (handed over, or fenced by a peer with a newer epoch).
 pub async fn run_source(
@@ -341,14 +359,7 @@ pub async fn run_source(
         s.role = "source".into();
         s.peer = cfg.peer.to_string();
     });
-    let opts = ScanOptions {
-        filter: cfg.filter.clone(),
-        databases: Some(Arc::new(sync_core::scan::DbDetect {
-            globs: cfg.sqlite.clone(),
-            ..Default::default()
-        })),
-        ..Default::default()
-    };
+    let opts = scan_options(&cfg);
     let mut w = start_watch(&cfg.root, &status, opts.databases.clone())?;
     let index = Arc::new(Mutex::new(open_index(&cfg)?));
     // Held across sessions: a replica that reconnects a few cuts behind gets
@@ -383,14 +394,10 @@ pub async fn run_source(
                 continue;
             }
         };
-        let promotable = session.peer_promotable();
-        let (software, skew) = session.peer_build();
+        note_peer(&status, &session);
         set(&status, |s| {
             s.connected = true;
             s.last_error = None;
-            s.peer_promotable = Some(promotable);
-            s.peer_software = Some(software);
-            s.peer_clock_skew_ms = skew;
         });
         tracing::info!(folder = %cfg.name, peer = %cfg.peer, "connected to replica {}", cfg.addr);
         let began = Instant::now();
@@ -434,6 +441,18 @@ pub async fn run_source(
         backoff.session_ended(res.is_ok(), began.elapsed());
     }
     Ok(Outcome::Stopped)
+}
+
+/// How the folder is scanned: its excludes, its databases by glob.
+fn scan_options(cfg: &SourceFolder) -> ScanOptions {
+    ScanOptions {
+        filter: cfg.filter.clone(),
+        databases: Some(Arc::new(sync_core::scan::DbDetect {
+            globs: cfg.sqlite.clone(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
 }
 
 /// The folder's hash index (its state directory made), or one in memory.

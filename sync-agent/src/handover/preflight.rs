@@ -86,20 +86,7 @@ pub(super) async fn preflight(f: &Folder) -> Vec<Check> {
             )
         },
     ));
-    let ours = match f.hooks.parity.as_deref() {
-        Some(cmd) => Some(
-            match crate::hooks::run("parity", cmd, &f.name, f.hooks.timeout()).await {
-                Ok(out) => out.stdout.trim().to_string(),
-                Err(e) => format!("error: {e:#}"),
-            },
-        ),
-        None => None,
-    };
-    checks.extend(judge_parity(
-        ours.as_deref(),
-        c.replica_parity.as_deref(),
-        f.ignore_parity(),
-    ));
+    checks.extend(parity_check(f, c.replica_parity.as_deref()).await);
     checks.push(check(
         "preflight cut",
         c.matched,
@@ -148,6 +135,20 @@ pub(super) async fn ask_cut(f: &Folder) -> Result<crate::continuous::CutReport, 
         Ok(Err(_)) => Err("the session ended during the cut".into()),
         Ok(Ok(r)) => r,
     }
+}
+
+/// Runs this host's `parity` command and judges it against the replica's.
+async fn parity_check(f: &Folder, theirs: Option<&str>) -> Option<Check> {
+    let ours = match f.hooks.parity.as_deref() {
+        Some(cmd) => Some(
+            match crate::hooks::run("parity", cmd, &f.name, f.hooks.timeout()).await {
+                Ok(out) => out.stdout.trim().to_string(),
+                Err(e) => format!("error: {e:#}"),
+            },
+        ),
+        None => None,
+    };
+    judge_parity(ours.as_deref(), theirs, f.ignore_parity())
 }
 
 /// The parity check: both hosts' `parity` outputs (the app's versions) must

@@ -237,7 +237,7 @@ impl Replica {
     ) -> Result<StagedDb<'_>, Error> {
         // The count comes from the peer: bounded before the page table is sized.
         proto::check_db_bounds(page_size, pages)
-            .map_err(|e| Error::invalid(self.display(path), e))?;
+            .map_err(|e| Error::invalid(self.display(path), e.to_string()))?;
         let base = base.filter(|b| b.page_size == page_size);
         let hashes = match &base {
             Some(b) => {
