@@ -131,6 +131,14 @@ fn excluded_leftovers_are_reported_then_swept_but_overlays_stay() {
         "{human}"
     );
     assert!(b.root.join("cache/img/1.webp").exists());
+    // doctor says so too, naming the path and the way out.
+    let doc = text(&b.cli(&["doctor"]));
+    assert!(
+        doc.contains("excluded-leftovers:")
+            && doc.contains("cache")
+            && doc.contains("delete_excluded"),
+        "{doc}"
+    );
 
     // With delete_excluded, the next full round (the reconnect) sweeps it.
     agent_b.kill9();

@@ -336,6 +336,21 @@ fn agent_checks(r: &mut Report, c: &Config) {
             })
             .unwrap_or_default();
         let name = format!("peer:{}", f.name);
+        if let Some(l) = rows
+            .iter()
+            .find_map(|x| x["excluded_leftovers"].as_object())
+            .filter(|l| l["count"].as_u64() > Some(0))
+        {
+            r.add(
+                format!("excluded-leftovers:{}", f.name),
+                Verdict::Warn,
+                format!(
+                    "{} excluded paths are present on this replica (mirrored before they were excluded), e.g. {}: set delete_excluded = true to remove them",
+                    l["count"],
+                    l["first"]
+                ),
+            );
+        }
         if let Some(x) = rows.iter().find(|x| x["peer_software"].is_string()) {
             for (what, verdict, detail) in peer_build(version, x) {
                 r.add(format!("{what}:{}", f.name), verdict, detail);
