@@ -226,8 +226,48 @@ pub async fn run(name: &str, command: &str, folder: &str, timeout: Duration) -> 
     .into())
 }
 
+/// What a folder's `parity` command prints on this host (the app's version),
+/// trimmed and cut to the wire's bound for text; a failure is its error
+/// text. `None` when the folder has no such command. Both ends of a handover
+/// call this, so their outputs compare alike.
+pub async fn parity_output(hooks: &crate::config::Hooks, folder: &str) -> Option<String> {
+    let cmd = hooks.parity.as_deref()?;
+    let mut said = match run("parity", cmd, folder, hooks.timeout()).await {
+        Ok(out) => out.stdout.trim().to_string(),
+        Err(e) => format!("error: {e:#}"),
+    };
+    let mut end = said.len().min(proto::MAX_TEXT);
+    while !said.is_char_boundary(end) {
+        end -= 1;
+    }
+    said.truncate(end);
+    Some(said)
+}
+
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn parity_output_is_trimmed_bounded_and_none_without_a_command() {
+        let mut hooks = crate::config::Hooks::default();
+        assert_eq!(super::parity_output(&hooks, "f").await, None);
+        hooks.parity = Some("echo '  10.10.3  '".into());
+        assert_eq!(
+            super::parity_output(&hooks, "f").await.as_deref(),
+            Some("10.10.3")
+        );
+        // Longer than the wire carries: cut the same way on both hosts.
+        hooks.parity = Some("printf 'é%.0s' $(seq 3000)".into());
+        let long = super::parity_output(&hooks, "f").await.unwrap_or_default();
+        assert!(
+            long.len() <= proto::MAX_TEXT && long.len() > 4000,
+            "{}",
+            long.len()
+        );
+        hooks.parity = Some("exit 3".into());
+        let failed = super::parity_output(&hooks, "f").await.unwrap_or_default();
+        assert!(failed.starts_with("error: "), "{failed}");
+    }
+
     use super::*;
 
     #[tokio::test]

@@ -139,15 +139,7 @@ pub(super) async fn ask_cut(f: &Folder) -> Result<crate::continuous::CutReport, 
 
 /// Runs this host's `parity` command and judges it against the replica's.
 async fn parity_check(f: &Folder, theirs: Option<&str>) -> Option<Check> {
-    let ours = match f.hooks.parity.as_deref() {
-        Some(cmd) => Some(
-            match crate::hooks::run("parity", cmd, &f.name, f.hooks.timeout()).await {
-                Ok(out) => out.stdout.trim().to_string(),
-                Err(e) => format!("error: {e:#}"),
-            },
-        ),
-        None => None,
-    };
+    let ours = crate::hooks::parity_output(&f.hooks, &f.name).await;
     judge_parity(ours.as_deref(), theirs, f.ignore_parity())
 }
 

@@ -96,28 +96,9 @@ pub(super) async fn apply_round(
         let verified =
             tokio::task::spawn_blocking(move || engine::verify(&r, d, f, &planned, &ids)).await??;
         engine::add_verified(&mut summary, verified, round.full, super::HELD_PREFIX);
-        summary.parity = parity(folder).await;
+        summary.parity = crate::hooks::parity_output(&folder.hooks, &folder.name).await;
     }
     Ok(summary)
-}
-
-/// What the folder's `parity` command prints here (the app's version), for
-/// a cut's summary: a handover compares it with the source's. `None` without
-/// a command; a failure is reported as its error text.
-pub(crate) async fn parity(folder: &ReplicaFolder) -> Option<String> {
-    let cmd = folder.hooks.parity.as_deref()?;
-    let mut said =
-        match crate::hooks::run("parity", cmd, &folder.name, folder.hooks.timeout()).await {
-            Ok(out) => out.stdout.trim().to_string(),
-            Err(e) => format!("error: {e:#}"),
-        };
-    // Within the wire's bound for text (a longer one would fail the round).
-    let mut end = said.len().min(proto::MAX_TEXT);
-    while !said.is_char_boundary(end) {
-        end -= 1;
-    }
-    said.truncate(end);
-    Some(said)
 }
 
 /// Renames, deletions, the replica's own manifest and the plan, the
