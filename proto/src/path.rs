@@ -40,7 +40,7 @@ pub enum PathError {
 /// [`MAX_PATH_LEN`] bytes. A `RelPath` can only be built through validation, and it
 /// is validated again when decoded from a peer.
 #[derive(Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(try_from = "Vec<u8>", into = "Vec<u8>")]
+#[serde(try_from = "serde_bytes::ByteBuf", into = "serde_bytes::ByteBuf")]
 pub struct RelPath(Vec<u8>);
 
 /// Paths order component by component, so that a directory comes right before its
@@ -184,6 +184,21 @@ impl TryFrom<Vec<u8>> for RelPath {
 impl From<RelPath> for Vec<u8> {
     fn from(p: RelPath) -> Self {
         p.0
+    }
+}
+
+// On the wire a path is a byte string: bincode reads it in one copy, not a
+// byte at a time (the encoding is the same as a sequence of `u8`).
+impl TryFrom<serde_bytes::ByteBuf> for RelPath {
+    type Error = PathError;
+    fn try_from(v: serde_bytes::ByteBuf) -> Result<Self, Self::Error> {
+        Self::new(v.into_vec())
+    }
+}
+
+impl From<RelPath> for serde_bytes::ByteBuf {
+    fn from(p: RelPath) -> Self {
+        serde_bytes::ByteBuf::from(p.0)
     }
 }
 
