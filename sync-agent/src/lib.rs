@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod page;
 pub mod plan;
 pub mod promotion;
+pub mod push_state;
 pub mod session;
 pub mod surface;
 pub mod tls;
@@ -78,6 +79,64 @@ pub struct PushOptions {
     pub protocol_version: u32,
     /// Compare files by content hash rather than size and mtime (rsync -c).
     pub checksum: bool,
+    /// Where the source's hash index and cut state are kept between runs
+    /// (`None`: every run reads the whole tree).
+    pub state: Option<PathBuf>,
+}
+
+/// The source's side of a push before anything is sent: the tree scanned
+/// (hashes from the saved index), its databases cut together (from the saved
+/// cut state), and what was learned saved back to the index.
+fn scan_and_cut(
+    src: &Path,
+    filter: Filter,
+    saved: Option<&push_state::PushState>,
+) -> Result<(
+    sync_core::Manifest,
+    sync_core::scan::ScanReport,
+    Arc<std::sync::Mutex<LiveSet>>,
+)> {
+    let scan_opts = sync_core::scan::ScanOptions {
+        filter,
+        databases: Some(Arc::new(sync_core::scan::DbDetect::default())),
+        ..Default::default()
+    };
+    let mut index = saved.map(push_state::PushState::index);
+    let (mut m, report) = sync_core::scan::scan_with(src, &scan_opts, index.as_ref())?;
+    let mut live = LiveSet::new(src, DB_BUSY);
+    live.track(&report.databases);
+    if let Some(s) = saved {
+        s.restore(&mut live);
+    }
+    let stats = live.cut()?;
+    if let Some(why) = stats.blocked {
+        bail!("{why}");
+    }
+    m.entries.retain(|e| !stats.dropped.contains(&e.path));
+    session::source::mark_databases(&mut m.entries, &live)?;
+    if let Some(ix) = index.as_mut() {
+        remember_hashes(ix, &m, &report);
+    }
+    Ok((m, report, Arc::new(std::sync::Mutex::new(live))))
+}
+
+/// Records the hashes a scan computed in `ix` (and forgets files no longer in
+/// the tree), then saves it; a failure only costs the next run a rehash.
+fn remember_hashes(
+    ix: &mut sync_core::index::HashIndex,
+    m: &sync_core::Manifest,
+    report: &sync_core::scan::ScanReport,
+) {
+    let now = sync_core::scan::now_ns();
+    for (p, s, h) in &report.hashed {
+        ix.record(p, *s, *h, now);
+    }
+    let live: std::collections::HashSet<&[u8]> =
+        m.entries.iter().map(|e| e.path.as_bytes()).collect();
+    ix.retain(|p| live.contains(p));
+    if let Err(e) = ix.save() {
+        tracing::warn!("{e}: the next push hashes every file again");
+    }
 }
 
 /// Connects to a pinned replica.
@@ -132,29 +191,16 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             progress.clone(),
         )
         .await?;
-        let (src, scan_opts) = (
-            opts.src.clone(),
-            sync_core::scan::ScanOptions {
-                filter: opts.filter.clone(),
-                databases: Some(Arc::new(sync_core::scan::DbDetect::default())),
-                ..Default::default()
-            },
-        );
         // Databases are shipped from a consistent cut, never as raw files.
-        let (manifest, report, live) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let (mut m, report) = sync_core::scan::scan_with(&src, &scan_opts, None)?;
-            let mut live = LiveSet::new(&src, DB_BUSY);
-            live.track(&report.databases);
-            let stats = live.cut()?;
-            if let Some(why) = stats.blocked {
-                bail!("{why}");
-            }
-            m.entries.retain(|e| !stats.dropped.contains(&e.path));
-            session::source::mark_databases(&mut m.entries, &live)?;
-            Ok((m, report, Arc::new(std::sync::Mutex::new(live))))
-        })
-        .await?
-        .with_context(|| format!("scanning {}", opts.src.display()))?;
+        let keep = match &opts.state {
+            Some(dir) => Some(push_state::PushState::new(dir, &opts.src)?),
+            None => None,
+        };
+        let (src, filter, saved) = (opts.src.clone(), opts.filter.clone(), keep.clone());
+        let (manifest, report, live) =
+            tokio::task::spawn_blocking(move || scan_and_cut(&src, filter, saved.as_ref()))
+                .await?
+                .with_context(|| format!("scanning {}", opts.src.display()))?;
         let scan_s = started.elapsed().as_secs_f64();
         progress
             .entries
@@ -177,6 +223,19 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             ..Default::default()
         };
         let applied = session.round(&round).await?;
+        if let (Some(state), Some(live)) = (&keep, &round.live) {
+            // The replica holds this cut now: the next run sends it only what changes.
+            let saved = live
+                .lock()
+                .map_err(|_| anyhow::anyhow!("live database set poisoned"))
+                .and_then(|mut l| {
+                    l.end_round();
+                    state.save(&l)
+                });
+            if let Err(e) = saved {
+                tracing::warn!("{e:#}: the next push reads every database again");
+            }
+        }
         let stats = session.connection().stats();
         session.close().await;
         Ok::<_, anyhow::Error>(Summary {
@@ -349,7 +408,7 @@ pub async fn serve(
 /// The embedded default: mirrors `src` into `dst` with both ends in this process,
 /// over QUIC on 127.0.0.1 with throwaway identities.
 pub async fn mirror(src: &Path, dst: &Path, progress: Arc<Progress>) -> Result<Summary> {
-    mirror_with(src, dst, false, progress).await
+    mirror_with(src, dst, false, None, progress).await
 }
 
 /// [`mirror`], comparing files by content hash when `checksum` (rsync -c).
@@ -357,6 +416,7 @@ pub async fn mirror_with(
     src: &Path,
     dst: &Path,
     checksum: bool,
+    state: Option<PathBuf>,
     progress: Arc<Progress>,
 ) -> Result<Summary> {
     std::fs::metadata(src).with_context(|| format!("source {}", src.display()))?;
@@ -391,6 +451,7 @@ pub async fn mirror_with(
             filter: Filter::default(),
             protocol_version: proto::PROTOCOL_VERSION,
             checksum,
+            state,
         },
         progress,
     )

@@ -24,6 +24,14 @@ pub struct MirrorArgs {
     /// Compare files by content hash, not size and mtime (like rsync -c).
     #[arg(long, short = 'c')]
     checksum: bool,
+    /// Where the source's file hashes and database cut state are kept
+    /// between runs, so a re-run reads only what changed [default:
+    /// $XDG_CACHE_HOME/understudy, else ~/.cache/understudy].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_state")]
+    state_dir: Option<PathBuf>,
+    /// Keep nothing between runs: every run reads and hashes the whole tree.
+    #[arg(long)]
+    no_state: bool,
 }
 
 #[derive(Args, Debug)]
@@ -45,6 +53,14 @@ pub struct PushArgs {
     /// Compare files by content hash, not size and mtime (like rsync -c).
     #[arg(long, short = 'c')]
     checksum: bool,
+    /// Where the source's file hashes and database cut state are kept
+    /// between runs, so a re-run reads only what changed [default:
+    /// $XDG_CACHE_HOME/understudy, else ~/.cache/understudy].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_state")]
+    state_dir: Option<PathBuf>,
+    /// Keep nothing between runs: every run reads and hashes the whole tree.
+    #[arg(long)]
+    no_state: bool,
     /// Folder name as the replica knows it.
     #[arg(long, default_value = "default")]
     folder: String,
@@ -159,10 +175,19 @@ fn report(s: &Summary, json: bool) -> Result<ExitCode> {
     })
 }
 
+/// The state directory a run uses (`None`: none).
+fn state_dir(given: &Option<PathBuf>, none: bool) -> Option<PathBuf> {
+    if none {
+        return None;
+    }
+    given.clone().or_else(sync_agent::push_state::default_dir)
+}
+
 pub fn mirror(a: MirrorArgs) -> Result<ExitCode> {
     let (src, dst) = (a.src.clone(), a.dst.clone());
+    let state = state_dir(&a.state_dir, a.no_state);
     let s = with_progress(a.json, |p| async move {
-        sync_agent::mirror_with(&src, &dst, a.checksum, p).await
+        sync_agent::mirror_with(&src, &dst, a.checksum, state, p).await
     })
     .with_context(|| format!("mirror {} -> {}", a.src.display(), a.dst.display()))?;
     report(&s, a.json)
@@ -179,6 +204,7 @@ pub fn push(a: PushArgs) -> Result<ExitCode> {
         filter: sync_core::filter::Filter::new(&a.exclude)?,
         protocol_version: a.protocol_version,
         checksum: a.checksum,
+        state: state_dir(&a.state_dir, a.no_state),
     };
     let s = with_progress(a.json, |p| sync_agent::push(opts, p))?;
     report(&s, a.json)

@@ -114,3 +114,85 @@ fn other_protocol_version_is_refused() {
     assert_eq!(std::fs::read(s.dst.join("old")).unwrap(), b"replica data");
     assert!(!s.dst.join("sub").exists());
 }
+
+/// A re-run of `push` with its state directory reads only what changed: no
+/// unchanged file is hashed again, and a replica at the pushed cut of a
+/// database is sent the changed pages without asking for its page hashes
+/// (which `--no-state` does: it received those hashes).
+#[test]
+fn a_rerun_with_its_state_reads_and_exchanges_only_what_changed() {
+    let s = setup();
+    let state = s._t.path().join("state");
+    let db = s.src.join("app.db");
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+        .unwrap();
+    c.execute_batch(
+        "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 8000)
+         INSERT INTO t SELECT i, randomblob(1000) FROM n;",
+    )
+    .unwrap();
+    let pages: u32 = c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+    let pages = u64::from(pages);
+    // Stamps younger than 2 s are not trusted (a write in the same tick
+    // would not move them): let them age, as any real tree's have.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let agent = replica(&s.dst, &s.b, &s.a_id, &[]);
+    let with_state = ["--state-dir".as_ref(), state.as_os_str()];
+    let run = |extra: &[&std::ffi::OsStr]| -> serde_json::Value {
+        let extra: Vec<&str> = extra.iter().map(|a| a.to_str().unwrap()).collect();
+        let out = push(&s.src, &agent.addr, &s.a, &s.b_id, &extra);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let first = run(&with_state);
+    assert_eq!(first["bytes_hashed"], 300_000, "{first}");
+    let again = run(&with_state);
+    assert_eq!(
+        again["bytes_hashed"], 0,
+        "unchanged files hashed again: {again}"
+    );
+    assert_eq!(again["files_transferred"], 0);
+    let plain = run(&["--no-state".as_ref()]);
+    assert_eq!(plain["bytes_hashed"], 300_000, "{plain}");
+
+    // one row changed: with the state, the source knows which pages
+    c.execute("UPDATE t SET v = randomblob(1000) WHERE k = 4000", [])
+        .unwrap();
+    let changed = run(&with_state);
+    c.execute("UPDATE t SET v = randomblob(1000) WHERE k = 10", [])
+        .unwrap();
+    let asked = run(&["--no-state".as_ref()]);
+    let (got_changed, got_asked) = (
+        changed["bytes_received_wire"].as_u64().unwrap(),
+        asked["bytes_received_wire"].as_u64().unwrap(),
+    );
+    assert!(
+        got_changed + pages * 32 / 2 < got_asked,
+        "with its state the source still received {got_changed} bytes \
+         (without: {got_asked}; the page hashes are {} bytes)",
+        pages * 32
+    );
+    // the replica holds the source's rows (the files' times move when the
+    // writer closes: compared by content)
+    let rows = |c: &rusqlite::Connection| -> (i64, Vec<u8>, Vec<u8>) {
+        c.query_row(
+            "SELECT (SELECT count(*) FROM t), (SELECT v FROM t WHERE k = 10), \
+             (SELECT v FROM t WHERE k = 4000)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+    };
+    let replica = rusqlite::Connection::open(s.dst.join("app.db")).unwrap();
+    assert!(rows(&c) == rows(&replica), "the replica's rows differ");
+    assert_eq!(
+        std::fs::read(s.src.join("sub/file")).unwrap(),
+        std::fs::read(s.dst.join("sub/file")).unwrap()
+    );
+}

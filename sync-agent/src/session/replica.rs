@@ -278,6 +278,7 @@ async fn serve_rounds(
             Err(e) => return fail(conn, ctl_send, folder, e, ErrorCode::Protocol, peer).await,
         };
         let (id, full) = (round.id, round.full);
+        tracing::debug!(folder = %folder.name, round = id, entries = round.entries.len(), "round received");
         match apply_round(conn, folder, round).await {
             Ok(summary) => {
                 record_round(folder, full, &summary);

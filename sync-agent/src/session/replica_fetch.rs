@@ -151,10 +151,8 @@ pub(super) fn write_db(
                         e.path
                     );
                 }
-                for (pgno, data) in batch {
-                    staged.page(pgno, &data)?;
-                    n += 1;
-                }
+                staged.pages(&batch)?;
+                n += batch.len() as u64;
             }
             Message::DbEnd {
                 page_size: ps,

@@ -50,6 +50,7 @@ pub(super) async fn apply_round(
     folder: &Arc<ReplicaFolder>,
     round: Incoming,
 ) -> Result<ApplySummary> {
+    let mut clock = Phases::start();
     let mut round = engine::Round::from(round);
     engine::check(&round, folder.replica.root_path())?;
     round.map_ids(&folder.ids);
@@ -58,6 +59,7 @@ pub(super) async fn apply_round(
     let (kept, planned) = engine::keep(&round.src, &folder.filter);
     let planned = Arc::new(planned);
     let (dst, plan, mut summary) = prepare_and_make(folder, &mut round, planned.clone()).await?;
+    clock.mark("prepare");
     // Content that came with the round is written first; the rest is pulled.
     let (inlined, pulled) = content::split_inline(&plan, &kept, &mut round.inline);
     if !inlined.is_empty() {
@@ -68,21 +70,35 @@ pub(super) async fn apply_round(
         summary.files_inline += files;
         summary.bytes_literal += bytes;
     }
-    pull_files(conn, folder, &planned, &kept, pulled, &mut summary).await?;
-    // Databases, one at a time, staged for the commit below.
-    for &i in &plan.dbs {
-        let entry = planned.entries[i].clone();
-        let current = dst.get(&entry.path).map(|(_, d)| d.meta.clone());
-        let (r, activity) = (folder.replica.clone(), &folder.activity);
-        if let Some(pages) = fetch_db(conn, r, entry, kept[i] as u64, current, activity).await? {
-            summary.databases_applied += 1;
-            summary.db_pages += pages;
+    clock.mark("inline");
+    // Files and databases travel at once, on streams of their own: a large
+    // database does not wait behind thousands of small files, nor they behind it.
+    let files = pull_files(conn, folder, &planned, &kept, pulled, &mut summary);
+    let dbs = async {
+        let mut done = (0u64, 0u64);
+        for &i in &plan.dbs {
+            let entry = planned.entries[i].clone();
+            let current = dst.get(&entry.path).map(|(_, d)| d.meta.clone());
+            let (r, activity) = (folder.replica.clone(), &folder.activity);
+            if let Some(pages) = fetch_db(conn, r, entry, kept[i] as u64, current, activity).await?
+            {
+                done.0 += 1;
+                done.1 += pages;
+            }
         }
-    }
+        Ok::<_, anyhow::Error>(done)
+    };
+    let (files, dbs) = tokio::join!(files, dbs);
+    files?;
+    let (applied, pages) = dbs?;
+    summary.databases_applied += applied;
+    summary.db_pages += pages;
+    clock.mark("content");
     // Renames into place, links, metadata, directories, durability.
     let (r, s) = (folder.replica.clone(), planned.clone());
     let mut summary =
         tokio::task::spawn_blocking(move || engine::finish(&r, &s, &plan, &dst, summary)).await??;
+    clock.mark("finish");
     if round.verify {
         let (r, d, f) = (
             folder.replica.clone(),
@@ -97,8 +113,42 @@ pub(super) async fn apply_round(
             tokio::task::spawn_blocking(move || engine::verify(&r, d, f, &planned, &ids)).await??;
         engine::add_verified(&mut summary, verified, round.full, super::HELD_PREFIX);
         summary.parity = crate::hooks::parity_output(&folder.hooks, &folder.name).await;
+        clock.mark("verify");
     }
+    tracing::debug!(folder = %folder.name, phases = %clock, "round applied");
     Ok(summary)
+}
+
+/// How long each phase of a round took, for the debug log (where the time
+/// goes on bulk work: benches/README.md).
+struct Phases {
+    last: std::time::Instant,
+    done: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Self {
+            last: std::time::Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        let now = std::time::Instant::now();
+        self.done.push((phase, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (p, d)) in self.done.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{p}={}ms", d.as_millis())?;
+        }
+        Ok(())
+    }
 }
 
 /// Renames, deletions, the replica's own manifest and the plan, the

@@ -69,23 +69,7 @@ pub(super) async fn serve_db(
             lock_live(&live)?.differing(&entry.path, their_size, &theirs)
         }
     };
-    let mut sent = 0u64;
-    let budget = (4 << 20) / page_size.max(512) as usize;
-    for chunk in wanted.chunks(budget.clamp(1, proto::MAX_PAGES_PER_BATCH)) {
-        let (l, path, chunk) = (live.clone(), entry.path.clone(), chunk.to_vec());
-        let batch = tokio::task::spawn_blocking(move || -> Result<Vec<(u32, Vec<u8>)>> {
-            let l = l
-                .lock()
-                .map_err(|_| anyhow!("live database set poisoned"))?;
-            chunk
-                .into_iter()
-                .map(|p| Ok((p, l.page(&path, p)?)))
-                .collect()
-        })
-        .await??;
-        sent += batch.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
-        wire::send(&mut send, &Message::DbPages(batch)).await?;
-    }
+    let sent = send_pages(&mut send, &live, &entry.path, page_size, wanted).await?;
     progress.bytes_done.fetch_add(sent, Ordering::Relaxed);
     wire::send(
         &mut send,
@@ -101,6 +85,53 @@ pub(super) async fn serve_db(
     progress.files_done.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
+
+/// Sends the pages `wanted` of the cut of `path`, read on a blocking thread
+/// while the batches before them are on the wire; the bytes sent.
+async fn send_pages(
+    send: &mut quinn::SendStream,
+    live: &Arc<Mutex<LiveSet>>,
+    path: &proto::RelPath,
+    page_size: u32,
+    wanted: Vec<u32>,
+) -> Result<u64> {
+    // Batches are small next to the
+    // stream's flow-control window, so several are in flight at once.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(u32, Vec<u8>)>>(4);
+    let budget =
+        (PAGE_BATCH_BYTES / page_size.max(512) as usize).clamp(1, proto::MAX_PAGES_PER_BATCH);
+    let (l, path) = (live.clone(), path.clone());
+    let reader = tokio::task::spawn_blocking(move || -> Result<()> {
+        for chunk in wanted.chunks(budget) {
+            let batch = {
+                let l = lock_live(&l)?;
+                chunk
+                    .iter()
+                    .map(|&p| Ok((p, l.page(&path, p)?)))
+                    .collect::<Result<Vec<_>>>()?
+            };
+            if tx.blocking_send(batch).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    });
+    let mut sent = 0u64;
+    while let Some(batch) = rx.recv().await {
+        sent += batch.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+        if let Err(e) = wire::send(send, &Message::DbPages(batch)).await {
+            drop(rx);
+            let _ = reader.await;
+            return Err(e);
+        }
+    }
+    reader.await??;
+    Ok(sent)
+}
+
+/// Page bytes per `DbPages` frame: a fraction of the stream's flow-control
+/// window, so that batches stream rather than stop and wait.
+const PAGE_BATCH_BYTES: usize = 256 << 10;
 
 pub(super) fn lock_live(l: &Mutex<LiveSet>) -> Result<std::sync::MutexGuard<'_, LiveSet>> {
     l.lock().map_err(|_| anyhow!("live database set poisoned"))

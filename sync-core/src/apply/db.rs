@@ -1,6 +1,7 @@
 //! The replica's databases: staging pages against the announced hash,
 //! the held-open check, and updates that never write through another name.
 
+use super::round::start_writeback;
 use super::*;
 use crate::sqlite::{self, Held};
 use crate::{Entry, Error, Kind, Meta, RelPath};
@@ -406,33 +407,62 @@ impl StagedDb<'_> {
 
     /// Records page `pgno` (from 1).
     pub fn page(&mut self, pgno: u32, data: &[u8]) -> Result<(), Error> {
-        let shown = || self.replica.display(&self.path);
-        if pgno == 0 || pgno as usize > self.hashes.len() || data.len() != self.page_size as usize {
-            return Err(Error::invalid(
-                shown(),
-                format!(
-                    "page {pgno} of {} bytes for a database of {} pages of {}",
-                    data.len(),
-                    self.hashes.len(),
-                    self.page_size
-                ),
-            ));
+        self.pages(&[(pgno, data)])
+    }
+
+    /// Records a batch of pages (from 1), with one write per run of
+    /// consecutive pages: a whole new database arrives as a few large writes,
+    /// not one system call a page.
+    pub fn pages<D: AsRef<[u8]>>(&mut self, batch: &[(u32, D)]) -> Result<(), Error> {
+        let ps = self.page_size as usize;
+        for (pgno, data) in batch {
+            let (pgno, len) = (*pgno, data.as_ref().len());
+            if pgno == 0 || pgno as usize > self.hashes.len() || len != ps {
+                return Err(Error::invalid(
+                    self.replica.display(&self.path),
+                    format!(
+                        "page {pgno} of {len} bytes for a database of {} pages of {}",
+                        self.hashes.len(),
+                        self.page_size
+                    ),
+                ));
+            }
         }
-        let res = if self.full {
+        let mut buf = Vec::new();
+        let mut run = 0;
+        while run < batch.len() {
+            // a run of consecutive pages (full image), or the whole batch as
+            // records (pages on top of a base)
+            let mut end = run + 1;
+            while end < batch.len() && (!self.full || batch[end].0 == batch[end - 1].0 + 1) {
+                end += 1;
+            }
+            buf.clear();
+            for (pgno, data) in &batch[run..end] {
+                if !self.full {
+                    buf.extend_from_slice(&pgno.to_be_bytes());
+                    buf.extend_from_slice(&(ps as u32).to_be_bytes());
+                }
+                buf.extend_from_slice(data.as_ref());
+            }
+            let at = if self.full {
+                u64::from(batch[run].0 - 1) * u64::from(self.page_size)
+            } else {
+                self.len
+            };
             self.file
-                .write_all_at(data, u64::from(pgno - 1) * u64::from(self.page_size))
-        } else {
-            let mut rec = Vec::with_capacity(8 + data.len());
-            rec.extend_from_slice(&pgno.to_be_bytes());
-            rec.extend_from_slice(&(data.len() as u32).to_be_bytes());
-            rec.extend_from_slice(data);
-            let r = self.file.write_all_at(&rec, self.len);
-            self.len += rec.len() as u64;
-            r
-        };
-        res.map_err(|e| Error::io("write", shown(), e))?;
-        self.hashes[pgno as usize - 1] = sqlite::page_hash(pgno, data);
-        self.missing.remove(&(pgno - 1));
+                .write_all_at(&buf, at)
+                .map_err(|e| Error::io("write", self.replica.display(&self.path), e))?;
+            start_writeback(&self.file, at, buf.len() as u64);
+            if !self.full {
+                self.len += buf.len() as u64;
+            }
+            run = end;
+        }
+        for (pgno, data) in batch {
+            self.hashes[*pgno as usize - 1] = sqlite::page_hash(*pgno, data.as_ref());
+            self.missing.remove(&(pgno - 1));
+        }
         Ok(())
     }
 

@@ -265,7 +265,7 @@ pub(crate) fn persist_wal(c: &Connection, path: &Path, persist: bool) -> Result<
 }
 
 /// What a stat of a file says about its identity and its last write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct FileStamp {
     dev: u64,
     ino: u64,
@@ -314,7 +314,7 @@ impl FileStamp {
 }
 
 /// A database file's stamp as a cut saw it, under its lock.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Seen {
     pub stamp: Option<FileStamp>,
     /// When the stamp was taken (ns since the Unix epoch).

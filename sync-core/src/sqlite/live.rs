@@ -336,6 +336,12 @@ impl LiveSet {
         self
     }
 
+    /// The folder's root (canonical).
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The databases held.
     pub fn paths(&self) -> impl Iterator<Item = &RelPath> {
         self.dbs.keys()

@@ -233,6 +233,7 @@ mod copy;
 mod idle;
 mod live;
 mod moved;
+mod persist;
 mod replica;
 mod serve;
 mod settle;

@@ -1,0 +1,96 @@
+//! What a one-shot `push` keeps between runs, so a re-run does the work of a
+//! change, not of the whole tree (a running agent keeps the same in memory):
+//! the hash index of the source's files (`sync_core::index`) and the cut
+//! state of its databases (`sync_core::sqlite::LiveSet::save`).
+//!
+//! Both live in a private directory (default `~/.cache/understudy`), under a
+//! name derived from the source's canonical path. They are caches: a missing,
+//! unreadable or foreign file only costs the run a full read of the tree.
+
+use anyhow::{Context, Result};
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use sync_core::index::HashIndex;
+use sync_core::sqlite::LiveSet;
+
+/// The default directory: `$XDG_CACHE_HOME/understudy`, else
+/// `$HOME/.cache/understudy`; `None` when neither is set.
+#[must_use]
+pub fn default_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".cache"))
+        })?;
+    Some(base.join("understudy"))
+}
+
+/// One source tree's saved state, in `dir`.
+#[derive(Debug, Clone)]
+pub struct PushState {
+    index: PathBuf,
+    cut: PathBuf,
+}
+
+impl PushState {
+    /// The state of the tree at `src` (canonicalized) in `dir`, which is
+    /// created (mode 0700) when missing.
+    pub fn new(dir: &Path, src: &Path) -> Result<Self> {
+        use std::os::unix::ffi::OsStrExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("state directory {}", dir.display()))?;
+        let canon =
+            std::fs::canonicalize(src).with_context(|| format!("source {}", src.display()))?;
+        let key = blake3::hash(canon.as_os_str().as_bytes());
+        let name = format!("push-{}", &key.to_hex()[..24]);
+        Ok(Self {
+            index: dir.join(format!("{name}.index")),
+            cut: dir.join(format!("{name}.cut")),
+        })
+    }
+
+    /// The saved hash index (empty when it cannot be opened: logged).
+    #[must_use]
+    pub fn index(&self) -> HashIndex {
+        HashIndex::open(&self.index).unwrap_or_else(|e| {
+            tracing::warn!("{e}: hashing every file");
+            HashIndex::in_memory()
+        })
+    }
+
+    /// Gives `live` (tracking the tree's databases, not cut yet) what the
+    /// last run's cut saw; how many databases it knew.
+    pub fn restore(&self, live: &mut LiveSet) -> usize {
+        let Ok(bytes) = std::fs::read(&self.cut) else {
+            return 0;
+        };
+        live.restore(&bytes).unwrap_or_else(|e| {
+            tracing::warn!("{e}: reading every database");
+            0
+        })
+    }
+
+    /// Saves what `live`'s last cut saw, replacing the old file atomically.
+    pub fn save(&self, live: &LiveSet) -> Result<()> {
+        let bytes = live.save()?;
+        let dir = self.cut.parent().unwrap_or(Path::new("."));
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".push-state-")
+            .permissions(std::fs::Permissions::from_mode(0o600))
+            .tempfile_in(dir)
+            .with_context(|| format!("state directory {}", dir.display()))?;
+        tmp.write_all(&bytes)
+            .and_then(|()| tmp.as_file().sync_data())
+            .with_context(|| format!("writing {}", self.cut.display()))?;
+        tmp.persist(&self.cut)
+            .with_context(|| format!("saving {}", self.cut.display()))?;
+        Ok(())
+    }
+}
