@@ -88,6 +88,7 @@ impl Message {
             Message::Error { .. } => "Error",
             Message::RoundStart { .. } => "RoundStart",
             Message::Manifest(_) => "Manifest",
+            Message::ManifestPacked { .. } => "ManifestPacked",
             Message::Deleted(_) => "Deleted",
             Message::Renamed(_) => "Renamed",
             Message::RoundEnd { .. } => "RoundEnd",

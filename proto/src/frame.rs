@@ -34,8 +34,59 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_FRAME_LEN>()
 }
 
-/// Appends `msg` as one frame to `out`.
+/// Manifest batches of fewer entries travel as they are.
+const PACK_MIN_ENTRIES: usize = 8;
+/// zstd level for manifest batches: fast, and most of the gain.
+const PACK_LEVEL: i32 = 3;
+
+/// A manifest batch packed for the wire, when packing makes it smaller.
+fn pack(msg: &Message) -> Option<Message> {
+    let Message::Manifest(entries) = msg else {
+        return None;
+    };
+    if entries.len() < PACK_MIN_ENTRIES {
+        return None;
+    }
+    let raw = bincode::serde::encode_to_vec(entries, config()).ok()?;
+    let raw_len = u32::try_from(raw.len()).ok()?;
+    let data = zstd::bulk::compress(&raw, PACK_LEVEL).ok()?;
+    (data.len() < raw.len()).then_some(Message::ManifestPacked { raw_len, data })
+}
+
+/// The manifest batch a packed one carries: its announced size is bounded
+/// before anything is inflated, and must be exactly what inflates.
+fn unpack(raw_len: u32, data: &[u8]) -> Result<Message, FrameError> {
+    let want = raw_len as usize;
+    if want > MAX_FRAME_LEN {
+        return Err(FrameError::Malformed(format!(
+            "packed manifest announces {want} bytes, over the {MAX_FRAME_LEN}-byte limit"
+        )));
+    }
+    let raw = zstd::bulk::decompress(data, want)
+        .map_err(|e| FrameError::Malformed(format!("packed manifest: {e}")))?;
+    if raw.len() != want {
+        return Err(FrameError::Malformed(format!(
+            "packed manifest inflates to {} bytes, not the {want} announced",
+            raw.len()
+        )));
+    }
+    let (entries, used): (Vec<crate::Entry>, usize) =
+        bincode::serde::decode_from_slice(&raw, config())
+            .map_err(|e| FrameError::Malformed(format!("packed manifest: {e}")))?;
+    if used != raw.len() {
+        return Err(FrameError::Malformed(format!(
+            "{} trailing bytes in a packed manifest",
+            raw.len() - used
+        )));
+    }
+    Ok(Message::Manifest(entries))
+}
+
+/// Appends `msg` as one frame to `out` (a manifest batch packed when that
+/// makes it smaller).
 pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let packed = pack(msg);
+    let msg = packed.as_ref().unwrap_or(msg);
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
     bincode::serde::encode_into_std_write(msg, out, config())
@@ -76,6 +127,10 @@ pub fn decode_body(body: &[u8]) -> Result<Message, FrameError> {
             body.len() - used
         )));
     }
+    let msg = match msg {
+        Message::ManifestPacked { raw_len, data } => unpack(raw_len, &data)?,
+        m => m,
+    };
     msg.validate()?;
     Ok(msg)
 }
@@ -92,3 +147,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, FrameError> {
     };
     Ok(Some((decode_body(body)?, HEADER_LEN + len)))
 }
+
+#[cfg(test)]
+#[path = "frame_tests.rs"]
+mod tests;

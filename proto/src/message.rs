@@ -284,7 +284,7 @@ pub struct ApplySummary {
 }
 
 /// How many variants [`Message`] has (the decoder names others as unknown types).
-pub(crate) const MESSAGE_TYPES: u32 = 20;
+pub(crate) const MESSAGE_TYPES: u32 = 21;
 
 /// Everything that travels, one per frame.
 ///
@@ -413,6 +413,18 @@ pub enum Message {
         epoch: u64,
         /// Empty on success; the failure otherwise (the replica stayed as it was).
         error: String,
+    },
+    /// A [`Message::Manifest`] batch as it travels: its entries' encoding,
+    /// zstd-compressed (paths share prefixes, metadata repeats: a tree's
+    /// manifest shrinks several times). The frame layer packs and unpacks it
+    /// ([`crate::frame`]); above it only `Manifest` is seen.
+    ManifestPacked {
+        /// Bytes of the entries' encoding (bounded by the frame limit before
+        /// anything is inflated).
+        raw_len: u32,
+        /// The compressed encoding.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
     },
 }
 

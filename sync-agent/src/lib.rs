@@ -101,8 +101,10 @@ fn scan_and_cut(
         databases: Some(Arc::new(sync_core::scan::DbDetect::default())),
         ..Default::default()
     };
+    let t0 = Instant::now();
     let mut index = saved.map(push_state::PushState::index);
     let (mut m, report) = sync_core::scan::scan_with(src, &scan_opts, index.as_ref())?;
+    let scanned = t0.elapsed();
     let mut live = LiveSet::new(src, DB_BUSY);
     live.track(&report.databases);
     if let Some(s) = saved {
@@ -112,11 +114,20 @@ fn scan_and_cut(
     if let Some(why) = stats.blocked {
         bail!("{why}");
     }
+    let cut = t0.elapsed() - scanned;
     m.entries.retain(|e| !stats.dropped.contains(&e.path));
     session::source::mark_databases(&mut m.entries, &live)?;
     if let Some(ix) = index.as_mut() {
         remember_hashes(ix, &m, &report);
     }
+    tracing::debug!(
+        scan_ms = scanned.as_millis(),
+        cut_ms = cut.as_millis(),
+        saved_ms = (t0.elapsed() - scanned - cut).as_millis(),
+        hashed = report.bytes_hashed,
+        pages_changed = stats.pages_changed,
+        "source scanned and cut"
+    );
     Ok((m, report, Arc::new(std::sync::Mutex::new(live))))
 }
 

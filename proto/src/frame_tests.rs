@@ -1,0 +1,127 @@
+//! Packed manifest batches: smaller on the wire, the same above the frame
+//! layer, and a hostile packed frame is refused before it costs memory.
+
+use super::*;
+use crate::{Entry, Kind, Meta, RelPath};
+
+/// 32 bytes that do not compress (as content hashes do not).
+fn noise(seed: u64) -> [u8; 32] {
+    let mut x = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    std::array::from_fn(|_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 24) as u8
+    })
+}
+
+fn batch(n: usize) -> Vec<Entry> {
+    (0..n)
+        .map(|i| Entry {
+            path: RelPath::new(format!(
+                "metadata/library/{:02x}/item-{i:06}/poster.jpg",
+                i % 256
+            ))
+            .expect("a valid path"),
+            kind: Kind::File {
+                size: 20_000 + i as u64,
+                hash: noise(i as u64),
+            },
+            meta: Meta {
+                mode: 0o644,
+                uid: 1000,
+                gid: 1000,
+                mtime_sec: 1_700_000_000,
+                mtime_nsec: 0,
+                xattrs: Vec::new(),
+            },
+        })
+        .collect()
+}
+
+fn frame_of(msg: &Message) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode(msg, &mut out).expect("encodes");
+    out
+}
+
+/// A raw frame of `msg` exactly as given (no packing).
+fn raw_frame(msg: &Message) -> Vec<u8> {
+    let body = bincode::serde::encode_to_vec(msg, config()).expect("encodes");
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+#[test]
+fn a_manifest_batch_travels_packed_and_arrives_as_it_was() {
+    let m = Message::Manifest(batch(4096));
+    let packed = frame_of(&m);
+    let plain = raw_frame(&m);
+    assert!(
+        packed.len() * 2 < plain.len(),
+        "packed {} bytes, plain {}",
+        packed.len(),
+        plain.len()
+    );
+    let (back, used) = decode(&packed).expect("decodes").expect("complete");
+    assert_eq!(used, packed.len());
+    assert_eq!(back, m);
+    // a small batch travels as it is, and so do other messages
+    let small = Message::Manifest(batch(3));
+    assert_eq!(frame_of(&small), raw_frame(&small));
+}
+
+fn refused(msg: &Message, needle: &str) {
+    let e = decode(&raw_frame(msg)).expect_err("refused").to_string();
+    assert!(e.contains(needle), "{e} lacks {needle:?}");
+}
+
+#[test]
+fn hostile_packed_manifests_are_refused() {
+    let raw = bincode::serde::encode_to_vec(batch(100), config()).expect("encodes");
+    let data = zstd::bulk::compress(&raw, 3).expect("compresses");
+    // announcing more than a frame may hold: refused before inflating
+    refused(
+        &Message::ManifestPacked {
+            raw_len: (MAX_FRAME_LEN + 1) as u32,
+            data: data.clone(),
+        },
+        "over the",
+    );
+    // inflating past what it announced (a bomb): refused at the bound
+    refused(
+        &Message::ManifestPacked {
+            raw_len: (raw.len() / 2) as u32,
+            data: data.clone(),
+        },
+        "packed manifest",
+    );
+    // inflating to less than announced
+    refused(
+        &Message::ManifestPacked {
+            raw_len: raw.len() as u32 + 10,
+            data: data.clone(),
+        },
+        "not the",
+    );
+    // not zstd at all
+    refused(
+        &Message::ManifestPacked {
+            raw_len: 100,
+            data: vec![7; 100],
+        },
+        "packed manifest",
+    );
+    // a well-formed pack whose entries break a bound: validated as a manifest
+    let mut bad = batch(10);
+    bad[3].kind = Kind::Symlink { target: Vec::new() };
+    let raw = bincode::serde::encode_to_vec(&bad, config()).expect("encodes");
+    refused(
+        &Message::ManifestPacked {
+            raw_len: raw.len() as u32,
+            data: zstd::bulk::compress(&raw, 3).expect("compresses"),
+        },
+        "malformed",
+    );
+}
