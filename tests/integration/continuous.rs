@@ -332,21 +332,31 @@ fn disk_full_on_the_replica_is_retried_until_there_is_room() {
     std::fs::write(p.src.join("keep"), random_bytes(100_000, 1)).unwrap();
     let _src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &[]);
     wait_converged(&p.src, dst, 20, &[]);
-    // Two files that cannot both fit, and a change to one that does.
-    std::fs::write(p.src.join("keep"), random_bytes(100_000, 2)).unwrap();
-    std::fs::write(p.src.join("big1"), random_bytes(2_500_000, 3)).unwrap();
-    std::fs::write(p.src.join("big2"), random_bytes(2_500_000, 4)).unwrap();
-    // Rounds fail for a while; meanwhile the replica holds whole old files only.
+    // Two files that cannot both fit, and a change to one that does, each
+    // renamed into place whole: a file caught mid-write at the source would
+    // reach the replica as it was, partial, however the replica applies it.
+    let put = |name: &str, data: Vec<u8>| {
+        let tmp = p.t.path().join(format!("{name}.new"));
+        std::fs::write(&tmp, data).unwrap();
+        std::fs::rename(&tmp, p.src.join(name)).unwrap();
+    };
+    let (keep1, keep2) = (random_bytes(100_000, 1), random_bytes(100_000, 2));
+    let bigs = [
+        ("big1", random_bytes(2_500_000, 3)),
+        ("big2", random_bytes(2_500_000, 4)),
+    ];
+    put("keep", keep2.clone());
+    for (name, data) in &bigs {
+        put(name, data.clone());
+    }
+    // Rounds fail for a while; meanwhile the replica holds whole files only.
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
         let keep = std::fs::read(dst.join("keep")).unwrap();
-        assert!(
-            keep == random_bytes(100_000, 1) || keep == random_bytes(100_000, 2),
-            "keep is torn"
-        );
-        for big in ["big1", "big2"] {
+        assert!(keep == keep1 || keep == keep2, "keep is torn");
+        for (big, data) in &bigs {
             if let Ok(b) = std::fs::read(dst.join(big)) {
-                assert_eq!(b.len(), 2_500_000, "{big} is partial");
+                assert!(b == *data, "{big} is partial ({} bytes)", b.len());
             }
         }
         std::thread::sleep(Duration::from_millis(100));
