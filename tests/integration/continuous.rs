@@ -82,7 +82,7 @@ fn small_files_travel_inline_with_the_round() {
 
 #[test]
 fn burst_of_ten_thousand_files_misses_nothing() {
-    let p = pair();
+    let p = pair_on_tmpfs();
     let rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
     let _src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &[]);
     wait_converged(&p.src, &p.dst, 20, &[]);
@@ -104,7 +104,7 @@ fn burst_of_ten_thousand_files_misses_nothing() {
 
 #[test]
 fn kill9_of_either_agent_during_a_burst_converges() {
-    let p = pair();
+    let p = pair_on_tmpfs();
     let mut rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
     let addr = rep.addr.clone();
     let mut src = source(&p.src, &p.sid, &p.r_id, &addr, &[]);
@@ -263,7 +263,7 @@ fn bad_configs_are_named_and_nothing_runs() {
 
 #[test]
 fn restart_over_an_unchanged_tree_rehashes_nothing() {
-    let p = pair();
+    let p = pair_on_tmpfs();
     for d in 0..30 {
         let dir = p.src.join(format!("d{d}"));
         std::fs::create_dir(&dir).unwrap();

@@ -72,7 +72,9 @@ pub fn rsync_diff(src: &Path, dst: &Path) -> String {
 }
 
 /// `getfacl -RPn` and `getfattr -RPhd -m - -e hex` of a tree, run from inside it so
-/// that the two trees' dumps compare.
+/// that the two trees' dumps compare; each dump's entries (one block per file)
+/// sorted by path, since the order of a directory's entries is the
+/// filesystem's (ext4 hashes names, tmpfs lists the newest first).
 pub fn acl_xattr_dumps(root: &Path) -> (String, String) {
     let acl = run(Command::new("getfacl")
         .args(["-RPn", "."])
@@ -80,10 +82,13 @@ pub fn acl_xattr_dumps(root: &Path) -> (String, String) {
     let xat = run(Command::new("getfattr")
         .args(["-RPhd", "-m", "-", "-e", "hex", "."])
         .current_dir(root));
-    (
-        String::from_utf8_lossy(&acl.stdout).into_owned(),
-        String::from_utf8_lossy(&xat.stdout).into_owned(),
-    )
+    let sorted = |out: &[u8]| {
+        let text = String::from_utf8_lossy(out);
+        let mut blocks: Vec<&str> = text.split("\n\n").filter(|b| !b.is_empty()).collect();
+        blocks.sort_unstable();
+        blocks.join("\n\n")
+    };
+    (sorted(&acl.stdout), sorted(&xat.stdout))
 }
 
 /// Asserts the three fidelity checks and `sync-cli verify`.
@@ -342,11 +347,27 @@ pub struct Pair {
     pub rid: std::path::PathBuf,
     pub s_id: String,
     pub r_id: String,
+    /// The tmpfs `t` lies on, if any (unmounted after `t` is removed).
+    _fs: Option<Tmpfs>,
 }
 
 /// A fresh [`Pair`] whose source holds one file.
 pub fn pair() -> Pair {
-    let t = tempfile::tempdir().unwrap();
+    pair_in(None)
+}
+
+/// A fresh [`Pair`] on a tmpfs of its own, for tests of many files: on this
+/// disk (ext4 mounted with `discard`) removing 20,000 files takes ~50 s, more
+/// than the test; a tmpfs goes at once.
+pub fn pair_on_tmpfs() -> Pair {
+    pair_in(Some(Tmpfs::new("size=2g")))
+}
+
+fn pair_in(fs: Option<Tmpfs>) -> Pair {
+    let t = match &fs {
+        Some(fs) => tempfile::tempdir_in(fs.path()).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     std::fs::create_dir_all(&src).unwrap();
     std::fs::create_dir_all(&dst).unwrap();
@@ -362,6 +383,7 @@ pub fn pair() -> Pair {
         rid,
         s_id,
         r_id,
+        _fs: fs,
     }
 }
 
