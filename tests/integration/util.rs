@@ -450,12 +450,20 @@ pub fn eventually_or<R: Ready>(
 /// The status an agent's control socket answers (in-process, fast enough to
 /// sample a round in progress); `None` while it (re)starts.
 pub fn socket_status(control: &Path) -> Option<serde_json::Value> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .ok()?;
-    let st = rt.block_on(sync_agent::control::query(control)).ok()?;
-    serde_json::to_value(&st).ok()
+    let query = || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        let st = rt.block_on(sync_agent::control::query(control)).ok()?;
+        serde_json::to_value(&st).ok()
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        // Called from an async test: a runtime may not block on another.
+        std::thread::scope(|s| s.spawn(query).join().ok().flatten())
+    } else {
+        query()
+    }
 }
 
 /// How to start one `sync-agent`; [`AgentCmd::start`] returns once it is
