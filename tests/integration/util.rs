@@ -231,21 +231,18 @@ pub fn root_hash(root: &Path, exclude: &[String]) -> Option<[u8; 32]> {
 /// Waits until both trees have the same root hash; panics with the differences
 /// after `secs`.
 pub fn wait_converged(src: &Path, dst: &Path, secs: u64, exclude: &[String]) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        let (a, b) = (root_hash(src, exclude), root_hash(dst, exclude));
-        if a.is_some() && a == b {
-            return;
-        }
-        if std::time::Instant::now() > deadline {
+    eventually_or(
+        "the trees to converge",
+        std::time::Duration::from_secs(secs),
+        || {
+            let (a, b) = (root_hash(src, exclude), root_hash(dst, exclude));
+            a.is_some() && a == b
+        },
+        || {
             let out = cli(&["verify".as_ref(), src.as_os_str(), dst.as_os_str()]);
-            panic!(
-                "not converged after {secs} s:\n{}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        },
+    );
 }
 
 /// A pair of identities: (source dir, source id, replica dir, replica id).
@@ -416,7 +413,8 @@ impl<T> Ready for Option<T> {
 }
 
 /// Polls `f` until it is done (true, or `Some`), first every 5 ms then every
-/// 50 ms at most; panics naming `what` after `timeout`.
+/// 50 ms (or as long as a look takes, if longer); panics naming `what` after
+/// `timeout`.
 pub fn eventually<R: Ready>(
     what: &str,
     timeout: std::time::Duration,
@@ -436,13 +434,16 @@ pub fn eventually_or<R: Ready>(
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(5);
     loop {
+        let looked = Instant::now();
         if let Some(out) = f().ready() {
             return out;
         }
         if Instant::now() >= deadline {
             panic!("timed out after {timeout:?} waiting for {what}\n{}", diag());
         }
-        std::thread::sleep(pause);
+        // A costly look (hashing two big trees) waits as long as it took:
+        // the agents it waits for get the CPU.
+        std::thread::sleep(pause.max(looked.elapsed()));
         pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
