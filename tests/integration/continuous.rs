@@ -379,16 +379,9 @@ fn logs_in_files_are_plain_and_quiet() {
     let rlog = p.t.path().join("replica.log");
     let rep = replica_logged(&p.dst, &p.rid, &p.s_id, &rlog, &[]);
     let slog = p.t.path().join("source.log");
-    let mut src = std::process::Command::new(bin("sync-agent"))
-        .args(["source", "--connect", &rep.addr, "--peer", &p.r_id])
-        .arg("--root")
-        .arg(&p.src)
-        .arg("--identity")
-        .arg(&p.sid)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&slog).unwrap())
-        .spawn()
-        .unwrap();
+    let src = AgentCmd::source(&p.src, &p.sid, &p.r_id, &rep.addr)
+        .log(&slog)
+        .start();
     wait_converged(&p.src, &p.dst, 20, &[]);
     for i in 0..20 {
         std::fs::create_dir_all(p.src.join(format!("d{i}/e"))).unwrap();
@@ -399,8 +392,7 @@ fn logs_in_files_are_plain_and_quiet() {
         std::fs::remove_dir_all(p.src.join(format!("d{i}"))).unwrap();
     }
     wait_converged(&p.src, &p.dst, 20, &[]);
-    let _ = src.kill();
-    let _ = src.wait();
+    drop(src);
     let (s, r) = (
         std::fs::read_to_string(&slog).unwrap(),
         std::fs::read_to_string(&rlog).unwrap(),

@@ -311,11 +311,6 @@ pub fn snapshot(dir: &Path) -> Vec<Snap> {
 
 use std::os::unix::ffi::OsStringExt as _;
 
-/// The address an agent prints on its first line of stdout (`listening ADDR`).
-pub fn listening(child: &mut std::process::Child) -> String {
-    listening_or(child, String::new)
-}
-
 /// `sync-cli status --json` of the agent whose control socket is `control`
 /// (through a minimal config written in `dir`); null while it (re)starts.
 pub fn control_status(dir: &Path, identity: &Path, control: &Path) -> serde_json::Value {
@@ -625,7 +620,8 @@ impl AgentCmd {
     }
 }
 
-/// [`listening`], with `diag()` in the panic.
+/// The address an agent prints on its first line of stdout (`listening
+/// ADDR`), with `diag()` in the panic should it say anything else.
 fn listening_or(child: &mut std::process::Child, diag: impl FnOnce() -> String) -> String {
     use std::io::{BufRead, BufReader};
     let mut line = String::new();
