@@ -4,7 +4,8 @@
 //! Linux only: walks `/proc/*/fd/*`, `stat`s each descriptor through its magic
 //! link and compares (device, inode) with the target's. Processes and descriptors
 //! that vanish during the walk, or that we may not inspect, are skipped, so an
-//! unprivileged agent sees only the processes of its own user. Our own process is
+//! unprivileged agent sees only the processes of its own user ([`maybe_held`]
+//! counts one it may not inspect as a possible holder). Our own process is
 //! never reported. Memory mappings without an open descriptor are not seen.
 
 use std::collections::BTreeMap;
@@ -69,6 +70,23 @@ pub fn holders_of_ids(ids: &[(u64, u64)]) -> io::Result<Vec<Holder>> {
     scan_proc(ids)
 }
 
+/// Whether a process other than ours holds one of the files `ids` open, or
+/// might: also true when a process could not be inspected (another user's, to
+/// an unprivileged agent), so that `false` means nobody does. Stops at the
+/// first such process.
+///
+/// # Errors
+/// `/proc` cannot be read.
+pub fn maybe_held(ids: &[(u64, u64)]) -> io::Result<bool> {
+    let me = std::process::id();
+    for (pid, base) in processes()? {
+        if pid != me && holds_any(&base, ids) != Fds::Free {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// `db` with `suffix` appended to its file name (`library.db` → `library.db-wal`).
 #[must_use]
 pub fn sibling(db: &Path, suffix: &str) -> PathBuf {
@@ -83,27 +101,26 @@ fn file_id(path: &Path) -> io::Result<(u64, u64)> {
         .map_err(|e| io::Error::new(e.kind(), format!("stat {}: {e}", path.display())))
 }
 
+/// The processes in `/proc`: (pid, `/proc/PID`).
+fn processes() -> io::Result<impl Iterator<Item = (u32, PathBuf)>> {
+    let proc_dir = std::fs::read_dir("/proc")
+        .map_err(|e| io::Error::new(e.kind(), format!("read /proc: {e}")))?;
+    // An entry that vanished mid-walk is simply not there any more.
+    Ok(proc_dir.flatten().filter_map(|entry| {
+        let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+        Some((pid, entry.path()))
+    }))
+}
+
 /// Walks `/proc` for processes other than ours with a descriptor on one of `ids`.
 fn scan_proc(ids: &[(u64, u64)]) -> io::Result<Vec<Holder>> {
     let me = std::process::id();
     let mut found: BTreeMap<u32, String> = BTreeMap::new();
-    let proc_dir = std::fs::read_dir("/proc")
-        .map_err(|e| io::Error::new(e.kind(), format!("read /proc: {e}")))?;
-    for entry in proc_dir {
-        // An entry that vanished mid-walk is simply not there any more.
-        let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for (pid, base) in processes()? {
         if pid == me || found.contains_key(&pid) {
             continue;
         }
-        let base = entry.path();
-        if holds_any(&base, ids) {
+        if holds_any(&base, ids) == Fds::Hold {
             found.insert(pid, command(&base));
         }
     }
@@ -113,17 +130,30 @@ fn scan_proc(ids: &[(u64, u64)]) -> io::Result<Vec<Holder>> {
         .collect())
 }
 
-/// Whether the process at `/proc/PID` has a descriptor on one of `ids`; a process
-/// that is gone or may not be inspected holds nothing we can see.
-fn holds_any(proc_pid: &Path, ids: &[(u64, u64)]) -> bool {
-    let Ok(fds) = std::fs::read_dir(proc_pid.join("fd")) else {
-        return false;
+/// What a process's descriptors say about some files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fds {
+    /// One of them is open.
+    Hold,
+    /// None is (or the process is gone).
+    Free,
+    /// The process may not be inspected.
+    Unseen,
+}
+
+/// Whether the process at `/proc/PID` has a descriptor on one of `ids`.
+fn holds_any(proc_pid: &Path, ids: &[(u64, u64)]) -> Fds {
+    let fds = match std::fs::read_dir(proc_pid.join("fd")) {
+        Ok(fds) => fds,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Fds::Free,
+        Err(_) => return Fds::Unseen,
     };
-    fds.flatten().any(|fd| {
+    let held = fds.flatten().any(|fd| {
         // metadata() follows the magic link to the open file itself, also when
         // its name was unlinked or lies outside our mount namespace.
         std::fs::metadata(fd.path()).is_ok_and(|m| ids.contains(&(m.dev(), m.ino())))
-    })
+    });
+    if held { Fds::Hold } else { Fds::Free }
 }
 
 fn command(proc_pid: &Path) -> String {
@@ -185,6 +215,7 @@ mod tests {
         let child = hold(&f);
         let pid = child.0.id();
         let h = wait_for(pid, || holders(&f).unwrap());
+        assert!(maybe_held(&[file_id(&f).unwrap()]).unwrap());
         let me = h.iter().find(|h| h.pid == pid);
         assert!(me.is_some(), "child {pid} not among {h:?}");
         let me = me.unwrap();
@@ -205,6 +236,8 @@ mod tests {
         let _ours = std::fs::File::open(&f).unwrap();
         assert_eq!(holders(&f).unwrap(), Vec::new());
         assert_eq!(holders_of_db(&f).unwrap(), Vec::new());
+        // as root every process may be inspected: nobody else, for sure
+        assert!(!maybe_held(&[file_id(&f).unwrap()]).unwrap());
     }
 
     #[test]

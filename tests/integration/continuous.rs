@@ -82,7 +82,7 @@ fn small_files_travel_inline_with_the_round() {
 
 #[test]
 fn burst_of_ten_thousand_files_misses_nothing() {
-    let p = pair();
+    let p = pair_on_tmpfs();
     let rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
     let _src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &[]);
     wait_converged(&p.src, &p.dst, 20, &[]);
@@ -104,7 +104,7 @@ fn burst_of_ten_thousand_files_misses_nothing() {
 
 #[test]
 fn kill9_of_either_agent_during_a_burst_converges() {
-    let p = pair();
+    let p = pair_on_tmpfs();
     let mut rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
     let addr = rep.addr.clone();
     let mut src = source(&p.src, &p.sid, &p.r_id, &addr, &[]);
@@ -263,7 +263,7 @@ fn bad_configs_are_named_and_nothing_runs() {
 
 #[test]
 fn restart_over_an_unchanged_tree_rehashes_nothing() {
-    let p = pair();
+    let p = pair_on_tmpfs();
     for d in 0..30 {
         let dir = p.src.join(format!("d{d}"));
         std::fs::create_dir(&dir).unwrap();
@@ -332,21 +332,31 @@ fn disk_full_on_the_replica_is_retried_until_there_is_room() {
     std::fs::write(p.src.join("keep"), random_bytes(100_000, 1)).unwrap();
     let _src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &[]);
     wait_converged(&p.src, dst, 20, &[]);
-    // Two files that cannot both fit, and a change to one that does.
-    std::fs::write(p.src.join("keep"), random_bytes(100_000, 2)).unwrap();
-    std::fs::write(p.src.join("big1"), random_bytes(2_500_000, 3)).unwrap();
-    std::fs::write(p.src.join("big2"), random_bytes(2_500_000, 4)).unwrap();
-    // Rounds fail for a while; meanwhile the replica holds whole old files only.
+    // Two files that cannot both fit, and a change to one that does, each
+    // renamed into place whole: a file caught mid-write at the source would
+    // reach the replica as it was, partial, however the replica applies it.
+    let put = |name: &str, data: Vec<u8>| {
+        let tmp = p.t.path().join(format!("{name}.new"));
+        std::fs::write(&tmp, data).unwrap();
+        std::fs::rename(&tmp, p.src.join(name)).unwrap();
+    };
+    let (keep1, keep2) = (random_bytes(100_000, 1), random_bytes(100_000, 2));
+    let bigs = [
+        ("big1", random_bytes(2_500_000, 3)),
+        ("big2", random_bytes(2_500_000, 4)),
+    ];
+    put("keep", keep2.clone());
+    for (name, data) in &bigs {
+        put(name, data.clone());
+    }
+    // Rounds fail for a while; meanwhile the replica holds whole files only.
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
         let keep = std::fs::read(dst.join("keep")).unwrap();
-        assert!(
-            keep == random_bytes(100_000, 1) || keep == random_bytes(100_000, 2),
-            "keep is torn"
-        );
-        for big in ["big1", "big2"] {
+        assert!(keep == keep1 || keep == keep2, "keep is torn");
+        for (big, data) in &bigs {
             if let Ok(b) = std::fs::read(dst.join(big)) {
-                assert_eq!(b.len(), 2_500_000, "{big} is partial");
+                assert!(b == *data, "{big} is partial ({} bytes)", b.len());
             }
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -369,16 +379,9 @@ fn logs_in_files_are_plain_and_quiet() {
     let rlog = p.t.path().join("replica.log");
     let rep = replica_logged(&p.dst, &p.rid, &p.s_id, &rlog, &[]);
     let slog = p.t.path().join("source.log");
-    let mut src = std::process::Command::new(bin("sync-agent"))
-        .args(["source", "--connect", &rep.addr, "--peer", &p.r_id])
-        .arg("--root")
-        .arg(&p.src)
-        .arg("--identity")
-        .arg(&p.sid)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&slog).unwrap())
-        .spawn()
-        .unwrap();
+    let src = AgentCmd::source(&p.src, &p.sid, &p.r_id, &rep.addr)
+        .log(&slog)
+        .start();
     wait_converged(&p.src, &p.dst, 20, &[]);
     for i in 0..20 {
         std::fs::create_dir_all(p.src.join(format!("d{i}/e"))).unwrap();
@@ -389,8 +392,7 @@ fn logs_in_files_are_plain_and_quiet() {
         std::fs::remove_dir_all(p.src.join(format!("d{i}"))).unwrap();
     }
     wait_converged(&p.src, &p.dst, 20, &[]);
-    let _ = src.kill();
-    let _ = src.wait();
+    drop(src);
     let (s, r) = (
         std::fs::read_to_string(&slog).unwrap(),
         std::fs::read_to_string(&rlog).unwrap(),

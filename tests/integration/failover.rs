@@ -4,7 +4,7 @@
 use crate::util::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// One host: its config, folder, state and log of hooks.
 pub(crate) struct Host {
@@ -33,32 +33,12 @@ impl Host {
 
     /// [`Host::start`] with extra environment variables (failpoints).
     pub(crate) fn start_env(&self, env: &[(&str, &str)]) -> Agent {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))
-            .unwrap();
-        let mut child = Command::new(bin("sync-agent"))
-            .arg("--config")
-            .arg(&self.config)
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let addr = listening(&mut child);
-        // The control socket comes up right after: commands need it.
-        let sock = self.dir.join("control.sock");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "no control socket {}",
-                sock.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Agent { child, addr }
+        // Commands need the control socket: ready once it answers.
+        AgentCmd::config(&self.config)
+            .envs(env)
+            .log_append(&self.dir.join("agent.log"))
+            .control(&self.dir.join("control.sock"), false)
+            .start()
     }
 
     pub(crate) fn cli(&self, args: &[&str]) -> Output {
@@ -162,25 +142,12 @@ stop_source = "echo stop_source >> LOG"
 start_source = "echo start_source >> LOG""#;
 
 pub(crate) fn wait_for(what: &str, secs: u64, f: impl FnMut() -> bool) {
-    wait_or(what, secs, f, String::new);
+    eventually(what, Duration::from_secs(secs), f);
 }
 
 /// [`wait_for`], with `diag` (agent logs) in the failure message.
-pub(crate) fn wait_or(
-    what: &str,
-    secs: u64,
-    mut f: impl FnMut() -> bool,
-    diag: impl Fn() -> String,
-) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            diag()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+pub(crate) fn wait_or(what: &str, secs: u64, f: impl FnMut() -> bool, diag: impl Fn() -> String) {
+    eventually_or(what, Duration::from_secs(secs), f, diag);
 }
 
 pub(crate) fn logs(hosts: &[&Host]) -> String {

@@ -274,6 +274,14 @@ fn a_second_handover_while_one_runs_is_refused() {
     );
     let out = first.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
+    // The handover ends once the old source has persisted its new role; its
+    // `stop_replica` hook runs right after, maybe after the CLI returned: the
+    // hooks log is taken once that last hook of the first handover has run.
+    wait_for("the old source's stop_replica hook", 30, || {
+        std::fs::read_to_string(&apps)
+            .unwrap()
+            .contains("a down stop_replica")
+    });
     // Run again at once on the old source: it is the replica now, whatever a
     // status read a moment ago said; nothing runs.
     let before = std::fs::read_to_string(&apps).unwrap();

@@ -43,29 +43,14 @@ fn setup() -> Setup {
 }
 
 fn start_source(s: &Setup, addr: &str) -> Agent {
-    source(
-        &s.src,
-        &s.sid,
-        &s.r_id,
-        addr,
-        &["--control", s.control.to_str().unwrap()],
-    )
-}
-
-/// The status of the agent behind `control`, straight from its socket (fast
-/// enough to sample a round in progress); `None` while it (re)starts.
-fn status_of(control: &Path) -> Option<serde_json::Value> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let st = rt.block_on(sync_agent::control::query(control)).ok()?;
-    serde_json::to_value(&st).ok()
+    AgentCmd::source(&s.src, &s.sid, &s.r_id, addr)
+        .control(&s.control, true)
+        .start()
 }
 
 /// The first folder's row.
 fn row(control: &Path) -> serde_json::Value {
-    status_of(control)
+    socket_status(control)
         .map(|s| s["folders"][0].clone())
         .unwrap_or(serde_json::Value::Null)
 }

@@ -312,17 +312,7 @@ fn issue9_standby_without_its_peers_address_is_a_config_error() {
         no_addr.replace("overlay = [", "failover = false\noverlay = ["),
     )
     .unwrap();
-    let mut child = std::process::Command::new(bin("sync-agent"))
-        .arg("--config")
-        .arg(&b.config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let _agent = Agent {
-        addr: listening(&mut child),
-        child,
-    };
+    let _agent = AgentCmd::config(&b.config).start();
 }
 
 /// Issue 9, protocol level: a pinned source sends crafted `Promote`s to a

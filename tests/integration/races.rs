@@ -9,6 +9,7 @@ use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 struct Setup {
     _t: tempfile::TempDir,
@@ -54,10 +55,16 @@ fn racing(swap: impl Fn() + Send + 'static, work: impl FnOnce()) -> usize {
             }
         })
     };
+    // The racer is running (a thread may be slow to get going on a loaded
+    // machine) before the work starts; only swaps during the work count.
+    eventually("the racer's first swap", Duration::from_secs(10), || {
+        count.load(Ordering::Relaxed) > 0
+    });
+    let base = count.load(Ordering::Relaxed);
     work();
     stop.store(true, Ordering::Relaxed);
     racer.join().unwrap();
-    count.load(Ordering::Relaxed)
+    count.load(Ordering::Relaxed) - base
 }
 
 /// `sync-cli mirror`, which may fail under the race but must not crash.

@@ -8,7 +8,6 @@ use crate::util::*;
 use rand::Rng;
 use rusqlite::{Connection, OpenFlags};
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -121,51 +120,25 @@ impl Drop for Writer {
 
 /// `sync-agent replica` on a free loopback port with its log going to `log`.
 fn replica_with(s: &Setup, log: &Path, extra: &[&str], env: &[(&str, &str)]) -> Agent {
-    let mut child = Command::new(bin("sync-agent"))
-        .args(["replica", "--listen", "127.0.0.1:0", "--allow", &s.s_id])
-        .arg("--root")
-        .arg(&s.dst)
-        .arg("--identity")
-        .arg(&s.rid)
+    AgentCmd::replica(&s.dst, &s.rid, &s.s_id, "127.0.0.1:0")
         .args(extra)
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening ")
-        .unwrap_or_else(|| {
-            panic!(
-                "agent said {line:?}: {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            )
-        })
-        .to_string();
-    Agent { child, addr }
+        .envs(env)
+        .log(log)
+        .start()
 }
 
-/// `sync-agent source` towards `addr` with its log going to `log`.
+/// `sync-agent source` towards `addr` with its log going to `log` and its
+/// control socket beside it ([`control_of`]).
 fn source_with(s: &Setup, addr: &str, log: &Path) -> Agent {
-    let child = Command::new(bin("sync-agent"))
-        .args(["source", "--connect", addr, "--peer", &s.r_id])
-        .arg("--root")
-        .arg(&s.src)
-        .arg("--identity")
-        .arg(&s.sid)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    Agent {
-        child,
-        addr: addr.to_string(),
-    }
+    AgentCmd::source(&s.src, &s.sid, &s.r_id, addr)
+        .log(log)
+        .control(&control_of(log), true)
+        .start()
+}
+
+/// The control socket of the source agent logging to `log`.
+fn control_of(log: &Path) -> PathBuf {
+    log.with_extension("sock")
 }
 
 /// Opens a database as an application would (read-only, with SQLite's
@@ -193,12 +166,35 @@ fn read_db(path: &Path) -> Result<i64, String> {
 }
 
 /// Waits until both replica databases hold `target`; panics after `secs`.
-fn wait_counters(dst: &Path, target: i64, secs: u64, log: &Path) {
-    // The last rounds first, undisturbed by our opens.
-    std::thread::sleep(Duration::from_millis(1500));
+/// The databases are read only once the source behind `control` says the
+/// replica applied every change it saw, in a round applied after the last
+/// write to a source database: each read holds them open for a moment, and a
+/// round that meets it skips them (retried only by the next round).
+fn wait_counters(s: &Setup, control: &Path, target: i64, secs: u64, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(secs);
+    let written = DBS
+        .iter()
+        .flat_map(|d| [s.src.join(d), s.src.join(format!("{d}-wal"))])
+        .filter_map(|p| std::fs::metadata(p).ok()?.modified().ok())
+        .max()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0.0, |d| d.as_secs_f64());
     loop {
-        let got: Vec<_> = DBS.iter().map(|d| read_db(&dst.join(d))).collect();
+        let left = deadline.saturating_duration_since(Instant::now());
+        eventually_or(
+            "the source to see the replica caught up",
+            left,
+            || {
+                socket_status(control).is_some_and(|st| {
+                    let f = &st["folders"][0];
+                    f["connected"] == true
+                        && f["pending_since_unix"].is_null()
+                        && f["last_applied_unix"].as_f64() >= Some(written)
+                })
+            },
+            || tail(log, 40),
+        );
+        let got: Vec<_> = DBS.iter().map(|d| read_db(&s.dst.join(d))).collect();
         if got.iter().all(|g| g.as_ref() == Ok(&target)) {
             return;
         }
@@ -207,9 +203,7 @@ fn wait_counters(dst: &Path, target: i64, secs: u64, log: &Path) {
             "replica databases hold {got:?}, not {target}, after {secs} s; replica log:\n{}",
             tail(log, 40)
         );
-        // Each poll holds the databases open for a moment, and a round that
-        // meets it skips them (retried only by the next round): poll gently.
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -315,7 +309,8 @@ fn continuous_run(journal: &str, rate: &str, samples: usize, secs: f64) {
     let writer = Writer::start(&s.src, logs, &["--journal", journal, "--rate", rate]);
     let rlog = logs.join("replica.log");
     let rep = replica_with(&s, &rlog, &[], &[]);
-    let _src = source_with(&s, &rep.addr, &logs.join("source.log"));
+    let slog = logs.join("source.log");
+    let _src = source_with(&s, &rep.addr, &slog);
     wait_dbs(&s.dst, 30, &rlog);
 
     let seen = sample(&s, samples, secs);
@@ -393,7 +388,7 @@ fn continuous_run(journal: &str, rate: &str, samples: usize, secs: f64) {
     );
     // Content equality is checked by
     // `replica_content_matches_the_source_after_source_restarts` (ignored: a bug).
-    wait_counters(&s.dst, last, 30, &rlog);
+    wait_counters(&s, &control_of(&slog), last, 30, &rlog);
 }
 
 #[test]
@@ -426,7 +421,8 @@ fn replica_database_held_open_is_left_alone_named_and_caught_up_after() {
     let writer = Writer::start(&s.src, logs, &["--rate", "100"]);
     let (rlog, control) = (logs.join("replica.log"), logs.join("control.sock"));
     let rep = replica_with(&s, &rlog, &["--control", control.to_str().unwrap()], &[]);
-    let _src = source_with(&s, &rep.addr, &logs.join("source.log"));
+    let slog = logs.join("source.log");
+    let _src = source_with(&s, &rep.addr, &slog);
     wait_dbs(&s.dst, 30, &rlog);
     let (a, b) = (s.dst.join("a.db"), s.dst.join("b.db"));
 
@@ -488,7 +484,13 @@ fn replica_database_held_open_is_left_alone_named_and_caught_up_after() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let (committed, _) = writer.stop();
-    wait_counters(&s.dst, *committed.last().unwrap(), 30, &rlog);
+    wait_counters(
+        &s,
+        &control_of(&slog),
+        *committed.last().unwrap(),
+        30,
+        &rlog,
+    );
     let st = agent_status(&s, &control);
     let err = st["folders"][0]["last_error"].as_str().unwrap_or("");
     assert!(!err.contains("held open"), "status still says: {st}");
@@ -576,10 +578,17 @@ fn replica_killed_while_applying_holds_one_cut_of_both_databases() {
     // Back together: converges to the writer's last commit.
     let rlog = logs.join("replica-final.log");
     let rep = replica_with(&s, &rlog, &[], &[]);
-    let _src = source_with(&s, &rep.addr, &logs.join("source-final.log"));
+    let slog = logs.join("source-final.log");
+    let _src = source_with(&s, &rep.addr, &slog);
     std::thread::sleep(Duration::from_millis(500));
     let (committed, _) = writer.stop();
-    wait_counters(&s.dst, *committed.last().unwrap(), 30, &rlog);
+    wait_counters(
+        &s,
+        &control_of(&slog),
+        *committed.last().unwrap(),
+        30,
+        &rlog,
+    );
 }
 
 /// Every row of both databases, not only the counter (which every transaction
@@ -636,9 +645,15 @@ fn replica_content_matches_the_source_after_source_restarts() {
     }
     std::thread::sleep(Duration::from_millis(1200));
     let (committed, _) = writer.stop();
-    wait_counters(&s.dst, *committed.last().unwrap(), 30, &rlog);
-    // A few more rounds' time: nothing is still on its way.
-    std::thread::sleep(Duration::from_secs(2));
+    let slog = logs.join("source-3.log");
+    wait_counters(
+        &s,
+        &control_of(&slog),
+        *committed.last().unwrap(),
+        30,
+        &rlog,
+    );
+    // Nothing is still on its way: the source saw every change applied.
     assert_same_content(&s, &rlog);
     drop(src);
 }
@@ -653,10 +668,17 @@ fn replica_database_freed_while_the_source_is_idle_catches_up() {
     let writer = Writer::start(&s.src, logs, &["--rate", "100"]);
     let rlog = logs.join("replica.log");
     let rep = replica_with(&s, &rlog, &[], &[]);
-    let _src = source_with(&s, &rep.addr, &logs.join("source.log"));
+    let slog = logs.join("source.log");
+    let _src = source_with(&s, &rep.addr, &slog);
     wait_dbs(&s.dst, 30, &rlog);
     let (committed, _) = writer.stop();
-    wait_counters(&s.dst, *committed.last().unwrap(), 30, &rlog);
+    wait_counters(
+        &s,
+        &control_of(&slog),
+        *committed.last().unwrap(),
+        30,
+        &rlog,
+    );
 
     let a = s.dst.join("a.db");
     let mut holder = Command::new("sh")
@@ -678,5 +700,5 @@ fn replica_database_freed_while_the_source_is_idle_catches_up() {
     assert!(read_db(&a).unwrap() < last, "a.db was updated while held");
     holder.kill().unwrap();
     holder.wait().unwrap();
-    wait_counters(&s.dst, last, 20, &rlog);
+    wait_counters(&s, &control_of(&slog), last, 20, &rlog);
 }

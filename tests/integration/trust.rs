@@ -76,17 +76,8 @@ fn refused(cfg: &Path, words: &[&str]) {
 
 /// The agent on `cfg` starts (it listens), then is stopped.
 fn starts(cfg: &Path) {
-    let mut child = std::process::Command::new(bin("sync-agent"))
-        .arg("--config")
-        .arg(cfg)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = listening(&mut child);
-    assert!(!addr.is_empty());
-    let _ = child.kill();
-    let _ = child.wait();
+    let agent = AgentCmd::config(cfg).start();
+    assert!(!agent.addr.is_empty());
 }
 
 #[test]

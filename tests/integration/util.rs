@@ -72,7 +72,9 @@ pub fn rsync_diff(src: &Path, dst: &Path) -> String {
 }
 
 /// `getfacl -RPn` and `getfattr -RPhd -m - -e hex` of a tree, run from inside it so
-/// that the two trees' dumps compare.
+/// that the two trees' dumps compare; each dump's entries (one block per file)
+/// sorted by path, since the order of a directory's entries is the
+/// filesystem's (ext4 hashes names, tmpfs lists the newest first).
 pub fn acl_xattr_dumps(root: &Path) -> (String, String) {
     let acl = run(Command::new("getfacl")
         .args(["-RPn", "."])
@@ -80,10 +82,13 @@ pub fn acl_xattr_dumps(root: &Path) -> (String, String) {
     let xat = run(Command::new("getfattr")
         .args(["-RPhd", "-m", "-", "-e", "hex", "."])
         .current_dir(root));
-    (
-        String::from_utf8_lossy(&acl.stdout).into_owned(),
-        String::from_utf8_lossy(&xat.stdout).into_owned(),
-    )
+    let sorted = |out: &[u8]| {
+        let text = String::from_utf8_lossy(out);
+        let mut blocks: Vec<&str> = text.split("\n\n").filter(|b| !b.is_empty()).collect();
+        blocks.sort_unstable();
+        blocks.join("\n\n")
+    };
+    (sorted(&acl.stdout), sorted(&xat.stdout))
 }
 
 /// Asserts the three fidelity checks and `sync-cli verify`.
@@ -195,19 +200,9 @@ pub fn replica_on(
     listen: &str,
     extra: &[&str],
 ) -> Agent {
-    let mut child = Command::new(bin("sync-agent"))
-        .args(["replica", "--listen", listen, "--allow", allow])
-        .arg("--root")
-        .arg(root)
-        .arg("--identity")
-        .arg(identity)
+    AgentCmd::replica(root, identity, allow, listen)
         .args(extra)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = listening(&mut child);
-    Agent { child, addr }
+        .start()
 }
 
 /// `sync-agent replica` on a free loopback port.
@@ -217,21 +212,9 @@ pub fn replica(root: &Path, identity: &Path, allow: &str, extra: &[&str]) -> Age
 
 /// `sync-agent source` towards `addr`.
 pub fn source(root: &Path, identity: &Path, peer: &str, addr: &str, extra: &[&str]) -> Agent {
-    let child = Command::new(bin("sync-agent"))
-        .args(["source", "--connect", addr, "--peer", peer])
-        .arg("--root")
-        .arg(root)
-        .arg("--identity")
-        .arg(identity)
+    AgentCmd::source(root, identity, peer, addr)
         .args(extra)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    Agent {
-        child,
-        addr: addr.to_string(),
-    }
+        .start()
 }
 
 /// The root hash of a tree, as `verify` computes it (excluding `skip` patterns).
@@ -248,21 +231,18 @@ pub fn root_hash(root: &Path, exclude: &[String]) -> Option<[u8; 32]> {
 /// Waits until both trees have the same root hash; panics with the differences
 /// after `secs`.
 pub fn wait_converged(src: &Path, dst: &Path, secs: u64, exclude: &[String]) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        let (a, b) = (root_hash(src, exclude), root_hash(dst, exclude));
-        if a.is_some() && a == b {
-            return;
-        }
-        if std::time::Instant::now() > deadline {
+    eventually_or(
+        "the trees to converge",
+        std::time::Duration::from_secs(secs),
+        || {
+            let (a, b) = (root_hash(src, exclude), root_hash(dst, exclude));
+            a.is_some() && a == b
+        },
+        || {
             let out = cli(&["verify".as_ref(), src.as_os_str(), dst.as_os_str()]);
-            panic!(
-                "not converged after {secs} s:\n{}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        },
+    );
 }
 
 /// A pair of identities: (source dir, source id, replica dir, replica id).
@@ -280,19 +260,10 @@ pub fn replica_logged(
     log: &Path,
     env: &[(&str, &str)],
 ) -> Agent {
-    let mut child = Command::new(bin("sync-agent"))
-        .args(["replica", "--listen", "127.0.0.1:0", "--allow", allow])
-        .arg("--root")
-        .arg(root)
-        .arg("--identity")
-        .arg(identity)
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let addr = listening(&mut child);
-    Agent { child, addr }
+    AgentCmd::replica(root, identity, allow, "127.0.0.1:0")
+        .envs(env)
+        .log(log)
+        .start()
 }
 
 /// Peak resident set (VmHWM) of a running process, in KiB.
@@ -340,19 +311,6 @@ pub fn snapshot(dir: &Path) -> Vec<Snap> {
 
 use std::os::unix::ffi::OsStringExt as _;
 
-/// The address an agent prints on its first line of stdout (`listening ADDR`).
-pub fn listening(child: &mut std::process::Child) -> String {
-    use std::io::{BufRead, BufReader};
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("agent stdout piped"))
-        .read_line(&mut line)
-        .unwrap();
-    line.trim()
-        .strip_prefix("listening ")
-        .unwrap_or_else(|| panic!("agent said {line:?}"))
-        .to_string()
-}
-
 /// `sync-cli status --json` of the agent whose control socket is `control`
 /// (through a minimal config written in `dir`); null while it (re)starts.
 pub fn control_status(dir: &Path, identity: &Path, control: &Path) -> serde_json::Value {
@@ -381,11 +339,27 @@ pub struct Pair {
     pub rid: std::path::PathBuf,
     pub s_id: String,
     pub r_id: String,
+    /// The tmpfs `t` lies on, if any (unmounted after `t` is removed).
+    _fs: Option<Tmpfs>,
 }
 
 /// A fresh [`Pair`] whose source holds one file.
 pub fn pair() -> Pair {
-    let t = tempfile::tempdir().unwrap();
+    pair_in(None)
+}
+
+/// A fresh [`Pair`] on a tmpfs of its own, for tests of many files: on this
+/// disk (ext4 mounted with `discard`) removing 20,000 files takes ~50 s, more
+/// than the test; a tmpfs goes at once.
+pub fn pair_on_tmpfs() -> Pair {
+    pair_in(Some(Tmpfs::new("size=2g")))
+}
+
+fn pair_in(fs: Option<Tmpfs>) -> Pair {
+    let t = match &fs {
+        Some(fs) => tempfile::tempdir_in(fs.path()).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     std::fs::create_dir_all(&src).unwrap();
     std::fs::create_dir_all(&dst).unwrap();
@@ -401,10 +375,259 @@ pub fn pair() -> Pair {
         rid,
         s_id,
         r_id,
+        _fs: fs,
     }
 }
 
 /// `sync-cli status --json` of the agent whose control socket is `control`.
 pub fn agent_status(p: &Pair, control: &Path) -> serde_json::Value {
     control_status(p.t.path(), &p.sid, control)
+}
+
+/// What a condition polled by [`eventually`] returns: `bool` (true: done) or
+/// `Option<T>` (`Some(t)`: done, with `t`).
+pub trait Ready {
+    /// What [`eventually`] returns once done.
+    type Out;
+    /// `Some` once done.
+    fn ready(self) -> Option<Self::Out>;
+}
+
+impl Ready for bool {
+    type Out = ();
+    fn ready(self) -> Option<()> {
+        self.then_some(())
+    }
+}
+
+impl<T> Ready for Option<T> {
+    type Out = T;
+    fn ready(self) -> Option<T> {
+        self
+    }
+}
+
+/// Polls `f` until it is done (true, or `Some`), first every 5 ms then every
+/// 50 ms (or as long as a look takes, if longer); panics naming `what` after
+/// `timeout`.
+pub fn eventually<R: Ready>(
+    what: &str,
+    timeout: std::time::Duration,
+    f: impl FnMut() -> R,
+) -> R::Out {
+    eventually_or(what, timeout, f, String::new)
+}
+
+/// [`eventually`], with `diag()` (logs, the last status) in the panic.
+pub fn eventually_or<R: Ready>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut f: impl FnMut() -> R,
+    diag: impl FnOnce() -> String,
+) -> R::Out {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let looked = Instant::now();
+        if let Some(out) = f().ready() {
+            return out;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}\n{}", diag());
+        }
+        // A costly look (hashing two big trees) waits as long as it took:
+        // the agents it waits for get the CPU.
+        std::thread::sleep(pause.max(looked.elapsed()));
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// The status an agent's control socket answers (in-process, fast enough to
+/// sample a round in progress); `None` while it (re)starts.
+pub fn socket_status(control: &Path) -> Option<serde_json::Value> {
+    let query = || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        let st = rt.block_on(sync_agent::control::query(control)).ok()?;
+        serde_json::to_value(&st).ok()
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        // Called from an async test: a runtime may not block on another.
+        std::thread::scope(|s| s.spawn(query).join().ok().flatten())
+    } else {
+        query()
+    }
+}
+
+/// How to start one `sync-agent`; [`AgentCmd::start`] returns once it is
+/// ready: it printed `listening ADDR` (an agent that listens says so on its
+/// first line of stdout, by design) and, with a control socket, that socket
+/// answers a status request.
+pub struct AgentCmd {
+    cmd: Command,
+    listens: bool,
+    control: Option<PathBuf>,
+    log: Option<(PathBuf, bool)>,
+    addr: String,
+}
+
+impl AgentCmd {
+    fn new(args: &[&std::ffi::OsStr], listens: bool, addr: &str) -> Self {
+        let mut cmd = Command::new(bin("sync-agent"));
+        cmd.args(args);
+        Self {
+            cmd,
+            listens,
+            control: None,
+            log: None,
+            addr: addr.to_string(),
+        }
+    }
+
+    /// `sync-agent --config CONFIG` of a config that sets `[node] listen`.
+    pub fn config(config: &Path) -> Self {
+        Self::new(&["--config".as_ref(), config.as_os_str()], true, "")
+    }
+
+    /// `sync-agent replica --listen LISTEN --allow ALLOW` of `root` as `identity`.
+    pub fn replica(root: &Path, identity: &Path, allow: &str, listen: &str) -> Self {
+        Self::new(
+            &[
+                "replica".as_ref(),
+                "--listen".as_ref(),
+                listen.as_ref(),
+                "--allow".as_ref(),
+                allow.as_ref(),
+                "--root".as_ref(),
+                root.as_os_str(),
+                "--identity".as_ref(),
+                identity.as_os_str(),
+            ],
+            true,
+            "",
+        )
+    }
+
+    /// `sync-agent source --connect ADDR --peer PEER` of `root` as `identity`.
+    pub fn source(root: &Path, identity: &Path, peer: &str, addr: &str) -> Self {
+        Self::new(
+            &[
+                "source".as_ref(),
+                "--connect".as_ref(),
+                addr.as_ref(),
+                "--peer".as_ref(),
+                peer.as_ref(),
+                "--root".as_ref(),
+                root.as_os_str(),
+                "--identity".as_ref(),
+                identity.as_os_str(),
+            ],
+            false,
+            addr,
+        )
+    }
+
+    /// More arguments.
+    pub fn args(mut self, extra: &[&str]) -> Self {
+        self.cmd.args(extra);
+        self
+    }
+
+    /// Environment variables (log filter, failpoints).
+    pub fn envs(mut self, env: &[(&str, &str)]) -> Self {
+        self.cmd.envs(env.iter().copied());
+        self
+    }
+
+    /// Its log (stderr) in `log`, made anew (else: discarded).
+    pub fn log(mut self, log: &Path) -> Self {
+        self.log = Some((log.to_path_buf(), false));
+        self
+    }
+
+    /// Its log (stderr) appended to `log` (one log over restarts).
+    pub fn log_append(mut self, log: &Path) -> Self {
+        self.log = Some((log.to_path_buf(), true));
+        self
+    }
+
+    /// Its control socket is `control` (`--control` is passed when
+    /// `pass` is set; a config names its own): ready once it answers.
+    pub fn control(mut self, control: &Path, pass: bool) -> Self {
+        if pass {
+            self.cmd.arg("--control").arg(control);
+        }
+        self.control = Some(control.to_path_buf());
+        self
+    }
+
+    /// Starts it; returns once it is ready (the agent's log in the panic
+    /// should it never be).
+    pub fn start(mut self) -> Agent {
+        use std::process::Stdio;
+        let stderr = match &self.log {
+            Some((l, append)) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(*append)
+                    .truncate(!*append)
+                    .open(l)
+                    .unwrap_or_else(|e| panic!("log {}: {e}", l.display())),
+            ),
+            None => Stdio::null(),
+        };
+        let stdout = if self.listens {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
+        let mut child = self
+            .cmd
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {:?}: {e}", self.cmd));
+        let log = self.log.clone().map(|(l, _)| l);
+        let diag = move || {
+            log.map(|l| std::fs::read_to_string(l).unwrap_or_default())
+                .unwrap_or_default()
+        };
+        let addr = if self.listens {
+            listening_or(&mut child, diag.clone())
+        } else {
+            self.addr
+        };
+        let mut agent = Agent { child, addr };
+        if let Some(control) = &self.control {
+            let exited = diag.clone();
+            eventually_or(
+                "the agent's control socket to answer",
+                std::time::Duration::from_secs(20),
+                || {
+                    if let Ok(Some(st)) = agent.child.try_wait() {
+                        panic!("the agent exited ({st}):\n{}", exited.clone()());
+                    }
+                    socket_status(control).is_some()
+                },
+                diag,
+            );
+        }
+        agent
+    }
+}
+
+/// The address an agent prints on its first line of stdout (`listening
+/// ADDR`), with `diag()` in the panic should it say anything else.
+fn listening_or(child: &mut std::process::Child, diag: impl FnOnce() -> String) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut line = String::new();
+    let _ = BufReader::new(child.stdout.take().expect("agent stdout piped")).read_line(&mut line);
+    match line.trim().strip_prefix("listening ") {
+        Some(addr) => addr.to_string(),
+        None => panic!("agent said {line:?}:\n{}", diag()),
+    }
 }

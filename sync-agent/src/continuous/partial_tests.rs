@@ -202,9 +202,11 @@ fn a_directory_moved_into_a_new_one_loses_what_was_deleted_below_it() {
 }
 
 /// A database written just now that no cut opened yet is neither cut nor
-/// shipped as a file: the round leaves it out and holds it for later.
+/// shipped as a file: the round leaves it out and holds it for later (while
+/// another process holds it open: one nobody holds is cut at once).
 #[test]
 fn a_database_still_being_written_is_held_not_shipped() {
+    use std::os::unix::fs::MetadataExt as _;
     let t = tempfile::tempdir().expect("a temp dir");
     let root = t.path();
     let c = rusqlite::Connection::open(root.join("new.db")).expect("open");
@@ -213,6 +215,24 @@ fn a_database_still_being_written_is_held_not_shipped() {
     c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
         .expect("write");
     drop(c);
+    // Its application (another process) holds it open, as while building it.
+    let mut holder = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec 3<new.db; exec sleep 60")
+        .current_dir(root)
+        .spawn()
+        .expect("a holder");
+    let id = std::fs::metadata(root.join("new.db")).expect("new.db");
+    let id = (id.dev(), id.ino());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sync_core::holders::holders_of_ids(&[id])
+        .expect("/proc")
+        .iter()
+        .any(|h| h.pid == holder.id())
+    {
+        assert!(std::time::Instant::now() < deadline, "never held");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let batch = Batch {
         dirty: set(&["new.db"]),
         created: set(&["new.db"]),
@@ -245,4 +265,6 @@ fn a_database_still_being_written_is_held_not_shipped() {
         "shipped: {:?}",
         round.entries
     );
+    let _ = holder.kill();
+    let _ = holder.wait();
 }

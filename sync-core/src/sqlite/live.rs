@@ -82,7 +82,7 @@ pub(super) struct LiveDb {
 }
 
 impl LiveDb {
-    fn new(path: &Path, busy: Duration) -> Self {
+    pub(super) fn new(path: &Path, busy: Duration) -> Self {
         Self {
             path: path.to_path_buf(),
             busy,

@@ -42,9 +42,9 @@
 //! known databases and their side files, and side files whose database is gone.
 //!
 //! A database file no cut opened yet (a new path, or a new inode) is opened
-//! only once it and its log have been quiet for [`SETTLE`] (`settle.rs`): an
-//! application building `new.db` to rename it over `app.db` is not held at
-//! its close. Should a file move while a cut holds it all the same, the cut's
+//! only when no other process holds it open, or once it and its log have been
+//! quiet for [`SETTLE`] (`settle.rs`): an application building `new.db` to
+//! rename it over `app.db` is not held at its close. Should a file move while a cut holds it all the same, the cut's
 //! close does what the application's would have: it checkpoints the log into
 //! the moved file when nothing else holds it (`moved.rs`).
 //!
