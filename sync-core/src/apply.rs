@@ -63,7 +63,7 @@ pub struct Replica {
     /// The root as SQLite opens it (no symlink on the way).
     canonical: PathBuf,
     /// Databases left alone this round because another process holds them.
-    held: Mutex<Vec<RelPath>>,
+    held: Mutex<Vec<proto::HeldDb>>,
 }
 
 type DbStamp = (u64, u64, i64, u64);

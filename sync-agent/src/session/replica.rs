@@ -339,7 +339,7 @@ fn record_round(folder: &ReplicaFolder, full: bool, summary: &proto::ApplySummar
     if let Ok(mut st) = folder.stats.lock() {
         st.rounds += 1;
         st.full_rounds += u64::from(full);
-        st.held = summary.held.iter().map(ToString::to_string).collect();
+        st.held = summary.held.iter().map(|h| h.path.to_string()).collect();
     }
 }
 

@@ -45,7 +45,7 @@ pub(super) async fn fetch_db(
         return Ok(None);
     }
     if let Some(who) = holders {
-        replica.note_held(&entry.path);
+        replica.note_held(&entry.path, &who);
         replica.warn(format!(
             "{}: database held open by {who}; not updated (the standby's application \
              must be stopped), retried next round",

@@ -12,16 +12,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 impl Replica {
-    /// Records that the database at `path` was left alone because another
-    /// process holds it (see [`Replica::take_held`]).
-    pub fn note_held(&self, path: &RelPath) {
+    /// Records that the database at `path` was left alone because `holders`
+    /// (another process) hold it open (see [`Replica::take_held`]).
+    pub fn note_held(&self, path: &RelPath, holders: &str) {
         if let Ok(mut h) = self.held.lock() {
-            h.push(path.clone());
+            h.push(proto::HeldDb {
+                path: path.clone(),
+                holders: holders.to_string(),
+            });
         }
     }
 
-    /// The databases left alone since the last call.
-    pub fn take_held(&self) -> Vec<RelPath> {
+    /// The databases left alone since the last call, with their holders.
+    pub fn take_held(&self) -> Vec<proto::HeldDb> {
         self.held
             .lock()
             .map(|mut h| std::mem::take(&mut *h))
@@ -81,7 +84,7 @@ impl Replica {
             ));
         }
         let held = |who: &str| {
-            self.note_held(&db.path);
+            self.note_held(&db.path, who);
             self.warn(format!(
                 "{shown}: database held open by {who}; not updated (the standby's \
                  application must be stopped), retried next round"

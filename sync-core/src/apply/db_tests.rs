@@ -63,7 +63,10 @@ fn a_whole_image_is_never_renamed_over_an_open_connection() {
         .unwrap();
     assert_eq!(n, 500);
     replace_whole(&r, &rel, &src);
-    assert_eq!(r.take_held(), std::slice::from_ref(&rel));
+    let held = r.take_held();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].path, rel);
+    assert_eq!(held[0].holders, "another connection");
     reader.execute_batch("COMMIT").unwrap();
     drop(reader);
     assert_eq!(tag_of(&root.join("app.db")).unwrap(), "A");

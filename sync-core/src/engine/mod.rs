@@ -350,15 +350,17 @@ pub fn verify(
     })
 }
 
-/// Adds what [`verify`] found to the round's summary: the root hash, a
-/// warning `{held_prefix}{path}: {holders}` per held database, and on a full
-/// round the differences.
-pub fn add_verified(summary: &mut ApplySummary, v: Verified, full: bool, held_prefix: &str) {
+/// Adds what [`verify`] found to the round's summary: the root hash, each
+/// held database with its holders (once, and a warning for people), and on a
+/// full round the differences.
+pub fn add_verified(summary: &mut ApplySummary, v: Verified, full: bool) {
     summary.root_hash = Some(v.root);
-    for (p, who) in v.held_by {
-        summary.warnings.push(format!("{held_prefix}{p}: {who}"));
-        if !summary.held.contains(&p) {
-            summary.held.push(p);
+    for (path, holders) in v.held_by {
+        summary
+            .warnings
+            .push(format!("held open on the replica: {path}: {holders}"));
+        if !summary.held.iter().any(|h| h.path == path) {
+            summary.held.push(proto::HeldDb { path, holders });
         }
     }
     if full {

@@ -26,9 +26,6 @@ pub(super) struct Pair {
     next_id: u64,
 }
 
-/// The prefix of held-database warnings in verified rounds here.
-const HELD: &str = "held: ";
-
 impl Pair {
     pub fn new() -> Self {
         let src = tempfile::tempdir().expect("a temp dir");
@@ -235,7 +232,7 @@ impl Pair {
         if round.verify {
             let (d, f) = (self.detect.clone(), self.filter.clone());
             let v = verify(r, d, f, &planned, &self.ids)?;
-            add_verified(&mut sum, v, round.full, HELD);
+            add_verified(&mut sum, v, round.full);
         }
         Ok(sum)
     }
