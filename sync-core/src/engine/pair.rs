@@ -80,6 +80,14 @@ impl Pair {
     /// A full, verified round of the whole source tree; the replica's root
     /// hash after it is the source's.
     pub fn full(&mut self) -> Result<ApplySummary, String> {
+        let (sum, root) = self.full_as_is()?;
+        assert_eq!(sum.root_hash, Some(root), "{sum:?}");
+        Ok(sum)
+    }
+
+    /// A full, verified round of the whole source tree, and the source's
+    /// root hash (which the replica's need not match: something it held).
+    pub fn full_as_is(&mut self) -> Result<(ApplySummary, [u8; 32]), String> {
         let m = self.source_manifest();
         let out = Outgoing {
             id: self.id(),
@@ -92,9 +100,7 @@ impl Pair {
             root_hash: m.root_hash(),
         };
         let msgs: Vec<Message> = out.messages(Vec::new()).collect();
-        let sum = self.send(msgs)?;
-        assert_eq!(sum.root_hash, Some(m.root_hash()), "{sum:?}");
-        Ok(sum)
+        Ok((self.send(msgs)?, m.root_hash()))
     }
 
     /// A partial round of `changed` paths (as the source has them now),

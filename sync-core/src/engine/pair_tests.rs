@@ -233,21 +233,15 @@ fn a_held_replica_database_is_reported_with_its_holder() {
         .expect("sleep runs");
     c.execute("UPDATE t SET v = randomblob(200) WHERE k = 7", [])
         .expect("update");
-    let m = p.source_manifest();
-    let out = Outgoing {
-        id: 100,
-        full: true,
-        checksum: false,
-        verify: true,
-        entries: &m.entries,
-        renamed: &[],
-        deleted: &[],
-        root_hash: m.root_hash(),
-    };
-    let sum = p.send(out.messages(Vec::new()).collect::<Vec<_>>());
+    let sum = p.full_as_is();
     let _ = holder.kill();
     let _ = holder.wait();
-    let sum = sum.expect("the round applies around the held database");
+    let (sum, root) = sum.expect("the round applies around the held database");
+    assert_ne!(
+        sum.root_hash,
+        Some(root),
+        "the held database was left as it was"
+    );
     let want = proto::HeldDb {
         path: rel("app.db"),
         holders: format!("pid {} (sleep)", holder.id()),
