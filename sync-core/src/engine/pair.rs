@@ -7,6 +7,7 @@ use super::content::{ContentSource as _, Loopback, pull, split_inline};
 use super::*;
 use crate::sqlite::{LiveSet, Need};
 use proto::Message;
+use proto::exchange::{DbFetch, DbGeometry, DbStep, pages_per_batch};
 use proto::round::{Assembler, Event, Outgoing};
 use std::path::PathBuf;
 
@@ -271,12 +272,43 @@ impl Pair {
                 None => self.live.differing(&e.path, 0, &[]),
             },
         };
-        let mut staged = r.stage_db(&e.path, held, page_size, pages)?;
-        for &p in &wanted {
-            staged.page(p, &self.live.page(&e.path, p)?)?;
+        // The pages as the source sends them, through the replica's machine.
+        let db = DbGeometry {
+            page_size,
+            pages,
+            hash,
+        };
+        let mut msgs = Vec::new();
+        for batch in wanted.chunks(pages_per_batch(page_size)) {
+            let images: Result<Vec<_>, Error> = batch
+                .iter()
+                .map(|&p| Ok((p, self.live.page(&e.path, p)?)))
+                .collect();
+            msgs.push(Message::DbPages(images?));
         }
-        staged.commit(&hash, &e.meta)?;
-        Ok(Some(wanted.len() as u64))
+        msgs.push(Message::DbEnd {
+            page_size,
+            pages,
+            hash,
+        });
+        let bad = |why: String| Error::invalid(&e.path, why);
+        let mut fetch = DbFetch::new(db);
+        let mut staged = r.stage_db(&e.path, held, page_size, pages)?;
+        for m in msgs {
+            match fetch.handle(m).map_err(|x| bad(x.to_string()))? {
+                DbStep::Pages(batch) => {
+                    for (p, data) in batch {
+                        staged.page(p, &data)?;
+                    }
+                }
+                DbStep::Commit => {
+                    staged.commit(&hash, &e.meta)?;
+                    return Ok(Some(fetch.received()));
+                }
+                DbStep::SendHashes => return Err(bad("hashes asked, none sent".into())),
+            }
+        }
+        Err(bad("the pages ended before the database's end".into()))
     }
 
     /// The replica's tree, scanned as the source's is: the same root hash.
