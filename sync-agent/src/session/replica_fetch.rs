@@ -25,15 +25,15 @@ pub(super) async fn fetch_db(
         bail!("{}: not a database", entry.path);
     };
     let (r, p) = (replica.clone(), entry.path.clone());
-    let (held, holders, linked) = tokio::task::spawn_blocking(move || -> Result<_> {
-        Ok((r.db_held(&p)?, r.db_holders(&p), r.has_other_links(&p)?))
+    let (table, holders, linked) = tokio::task::spawn_blocking(move || -> Result<_> {
+        Ok((r.page_table(&p)?, r.db_holders(&p), r.has_other_links(&p)?))
     })
     .await??;
     // A database with other names (hard links from outside the root, a
     // `cp -al` snapshot) is never written in place, its metadata included:
     // the whole image is staged and renamed over.
-    let held = held.filter(|_| !linked);
-    if held.as_ref().is_some_and(|h| h.hash == db.hash) {
+    let table = table.filter(|_| !linked);
+    if table.as_ref().is_some_and(|h| h.hash == db.hash) {
         if current.as_ref() != Some(&entry.meta) {
             let (r, e) = (replica.clone(), entry.clone());
             tokio::task::spawn_blocking(move || r.set_meta(&e)).await??;
@@ -51,10 +51,10 @@ pub(super) async fn fetch_db(
         return Ok(None);
     }
     let (mut send, mut recv) = conn.open_bi().await.context("opening a database stream")?;
-    let have = held.as_ref().map_or([0; 32], |h| h.hash);
+    let have = table.as_ref().map_or([0; 32], |h| h.hash);
     wire::send(&mut send, &Message::DbRequest { index, have }).await?;
     let (tx, rx) = mpsc::channel::<DbStep>(4);
-    let (r, e, base) = (replica.clone(), entry.clone(), held.clone());
+    let (r, e, base) = (replica.clone(), entry.clone(), table.clone());
     let writer = tokio::task::spawn_blocking(move || write_db(&r, &e, db, base, rx));
     // The whole database is bounded in time: its size at the least rate.
     let stage = wire::Stage::new(
@@ -74,7 +74,7 @@ pub(super) async fn fetch_db(
                 .handle(msg)
                 .map_err(|e| anyhow!("{}: {e}", entry.path))?
             {
-                DbStep::SendHashes => send_hashes(&mut send, held.as_deref()).await?,
+                DbStep::SendHashes => send_hashes(&mut send, table.as_deref()).await?,
                 step => {
                     let end = step == DbStep::Commit;
                     if tx.send(step).await.is_err() || end {
@@ -98,10 +98,10 @@ pub(super) async fn fetch_db(
 /// Our page hashes, in batches, the last one marked (one empty batch for none).
 pub(super) async fn send_hashes(
     send: &mut quinn::SendStream,
-    held: Option<&sync_core::sqlite::Held>,
+    table: Option<&sync_core::sqlite::PageTable>,
 ) -> Result<()> {
-    let hashes = held.map(|h| h.hashes.as_slice()).unwrap_or(&[]);
-    let page_size = held.map_or(0, |h| h.page_size);
+    let hashes = table.map(|h| h.hashes.as_slice()).unwrap_or(&[]);
+    let page_size = table.map_or(0, |h| h.page_size);
     for m in proto::exchange::hash_batches(page_size, hashes) {
         wire::send(send, &m).await?;
     }
@@ -114,7 +114,7 @@ pub(super) fn write_db(
     r: &Replica,
     e: &Entry,
     db: DbGeometry,
-    base: Option<Arc<sync_core::sqlite::Held>>,
+    base: Option<Arc<sync_core::sqlite::PageTable>>,
     mut rx: mpsc::Receiver<DbStep>,
 ) -> Result<u64> {
     let mut staged = r.stage_db(&e.path, base, db.page_size, db.pages)?;

@@ -437,8 +437,8 @@ pub fn own_manifest(
     };
     let (mut m, report) = crate::scan::scan_with(r.root_path(), &opts, None)?;
     for p in &report.databases {
-        let held = r.db_held(p)?;
-        if let (Some(i), Some(h)) = (m.entries.iter().position(|e| &e.path == p), held) {
+        let table = r.page_table(p)?;
+        if let (Some(i), Some(h)) = (m.entries.iter().position(|e| &e.path == p), table) {
             m.entries[i].kind = Kind::Database {
                 page_size: h.page_size,
                 pages: h.hashes.len() as u32,

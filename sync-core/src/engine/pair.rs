@@ -256,18 +256,18 @@ impl Pair {
             return Ok(None);
         };
         let r = &self.replica;
-        let held = r.db_held(&e.path)?;
-        if held.as_ref().is_some_and(|h| h.hash == hash) {
+        let table = r.page_table(&e.path)?;
+        if table.as_ref().is_some_and(|h| h.hash == hash) {
             if current != Some(&e.meta) {
                 r.set_meta(e)?;
             }
             return Ok(None);
         }
-        let have = held.as_ref().map_or([0; 32], |h| h.hash);
+        let have = table.as_ref().map_or([0; 32], |h| h.hash);
         let wanted = match self.live.need(&e.path, &have) {
             Need::Nothing => Vec::new(),
             Need::Pages(p) => p,
-            Need::Hashes => match &held {
+            Need::Hashes => match &table {
                 Some(h) => self.live.differing(&e.path, h.page_size, &h.hashes),
                 None => self.live.differing(&e.path, 0, &[]),
             },
@@ -293,7 +293,7 @@ impl Pair {
         });
         let bad = |why: String| Error::invalid(&e.path, why);
         let mut fetch = DbFetch::new(db);
-        let mut staged = r.stage_db(&e.path, held, page_size, pages)?;
+        let mut staged = r.stage_db(&e.path, table, page_size, pages)?;
         for m in msgs {
             match fetch.handle(m).map_err(|x| bad(x.to_string()))? {
                 DbStep::Pages(batch) => {
