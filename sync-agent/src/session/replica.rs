@@ -177,6 +177,7 @@ async fn run_inner(
         peer_allowed: f.allowed.is_empty() || peer_id.is_some_and(|p| f.allowed.contains(&p)),
         promotion_pending: crate::handover::promotion::pending(f).is_some(),
         fence: f.fence.lock().map(|g| *g).unwrap_or_default(),
+        promotable: f.promotable,
     });
     let their_epoch = match handshake::admit(&h, &peer, view) {
         Ok(admitted) => admitted.epoch,
