@@ -49,6 +49,9 @@ pub struct FolderView<'a> {
     pub promotion_pending: bool,
     /// This node's fence for the folder.
     pub fence: Fence,
+    /// Whether this node could serve the folder as its source if promoted
+    /// (what its hello says, a refusal's included).
+    pub promotable: bool,
 }
 
 /// A source admitted: its epoch, which the replica records.
@@ -116,6 +119,8 @@ pub enum Refusal {
         ours: Fence,
         /// The peer's epoch.
         theirs: u64,
+        /// Whether this node could be promoted (its hello says so).
+        promotable: bool,
     },
     /// This node was promoted while the session waited for the folder.
     #[error(
@@ -154,9 +159,17 @@ impl Refusal {
     #[must_use]
     pub fn reply_hello(&self) -> Option<Hello> {
         match self {
-            Refusal::Fenced { folder, ours, .. } => {
-                Some(Hello::new(ours.role(), folder).with_epoch(ours.epoch))
-            }
+            Refusal::Fenced {
+                folder,
+                ours,
+                promotable,
+                ..
+            } => Some(
+                Hello::new(ours.role(), folder)
+                    .with_epoch(ours.epoch)
+                    // a source always says yes (see `Hello::promotable`)
+                    .with_promotable(ours.source || *promotable),
+            ),
             _ => None,
         }
     }
@@ -194,6 +207,7 @@ pub fn admit(hello: &Hello, peer: &str, folder: Option<FolderView<'_>>) -> Resul
             peer: peer.to_string(),
             ours: f.fence,
             theirs: hello.epoch,
+            promotable: f.promotable,
         });
     }
     Ok(Admit {

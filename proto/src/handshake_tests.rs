@@ -12,6 +12,7 @@ fn view(fence: Fence) -> FolderView<'static> {
         peer_allowed: true,
         promotion_pending: false,
         fence,
+        promotable: false,
     }
 }
 
@@ -106,6 +107,28 @@ fn an_older_epoch_is_fenced_with_our_hello_first() {
         (ours.role, ours.epoch, ours.folder.as_str()),
         (Role::Replica, 3, "jf")
     );
+}
+
+/// The hello a replica sends when it fences a source says the truth about
+/// whether it could be promoted, not the default yes; a node that is the
+/// source says yes.
+#[test]
+fn a_fenced_hello_says_whether_the_replica_is_promotable() {
+    for promotable in [false, true] {
+        let v = FolderView {
+            promotable,
+            ..view(at(3))
+        };
+        let r = admit(&hello(2), "p", Some(v)).expect_err("older");
+        let ours = r.reply_hello().expect("a hello to adopt");
+        assert_eq!(ours.promotable, promotable);
+    }
+    let source = Fence {
+        epoch: 3,
+        source: true,
+    };
+    let r = admit(&hello(3), "p", Some(view(source))).expect_err("two sources");
+    assert_eq!(r.reply_hello().map(|h| h.promotable), Some(true));
 }
 
 #[test]

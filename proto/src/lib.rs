@@ -14,6 +14,8 @@
 //! - [`handshake`]: admission and fencing decisions as plain functions.
 //! - [`round`]: the source's round encoder and the replica's round assembler,
 //!   state machines fed messages; [`ProtocolError`] says what broke the protocol.
+//! - [`exchange`]: the content exchanges on streams of their own (a file, a
+//!   database) and the source's admission of a request, state machines too.
 //!
 //! The contract: no I/O and no clock here. Whoever drives these (the agent over
 //! QUIC, tests in memory) reads frames, feeds them in, and does what comes out.
@@ -29,6 +31,7 @@
 //! ```
 
 mod error;
+pub mod exchange;
 pub mod frame;
 pub mod handshake;
 mod message;

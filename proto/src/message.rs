@@ -274,13 +274,32 @@ pub struct ApplySummary {
     /// The replica's own root hash after the round, when the round asked for it
     /// (computed from a fresh scan of the replica's tree).
     pub root_hash: Option<[u8; 32]>,
-    /// Databases not updated because another process holds them open: the
-    /// source offers them again soon.
-    pub held: Vec<RelPath>,
+    /// Databases not updated because another process holds them open, each
+    /// with its holders: the source offers them again soon, and a handover's
+    /// preflight refuses while there is one.
+    pub held: Vec<HeldDb>,
     /// A verified round (a cut): what the replica's folder `parity` command
     /// printed (the app's version there), or why it failed; `None` when the
     /// replica has none. A handover compares it with the source's.
     pub parity: Option<String>,
+}
+
+/// A replica database another process holds open (the standby's
+/// application left running), so the replica leaves it alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldDb {
+    /// The database.
+    pub path: RelPath,
+    /// Who holds it, for people (`pid 42 (jellyfin), pid 43 (sqlite3)`); at
+    /// most [`MAX_TEXT`] bytes.
+    pub holders: String,
+}
+
+impl std::fmt::Display for HeldDb {
+    /// `path: holders`, as status and a handover's preflight name it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.holders)
+    }
 }
 
 /// How many variants [`Message`] has (the decoder names others as unknown types).

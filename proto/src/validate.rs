@@ -52,9 +52,12 @@ pub enum ValidateError {
     /// A database end announcing a database out of bounds.
     #[error("database end: {0}")]
     DbEnd(DbBoundsError),
-    /// A round summary with too many warnings or held databases.
-    #[error("more than 1000 warnings or held databases")]
+    /// A round summary with more than [`MAX_SUMMARY_LINES`] warnings.
+    #[error("more than {MAX_SUMMARY_LINES} warnings")]
     TooManyWarnings,
+    /// A round summary naming more than [`MAX_SUMMARY_LINES`] held databases.
+    #[error("{0} held databases (at most {MAX_SUMMARY_LINES})")]
+    TooManyHeld(usize),
     /// A manifest entry out of bounds.
     #[error("entry {path}: {why}")]
     Entry {
@@ -64,6 +67,9 @@ pub enum ValidateError {
         why: EntryError,
     },
 }
+
+/// Most warnings, and most held databases, in one round's summary.
+pub const MAX_SUMMARY_LINES: usize = 1000;
 
 /// A database's announced geometry out of bounds.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -226,12 +232,18 @@ impl Message {
             } => check_db_bounds(*page_size, *pages).map_err(ValidateError::DbEnd),
             Message::Promoted { error, .. } => text(error, "promotion error"),
             Message::RoundDone { summary: s, .. } => {
-                if s.warnings.len() > 1000 || s.held.len() > 1000 {
+                if s.warnings.len() > MAX_SUMMARY_LINES {
                     return Err(ValidateError::TooManyWarnings);
+                }
+                if s.held.len() > MAX_SUMMARY_LINES {
+                    return Err(ValidateError::TooManyHeld(s.held.len()));
                 }
                 if let Some(p) = &s.parity {
                     text(p, "parity output")?;
                 }
+                s.held
+                    .iter()
+                    .try_for_each(|h| text(&h.holders, "held database's holders"))?;
                 s.warnings.iter().try_for_each(|w| text(w, "warning"))
             }
             _ => Ok(()),

@@ -167,8 +167,19 @@ fn a_round_summary_carries_at_most_1000_warnings_of_bounded_text() {
     summary.warnings = vec!["w".repeat(MAX_TEXT + 1)];
     refused(&m(&summary), "warning");
     summary.warnings.clear();
-    summary.held = vec![p("a"); 1001];
-    refused(&m(&summary), "held databases");
+    let held = |holders: String| HeldDb {
+        path: p("a.db"),
+        holders,
+    };
+    summary.held = vec![held("pid 7 (app)".into()); MAX_SUMMARY_LINES];
+    assert!(m(&summary).validate().is_ok());
+    summary.held.push(held("pid 7 (app)".into()));
+    assert_eq!(
+        m(&summary).validate(),
+        Err(ValidateError::TooManyHeld(MAX_SUMMARY_LINES + 1))
+    );
+    summary.held = vec![held("p".repeat(MAX_TEXT + 1))];
+    refused(&m(&summary), "held database's holders");
 }
 
 #[test]

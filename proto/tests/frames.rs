@@ -98,6 +98,42 @@ fn round_trip_every_message() {
     }
 }
 
+/// A peer's summary naming more held databases than the bound, or holders
+/// text past it, is refused by the decoder, not handed on.
+#[test]
+fn hostile_held_databases_in_a_summary_are_refused_on_decode() {
+    let held = |n: usize, holders: &str| Message::RoundDone {
+        id: 1,
+        summary: ApplySummary {
+            held: vec![
+                HeldDb {
+                    path: RelPath::new(&b"app.db"[..]).unwrap(),
+                    holders: holders.into(),
+                };
+                n
+            ],
+            ..Default::default()
+        },
+    };
+    let decode = |m: &Message| {
+        let mut buf = Vec::new();
+        frame::encode(m, &mut buf).unwrap();
+        frame::decode(&buf).map(|d| d.map(|(m, _)| m))
+    };
+    let fine = held(2, "pid 42 (jellyfin)");
+    assert_eq!(decode(&fine), Ok(Some(fine)));
+    for bad in [
+        held(MAX_SUMMARY_LINES + 1, "pid 42 (jellyfin)"),
+        held(1, &"x".repeat(MAX_TEXT + 1)),
+    ] {
+        assert!(
+            matches!(decode(&bad), Err(FrameError::Invalid(_))),
+            "{:?}",
+            decode(&bad).map(|_| ())
+        );
+    }
+}
+
 #[test]
 fn oversize_header_refused_before_allocation() {
     let header = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes();

@@ -227,17 +227,17 @@ fn replica_row(
     }
 }
 
-/// Serves the unix socket `path` on a task of its own; an error is logged.
+/// Answers commands on the unix socket `path` on a task of its own; an error is logged.
 pub fn spawn(path: PathBuf, registry: Registry) {
     tokio::spawn(async move {
-        if let Err(e) = serve(path, registry).await {
+        if let Err(e) = listen(path, registry).await {
             tracing::error!("control socket: {e:#}");
         }
     });
 }
 
-/// Serves the unix socket `path` until the task is dropped.
-pub async fn serve(path: PathBuf, registry: Registry) -> Result<()> {
+/// Answers commands on the unix socket `path` until the task is dropped.
+pub async fn listen(path: PathBuf, registry: Registry) -> Result<()> {
     let listener = bind(&path)?;
     let registry = Arc::new(registry);
     loop {

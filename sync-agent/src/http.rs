@@ -61,8 +61,8 @@ pub fn authorized(header: Option<&[u8]>, token: &str) -> bool {
     blake3::hash(given) == blake3::hash(token.as_bytes())
 }
 
-/// Serves `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+/// Answers HTTP requests on `listener` until the task is dropped.
+pub async fn listen(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {

@@ -48,7 +48,7 @@ pub struct LagTracker<K: Ord> {
     in_flight: Option<InFlight>,
     /// Changes a round left behind (a file still being written, a database
     /// the replica holds open), each with the instant it has been pending since.
-    held: BTreeMap<K, Instant>,
+    left_behind: BTreeMap<K, Instant>,
 }
 
 /// A round on its way.
@@ -65,7 +65,7 @@ impl<K: Ord> Default for LagTracker<K> {
         Self {
             fresh: None,
             in_flight: None,
-            held: BTreeMap::new(),
+            left_behind: BTreeMap::new(),
         }
     }
 }
@@ -111,18 +111,19 @@ impl<K: Ord + Clone> LagTracker<K> {
         });
     }
 
-    /// The round in flight was applied by the replica; `held` are the changes
-    /// it left behind (held back by the source, refused by the replica). A key
-    /// held before keeps the instant it was first pending; a new one is pending
+    /// The round in flight was applied by the replica; `left_behind` are the
+    /// changes it left behind (held back by the source, refused by the
+    /// replica). A key left behind before keeps the instant it was first
+    /// pending; a new one is pending
     /// since the oldest change the round covered.
-    pub fn round_applied(&mut self, held: impl IntoIterator<Item = K>) {
+    pub fn round_applied(&mut self, left_behind: impl IntoIterator<Item = K>) {
         let round = self.in_flight.take();
         let since = round.map(|r| r.covers.unwrap_or(r.started));
-        let mut old = std::mem::take(&mut self.held);
-        for k in held {
+        let mut old = std::mem::take(&mut self.left_behind);
+        for k in left_behind {
             let t = old.remove(&k).or(since).or(self.fresh);
             if let Some(t) = t {
-                self.held.insert(k, t);
+                self.left_behind.insert(k, t);
             }
         }
     }
@@ -138,10 +139,10 @@ impl<K: Ord + Clone> LagTracker<K> {
     /// The instant of the oldest change the replica has not applied.
     #[must_use]
     pub fn oldest(&self) -> Option<Instant> {
-        let held = self.held.values().min().copied();
+        let behind = self.left_behind.values().min().copied();
         earliest(
             earliest(self.fresh, self.in_flight.and_then(|r| r.covers)),
-            held,
+            behind,
         )
     }
 
@@ -153,8 +154,8 @@ impl<K: Ord + Clone> LagTracker<K> {
     }
 
     /// What rounds left behind, with the instant each has been pending since.
-    pub fn held(&self) -> impl Iterator<Item = (&K, Instant)> {
-        self.held.iter().map(|(k, t)| (k, *t))
+    pub fn left_behind(&self) -> impl Iterator<Item = (&K, Instant)> {
+        self.left_behind.iter().map(|(k, t)| (k, *t))
     }
 }
 
@@ -311,7 +312,7 @@ mod tests {
             l.round_applied(["a.db"]);
         }
         assert_eq!(l.lag(at(t0, 10_000)), Duration::from_secs(10));
-        assert_eq!(l.held().collect::<Vec<_>>(), vec![(&"a.db", t0)]);
+        assert_eq!(l.left_behind().collect::<Vec<_>>(), vec![(&"a.db", t0)]);
         // freed: applied at last
         l.round_started(at(t0, 10_100), false);
         l.round_applied([]);
@@ -319,7 +320,7 @@ mod tests {
     }
 
     #[test]
-    fn a_held_key_from_a_round_that_covered_no_change_dates_from_its_start() {
+    fn a_key_left_behind_by_a_round_that_covered_no_change_dates_from_its_start() {
         let t0 = Instant::now();
         let mut l: LagTracker<&str> = LagTracker::default();
         l.round_started(t0, false);

@@ -10,7 +10,7 @@
 //! - [`lag`]: the age of the oldest unapplied change, and the health check.
 //! - [`surface`]: the operator's surface: [`http`] (`/health`, `/metrics`
 //!   from [`metrics`], the [`page`]) and [`alerts`] (webhooks).
-//! - [`push`], [`serve`], [`mirror`]: one-shot entry points.
+//! - [`push`], [`accept_sessions`], [`mirror`]: one-shot entry points.
 //!
 //! `sync-core` does the filesystem work; it is synchronous and called through
 //! `spawn_blocking`.
@@ -368,9 +368,9 @@ pub fn replica_folder_with(
     }))
 }
 
-/// Serves sessions from the pinned peers on `endpoint` until `shutdown`
+/// Accepts sessions from the pinned peers on `endpoint` until `shutdown`
 /// resolves.
-pub async fn serve(
+pub async fn accept_sessions(
     endpoint: quinn::Endpoint,
     folders: Arc<Folders>,
     shutdown: impl std::future::Future<Output = ()>,
@@ -449,7 +449,7 @@ pub async fn mirror_with(
         replica_folder("default", dst, Filter::default(), Vec::new())?,
     )]);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(endpoint, Arc::new(folders), async move {
+    let server = tokio::spawn(accept_sessions(endpoint, Arc::new(folders), async move {
         let _ = stop_rx.await;
     }));
     let res = push(

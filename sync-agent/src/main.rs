@@ -93,9 +93,13 @@ async fn run(plan: Plan) -> Result<ExitCode> {
             .collect();
         registry.replicas = replicas.clone();
         let mut rx = stop_rx.clone();
-        tasks.spawn(sync_agent::serve(endpoint, Arc::new(folders), async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }));
+        tasks.spawn(sync_agent::accept_sessions(
+            endpoint,
+            Arc::new(folders),
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        ));
     }
     for f in plan.folders {
         let (tx, rx) = mpsc::channel::<Command>(4);

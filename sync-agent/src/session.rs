@@ -53,29 +53,11 @@ pub struct Summary {
     pub warnings: Vec<String>,
 }
 
-/// The prefix of the warning a replica adds, in a verified (cut) round, for
-/// each database another process holds open: `{HELD_PREFIX}{path}: {holders}`.
-pub const HELD_PREFIX: &str = "held open on the replica: ";
-
-/// The replica databases a round found held open, with their holders, from
-/// the round's typed `held` list (the holders from its warnings).
+/// The replica databases a round found held open, each as `path: holders`
+/// (from the round's `held` data; nothing is read back out of warning text).
 #[must_use]
 pub fn held_databases(applied: &proto::ApplySummary) -> Vec<String> {
-    applied
-        .held
-        .iter()
-        .map(|p| {
-            let head = format!("{HELD_PREFIX}{p}: ");
-            applied
-                .warnings
-                .iter()
-                .find_map(|w| w.strip_prefix(&head))
-                .map_or_else(
-                    || format!("{p}: held open by another process"),
-                    |who| format!("{p}: {who}"),
-                )
-        })
-        .collect()
+    applied.held.iter().map(ToString::to_string).collect()
 }
 
 /// Live counters a progress display can poll.

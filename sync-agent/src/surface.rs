@@ -117,7 +117,7 @@ pub async fn start(settings: Settings, registry: Registry) -> Result<()> {
             .await
             .with_context(|| format!("[node] http: binding {addr}"))?;
         tracing::info!(%addr, "http server listening (/health, /metrics)");
-        tokio::spawn(crate::http::serve(l, shared.clone()));
+        tokio::spawn(crate::http::listen(l, shared.clone()));
     }
     let dispatch = Dispatch::start(
         settings.alerts,

@@ -32,7 +32,7 @@ mod round;
 pub use round::Staged;
 pub mod order;
 
-use crate::sqlite::Held;
+use crate::sqlite::PageTable;
 use crate::{Entry, Error, Kind, Meta, RelPath};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 use std::collections::BTreeSet;
@@ -59,11 +59,11 @@ pub struct Replica {
     /// Temp files being written: (parent, name).
     staging: Mutex<BTreeSet<(RelPath, Vec<u8>)>>,
     /// Page hashes of the replica's databases, by (inode, size, mtime).
-    db_cache: Mutex<std::collections::HashMap<RelPath, (DbStamp, Arc<Held>)>>,
+    db_cache: Mutex<std::collections::HashMap<RelPath, (DbStamp, Arc<PageTable>)>>,
     /// The root as SQLite opens it (no symlink on the way).
     canonical: PathBuf,
     /// Databases left alone this round because another process holds them.
-    held: Mutex<Vec<RelPath>>,
+    held: Mutex<Vec<proto::HeldDb>>,
 }
 
 type DbStamp = (u64, u64, i64, u64);
@@ -84,7 +84,7 @@ struct DbCommit {
     pages: u32,
     meta: Meta,
     #[serde(skip)]
-    held: Option<Arc<Held>>,
+    table: Option<Arc<PageTable>>,
 }
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]

@@ -413,7 +413,7 @@ fn copy_db(
     if why == Why::Changed
         && let Some((_, s)) = src.get(&e.path)
         && let Kind::Database { hash, .. } = s.kind
-        && replica.db_held(&e.path)?.is_some_and(|h| h.hash == hash)
+        && replica.page_table(&e.path)?.is_some_and(|h| h.hash == hash)
     {
         return Ok(None);
     }

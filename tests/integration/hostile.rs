@@ -15,7 +15,7 @@ async fn send_raw(dst: &std::path::Path, frames: Vec<u8>) -> Message {
     let folder =
         sync_agent::replica_folder("default", dst, Default::default(), Vec::new()).unwrap();
     let folders = std::collections::HashMap::from([("default".to_string(), folder)]);
-    let serving = tokio::spawn(sync_agent::serve(
+    let serving = tokio::spawn(sync_agent::accept_sessions(
         server,
         std::sync::Arc::new(folders),
         async move {

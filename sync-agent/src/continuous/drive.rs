@@ -311,8 +311,10 @@ impl Driver<'_> {
     /// After a full round: the databases the replica held, and all of them
     /// when the cut was blocked, are offered again soon.
     fn defer_after_full(&mut self, applied: &proto::ApplySummary, stats: &CutStats) {
-        for p in &applied.held {
-            self.deferred.entry(p.clone()).or_insert_with(Instant::now);
+        for h in &applied.held {
+            self.deferred
+                .entry(h.path.clone())
+                .or_insert_with(Instant::now);
         }
         if stats.blocked.is_some() {
             // The databases went at their previous cut: still pending, and
@@ -324,7 +326,7 @@ impl Driver<'_> {
             }
         }
         self.lag.round_applied(self.deferred.keys().cloned());
-        self.refused = applied.held.iter().cloned().collect();
+        self.refused = applied.held.iter().map(|h| h.path.clone()).collect();
     }
 
     /// Waits for changes, a rescan, a command, or shutdown.
@@ -501,11 +503,13 @@ impl Driver<'_> {
         self.account(&applied);
         // Databases the replica could not update (held open there) are offered
         // again soon, not at the next change.
-        for p in &applied.held {
-            self.deferred.entry(p.clone()).or_insert_with(Instant::now);
+        for h in &applied.held {
+            self.deferred
+                .entry(h.path.clone())
+                .or_insert_with(Instant::now);
         }
         self.lag.round_applied(self.deferred.keys().cloned());
-        self.refused = applied.held.iter().cloned().collect();
+        self.refused = applied.held.iter().map(|h| h.path.clone()).collect();
         set(status, |s| {
             s.files_inline_total += applied.files_inline;
             s.files_requested_total += applied.files_transferred - applied.files_inline;

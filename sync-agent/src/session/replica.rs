@@ -142,10 +142,10 @@ pub(super) use proto::round::Incoming;
 
 /// Serves one connection: hello, then rounds until the source ends the session.
 pub async fn run(conn: quinn::Connection, folders: Arc<Folders>) -> Result<()> {
-    let mut served = None;
-    let res = run_inner(&conn, &folders, &mut served).await;
+    let mut in_session = None;
+    let res = run_inner(&conn, &folders, &mut in_session).await;
     // Forget this connection as the folder's current session, and close it.
-    if let Some(folder) = served
+    if let Some(folder) = in_session
         && let Ok(mut cur) = folder.current.lock()
         && cur
             .as_ref()
@@ -160,7 +160,7 @@ pub async fn run(conn: quinn::Connection, folders: Arc<Folders>) -> Result<()> {
 async fn run_inner(
     conn: &quinn::Connection,
     folders: &Folders,
-    served: &mut Option<Arc<ReplicaFolder>>,
+    in_session: &mut Option<Arc<ReplicaFolder>>,
 ) -> Result<()> {
     let peer_id = crate::tls::peer_id(conn);
     let peer = peer_id
@@ -177,6 +177,7 @@ async fn run_inner(
         peer_allowed: f.allowed.is_empty() || peer_id.is_some_and(|p| f.allowed.contains(&p)),
         promotion_pending: crate::handover::promotion::pending(f).is_some(),
         fence: f.fence.lock().map(|g| *g).unwrap_or_default(),
+        promotable: f.promotable,
     });
     let their_epoch = match handshake::admit(&h, &peer, view) {
         Ok(admitted) => admitted.epoch,
@@ -198,7 +199,7 @@ async fn run_inner(
         ),
     )
     .await?;
-    *served = Some(folder.clone());
+    *in_session = Some(folder.clone());
     let _guard = take_folder(&folder, conn, peer_id, &peer).await;
     folder.activity.touch();
     // A local promotion (`sync-cli promote`) may have run while this session
@@ -210,7 +211,7 @@ async fn run_inner(
     }
     folder.replica.reset();
     tracing::info!(%peer, folder = %folder.name, "source connected");
-    serve_rounds(conn, &folder, &mut ctl_send, &mut ctl_recv, &peer).await
+    apply_rounds(conn, &folder, &mut ctl_send, &mut ctl_recv, &peer).await
 }
 
 /// The control stream and its first frame: a connection that opens no control
@@ -258,7 +259,7 @@ async fn refuse(ctl_send: &mut quinn::SendStream, peer: &str, refusal: Refusal) 
 }
 
 /// Rounds and promotion requests until the source ends the session.
-async fn serve_rounds(
+async fn apply_rounds(
     conn: &quinn::Connection,
     folder: &Arc<ReplicaFolder>,
     ctl_send: &mut quinn::SendStream,
@@ -340,7 +341,7 @@ fn record_round(folder: &ReplicaFolder, full: bool, summary: &proto::ApplySummar
     if let Ok(mut st) = folder.stats.lock() {
         st.rounds += 1;
         st.full_rounds += u64::from(full);
-        st.held = summary.held.iter().map(ToString::to_string).collect();
+        st.held = summary.held.iter().map(|h| h.path.to_string()).collect();
     }
 }
 

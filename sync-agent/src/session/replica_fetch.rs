@@ -3,6 +3,7 @@
 use super::replica::*;
 use crate::wire;
 use anyhow::{Context, Result, anyhow, bail};
+use proto::exchange::{DbFetch, DbGeometry, DbStep, FileFetch, FileStep};
 use proto::{Entry, Kind, Message};
 use std::sync::Arc;
 use sync_core::apply::Replica;
@@ -20,24 +21,19 @@ pub(super) async fn fetch_db(
     current: Option<proto::Meta>,
     activity: &Activity,
 ) -> Result<Option<u64>> {
-    let Kind::Database {
-        page_size,
-        pages,
-        hash,
-    } = entry.kind
-    else {
+    let Some(db) = DbGeometry::of(&entry) else {
         bail!("{}: not a database", entry.path);
     };
     let (r, p) = (replica.clone(), entry.path.clone());
-    let (held, holders, linked) = tokio::task::spawn_blocking(move || -> Result<_> {
-        Ok((r.db_held(&p)?, r.db_holders(&p), r.has_other_links(&p)?))
+    let (table, holders, linked) = tokio::task::spawn_blocking(move || -> Result<_> {
+        Ok((r.page_table(&p)?, r.db_holders(&p), r.has_other_links(&p)?))
     })
     .await??;
     // A database with other names (hard links from outside the root, a
     // `cp -al` snapshot) is never written in place, its metadata included:
     // the whole image is staged and renamed over.
-    let held = held.filter(|_| !linked);
-    if held.as_ref().is_some_and(|h| h.hash == hash) {
+    let table = table.filter(|_| !linked);
+    if table.as_ref().is_some_and(|h| h.hash == db.hash) {
         if current.as_ref() != Some(&entry.meta) {
             let (r, e) = (replica.clone(), entry.clone());
             tokio::task::spawn_blocking(move || r.set_meta(&e)).await??;
@@ -45,7 +41,7 @@ pub(super) async fn fetch_db(
         return Ok(None);
     }
     if let Some(who) = holders {
-        replica.note_held(&entry.path);
+        replica.note_held(&entry.path, &who);
         replica.warn(format!(
             "{}: database held open by {who}; not updated (the standby's application \
              must be stopped), retried next round",
@@ -55,16 +51,17 @@ pub(super) async fn fetch_db(
         return Ok(None);
     }
     let (mut send, mut recv) = conn.open_bi().await.context("opening a database stream")?;
-    let have = held.as_ref().map_or([0; 32], |h| h.hash);
+    let have = table.as_ref().map_or([0; 32], |h| h.hash);
     wire::send(&mut send, &Message::DbRequest { index, have }).await?;
-    let (tx, rx) = mpsc::channel::<Message>(4);
-    let (r, e, base) = (replica.clone(), entry.clone(), held.clone());
-    let writer = tokio::task::spawn_blocking(move || write_db(&r, &e, base, rx));
+    let (tx, rx) = mpsc::channel::<DbStep>(4);
+    let (r, e, base) = (replica.clone(), entry.clone(), table.clone());
+    let writer = tokio::task::spawn_blocking(move || write_db(&r, &e, db, base, rx));
     // The whole database is bounded in time: its size at the least rate.
     let stage = wire::Stage::new(
         format!("database {}", entry.path),
-        u64::from(page_size) * u64::from(pages),
+        u64::from(db.page_size) * u64::from(db.pages),
     );
+    let mut fetch = DbFetch::new(db);
     let reading = async {
         loop {
             let msg = tokio::select! {
@@ -73,15 +70,17 @@ pub(super) async fn fetch_db(
                 () = tx.closed() => return Ok(()),
             };
             activity.touch();
-            match msg {
-                Message::DbNeedHashes => send_hashes(&mut send, held.as_deref()).await?,
-                Message::DbPages(_) | Message::DbEnd { .. } => {
-                    let end = matches!(msg, Message::DbEnd { .. });
-                    if tx.send(msg).await.is_err() || end {
+            match fetch
+                .handle(msg)
+                .map_err(|e| anyhow!("{}: {e}", entry.path))?
+            {
+                DbStep::SendHashes => send_hashes(&mut send, table.as_deref()).await?,
+                step => {
+                    let end = step == DbStep::Commit;
+                    if tx.send(step).await.is_err() || end {
                         return Ok::<(), anyhow::Error>(());
                     }
                 }
-                other => bail!("{}: expected database pages, got {other:?}", entry.path),
             }
         }
     }
@@ -99,76 +98,38 @@ pub(super) async fn fetch_db(
 /// Our page hashes, in batches, the last one marked (one empty batch for none).
 pub(super) async fn send_hashes(
     send: &mut quinn::SendStream,
-    held: Option<&sync_core::sqlite::Held>,
+    table: Option<&sync_core::sqlite::PageTable>,
 ) -> Result<()> {
-    let hashes = held.map(|h| h.hashes.as_slice()).unwrap_or(&[]);
-    let page_size = held.map_or(0, |h| h.page_size);
-    let mut chunks = hashes.chunks(proto::MAX_HASHES_PER_BATCH).peekable();
-    if chunks.peek().is_none() {
-        let m = Message::DbHashes {
-            page_size,
-            hashes: Vec::new(),
-            last: true,
-        };
-        return wire::send(send, &m).await;
-    }
-    while let Some(c) = chunks.next() {
-        let last = chunks.peek().is_none();
-        let m = Message::DbHashes {
-            page_size,
-            hashes: c.to_vec(),
-            last,
-        };
+    let hashes = table.map(|h| h.hashes.as_slice()).unwrap_or(&[]);
+    let page_size = table.map_or(0, |h| h.page_size);
+    for m in proto::exchange::hash_batches(page_size, hashes) {
         wire::send(send, &m).await?;
     }
     Ok(())
 }
 
-/// Stages the pages of one database as they arrive and commits it at its end.
+/// Stages the pages of one database as [`DbFetch`] admits them and commits
+/// it at its end.
 pub(super) fn write_db(
     r: &Replica,
     e: &Entry,
-    base: Option<Arc<sync_core::sqlite::Held>>,
-    mut rx: mpsc::Receiver<Message>,
+    db: DbGeometry,
+    base: Option<Arc<sync_core::sqlite::PageTable>>,
+    mut rx: mpsc::Receiver<DbStep>,
 ) -> Result<u64> {
-    let Kind::Database {
-        page_size,
-        pages,
-        hash,
-    } = e.kind
-    else {
-        bail!("{}: not a database", e.path);
-    };
-    let mut staged = r.stage_db(&e.path, base, page_size, pages)?;
+    let mut staged = r.stage_db(&e.path, base, db.page_size, db.pages)?;
     let mut n = 0u64;
-    while let Some(msg) = rx.blocking_recv() {
-        match msg {
-            Message::DbPages(batch) => {
-                // Each page once at most: a source repeating pages is refused.
-                if n + batch.len() as u64 > u64::from(pages) {
-                    bail!(
-                        "{}: more pages sent than the {pages} the database has",
-                        e.path
-                    );
-                }
+    while let Some(step) = rx.blocking_recv() {
+        match step {
+            DbStep::Pages(batch) => {
                 staged.pages(&batch)?;
                 n += batch.len() as u64;
             }
-            Message::DbEnd {
-                page_size: ps,
-                pages: count,
-                hash: h,
-            } => {
-                if (ps, count, h) != (page_size, pages, hash) {
-                    bail!(
-                        "{}: the source's database end does not match the round",
-                        e.path
-                    );
-                }
-                staged.commit(&hash, &e.meta)?;
+            DbStep::Commit => {
+                staged.commit(&db.hash, &e.meta)?;
                 return Ok(n);
             }
-            other => bail!("{}: unexpected {other:?}", e.path),
+            DbStep::SendHashes => bail!("{}: hashes are the reader's to send", e.path),
         }
     }
     bail!("{}: stream ended before the database was complete", e.path)
@@ -223,15 +184,11 @@ pub(super) async fn fetch_file(
                 () = tx.closed() => return Ok(()),
             };
             activity.touch();
-            let end = matches!(msg, Message::FileEnd { .. });
-            if !matches!(
-                msg,
-                Message::Literal(_) | Message::Delta(_) | Message::FileEnd { .. }
-            ) {
-                bail!("expected file content, got {msg:?}");
-            }
+            // The writer's FileFetch judges each message; the first that is
+            // not content is the last one read.
+            let end = !FileFetch::more_follows(&msg);
             if tx.send(msg).await.is_err() || end {
-                return Ok(());
+                return Ok::<(), anyhow::Error>(());
             }
         }
     }
@@ -259,48 +216,35 @@ pub(super) fn write_file(
     };
     // A file that changed at the source since it was scanned is not installed
     // with the scan's metadata: it is left as it was and the next round sends it.
-    let changed = |why: String| {
+    let changed = |why: proto::exchange::Changed| {
         replica.warn(format!("{}: changed at the source during transfer ({why}); left as it was, sent again next round", entry.path));
         Ok(None)
     };
+    let named = |e: proto::exchange::ExchangeError| anyhow!("{}: {e}", entry.path);
+    let mut fetch = FileFetch::new(want_size, want_hash, basis.is_some());
     let mut staged = replica.stage(&entry.path)?;
-    let (mut literal, mut matched) = (0u64, 0u64);
     let mut out = Vec::new();
     while let Some(msg) = rx.blocking_recv() {
-        match msg {
-            Message::Literal(data) => {
-                literal += data.len() as u64;
-                staged.write(&data)?;
-            }
-            Message::Delta(d) => {
-                let base = basis.ok_or_else(|| anyhow!("{}: delta without a basis", entry.path))?;
+        match fetch.handle(msg).map_err(named)? {
+            FileStep::Literal(data) => staged.write(&data)?,
+            FileStep::Delta(d) => {
+                // FileFetch admits a delta only when a basis was offered.
+                let base = basis.unwrap_or_default();
                 out.clear();
                 delta::apply_delta(base, &d, &mut out, delta::WINDOW)
                     .map_err(|e| anyhow!("{}: {e}", entry.path))?;
-                let lit = (d.len() as u64).min(out.len() as u64);
-                literal += lit;
-                matched += out.len() as u64 - lit;
+                if let Err(why) = fetch.produced(out.len() as u64, d.len() as u64) {
+                    return changed(why);
+                }
                 staged.write(&out)?;
             }
-            Message::FileEnd { size, hash } => {
-                if size != staged.len() {
-                    bail!(
-                        "{}: source announced {size} bytes, {} arrived",
-                        entry.path,
-                        staged.len()
-                    );
-                }
-                if size != want_size || hash != want_hash {
-                    return changed(format!("{size} bytes now, {want_size} when scanned"));
-                }
+            FileStep::Commit { hash } => {
                 staged.commit(&hash, &entry.meta)?;
-                return Ok(Some((literal, matched)));
+                return Ok(Some(fetch.figures()));
             }
-            other => bail!("unexpected {other:?}"),
-        }
-        if staged.len() > want_size {
-            return changed(format!("more than the {want_size} bytes scanned"));
+            FileStep::Changed(why) => return changed(why),
         }
     }
-    bail!("{}: stream ended before the file was complete", entry.path)
+    fetch.stream_ended().map_err(named)?;
+    bail!("{}: the file's stream ended after its end", entry.path)
 }

@@ -111,7 +111,7 @@ pub(super) async fn apply_round(
         let ids = folder.ids.clone();
         let verified =
             tokio::task::spawn_blocking(move || engine::verify(&r, d, f, &planned, &ids)).await??;
-        engine::add_verified(&mut summary, verified, round.full, super::HELD_PREFIX);
+        engine::add_verified(&mut summary, verified, round.full);
         summary.parity = crate::hooks::parity_output(&folder.hooks, &folder.name).await;
         clock.mark("verify");
     }

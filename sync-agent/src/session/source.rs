@@ -4,6 +4,7 @@ use super::Progress;
 use crate::handover::PromoteFailure;
 use crate::wire;
 use anyhow::{Context, Result, anyhow, bail};
+use proto::exchange::Request;
 use proto::handshake::{self, Answer};
 use proto::round::Outgoing;
 use proto::{ApplySummary, Entry, Hello, Kind, Message, RelPath, Role};
@@ -348,23 +349,20 @@ async fn serve(
     live: Option<Arc<Mutex<LiveSet>>>,
     progress: Arc<Progress>,
 ) -> Result<()> {
-    let entry = |index: u64| {
-        usize::try_from(index)
-            .ok()
-            .and_then(|i| entries.get(i))
-            .cloned()
-            .ok_or_else(|| anyhow!("replica asked for entry {index}, beyond the round"))
-    };
-    match wire::expect_soon(&mut recv, "a request").await? {
-        Message::FileRequest { index, signature } => {
-            serve_file(send, entry(index)?, signature, root, progress).await
+    let msg = wire::expect_soon(&mut recv, "a request").await?;
+    match proto::exchange::admit(&entries, live, msg)? {
+        Request::File { entry, signature } => {
+            serve_file(send, entry.clone(), signature, root, progress).await
         }
-        Message::DbRequest { index, have } => {
-            let live =
-                live.ok_or_else(|| anyhow!("replica asked for a database; none in the round"))?;
-            serve_db(send, recv, entry(index)?, have, live, progress).await
+        Request::Db {
+            entry,
+            db,
+            have,
+            live,
+        } => {
+            let path = entry.path.clone();
+            serve_db(send, recv, (path, db), have, live, progress).await
         }
-        other => bail!("expected a request, got {other:?}"),
     }
 }
 

@@ -2,8 +2,9 @@
 
 use super::Progress;
 use crate::wire;
-use anyhow::{Result, anyhow, bail};
-use proto::{Entry, Kind, Message};
+use anyhow::{Result, anyhow};
+use proto::exchange::{DbGeometry, HashCollector, pages_per_batch};
+use proto::{Message, RelPath};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use sync_core::sqlite::{LiveSet, Need};
@@ -13,70 +14,37 @@ use sync_core::sqlite::{LiveSet, Need};
 pub(super) async fn serve_db(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    entry: Entry,
+    (path, db): (RelPath, DbGeometry),
     have: [u8; 32],
     live: Arc<Mutex<LiveSet>>,
     progress: Arc<Progress>,
 ) -> Result<()> {
-    let Kind::Database {
-        page_size,
-        pages,
-        hash,
-    } = entry.kind
-    else {
-        bail!(
-            "replica asked for {} as a database; it is a {}",
-            entry.path,
-            entry.kind.name()
-        );
-    };
-    let need = lock_live(&live)?.need(&entry.path, &have);
+    let need = lock_live(&live)?.need(&path, &have);
     let wanted: Vec<u32> = match need {
         Need::Nothing => Vec::new(),
         Need::Pages(p) => p,
         Need::Hashes => {
             wire::send(&mut send, &Message::DbNeedHashes).await?;
-            let mut theirs: Vec<[u8; 32]> = Vec::new();
             // A replica holds at most MAX_DB_PAGES pages: more batches than
             // that takes are refused, not read forever.
-            let most = (proto::MAX_DB_PAGES as usize).div_ceil(proto::MAX_HASHES_PER_BATCH) + 1;
-            let mut batches = 0usize;
-            let their_size = loop {
-                match wire::expect_soon(&mut recv, "page hashes").await? {
-                    Message::DbHashes {
-                        page_size: ps,
-                        hashes,
-                        last,
-                    } => {
-                        batches += 1;
-                        if batches > most {
-                            bail!(
-                                "replica sent more than {most} batches of page hashes for {} (at most {} pages)",
-                                entry.path,
-                                proto::MAX_DB_PAGES
-                            );
-                        }
-                        // beyond our page count they do not matter: not kept
-                        let room = (pages as usize).saturating_sub(theirs.len());
-                        theirs.extend(hashes.into_iter().take(room));
-                        if last {
-                            break ps;
-                        }
-                    }
-                    other => bail!("expected page hashes for {}, got {other:?}", entry.path),
+            let mut hashes = HashCollector::new(db.pages);
+            let (their_size, theirs) = loop {
+                let msg = wire::expect_soon(&mut recv, "page hashes").await?;
+                if let Some(done) = hashes.handle(msg).map_err(|e| anyhow!("{path}: {e}"))? {
+                    break done;
                 }
             };
-            lock_live(&live)?.differing(&entry.path, their_size, &theirs)
+            lock_live(&live)?.differing(&path, their_size, &theirs)
         }
     };
-    let sent = send_pages(&mut send, &live, &entry.path, page_size, wanted).await?;
+    let sent = send_pages(&mut send, &live, &path, db.page_size, wanted).await?;
     progress.bytes_done.fetch_add(sent, Ordering::Relaxed);
     wire::send(
         &mut send,
         &Message::DbEnd {
-            page_size,
-            pages,
-            hash,
+            page_size: db.page_size,
+            pages: db.pages,
+            hash: db.hash,
         },
     )
     .await?;
@@ -98,8 +66,7 @@ async fn send_pages(
     // Batches are small next to the
     // stream's flow-control window, so several are in flight at once.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(u32, Vec<u8>)>>(4);
-    let budget =
-        (PAGE_BATCH_BYTES / page_size.max(512) as usize).clamp(1, proto::MAX_PAGES_PER_BATCH);
+    let budget = pages_per_batch(page_size);
     let (l, path) = (live.clone(), path.clone());
     let reader = tokio::task::spawn_blocking(move || -> Result<()> {
         for chunk in wanted.chunks(budget) {
@@ -128,10 +95,6 @@ async fn send_pages(
     reader.await??;
     Ok(sent)
 }
-
-/// Page bytes per `DbPages` frame: a fraction of the stream's flow-control
-/// window, so that batches stream rather than stop and wait.
-const PAGE_BATCH_BYTES: usize = 256 << 10;
 
 pub(super) fn lock_live(l: &Mutex<LiveSet>) -> Result<std::sync::MutexGuard<'_, LiveSet>> {
     l.lock().map_err(|_| anyhow!("live database set poisoned"))

@@ -3,7 +3,7 @@
 
 use super::round::start_writeback;
 use super::*;
-use crate::sqlite::{self, Held};
+use crate::sqlite::{self, PageTable};
 use crate::{Entry, Error, Kind, Meta, RelPath};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use std::fs::File;
@@ -13,16 +13,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 impl Replica {
-    /// Records that the database at `path` was left alone because another
-    /// process holds it (see [`Replica::take_held`]).
-    pub fn note_held(&self, path: &RelPath) {
+    /// Records that the database at `path` was left alone because `holders`
+    /// (another process) hold it open (see [`Replica::take_held`]).
+    pub fn note_held(&self, path: &RelPath, holders: &str) {
         if let Ok(mut h) = self.held.lock() {
-            h.push(path.clone());
+            h.push(proto::HeldDb {
+                path: path.clone(),
+                holders: holders.to_string(),
+            });
         }
     }
 
-    /// The databases left alone since the last call.
-    pub fn take_held(&self) -> Vec<RelPath> {
+    /// The databases left alone since the last call, with their holders.
+    pub fn take_held(&self) -> Vec<proto::HeldDb> {
         self.held
             .lock()
             .map(|mut h| std::mem::take(&mut *h))
@@ -32,9 +35,9 @@ impl Replica {
     /// The other processes holding the database at `path` (or its side files)
     /// open, as text, or `None`.
     pub fn db_holders(&self, path: &RelPath) -> Option<String> {
-        let held = crate::holders::holders_of_db(&self.db_path(path)).unwrap_or_default();
-        (!held.is_empty()).then(|| {
-            held.iter()
+        let who = crate::holders::holders_of_db(&self.db_path(path)).unwrap_or_default();
+        (!who.is_empty()).then(|| {
+            who.iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -82,7 +85,7 @@ impl Replica {
             ));
         }
         let held = |who: &str| {
-            self.note_held(&db.path);
+            self.note_held(&db.path, who);
             self.warn(format!(
                 "{shown}: database held open by {who}; not updated (the standby's \
                  application must be stopped), retried next round"
@@ -103,7 +106,7 @@ impl Replica {
         // old log with the new file. Pages written in place go through SQLite.
         let _lock = if db.full {
             match sqlite::lock_exclusive(&self.db_path(&db.path), HELD_WAIT)? {
-                sqlite::Lock::Held(x) => Some(x),
+                sqlite::Lock::Taken(x) => Some(x),
                 sqlite::Lock::Busy => return held("another connection"),
                 sqlite::Lock::NotDb => None,
             }
@@ -148,12 +151,12 @@ impl Replica {
             meta: db.meta,
         };
         self.set_meta(&entry)?;
-        if let (Some(held), Ok(st)) = (
-            db.held,
+        if let (Some(table), Ok(st)) = (
+            db.table,
             rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW),
         ) && let Ok(mut c) = self.db_cache.lock()
         {
-            c.insert(db.path, (db_stamp(&st), held));
+            c.insert(db.path, (db_stamp(&st), table));
         }
         Ok(())
     }
@@ -200,7 +203,7 @@ impl Replica {
 
     /// The database the replica holds at `path` (page hashes cached by inode,
     /// size and mtime), or `None` when there is none SQLite can open.
-    pub fn db_held(&self, path: &RelPath) -> Result<Option<Arc<Held>>, Error> {
+    pub fn page_table(&self, path: &RelPath) -> Result<Option<Arc<PageTable>>, Error> {
         let (dir, parent, name) = self.parent(path)?;
         let st = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
@@ -220,11 +223,11 @@ impl Replica {
         // SQLite may create and remove side files beside it: the directory's
         // mtime is put back with the round's directories.
         self.touch(parent);
-        let held = sqlite::read_hashes(&self.db_path(path))?.map(Arc::new);
-        if let (Some(h), Ok(mut c)) = (&held, self.db_cache.lock()) {
+        let table = sqlite::read_hashes(&self.db_path(path))?.map(Arc::new);
+        if let (Some(h), Ok(mut c)) = (&table, self.db_cache.lock()) {
             c.insert(path.clone(), (stamp, h.clone()));
         }
-        Ok(held)
+        Ok(table)
     }
 
     /// Starts staging a database: pages on top of `base` (what the replica
@@ -232,7 +235,7 @@ impl Replica {
     pub fn stage_db(
         &self,
         path: &RelPath,
-        base: Option<Arc<Held>>,
+        base: Option<Arc<PageTable>>,
         page_size: u32,
         pages: u32,
     ) -> Result<StagedDb<'_>, Error> {
@@ -298,7 +301,7 @@ pub(super) fn db_stamp(st: &rustix::fs::Stat) -> DbStamp {
     (st.st_ino, st.st_size as u64, st.st_mtime, st.st_mtime_nsec)
 }
 
-pub(super) fn b_len(b: &Option<Arc<Held>>) -> u32 {
+pub(super) fn b_len(b: &Option<Arc<PageTable>>) -> u32 {
     b.as_ref().map_or(0, |b| b.hashes.len() as u32)
 }
 
@@ -500,7 +503,7 @@ impl StagedDb<'_> {
             full: self.full,
             pages: self.hashes.len() as u32,
             meta: meta.clone(),
-            held: Some(Arc::new(Held {
+            table: Some(Arc::new(PageTable {
                 page_size: self.page_size,
                 hash: got,
                 hashes: std::mem::take(&mut self.hashes),

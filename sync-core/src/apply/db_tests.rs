@@ -20,10 +20,10 @@ fn make_db(path: &Path, rows: u32, tag: &str) {
 
 /// Stages the database at `src` as a whole new image of `rel` and commits it.
 fn replace_whole(r: &Replica, rel: &RelPath, src: &Path) {
-    let held = sqlite::read_hashes(src).unwrap().unwrap();
+    let table = sqlite::read_hashes(src).unwrap().unwrap();
     let c = Connection::open(src).unwrap();
     let mut staged = r
-        .stage_db(rel, None, held.page_size, held.hashes.len() as u32)
+        .stage_db(rel, None, table.page_size, table.hashes.len() as u32)
         .unwrap();
     assert!(staged.is_full());
     let mut s = c.prepare("SELECT pgno, data FROM sqlite_dbpage").unwrap();
@@ -33,7 +33,7 @@ fn replace_whole(r: &Replica, rel: &RelPath, src: &Path) {
         staged.page(pgno, &data).unwrap();
     }
     let meta = crate::meta::from_stat(&std::fs::metadata(src).unwrap());
-    staged.commit(&held.hash, &meta).unwrap();
+    staged.commit(&table.hash, &meta).unwrap();
     r.flush().unwrap();
 }
 
@@ -63,7 +63,10 @@ fn a_whole_image_is_never_renamed_over_an_open_connection() {
         .unwrap();
     assert_eq!(n, 500);
     replace_whole(&r, &rel, &src);
-    assert_eq!(r.take_held(), std::slice::from_ref(&rel));
+    let held = r.take_held();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].path, rel);
+    assert_eq!(held[0].holders, "another connection");
     reader.execute_batch("COMMIT").unwrap();
     drop(reader);
     assert_eq!(tag_of(&root.join("app.db")).unwrap(), "A");

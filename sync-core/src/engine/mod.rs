@@ -350,15 +350,17 @@ pub fn verify(
     })
 }
 
-/// Adds what [`verify`] found to the round's summary: the root hash, a
-/// warning `{held_prefix}{path}: {holders}` per held database, and on a full
-/// round the differences.
-pub fn add_verified(summary: &mut ApplySummary, v: Verified, full: bool, held_prefix: &str) {
+/// Adds what [`verify`] found to the round's summary: the root hash, each
+/// held database with its holders (once, and a warning for people), and on a
+/// full round the differences.
+pub fn add_verified(summary: &mut ApplySummary, v: Verified, full: bool) {
     summary.root_hash = Some(v.root);
-    for (p, who) in v.held_by {
-        summary.warnings.push(format!("{held_prefix}{p}: {who}"));
-        if !summary.held.contains(&p) {
-            summary.held.push(p);
+    for (path, holders) in v.held_by {
+        summary
+            .warnings
+            .push(format!("held open on the replica: {path}: {holders}"));
+        if !summary.held.iter().any(|h| h.path == path) {
+            summary.held.push(proto::HeldDb { path, holders });
         }
     }
     if full {
@@ -435,8 +437,8 @@ pub fn own_manifest(
     };
     let (mut m, report) = crate::scan::scan_with(r.root_path(), &opts, None)?;
     for p in &report.databases {
-        let held = r.db_held(p)?;
-        if let (Some(i), Some(h)) = (m.entries.iter().position(|e| &e.path == p), held) {
+        let table = r.page_table(p)?;
+        if let (Some(i), Some(h)) = (m.entries.iter().position(|e| &e.path == p), table) {
             m.entries[i].kind = Kind::Database {
                 page_size: h.page_size,
                 pages: h.hashes.len() as u32,

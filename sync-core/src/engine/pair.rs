@@ -7,6 +7,7 @@ use super::content::{ContentSource as _, Loopback, pull, split_inline};
 use super::*;
 use crate::sqlite::{LiveSet, Need};
 use proto::Message;
+use proto::exchange::{DbFetch, DbGeometry, DbStep, pages_per_batch};
 use proto::round::{Assembler, Event, Outgoing};
 use std::path::PathBuf;
 
@@ -25,9 +26,6 @@ pub(super) struct Pair {
     live: LiveSet,
     next_id: u64,
 }
-
-/// The prefix of held-database warnings in verified rounds here.
-const HELD: &str = "held: ";
 
 impl Pair {
     pub fn new() -> Self {
@@ -83,6 +81,14 @@ impl Pair {
     /// A full, verified round of the whole source tree; the replica's root
     /// hash after it is the source's.
     pub fn full(&mut self) -> Result<ApplySummary, String> {
+        let (sum, root) = self.full_as_is()?;
+        assert_eq!(sum.root_hash, Some(root), "{sum:?}");
+        Ok(sum)
+    }
+
+    /// A full, verified round of the whole source tree, and the source's
+    /// root hash (which the replica's need not match: something it held).
+    pub fn full_as_is(&mut self) -> Result<(ApplySummary, [u8; 32]), String> {
         let m = self.source_manifest();
         let out = Outgoing {
             id: self.id(),
@@ -95,9 +101,7 @@ impl Pair {
             root_hash: m.root_hash(),
         };
         let msgs: Vec<Message> = out.messages(Vec::new()).collect();
-        let sum = self.send(msgs)?;
-        assert_eq!(sum.root_hash, Some(m.root_hash()), "{sum:?}");
-        Ok(sum)
+        Ok((self.send(msgs)?, m.root_hash()))
     }
 
     /// A partial round of `changed` paths (as the source has them now),
@@ -235,7 +239,7 @@ impl Pair {
         if round.verify {
             let (d, f) = (self.detect.clone(), self.filter.clone());
             let v = verify(r, d, f, &planned, &self.ids)?;
-            add_verified(&mut sum, v, round.full, HELD);
+            add_verified(&mut sum, v, round.full);
         }
         Ok(sum)
     }
@@ -252,28 +256,59 @@ impl Pair {
             return Ok(None);
         };
         let r = &self.replica;
-        let held = r.db_held(&e.path)?;
-        if held.as_ref().is_some_and(|h| h.hash == hash) {
+        let table = r.page_table(&e.path)?;
+        if table.as_ref().is_some_and(|h| h.hash == hash) {
             if current != Some(&e.meta) {
                 r.set_meta(e)?;
             }
             return Ok(None);
         }
-        let have = held.as_ref().map_or([0; 32], |h| h.hash);
+        let have = table.as_ref().map_or([0; 32], |h| h.hash);
         let wanted = match self.live.need(&e.path, &have) {
             Need::Nothing => Vec::new(),
             Need::Pages(p) => p,
-            Need::Hashes => match &held {
+            Need::Hashes => match &table {
                 Some(h) => self.live.differing(&e.path, h.page_size, &h.hashes),
                 None => self.live.differing(&e.path, 0, &[]),
             },
         };
-        let mut staged = r.stage_db(&e.path, held, page_size, pages)?;
-        for &p in &wanted {
-            staged.page(p, &self.live.page(&e.path, p)?)?;
+        // The pages as the source sends them, through the replica's machine.
+        let db = DbGeometry {
+            page_size,
+            pages,
+            hash,
+        };
+        let mut msgs = Vec::new();
+        for batch in wanted.chunks(pages_per_batch(page_size)) {
+            let images: Result<Vec<_>, Error> = batch
+                .iter()
+                .map(|&p| Ok((p, self.live.page(&e.path, p)?)))
+                .collect();
+            msgs.push(Message::DbPages(images?));
         }
-        staged.commit(&hash, &e.meta)?;
-        Ok(Some(wanted.len() as u64))
+        msgs.push(Message::DbEnd {
+            page_size,
+            pages,
+            hash,
+        });
+        let bad = |why: String| Error::invalid(&e.path, why);
+        let mut fetch = DbFetch::new(db);
+        let mut staged = r.stage_db(&e.path, table, page_size, pages)?;
+        for m in msgs {
+            match fetch.handle(m).map_err(|x| bad(x.to_string()))? {
+                DbStep::Pages(batch) => {
+                    for (p, data) in batch {
+                        staged.page(p, &data)?;
+                    }
+                }
+                DbStep::Commit => {
+                    staged.commit(&hash, &e.meta)?;
+                    return Ok(Some(fetch.received()));
+                }
+                DbStep::SendHashes => return Err(bad("hashes asked, none sent".into())),
+            }
+        }
+        Err(bad("the pages ended before the database's end".into()))
     }
 
     /// The replica's tree, scanned as the source's is: the same root hash.

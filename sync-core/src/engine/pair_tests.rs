@@ -217,6 +217,42 @@ fn a_live_database_travels_as_pages_of_a_cut() {
     p.assert_mirrored();
 }
 
+/// A replica database another process holds open (the standby's app left
+/// running) is left alone, and the round's summary names it with its holder
+/// as data; once released, the next round brings it.
+#[test]
+fn a_held_replica_database_is_reported_with_its_holder() {
+    let mut p = Pair::new();
+    let c = live_db(&p);
+    p.full().expect("first");
+    let before = fs::read(p.dst("app.db")).expect("read");
+    let mut holder = std::process::Command::new("sleep")
+        .arg("30")
+        .stdin(fs::File::open(p.dst("app.db")).expect("open"))
+        .spawn()
+        .expect("sleep runs");
+    c.execute("UPDATE t SET v = randomblob(200) WHERE k = 7", [])
+        .expect("update");
+    let sum = p.full_as_is();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let (sum, root) = sum.expect("the round applies around the held database");
+    assert_ne!(
+        sum.root_hash,
+        Some(root),
+        "the held database was left as it was"
+    );
+    let want = proto::HeldDb {
+        path: rel("app.db"),
+        holders: format!("pid {} (sleep)", holder.id()),
+    };
+    assert_eq!(sum.held, [want], "{sum:?}");
+    assert_eq!(fs::read(p.dst("app.db")).expect("read"), before);
+    let sum = p.full().expect("released");
+    assert!(sum.held.is_empty(), "{sum:?}");
+    p.assert_mirrored();
+}
+
 // ---- hostile sequences fed to the replica side ----
 
 fn one_file_round(p: &mut Pair, full: bool) -> (Vec<proto::Entry>, [u8; 32]) {

@@ -157,11 +157,15 @@ fn verified_figures_join_the_summary() {
         differences: vec!["after the cut: x".into()],
         held_by: vec![(rel("app.db"), "pid 7".into())],
     };
-    add_verified(&mut s, v.clone(), false, "held: ");
+    add_verified(&mut s, v.clone(), false);
     assert_eq!(s.root_hash, Some([3; 32]));
-    assert_eq!(s.warnings, ["held: app.db: pid 7"]);
-    assert_eq!(s.held, [rel("app.db")]);
-    add_verified(&mut s, v, true, "held: ");
+    assert_eq!(s.warnings, ["held open on the replica: app.db: pid 7"]);
+    let held = proto::HeldDb {
+        path: rel("app.db"),
+        holders: "pid 7".into(),
+    };
+    assert_eq!(s.held, [held]);
+    add_verified(&mut s, v, true);
     assert_eq!(s.held.len(), 1, "named once");
     assert!(s.warnings.iter().any(|w| w.starts_with("after the cut")));
 }

@@ -95,7 +95,7 @@ impl LiveDb {
             self.head = Some(head);
             return Ok(());
         }
-        let unchanged = self.known
+        let unchanged = self.has_snapshot
             && !self.wal_mode
             && !self.replaced
             && head.counter() == self.change_counter

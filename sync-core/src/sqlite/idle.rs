@@ -18,7 +18,7 @@ impl LiveDb {
     /// Whether the database file and its log are surely unwritten since the
     /// last cut.
     pub(super) fn quiet(&self) -> bool {
-        let Some(seen) = self.seen.filter(|_| self.known) else {
+        let Some(seen) = self.seen.filter(|_| self.has_snapshot) else {
             return false;
         };
         // The log's ctime moves when a connection opens it (SQLite running as

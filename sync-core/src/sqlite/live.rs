@@ -75,7 +75,7 @@ pub(super) struct LiveDb {
     pub(super) hashes: Vec<[u8; 32]>,
     pub(super) hash: [u8; 32],
     /// Whether `hashes` describe a snapshot (false until the first cut).
-    pub(super) known: bool,
+    pub(super) has_snapshot: bool,
     pub(super) change_counter: [u8; 4],
     /// Hashes of recent cuts, each with the pages changed since.
     pub(super) history: VecDeque<([u8; 32], BTreeSet<u32>)>,
@@ -104,7 +104,7 @@ impl LiveDb {
             page_size: 0,
             hashes: Vec::new(),
             hash: [0; 32],
-            known: false,
+            has_snapshot: false,
             change_counter: [0; 4],
             history: VecDeque::new(),
         }

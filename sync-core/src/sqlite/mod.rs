@@ -250,7 +250,9 @@ pub use conn::CHECKPOINT_BYTES;
 pub use content::{content_snapshot, mark_by_content};
 pub use copy::COPY_BUDGET;
 pub use live::{CutStats, LOCK_WAIT, LiveSet, RELEASE_BUDGET};
-pub use replica::{Exclusive, Held, Lock, apply_pages, integrity, lock_exclusive, read_hashes};
+pub use replica::{
+    Exclusive, Lock, PageTable, apply_pages, integrity, lock_exclusive, read_hashes,
+};
 pub use serve::{Need, Snapshot};
 pub use settle::{SETTLE, SETTLE_MAX};
 

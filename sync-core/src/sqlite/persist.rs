@@ -56,7 +56,7 @@ impl LiveSet {
         let dbs = self
             .dbs
             .iter()
-            .filter(|(_, d)| d.known)
+            .filter(|(_, d)| d.has_snapshot)
             .map(|(p, d)| SavedDb {
                 path: p.clone(),
                 page_size: d.page_size,
@@ -101,7 +101,7 @@ impl LiveSet {
                 continue;
             };
             let sound = db.conns.is_none()
-                && !db.known
+                && !db.has_snapshot
                 && proto::valid_page_size(s.page_size)
                 && s.hashes.len() <= proto::MAX_DB_PAGES as usize
                 && db_hash(s.page_size, &s.hashes) == s.hash
@@ -122,7 +122,7 @@ impl LiveSet {
                 .into_iter()
                 .map(|(h, pages)| (h, pages.into_iter().collect::<BTreeSet<u32>>()))
                 .collect();
-            db.known = true;
+            db.has_snapshot = true;
             n += 1;
         }
         Ok(n)

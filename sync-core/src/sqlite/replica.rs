@@ -6,9 +6,10 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::path::Path;
 use std::time::Duration;
 
-/// A replica's database as it stands.
+/// A replica database's page table as it stands: page size, page hashes, and
+/// their hash (what a database exchange compares and stages against).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Held {
+pub struct PageTable {
     /// Page size.
     pub page_size: u32,
     /// Page hashes.
@@ -30,7 +31,7 @@ fn open_replica_db(path: &Path) -> Result<Connection, Error> {
 
 /// Page hashes of the database at `path` (a replica's own copy), or `None`
 /// when it is not a database SQLite can open.
-pub fn read_hashes(path: &Path) -> Result<Option<Held>, Error> {
+pub fn read_hashes(path: &Path) -> Result<Option<PageTable>, Error> {
     let c = match open_replica_db(path) {
         Ok(c) => c,
         Err(_) => return Ok(None),
@@ -41,7 +42,7 @@ pub fn read_hashes(path: &Path) -> Result<Option<Held>, Error> {
     let res = all_hashes(&tx, path);
     drop(tx);
     match res {
-        Ok((page_size, hashes)) => Ok(Some(Held {
+        Ok((page_size, hashes)) => Ok(Some(PageTable {
             page_size,
             hash: db_hash(page_size, &hashes),
             hashes,
@@ -139,7 +140,7 @@ pub struct Exclusive {
 pub enum Lock {
     /// No other connection has the database open; none can start until the
     /// lock is dropped.
-    Held(Exclusive),
+    Taken(Exclusive),
     /// Another connection holds it (after waiting `wait`).
     Busy,
     /// Not a database SQLite can open (a plain file with a database's name).
@@ -170,7 +171,7 @@ pub fn lock_exclusive(path: &Path, wait: Duration) -> Result<Lock, Error> {
         .execute_batch("BEGIN EXCLUSIVE")
         .and_then(|()| c.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(())));
     match begun {
-        Ok(()) => Ok(Lock::Held(Exclusive { _c: c })),
+        Ok(()) => Ok(Lock::Taken(Exclusive { _c: c })),
         Err(rusqlite::Error::SqliteFailure(e, _))
             if matches!(
                 e.code,

@@ -30,11 +30,14 @@ impl LiveSet {
     /// The current snapshot of `path`.
     #[must_use]
     pub fn snapshot(&self, path: &RelPath) -> Option<Snapshot> {
-        self.dbs.get(path).filter(|d| d.known).map(|d| Snapshot {
-            page_size: d.page_size,
-            pages: d.hashes.len() as u32,
-            hash: d.hash,
-        })
+        self.dbs
+            .get(path)
+            .filter(|d| d.has_snapshot)
+            .map(|d| Snapshot {
+                page_size: d.page_size,
+                pages: d.hashes.len() as u32,
+                hash: d.hash,
+            })
     }
 
     /// What a replica holding `have` needs to reach the snapshot of `path`.

@@ -24,7 +24,7 @@ impl LiveDb {
             self.wal = WalPos::default();
             None
         };
-        let changed = if !self.known || page_size != self.page_size {
+        let changed = if !self.has_snapshot || page_size != self.page_size {
             self.page_size = page_size;
             self.hashes = self.cut_hashes()?;
             self.history.clear();
@@ -46,7 +46,7 @@ impl LiveDb {
         };
         self.wal_mode = wal_mode;
         self.change_counter = counter;
-        self.known = true;
+        self.has_snapshot = true;
         Ok(self.record(changed))
     }
 

@@ -1,0 +1,212 @@
+//! One database: the replica's side (`DbRequest` sent, then maybe
+//! `DbNeedHashes` ↔ `DbHashes`*, then `DbPages`* and `DbEnd`), and the
+//! source's collection of the replica's page hashes.
+
+use super::{DbGeometry, ExchangeError};
+use crate::{MAX_DB_PAGES, MAX_HASHES_PER_BATCH, MAX_PAGES_PER_BATCH, Message};
+
+/// What to do with a message of the database's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DbStep {
+    /// Send our page hashes ([`hash_batches`]).
+    SendHashes,
+    /// Stage these pages (numbers within the database, each once at most
+    /// counted, of the database's page size).
+    Pages(Vec<(u32, Vec<u8>)>),
+    /// The pages are complete and the end is the round's: commit.
+    Commit,
+}
+
+/// One database being received, against its manifest entry.
+///
+/// Refuses (an [`ExchangeError`]) `DbNeedHashes` twice or after pages, more
+/// pages than the database has, a page number beyond it or of another size,
+/// an end that is not the entry's, anything else, and anything after the end.
+#[derive(Debug, Clone)]
+pub struct DbFetch {
+    db: DbGeometry,
+    received: u64,
+    /// Hashes were asked, or pages began: no `DbNeedHashes` any more.
+    past_hashes: bool,
+    ended: bool,
+}
+
+impl DbFetch {
+    /// A database announced as `db`.
+    #[must_use]
+    pub fn new(db: DbGeometry) -> Self {
+        Self {
+            db,
+            received: 0,
+            past_hashes: false,
+            ended: false,
+        }
+    }
+
+    /// Feeds one message.
+    ///
+    /// # Errors
+    /// See [`DbFetch`].
+    pub fn handle(&mut self, msg: Message) -> Result<DbStep, ExchangeError> {
+        msg.validate()?;
+        if self.ended {
+            return Err(ExchangeError::AfterEnd { got: msg.name() });
+        }
+        let DbGeometry {
+            page_size,
+            pages,
+            hash,
+        } = self.db;
+        match msg {
+            Message::DbNeedHashes => {
+                if self.past_hashes {
+                    return Err(ExchangeError::HashesAgain);
+                }
+                self.past_hashes = true;
+                Ok(DbStep::SendHashes)
+            }
+            Message::DbPages(batch) => {
+                // Each page once at most: a source repeating pages is refused.
+                if self.received + batch.len() as u64 > u64::from(pages) {
+                    return Err(ExchangeError::TooManyPages(pages));
+                }
+                let bad = |(n, d): &&(u32, Vec<u8>)| {
+                    *n == 0 || *n > pages || d.len() != page_size as usize
+                };
+                if let Some((number, d)) = batch.iter().find(bad) {
+                    return Err(ExchangeError::BadPage {
+                        number: *number,
+                        len: d.len(),
+                        pages,
+                        page_size,
+                    });
+                }
+                self.received += batch.len() as u64;
+                self.past_hashes = true;
+                Ok(DbStep::Pages(batch))
+            }
+            Message::DbEnd {
+                page_size: ps,
+                pages: count,
+                hash: h,
+            } => {
+                if (ps, count, h) != (page_size, pages, hash) {
+                    return Err(ExchangeError::EndMismatch);
+                }
+                self.ended = true;
+                Ok(DbStep::Commit)
+            }
+            other => Err(ExchangeError::Unexpected {
+                want: "database pages",
+                got: other.name(),
+            }),
+        }
+    }
+
+    /// Pages received so far.
+    #[must_use]
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// The stream ended here.
+    ///
+    /// # Errors
+    /// [`ExchangeError::EndedEarly`] before the database's end.
+    pub fn stream_ended(&self) -> Result<(), ExchangeError> {
+        if self.ended {
+            Ok(())
+        } else {
+            Err(ExchangeError::EndedEarly("database"))
+        }
+    }
+}
+
+/// Our page hashes as `DbHashes` batches, in page order, the last one marked
+/// (one empty batch for none).
+pub fn hash_batches(page_size: u32, hashes: &[[u8; 32]]) -> impl Iterator<Item = Message> + '_ {
+    let n = hashes.len().div_ceil(MAX_HASHES_PER_BATCH).max(1);
+    (0..n).map(move |i| {
+        let from = (i * MAX_HASHES_PER_BATCH).min(hashes.len());
+        let to = ((i + 1) * MAX_HASHES_PER_BATCH).min(hashes.len());
+        Message::DbHashes {
+            page_size,
+            hashes: hashes[from..to].to_vec(),
+            last: i + 1 == n,
+        }
+    })
+}
+
+/// Pages per `DbPages` batch for a page size: about 256 KiB (a fraction of a
+/// stream's flow-control window, so batches stream rather than stop and
+/// wait), at most [`MAX_PAGES_PER_BATCH`].
+#[must_use]
+pub fn pages_per_batch(page_size: u32) -> usize {
+    ((256 << 10) / page_size.max(512) as usize).clamp(1, MAX_PAGES_PER_BATCH)
+}
+
+/// The replica's page size (0: it has no database) and page hashes.
+pub type TheirHashes = (u32, Vec<[u8; 32]>);
+
+/// The source's side of `DbNeedHashes`: the replica's `DbHashes` batches,
+/// bounded in number (a database has at most [`MAX_DB_PAGES`] pages), hashes
+/// past our own page count dropped as they arrive.
+#[derive(Debug, Clone)]
+pub struct HashCollector {
+    ours: usize,
+    batches: usize,
+    theirs: Vec<[u8; 32]>,
+    done: bool,
+}
+
+impl HashCollector {
+    /// Most batches a replica may send.
+    pub const MOST_BATCHES: usize = (MAX_DB_PAGES as usize).div_ceil(MAX_HASHES_PER_BATCH) + 1;
+
+    /// Collects for a database of which we have `pages` pages.
+    #[must_use]
+    pub fn new(pages: u32) -> Self {
+        Self {
+            ours: pages as usize,
+            batches: 0,
+            theirs: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// Feeds one message: `Some((their page size, their hashes))` after the
+    /// last batch.
+    ///
+    /// # Errors
+    /// More than [`Self::MOST_BATCHES`] batches, anything but `DbHashes`, and
+    /// anything after the last batch.
+    pub fn handle(&mut self, msg: Message) -> Result<Option<TheirHashes>, ExchangeError> {
+        msg.validate()?;
+        if self.done {
+            return Err(ExchangeError::AfterEnd { got: msg.name() });
+        }
+        let Message::DbHashes {
+            page_size,
+            hashes,
+            last,
+        } = msg
+        else {
+            return Err(ExchangeError::Unexpected {
+                want: "page hashes",
+                got: msg.name(),
+            });
+        };
+        self.batches += 1;
+        if self.batches > Self::MOST_BATCHES {
+            return Err(ExchangeError::TooManyHashBatches(Self::MOST_BATCHES));
+        }
+        // beyond our page count they do not matter: not kept
+        let room = self.ours.saturating_sub(self.theirs.len());
+        self.theirs.extend(hashes.into_iter().take(room));
+        if !last {
+            return Ok(None);
+        }
+        self.done = true;
+        Ok(Some((page_size, std::mem::take(&mut self.theirs))))
+    }
+}
