@@ -40,9 +40,18 @@ async fn ten_million_entries_announced() {
     let mut p = t.connect().await;
     p.hello().await;
     // The smallest entries: directories with 7-byte names; 10^7 of them would
-    // be 2,442 batches of 4,096.
-    let batch: Vec<Entry> = (0..proto::MAX_ENTRIES_PER_BATCH)
-        .map(|i| dir(&format!("d{i:06}")))
+    // be 2,442 batches of 4,096. The names are scrambled so that a packed
+    // batch stays large on the wire: the sender then feels the replica's
+    // refusal through flow control (a batch of look-alike names packs so
+    // small that the whole flood fits in the windows before the refusal
+    // arrives; the replica refuses at the same entry either way).
+    let batch: Vec<Entry> = (0..proto::MAX_ENTRIES_PER_BATCH as u64)
+        .map(|i| {
+            dir(&format!(
+                "{:07x}",
+                i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 36
+            ))
+        })
         .collect();
     let frame = encode(&Message::Manifest(batch));
     let (msg, sent) = flood(
