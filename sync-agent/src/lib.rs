@@ -17,6 +17,7 @@
 
 pub mod addr;
 pub mod alerts;
+pub mod bwlimit;
 pub mod config;
 pub mod continuous;
 pub mod control;
@@ -78,6 +79,8 @@ pub struct PushOptions {
     pub protocol_version: u32,
     /// Compare files by content hash rather than size and mtime (rsync -c).
     pub checksum: bool,
+    /// Cap on the content streams' bytes/s (`--bwlimit`).
+    pub bwlimit: Option<bwlimit::ByteRate>,
 }
 
 /// Connects to a pinned replica.
@@ -131,7 +134,8 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             0,
             progress.clone(),
         )
-        .await?;
+        .await?
+        .with_bwlimit(opts.bwlimit);
         let (src, scan_opts) = (
             opts.src.clone(),
             sync_core::scan::ScanOptions {
@@ -391,6 +395,7 @@ pub async fn mirror_with(
             filter: Filter::default(),
             protocol_version: proto::PROTOCOL_VERSION,
             checksum,
+            bwlimit: None,
         },
         progress,
     )

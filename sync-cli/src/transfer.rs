@@ -51,6 +51,10 @@ pub struct PushArgs {
     /// gitignore-style exclude (repeatable).
     #[arg(long)]
     exclude: Vec<String>,
+    /// Cap on the bytes/s of content sent, like rsync's --bwlimit but in
+    /// bytes/s: 500K, 10M, 1G (K = 1024; at least 256K).
+    #[arg(long)]
+    bwlimit: Option<sync_agent::bwlimit::ByteRate>,
     /// Announce this protocol version (for testing a mismatch).
     #[arg(long, hide = true, default_value_t = proto::PROTOCOL_VERSION)]
     protocol_version: u32,
@@ -179,6 +183,7 @@ pub fn push(a: PushArgs) -> Result<ExitCode> {
         filter: sync_core::filter::Filter::new(&a.exclude)?,
         protocol_version: a.protocol_version,
         checksum: a.checksum,
+        bwlimit: a.bwlimit,
     };
     let s = with_progress(a.json, |p| sync_agent::push(opts, p))?;
     report(&s, a.json)

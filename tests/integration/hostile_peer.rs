@@ -142,6 +142,7 @@ impl Target {
             filter: Default::default(),
             protocol_version: proto::PROTOCOL_VERSION,
             checksum: false,
+            bwlimit: None,
         };
         tokio::time::timeout(
             ANSWER,
@@ -427,6 +428,7 @@ impl HostileReplica {
             filter: Default::default(),
             protocol_version: proto::PROTOCOL_VERSION,
             checksum: false,
+            bwlimit: None,
         };
         let push = tokio::spawn(sync_agent::push(
             opts,

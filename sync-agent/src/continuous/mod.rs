@@ -69,6 +69,8 @@ pub struct SourceFolder {
     pub epoch: u64,
     /// Where this node's fencing state is persisted.
     pub state_dir: Option<PathBuf>,
+    /// Cap on the bytes/s of content sent to the peer (`bwlimit`).
+    pub bwlimit: Option<crate::bwlimit::ByteRate>,
 }
 
 /// What the operator asks of a running source folder (through the control
