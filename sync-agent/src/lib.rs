@@ -289,6 +289,7 @@ pub fn replica_folder_with(
         last_warning: std::sync::Mutex::new(None),
         activity: Default::default(),
         stats: std::sync::Mutex::default(),
+        stages: std::sync::Mutex::default(),
         promotable: settings.promotable,
         ids: settings.ids,
         sweep: settings.sweep,

@@ -25,6 +25,8 @@
 //! a rename when the replica had none; the agent never updates a database that
 //! another process holds open.
 
+mod bulk;
+pub use bulk::Kept;
 mod db;
 use db::db_like;
 mod meta_apply;

@@ -28,6 +28,7 @@ use sync_core::sqlite::{CutStats, LiveSet};
 use tokio::sync::{Notify, mpsc, watch};
 
 mod backoff;
+mod bulk;
 mod drive;
 mod inotify;
 mod partial;

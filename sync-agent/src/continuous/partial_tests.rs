@@ -150,8 +150,9 @@ fn renamed_dir_round(root: &Path, k: &Known, dirty: &[&str], rename: (&str, &str
     let mut stats = CutStats::default();
     let deferred = Default::default();
     let opts = ScanOptions::default();
-    let (round, held) = partial_round(root, &opts, &index, k, batch, &deferred, &live, &mut stats)
-        .expect("a round");
+    let lane = (&mut stats, &Default::default(), &mut Vec::new());
+    let (round, held) =
+        partial_round(root, &opts, &index, k, batch, &deferred, &live, lane).expect("a round");
     assert!(held.is_empty());
     round.expect("a partial round")
 }
@@ -235,7 +236,7 @@ fn a_database_still_being_written_is_held_not_shipped() {
         batch,
         &Default::default(),
         &live,
-        &mut stats,
+        (&mut stats, &Default::default(), &mut Vec::new()),
     )
     .expect("a round");
     assert_eq!(held, [p("new.db")]);

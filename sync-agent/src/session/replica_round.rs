@@ -68,6 +68,8 @@ pub(super) async fn apply_round(
         summary.files_inline += files;
         summary.bytes_literal += bytes;
     }
+    // Large files staged ahead by the bulk lane are installed, not fetched.
+    let pulled = super::replica_stage::take_staged(folder, &planned, pulled, &mut summary).await?;
     pull_files(conn, folder, &planned, &kept, pulled, &mut summary).await?;
     // Databases, one at a time, staged for the commit below.
     for &i in &plan.dbs {

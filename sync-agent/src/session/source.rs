@@ -450,7 +450,7 @@ async fn serve_file(
     let _ = send.stopped().await;
     Ok(())
 }
-fn encode_file(
+pub(crate) fn encode_file(
     path: &Path,
     signature: Option<Vec<u8>>,
     tx: mpsc::Sender<Message>,

@@ -13,6 +13,17 @@ impl Replica {
     /// directory, recorded as staging: its directory, name and file.
     pub(super) fn temp_beside(&self, path: &RelPath) -> Result<(OwnedFd, Vec<u8>, File), Error> {
         let (dir, parent, _) = self.parent(path)?;
+        self.temp_in(dir, parent, path)
+    }
+
+    /// A new temp file (mode 0600) in `dir` (the directory `parent`), for
+    /// `path`, recorded as staging: its directory, name and file.
+    pub(super) fn temp_in(
+        &self,
+        dir: OwnedFd,
+        parent: RelPath,
+        path: &RelPath,
+    ) -> Result<(OwnedFd, Vec<u8>, File), Error> {
         let tmp = temp_name();
         if let Ok(mut s) = self.staging.lock() {
             s.insert((parent, tmp.clone()));
@@ -30,16 +41,7 @@ impl Replica {
     /// Starts writing new content for `path` into a temp file beside it.
     pub fn stage(&self, path: &RelPath) -> Result<Staged<'_>, Error> {
         let (dir, tmp, file) = self.temp_beside(path)?;
-        Ok(Staged {
-            replica: self,
-            dir,
-            tmp,
-            path: path.clone(),
-            file,
-            hasher: blake3::Hasher::new(),
-            len: 0,
-            done: false,
-        })
+        Ok(Staged::new(self, dir, tmp, path.clone(), file))
     }
 
     /// Carries out the round: one `syncfs` makes every staged file durable, the
@@ -241,14 +243,35 @@ impl Replica {
 /// [`Staged::commit`], the temp file is removed.
 #[derive(Debug)]
 pub struct Staged<'r> {
-    replica: &'r Replica,
+    pub(super) replica: &'r Replica,
     dir: OwnedFd,
-    tmp: Vec<u8>,
-    path: RelPath,
-    file: File,
-    hasher: blake3::Hasher,
-    len: u64,
-    done: bool,
+    pub(super) tmp: Vec<u8>,
+    pub(super) path: RelPath,
+    pub(super) file: File,
+    pub(super) hasher: blake3::Hasher,
+    pub(super) len: u64,
+    pub(super) done: bool,
+}
+
+impl<'r> Staged<'r> {
+    pub(super) fn new(
+        replica: &'r Replica,
+        dir: OwnedFd,
+        tmp: Vec<u8>,
+        path: RelPath,
+        file: File,
+    ) -> Self {
+        Self {
+            replica,
+            dir,
+            tmp,
+            path,
+            file,
+            hasher: blake3::Hasher::new(),
+            len: 0,
+            done: false,
+        }
+    }
 }
 
 impl Staged<'_> {
