@@ -158,7 +158,8 @@ async fn stage(
     let timer = wire::Stage::new(format!("staging {path}"), size);
     let (tx, rx) = mpsc::channel::<Message>(2);
     let (r, p) = (folder.replica.clone(), path.clone());
-    let writer = tokio::task::spawn_blocking(move || write_stage(&r, &p, map.as_deref(), rx));
+    let writer =
+        tokio::task::spawn_blocking(move || write_stage(&r, (&p, size), map.as_deref(), rx));
     let reading = async {
         loop {
             let msg = tokio::select! {
@@ -196,10 +197,11 @@ async fn stage(
     Ok(())
 }
 
-/// Writes a stage as its content arrives: `(kept, literal bytes)`.
+/// Writes a stage as its content arrives, no more than the `size` announced:
+/// `(kept, literal bytes)`.
 fn write_stage(
     r: &Replica,
-    path: &RelPath,
+    (path, size): (&RelPath, u64),
     basis: Option<&[u8]>,
     mut rx: mpsc::Receiver<Message>,
 ) -> Result<(Kept, u64)> {
@@ -229,6 +231,9 @@ fn write_stage(
                 return Ok((staged.keep(&hash)?, literal));
             }
             other => bail!("{path}: unexpected {}", other.name()),
+        }
+        if staged.len() > size {
+            bail!("{path}: more than the {size} bytes announced (changed at the source)");
         }
         if staged.len() - synced >= SYNC_EVERY {
             staged.sync()?;
@@ -310,6 +315,53 @@ mod tests {
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s.as_bytes().to_vec()).unwrap()
+    }
+
+    /// Feeds `msgs` to a stage of `size` bytes announced.
+    fn staged(r: &Replica, size: u64, msgs: Vec<Message>) -> Result<(Kept, u64)> {
+        let (tx, rx) = mpsc::channel(msgs.len().max(1));
+        for m in msgs {
+            tx.try_send(m).unwrap();
+        }
+        drop(tx);
+        write_stage(r, (&p("big.bin"), size), None, rx)
+    }
+
+    #[test]
+    fn a_stage_is_checked_and_never_outgrows_what_was_announced() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Replica::open(d.path()).unwrap();
+        let data = vec![3u8; 5000];
+        let end = |n: usize, h: &[u8]| Message::FileEnd {
+            size: n as u64,
+            hash: *blake3::hash(h).as_bytes(),
+        };
+        let ok = staged(
+            &r,
+            5000,
+            vec![Message::Literal(data.clone()), end(5000, &data)],
+        );
+        let (k, lit) = ok.unwrap();
+        assert_eq!((k.size, lit), (5000, 5000));
+        // more than announced: refused before the end, the temp file removed
+        let over = staged(
+            &r,
+            100,
+            vec![Message::Literal(data.clone()), end(5000, &data)],
+        );
+        assert!(format!("{:#}", over.unwrap_err()).contains("announced"));
+        // a wrong hash, a short stream
+        assert!(
+            staged(
+                &r,
+                5000,
+                vec![Message::Literal(data.clone()), end(5000, b"x")]
+            )
+            .is_err()
+        );
+        assert!(staged(&r, 5000, vec![Message::Literal(data.clone())]).is_err());
+        r.discard(&k);
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
     }
 
     #[test]
