@@ -7,6 +7,7 @@
 //! ([`Driver::partial`]).
 
 use super::*;
+use partial::{debounce_over, fold_round};
 
 /// A cut's answer channel.
 type CutReply = tokio::sync::oneshot::Sender<Result<CutReport, String>>;
@@ -577,44 +578,6 @@ impl Driver<'_> {
             let conn = self.session.connection().clone();
             let (root, limit) = (self.cfg.root.clone(), self.session.bwlimit());
             bulk::spawn_job(&mut self.jobs, conn, root, job, limit, self.job_tx.clone());
-        }
-    }
-}
-
-/// Whether a batch has collected long enough (100 ms from its start) at `now`.
-pub(super) fn debounce_over(started: Instant, now: Instant) -> bool {
-    now.saturating_duration_since(started) >= Duration::from_millis(100)
-}
-
-/// What the replica holds after an applied partial round.
-pub(super) fn fold_round(known: &mut Known, round: &Round) {
-    for p in &round.deleted {
-        remove_subtree(known, p);
-    }
-    for (a, b) in &round.renamed {
-        // what moved is re-sent under its new name in the same round
-        remove_subtree(known, a);
-        remove_subtree(known, b);
-    }
-    for e in round.entries.iter() {
-        if e.kind != Kind::Dir {
-            remove_subtree(known, &e.path);
-        }
-        known.insert(e.path.clone(), e.clone());
-    }
-}
-
-/// The replica was promoted: this node's demotion is persisted.
-fn persist_demotion(cfg: &SourceFolder, epoch: u64) {
-    if let Some(dir) = &cfg.state_dir {
-        let st = crate::epoch::FolderState {
-            role: crate::config::Role::Replica,
-            epoch,
-        };
-        if let Err(e) = crate::epoch::store(dir, &cfg.name, &cfg.identity.id().to_string(), st) {
-            // The peer is the source all the same; the
-            // handover retries persisting the demotion.
-            tracing::error!(folder = %cfg.name, "the replica was promoted, but persisting this node's demotion failed: {e:#}");
         }
     }
 }

@@ -441,3 +441,26 @@ pub(super) fn note_known(opts: &ScanOptions, live: &LiveSet) {
         *k = live.paths().cloned().collect();
     }
 }
+
+/// Whether a batch has collected long enough (100 ms from its start) at `now`.
+pub(super) fn debounce_over(started: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(started) >= Duration::from_millis(100)
+}
+
+/// What the replica holds after an applied partial round.
+pub(super) fn fold_round(known: &mut Known, round: &Round) {
+    for p in &round.deleted {
+        remove_subtree(known, p);
+    }
+    for (a, b) in &round.renamed {
+        // what moved is re-sent under its new name in the same round
+        remove_subtree(known, a);
+        remove_subtree(known, b);
+    }
+    for e in round.entries.iter() {
+        if e.kind != Kind::Dir {
+            remove_subtree(known, &e.path);
+        }
+        known.insert(e.path.clone(), e.clone());
+    }
+}

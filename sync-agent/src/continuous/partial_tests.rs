@@ -1,7 +1,7 @@
 //! Batch expansion, hot-file deferral and debouncing, with the clock passed in.
 
-use super::drive::{debounce_over, fold_round};
 use super::partial::{Expanded, HOT_SIZE, MAX_DEFER, expand, still_hot};
+use super::partial::{debounce_over, fold_round};
 use super::*;
 
 fn p(s: &str) -> RelPath {
