@@ -249,6 +249,14 @@ impl Replica {
             if parent.is_root() && name == JOURNAL {
                 continue;
             }
+            // Being written or staged ahead by this session (the bulk lane).
+            if self
+                .staging
+                .lock()
+                .is_ok_and(|s| s.contains(&(parent.clone(), name.to_vec())))
+            {
+                continue;
+            }
             if !crate::is_own_temp_name(name) {
                 self.warn(format!(
                     "{}: not an understudy temp file (foreign name with the reserved \

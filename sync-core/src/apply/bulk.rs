@@ -193,11 +193,11 @@ mod tests {
         let mut s = r.prestage(&path).unwrap();
         s.write(b"abc").unwrap();
         let kept = s.keep(blake3::hash(b"abc").as_bytes()).unwrap();
-        assert!(
-            d.path()
-                .join(std::str::from_utf8(&kept.tmp).unwrap())
-                .exists()
-        );
+        let tmp = d.path().join(std::str::from_utf8(&kept.tmp).unwrap());
+        // a full round's sweep leaves this session's stages alone
+        let found = RelPath::new(kept.tmp.clone()).unwrap();
+        assert_eq!(r.sweep_temps(&[found]).unwrap(), 0);
+        assert!(tmp.exists());
         r.abort();
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
     }
