@@ -268,6 +268,7 @@ pub(super) async fn take_staged(
                 _ => (None, None),
             };
             if let Some(k) = stale {
+                tracing::info!(folder = %folder.name, path = %e.path, "staged copy is not the round's content; fetching it in the round");
                 folder.replica.discard(&k);
             }
             match hit {
@@ -286,6 +287,7 @@ pub(super) async fn take_staged(
             {
                 done.push((k.size, lit));
             } else {
+                tracing::info!(path = %e.path, "staged copy gone; fetching it in the round");
                 fetch.push(f);
             }
         }
