@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Continuous mode figures (issue 3), on this machine, in one run.
 
-    benches/continuous.py [--work DIR] [--writes 1000] [--skip-large]
+    benches/continuous.py [--work DIR] [--writes 1000] [--skip-large] [--latency-only]
 
 1. Change-to-replica latency: single small-file writes on the source, each
    waited for on the replica (polled every 0.1 ms); p50 / p99 over --writes.
+   Then the same while a 1 GiB file is written and shipped (issue 14: small
+   changes never queued behind a large file): small writes from the first byte
+   of the large file until it has landed on the replica; p50 / p99 / max.
 2. A 10,000-file burst and one 1 GiB file: time from the first write until the
    replica's tree is identical (blake3 root hash), against `rsync -aAXHD
    --numeric-ids --delete -e ssh` of the same data to 127.0.0.1 (the same private
@@ -72,6 +75,61 @@ def wait_identical(cli, a, b, timeout=600):
     sys.exit(f"{a} and {b} did not converge in {timeout} s")
 
 
+def small_writes(src, dst, prefix, n, more=lambda: False):
+    """Writes small files one at a time, each waited for on the replica: at
+    least `n`, and on while `more()`; their latencies in ms."""
+    lat = []
+    i = 0
+    while i < n or more():
+        name = f"{prefix}{i:05d}"
+        body = f"write {i}\n".encode()
+        t0 = time.monotonic()
+        with open(os.path.join(src, name), "wb") as f:
+            f.write(body)
+        target = os.path.join(dst, name)
+        while True:
+            try:
+                with open(target, "rb") as f:
+                    if f.read() == body:
+                        break
+            except FileNotFoundError:
+                pass
+            if time.monotonic() - t0 > 30:
+                sys.exit(f"write {name} never reached the replica")
+            time.sleep(0.0001)
+        lat.append((time.monotonic() - t0) * 1000)
+        time.sleep(0.005)
+        i += 1
+    return lat
+
+
+def figures(lat):
+    lat = sorted(lat)
+    p99 = lat[max(0, int(len(lat) * 0.99) - 1)]
+    return f"p50 {statistics.median(lat):.1f} ms, p99 {p99:.1f} ms, max {lat[-1]:.1f} ms"
+
+
+def latency_under_large_write(src, dst):
+    """Small writes while a 1 GiB file is written and shipped."""
+    big, size = os.path.join(src, "large.bin"), 1 << 30
+    landed_path = os.path.join(dst, "large.bin")
+
+    def landed():
+        try:
+            return os.path.getsize(landed_path) == size
+        except FileNotFoundError:
+            return False
+
+    t0 = time.monotonic()
+    w = subprocess.Popen(["sh", "-c", f"head -c {size} /dev/urandom > {big}"])
+    lat = small_writes(src, dst, "u", 1, lambda: w.poll() is None or not landed())
+    took = time.monotonic() - t0
+    w.wait()
+    os.remove(big)
+    print(f"latency over {len(lat)} single small-file writes while a 1 GiB file was written and shipped "
+          f"(landed {took:.1f} s after its first byte): {figures(lat)}; load average {os.getloadavg()[0]:.2f}")
+
+
 def proc_cpu(pid):
     with open(f"/proc/{pid}/stat") as f:
         parts = f.read().rsplit(")", 1)[1].split()
@@ -94,10 +152,12 @@ def main():
     ap.add_argument("--bin-dir", default=os.path.join(ROOT, "target", "release"))
     ap.add_argument("--bench-dir", default=os.path.join(ROOT, "..", "shared", "bench"))
     ap.add_argument("--skip-large", action="store_true")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="only the latency figures (idle, and under a 1 GiB write); no rsync, no sshd")
     args = ap.parse_args()
     cli, agent = os.path.join(args.bin_dir, "sync-cli"), os.path.join(args.bin_dir, "sync-agent")
     os.makedirs(args.work, exist_ok=True)
-    ssh = e2e.setup_ssh(args.work)
+    ssh = None if args.latency_only else e2e.setup_ssh(args.work)
 
     # 1. latency
     src, dst = os.path.join(args.work, "lat-src"), os.path.join(args.work, "lat-dst")
@@ -106,29 +166,12 @@ def main():
         os.makedirs(d)
     rep, srcp = agents(cli, agent, args.work, src, dst)
     wait_identical(cli, src, dst)
-    lat = []
-    for i in range(args.writes):
-        name = f"f{i:05d}"
-        body = f"write {i}\n".encode()
-        t0 = time.monotonic()
-        with open(os.path.join(src, name), "wb") as f:
-            f.write(body)
-        target = os.path.join(dst, name)
-        while True:
-            try:
-                with open(target, "rb") as f:
-                    if f.read() == body:
-                        break
-            except FileNotFoundError:
-                pass
-            if time.monotonic() - t0 > 10:
-                sys.exit(f"write {i} never reached the replica")
-            time.sleep(0.0001)
-        lat.append((time.monotonic() - t0) * 1000)
-        time.sleep(0.005)
-    lat.sort()
-    p50, p99 = statistics.median(lat), lat[int(len(lat) * 0.99) - 1]
-    print(f"latency over {len(lat)} single small-file writes: p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {lat[-1]:.1f} ms")
+    lat = small_writes(src, dst, "f", args.writes)
+    print(f"latency over {len(lat)} single small-file writes: {figures(lat)}")
+    latency_under_large_write(src, dst)
+    if args.latency_only:
+        srcp.terminate(); rep.terminate(); srcp.wait(); rep.wait()
+        return
 
     # 2. burst of 10,000 files, then one 1 GiB file
     for what in ("burst", "gig"):

@@ -105,6 +105,9 @@ impl Message {
             Message::DbEnd { .. } => "DbEnd",
             Message::Promote { .. } => "Promote",
             Message::Promoted { .. } => "Promoted",
+            Message::StageFile { .. } => "StageFile",
+            Message::StageBasis { .. } => "StageBasis",
+            Message::Staged { .. } => "Staged",
         }
     }
 }

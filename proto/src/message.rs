@@ -303,7 +303,7 @@ impl std::fmt::Display for HeldDb {
 }
 
 /// How many variants [`Message`] has (the decoder names others as unknown types).
-pub(crate) const MESSAGE_TYPES: u32 = 21;
+pub(crate) const MESSAGE_TYPES: u32 = 24;
 
 /// Everything that travels, one per frame.
 ///
@@ -444,6 +444,33 @@ pub enum Message {
         /// The compressed encoding.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+    },
+    /// Source → replica on a stream the source opens, outside rounds (the
+    /// bulk lane): stage the content of the large file `path` ahead of the
+    /// round that carries its entry, so that the round does not wait for it
+    /// (and the rounds of small changes not behind it). The replica answers
+    /// `StageBasis`, the content follows as `Literal`/`Delta` and `FileEnd`,
+    /// and the replica answers `Staged` (or `Error`). Nothing is installed
+    /// until a round carries the entry with the same size and hash.
+    StageFile {
+        /// The file.
+        path: RelPath,
+        /// Its size when the source began (for the replica's time bound).
+        size: u64,
+    },
+    /// Replica → source: the signature of the replica's version of the file
+    /// (`None`: send it whole).
+    StageBasis {
+        /// fast_rsync signature, as in [`Message::FileRequest`].
+        #[serde(with = "serde_bytes")]
+        signature: Option<Vec<u8>>,
+    },
+    /// Replica → source: the content is staged, checked against `FileEnd`.
+    Staged {
+        /// Its size.
+        size: u64,
+        /// Its blake3.
+        hash: [u8; 32],
     },
 }
 

@@ -17,6 +17,7 @@
 
 pub mod addr;
 pub mod alerts;
+pub mod bwlimit;
 pub mod config;
 pub mod continuous;
 pub mod control;
@@ -82,6 +83,8 @@ pub struct PushOptions {
     /// Where the source's hash index and cut state are kept between runs
     /// (`None`: every run reads the whole tree).
     pub state: Option<PathBuf>,
+    /// Cap on the content streams' bytes/s (`--bwlimit`).
+    pub bwlimit: Option<bwlimit::ByteRate>,
 }
 
 /// The source's side of a push before anything is sent: the tree scanned
@@ -201,7 +204,8 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             0,
             progress.clone(),
         )
-        .await?;
+        .await?
+        .with_bwlimit(opts.bwlimit);
         // Databases are shipped from a consistent cut, never as raw files.
         let keep = match &opts.state {
             Some(dir) => Some(push_state::PushState::new(dir, &opts.src)?),
@@ -355,6 +359,7 @@ pub fn replica_folder_with(
         last_warning: std::sync::Mutex::new(None),
         activity: Default::default(),
         stats: std::sync::Mutex::default(),
+        stages: std::sync::Mutex::default(),
         promotable: settings.promotable,
         ids: settings.ids,
         sweep: settings.sweep,
@@ -463,6 +468,7 @@ pub async fn mirror_with(
             protocol_version: proto::PROTOCOL_VERSION,
             checksum,
             state,
+            bwlimit: None,
         },
         progress,
     )

@@ -119,6 +119,7 @@ pub fn plan_from_config(path: &Path) -> Result<Plan> {
                 sqlite: sqlite.clone(),
                 epoch,
                 state_dir: c.node.state.clone(),
+                bwlimit: f.bwlimit.or(c.peer_bwlimit(&peer)),
             });
         }
         plan.folders.push(FolderPlan {
@@ -168,6 +169,10 @@ pub struct SourceFlags {
     /// Seconds between safety full rescans.
     #[arg(long, default_value_t = 600)]
     pub rescan_s: u64,
+    /// Cap on the bytes/s of content sent to the replica, like rsync's
+    /// --bwlimit but in bytes/s: 500K, 10M, 1G (K = 1024; at least 256K).
+    #[arg(long)]
+    pub bwlimit: Option<crate::bwlimit::ByteRate>,
 }
 
 /// The flags of `sync-agent replica`: one folder, served.
@@ -242,6 +247,7 @@ pub fn from_source_flags(flags: SourceFlags) -> Result<Plan> {
         control,
         debounce_ms,
         rescan_s,
+        bwlimit,
     } = flags;
     let identity = Identity::load(&identity)?;
     let peer: NodeId = peer.parse().context("--peer")?;
@@ -278,6 +284,7 @@ pub fn from_source_flags(flags: SourceFlags) -> Result<Plan> {
                 sqlite: Filter::default(),
                 epoch: 0,
                 state_dir: None,
+                bwlimit,
             }],
             fence: Fence {
                 epoch: 0,
@@ -352,6 +359,28 @@ mod tests {
         assert_eq!(f.sources[0].epoch, 3);
         let index = f.sources[0].index_path.as_ref().unwrap();
         assert!(index.starts_with(&state), "{}", index.display());
+    }
+
+    #[test]
+    fn bwlimit_comes_from_the_folder_else_from_its_peer() {
+        let d = tempfile::tempdir().unwrap();
+        let (p, _) = config(d.path(), "");
+        let text = std::fs::read_to_string(&p).unwrap();
+        let peer_only = text.replace(
+            "address = \"127.0.0.1:7879\"\n",
+            "address = \"127.0.0.1:7879\"\nbwlimit = \"2M\"\n",
+        );
+        std::fs::write(&p, &peer_only).unwrap();
+        let plan = plan_from_config(&p).unwrap();
+        let got = plan.folders[0].sources[0].bwlimit;
+        assert_eq!(got, Some(crate::bwlimit::ByteRate(2 << 20)));
+        std::fs::write(&p, format!("{peer_only}bwlimit = \"512K\"\n")).unwrap();
+        let plan = plan_from_config(&p).unwrap();
+        let got = plan.folders[0].sources[0].bwlimit;
+        assert_eq!(got, Some(crate::bwlimit::ByteRate(512 << 10)));
+        std::fs::write(&p, format!("{text}bwlimit = \"10\"\n")).unwrap();
+        let e = format!("{:#}", plan_from_config(&p).unwrap_err());
+        assert!(e.contains("bwlimit"), "{e}");
     }
 
     #[test]

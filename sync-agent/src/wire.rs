@@ -5,10 +5,15 @@ use proto::Message;
 use proto::frame::{self, HEADER_LEN};
 
 /// Writes one message as a frame, within [`stage_deadline`]: a peer that stops
-/// reading (flow control never opens) does not block the sender.
+/// reading (flow control never opens) does not block the sender. A task
+/// serving content under a `bwlimit` ([`crate::bwlimit::scope`]) first waits
+/// for the frame's bytes.
 pub async fn send(stream: &mut quinn::SendStream, msg: &Message) -> Result<()> {
     let mut buf = Vec::new();
     frame::encode(msg, &mut buf).context("encoding a message")?;
+    if let Some(limit) = crate::bwlimit::current() {
+        limit.acquire(buf.len() as u64).await;
+    }
     let d = stage_deadline();
     match tokio::time::timeout(d, stream.write_all(&buf)).await {
         Ok(r) => r.context("sending to peer")?,

@@ -67,6 +67,10 @@ pub struct PushArgs {
     /// gitignore-style exclude (repeatable).
     #[arg(long)]
     exclude: Vec<String>,
+    /// Cap on the bytes/s of content sent, like rsync's --bwlimit but in
+    /// bytes/s: 500K, 10M, 1G (K = 1024; at least 256K).
+    #[arg(long)]
+    bwlimit: Option<sync_agent::bwlimit::ByteRate>,
     /// Announce this protocol version (for testing a mismatch).
     #[arg(long, hide = true, default_value_t = proto::PROTOCOL_VERSION)]
     protocol_version: u32,
@@ -205,6 +209,7 @@ pub fn push(a: PushArgs) -> Result<ExitCode> {
         protocol_version: a.protocol_version,
         checksum: a.checksum,
         state: state_dir(&a.state_dir, a.no_state),
+        bwlimit: a.bwlimit,
     };
     let s = with_progress(a.json, |p| sync_agent::push(opts, p))?;
     report(&s, a.json)

@@ -143,6 +143,7 @@ impl Target {
             protocol_version: proto::PROTOCOL_VERSION,
             checksum: false,
             state: None,
+            bwlimit: None,
         };
         tokio::time::timeout(
             ANSWER,
@@ -429,6 +430,7 @@ impl HostileReplica {
             protocol_version: proto::PROTOCOL_VERSION,
             checksum: false,
             state: None,
+            bwlimit: None,
         };
         let push = tokio::spawn(sync_agent::push(
             opts,

@@ -5,6 +5,7 @@
 
 mod atomicity;
 mod bad_input;
+mod bulk_lane;
 mod confinement;
 mod continuous;
 mod crash_points;

@@ -196,3 +196,25 @@ fn a_rerun_with_its_state_reads_and_exchanges_only_what_changed() {
         std::fs::read(s.dst.join("sub/file")).unwrap()
     );
 }
+
+#[test]
+fn push_with_a_bwlimit_keeps_to_its_rate_and_refuses_a_bad_one() {
+    let s = setup();
+    // 1.5 MiB more: at 512K/s the content takes about 3 s
+    std::fs::write(s.src.join("more"), random_bytes(1_300_000, 4)).unwrap();
+    let agent = replica(&s.dst, &s.b, &s.a_id, &[]);
+    let bad = push(&s.src, &agent.addr, &s.a, &s.b_id, &["--bwlimit", "10X"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bwlimit"));
+    let t0 = std::time::Instant::now();
+    let out = push(&s.src, &agent.addr, &s.a, &s.b_id, &["--bwlimit", "512K"]);
+    let took = t0.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // a floor, not a throughput figure: less the bucket's 100 ms burst
+    assert!(took > 2.5, "1.5 MiB at 512K/s took {took:.2} s");
+    assert_identical(&s.src, &s.dst);
+}

@@ -109,6 +109,17 @@ fn messages() -> Vec<Message> {
             epoch: 4,
             error: String::new(),
         },
+        Message::StageFile {
+            path: p("media/big.mkv"),
+            size: 1 << 30,
+        },
+        Message::StageBasis {
+            signature: Some(vec![1, 2, 3]),
+        },
+        Message::Staged {
+            size: 1 << 30,
+            hash: [8; 32],
+        },
     ]
 }
 

@@ -116,6 +116,9 @@ pub struct Peer {
     /// Where to reach it: `ip:port` or `host:port` (needed for the peers of
     /// source folders, and of replica folders that can be promoted).
     pub address: Option<PeerAddr>,
+    /// Cap on the bytes/s of content this node sends the peer, for each
+    /// folder (`"10M"`; a folder's own `bwlimit` overrides it).
+    pub bwlimit: Option<crate::bwlimit::ByteRate>,
 }
 
 /// Which end a folder is.
@@ -182,6 +185,10 @@ pub struct Folder {
     /// overlays); see [`Folder::sweep`].
     #[serde(default)]
     pub delete_excluded: bool,
+    /// Cap on the bytes/s of content this node sends the folder's peer
+    /// when it is the source (`"10M"`, like rsync's `--bwlimit` but in
+    /// bytes/s, K = 1024, at least 256K); see [`crate::bwlimit`].
+    pub bwlimit: Option<crate::bwlimit::ByteRate>,
 }
 
 fn yes() -> bool {
@@ -563,6 +570,15 @@ impl Config {
             .iter()
             .find(|p| p.id.parse::<NodeId>().ok().as_ref() == Some(id))
             .and_then(|p| p.address.clone())
+    }
+
+    /// The `bwlimit` of a declared peer.
+    #[must_use]
+    pub fn peer_bwlimit(&self, id: &NodeId) -> Option<crate::bwlimit::ByteRate> {
+        self.peers
+            .iter()
+            .find(|p| p.id.parse::<NodeId>().ok().as_ref() == Some(id))
+            .and_then(|p| p.bwlimit)
     }
 }
 

@@ -94,7 +94,8 @@ pub(super) async fn connect_session(
             cfg.epoch,
             progress.clone(),
         )
-        .await?;
+        .await?
+        .with_bwlimit(cfg.bwlimit);
         Ok::<_, anyhow::Error>((endpoint, s))
     };
     tokio::pin!(connecting);

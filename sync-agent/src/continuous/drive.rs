@@ -7,6 +7,7 @@
 //! ([`Driver::partial`]).
 
 use super::*;
+use partial::{debounce_over, fold_round};
 
 /// A cut's answer channel.
 type CutReply = tokio::sync::oneshot::Sender<Result<CutReport, String>>;
@@ -62,6 +63,14 @@ struct Driver<'a> {
     deferred: std::collections::HashMap<RelPath, Instant>,
     /// Partial rounds, told at INFO in summaries.
     partials: PartialSummary,
+    /// The bulk lane: large files staged on the replica ahead of their round.
+    lane: bulk::Lane,
+    /// Large files waiting for a bulk job.
+    queued: std::collections::VecDeque<(RelPath, sync_core::index::Stamp)>,
+    /// Bulk jobs running (aborted with the session).
+    jobs: tokio::task::JoinSet<()>,
+    job_tx: mpsc::UnboundedSender<bulk::JobDone>,
+    job_rx: mpsc::UnboundedReceiver<bulk::JobDone>,
 }
 
 /// Rounds until shutdown (`None`) or a handover (`Some(epoch)`).
@@ -78,6 +87,7 @@ pub(super) async fn drive(
     commands: &mut mpsc::Receiver<Command>,
     lag: &mut LagTracker<RelPath>,
 ) -> Result<Option<u64>> {
+    let (job_tx, job_rx) = mpsc::unbounded_channel();
     let mut d = Driver {
         cfg,
         session,
@@ -98,6 +108,11 @@ pub(super) async fn drive(
         last_full: Instant::now(),
         deferred: Default::default(),
         partials: PartialSummary::new(Duration::from_secs(10)),
+        lane: Default::default(),
+        queued: Default::default(),
+        jobs: tokio::task::JoinSet::new(),
+        job_tx,
+        job_rx,
     };
     loop {
         if d.full {
@@ -342,6 +357,12 @@ impl Driver<'_> {
         let w = &mut *self.w;
         tokio::select! {
             () = w.wake.notified() => Ok(Wake::Changes),
+            Some((p, r)) = self.job_rx.recv() => {
+                // staged (or failed): the next round carries it (or it is sent again)
+                self.lane.done(p, r, Instant::now());
+                self.pump();
+                Ok(Wake::Changes)
+            }
             () = tokio::time::sleep(tick), if !self.deferred.is_empty() => Ok(Wake::Changes),
             () = tokio::time::sleep(until_rescan) => {
                 self.full = true;
@@ -451,18 +472,24 @@ impl Driver<'_> {
             std::mem::take(&mut self.known),
         );
         let held_before = std::mem::take(&mut self.deferred);
-        let l = self.live.clone();
-        let (round, k, held_before, stats) = tokio::task::spawn_blocking(move || {
+        let (l, lane) = (self.live.clone(), self.lane.clone());
+        let (round, k, held_before, stats, sends) = tokio::task::spawn_blocking(move || {
             let batch = Batch {
                 dirty: c.dirty,
                 created: c.created,
                 renames: c.renames,
             };
-            let mut stats = CutStats::default();
-            let r = partial_round(&root, &o, &ix, &k, batch, &held_before, &l, &mut stats);
-            (r, k, held_before, stats)
+            let (mut stats, mut sends) = (CutStats::default(), Vec::new());
+            let bulk = (&mut stats, &lane, &mut sends);
+            let r = partial_round(&root, &o, &ix, &k, batch, &held_before, &l, bulk);
+            (r, k, held_before, stats, sends)
         })
         .await?;
+        for (p, stamp) in sends {
+            self.lane.start(p.clone(), stamp);
+            self.queued.push_back((p, stamp));
+        }
+        self.pump();
         set(self.status, |s| {
             s.max_writer_stall_ms = s.max_writer_stall_ms.max(stats.stall.as_secs_f64() * 1e3);
             s.writer_stall.observe(stats.stall);
@@ -515,6 +542,9 @@ impl Driver<'_> {
             s.files_requested_total += applied.files_transferred - applied.files_inline;
         });
         fold_round(&mut self.known, &round);
+        for e in round.entries.iter() {
+            self.lane.landed(&e.path);
+        }
         tracing::debug!(folder = %cfg.name, entries = round.entries.len(), deleted = round.deleted.len(), lag_s = self.lag.lag(Instant::now()).as_secs_f64(), "round applied");
         let carried = (round.entries.len() + round.deleted.len() + round.renamed.len()) as u64;
         if let Some(t) = self.partials.record(Instant::now(), carried, bytes) {
@@ -541,40 +571,17 @@ impl Driver<'_> {
     }
 }
 
-/// Whether a batch has collected long enough (100 ms from its start) at `now`.
-pub(super) fn debounce_over(started: Instant, now: Instant) -> bool {
-    now.saturating_duration_since(started) >= Duration::from_millis(100)
-}
-
-/// What the replica holds after an applied partial round.
-pub(super) fn fold_round(known: &mut Known, round: &Round) {
-    for p in &round.deleted {
-        remove_subtree(known, p);
-    }
-    for (a, b) in &round.renamed {
-        // what moved is re-sent under its new name in the same round
-        remove_subtree(known, a);
-        remove_subtree(known, b);
-    }
-    for e in round.entries.iter() {
-        if e.kind != Kind::Dir {
-            remove_subtree(known, &e.path);
-        }
-        known.insert(e.path.clone(), e.clone());
-    }
-}
-
-/// The replica was promoted: this node's demotion is persisted.
-fn persist_demotion(cfg: &SourceFolder, epoch: u64) {
-    if let Some(dir) = &cfg.state_dir {
-        let st = crate::epoch::FolderState {
-            role: crate::config::Role::Replica,
-            epoch,
-        };
-        if let Err(e) = crate::epoch::store(dir, &cfg.name, &cfg.identity.id().to_string(), st) {
-            // The peer is the source all the same; the
-            // handover retries persisting the demotion.
-            tracing::error!(folder = %cfg.name, "the replica was promoted, but persisting this node's demotion failed: {e:#}");
+impl Driver<'_> {
+    /// Starts queued bulk jobs, [`bulk::PARALLEL`] at most at once.
+    fn pump(&mut self) {
+        while self.jobs.try_join_next().is_some() {}
+        while self.jobs.len() < bulk::PARALLEL {
+            let Some(job) = self.queued.pop_front() else {
+                break;
+            };
+            let conn = self.session.connection().clone();
+            let (root, limit) = (self.cfg.root.clone(), self.session.bwlimit());
+            bulk::spawn_job(&mut self.jobs, conn, root, job, limit, self.job_tx.clone());
         }
     }
 }

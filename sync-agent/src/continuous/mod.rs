@@ -28,6 +28,7 @@ use sync_core::sqlite::{CutStats, LiveSet};
 use tokio::sync::{Notify, mpsc, watch};
 
 mod backoff;
+mod bulk;
 mod drive;
 mod inotify;
 mod partial;
@@ -37,7 +38,7 @@ mod progress;
 use backoff::{Backoff, connect_session, pause};
 use drive::drive;
 use inotify::{rel, start_watch};
-use partial::{note_known, partial_round, remove_subtree};
+use partial::{note_known, partial_round};
 use progress::{
     PartialSummary, content_bytes, log_full_end, log_full_start, publish_held, start_full_progress,
 };
@@ -69,6 +70,8 @@ pub struct SourceFolder {
     pub epoch: u64,
     /// Where this node's fencing state is persisted.
     pub state_dir: Option<PathBuf>,
+    /// Cap on the bytes/s of content sent to the peer (`bwlimit`).
+    pub bwlimit: Option<crate::bwlimit::ByteRate>,
 }
 
 /// What the operator asks of a running source folder (through the control
@@ -506,6 +509,21 @@ fn poll_unwatched(w: &mut Watch, root: &Path, status: &SharedStatus) {
         }
     };
     set(status, |s| s.watcher = Some(note));
+}
+
+/// The replica was promoted: this node's demotion is persisted.
+fn persist_demotion(cfg: &SourceFolder, epoch: u64) {
+    if let Some(dir) = &cfg.state_dir {
+        let st = crate::epoch::FolderState {
+            role: crate::config::Role::Replica,
+            epoch,
+        };
+        if let Err(e) = crate::epoch::store(dir, &cfg.name, &cfg.identity.id().to_string(), st) {
+            // The peer is the source all the same; the
+            // handover retries persisting the demotion.
+            tracing::error!(folder = %cfg.name, "the replica was promoted, but persisting this node's demotion failed: {e:#}");
+        }
+    }
 }
 
 fn refuse(c: Command, why: &str) {

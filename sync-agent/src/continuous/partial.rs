@@ -2,6 +2,7 @@
 //! (changed entries, deletions, renames, and the cut of the databases).
 
 use super::*;
+use bulk::{Lane, Route};
 
 pub(super) fn remove_subtree(known: &mut Known, p: &RelPath) {
     let gone: Vec<RelPath> = known
@@ -155,6 +156,8 @@ struct Scanned {
     /// A name of a multiply linked file changed: only a full scan sees the
     /// whole link group.
     full_needed: bool,
+    /// Large files to send on the bulk lane (held from this round).
+    sends: Vec<(RelPath, sync_core::index::Stamp)>,
 }
 
 /// The clock a partial round reads: for hot-file deferral.
@@ -174,7 +177,7 @@ fn scan_paths(
     known: &Known,
     ex: &Expanded,
     deferred: &std::collections::HashMap<RelPath, Instant>,
-    clock: Clock,
+    (clock, lane): (Clock, &Lane),
 ) -> Result<Scanned> {
     let mut out = Scanned::default();
     let mut covered: Option<RelPath> = None;
@@ -186,11 +189,32 @@ fn scan_paths(
             .databases
             .as_ref()
             .is_some_and(|d| d.known.read().is_ok_and(|k| k.contains(&p)));
-        if !live_db && still_hot(root, &p, deferred.get(&p), clock.now, clock.now_ns) {
-            out.held.push(p);
-            continue;
+        let mut staged = None;
+        if !live_db {
+            let seen = super::bulk::seen(root, &p, opts, known, deferred.get(&p), clock);
+            match lane.route(&p, &seen, clock.now) {
+                Route::Round => {}
+                Route::Staged(stamp, hash) => staged = Some((stamp, hash)),
+                Route::Hold => {
+                    out.held.push(p);
+                    continue;
+                }
+                Route::Send(stamp) => {
+                    out.sends.push((p.clone(), stamp));
+                    out.held.push(p);
+                    continue;
+                }
+            }
         }
-        let (entry, report) = sync_core::scan::entry_at(root, &p, opts, Some(ix))?;
+        let (entry, report) = match staged {
+            Some((stamp, hash)) => {
+                // the folder's index keeps it too, unless it is racy
+                out.hashed.push((p.clone(), stamp, hash));
+                let e = super::bulk::staged_entry(root, &p, opts, stamp, hash)?;
+                (e, Default::default())
+            }
+            None => sync_core::scan::entry_at(root, &p, opts, Some(ix))?,
+        };
         out.hashed.extend(report.hashed);
         out.dbs_seen.extend(report.databases);
         if !report.multi_linked.is_empty() {
@@ -286,7 +310,8 @@ fn moved(k: &RelPath, base: &RelPath, to: &RelPath) -> Option<RelPath> {
     }
 }
 
-/// Builds a partial round from a batch.
+/// Builds a partial round from a batch; the large files it holds back to send
+/// on the bulk lane are added to `sends`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn partial_round(
     root: &Path,
@@ -296,7 +321,11 @@ pub(super) fn partial_round(
     batch: Batch,
     deferred: &std::collections::HashMap<RelPath, Instant>,
     live: &Arc<Mutex<LiveSet>>,
-    stats: &mut CutStats,
+    (stats, lane, sends): (
+        &mut CutStats,
+        &Lane,
+        &mut Vec<(RelPath, sync_core::index::Stamp)>,
+    ),
 ) -> Result<Partial> {
     let ex = expand(batch, known, opts);
     let clock = Clock {
@@ -306,8 +335,9 @@ pub(super) fn partial_round(
     let ix = index
         .lock()
         .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
-    let mut sc = scan_paths(root, opts, &ix, known, &ex, deferred, clock)?;
+    let mut sc = scan_paths(root, opts, &ix, known, &ex, deferred, (clock, lane))?;
     drop(ix);
+    sends.append(&mut sc.sends);
     if sc.full_needed {
         return Ok((None, sc.held));
     }
@@ -409,5 +439,28 @@ pub(super) fn note_known(opts: &ScanOptions, live: &LiveSet) {
         && let Ok(mut k) = d.known.write()
     {
         *k = live.paths().cloned().collect();
+    }
+}
+
+/// Whether a batch has collected long enough (100 ms from its start) at `now`.
+pub(super) fn debounce_over(started: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(started) >= Duration::from_millis(100)
+}
+
+/// What the replica holds after an applied partial round.
+pub(super) fn fold_round(known: &mut Known, round: &Round) {
+    for p in &round.deleted {
+        remove_subtree(known, p);
+    }
+    for (a, b) in &round.renamed {
+        // what moved is re-sent under its new name in the same round
+        remove_subtree(known, a);
+        remove_subtree(known, b);
+    }
+    for e in round.entries.iter() {
+        if e.kind != Kind::Dir {
+            remove_subtree(known, &e.path);
+        }
+        known.insert(e.path.clone(), e.clone());
     }
 }

@@ -1,7 +1,7 @@
 //! Batch expansion, hot-file deferral and debouncing, with the clock passed in.
 
-use super::drive::{debounce_over, fold_round};
 use super::partial::{Expanded, HOT_SIZE, MAX_DEFER, expand, still_hot};
+use super::partial::{debounce_over, fold_round};
 use super::*;
 
 fn p(s: &str) -> RelPath {
@@ -150,8 +150,9 @@ fn renamed_dir_round(root: &Path, k: &Known, dirty: &[&str], rename: (&str, &str
     let mut stats = CutStats::default();
     let deferred = Default::default();
     let opts = ScanOptions::default();
-    let (round, held) = partial_round(root, &opts, &index, k, batch, &deferred, &live, &mut stats)
-        .expect("a round");
+    let lane = (&mut stats, &Default::default(), &mut Vec::new());
+    let (round, held) =
+        partial_round(root, &opts, &index, k, batch, &deferred, &live, lane).expect("a round");
     assert!(held.is_empty());
     round.expect("a partial round")
 }
@@ -255,7 +256,7 @@ fn a_database_still_being_written_is_held_not_shipped() {
         batch,
         &Default::default(),
         &live,
-        &mut stats,
+        (&mut stats, &Default::default(), &mut Vec::new()),
     )
     .expect("a round");
     assert_eq!(held, [p("new.db")]);

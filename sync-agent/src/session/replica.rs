@@ -49,6 +49,8 @@ pub struct ReplicaFolder {
     pub activity: Activity,
     /// Rounds applied and the source's epoch, for status.
     pub stats: std::sync::Mutex<ReplicaStats>,
+    /// Large files the session's source staged ahead of their rounds.
+    pub stages: std::sync::Mutex<super::replica_stage::Stages>,
     /// Whether this node can serve as the folder's source (a peer address,
     /// `failover` not off): a promotion of a node that cannot is refused.
     pub promotable: bool,
@@ -260,6 +262,32 @@ async fn refuse(ctl_send: &mut quinn::SendStream, peer: &str, refusal: Refusal) 
 
 /// Rounds and promotion requests until the source ends the session.
 async fn apply_rounds(
+    conn: &quinn::Connection,
+    folder: &Arc<ReplicaFolder>,
+    ctl_send: &mut quinn::SendStream,
+    ctl_recv: &mut quinn::RecvStream,
+    peer: &str,
+) -> Result<()> {
+    // The bulk lane: large files staged on streams of their own while
+    // rounds go on; dropped with the session.
+    let stager = tokio::spawn(super::replica_stage::accept_stages(
+        conn.clone(),
+        folder.clone(),
+    ));
+    let res = serve_rounds_inner(conn, folder, ctl_send, ctl_recv, peer).await;
+    stager.abort();
+    let left = folder
+        .stages
+        .lock()
+        .map(|mut s| s.drain())
+        .unwrap_or_default();
+    for k in &left {
+        folder.replica.discard(k);
+    }
+    res
+}
+
+async fn serve_rounds_inner(
     conn: &quinn::Connection,
     folder: &Arc<ReplicaFolder>,
     ctl_send: &mut quinn::SendStream,

@@ -71,6 +71,8 @@ pub(super) async fn apply_round(
         summary.bytes_literal += bytes;
     }
     clock.mark("inline");
+    // Large files staged ahead by the bulk lane are installed, not fetched.
+    let pulled = super::replica_stage::take_staged(folder, &planned, pulled, &mut summary).await?;
     // Files and databases travel at once, on streams of their own: a large
     // database does not wait behind thousands of small files, nor they behind it.
     let files = pull_files(conn, folder, &planned, &kept, pulled, &mut summary);

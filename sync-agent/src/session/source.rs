@@ -59,6 +59,8 @@ pub struct SourceSession {
     /// The replica's clock minus ours when its hello arrived, in ms (within
     /// half a round trip); `None` when it did not say its time.
     peer_clock_skew_ms: Option<i64>,
+    /// The cap on the content streams' bytes/s (`bwlimit`), if any.
+    limit: Option<crate::bwlimit::Limiter>,
 }
 
 impl SourceSession {
@@ -137,7 +139,21 @@ impl SourceSession {
             peer_promotable,
             peer_software,
             peer_clock_skew_ms,
+            limit: None,
         })
+    }
+
+    /// Caps the bytes/s of the session's content streams (`bwlimit`).
+    #[must_use]
+    pub fn with_bwlimit(mut self, rate: Option<crate::bwlimit::ByteRate>) -> Self {
+        self.limit = rate.map(crate::bwlimit::Limiter::new);
+        self
+    }
+
+    /// The session's `bwlimit`, shared by its content streams.
+    #[must_use]
+    pub fn bwlimit(&self) -> Option<crate::bwlimit::Limiter> {
+        self.limit.clone()
     }
 
     /// The replica's epoch, as its hello said.
@@ -256,12 +272,13 @@ impl SourceSession {
                     let (entries, root, progress) = (round.entries.clone(), self.root.clone(), self.progress.clone());
                     let live = round.live.clone();
                     let slots = slots.clone();
-                    serving.spawn(async move {
+                    let limit = self.limit.clone();
+                    serving.spawn(crate::bwlimit::scope(limit, async move {
                         let Ok(_slot) = slots.acquire_owned().await else { return };
                         if let Err(e) = serve(send, recv, entries, root, live, progress).await {
                             tracing::warn!("serving the replica: {e:#}");
                         }
-                    });
+                    }));
                 }
             }
         };
@@ -431,7 +448,7 @@ async fn serve_file(
     let _ = send.stopped().await;
     Ok(())
 }
-fn encode_file(
+pub(crate) fn encode_file(
     path: &Path,
     signature: Option<Vec<u8>>,
     tx: mpsc::Sender<Message>,

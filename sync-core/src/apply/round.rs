@@ -8,11 +8,26 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt as _;
 
+/// Rounds that stage at most this many files (and no database) make them
+/// durable with an `fsync` each instead of one `syncfs`.
+const FEW_FILES: usize = 8;
+
 impl Replica {
     /// A new temp file (mode 0600, never an existing name) in `path`'s
     /// directory, recorded as staging: its directory, name and file.
     pub(super) fn temp_beside(&self, path: &RelPath) -> Result<(OwnedFd, Vec<u8>, File), Error> {
         let (dir, parent, _) = self.parent(path)?;
+        self.temp_in(dir, parent, path)
+    }
+
+    /// A new temp file (mode 0600) in `dir` (the directory `parent`), for
+    /// `path`, recorded as staging: its directory, name and file.
+    pub(super) fn temp_in(
+        &self,
+        dir: OwnedFd,
+        parent: RelPath,
+        path: &RelPath,
+    ) -> Result<(OwnedFd, Vec<u8>, File), Error> {
         let tmp = temp_name();
         if let Ok(mut s) = self.staging.lock() {
             s.insert((parent, tmp.clone()));
@@ -30,16 +45,7 @@ impl Replica {
     /// Starts writing new content for `path` into a temp file beside it.
     pub fn stage(&self, path: &RelPath) -> Result<Staged<'_>, Error> {
         let (dir, tmp, file) = self.temp_beside(path)?;
-        Ok(Staged {
-            replica: self,
-            dir,
-            tmp,
-            path: path.clone(),
-            file,
-            hasher: blake3::Hasher::new(),
-            len: 0,
-            done: false,
-        })
+        Ok(Staged::new(self, dir, tmp, path.clone(), file))
     }
 
     /// Carries out the round: one `syncfs` makes every staged file durable, the
@@ -61,7 +67,12 @@ impl Replica {
         // A lone database update is one SQLite transaction, durable by itself:
         // its staged pages need no sync first.
         let lone_db = batch.renames.is_empty() && batch.dbs.len() == 1 && !batch.dbs[0].full;
-        if !lone_db {
+        if batch.dbs.is_empty() && batch.renames.len() <= FEW_FILES {
+            // A few files: each fsync'd (data and metadata), not the whole
+            // file system, whose other dirty data (a large write on this host)
+            // a `syncfs` would wait for.
+            self.fsync_staged(&batch.renames)?;
+        } else if !lone_db {
             rustix::fs::syncfs(&self.root)
                 .map_err(|e| Error::io("syncfs", self.root_path.display(), e))?;
         }
@@ -110,6 +121,22 @@ impl Replica {
                 last_modification: ts(st.st_mtime, st.st_mtime_nsec as u32),
             };
             let _ = rustix::fs::utimensat(&self.root, ".", &t, AtFlags::empty());
+        }
+        Ok(())
+    }
+
+    /// Makes staged temp files durable, each by itself.
+    fn fsync_staged(&self, renames: &[(RelPath, Vec<u8>)]) -> Result<(), Error> {
+        for (path, tmp) in renames {
+            let (dir, _, _) = self.parent(path)?;
+            let fd = rustix::fs::openat(
+                &dir,
+                tmp.as_slice(),
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io("open staged file of", self.display(path), e))?;
+            rustix::fs::fsync(&fd).map_err(|e| Error::io("fsync", self.display(path), e))?;
         }
         Ok(())
     }
@@ -241,14 +268,35 @@ impl Replica {
 /// [`Staged::commit`], the temp file is removed.
 #[derive(Debug)]
 pub struct Staged<'r> {
-    replica: &'r Replica,
+    pub(super) replica: &'r Replica,
     dir: OwnedFd,
-    tmp: Vec<u8>,
-    path: RelPath,
-    file: File,
-    hasher: blake3::Hasher,
-    len: u64,
-    done: bool,
+    pub(super) tmp: Vec<u8>,
+    pub(super) path: RelPath,
+    pub(super) file: File,
+    pub(super) hasher: blake3::Hasher,
+    pub(super) len: u64,
+    pub(super) done: bool,
+}
+
+impl<'r> Staged<'r> {
+    pub(super) fn new(
+        replica: &'r Replica,
+        dir: OwnedFd,
+        tmp: Vec<u8>,
+        path: RelPath,
+        file: File,
+    ) -> Self {
+        Self {
+            replica,
+            dir,
+            tmp,
+            path,
+            file,
+            hasher: blake3::Hasher::new(),
+            len: 0,
+            done: false,
+        }
+    }
 }
 
 impl Staged<'_> {
