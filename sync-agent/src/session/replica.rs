@@ -274,7 +274,7 @@ async fn apply_rounds(
         conn.clone(),
         folder.clone(),
     ));
-    let res = serve_rounds_inner(conn, folder, ctl_send, ctl_recv, peer).await;
+    let res = apply_rounds_inner(conn, folder, ctl_send, ctl_recv, peer).await;
     stager.abort();
     let left = folder
         .stages
@@ -287,7 +287,8 @@ async fn apply_rounds(
     res
 }
 
-async fn serve_rounds_inner(
+/// [`apply_rounds`] without the bulk lane's setup and cleanup.
+async fn apply_rounds_inner(
     conn: &quinn::Connection,
     folder: &Arc<ReplicaFolder>,
     ctl_send: &mut quinn::SendStream,
