@@ -427,8 +427,10 @@ fn partial_rounds_in_the_root_keep_its_mtime() {
     open("closed.db", true).close().unwrap();
     let rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
     let _src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &[]);
-    // databases compare by content: `verify`, not the raw root hash
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // databases compare by content: `verify`, not the raw root hash. The
+    // property under test is the root's mtime, not how fast the first round
+    // lands: the deadline allows for a loaded CI (20 s was missed once there).
+    let deadline = Instant::now() + Duration::from_secs(60);
     while cli(&["verify".as_ref(), p.src.as_os_str(), p.dst.as_os_str()])
         .status
         .code()
