@@ -121,7 +121,10 @@ fn scan_and_cut(
     m.entries.retain(|e| !stats.dropped.contains(&e.path));
     session::source::mark_databases(&mut m.entries, &live)?;
     if let Some(ix) = index.as_mut() {
-        remember_hashes(ix, &m, &report);
+        ix.remember_scan(&report.hashed, &m, sync_core::scan::now_ns());
+        if let Err(e) = ix.save() {
+            tracing::warn!("{e}: the next push hashes every file again");
+        }
     }
     tracing::debug!(
         scan_ms = scanned.as_millis(),
@@ -132,25 +135,6 @@ fn scan_and_cut(
         "source scanned and cut"
     );
     Ok((m, report, Arc::new(std::sync::Mutex::new(live))))
-}
-
-/// Records the hashes a scan computed in `ix` (and forgets files no longer in
-/// the tree), then saves it; a failure only costs the next run a rehash.
-fn remember_hashes(
-    ix: &mut sync_core::index::HashIndex,
-    m: &sync_core::Manifest,
-    report: &sync_core::scan::ScanReport,
-) {
-    let now = sync_core::scan::now_ns();
-    for (p, s, h) in &report.hashed {
-        ix.record(p, *s, *h, now);
-    }
-    let live: std::collections::HashSet<&[u8]> =
-        m.entries.iter().map(|e| e.path.as_bytes()).collect();
-    ix.retain(|p| live.contains(p));
-    if let Err(e) = ix.save() {
-        tracing::warn!("{e}: the next push hashes every file again");
-    }
 }
 
 /// Connects to a pinned replica.

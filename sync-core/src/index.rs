@@ -159,6 +159,23 @@ impl HashIndex {
         }
     }
 
+    /// After a full scan: remembers the hashes it computed (`hashed`, as
+    /// [`crate::scan::ScanReport::hashed`]) and forgets every path not in
+    /// `manifest`. Call [`HashIndex::save`] to write it.
+    pub fn remember_scan(
+        &mut self,
+        hashed: &[(RelPath, Stamp, [u8; 32])],
+        manifest: &crate::Manifest,
+        now_ns: i128,
+    ) {
+        for (p, s, h) in hashed {
+            self.record(p, *s, *h, now_ns);
+        }
+        let live: std::collections::HashSet<&[u8]> =
+            manifest.entries.iter().map(|e| e.path.as_bytes()).collect();
+        self.retain(|p| live.contains(p));
+    }
+
     /// Number of remembered files.
     #[must_use]
     pub fn len(&self) -> usize {

@@ -161,12 +161,7 @@ fn scan_and_cut(
     let mut ix = ix
         .lock()
         .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
-    for (p, s, h) in report.hashed {
-        ix.record(&p, s, h, now);
-    }
-    let live: std::collections::HashSet<&[u8]> =
-        m.entries.iter().map(|e| e.path.as_bytes()).collect();
-    ix.retain(|p| live.contains(p));
+    ix.remember_scan(&report.hashed, &m, now);
     ix.save()?;
     Ok((m, report.bytes_hashed, stats))
 }

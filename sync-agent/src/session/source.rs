@@ -414,12 +414,7 @@ async fn serve_file(
     root: PathBuf,
     progress: Arc<Progress>,
 ) -> Result<()> {
-    if !matches!(entry.kind, Kind::File { .. }) {
-        bail!(
-            "replica asked for {} which is not a regular file",
-            entry.path
-        );
-    }
+    // `proto::exchange::admit` let only a regular file of the round through.
     let path = sync_core::scan::abs(&root, &entry.path);
     if let Err(e) = sync_core::scan::open_regular(&path) {
         // Gone or replaced since the scan: an end that cannot match the round's
