@@ -108,6 +108,8 @@ impl Message {
             Message::StageFile { .. } => "StageFile",
             Message::StageBasis { .. } => "StageBasis",
             Message::Staged { .. } => "Staged",
+            Message::TreeDigest { .. } => "TreeDigest",
+            Message::RoundSame { .. } => "RoundSame",
         }
     }
 }

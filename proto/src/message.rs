@@ -303,7 +303,7 @@ impl std::fmt::Display for HeldDb {
 }
 
 /// How many variants [`Message`] has (the decoder names others as unknown types).
-pub(crate) const MESSAGE_TYPES: u32 = 24;
+pub(crate) const MESSAGE_TYPES: u32 = 26;
 
 /// Everything that travels, one per frame.
 ///
@@ -471,6 +471,26 @@ pub enum Message {
         size: u64,
         /// Its blake3.
         hash: [u8; 32],
+    },
+    /// Replica → source on the control stream, once per session, after its
+    /// hello: the quick digest of its tree (`sync_core::digest`), from a scan
+    /// made while the source scans its own; `None` when it has none to offer.
+    TreeDigest {
+        /// The digest.
+        digest: Option<[u8; 32]>,
+    },
+    /// Source → replica on the control stream, in place of a full round whose
+    /// entries have the replica's own quick digest: nothing to do. The replica
+    /// checks `digest` against its scan and answers `RoundDone`.
+    RoundSame {
+        /// Round number.
+        id: u64,
+        /// Entries of the source's tree.
+        entries: u64,
+        /// The quick digest both trees have.
+        digest: [u8; 32],
+        /// The source's root hash.
+        root_hash: [u8; 32],
     },
 }
 

@@ -159,6 +159,19 @@ fn databases_and_roles() -> impl Strategy<Value = Message> {
         ),
         any::<u64>().prop_map(|epoch| Message::Promote { epoch }),
         (any::<u64>(), text()).prop_map(|(epoch, error)| Message::Promoted { epoch, error }),
+        proptest::option::of(any::<[u8; 32]>()).prop_map(|digest| Message::TreeDigest { digest }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>()
+        )
+            .prop_map(|(id, entries, digest, root_hash)| Message::RoundSame {
+                id,
+                entries,
+                digest,
+                root_hash
+            }),
     ]
 }
 

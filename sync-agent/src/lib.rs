@@ -236,6 +236,7 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             }
         }
         let stats = session.connection().stats();
+        let unchanged = session.last_round_same();
         session.close().await;
         Ok::<_, anyhow::Error>(Summary {
             entries_total,
@@ -253,6 +254,7 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             scan_s,
             bytes_hashed: report.bytes_hashed,
             source_root: sync_core::hex(&root_hash),
+            unchanged,
             warnings: applied.warnings,
         })
     }

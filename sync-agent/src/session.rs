@@ -50,6 +50,9 @@ pub struct Summary {
     pub bytes_hashed: u64,
     /// The source's root hash.
     pub source_root: String,
+    /// Whether the replica's tree already had the source's quick digest (the
+    /// round was `RoundSame`: no manifest crossed, nothing was applied).
+    pub unchanged: bool,
     /// What the replica could not preserve.
     pub warnings: Vec<String>,
 }

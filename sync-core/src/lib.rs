@@ -31,6 +31,7 @@
 
 pub mod apply;
 pub mod delta;
+pub mod digest;
 pub mod diverged;
 pub mod engine;
 mod error;

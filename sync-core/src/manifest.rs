@@ -114,45 +114,52 @@ impl Manifest {
     /// (with content hash) and metadata. Equal roots mean equal trees.
     #[must_use]
     pub fn root_hash(&self) -> [u8; 32] {
-        let mut stack: Vec<(&RelPath, blake3::Hasher)> = Vec::new();
-        fn pop(stack: &mut Vec<(&RelPath, blake3::Hasher)>) -> Option<[u8; 32]> {
-            let (_, h) = stack.pop()?;
-            let out = *h.finalize().as_bytes();
-            match stack.last_mut() {
-                Some((_, parent)) => {
-                    parent.update(&out);
-                    None
-                }
-                None => Some(out),
+        merkle(&self.entries, leaf_hash)
+    }
+}
+
+/// A Merkle root of `entries` (sorted, parents before children) with `leaf`
+/// hashing each entry: a directory's node covers its leaf and its children's
+/// nodes in order.
+pub(crate) fn merkle(entries: &[Entry], leaf: impl Fn(&Entry) -> [u8; 32]) -> [u8; 32] {
+    let mut stack: Vec<(&RelPath, blake3::Hasher)> = Vec::new();
+    fn pop(stack: &mut Vec<(&RelPath, blake3::Hasher)>) -> Option<[u8; 32]> {
+        let (_, h) = stack.pop()?;
+        let out = *h.finalize().as_bytes();
+        match stack.last_mut() {
+            Some((_, parent)) => {
+                parent.update(&out);
+                None
             }
+            None => Some(out),
         }
-        let mut root = None;
-        for e in &self.entries {
-            while let Some((top, _)) = stack.last() {
-                if e.path.starts_with(top) && &e.path != *top {
-                    break;
-                }
-                if let Some(r) = pop(&mut stack) {
-                    root = Some(r);
-                }
+    }
+    let mut root = None;
+    for e in entries {
+        while let Some((top, _)) = stack.last() {
+            if e.path.starts_with(top) && &e.path != *top {
+                break;
             }
-            let leaf = leaf_hash(e);
-            if e.kind == Kind::Dir {
-                let mut h = blake3::Hasher::new();
-                h.update(b"dir");
-                h.update(&leaf);
-                stack.push((&e.path, h));
-            } else if let Some((_, parent)) = stack.last_mut() {
-                parent.update(&leaf);
-            }
-        }
-        while !stack.is_empty() {
             if let Some(r) = pop(&mut stack) {
                 root = Some(r);
             }
         }
-        root.unwrap_or([0; 32])
+        let leaf = leaf(e);
+        if e.kind == Kind::Dir {
+            let mut h = blake3::Hasher::new();
+            h.update(b"dir");
+            h.update(&leaf);
+            stack.push((&e.path, h));
+        } else if let Some((_, parent)) = stack.last_mut() {
+            parent.update(&leaf);
+        }
     }
+    while !stack.is_empty() {
+        if let Some(r) = pop(&mut stack) {
+            root = Some(r);
+        }
+    }
+    root.unwrap_or([0; 32])
 }
 
 fn leaf_hash(e: &Entry) -> [u8; 32] {

@@ -41,10 +41,23 @@ async fn send_raw(dst: &std::path::Path, frames: Vec<u8>) -> Message {
             Ok(Some(n)) => got.extend_from_slice(&buf[..n]),
             _ => panic!("replica closed without answering"),
         }
-        // skip the replica's hello, return the next message
-        if let Some((Message::Hello(_), used)) = frame::decode(&got).unwrap()
-            && let Some((m, _)) = frame::decode(&got[used..]).unwrap()
-        {
+        // skip the replica's hello and its tree digest, return the next message
+        let mut at = 0;
+        let mut first = true;
+        let mut next = None;
+        while let Some((m, used)) = frame::decode(&got[at..]).unwrap() {
+            at += used;
+            match m {
+                Message::Hello(_) if first => {}
+                Message::TreeDigest { .. } => {}
+                m => {
+                    next = Some(m);
+                    break;
+                }
+            }
+            first = false;
+        }
+        if let Some(m) = next {
             break m;
         }
     };

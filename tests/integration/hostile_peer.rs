@@ -163,6 +163,8 @@ pub struct Peer {
     pub recv: quinn::RecvStream,
     /// The replica ended the session with an error (it closes by itself).
     pub refused: bool,
+    /// A message read after the replica's hello that was not its tree digest.
+    pending: Option<Option<Message>>,
 }
 
 impl Peer {
@@ -179,14 +181,26 @@ impl Peer {
             send,
             recv,
             refused: false,
+            pending: None,
         }
     }
 
-    /// Sends our hello and returns the replica's.
+    /// Sends our hello and returns the replica's; the tree digest it offers
+    /// next (once its scan is done) is read and dropped.
     pub async fn hello(&mut self) -> Message {
         self.send(&Message::Hello(Hello::new(Role::Source, "default")))
             .await;
-        self.expect().await
+        let hello = self.expect().await;
+        if matches!(hello, Message::Hello(_)) {
+            let next = tokio::time::timeout(ANSWER, read_msg(&mut self.recv))
+                .await
+                .expect("the replica offered no tree digest (hang)");
+            if !matches!(next, Some(Message::TreeDigest { .. })) {
+                self.refused |= matches!(next, Some(Message::Error { .. }) | None);
+                self.pending = Some(next);
+            }
+        }
+        hello
     }
 
     pub async fn send(&mut self, msg: &Message) {
@@ -199,11 +213,22 @@ impl Peer {
         let _ = self.send.write_all(bytes).await;
     }
 
-    /// The next control message, or `None` when the replica closed.
+    /// The next control message, or `None` when the replica closed (the
+    /// replica's tree digest, which it offers once after its hello, skipped).
     pub async fn recv(&mut self) -> Option<Message> {
-        let m = tokio::time::timeout(ANSWER, read_msg(&mut self.recv))
-            .await
-            .expect("the replica did not answer (hang)");
+        if let Some(m) = self.pending.take() {
+            return m;
+        }
+        let m = tokio::time::timeout(ANSWER, async {
+            loop {
+                match read_msg(&mut self.recv).await {
+                    Some(Message::TreeDigest { .. }) => {}
+                    m => return m,
+                }
+            }
+        })
+        .await
+        .expect("the replica did not answer (hang)");
         self.refused |= matches!(m, Some(Message::Error { .. }) | None);
         m
     }
@@ -455,6 +480,9 @@ impl HostileReplica {
         ))))
         .await
         .unwrap();
+        send.write_all(&encode(&Message::TreeDigest { digest: None }))
+            .await
+            .unwrap();
         let mut entries = Vec::new();
         loop {
             match read_msg(&mut recv).await.expect("the source closed") {

@@ -157,6 +157,7 @@ fn a_rerun_with_its_state_reads_and_exchanges_only_what_changed() {
         again["bytes_hashed"], 0,
         "unchanged files hashed again: {again}"
     );
+    assert_eq!(again["unchanged"], true, "{again}");
     assert_eq!(again["files_transferred"], 0);
     let plain = run(&["--no-state".as_ref()]);
     assert_eq!(plain["bytes_hashed"], 300_000, "{plain}");
@@ -165,6 +166,7 @@ fn a_rerun_with_its_state_reads_and_exchanges_only_what_changed() {
     c.execute("UPDATE t SET v = randomblob(1000) WHERE k = 4000", [])
         .unwrap();
     let changed = run(&with_state);
+    assert_eq!(changed["unchanged"], false, "{changed}");
     c.execute("UPDATE t SET v = randomblob(1000) WHERE k = 10", [])
         .unwrap();
     let asked = run(&["--no-state".as_ref()]);
@@ -195,6 +197,53 @@ fn a_rerun_with_its_state_reads_and_exchanges_only_what_changed() {
         std::fs::read(s.src.join("sub/file")).unwrap(),
         std::fs::read(s.dst.join("sub/file")).unwrap()
     );
+}
+
+#[test]
+fn a_push_of_a_tree_the_replica_has_sends_no_manifest() {
+    let s = setup();
+    for d in 0..30 {
+        std::fs::create_dir_all(s.src.join(format!("d{d}"))).unwrap();
+        for f in 0..100 {
+            let p = s.src.join(format!("d{d}/file-{f}.conf"));
+            std::fs::write(p, format!("value = {d}{f}\n")).unwrap();
+        }
+    }
+    let agent = replica(&s.dst, &s.b, &s.a_id, &[]);
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = push(&s.src, &agent.addr, &s.a, &s.b_id, extra);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let first = run(&["--no-state"]);
+    assert_eq!(first["unchanged"], false, "{first}");
+    let again = run(&["--no-state"]);
+    assert_eq!(again["unchanged"], true, "{again}");
+    // the same tree compared by content: the whole manifest crosses
+    let checked = run(&["--no-state", "--checksum"]);
+    assert_eq!(checked["unchanged"], false, "{checked}");
+    let (same, full) = (
+        again["bytes_sent_wire"].as_u64().unwrap(),
+        checked["bytes_sent_wire"].as_u64().unwrap(),
+    );
+    assert!(
+        same * 3 < full,
+        "unchanged: {same} bytes sent, with the manifest {full}"
+    );
+    // a change on the replica's side alone: a full round puts it back
+    std::fs::write(s.dst.join("d7/file-3.conf"), b"edited on the standby\n").unwrap();
+    let repaired = run(&["--no-state"]);
+    assert_eq!(repaired["unchanged"], false, "{repaired}");
+    assert_eq!(repaired["files_transferred"], 1, "{repaired}");
+    assert_eq!(
+        std::fs::read(s.dst.join("d7/file-3.conf")).unwrap(),
+        b"value = 73\n"
+    );
+    assert_eq!(run(&["--no-state"])["unchanged"], true);
 }
 
 #[test]

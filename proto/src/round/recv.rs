@@ -41,6 +41,18 @@ pub enum Event {
         /// The new epoch.
         epoch: u64,
     },
+    /// Between rounds, a full round with nothing to do: the source's tree has
+    /// the quick digest this replica offered (`TreeDigest`).
+    Same {
+        /// Round number.
+        id: u64,
+        /// Entries of the source's tree.
+        entries: u64,
+        /// The digest both trees have.
+        digest: [u8; 32],
+        /// The source's root hash.
+        root_hash: [u8; 32],
+    },
 }
 
 /// A round being assembled, with what it costs so far.
@@ -53,7 +65,7 @@ struct Building {
 
 /// Assembles rounds from the control stream's messages, one at a time.
 ///
-/// Between rounds it takes `RoundStart` or `Promote`; inside a round
+/// Between rounds it takes `RoundStart`, `RoundSame` or `Promote`; inside a round
 /// `Manifest`, `Deleted`, `Renamed`, `Inline` and `RoundEnd`. Anything else,
 /// a round past [`MAX_ROUND_ENTRIES`] or [`MAX_ROUND_BYTES`], inline content
 /// for an entry not announced, or an end that does not match the round is a
@@ -95,7 +107,7 @@ impl Assembler {
                     self.building = Some(b);
                     None
                 }
-                Err(epoch) => Some(Event::Promote { epoch }),
+                Err(event) => Some(event),
             });
         };
         if let Message::RoundEnd {
@@ -123,8 +135,9 @@ impl Assembler {
     }
 }
 
-/// Between rounds: a round starts (`Ok(Ok)`), or a promotion is asked (`Ok(Err(epoch))`).
-fn start(msg: Message) -> Result<Result<Building, u64>, ProtocolError> {
+/// Between rounds: a round starts (`Ok(Ok)`), or a message completes alone
+/// (`Ok(Err(event))`: a promotion request, a round with nothing to do).
+fn start(msg: Message) -> Result<Result<Building, Event>, ProtocolError> {
     match msg {
         Message::RoundStart {
             id,
@@ -142,7 +155,18 @@ fn start(msg: Message) -> Result<Result<Building, u64>, ProtocolError> {
             bytes: 0,
             tables: 0,
         })),
-        Message::Promote { epoch } => Ok(Err(epoch)),
+        Message::Promote { epoch } => Ok(Err(Event::Promote { epoch })),
+        Message::RoundSame {
+            id,
+            entries,
+            digest,
+            root_hash,
+        } => Ok(Err(Event::Same {
+            id,
+            entries,
+            digest,
+            root_hash,
+        })),
         other => Err(ProtocolError::ExpectedRound { got: other.name() }),
     }
 }

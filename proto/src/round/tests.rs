@@ -169,6 +169,34 @@ fn a_promotion_between_rounds_is_an_event() {
 }
 
 #[test]
+fn a_round_with_nothing_to_do_is_an_event_between_rounds_only() {
+    let same = Message::RoundSame {
+        id: 3,
+        entries: 7,
+        digest: [1; 32],
+        root_hash: [2; 32],
+    };
+    let mut a = Assembler::new();
+    assert_eq!(
+        a.handle(same.clone()),
+        Ok(Some(Event::Same {
+            id: 3,
+            entries: 7,
+            digest: [1; 32],
+            root_hash: [2; 32],
+        }))
+    );
+    let e = feed(&mut Assembler::new(), vec![start(1), same]);
+    assert_eq!(
+        e,
+        Err(ProtocolError::UnexpectedInRound {
+            id: 1,
+            got: "RoundSame"
+        })
+    );
+}
+
+#[test]
 fn a_promotion_inside_a_round_is_refused() {
     let mut a = Assembler::new();
     let e = feed(&mut a, vec![start(1), Message::Promote { epoch: 4 }]);
@@ -191,6 +219,7 @@ fn anything_but_a_start_between_rounds_is_refused() {
             data: vec![],
         },
         Message::DbNeedHashes,
+        Message::TreeDigest { digest: None },
         Message::Hello(crate::Hello::new(crate::Role::Source, "f")),
     ] {
         let name = m.name();

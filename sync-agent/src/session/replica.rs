@@ -1,6 +1,6 @@
 //! The replica side of a session: rounds applied under the folder's root.
 
-use super::replica_round::{apply_round, read_round};
+use super::replica_round::{Next, apply_round, apply_same, offer_digest, read_round};
 use crate::wire;
 use anyhow::{Context, Result, anyhow, bail};
 use proto::handshake::{self, FolderView, Refusal};
@@ -295,10 +295,21 @@ async fn apply_rounds_inner(
     ctl_recv: &mut quinn::RecvStream,
     peer: &str,
 ) -> Result<()> {
+    let mut prescanned = offer_digest(folder, ctl_send).await?;
     loop {
-        let round = match read_round(ctl_recv, &folder.activity).await {
-            Ok(Some(Ok(r))) => r,
-            Ok(Some(Err(epoch))) => {
+        let (id, full, applied) = match read_round(ctl_recv, &folder.activity).await {
+            Ok(Some(Next::Round(round))) => {
+                let (id, full) = (round.id, round.full);
+                tracing::debug!(folder = %folder.name, round = id, entries = round.entries.len(), "round received");
+                // The scan made ahead serves the session's first round only.
+                let pre = prescanned.take().filter(|_| full);
+                (id, full, apply_round(conn, folder, round, pre).await)
+            }
+            Ok(Some(Next::Same { id, digest })) => {
+                let pre = prescanned.take();
+                (id, true, apply_same(folder, pre, id, digest).await)
+            }
+            Ok(Some(Next::Promote(epoch))) => {
                 if answer_promotion(folder, epoch, ctl_send, ctl_recv).await? {
                     return Ok(());
                 }
@@ -307,9 +318,7 @@ async fn apply_rounds_inner(
             Ok(None) => break,
             Err(e) => return fail(conn, ctl_send, folder, e, ErrorCode::Protocol, peer).await,
         };
-        let (id, full) = (round.id, round.full);
-        tracing::debug!(folder = %folder.name, round = id, entries = round.entries.len(), "round received");
-        match apply_round(conn, folder, round).await {
+        match applied {
             Ok(summary) => {
                 record_round(folder, full, &summary);
                 wire::send(ctl_send, &Message::RoundDone { id, summary }).await?;

@@ -9,18 +9,33 @@ use proto::ApplySummary;
 use proto::round::{Assembler, Event};
 use std::sync::Arc;
 use sync_core::Manifest;
-use sync_core::engine::{self, content};
+use sync_core::engine::{self, Prescan, content};
 use sync_core::plan::{Fetch, Plan};
 use tokio::sync::Semaphore;
 
-/// The next round, or a promotion request (its epoch), or the end. The
-/// messages go through [`Assembler`], which checks their order, the round's
-/// bounds and its end; this glue adds the time bound, growing with what the
-/// round carried.
+/// What the source sent next on the control stream.
+pub(super) enum Next {
+    /// A round.
+    Round(Incoming),
+    /// A full round with nothing to do: the source's tree has `digest`.
+    Same {
+        /// Round number.
+        id: u64,
+        /// The quick digest the source's tree has.
+        digest: [u8; 32],
+    },
+    /// Become the folder's source at this epoch.
+    Promote(u64),
+}
+
+/// The next round, a round with nothing to do, or a promotion request, or
+/// the end. The messages go through [`Assembler`], which checks their order,
+/// the round's bounds and its end; this glue adds the time bound, growing
+/// with what the round carried.
 pub(super) async fn read_round(
     ctl: &mut quinn::RecvStream,
     activity: &Activity,
-) -> Result<Option<std::result::Result<Incoming, u64>>> {
+) -> Result<Option<Next>> {
     let Some(first) = wire::recv(ctl).await? else {
         return Ok(None);
     };
@@ -31,8 +46,9 @@ pub(super) async fn read_round(
     let (mut stage, mut timed) = (wire::Stage::new(format!("round {id}"), 0), 0);
     loop {
         match event {
-            Some(Event::Round(r)) => return Ok(Some(Ok(r))),
-            Some(Event::Promote { epoch }) => return Ok(Some(Err(epoch))),
+            Some(Event::Round(r)) => return Ok(Some(Next::Round(r))),
+            Some(Event::Promote { epoch }) => return Ok(Some(Next::Promote(epoch))),
+            Some(Event::Same { id, digest, .. }) => return Ok(Some(Next::Same { id, digest })),
             None => {}
         }
         stage.grow(asm.timed_bytes().saturating_sub(timed));
@@ -49,6 +65,7 @@ pub(super) async fn apply_round(
     conn: &quinn::Connection,
     folder: &Arc<ReplicaFolder>,
     round: Incoming,
+    prescanned: Option<Prescan>,
 ) -> Result<ApplySummary> {
     let mut clock = Phases::start();
     let mut round = engine::Round::from(round);
@@ -58,7 +75,8 @@ pub(super) async fn apply_round(
     // round's indexes, which the source serves.
     let (kept, planned) = engine::keep(&round.src, &folder.filter);
     let planned = Arc::new(planned);
-    let (dst, plan, mut summary) = prepare_and_make(folder, &mut round, planned.clone()).await?;
+    let (dst, plan, mut summary) =
+        prepare_and_make(folder, &mut round, planned.clone(), prescanned).await?;
     clock.mark("prepare");
     // Content that came with the round is written first; the rest is pulled.
     let (inlined, pulled) = content::split_inline(&plan, &kept, &mut round.inline);
@@ -121,6 +139,63 @@ pub(super) async fn apply_round(
     Ok(summary)
 }
 
+/// Scans this replica's tree while the source scans its own (a session's
+/// first round is full) and offers its quick digest (`TreeDigest`, sent
+/// once per session before anything else after the hello): the scan for
+/// the first full round's plan, or `None` when it failed (the round scans
+/// again and reports why). No digest is offered on a fenced node's first
+/// repair (it keeps aside what it alone holds) nor with id maps (the
+/// source's owners are not this host's).
+pub(super) async fn offer_digest(
+    folder: &Arc<ReplicaFolder>,
+    ctl_send: &mut quinn::SendStream,
+) -> Result<Option<Prescan>> {
+    let (r, f, d) = (
+        folder.replica.clone(),
+        folder.filter.clone(),
+        folder.detect.clone(),
+    );
+    let sweep = folder.sweep.clone();
+    let pre = tokio::task::spawn_blocking(move || engine::prescan(&r, &f, d, &sweep)).await?;
+    let pre = match pre {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(folder = %folder.name, "scanning ahead of the first round: {e}");
+            None
+        }
+    };
+    let offer = divergence_target(folder, true)?.is_none() && folder.ids.is_empty();
+    let digest = pre.as_ref().and_then(|p| p.digest).filter(|_| offer);
+    wire::send(ctl_send, &proto::Message::TreeDigest { digest }).await?;
+    Ok(pre)
+}
+
+/// A full round with nothing to do (`RoundSame`): checked against the
+/// prescan's digest, directories its database reads touched put back,
+/// excluded leftovers counted.
+pub(super) async fn apply_same(
+    folder: &Arc<ReplicaFolder>,
+    prescanned: Option<Prescan>,
+    id: u64,
+    digest: [u8; 32],
+) -> Result<ApplySummary> {
+    let pre = prescanned.with_context(|| {
+        format!("round {id}: the source says nothing changed, but this replica offered no digest")
+    })?;
+    let (r, d, sweep) = (
+        folder.replica.clone(),
+        folder.detect.clone(),
+        folder.sweep.clone(),
+    );
+    let (summary, found) =
+        tokio::task::spawn_blocking(move || engine::same(&r, &pre, &digest, &d, &sweep)).await??;
+    if let Ok(mut st) = folder.stats.lock() {
+        st.leftovers = Some(found);
+    }
+    tracing::debug!(folder = %folder.name, round = id, "round applied: nothing to do (same digest)");
+    Ok(summary)
+}
+
 /// How long each phase of a round took, for the debug log (where the time
 /// goes on bulk work: benches/README.md).
 struct Phases {
@@ -160,6 +235,7 @@ async fn prepare_and_make(
     folder: &Arc<ReplicaFolder>,
     round: &mut engine::Round,
     planned: Arc<Manifest>,
+    prescanned: Option<Prescan>,
 ) -> Result<(Manifest, Plan, ApplySummary)> {
     let (r, s, f) = (folder.replica.clone(), planned, folder.filter.clone());
     let detect = folder.detect.clone();
@@ -186,7 +262,7 @@ async fn prepare_and_make(
                 dst,
                 mut plan,
                 leftovers,
-            } = engine::prepare(&r, &s, &prep, &mut sum)?;
+            } = engine::prepare(&r, &s, &prep, prescanned, &mut sum)?;
             // The first repair after this node was fenced: what it alone holds is
             // copied aside before anything is replaced or deleted.
             let captured = match &capture {

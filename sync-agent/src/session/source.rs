@@ -16,6 +16,8 @@ use sync_core::sqlite::LiveSet;
 use tokio::sync::mpsc;
 
 use super::source_db::serve_db;
+
+mod same;
 pub use sync_core::sqlite::mark_databases;
 
 /// One round to ship.
@@ -61,6 +63,11 @@ pub struct SourceSession {
     peer_clock_skew_ms: Option<i64>,
     /// The cap on the content streams' bytes/s (`bwlimit`), if any.
     limit: Option<crate::bwlimit::Limiter>,
+    /// The replica's quick digest of its tree (`TreeDigest`, once per
+    /// session), once it came.
+    digest: Option<Option<[u8; 32]>>,
+    /// Whether the last round was sent as `RoundSame` (nothing to do).
+    last_same: bool,
 }
 
 impl SourceSession {
@@ -140,6 +147,8 @@ impl SourceSession {
             peer_software,
             peer_clock_skew_ms,
             limit: None,
+            digest: None,
+            last_same: false,
         })
     }
 
@@ -193,9 +202,19 @@ impl SourceSession {
         wire::send(&mut self.ctl_send, &Message::Promote { epoch })
             .await
             .map_err(|e| lost(format!("sending the promotion: {e:#}")))?;
-        let reply = tokio::time::timeout(PROMOTE_TIMEOUT, self.ctl_rx.recv())
-            .await
-            .map_err(|_| lost("the replica did not answer the promotion".into()))?;
+        let reply = tokio::time::timeout(PROMOTE_TIMEOUT, async {
+            loop {
+                match self.ctl_rx.recv().await {
+                    // the replica's tree digest, sent once before anything else
+                    Some(Ok(Some(Message::TreeDigest { digest }))) if self.digest.is_none() => {
+                        self.digest = Some(digest);
+                    }
+                    reply => return reply,
+                }
+            }
+        })
+        .await
+        .map_err(|_| lost("the replica did not answer the promotion".into()))?;
         match reply {
             Some(Ok(Some(Message::Promoted { epoch: e, error }))) if error.is_empty() => {
                 if e != epoch {
@@ -225,11 +244,27 @@ impl SourceSession {
         &self.conn
     }
 
+    /// Whether the last round was answered without its manifest: the
+    /// replica's tree had the source's quick digest.
+    #[must_use]
+    pub fn last_round_same(&self) -> bool {
+        self.last_same
+    }
+
     /// Ships one round and serves the replica's content requests until it
     /// reports the round applied.
     pub async fn round(&mut self, round: &Round) -> Result<ApplySummary> {
         let id = self.next_id;
         self.next_id += 1;
+        self.last_same = self.send_same(id, round).await?;
+        if !self.last_same {
+            self.send_round(id, round).await?;
+        }
+        self.serve_round(id, round).await
+    }
+
+    /// A round's messages: its start, manifest, inline contents and end.
+    async fn send_round(&mut self, id: u64, round: &Round) -> Result<()> {
         let s = &mut self.ctl_send;
         let out = Outgoing {
             id,
@@ -259,14 +294,25 @@ impl SourceSession {
         for msg in out.tail(inline) {
             wire::send(s, &msg).await?;
         }
+        Ok(())
+    }
 
+    /// Serves the replica's content requests until it reports round `id`
+    /// applied.
+    async fn serve_round(&mut self, id: u64, round: &Round) -> Result<ApplySummary> {
         let mut serving = tokio::task::JoinSet::new();
         // A replica may open many streams; at most this many are served at once
         // (each may hold a signature index and a window of the file).
         let slots = Arc::new(tokio::sync::Semaphore::new(super::PARALLEL_FILES));
         let reply = loop {
             tokio::select! {
-                msg = self.ctl_rx.recv() => break msg,
+                msg = self.ctl_rx.recv() => match msg {
+                    // sent once, before anything else: kept if this round did not wait for it
+                    Some(Ok(Some(Message::TreeDigest { digest }))) if self.digest.is_none() => {
+                        self.digest = Some(digest);
+                    }
+                    msg => break msg,
+                },
                 incoming = self.conn.accept_bi() => {
                     let (send, recv) = incoming.map_err(|e| anyhow!("connection to the replica lost: {e}"))?;
                     let (entries, root, progress) = (round.entries.clone(), self.root.clone(), self.progress.clone());

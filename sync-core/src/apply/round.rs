@@ -201,6 +201,16 @@ impl Replica {
         }
     }
 
+    /// The directories this session changed (their mtimes moved) and has not
+    /// yet put back.
+    #[must_use]
+    pub fn touched_dirs(&self) -> Vec<RelPath> {
+        self.touched
+            .lock()
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Starts a new session: forgets what earlier sessions touched or staged
     /// (an aborted session's temp files are swept by the next full scan).
     pub fn reset(&self) {

@@ -13,9 +13,11 @@
 mod check;
 pub mod content;
 pub mod leftovers;
+pub mod prescan;
 
 pub use check::{RoundError, check};
 pub use leftovers::{Leftovers, Sweep};
+pub use prescan::{Prescan, prescan, same};
 
 use crate::apply::Replica;
 use crate::filter::Filter;
@@ -136,13 +138,15 @@ pub struct Prepared {
 }
 
 /// Renames and explicit deletions (excluded paths left alone), then the
-/// replica's own manifest (a scan of the tree for a full round, of the
-/// planned paths for a partial one; a full round sweeps or counts excluded
-/// leftovers), and the plan from it to `s`.
+/// replica's own manifest (a scan of the tree for a full round, or the
+/// [`Prescan`] made ahead of it when the round compares by size and mtime; of
+/// the planned paths for a partial one; a full round sweeps or counts
+/// excluded leftovers), and the plan from it to `s`.
 pub fn prepare(
     r: &Replica,
     s: &Manifest,
     p: &Prepare<'_>,
+    prescanned: Option<Prescan>,
     sum: &mut ApplySummary,
 ) -> Result<Prepared, Error> {
     let f = p.filter;
@@ -177,7 +181,10 @@ pub fn prepare(
     }
     let mut leftovers = None;
     let (dst, linked) = if p.full {
-        let (dst, report) = crate::scan::scan_with(r.root_path(), &opts, None)?;
+        let (dst, report) = match prescanned.filter(|_| !p.checksum && p.renamed.is_empty()) {
+            Some(pre) if p.deleted.is_empty() => (pre.dst, pre.report),
+            _ => crate::scan::scan_with(r.root_path(), &opts, None)?,
+        };
         let swept = r.sweep_temps(&report.temp_files)?;
         if swept > 0 {
             tracing::info!(swept, "removed temp files left by an interrupted run");
@@ -453,6 +460,8 @@ pub fn own_manifest(
 mod pair;
 #[cfg(test)]
 mod pair_tests;
+#[cfg(test)]
+mod pair_tests_digest;
 #[cfg(test)]
 mod pair_tests_excluded;
 #[cfg(test)]

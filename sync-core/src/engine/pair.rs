@@ -25,6 +25,8 @@ pub(super) struct Pair {
     detect: Arc<DbDetect>,
     live: LiveSet,
     next_id: u64,
+    /// The replica's scan made ahead, taken by the next full round.
+    prescanned: Option<Prescan>,
 }
 
 impl Pair {
@@ -45,6 +47,7 @@ impl Pair {
             detect: Arc::new(DbDetect::default()),
             live,
             next_id: 1,
+            prescanned: None,
         }
     }
 
@@ -102,6 +105,53 @@ impl Pair {
         };
         let msgs: Vec<Message> = out.messages(Vec::new()).collect();
         Ok((self.send(msgs)?, m.root_hash()))
+    }
+
+    /// A session's first full round as the agents run it: the replica scans
+    /// ahead ([`prescan`]) and offers its quick digest; a source tree with
+    /// the same one is answered by `RoundSame` (`Ok(true)`: nothing applied),
+    /// any other by a full verified round that takes the prescan (`Ok(false)`).
+    pub fn first_full(&mut self) -> Result<bool, String> {
+        let pre = self.prescan()?;
+        let m = self.source_manifest();
+        let ours = crate::digest::quick_root(&m.entries);
+        if pre.digest == Some(ours) {
+            let msg = Message::RoundSame {
+                id: self.id(),
+                entries: m.entries.len() as u64,
+                digest: ours,
+                root_hash: m.root_hash(),
+            };
+            let Ok(Some(Event::Same { digest, .. })) = Assembler::new().handle(msg) else {
+                return Err("RoundSame is not an event between rounds".into());
+            };
+            let (_, found) = same(&self.replica, &pre, &digest, &self.detect, &self.sweep)
+                .map_err(|e| e.to_string())?;
+            self.leftovers = Some(found);
+            self.live.end_round();
+            return Ok(true);
+        }
+        self.prescanned = Some(pre);
+        self.full().map(|_| false)
+    }
+
+    /// The replica's scan ahead of a session's first round.
+    fn prescan(&self) -> Result<Prescan, String> {
+        prescan(
+            &self.replica,
+            &self.filter,
+            self.detect.clone(),
+            &self.sweep,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// The replica's answer to a `RoundSame` with `digest` after a prescan.
+    pub fn same_as(&mut self, digest: [u8; 32]) -> Result<ApplySummary, String> {
+        let pre = self.prescan()?;
+        same(&self.replica, &pre, &digest, &self.detect, &self.sweep)
+            .map(|(s, _)| s)
+            .map_err(|e| e.to_string())
     }
 
     /// A partial round of `changed` paths (as the source has them now),
@@ -174,6 +224,7 @@ impl Pair {
             match asm.handle(m).map_err(|e| e.to_string())? {
                 Some(Event::Round(r)) => return self.apply(r),
                 Some(Event::Promote { epoch }) => return Err(format!("promote {epoch}")),
+                Some(Event::Same { id, .. }) => return Err(format!("round {id} is the same")),
                 None => {}
             }
         }
@@ -211,7 +262,7 @@ impl Pair {
             dst,
             mut plan,
             leftovers,
-        } = prepare(r, &planned, &prep, &mut sum)?;
+        } = prepare(r, &planned, &prep, self.prescanned.take(), &mut sum)?;
         if leftovers.is_some() {
             self.leftovers = leftovers;
         }

@@ -7,7 +7,7 @@ use proto::{Kind, Message};
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
 
-fn write(p: &Pair, rel: &str, data: &[u8]) {
+pub(super) fn write(p: &Pair, rel: &str, data: &[u8]) {
     let path = p.src(rel);
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).expect("mkdir");
@@ -15,7 +15,7 @@ fn write(p: &Pair, rel: &str, data: &[u8]) {
     fs::write(path, data).expect("write");
 }
 
-fn tree(p: &Pair) {
+pub(super) fn tree(p: &Pair) {
     write(p, "etc/app.conf", b"port = 80\n");
     write(p, "etc/big.bin", &vec![7u8; 300_000]);
     write(p, "data/notes.txt", b"notes");
@@ -177,7 +177,7 @@ fn excluded_entries_are_neither_written_nor_deleted() {
     assert_eq!(fs::read(p.dst("a.txt")).expect("read"), b"a");
 }
 
-fn live_db(p: &Pair) -> rusqlite::Connection {
+pub(super) fn live_db(p: &Pair) -> rusqlite::Connection {
     let c = rusqlite::Connection::open(p.src("app.db")).expect("open");
     c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
         .expect("wal");

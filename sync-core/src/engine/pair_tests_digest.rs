@@ -1,0 +1,176 @@
+//! A session's first full round on a tree the replica already mirrors: the
+//! replica's quick digest ([`crate::digest`]) matches the source's and the
+//! round is `RoundSame`; any change on either side, of any field a full
+//! round compares, makes it a full round again.
+
+use super::pair::Pair;
+use super::pair_tests::{live_db, tree, write};
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::time::{Duration, SystemTime};
+
+/// Files, a directory tree, a symlink, two hard-linked names, a fifo, an
+/// xattr, an access ACL, another owner and a live WAL database.
+fn rich_tree(p: &Pair) -> rusqlite::Connection {
+    tree(p);
+    // u::rw-, u:1234:r--, g::r--, m::r--, o::---
+    let acl: Vec<u8> = [
+        &[2u8, 0, 0, 0][..],
+        &[1, 0, 6, 0, 0xff, 0xff, 0xff, 0xff],
+        &[2, 0, 4, 0, 0xd2, 0x04, 0, 0],
+        &[4, 0, 4, 0, 0xff, 0xff, 0xff, 0xff],
+        &[0x10, 0, 4, 0, 0xff, 0xff, 0xff, 0xff],
+        &[0x20, 0, 0, 0, 0xff, 0xff, 0xff, 0xff],
+    ]
+    .concat();
+    xattr::set(p.src("etc/big.bin"), "system.posix_acl_access", &acl).expect("acl");
+    std::os::unix::fs::chown(p.src("etc/big.bin"), Some(1234), Some(1235)).expect("chown");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        p.src("data/pipe"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("fifo");
+    live_db(p)
+}
+
+fn mirrored() -> (Pair, rusqlite::Connection) {
+    let mut p = Pair::new();
+    let c = rich_tree(&p);
+    p.full().expect("the first mirror");
+    (p, c)
+}
+
+fn set_mtime(path: &std::path::Path, t: SystemTime) {
+    let f = fs::File::options().write(true).open(path).expect("open");
+    f.set_modified(t).expect("set mtime");
+}
+
+#[test]
+fn a_session_on_a_mirrored_tree_is_a_round_with_nothing_to_do() {
+    let (mut p, _c) = mirrored();
+    assert_eq!(p.first_full(), Ok(true));
+    p.assert_mirrored();
+    // and again: RoundSame left nothing behind that the next digest sees
+    assert_eq!(p.first_full(), Ok(true));
+}
+
+type Change = Box<dyn Fn(&Pair, &rusqlite::Connection)>;
+
+/// Changes of every field a full round compares, on the source and on the
+/// replica.
+fn changes() -> Vec<(&'static str, Change)> {
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    let changes: Vec<(&str, Change)> = vec![
+        (
+            "same size, new mtime",
+            Box::new(|p, _| fs::write(p.src("data/notes.txt"), b"NOTES").expect("write")),
+        ),
+        (
+            "mode",
+            Box::new(|p, _| {
+                fs::set_permissions(p.src("etc/app.conf"), fs::Permissions::from_mode(0o600))
+                    .expect("chmod")
+            }),
+        ),
+        (
+            "owner",
+            Box::new(|p, _| {
+                std::os::unix::fs::chown(p.src("etc/app.conf"), Some(7), None).expect("chown")
+            }),
+        ),
+        (
+            "xattr",
+            Box::new(|p, _| xattr::set(p.src("etc/app.conf"), "user.x", b"1").expect("xattr")),
+        ),
+        (
+            "acl removed",
+            Box::new(|p, _| {
+                xattr::remove(p.src("etc/big.bin"), "system.posix_acl_access").expect("acl")
+            }),
+        ),
+        ("new file", Box::new(|p, _| write(p, "data/new", b"n"))),
+        (
+            "deleted file",
+            Box::new(|p, _| fs::remove_file(p.src("etc/app.conf")).expect("rm")),
+        ),
+        (
+            "symlink target",
+            Box::new(|p, _| {
+                fs::remove_file(p.src("data/conf")).expect("rm");
+                symlink("../etc/big.bin", p.src("data/conf")).expect("symlink");
+            }),
+        ),
+        (
+            "database write",
+            Box::new(|_, c| {
+                c.execute("UPDATE t SET v = randomblob(200) WHERE k = 9", [])
+                    .expect("update");
+            }),
+        ),
+        (
+            "directory mtime",
+            Box::new(move |p, _| {
+                let d = fs::File::open(p.src("etc")).expect("open dir");
+                d.set_modified(later).expect("mtime");
+            }),
+        ),
+        (
+            "replica file edited",
+            Box::new(|p, _| fs::write(p.dst("etc/app.conf"), b"port = 8080\n").expect("write")),
+        ),
+        (
+            "replica file, same size, other mtime",
+            Box::new(move |p, _| set_mtime(&p.dst("etc/app.conf"), later)),
+        ),
+        (
+            "stray replica file",
+            Box::new(|p, _| fs::write(p.dst("data/stray"), b"s").expect("write")),
+        ),
+        (
+            "temp file left on the replica",
+            Box::new(|p, _| {
+                fs::write(p.dst("data/.understudy.tmp.0123456789abcdef"), b"t").expect("write")
+            }),
+        ),
+        (
+            "replica hard link broken",
+            Box::new(|p, _| {
+                fs::remove_file(p.dst("data/notes.link")).expect("rm");
+                fs::copy(p.dst("data/notes.txt"), p.dst("data/notes.link")).expect("copy");
+            }),
+        ),
+        (
+            "replica database replaced",
+            Box::new(|p, _| {
+                let c = rusqlite::Connection::open(p.dst("app.db")).expect("open");
+                c.execute("DELETE FROM t WHERE k < 5", []).expect("delete");
+            }),
+        ),
+    ];
+    changes
+}
+
+#[test]
+fn any_change_on_either_side_makes_it_a_full_round() {
+    for (what, change) in changes() {
+        let (mut p, c) = mirrored();
+        change(&p, &c);
+        assert_eq!(p.first_full(), Ok(false), "{what}: taken as the same tree");
+        p.assert_mirrored();
+        assert_eq!(
+            p.first_full(),
+            Ok(true),
+            "{what}: not the same after the round"
+        );
+    }
+}
+
+#[test]
+fn a_round_same_with_another_digest_is_refused() {
+    let (mut p, _c) = mirrored();
+    let err = p.same_as([9; 32]).expect_err("refused");
+    assert!(err.contains("scan differs"), "{err}");
+}
