@@ -9,7 +9,6 @@
 //! its stamp.
 
 use crate::{Error, RelPath};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// Stamps younger than this when hashed are not cached (timestamps are coarse).
@@ -49,8 +48,8 @@ impl Stamp {
 #[derive(Debug)]
 pub struct HashIndex {
     conn: Option<rusqlite::Connection>,
-    map: HashMap<Vec<u8>, (Stamp, [u8; 32])>,
-    changed: HashMap<Vec<u8>, Option<(Stamp, [u8; 32])>>,
+    map: foldhash::HashMap<Vec<u8>, (Stamp, [u8; 32])>,
+    changed: foldhash::HashMap<Vec<u8>, Option<(Stamp, [u8; 32])>>,
 }
 
 fn db_err(path: &Path, e: rusqlite::Error) -> Error {
@@ -63,8 +62,8 @@ impl HashIndex {
     pub fn in_memory() -> Self {
         Self {
             conn: None,
-            map: HashMap::new(),
-            changed: HashMap::new(),
+            map: foldhash::HashMap::default(),
+            changed: foldhash::HashMap::default(),
         }
     }
 
@@ -78,7 +77,7 @@ impl HashIndex {
                 mtime_ns TEXT, ctime_ns TEXT, hash BLOB) WITHOUT ROWID;",
         )
         .map_err(|e| db_err(path, e))?;
-        let mut map = HashMap::new();
+        let mut map = foldhash::HashMap::default();
         {
             let mut stmt = conn
                 .prepare("SELECT path, dev, ino, size, mtime_ns, ctime_ns, hash FROM files")
@@ -116,7 +115,7 @@ impl HashIndex {
         Ok(Self {
             conn: Some(conn),
             map,
-            changed: HashMap::new(),
+            changed: foldhash::HashMap::default(),
         })
     }
 
@@ -171,7 +170,7 @@ impl HashIndex {
         for (p, s, h) in hashed {
             self.record(p, *s, *h, now_ns);
         }
-        let live: std::collections::HashSet<&[u8]> =
+        let live: foldhash::HashSet<&[u8]> =
             manifest.entries.iter().map(|e| e.path.as_bytes()).collect();
         self.retain(|p| live.contains(p));
     }

@@ -30,11 +30,13 @@
 //! ```
 
 pub mod apply;
+mod db_detect;
 pub mod delta;
 pub mod diverged;
 pub mod engine;
 mod error;
 pub mod filter;
+mod fsat;
 pub mod holders;
 pub mod idmap;
 pub mod index;
