@@ -1,8 +1,8 @@
 //! Times warm scans of a tree: `scan ROOT [RUNS] [source|replica]`.
 //!
 //! `source` (the default) scans as `push` does: hashing, hard links, database
-//! detection, with a hash index filled by one scan before the timed runs (so
-//! nothing is rehashed). `replica` scans as a replica's full round does: no
+//! detection, with a hash index filled by one scan, saved and loaded again (its load
+//! timed) before the timed runs (so nothing is rehashed). `replica` scans as a replica's full round does: no
 //! hashes, no hard links. Prints each run, the median and a digest of the
 //! manifest (equal digests: equal manifests), so two builds can be compared.
 
@@ -11,6 +11,19 @@ use std::sync::Arc;
 use std::time::Instant;
 use sync_core::index::HashIndex;
 use sync_core::scan::{DbDetect, ScanOptions, now_ns, scan_with};
+
+/// CPU time of this process, in ms (the machine may be busy: wall time
+/// alone is noisy).
+fn cpu_ms() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as f64 * 1e3 + t.tv_nsec as f64 / 1e6
+}
+
+/// The median of `v`.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -32,17 +45,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut ix = HashIndex::in_memory();
     if !replica {
-        let (m, report) = scan_with(&root, &opts, Some(&ix))?;
-        ix.remember_scan(&report.hashed, &m, now_ns());
+        // The index as `push` keeps it: saved, and loaded before each run.
+        let dir = std::env::temp_dir().join(format!("scan-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("index.db");
+        let mut saved = HashIndex::open(&file)?;
+        let (m, report) = scan_with(&root, &opts, Some(&saved))?;
+        saved.remember_scan(&report.hashed, &m, now_ns());
+        saved.save()?;
+        drop(saved);
+        let mut loads = Vec::new();
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            ix = HashIndex::open(&file)?;
+            loads.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        loads.sort_by(f64::total_cmp);
+        println!(
+            "index of {} files: load median {:.1} ms",
+            ix.len(),
+            loads[2]
+        );
+        std::fs::remove_dir_all(&dir)?;
     }
     let mut times = Vec::with_capacity(runs);
+    let mut cpu = Vec::with_capacity(runs);
     let mut digest = [0u8; 32];
     let mut len = 0;
     for _ in 0..runs {
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_ms());
         let (m, report) = scan_with(&root, &opts, Some(&ix))?;
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        times.push(ms);
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        cpu.push(cpu_ms() - c0);
         let mut h = blake3::Hasher::new();
         h.update(&m.root_hash());
         for list in [&report.temp_files, &report.databases] {
@@ -62,16 +96,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         digest = *h.finalize().as_bytes();
         len = m.entries.len();
     }
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
     let runs: Vec<String> = times.iter().map(|t| format!("{t:.0}")).collect();
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
     println!(
-        "{} entries, digest {}, runs ms [{}], median {:.1} ms, min {:.1} ms",
+        "{} entries, digest {}, runs ms [{}], median {:.1} ms, min {:.1} ms, CPU median {:.1} ms",
         len,
         sync_core::hex(&digest[..8]),
         runs.join(" "),
-        sorted[sorted.len() / 2],
-        sorted[0],
+        median(&mut times),
+        min,
+        median(&mut cpu),
     );
     Ok(())
 }
