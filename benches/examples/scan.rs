@@ -54,17 +54,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         saved.remember_scan(&report.hashed, &m, now_ns());
         saved.save()?;
         drop(saved);
-        let mut loads = Vec::new();
-        for _ in 0..5 {
-            let t0 = Instant::now();
+        let (mut loads, mut cpu) = (Vec::new(), Vec::new());
+        for _ in 0..9 {
+            let (t0, c0) = (Instant::now(), cpu_ms());
             ix = HashIndex::open(&file)?;
             loads.push(t0.elapsed().as_secs_f64() * 1e3);
+            cpu.push(cpu_ms() - c0);
         }
-        loads.sort_by(f64::total_cmp);
         println!(
-            "index of {} files: load median {:.1} ms",
+            "index of {} files: load median {:.1} ms, CPU {:.1} ms",
             ix.len(),
-            loads[2]
+            median(&mut loads),
+            median(&mut cpu)
         );
         std::fs::remove_dir_all(&dir)?;
     }
