@@ -254,3 +254,30 @@ fn a_scan_reads_the_same_xattrs_with_and_without_listxattrat() {
     let names: Vec<&[u8]> = f.meta.xattrs.iter().map(|x| &x.name[..]).collect();
     assert_eq!(names, [meta::ACL_ACCESS, b"user.comment"]);
 }
+
+#[test]
+fn stat_at_gives_what_std_s_stat_gives() {
+    use std::os::unix::fs::MetadataExt;
+    let d = xattr_tree();
+    let root = d.path();
+    let top = fsat::open_dir_at(
+        rustix::fs::CWD,
+        &CString::new(root.as_os_str().as_bytes()).expect("c"),
+    )
+    .expect("open root");
+    let dev = fsat::open_dir_at(rustix::fs::CWD, c"/dev").expect("open /dev");
+    let cases: [(BorrowedFd<'_>, &CStr, PathBuf); 4] = [
+        (top.as_fd(), c"dir", root.join("dir")),
+        (top.as_fd(), c"plain", root.join("plain")),
+        (top.as_fd(), c"link", root.join("link")),
+        (dev.as_fd(), c"null", PathBuf::from("/dev/null")),
+    ];
+    for (dir, name, path) in cases {
+        let at = fsat::stat_at(dir, name).expect("stat at");
+        let st = fs::symlink_metadata(&path).expect("stat");
+        assert_eq!(at.meta(), meta::from_stat(&st), "{}", path.display());
+        assert_eq!(at.stamp(), Stamp::of(&st), "{}", path.display());
+        assert_eq!((at.nlink, at.rdev), (st.nlink() as u32, st.rdev()));
+        assert_eq!(at.kind, FileType::from_raw_mode(st.mode()));
+    }
+}
