@@ -361,8 +361,8 @@ impl<'o> Walker<'o> {
             return Ok(None);
         }
         let mut m = st.meta();
-        let p = abs(&self.root, path);
-        m.xattrs = match meta::read_xattrs_at(dir, name, &p, &mut self.xattr_list) {
+        let p = || abs(&self.root, path);
+        m.xattrs = match meta::read_xattrs_at(dir, name, p, &mut self.xattr_list) {
             Ok(x) => x,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
             Err(e) => return Err(e),
@@ -398,13 +398,13 @@ impl<'o> Walker<'o> {
             FileType::Symlink => match fsat::readlink_at(dir, name) {
                 Ok(target) => Kind::Symlink { target },
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(Error::io("readlink", p.display(), e)),
+                Err(e) => return Err(Error::io("readlink", p().display(), e)),
             },
             FileType::Fifo => Kind::Fifo,
             FileType::Socket => Kind::Socket,
             FileType::CharacterDevice => Kind::CharDev { rdev: st.rdev },
             FileType::BlockDevice => Kind::BlockDev { rdev: st.rdev },
-            FileType::Unknown => return Err(Error::invalid(p.display(), "unknown file type")),
+            FileType::Unknown => return Err(Error::invalid(p().display(), "unknown file type")),
         };
         self.push(
             Entry {
