@@ -159,6 +159,13 @@ thread_local! {
     pub(crate) static NO_XATTRAT_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Whether `e` says the call is not there: `ENOSYS` from a kernel before
+/// 6.13, or `EPERM` from a seccomp filter that does not know it (container
+/// runtimes' older default profiles).
+fn lacking(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM))
+}
+
 /// The syscall numbers to use, unless the kernel lacks them.
 fn xattrat() -> Option<(libc::c_long, libc::c_long)> {
     #[cfg(test)]
@@ -203,7 +210,7 @@ pub(crate) fn list_xattrs_at(
         out.clear();
         match listxattrat(list_nr, dir, name, out) {
             Ok(()) => return Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+            Err(e) if lacking(&e) => {
                 NO_XATTRAT.store(true, Ordering::Relaxed);
                 return Ok(false);
             }
@@ -228,7 +235,7 @@ pub(crate) fn get_xattr_at(
     loop {
         match getxattrat(get_nr, dir, name, attr, &mut value) {
             Ok(()) => return Ok(Some(value)),
-            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+            Err(e) if lacking(&e) => {
                 NO_XATTRAT.store(true, Ordering::Relaxed);
                 return Ok(None);
             }
