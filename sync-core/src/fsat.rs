@@ -269,6 +269,13 @@ fn listxattrat(
             cap,
         )
     };
+    filled(r, out, cap)
+}
+
+/// What a call that wrote up to `cap` bytes into `out`'s spare capacity
+/// returned (`r`: how many, or -1 and errno): `out` holds them.
+#[allow(unsafe_code)]
+fn filled(r: libc::c_long, out: &mut Vec<u8>, cap: usize) -> io::Result<()> {
     let n = usize::try_from(r).map_err(|_| io::Error::last_os_error())?;
     // SAFETY: the kernel initialized the first `n <= cap` bytes.
     unsafe { out.set_len(n.min(cap)) };
@@ -313,8 +320,5 @@ fn getxattrat(
             std::mem::size_of::<XattrArgs>(),
         )
     };
-    let n = usize::try_from(r).map_err(|_| io::Error::last_os_error())?;
-    // SAFETY: the kernel initialized the first `n <= cap` bytes.
-    unsafe { out.set_len(n.min(cap)) };
-    Ok(())
+    filled(r, out, cap)
 }
