@@ -9,7 +9,6 @@
 //! its stamp.
 
 use crate::{Error, RelPath};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// Stamps younger than this when hashed are not cached (timestamps are coarse).
@@ -49,8 +48,8 @@ impl Stamp {
 #[derive(Debug)]
 pub struct HashIndex {
     conn: Option<rusqlite::Connection>,
-    map: HashMap<Vec<u8>, (Stamp, [u8; 32])>,
-    changed: HashMap<Vec<u8>, Option<(Stamp, [u8; 32])>>,
+    map: foldhash::HashMap<Vec<u8>, (Stamp, [u8; 32])>,
+    changed: foldhash::HashMap<Vec<u8>, Option<(Stamp, [u8; 32])>>,
 }
 
 fn db_err(path: &Path, e: rusqlite::Error) -> Error {
@@ -63,8 +62,8 @@ impl HashIndex {
     pub fn in_memory() -> Self {
         Self {
             conn: None,
-            map: HashMap::new(),
-            changed: HashMap::new(),
+            map: foldhash::HashMap::default(),
+            changed: foldhash::HashMap::default(),
         }
     }
 
@@ -78,45 +77,44 @@ impl HashIndex {
                 mtime_ns TEXT, ctime_ns TEXT, hash BLOB) WITHOUT ROWID;",
         )
         .map_err(|e| db_err(path, e))?;
-        let mut map = HashMap::new();
+        let mut map = foldhash::HashMap::default();
         {
             let mut stmt = conn
                 .prepare("SELECT path, dev, ino, size, mtime_ns, ctime_ns, hash FROM files")
                 .map_err(|e| db_err(path, e))?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, Vec<u8>>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, String>(5)?,
-                        r.get::<_, Vec<u8>>(6)?,
-                    ))
-                })
-                .map_err(|e| db_err(path, e))?;
-            for row in rows {
-                let (p, dev, ino, size, m, c, h) = row.map_err(|e| db_err(path, e))?;
-                let (Ok(mtime_ns), Ok(ctime_ns), Ok(hash)) =
-                    (m.parse(), c.parse(), <[u8; 32]>::try_from(h))
-                else {
+            let mut rows = stmt.query([]).map_err(|e| db_err(path, e))?;
+            // Read in place: no allocation per row but the key.
+            while let Some(r) = rows.next().map_err(|e| db_err(path, e))? {
+                let int = |i| r.get_ref(i).ok().and_then(|v| v.as_i64().ok());
+                let text = |i| r.get_ref(i).ok().and_then(|v| v.as_str().ok());
+                let (Some(p), Some(dev), Some(ino), Some(size), Some(m), Some(c), Some(h)) = (
+                    r.get_ref(0).ok().and_then(|v| v.as_blob().ok()),
+                    int(1),
+                    int(2),
+                    int(3),
+                    text(4).and_then(|t| t.parse().ok()),
+                    text(5).and_then(|t| t.parse().ok()),
+                    r.get_ref(6).ok().and_then(|v| v.as_blob().ok()),
+                ) else {
                     continue; // a damaged row is only a cache miss
+                };
+                let Ok(hash) = <[u8; 32]>::try_from(h) else {
+                    continue;
                 };
                 let stamp = Stamp {
                     dev: dev as u64,
                     ino: ino as u64,
                     size: size as u64,
-                    mtime_ns,
-                    ctime_ns,
+                    mtime_ns: m,
+                    ctime_ns: c,
                 };
-                map.insert(p, (stamp, hash));
+                map.insert(p.to_vec(), (stamp, hash));
             }
         }
         Ok(Self {
             conn: Some(conn),
             map,
-            changed: HashMap::new(),
+            changed: foldhash::HashMap::default(),
         })
     }
 
@@ -171,7 +169,7 @@ impl HashIndex {
         for (p, s, h) in hashed {
             self.record(p, *s, *h, now_ns);
         }
-        let live: std::collections::HashSet<&[u8]> =
+        let live: foldhash::HashSet<&[u8]> =
             manifest.entries.iter().map(|e| e.path.as_bytes()).collect();
         self.retain(|p| live.contains(p));
     }
@@ -255,6 +253,50 @@ mod tests {
         let ix = HashIndex::open(&db).unwrap();
         assert_eq!(ix.lookup(&p, &stamp(5)), Some([9; 32]));
         assert_eq!(ix.lookup(&p, &stamp(6)), None);
+    }
+
+    #[test]
+    fn damaged_rows_are_only_cache_misses() {
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("index.db");
+        let p = RelPath::new(&b"good"[..]).unwrap();
+        {
+            let mut ix = HashIndex::open(&db).unwrap();
+            ix.record(&p, stamp(5), [9; 32], 100 * RACY_NS);
+            ix.save().unwrap();
+        }
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let ok = [9u8; 32].to_vec();
+        for (path, dev, mtime, hash) in [
+            (
+                &b"short-hash"[..],
+                rusqlite::types::Value::Integer(1),
+                "10",
+                vec![1u8; 3],
+            ),
+            (
+                b"bad-mtime",
+                rusqlite::types::Value::Integer(1),
+                "x",
+                ok.clone(),
+            ),
+            (
+                b"text-dev",
+                rusqlite::types::Value::Text("abc".into()),
+                "10",
+                ok.clone(),
+            ),
+        ] {
+            conn.execute(
+                "INSERT INTO files VALUES (?1, ?2, 2, 5, ?3, '20', ?4)",
+                rusqlite::params![path, dev, mtime, hash],
+            )
+            .unwrap();
+        }
+        drop(conn);
+        let ix = HashIndex::open(&db).unwrap();
+        assert_eq!(ix.len(), 1);
+        assert_eq!(ix.lookup(&p, &stamp(5)), Some([9; 32]));
     }
 
     #[test]

@@ -30,12 +30,14 @@
 //! ```
 
 pub mod apply;
+mod db_detect;
 pub mod delta;
 pub mod digest;
 pub mod diverged;
 pub mod engine;
 mod error;
 pub mod filter;
+mod fsat;
 pub mod holders;
 pub mod idmap;
 pub mod index;

@@ -1,14 +1,16 @@
 //! Walking a tree into a [`Manifest`].
 
+pub use crate::db_detect::DbDetect;
 use crate::filter::Filter;
 use crate::index::{HashIndex, Stamp};
-use crate::{Entry, Error, Kind, Manifest, RelPath, meta};
+use crate::{Entry, Error, Kind, Manifest, RelPath, fsat, meta};
 use rayon::prelude::*;
-use std::collections::HashMap;
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use rustix::fs::{FileType, OFlags};
+use std::ffi::{CStr, CString};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// How to scan.
@@ -23,55 +25,6 @@ pub struct ScanOptions {
     pub filter: Filter,
     /// How live SQLite databases are told (`None`: they are plain files).
     pub databases: Option<std::sync::Arc<DbDetect>>,
-}
-
-/// How a scan tells live SQLite databases: configured globs, databases this
-/// process already holds, and the header of files whose size is a multiple of
-/// 512. A database is listed in [`ScanReport::databases`] and never read; its
-/// `-wal`, `-shm` and `-journal` files are left out of the manifest.
-#[derive(Debug, Default)]
-pub struct DbDetect {
-    /// Configured database paths (gitignore-style patterns).
-    pub globs: Filter,
-    /// Databases held open by this process: never opened with plain file I/O.
-    pub known: std::sync::RwLock<std::collections::HashSet<RelPath>>,
-}
-
-impl DbDetect {
-    /// Whether the regular file `rel` (of `size` bytes) is a database.
-    #[must_use]
-    pub fn is_db(&self, root: &Path, rel: &RelPath, size: u64) -> bool {
-        if self.known.read().is_ok_and(|k| k.contains(rel)) {
-            return true;
-        }
-        // A configured path is a database once it has a database's header; any
-        // other file is one when its size is a multiple of 512 and its header
-        // says so.
-        let configured = self.globs.excludes(rel, false);
-        (configured || size.is_multiple_of(512)) && crate::sqlite::sniff(&abs(root, rel), size)
-    }
-
-    /// Whether `rel` is a side file (`-wal`, `-shm`, `-journal`) of a database,
-    /// or one left behind by a database that is gone.
-    #[must_use]
-    pub fn is_sidecar(&self, root: &Path, rel: &RelPath) -> bool {
-        let Some((dir, name)) = rel.split_last() else {
-            return false;
-        };
-        let Some(base) = crate::sqlite::sidecar_base(name).and_then(|b| dir.join(b).ok()) else {
-            return false;
-        };
-        match fs::symlink_metadata(abs(root, &base)) {
-            Ok(st) if st.is_file() => self.is_db(root, &base, st.len()),
-            // An orphan (its database renamed or deleted away: a backup
-            // restored by rename leaves `new.db-wal` behind): never mirrored
-            // when it is one by its content.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                crate::sqlite::is_orphan_side_file(&abs(root, rel), name)
-            }
-            _ => false,
-        }
-    }
 }
 
 impl Default for ScanOptions {
@@ -149,7 +102,7 @@ pub fn scan_subtree(
 ) -> Result<(Vec<Entry>, ScanReport), Error> {
     let mut w = Walker::new(root, opts);
     if w.visit(rel)? == Some(true) {
-        w.walk_dir(rel)?;
+        w.walk(rel)?;
     }
     w.finish(index)
 }
@@ -204,32 +157,73 @@ pub fn now_ns() -> i128 {
         .unwrap_or(0)
 }
 
+/// Directories deeper than this are walked without holding their parent's
+/// file descriptor open across a subdirectory (reopened from the root after
+/// it): a walk holds at most this many directories open.
+const FD_DEPTH: usize = 64;
+
+/// A test's hook into the walk.
+#[cfg(test)]
+type Hook = Box<dyn FnMut(&str, &RelPath)>;
+
 struct Walker<'o> {
     root: PathBuf,
+    root_fd: Option<OwnedFd>,
     opts: &'o ScanOptions,
     entries: Vec<Entry>,
     stamps: Vec<Option<Stamp>>,
-    inodes: HashMap<(u64, u64), RelPath>,
+    inodes: foldhash::HashMap<(u64, u64), RelPath>,
     temp_files: Vec<RelPath>,
     multi_linked: std::collections::HashSet<RelPath>,
     databases: Vec<RelPath>,
     excluded: Vec<(RelPath, bool)>,
+    /// Scratch space for `getdents64` and `listxattrat`.
+    dirbuf: Vec<std::mem::MaybeUninit<u8>>,
+    xattr_list: Vec<u8>,
+    /// Test hook, called with `("names", dir)` once a directory is listed and
+    /// with `("stat", dir)` before a subdirectory is opened.
+    #[cfg(test)]
+    hook: Option<Hook>,
+}
+
+/// Whether an error met opening or reading `path` means it is gone (or is
+/// no longer a directory): the next scan sees what took its place.
+fn vanished(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+    )
 }
 
 impl<'o> Walker<'o> {
     fn new(root: &Path, opts: &'o ScanOptions) -> Self {
         Self {
             root: root.to_path_buf(),
+            root_fd: None,
             opts,
             entries: Vec::new(),
             stamps: Vec::new(),
-            inodes: HashMap::new(),
+            inodes: foldhash::HashMap::default(),
             temp_files: Vec::new(),
             multi_linked: Default::default(),
             databases: Vec::new(),
             excluded: Vec::new(),
+            dirbuf: Vec::new(),
+            xattr_list: Vec::new(),
+            #[cfg(test)]
+            hook: None,
         }
     }
+
+    #[cfg(test)]
+    fn hook(&mut self, step: &str, path: &RelPath) {
+        if let Some(h) = self.hook.as_mut() {
+            h(step, path);
+        }
+    }
+
+    #[cfg(not(test))]
+    fn hook(&mut self, _step: &str, _path: &RelPath) {}
 
     fn push(&mut self, e: Entry, stamp: Option<Stamp>) {
         self.entries.push(e);
@@ -295,88 +289,123 @@ impl<'o> Walker<'o> {
         Ok((entries, report))
     }
 
+    /// The root directory, opened (following a symlink) on first use.
+    fn root_fd(&mut self) -> Result<BorrowedFd<'_>, Error> {
+        let fd = match self.root_fd.take() {
+            Some(fd) => fd,
+            None => {
+                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+                rustix::fs::open(&self.root, flags, rustix::fs::Mode::empty()).map_err(|e| {
+                    Error::io("open directory", self.root.display(), io::Error::from(e))
+                })?
+            }
+        };
+        let fd: &OwnedFd = self.root_fd.insert(fd);
+        Ok(fd.as_fd())
+    }
+
+    /// The directory `dir` (below the root, never through a symlink);
+    /// `None` when it is gone or is not a directory.
+    fn open_dir(&mut self, dir: &RelPath) -> Result<Option<OwnedFd>, Error> {
+        let root = self.root_fd()?;
+        match fsat::open_dir_beneath(root, dir) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(e) if vanished(&e) => Ok(None),
+            Err(e) => Err(Error::io(
+                "open directory",
+                abs(&self.root, dir).display(),
+                e,
+            )),
+        }
+    }
+
     /// Adds the entry at `path`; `Some(is_dir)` when it exists and is included.
     fn visit(&mut self, path: &RelPath) -> Result<Option<bool>, Error> {
-        if path.is_root() {
+        let Some((parent, name)) = path.split_last() else {
             return self.visit_root();
-        }
-        if path
-            .split_last()
-            .is_some_and(|(_, n)| crate::is_temp_name(n))
-        {
+        };
+        let Some(dir) = self.open_dir(&parent)? else {
+            return Ok(None);
+        };
+        let name =
+            CString::new(name).map_err(|e| Error::invalid(path.to_string(), e.to_string()))?;
+        self.visit_at(dir.as_fd(), path, &name)
+    }
+
+    /// Adds the entry `path`, named `name` in the open directory `dir`;
+    /// `Some(is_dir)` when it exists and is included.
+    fn visit_at(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        path: &RelPath,
+        name: &CStr,
+    ) -> Result<Option<bool>, Error> {
+        if crate::is_temp_name(name.to_bytes()) {
             self.temp_files.push(path.clone());
             return Ok(None);
         }
-        let p = abs(&self.root, path);
-        let st = match fs::symlink_metadata(&p) {
+        let st = match fsat::stat_at(dir, name) {
             Ok(st) => st,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(None),
-            Err(e) => return Err(Error::io("stat", p.display(), e)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(Error::io("stat", abs(&self.root, path).display(), e)),
         };
-        let ft = st.file_type();
-        if self.opts.filter.excludes(path, ft.is_dir()) {
-            self.excluded.push((path.clone(), ft.is_dir()));
+        let is_dir = st.kind == FileType::Directory;
+        if self.opts.filter.excludes(path, is_dir) {
+            self.excluded.push((path.clone(), is_dir));
             return Ok(None);
         }
         let db = self.opts.databases.as_deref();
-        if !ft.is_dir() && db.is_some_and(|d| d.is_sidecar(&self.root, path)) {
+        if !is_dir && db.is_some_and(|d| d.is_sidecar(&self.root, path)) {
             return Ok(None);
         }
-        let mut m = meta::from_stat(&st);
-        m.xattrs = match meta::read_xattrs(&p) {
+        let mut m = st.meta();
+        let p = || abs(&self.root, path);
+        m.xattrs = match meta::read_xattrs_at(dir, name, p, &mut self.xattr_list) {
             Ok(x) => x,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
             Err(e) => return Err(e),
         };
         let mut stamp = None;
-        let kind = if ft.is_dir() {
-            Kind::Dir
-        } else if ft.is_file() {
-            if st.nlink() > 1 {
-                self.multi_linked.insert(path.clone());
-            }
-            let key = (st.dev(), st.ino());
-            match self.inodes.get(&key) {
-                Some(first) if self.opts.hard_links => Kind::HardLink {
-                    target: first.clone(),
-                },
-                _ => {
-                    if self.opts.hard_links && st.nlink() > 1 {
-                        self.inodes.insert(key, path.clone());
-                    }
-                    if db.is_some_and(|d| d.is_db(&self.root, path, st.len())) {
-                        self.databases.push(path.clone());
-                    } else {
-                        stamp = Some(Stamp::of(&st));
-                    }
-                    Kind::File {
-                        size: st.len(),
-                        hash: [0; 32],
+        let kind = match st.kind {
+            FileType::Directory => Kind::Dir,
+            FileType::RegularFile => {
+                if st.nlink > 1 {
+                    self.multi_linked.insert(path.clone());
+                }
+                let key = (st.dev, st.ino);
+                match self.inodes.get(&key) {
+                    Some(first) if self.opts.hard_links => Kind::HardLink {
+                        target: first.clone(),
+                    },
+                    _ => {
+                        if self.opts.hard_links && st.nlink > 1 {
+                            self.inodes.insert(key, path.clone());
+                        }
+                        if db.is_some_and(|d| d.is_db(&self.root, path, st.size)) {
+                            self.databases.push(path.clone());
+                        } else {
+                            stamp = Some(st.stamp());
+                        }
+                        Kind::File {
+                            size: st.size,
+                            hash: [0; 32],
+                        }
                     }
                 }
             }
-        } else if ft.is_symlink() {
-            let t = match fs::read_link(&p) {
-                Ok(t) => t,
+            FileType::Symlink => match fsat::readlink_at(dir, name) {
+                Ok(target) => Kind::Symlink { target },
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(Error::io("readlink", p.display(), e)),
-            };
-            Kind::Symlink {
-                target: t.as_os_str().as_bytes().to_vec(),
-            }
-        } else if ft.is_fifo() {
-            Kind::Fifo
-        } else if ft.is_socket() {
-            Kind::Socket
-        } else if ft.is_char_device() {
-            Kind::CharDev { rdev: st.rdev() }
-        } else if ft.is_block_device() {
-            Kind::BlockDev { rdev: st.rdev() }
-        } else {
-            return Err(Error::invalid(p.display(), "unknown file type"));
+                Err(e) => return Err(Error::io("readlink", p().display(), e)),
+            },
+            FileType::Fifo => Kind::Fifo,
+            FileType::Socket => Kind::Socket,
+            FileType::CharacterDevice => Kind::CharDev { rdev: st.rdev },
+            FileType::BlockDevice => Kind::BlockDev { rdev: st.rdev },
+            FileType::Unknown => return Err(Error::invalid(p().display(), "unknown file type")),
         };
-        let is_dir = kind == Kind::Dir;
         self.push(
             Entry {
                 path: path.clone(),
@@ -404,34 +433,81 @@ impl<'o> Walker<'o> {
         Ok(Some(true))
     }
 
-    fn walk_dir(&mut self, dir: &RelPath) -> Result<(), Error> {
-        let dpath = abs(&self.root, dir);
-        let rd = match fs::read_dir(&dpath) {
-            Ok(rd) => rd,
-            // removed while we walked: it will be seen as gone
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !dir.is_root() => return Ok(()),
-            Err(e) => return Err(Error::io("read directory", dpath.display(), e)),
-        };
-        let mut names: Vec<Vec<u8>> = Vec::new();
-        for de in rd {
-            let de = de.map_err(|e| Error::io("read directory", dpath.display(), e))?;
-            names.push(de.file_name().as_bytes().to_vec());
+    /// Walks the directory `dir` (below the root, never through a symlink).
+    fn walk(&mut self, dir: &RelPath) -> Result<(), Error> {
+        match self.open_dir(dir)? {
+            Some(fd) => self.walk_dir(dir, fd),
+            None if dir.is_root() => Err(Error::io(
+                "open directory",
+                self.root.display(),
+                io::Error::from_raw_os_error(libc::ENOENT),
+            )),
+            None => Ok(()),
         }
-        names.sort();
-        for name in names {
-            let path = dir.join(&name).map_err(|e| {
+    }
+
+    /// Adds what is below `dir`, open as `fd`, in manifest order.
+    fn walk_dir(&mut self, dir: &RelPath, fd: OwnedFd) -> Result<(), Error> {
+        let names = match fsat::read_names(fd.as_fd(), &mut self.dirbuf) {
+            Ok(n) => n,
+            // removed while we walked: it will be seen as gone
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !dir.is_root() => return Ok(()),
+            Err(e) => {
+                return Err(Error::io(
+                    "read directory",
+                    abs(&self.root, dir).display(),
+                    e,
+                ));
+            }
+        };
+        self.hook("names", dir);
+        // Deep down, the directory is closed while a subdirectory is walked.
+        let deep = dir.depth() >= FD_DEPTH;
+        let mut fd = Some(fd);
+        for i in 0..names.len() {
+            let (name, cname) = names.get(i);
+            let path = dir.join(name).map_err(|e| {
                 Error::invalid(
-                    format!("{}/{}", dir, String::from_utf8_lossy(&name)),
+                    format!("{}/{}", dir, String::from_utf8_lossy(name)),
                     e.to_string(),
                 )
             })?;
-            if self.visit(&path)? == Some(true) {
-                self.walk_dir(&path)?;
+            let dfd = match fd.take() {
+                Some(f) => f,
+                None => match self.open_dir(dir)? {
+                    Some(f) => f,
+                    None => return Ok(()),
+                },
+            };
+            if self.visit_at(dfd.as_fd(), &path, cname)? != Some(true) {
+                fd = Some(dfd);
+                continue;
+            }
+            self.hook("stat", &path);
+            let child = fsat::open_dir_at(dfd.as_fd(), cname);
+            if !deep {
+                fd = Some(dfd);
+            }
+            match child {
+                Ok(child) => self.walk_dir(&path, child)?,
+                // replaced since its stat: the next scan sees what took its place
+                Err(e) if vanished(&e) => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        "open directory",
+                        abs(&self.root, &path).display(),
+                        e,
+                    ));
+                }
             }
         }
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "scan_tests.rs"]
+mod walk_tests;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,62 @@
+//! How a scan tells live SQLite databases and their side files.
+
+use crate::RelPath;
+use crate::filter::Filter;
+use crate::scan::abs;
+use std::fs;
+use std::path::Path;
+
+/// How a scan tells live SQLite databases: configured globs, databases this
+/// process already holds, and the header of files whose size is a multiple of
+/// 512. A database is listed in [`crate::scan::ScanReport::databases`] and never read; its
+/// `-wal`, `-shm` and `-journal` files are left out of the manifest.
+#[derive(Debug, Default)]
+pub struct DbDetect {
+    /// Configured database paths (gitignore-style patterns).
+    pub globs: Filter,
+    /// Databases held open by this process: never opened with plain file I/O.
+    pub known: std::sync::RwLock<std::collections::HashSet<RelPath>>,
+}
+
+impl DbDetect {
+    /// Whether the regular file `rel` (of `size` bytes) is a database.
+    #[must_use]
+    pub fn is_db(&self, root: &Path, rel: &RelPath, size: u64) -> bool {
+        if self.known.read().is_ok_and(|k| k.contains(rel)) {
+            return true;
+        }
+        // A configured path is a database once it has a database's header; any
+        // other file is one when its size is a multiple of 512 and its header
+        // says so.
+        let configured = self.globs.excludes(rel, false);
+        (configured || size.is_multiple_of(512)) && crate::sqlite::sniff(&abs(root, rel), size)
+    }
+
+    /// Whether `rel` is a side file (`-wal`, `-shm`, `-journal`) of a database,
+    /// or one left behind by a database that is gone.
+    #[must_use]
+    pub fn is_sidecar(&self, root: &Path, rel: &RelPath) -> bool {
+        // The name alone first: most are no side file's.
+        let bytes = rel.as_bytes();
+        let name = &bytes[bytes.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1)..];
+        if rel.is_root() || crate::sqlite::sidecar_base(name).is_none() {
+            return false;
+        }
+        let Some((dir, name)) = rel.split_last() else {
+            return false;
+        };
+        let Some(base) = crate::sqlite::sidecar_base(name).and_then(|b| dir.join(b).ok()) else {
+            return false;
+        };
+        match fs::symlink_metadata(abs(root, &base)) {
+            Ok(st) if st.is_file() => self.is_db(root, &base, st.len()),
+            // An orphan (its database renamed or deleted away: a backup
+            // restored by rename leaves `new.db-wal` behind): never mirrored
+            // when it is one by its content.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                crate::sqlite::is_orphan_side_file(&abs(root, rel), name)
+            }
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The walk by directory file descriptors: symlinks below the root are never
+//! followed, entries that vanish mid-walk are skipped, deep trees are walked
+//! whole, and xattrs read by `listxattrat`/`getxattrat` are exactly those the
+//! path-based reader gives.
+
+use super::*;
+use std::os::unix::fs::symlink;
+use std::process::Command;
+
+fn rel(s: &str) -> RelPath {
+    RelPath::new(s.as_bytes()).expect("a relative path")
+}
+
+fn paths(entries: &[Entry]) -> Vec<String> {
+    entries.iter().map(|e| e.path.to_string()).collect()
+}
+
+/// Scans `root` whole with `hook` called as the walk goes.
+fn scan_hooked(root: &Path, hook: impl FnMut(&str, &RelPath) + 'static) -> Vec<Entry> {
+    let opts = ScanOptions::default();
+    let mut w = Walker::new(root, &opts);
+    w.hook = Some(Box::new(hook));
+    assert_eq!(w.visit(&RelPath::root()).expect("root"), Some(true));
+    w.walk(&RelPath::root()).expect("walk");
+    w.finish(None).expect("finish").0
+}
+
+#[test]
+fn entries_vanished_between_readdir_and_stat_are_skipped() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let root = d.path().to_path_buf();
+    fs::create_dir_all(root.join("d/sub")).expect("mkdir");
+    fs::write(root.join("d/a"), b"a").expect("write");
+    fs::write(root.join("d/b"), b"b").expect("write");
+    fs::write(root.join("d/sub/f"), b"f").expect("write");
+    let r = root.clone();
+    let entries = scan_hooked(&root, move |step, p| {
+        if step == "names" && p.as_bytes() == b"d" {
+            fs::remove_file(r.join("d/b")).expect("rm");
+            fs::remove_dir_all(r.join("d/sub")).expect("rm -r");
+        }
+    });
+    assert_eq!(paths(&entries), [".", "d", "d/a"]);
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_after_its_stat_is_not_followed() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let outside = tempfile::tempdir().expect("tempdir");
+    fs::write(outside.path().join("secret"), b"s").expect("write");
+    let root = d.path().to_path_buf();
+    fs::create_dir_all(root.join("d/sub")).expect("mkdir");
+    fs::write(root.join("d/sub/f"), b"f").expect("write");
+    fs::write(root.join("d/z"), b"z").expect("write");
+    let (r, o) = (root.clone(), outside.path().to_path_buf());
+    let entries = scan_hooked(&root, move |step, p| {
+        if step == "stat" && p.as_bytes() == b"d/sub" {
+            fs::remove_dir_all(r.join("d/sub")).expect("rm -r");
+            symlink(&o, r.join("d/sub")).expect("symlink");
+        }
+    });
+    // `d/sub` was a directory when stat'ed; what replaced it is not entered,
+    // and the walk goes on with its siblings.
+    assert_eq!(paths(&entries), [".", "d", "d/sub", "d/z"]);
+}
+
+#[test]
+fn paths_below_a_symlinked_directory_are_not_scanned() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let root = d.path();
+    fs::create_dir_all(root.join("real/x")).expect("mkdir");
+    fs::write(root.join("real/x/f"), b"f").expect("write");
+    fs::write(root.join("real/g"), b"g").expect("write");
+    symlink("real", root.join("link")).expect("symlink");
+    let opts = ScanOptions::default();
+    let m = scan(root, &opts).expect("scan");
+    assert_eq!(
+        paths(&m.entries),
+        [".", "link", "real", "real/g", "real/x", "real/x/f"]
+    );
+    let (sub, _) = scan_subtree(root, &rel("link/x"), &opts, None).expect("subtree");
+    assert!(
+        sub.is_empty(),
+        "walked through a symlink: {:?}",
+        paths(&sub)
+    );
+    let (e, _) = entry_at(root, &rel("link/g"), &opts, None).expect("entry");
+    assert!(e.is_none(), "stat'ed through a symlink: {e:?}");
+    let (e, _) = entry_at(root, &rel("real/g"), &opts, None).expect("entry");
+    assert!(matches!(
+        e,
+        Some(Entry {
+            kind: Kind::File { size: 1, .. },
+            ..
+        })
+    ));
+    let (sub, _) = scan_subtree(root, &rel("real/x"), &opts, None).expect("subtree");
+    assert_eq!(paths(&sub), ["real/x", "real/x/f"]);
+}
+
+#[test]
+fn a_root_that_is_a_symlink_is_followed() {
+    let d = tempfile::tempdir().expect("tempdir");
+    fs::create_dir(d.path().join("tree")).expect("mkdir");
+    fs::write(d.path().join("tree/f"), b"f").expect("write");
+    symlink("tree", d.path().join("root")).expect("symlink");
+    let m = scan(&d.path().join("root"), &ScanOptions::default()).expect("scan");
+    assert_eq!(paths(&m.entries), [".", "f"]);
+}
+
+#[test]
+fn trees_deeper_than_the_held_descriptors_are_walked_whole() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let mut dir = d.path().to_path_buf();
+    let mut want = vec![".".to_string()];
+    let mut rel = String::new();
+    // At every level: a file before the subdirectory and one after it, so
+    // the walk goes on in a directory after walking a subdirectory.
+    for _ in 0..FD_DEPTH + 4 {
+        fs::write(dir.join("a"), b"a").expect("write");
+        fs::write(dir.join("z"), b"z").expect("write");
+        dir.push("m");
+        fs::create_dir(&dir).expect("mkdir");
+        let sep = if rel.is_empty() { "" } else { "/" };
+        want.push(format!("{rel}{sep}a"));
+        want.push(format!("{rel}{sep}m"));
+        rel = format!("{rel}{sep}m");
+    }
+    let m = scan(d.path(), &ScanOptions::default()).expect("scan");
+    let mut want: Vec<RelPath> = want
+        .iter()
+        .map(|p| {
+            if p == "." {
+                RelPath::root()
+            } else {
+                self::rel(p)
+            }
+        })
+        .collect();
+    for p in want.clone() {
+        if p.as_bytes().ends_with(b"a") {
+            let (dir, _) = p.split_last().expect("a parent");
+            want.push(dir.join(b"z").expect("a path"));
+        }
+    }
+    want.sort();
+    let got: Vec<&RelPath> = m.entries.iter().map(|e| &e.path).collect();
+    assert_eq!(got, want.iter().collect::<Vec<_>>());
+}
+
+fn run(cmd: &mut Command) {
+    let st = cmd.status().expect("run");
+    assert!(st.success(), "{cmd:?}");
+}
+
+/// A tree with ACLs (access and default), user.* and trusted.* xattrs on
+/// files, directories and symlinks, and an xattr list and value longer than
+/// the first buffers.
+fn xattr_tree() -> tempfile::TempDir {
+    let d = tempfile::tempdir().expect("tempdir");
+    let root = d.path();
+    fs::create_dir(root.join("dir")).expect("mkdir");
+    fs::write(root.join("dir/f"), b"f").expect("write");
+    fs::write(root.join("plain"), b"p").expect("write");
+    fs::write(root.join("many"), b"m").expect("write");
+    symlink("plain", root.join("link")).expect("symlink");
+    run(Command::new("setfacl")
+        .args(["-m", "u:1234:rw,g:2345:r"])
+        .arg(root.join("dir/f")));
+    run(Command::new("setfacl")
+        .args(["-d", "-m", "u:1234:rx"])
+        .arg(root.join("dir")));
+    run(Command::new("setfacl")
+        .args(["-m", "u:1234:rx"])
+        .arg(root.join("dir")));
+    xattr::set(root.join("dir/f"), "user.comment", b"hello").expect("setxattr");
+    xattr::set(root.join("dir"), "trusted.tag", b"\0binary\xff").expect("setxattr");
+    xattr::set(root.join("link"), "trusted.on-link", b"l").expect("setxattr");
+    xattr::set(root.join("plain"), "user.big", &vec![7u8; 3_000]).expect("setxattr");
+    for i in 0..40 {
+        let name = format!("user.a-rather-long-attribute-name-number-{i:03}");
+        xattr::set(root.join("many"), name, b"").expect("setxattr");
+    }
+    d
+}
+
+/// Every entry's xattrs read in `dir` by name, against the path reader's.
+fn check_xattrs_at(root: &Path) {
+    let top = fsat::open_dir_at(
+        rustix::fs::CWD,
+        &CString::new(root.as_os_str().as_bytes()).expect("c"),
+    )
+    .expect("open root");
+    let sub = fsat::open_dir_at(top.as_fd(), c"dir").expect("open dir");
+    let mut list = Vec::new();
+    let cases: [(BorrowedFd<'_>, &CStr, &str); 5] = [
+        (top.as_fd(), c"dir", "dir"),
+        (sub.as_fd(), c"f", "dir/f"),
+        (top.as_fd(), c"link", "link"),
+        (top.as_fd(), c"plain", "plain"),
+        (top.as_fd(), c"many", "many"),
+    ];
+    for (dir, name, path) in cases {
+        let p = root.join(path);
+        let at = meta::read_xattrs_at(dir, name, || p.clone(), &mut list).expect("xattrs at");
+        let by_path = meta::read_xattrs(&p).expect("xattrs by path");
+        assert_eq!(at, by_path, "{path}");
+        assert!(!at.is_empty(), "{path} has xattrs");
+    }
+    let mut names = |path: &str| -> Vec<Vec<u8>> {
+        meta::read_xattrs_at(
+            top.as_fd(),
+            &CString::new(path).expect("c"),
+            || root.join(path),
+            &mut list,
+        )
+        .expect("xattrs")
+        .into_iter()
+        .map(|x| x.name)
+        .collect()
+    };
+    assert_eq!(
+        names("dir"),
+        [meta::ACL_ACCESS, meta::ACL_DEFAULT, b"trusted.tag"]
+    );
+    assert_eq!(names("link"), [b"trusted.on-link"]);
+    assert_eq!(names("many").len(), 40);
+}
+
+#[test]
+fn xattrs_read_at_a_directory_are_the_path_reader_s() {
+    let d = xattr_tree();
+    check_xattrs_at(d.path());
+}
+
+#[test]
+fn xattrs_fall_back_to_paths_without_listxattrat() {
+    let d = xattr_tree();
+    fsat::NO_XATTRAT_HERE.set(true);
+    check_xattrs_at(d.path());
+    fsat::NO_XATTRAT_HERE.set(false);
+}
+
+#[test]
+fn a_scan_reads_the_same_xattrs_with_and_without_listxattrat() {
+    let d = xattr_tree();
+    let opts = ScanOptions::default();
+    let at = scan(d.path(), &opts).expect("scan");
+    fsat::NO_XATTRAT_HERE.set(true);
+    let by_path = scan(d.path(), &opts).expect("scan");
+    fsat::NO_XATTRAT_HERE.set(false);
+    assert_eq!(at, by_path);
+    let f = at.get(&rel("dir/f")).expect("dir/f").1;
+    let names: Vec<&[u8]> = f.meta.xattrs.iter().map(|x| &x.name[..]).collect();
+    assert_eq!(names, [meta::ACL_ACCESS, b"user.comment"]);
+}
+
+#[test]
+fn stat_at_gives_what_std_s_stat_gives() {
+    use std::os::unix::fs::MetadataExt;
+    let d = xattr_tree();
+    let root = d.path();
+    let top = fsat::open_dir_at(
+        rustix::fs::CWD,
+        &CString::new(root.as_os_str().as_bytes()).expect("c"),
+    )
+    .expect("open root");
+    let dev = fsat::open_dir_at(rustix::fs::CWD, c"/dev").expect("open /dev");
+    let cases: [(BorrowedFd<'_>, &CStr, PathBuf); 4] = [
+        (top.as_fd(), c"dir", root.join("dir")),
+        (top.as_fd(), c"plain", root.join("plain")),
+        (top.as_fd(), c"link", root.join("link")),
+        (dev.as_fd(), c"null", PathBuf::from("/dev/null")),
+    ];
+    for (dir, name, path) in cases {
+        let at = fsat::stat_at(dir, name).expect("stat at");
+        let st = fs::symlink_metadata(&path).expect("stat");
+        assert_eq!(at.meta(), meta::from_stat(&st), "{}", path.display());
+        assert_eq!(at.stamp(), Stamp::of(&st), "{}", path.display());
+        assert_eq!((at.nlink, at.rdev), (st.nlink() as u32, st.rdev()));
+        assert_eq!(at.kind, FileType::from_raw_mode(st.mode()));
+    }
+}
