@@ -210,21 +210,47 @@ pub(crate) fn all_hashes(c: &Connection, path: &Path) -> Result<(u32, Vec<[u8; 3
         .prepare_cached("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno")
         .map_err(|e| sql_err(path, "read pages", e))?;
     let mut rows = stmt.query([]).map_err(|e| sql_err(path, "read pages", e))?;
+    // Pages are read in order by SQLite and hashed in batches on every core.
+    let size = (page_size as usize).max(1);
+    let mut batch: Vec<u8> = Vec::with_capacity(size * HASH_BATCH);
+    let mut read = 0usize;
     while let Some(row) = rows.next().map_err(|e| sql_err(path, "read pages", e))? {
         let pgno: u32 = row.get(0).map_err(|e| sql_err(path, "read pages", e))?;
         let data = row
             .get_ref(1)
             .and_then(|v| v.as_blob().map_err(Into::into))
             .map_err(|e| sql_err(path, "read pages", e))?;
-        if pgno as usize != hashes.len() + 1 {
+        if pgno as usize != read + 1 || data.len() != size {
             return Err(Error::Sqlite {
                 path: path.display().to_string(),
-                msg: format!("page {pgno} out of order"),
+                msg: format!("page {pgno} out of order or not of the page size"),
             });
         }
-        hashes.push(page_hash(pgno, data));
+        read += 1;
+        batch.extend_from_slice(data);
+        if batch.len() == size * HASH_BATCH {
+            hash_batch(&mut hashes, &batch, size);
+            batch.clear();
+        }
     }
+    hash_batch(&mut hashes, &batch, size);
     Ok((page_size, hashes))
+}
+
+/// Pages hashed at once by [`all_hashes`].
+const HASH_BATCH: usize = 1024;
+
+/// Appends the hashes of the whole pages of `batch` (of `size` bytes each),
+/// numbered on from `hashes.len() + 1`.
+fn hash_batch(hashes: &mut Vec<[u8; 32]>, batch: &[u8], size: usize) {
+    use rayon::prelude::*;
+    let first = hashes.len() as u32 + 1;
+    let mut out: Vec<[u8; 32]> = batch
+        .par_chunks(size)
+        .enumerate()
+        .map(|(i, p)| page_hash(first + i as u32, p))
+        .collect();
+    hashes.append(&mut out);
 }
 
 mod conn;
