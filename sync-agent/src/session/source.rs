@@ -313,6 +313,9 @@ impl SourceSession {
                     }
                     msg => break msg,
                 },
+                // A served stream's task is freed when it ends (a finished
+                // task's memory stays until it is joined: thousands of files).
+                Some(_) = serving.join_next(), if !serving.is_empty() => {}
                 incoming = self.conn.accept_bi() => {
                     let (send, recv) = incoming.map_err(|e| anyhow!("connection to the replica lost: {e}"))?;
                     let (entries, root, progress) = (round.entries.clone(), self.root.clone(), self.progress.clone());
