@@ -30,7 +30,9 @@ import argparse
 import atexit
 import json
 import os
+import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -67,11 +69,103 @@ def timed(argv, env=None):
     return p.stdout, wall, cpu, rss
 
 
+SSH_PORT = 2222
+
+
+def _listener_pids(port):
+    """Pids of the processes listening on TCP `port` (`ss`), and whether anything listens."""
+    out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout
+    return sorted({int(p) for p in re.findall(r"pid=(\d+)", out)}), bool(out.strip())
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _is_sshd(pid):
+    """Whether `pid` is an sshd (by /proc/PID/comm: sshd rewrites its
+    command line into one string, `sshd: /usr/sbin/sshd -f ... [listener]`)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == "sshd"
+    except OSError:
+        return False
+
+
+def _bench_running(pid):
+    """Whether `pid` is a live bench script (another run of these benches)."""
+    cmd = _cmdline(pid)
+    return pid != os.getpid() and any(a.endswith(".py") and "bench" in a for a in cmd)
+
+
+def _stale_bench_sshd(pid):
+    """Whether `pid` is an sshd that setup_ssh started for a bench that is gone
+    (its owner file names a dead process, or this one; or, with no owner file,
+    from before owner files, no bench script runs at all)."""
+    m = re.search(r"(?:^| )-f (\S+)", " ".join(_cmdline(pid)))
+    if not _is_sshd(pid) or not m or os.path.basename(m.group(1)) != "sshd_config":
+        return False
+    conf = m.group(1)
+    try:
+        with open(os.path.join(os.path.dirname(conf), "sshd.owner")) as f:
+            owner = int(f.read().strip())
+    except (OSError, ValueError):
+        return not any(_bench_running(int(p)) for p in os.listdir("/proc") if p.isdigit())
+    try:
+        os.kill(owner, 0)
+        return owner == os.getpid()
+    except OSError:
+        return True
+
+
+def _wait_gone(pid, timeout=5.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def free_ssh_port(port=SSH_PORT):
+    """Makes sure 127.0.0.1:`port` is free: a stale bench sshd there is
+    stopped (by its pid); anything else there stops the bench with its name."""
+    pids, busy = _listener_pids(port)
+    for pid in pids:
+        if not _stale_bench_sshd(pid):
+            sys.exit(f"port {port} is held by pid {pid} ({' '.join(_cmdline(pid)) or '?'}), not a stale "
+                     "bench sshd: stop it (or wait for the bench that owns it) and run again")
+        print(f"stopping a stale bench sshd on port {port} (pid {pid}: {' '.join(_cmdline(pid))})", flush=True)
+        os.kill(pid, signal.SIGTERM)
+        if not _wait_gone(pid):
+            os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid)
+    if busy and not pids:
+        sys.exit(f"port {port} is in use by a process this user cannot see")
+
+
+def exit_on_signals():
+    """SIGTERM and SIGHUP end the bench like Ctrl-C does: `finally` blocks and
+    atexit handlers run (a bench killed by them would otherwise leave its sshd
+    and agents running)."""
+    def bye(signum, _frame):
+        raise SystemExit(128 + signum)
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, bye)
+
+
 def setup_ssh(work):
     for pkg, binary in (("openssh-server", "/usr/sbin/sshd"), ("rsync", "/usr/bin/rsync"), ("acl", "/usr/bin/setfacl"),
                         ("attr", "/usr/bin/setfattr"), ("time", "/usr/bin/time")):
         if not os.path.exists(binary):
             sh(f"apt-get install -y -qq {pkg}")
+    work = os.path.abspath(work)
     key = os.path.join(work, "ssh_key")
     if not os.path.exists(key):
         sh(f"ssh-keygen -q -t ed25519 -N '' -f {key}")
@@ -84,26 +178,41 @@ def setup_ssh(work):
             f.write(pub)
         os.chmod(ak, 0o600)
     os.makedirs("/run/sshd", exist_ok=True)
-    subprocess.run(["pkill", "-f", f"sshd.*{work}/sshd_config"])
+    free_ssh_port()
     with open(f"{work}/sshd_config", "w") as f:
-        f.write(f"ListenAddress 127.0.0.1\nPort 2222\nHostKey {work}/host_key\nPermitRootLogin prohibit-password\n"
+        f.write(f"ListenAddress 127.0.0.1\nPort {SSH_PORT}\nHostKey {work}/host_key\n"
+                "PermitRootLogin prohibit-password\n"
                 f"PubkeyAuthentication yes\nPasswordAuthentication no\nUsePAM no\nPidFile {work}/sshd.pid\n")
-    sh(f"/usr/sbin/sshd -f {work}/sshd_config")
-    # Stopped however the bench ends (a failure, Ctrl-C): a listener left on
-    # 127.0.0.1:2222 breaks the next bench's rsync comparison.
+    with open(f"{work}/sshd.owner", "w") as f:
+        f.write(str(os.getpid()))
+    # Stopped however the bench ends (done, failed, Ctrl-C, SIGTERM): a
+    # listener left on 127.0.0.1:2222 breaks the next bench's rsync comparison.
+    exit_on_signals()
     atexit.register(stop_ssh, work)
+    sh(f"/usr/sbin/sshd -f {work}/sshd_config")
     time.sleep(0.3)
-    return f"ssh -p 2222 -i {key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
+    return (f"ssh -p {SSH_PORT} -i {key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+            "-o LogLevel=ERROR")
 
 
 def stop_ssh(work):
-    """Stops the sshd that setup_ssh started (by its pid file, then by its config)."""
+    """Stops the sshd that setup_ssh started (by its pid file) and waits until
+    it is gone. Safe to call twice."""
     try:
         with open(f"{work}/sshd.pid") as f:
-            os.kill(int(f.read().strip()), 15)
+            pid = int(f.read().strip())
+        if _is_sshd(pid):
+            os.kill(pid, signal.SIGTERM)
+            if not _wait_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+                _wait_gone(pid)
     except (OSError, ValueError):
         pass
-    subprocess.run(["pkill", "-f", f"sshd.*{work}/sshd_config"])
+    for f in ("sshd.pid", "sshd.owner"):
+        try:
+            os.unlink(os.path.join(work, f))
+        except OSError:
+            pass
 
 
 def settle():

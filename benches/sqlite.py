@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """SQLite benchmarks for issue 4, against rsync in the same run.
 
-    benches/sqlite.py [--db-mb 1024] [--db-frac 0.01] [--runs 3] [--cuts 10] [--work DIR]
+    benches/sqlite.py [--db-mb 1024] [--db-frac 0.01] [--runs 3] [--cuts 10] [--work DIR] [--bin-dir DIR]
 
 1. **A 1% page change of a live database**: the `large` corpus's library.db
    (built with ../shared/bench/gen_corpus.py's own builder, --db-mb MB) mirrored by
@@ -23,6 +23,12 @@
    replica (the command returns once the replica answered "promoted").
 
 Needs root, rsync and openssh-server (see e2e.py, whose ssh setup is reused).
+It stops what it starts (its sshd on 127.0.0.1:2222, both agents, the writer)
+however it ends: done, failed, Ctrl-C or SIGTERM; at its start a stale bench
+sshd left on that port is stopped, anything else there stops the bench.
+--bin-dir runs the sync-agent and sync-cli found there (nothing is built);
+without it the release build of this checkout is built and run. The agents
+inherit UNDERSTUDY_LOG; their logs are WORK/a/agent.log and WORK/b/agent.log.
 """
 import argparse
 import hashlib
@@ -114,9 +120,13 @@ peers = ["{peer.id}"]
         assert line.startswith("listening"), line
 
     def stop(self):
-        if self.proc:
+        if self.proc and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
     def status(self):
         out = subprocess.run([self.cli, "status", "--config", self.config, "--json"], capture_output=True,
@@ -185,15 +195,31 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cuts", type=int, default=10)
     ap.add_argument("--work", default="/var/tmp/understudy-sqlite")
-    ap.add_argument("--release-dir", default=os.path.join(ROOT, "target/release"))
-    ap.add_argument("--bench-dir", default=os.path.join(ROOT, "..", "shared", "bench"))
+    ap.add_argument("--bin-dir", "--release-dir", dest="bin_dir",
+                    help="run the binaries found here (default: build this checkout's release build)")
+    shared = os.path.join(ROOT, "..", "shared", "bench")
+    ap.add_argument("--bench-dir", default=shared if os.path.isdir(shared) else "/work/shared/bench",
+                    help="where gen_corpus.py and mutate.py are (default: ../shared/bench)")
     a = ap.parse_args()
-    work = a.work
+    work = os.path.abspath(a.work)
     os.makedirs(work, exist_ok=True)
-    e2e.sh(f"cd {ROOT} && cargo build --release -q -p sync-agent -p sync-cli")
-    cli, agent = os.path.join(a.release_dir, "sync-cli"), os.path.join(a.release_dir, "sync-agent")
+    bin_dir = a.bin_dir
+    if not bin_dir:
+        e2e.sh(f"cd {ROOT} && cargo build --release -q -p sync-agent -p sync-cli")
+        target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+        bin_dir = os.path.join(target, "release")
+    cli, agent = os.path.join(bin_dir, "sync-cli"), os.path.join(bin_dir, "sync-agent")
+    for b in (cli, agent):
+        if not os.access(b, os.X_OK):
+            sys.exit(f"{b}: no such executable (--bin-dir)")
     ssh = e2e.setup_ssh(work)
+    try:
+        bench(a, work, cli, agent, ssh)
+    finally:
+        e2e.stop_ssh(work)
 
+
+def bench(a, work, cli, agent, ssh):
     pristine = os.path.join(work, f"library-{a.db_mb}m.db")
     if not os.path.exists(pristine):
         sys.path.insert(0, a.bench_dir)
@@ -260,23 +286,25 @@ def main():
         # Writer stall during cuts.
         rows = sqlite3.connect(db).execute("SELECT max(rowid) FROM UserDatas").fetchone()[0]
         stop, lat = threading.Event(), []
-        th = threading.Thread(target=writer, args=(db, stop, lat, rows))
+        th = threading.Thread(target=writer, args=(db, stop, lat, rows), daemon=True)
         th.start()
-        time.sleep(2.0)
-        quiet_end = time.monotonic()
         windows, stalls = [], []
-        for _ in range(a.cuts):
-            c0 = time.monotonic()
-            out = subprocess.run([cli, "cut", "--config", A.config, "--json"], capture_output=True, text=True)
-            c1 = time.monotonic()
-            windows.append((c0, c1))
-            try:
-                stalls.append(json.loads(out.stdout)["writer_stall_ms"])
-            except (ValueError, KeyError):
-                print("cut failed:", out.stdout, out.stderr)
-            time.sleep(0.3)
-        stop.set()
-        th.join()
+        try:
+            time.sleep(2.0)
+            quiet_end = time.monotonic()
+            for _ in range(a.cuts):
+                c0 = time.monotonic()
+                out = subprocess.run([cli, "cut", "--config", A.config, "--json"], capture_output=True, text=True)
+                c1 = time.monotonic()
+                windows.append((c0, c1))
+                try:
+                    stalls.append(json.loads(out.stdout)["writer_stall_ms"])
+                except (ValueError, KeyError):
+                    print("cut failed:", out.stdout, out.stderr)
+                time.sleep(0.3)
+        finally:
+            stop.set()
+            th.join()
         base = [d for (t, d) in lat if t < quiet_end]
         during = [d for (t, d) in lat if any(c0 <= t <= c1 + 0.05 for c0, c1 in windows)]
         results["cuts"] = {

@@ -519,7 +519,9 @@ impl Replica {
                         "changed under us: expected a regular file",
                     ));
                 }
-                self.meta_fd(&File::from(fd), &entry.meta, &shown_path)
+                let f = File::from(fd);
+                self.meta_fd(&f, &entry.meta, &shown_path)
+                    .map(|()| self.keep_db_table(&entry.path, &st, &f))
             }
             Kind::HardLink { .. } => Ok(()),
             _ => {

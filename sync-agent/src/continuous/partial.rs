@@ -396,7 +396,9 @@ fn cut_databases(
     }
     l.add(&sc.dbs_seen);
     note_known(opts, &l);
+    let t0 = Instant::now();
     *stats = l.cut_partial()?;
+    let cut = t0.elapsed();
     if !stats.dropped.is_empty() {
         note_known(opts, &l);
         return Ok(false);
@@ -429,7 +431,18 @@ fn cut_databases(
     crate::session::source::mark_databases(&mut sc.changed, &l)?;
     // The replica holds a recent cut: its pages are read now and the
     // snapshots let go before the round waits on the network.
+    let t1 = Instant::now();
     l.release(false)?;
+    if !stats.changed.is_empty() || stats.blocked.is_some() {
+        tracing::debug!(
+            cut_ms = cut.as_secs_f64() * 1e3,
+            stall_ms = stats.stall.as_secs_f64() * 1e3,
+            release_ms = t1.elapsed().as_secs_f64() * 1e3,
+            pages_changed = stats.pages_changed,
+            blocked = stats.blocked.is_some(),
+            "partial round cut"
+        );
+    }
     Ok(true)
 }
 

@@ -25,10 +25,12 @@ pub(super) async fn fetch_db(
         bail!("{}: not a database", entry.path);
     };
     let (r, p) = (replica.clone(), entry.path.clone());
+    let t0 = std::time::Instant::now();
     let (table, holders, linked) = tokio::task::spawn_blocking(move || -> Result<_> {
         Ok((r.page_table(&p)?, r.db_holders(&p), r.has_other_links(&p)?))
     })
     .await??;
+    let looked = t0.elapsed();
     // A database with other names (hard links from outside the root, a
     // `cp -al` snapshot) is never written in place, its metadata included:
     // the whole image is staged and renamed over.
@@ -62,6 +64,7 @@ pub(super) async fn fetch_db(
         u64::from(db.page_size) * u64::from(db.pages),
     );
     let mut fetch = DbFetch::new(db);
+    let mut hashes_asked = false;
     let reading = async {
         loop {
             let msg = tokio::select! {
@@ -74,7 +77,10 @@ pub(super) async fn fetch_db(
                 .handle(msg)
                 .map_err(|e| anyhow!("{}: {e}", entry.path))?
             {
-                DbStep::SendHashes => send_hashes(&mut send, table.as_deref()).await?,
+                DbStep::SendHashes => {
+                    hashes_asked = true;
+                    send_hashes(&mut send, table.as_deref()).await?;
+                }
                 step => {
                     let end = step == DbStep::Commit;
                     if tx.send(step).await.is_err() || end {
@@ -92,6 +98,13 @@ pub(super) async fn fetch_db(
     // the writer then only saw its input end. Otherwise the writer's error
     // names the cause.
     reading.with_context(|| format!("{}: database stream from the source", entry.path))?;
+    tracing::debug!(
+        db = %entry.path,
+        looked_ms = looked.as_secs_f64() * 1e3,
+        fetched_ms = (t0.elapsed() - looked).as_secs_f64() * 1e3,
+        hashes_asked,
+        "database staged"
+    );
     written.map(Some)
 }
 

@@ -230,6 +230,21 @@ impl Replica {
         Ok(table)
     }
 
+    /// A file whose metadata was just set through `f` (its stat `before`
+    /// that): a page table cached for that stat describes it still (only its
+    /// times or owner moved), and is kept under its new stat, so the next
+    /// round does not hash every page again.
+    pub(super) fn keep_db_table(&self, path: &RelPath, before: &rustix::fs::Stat, f: &File) {
+        let Ok(mut c) = self.db_cache.lock() else {
+            return;
+        };
+        if let (Some((s, _)), Ok(after)) = (c.get_mut(path), rustix::fs::fstat(f))
+            && *s == db_stamp(before)
+        {
+            *s = db_stamp(&after);
+        }
+    }
+
     /// Starts staging a database: pages on top of `base` (what the replica
     /// holds), or a whole new database when there is no usable base.
     pub fn stage_db(

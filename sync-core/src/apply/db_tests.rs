@@ -206,3 +206,38 @@ fn the_temp_sweep_keeps_a_foreign_users_file_of_our_shape() {
         "{w:?}"
     );
 }
+
+/// Metadata set on a database whose content the replica holds already (the
+/// source's own checkpoint moved its mtime) keeps its cached page table: the
+/// next round does not hash every page again. A write still misses it.
+#[test]
+fn a_metadata_change_keeps_a_databases_cached_page_table() {
+    let t = tempfile::tempdir().unwrap();
+    let db = t.path().join("app.db");
+    make_db(&db, 300, "A");
+    let r = Replica::open(t.path()).unwrap();
+    let rel = RelPath::new(b"app.db").unwrap();
+    let first = r.page_table(&rel).unwrap().unwrap();
+    let mut meta = crate::meta::from_stat(&std::fs::metadata(&db).unwrap());
+    meta.mtime_sec -= 1000;
+    let entry = Entry {
+        path: rel.clone(),
+        kind: Kind::Database {
+            page_size: first.page_size,
+            pages: first.hashes.len() as u32,
+            hash: first.hash,
+        },
+        meta: meta.clone(),
+    };
+    r.set_meta(&entry).unwrap();
+    let now = crate::meta::from_stat(&std::fs::metadata(&db).unwrap());
+    assert_eq!(now.mtime_sec, meta.mtime_sec, "the mtime was not set");
+    let again = r.page_table(&rel).unwrap().unwrap();
+    assert!(Arc::ptr_eq(&first, &again), "the page table was read again");
+    Connection::open(&db)
+        .unwrap()
+        .execute("UPDATE t SET v = 'changed' WHERE k = 1", [])
+        .unwrap();
+    let changed = r.page_table(&rel).unwrap().unwrap();
+    assert_ne!(changed.hash, first.hash);
+}

@@ -42,6 +42,10 @@ pub(super) struct LiveDb {
     /// Pages of the current snapshot read ahead of its round (`Some` once
     /// the snapshot itself was let go: [`LiveSet::release`]).
     pub(super) cache: Option<BTreeMap<u32, Vec<u8>>>,
+    /// Pages this cut found changed, as read to hash them (at most
+    /// [`RELEASE_BUDGET`] bytes over all databases): [`LiveSet::release`]
+    /// does not read them twice.
+    pub(super) fresh: BTreeMap<u32, Vec<u8>>,
     /// A rollback-journal database's whole file as this cut took it
     /// (`copy.rs`).
     pub(super) copy: Option<Vec<u8>>,
@@ -67,6 +71,9 @@ pub(super) struct LiveDb {
     pub(super) wal: WalPos,
     /// The database file as the last cut saw it, under its lock.
     pub(super) seen: Option<Seen>,
+    /// Where the log, the file and the log's stamp stood before this cut's
+    /// snapshot moved them: a cut that is given up goes back to them.
+    pub(super) before: Option<(WalPos, Option<Seen>, Option<FileStamp>)>,
     /// Pages named by the log frames committed before this cut (read under
     /// the cut's locks); `None` when the log could not tell.
     pub(super) frames: Option<BTreeSet<u32>>,
@@ -88,6 +95,7 @@ impl LiveDb {
             busy,
             conns: None,
             cache: None,
+            fresh: BTreeMap::new(),
             copy: None,
             head: None,
             replaced: false,
@@ -99,6 +107,7 @@ impl LiveDb {
             lazy: std::cell::RefCell::new(None),
             wal: WalPos::default(),
             seen: None,
+            before: None,
             frames: None,
             wal_mode: false,
             page_size: 0,
@@ -149,6 +158,7 @@ impl LiveDb {
         // The -wal file is never locked by SQLite: reading it is safe (see the
         // module docs); the database file and -shm are never opened.
         let now = FileStamp::of(&self.path);
+        self.before = Some((self.wal, self.seen, self.wal_seen));
         let seen = self.seen.take();
         let replaced = seen.is_some_and(|s| s.replaced_by(now));
         let base_unchanged = seen.is_some_and(|s| s.unchanged(now));
@@ -156,6 +166,14 @@ impl LiveDb {
         self.wal_seen = FileStamp::of(&wal);
         let limit = self.wal_seen.map_or(0, |s| s.size);
         let frames = wal_frames(&wal, &mut self.wal, limit, base_unchanged);
+        tracing::debug!(
+            db = %self.path.display(),
+            log_bytes = limit,
+            frames = frames.as_ref().map(BTreeSet::len),
+            base_unchanged,
+            replaced,
+            "log read under the cut's lock"
+        );
         // A database restored by rename is another file: compare every page.
         self.frames = if replaced { None } else { frames };
         self.replaced = replaced;
@@ -184,6 +202,7 @@ impl LiveDb {
     /// connections and the pages read ahead are let go.
     pub(super) fn end_round(&mut self) {
         self.cache = None;
+        self.fresh = BTreeMap::new();
         self.copy = None;
         self.head = None;
         self.idle = false;
@@ -230,10 +249,15 @@ impl LiveDb {
             return Ok(());
         }
         *budget -= bytes;
-        let r = self.reader()?;
+        let r = reader_of(&self.conns, &self.path)?;
+        let mut fresh = std::mem::take(&mut self.fresh);
         let mut cache = BTreeMap::new();
         for p in pages {
-            cache.insert(p, read_page(r, &self.path, p)?);
+            let page = match fresh.remove(&p) {
+                Some(page) => page,
+                None => read_page(r, &self.path, p)?,
+            };
+            cache.insert(p, page);
         }
         if let Some(c) = self.conns.take() {
             c.close(&self.path);
@@ -410,7 +434,13 @@ impl LiveSet {
                 return Err(e);
             }
             Ok(Some(why)) => {
-                self.abandon();
+                // Nothing of this cut is kept: each database stands where
+                // the last cut left it (its log position too, so the next
+                // cut reads only the frames since, not every page).
+                for db in self.dbs.values_mut() {
+                    db.end_round();
+                    db.rewind();
+                }
                 stats.blocked = Some(why);
                 return Ok(stats);
             }
@@ -427,8 +457,9 @@ impl LiveSet {
             return Err(e);
         }
         let mut failed = None;
+        let mut keep = RELEASE_BUDGET;
         for (p, db) in self.dbs.iter_mut().filter(|(_, d)| !d.idle && !d.pending) {
-            match db.advance() {
+            match db.advance(&mut keep) {
                 Ok(0) => {}
                 Ok(n) => {
                     stats.changed.push(p.clone());

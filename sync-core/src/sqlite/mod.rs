@@ -193,7 +193,15 @@ pub(crate) fn require_dbpage(c: &Connection, path: &Path) -> Result<(), Error> {
     })
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Pages read one by one on this thread (tests count reads with it).
+    pub(super) static PAGES_READ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 pub(crate) fn read_page(c: &Connection, path: &Path, pgno: u32) -> Result<Vec<u8>, Error> {
+    #[cfg(test)]
+    PAGES_READ.with(|n| n.set(n.get() + 1));
     c.prepare_cached("SELECT data FROM sqlite_dbpage WHERE pgno = ?1")
         .and_then(|mut s| s.query_row([pgno], |r| r.get::<_, Vec<u8>>(0)))
         .map_err(|e| sql_err(path, &format!("read page {pgno}"), e))

@@ -198,3 +198,85 @@ fn a_replica_older_than_every_remembered_cut_is_still_served() {
     assert!(refused > 0, "pages written after the cut were served");
     live.end_round();
 }
+
+/// A cut given up because a writer held its lock past [`LOCK_WAIT`] keeps
+/// every database where the last cut left it: the next cut reads only the
+/// log's frames since (no database has every page hashed), the frames the
+/// given-up cut had read of the databases before the blocked one included.
+#[test]
+fn a_cut_given_up_on_a_held_lock_keeps_the_log_position() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a.db"), t.path().join("b.db"));
+    let (da, db_) = (t.path().join("copy-a.db"), t.path().join("copy-b.db"));
+    let (wa, wb) = (db(&a, true), db(&b, true));
+    let (ra, rb) = (
+        RelPath::new(b"a.db").unwrap(),
+        RelPath::new(b"b.db").unwrap(),
+    );
+    let mut live = LiveSet::new(t.path(), Duration::from_secs(5)).with_settle(Duration::ZERO);
+    live.track([&ra, &rb]);
+    live.cut().unwrap();
+    ship(&live, &ra, &da);
+    ship_and_end(&mut live, &rb, &db_);
+    // a committed, b's writer in the middle of a transaction: a's log is
+    // read under its lock, then b's lock is never had
+    wa.execute("UPDATE t SET v = randomblob(300) WHERE k = 7", [])
+        .unwrap();
+    wb.execute_batch("BEGIN IMMEDIATE; UPDATE t SET v = x'05' WHERE k = 3;")
+        .unwrap();
+    let c = live.cut_partial().unwrap();
+    assert!(c.blocked.is_some(), "{c:?}");
+    wb.execute_batch("COMMIT").unwrap();
+    let hashed = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let seen = hashed.clone();
+    copy::BEFORE_HASHING.with(|h| {
+        *h.borrow_mut() = Some(Box::new(move |p: &Path| {
+            seen.borrow_mut().push(p.to_path_buf());
+        }));
+    });
+    let c = live.cut_partial();
+    copy::BEFORE_HASHING.with(|h| h.borrow_mut().take());
+    let c = c.unwrap();
+    assert!(hashed.borrow().is_empty(), "every page hashed: {hashed:?}");
+    assert_eq!(c.changed, vec![ra.clone(), rb.clone()]);
+    assert!(c.pages_changed <= 8, "{c:?}");
+    ship(&live, &ra, &da);
+    ship_and_end(&mut live, &rb, &db_);
+    assert_same(&a, &da);
+    assert_same(&b, &db_);
+}
+
+/// A partial cut reads each changed page once: the read-ahead that lets its
+/// snapshot go takes the pages the cut read to hash them.
+#[test]
+fn a_partial_cut_reads_each_changed_page_once() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, w, rel, mut live) = wal_source(t.path());
+    live.cut().unwrap();
+    ship_and_end(&mut live, &rel, &dst);
+    for k in [5, 900, 1800] {
+        w.execute("UPDATE t SET v = randomblob(300) WHERE k = ?1", [k])
+            .unwrap();
+        live.cut_partial().unwrap();
+        ship_and_end(&mut live, &rel, &dst);
+    }
+    w.execute(
+        "UPDATE t SET v = randomblob(300) WHERE k BETWEEN 100 AND 1100",
+        [],
+    )
+    .unwrap();
+    PAGES_READ.with(|n| n.set(0));
+    let c = live.cut_partial().unwrap();
+    live.release(false).unwrap();
+    let read = PAGES_READ.with(std::cell::Cell::get);
+    assert!(c.pages_changed > 50, "{c:?}");
+    assert!(live.read_ahead(&rel) >= c.pages_changed);
+    // the pages of the three earlier cuts, and the log's candidates once
+    assert!(
+        read <= c.pages_changed as u64 + 8,
+        "{read} pages read for {} changed",
+        c.pages_changed
+    );
+    ship_and_end(&mut live, &rel, &dst);
+    assert_same(&src, &dst);
+}

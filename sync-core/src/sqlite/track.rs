@@ -10,8 +10,9 @@ use std::collections::BTreeSet;
 
 impl LiveDb {
     /// After the locks are released: the pages changed since the previous cut
-    /// are found from the new snapshot.
-    pub(super) fn advance(&mut self) -> Result<usize, Error> {
+    /// are found from the new snapshot (those read, while `keep` lasts, kept
+    /// for the read-ahead).
+    pub(super) fn advance(&mut self, keep: &mut u64) -> Result<usize, Error> {
         let head = match self.head.take() {
             Some(h) => h,
             None => Head::read(self.reader()?, &self.path)?,
@@ -42,20 +43,23 @@ impl LiveDb {
                 }
                 _ => None,
             };
-            self.changed_pages(count, candidates)?
+            self.changed_pages(count, candidates, keep)?
         };
         self.wal_mode = wal_mode;
         self.change_counter = counter;
         self.has_snapshot = true;
+        self.before = None;
         Ok(self.record(changed))
     }
 
     /// Rehashes the pages among `candidates` (every page when `None`) and
-    /// those past the old end; returns the pages whose hash changed.
+    /// those past the old end; returns the pages whose hash changed. Changed
+    /// pages read one by one are kept in `fresh` while `keep` bytes last.
     pub(super) fn changed_pages(
         &mut self,
         count: u32,
         candidates: Option<BTreeSet<u32>>,
+        keep: &mut u64,
     ) -> Result<BTreeSet<u32>, Error> {
         let mut changed = BTreeSet::new();
         let old_len = self.hashes.len() as u32;
@@ -68,10 +72,16 @@ impl LiveDb {
                     if pgno == 0 || pgno > count {
                         continue;
                     }
-                    let h = page_hash(pgno, &self.cut_page(pgno)?);
+                    let page = self.cut_page(pgno)?;
+                    let h = page_hash(pgno, &page);
                     if self.hashes[pgno as usize - 1] != h {
                         self.hashes[pgno as usize - 1] = h;
                         changed.insert(pgno);
+                        // kept for the read-ahead (`LiveSet::release`)
+                        if let Some(left) = keep.checked_sub(page.len() as u64) {
+                            *keep = left;
+                            self.fresh.insert(pgno, page);
+                        }
                     }
                 }
             }
@@ -114,6 +124,18 @@ impl LiveDb {
     pub(super) fn forget_position(&mut self) {
         self.seen = None;
         self.wal = WalPos::default();
+        self.frames = None;
+        self.before = None;
+    }
+
+    /// A cut given up before it read any page (a writer held its lock): the
+    /// database stands where the last cut left it, log position included, so
+    /// the next cut reads the frames committed since that one (those this
+    /// cut had read too) rather than every page.
+    pub(super) fn rewind(&mut self) {
+        if let Some((wal, seen, wal_seen)) = self.before.take() {
+            (self.wal, self.seen, self.wal_seen) = (wal, seen, wal_seen);
+        }
         self.frames = None;
     }
 }
