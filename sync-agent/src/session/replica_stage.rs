@@ -25,9 +25,6 @@ use tokio::sync::mpsc;
 pub const MAX_STAGING: usize = 2;
 /// Most staged files kept waiting for their round.
 pub const MAX_KEPT: usize = 8;
-/// A stage is synced every this many bytes, so its dirty pages never make a
-/// round's `syncfs` wait long.
-const SYNC_EVERY: u64 = 32 << 20;
 
 /// What the bulk lane staged in this session, by path, with the order kept.
 #[derive(Debug, Default)]
@@ -206,7 +203,7 @@ fn write_stage(
     mut rx: mpsc::Receiver<Message>,
 ) -> Result<(Kept, u64)> {
     let mut staged = r.prestage(path)?;
-    let (mut literal, mut synced, mut out) = (0u64, 0u64, Vec::new());
+    let (mut literal, mut out) = (0u64, Vec::new());
     while let Some(msg) = rx.blocking_recv() {
         match msg {
             Message::Literal(data) => {
@@ -235,10 +232,9 @@ fn write_stage(
         if staged.len() > size {
             bail!("{path}: more than the {size} bytes announced (changed at the source)");
         }
-        if staged.len() - synced >= SYNC_EVERY {
-            staged.sync()?;
-            synced = staged.len();
-        }
+        // written back as it arrives, never in bursts that rounds' syncs
+        // would queue behind
+        staged.pace();
     }
     bail!("{path}: stream ended before the staged file was complete")
 }
