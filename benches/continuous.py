@@ -2,6 +2,7 @@
 """Continuous mode figures (issue 3), on this machine, in one run.
 
     benches/continuous.py [--work DIR] [--writes 1000] [--skip-large] [--latency-only]
+                          [--bin-dir DIR] [--log-dir DIR]
 
 1. Change-to-replica latency: single small-file writes on the source, each
    waited for on the replica (polled every 0.1 ms); p50 / p99 over --writes.
