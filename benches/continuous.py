@@ -2,6 +2,7 @@
 """Continuous mode figures (issue 3), on this machine, in one run.
 
     benches/continuous.py [--work DIR] [--writes 1000] [--skip-large] [--latency-only]
+                          [--bin-dir DIR] [--log-dir DIR]
 
 1. Change-to-replica latency: single small-file writes on the source, each
    waited for on the replica (polled every 0.1 ms); p50 / p99 over --writes.
@@ -30,6 +31,9 @@ import e2e  # noqa: E402
 ROOT = os.path.dirname(HERE)
 
 
+LOG_DIR = None
+
+
 def agents(cli, agent, work, src, dst, extra_src=()):
     ids = {}
     for n in ("s", "r"):
@@ -38,11 +42,18 @@ def agents(cli, agent, work, src, dst, extra_src=()):
             e2e.sh(f"{cli} keygen --dir {d}")
         ids[n] = (d, e2e.sh(f"{cli} id --dir {d}").strip())
     rep = subprocess.Popen([agent, "replica", "--root", dst, "--listen", "127.0.0.1:0", "--identity", ids["r"][0],
-                            "--allow", ids["s"][1]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            "--allow", ids["s"][1]], stdout=subprocess.PIPE, stderr=log("replica"), text=True)
     addr = rep.stdout.readline().split()[1]
     srcp = subprocess.Popen([agent, "source", "--root", src, "--connect", addr, "--identity", ids["s"][0],
-                             "--peer", ids["r"][1], *extra_src], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--peer", ids["r"][1], *extra_src], stdout=subprocess.DEVNULL, stderr=log("source"))
     return rep, srcp
+
+
+def log(who):
+    """The agent's stderr: appended to {--log-dir}/{who}.log when given."""
+    if LOG_DIR is None:
+        return subprocess.DEVNULL
+    return open(os.path.join(LOG_DIR, f"{who}.log"), "a")
 
 
 def root_hash(cli, a, b):
@@ -149,12 +160,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/var/tmp/understudy-cont")
     ap.add_argument("--writes", type=int, default=1000)
-    ap.add_argument("--bin-dir", default=os.path.join(ROOT, "target", "release"))
+    ap.add_argument("--bin-dir", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
+                                                      "release"),
+                    help="where sync-cli and sync-agent are (default: $CARGO_TARGET_DIR/release, else target/release)")
+    ap.add_argument("--log-dir", help="append the agents' stderr to source.log and replica.log here "
+                    "(UNDERSTUDY_LOG=debug shows each round's phases)")
     ap.add_argument("--bench-dir", default=os.path.join(ROOT, "..", "shared", "bench"))
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--latency-only", action="store_true",
                     help="only the latency figures (idle, and under a 1 GiB write); no rsync, no sshd")
     args = ap.parse_args()
+    global LOG_DIR
+    LOG_DIR = args.log_dir
     cli, agent = os.path.join(args.bin_dir, "sync-cli"), os.path.join(args.bin_dir, "sync-agent")
     os.makedirs(args.work, exist_ok=True)
     ssh = None if args.latency_only else e2e.setup_ssh(args.work)

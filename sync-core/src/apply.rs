@@ -9,17 +9,18 @@
 //! Content is written to a temp file named [`crate::TEMP_PREFIX`]`…` in the target's
 //! own directory, its blake3 is checked against what the source announced, owner,
 //! xattrs (POSIX ACLs included), mode and mtime are set on the open fd, and the temp
-//! file is renamed over the target. Renames are batched behind one `syncfs`, so the
+//! file is renamed over the target. Renames are batched behind one sync, so the
 //! data of every renamed file is durable before its name points at it (LiteFS
 //! `store.go` does temp, fsync, rename, fsync dir per file; a batch gives the same
-//! guarantee for hundreds of files at the cost of two syncs; a round of at most
-//! eight files and no database fsyncs each file instead of the first `syncfs`,
-//! which would also wait for every other dirty page of the file system, such as
-//! a large file being written on the same host). A crash leaves only
+//! guarantee for hundreds of files at the cost of two syncs). The sync is an
+//! `fsync` of each file the round wrote and each directory it changed
+//! ([`durable`]), or one `syncfs` for a round that changed more than 64 paths
+//! (a `syncfs` also waits for every other dirty page of the file system, such
+//! as a large file being written on the same host). A crash leaves only
 //! temp files, which [`Replica::sweep_temps`] removes at the next start.
 //!
 //! A round is applied all-or-nothing (a consistent cut): everything is staged
-//! first (files as temp files, database pages in staging files), one `syncfs`
+//! first (files as temp files, database pages in staging files), one sync
 //! makes it durable, then a journal listing every rename and database update is
 //! written and made durable, and only then are they carried out. A crash before
 //! the journal leaves the previous cut (and temp files, swept); a crash after it
@@ -32,7 +33,10 @@ mod bulk;
 pub use bulk::Kept;
 mod db;
 use db::db_like;
+mod durable;
+pub use durable::{SyncPlan, SyncTarget};
 mod meta_apply;
+mod remove;
 mod round;
 pub use round::Staged;
 pub mod order;
@@ -42,7 +46,7 @@ use crate::{Entry, Error, Kind, Meta, RelPath};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -69,6 +73,8 @@ pub struct Replica {
     canonical: PathBuf,
     /// Databases left alone this round because another process holds them.
     held: Mutex<Vec<proto::HeldDb>>,
+    /// What this round changed that is not yet durable.
+    dirty: Mutex<durable::Dirty>,
 }
 
 type DbStamp = (u64, u64, i64, u64);
@@ -142,6 +148,7 @@ impl Replica {
             db_cache: Mutex::default(),
             canonical: std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()),
             held: Mutex::default(),
+            dirty: Mutex::default(),
         };
         r.roll_forward()?;
         Ok(r)
@@ -173,6 +180,9 @@ impl Replica {
             databases = journal.dbs.len(),
             "rolling forward the cut journal of an interrupted round"
         );
+        // Renames done before the crash are not known: the whole file
+        // system is synced before the journal goes.
+        self.dirty_whole();
         self.carry_out(journal, true)
     }
 
@@ -210,7 +220,10 @@ impl Replica {
         Ok((self.dir(&parent)?, parent, name))
     }
 
+    /// Records a directory whose entries changed (its metadata is set at
+    /// the end of the round, and it is synced).
     fn touch(&self, dir: RelPath) {
+        self.dirty_dir(dir.clone());
         if let Ok(mut t) = self.touched.lock() {
             t.insert(dir);
         }
@@ -233,157 +246,6 @@ impl Replica {
             .lock()
             .map(|mut w| std::mem::take(&mut *w))
             .unwrap_or_default()
-    }
-
-    /// Removes our temp files found by a scan. Only entries with exactly the
-    /// shape of our names ([`crate::is_own_temp_name`]) that are not
-    /// directories are removed; anything else with the prefix (a local user's
-    /// directory or notes) is left alone with a warning, and an entry that
-    /// cannot be removed is a warning too: never a failed round.
-    pub fn sweep_temps(&self, temps: &[RelPath]) -> Result<usize, Error> {
-        let mut n = 0;
-        for t in temps {
-            let Some((parent, name)) = t.split_last() else {
-                continue;
-            };
-            if parent.is_root() && name == JOURNAL {
-                continue;
-            }
-            // Being written or staged ahead by this session (the bulk lane).
-            if self
-                .staging
-                .lock()
-                .is_ok_and(|s| s.contains(&(parent.clone(), name.to_vec())))
-            {
-                continue;
-            }
-            if !crate::is_own_temp_name(name) {
-                self.warn(format!(
-                    "{}: not an understudy temp file (foreign name with the reserved \
-                     prefix); left alone",
-                    self.display(t)
-                ));
-                continue;
-            }
-            let Ok(dir) = self.dir(&parent) else {
-                continue; // its directory went away or is a symlink
-            };
-            match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st)
-                    if rustix::fs::FileType::from_raw_mode(st.st_mode)
-                        == rustix::fs::FileType::Directory =>
-                {
-                    self.warn(format!(
-                        "{}: a directory with a temp-file name, not ours; left alone",
-                        self.display(t)
-                    ));
-                    continue;
-                }
-                // Ours are made by this agent's user: a file of that shape
-                // owned by another user is theirs (a planted name, a local
-                // user's file). (One of ours chowned to the source's owner
-                // before a crash is left too: a warning, not a loss.)
-                Ok(st) if st.st_uid != rustix::process::geteuid().as_raw() => {
-                    self.warn(format!(
-                        "{}: owned by uid {}, not this agent's: not our temp file; left alone",
-                        self.display(t),
-                        st.st_uid
-                    ));
-                    continue;
-                }
-                Ok(_) => {}
-                Err(_) => continue,
-            }
-            match rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
-                Ok(()) => {
-                    n += 1;
-                    self.touch(parent);
-                }
-                Err(rustix::io::Errno::NOENT) => {}
-                Err(e) => self.warn(format!("{}: temp file not removed: {e}", self.display(t))),
-            }
-        }
-        Ok(n)
-    }
-
-    /// Removes `path` and everything below it, never following a symlink.
-    pub fn remove_all(&self, path: &RelPath) -> Result<(), Error> {
-        self.remove_all_but(path, &|_, _| false).map(|_| ())
-    }
-
-    /// Removes `path` and everything below it except the entries `keep`
-    /// names (excluded and overlay paths: `keep(path, is_dir)`); a directory
-    /// holding a kept entry is emptied of the rest and kept. Returns whether
-    /// `path` is gone.
-    pub fn remove_all_but(
-        &self,
-        path: &RelPath,
-        keep: &dyn Fn(&RelPath, bool) -> bool,
-    ) -> Result<bool, Error> {
-        let (dir, parent, name) = match self.parent(path) {
-            Ok(p) => p,
-            // no parent directory: nothing to remove
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
-                return Ok(true);
-            }
-            Err(e) => return Err(e),
-        };
-        let gone = self.remove_at(dir.as_fd(), name, path, keep)?;
-        self.touch(parent);
-        Ok(gone)
-    }
-
-    fn remove_at(
-        &self,
-        dir: BorrowedFd<'_>,
-        name: &[u8],
-        shown: &RelPath,
-        keep: &dyn Fn(&RelPath, bool) -> bool,
-    ) -> Result<bool, Error> {
-        let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
-            Err(rustix::io::Errno::NOENT) => return Ok(true),
-            Err(e) => return Err(Error::io("stat", self.display(shown), e)),
-        };
-        let is_dir =
-            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory;
-        if keep(shown, is_dir) {
-            return Ok(false);
-        }
-        if !is_dir {
-            return rustix::fs::unlinkat(dir, name, AtFlags::empty())
-                .map(|()| true)
-                .map_err(|e| Error::io("remove", self.display(shown), e));
-        }
-        let sub = rustix::fs::openat(
-            dir,
-            name,
-            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::empty(),
-        )
-        .map_err(|e| Error::io("open directory", self.display(shown), e))?;
-        let mut names = Vec::new();
-        let rd = rustix::fs::Dir::read_from(&sub)
-            .map_err(|e| Error::io("read directory", self.display(shown), e))?;
-        for de in rd {
-            let de = de.map_err(|e| Error::io("read directory", self.display(shown), e))?;
-            let n = de.file_name().to_bytes();
-            if n != b"." && n != b".." {
-                names.push(n.to_vec());
-            }
-        }
-        let mut all_gone = true;
-        for n in names {
-            let child = shown.join(&n).unwrap_or_else(|_| shown.clone());
-            all_gone &= self.remove_at(sub.as_fd(), &n, &child, keep)?;
-        }
-        if !all_gone {
-            self.touch(shown.clone());
-            return Ok(false);
-        }
-        rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
-            .map(|()| true)
-            .map_err(|e| Error::io("remove directory", self.display(shown), e))
     }
 
     /// Creates a directory (owner-only until its metadata is set at the end).
@@ -436,6 +298,8 @@ impl Replica {
             let _ = rustix::fs::unlinkat(&dir, tmp.as_slice(), AtFlags::empty());
         }
         res?;
+        // A symlink or special file cannot be opened to be synced.
+        self.dirty_whole();
         self.touch(parent);
         Ok(())
     }
@@ -489,6 +353,8 @@ impl Replica {
             let _ = rustix::fs::unlinkat(&dir, tmp.as_slice(), AtFlags::empty());
             return Err(Error::io("rename", self.display(path), e));
         }
+        // its link count
+        self.dirty_file(target.clone());
         self.touch(parent);
         Ok(())
     }
@@ -499,6 +365,7 @@ impl Replica {
         match entry.kind {
             Kind::Dir => {
                 let fd = self.dir(&entry.path)?;
+                self.dirty_dir(entry.path.clone());
                 self.meta_fd(&File::from(fd), &entry.meta, &shown_path)
             }
             Kind::File { .. } | Kind::Database { .. } => {
@@ -519,6 +386,7 @@ impl Replica {
                         "changed under us: expected a regular file",
                     ));
                 }
+                self.dirty_file(entry.path.clone());
                 let f = File::from(fd);
                 self.meta_fd(&f, &entry.meta, &shown_path)
                     .map(|()| self.keep_db_table(&entry.path, &st, &f))
@@ -526,6 +394,7 @@ impl Replica {
             Kind::HardLink { .. } => Ok(()),
             _ => {
                 let (dir, _, name) = self.parent(&entry.path)?;
+                self.dirty_whole();
                 self.meta_at(dir.as_fd(), name, &entry.kind, &entry.meta, &shown_path)
             }
         }

@@ -130,6 +130,16 @@ impl Target {
         assert_eq!(snapshot(&self.outside), before, "the outside changed");
     }
 
+    /// After hostile input, a good push of a `keep` file replaces the
+    /// root's: the agent still serves and applies.
+    pub async fn still_applies(&self) {
+        let src = self.t.path().join("good");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("keep"), b"good data").unwrap();
+        self.push_ok(&src).await;
+        assert_eq!(std::fs::read(self.root.join("keep")).unwrap(), b"good data");
+    }
+
     /// A well-behaved push of `src` with our identity must succeed: the agent
     /// still serves.
     pub async fn push_ok(&self, src: &Path) -> sync_agent::Summary {

@@ -23,6 +23,7 @@ mod hostile_flood;
 mod hostile_peer;
 mod hostile_replica;
 mod hostile_source;
+mod hostile_stage;
 mod hostile_stall;
 mod hostile_tls;
 mod idmap;

@@ -62,6 +62,7 @@ pub(super) fn start_watch(
     dbs: Option<Arc<sync_core::scan::DbDetect>>,
 ) -> Result<Watch> {
     let (tx, rx) = mpsc::channel::<WatchMsg>(16384);
+    let mut coalesce = Coalesce::default();
     let wake = Arc::new(Notify::new());
     let rescan = Arc::new(AtomicBool::new(false));
     let (first, base) = (Arc::new(AtomicU64::new(0)), Instant::now());
@@ -105,8 +106,12 @@ pub(super) fn start_watch(
                         _ => Some(WatchMsg::Paths(ev.paths, false)),
                     };
                     let Some(m) = msg else { return };
-                    if tx.try_send(m).is_err() {
-                        r.store(true, Ordering::SeqCst);
+                    let queued = tx.max_capacity() - tx.capacity();
+                    if coalesce.admit(&m, queued)
+                        && tx.try_send(m).is_err()
+                        && !r.swap(true, Ordering::SeqCst)
+                    {
+                        tracing::warn!("watch event queue full: full rescan");
                     }
                 }
             }
@@ -150,7 +155,64 @@ pub(super) fn start_watch(
     })
 }
 
+/// Drops a change message identical to the last one queued while that one
+/// still waits in the queue: a large file being written raises a write event
+/// per `write(2)` (131,072 for a 1 GiB `head -c`), which would fill the queue
+/// and force a full rescan, whose round then carries the large file itself
+/// and holds every small change behind it for seconds. Nothing is lost: the
+/// last message sent is the newest in the queue, so while the queue is not
+/// empty it is still there, and the path is read after it is taken out,
+/// which is after the dropped event.
+#[derive(Debug, Default)]
+struct Coalesce {
+    last: Option<Vec<PathBuf>>,
+}
+
+impl Coalesce {
+    /// Whether `m` is to be queued, with `queued` messages in the queue.
+    fn admit(&mut self, m: &WatchMsg, queued: usize) -> bool {
+        match m {
+            WatchMsg::Paths(paths, false) => {
+                if queued > 0 && self.last.as_ref() == Some(paths) {
+                    return false;
+                }
+                self.last = Some(paths.clone());
+            }
+            _ => self.last = None,
+        }
+        true
+    }
+}
+
 pub(super) fn rel(root: &Path, p: &Path) -> Option<RelPath> {
     let r = p.strip_prefix(root).ok()?;
     RelPath::new(r.as_os_str().as_bytes()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_change_is_queued_once_while_it_waits() {
+        let mut c = Coalesce::default();
+        let (a, b) = (PathBuf::from("/r/big"), PathBuf::from("/r/small"));
+        let write = |p: &PathBuf| WatchMsg::Paths(vec![p.clone()], false);
+        assert!(c.admit(&write(&a), 0));
+        // still queued: the same change again is dropped
+        assert!(!c.admit(&write(&a), 1));
+        assert!(!c.admit(&write(&a), 5));
+        // taken out of the queue: queued again
+        assert!(c.admit(&write(&a), 0));
+        // another path, then the first again: both queued
+        assert!(c.admit(&write(&b), 1));
+        assert!(c.admit(&write(&a), 2));
+        // creations and renames are never dropped, and end a run
+        let created = WatchMsg::Paths(vec![a.clone()], true);
+        assert!(c.admit(&created, 3));
+        assert!(c.admit(&created, 4));
+        assert!(c.admit(&write(&a), 5));
+        assert!(c.admit(&WatchMsg::Rename(a.clone(), b.clone()), 6));
+        assert!(c.admit(&write(&a), 7));
+    }
 }

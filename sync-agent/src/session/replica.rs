@@ -273,6 +273,7 @@ async fn apply_rounds(
     let stager = tokio::spawn(super::replica_stage::accept_stages(
         conn.clone(),
         folder.clone(),
+        peer.to_string(),
     ));
     let res = apply_rounds_inner(conn, folder, ctl_send, ctl_recv, peer).await;
     stager.abort();

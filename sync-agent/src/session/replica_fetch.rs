@@ -214,6 +214,20 @@ pub(super) async fn fetch_file(
     reading?;
     Ok(written)
 }
+/// Rebuilds what `delta` describes against `basis` into `out` (cleared
+/// first): the one place a file's or a stage's delta is applied.
+pub(super) fn rebuild(
+    path: &proto::RelPath,
+    basis: &[u8],
+    delta: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    out.clear();
+    delta::apply_delta(basis, delta, out, delta::WINDOW).map_err(|e| anyhow!("{path}: {e}"))
+}
+
+/// Stages one file's content as [`FileFetch`] admits it and commits it at
+/// its end (`None`: changed at the source, left as it was).
 pub(super) fn write_file(
     replica: &Replica,
     entry: &Entry,
@@ -242,10 +256,7 @@ pub(super) fn write_file(
             FileStep::Literal(data) => staged.write(&data)?,
             FileStep::Delta(d) => {
                 // FileFetch admits a delta only when a basis was offered.
-                let base = basis.unwrap_or_default();
-                out.clear();
-                delta::apply_delta(base, &d, &mut out, delta::WINDOW)
-                    .map_err(|e| anyhow!("{}: {e}", entry.path))?;
+                rebuild(&entry.path, basis.unwrap_or_default(), &d, &mut out)?;
                 if let Err(why) = fetch.produced(out.len() as u64, d.len() as u64) {
                     return changed(why);
                 }

@@ -8,6 +8,16 @@
 //! Bounds: [`MAX_STAGING`] transfers at once, [`MAX_KEPT`] staged files kept
 //! (the oldest is dropped), each transfer timed like a file of a round; all
 //! dropped when the session ends.
+//!
+//! A stage stream that breaks the protocol ([`Violation`]: a malformed frame,
+//! messages out of order, a stage for the root, a delta with no basis
+//! offered, an end that does not add up) ends the session, as a broken
+//! control stream does: the stream gets an `Error`, the connection is closed
+//! and the log names the peer and the stream. Content that merely outgrows
+//! its announced size, or does not hash as announced, is what an honest
+//! source sends for a file changed while it was read, and so is a stream that
+//! ends early (its read failed) or a path this replica excludes: that stage
+//! is refused and dropped, the session goes on.
 
 use super::replica::ReplicaFolder;
 use crate::wire;
@@ -25,9 +35,6 @@ use tokio::sync::mpsc;
 pub const MAX_STAGING: usize = 2;
 /// Most staged files kept waiting for their round.
 pub const MAX_KEPT: usize = 8;
-/// A stage is synced every this many bytes, so its dirty pages never make a
-/// round's `syncfs` wait long.
-const SYNC_EVERY: u64 = 32 << 20;
 
 /// What the bulk lane staged in this session, by path, with the order kept.
 #[derive(Debug, Default)]
@@ -85,9 +92,25 @@ impl Stages {
     }
 }
 
-/// Serves the source's stage streams until the connection ends.
-pub(super) async fn accept_stages(conn: quinn::Connection, folder: Arc<ReplicaFolder>) {
+/// A stage stream broke the protocol: the session ends.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Violation(String);
+
+/// Refuses a stage stream for breaking the protocol.
+fn violation(what: impl Into<String>) -> anyhow::Error {
+    Violation(what.into()).into()
+}
+
+/// Serves the source's stage streams until the connection ends; one that
+/// breaks the protocol closes the connection.
+pub(super) async fn accept_stages(
+    conn: quinn::Connection,
+    folder: Arc<ReplicaFolder>,
+    peer: String,
+) {
     while let Ok((mut send, recv)) = conn.accept_bi().await {
+        let (conn, peer, id) = (conn.clone(), peer.clone(), send.id());
         let folder = folder.clone();
         let slot = folder.stages.lock().ok().and_then(|mut s| {
             (s.writing < MAX_STAGING).then(|| {
@@ -108,8 +131,18 @@ pub(super) async fn accept_stages(conn: quinn::Connection, folder: Arc<ReplicaFo
                 let _ = send.finish();
                 return;
             }
-            if let Err(e) = stage(&folder, send, recv).await {
-                tracing::warn!(folder = %folder.name, "staging a file ahead of its round: {e:#}");
+            match stage(&folder, send, recv).await {
+                Ok(()) => {}
+                Err(e) if broke_protocol(&e) => {
+                    tracing::error!(
+                        "session with peer {peer}, folder {}: stage stream {id}: {e:#}; closing the session",
+                        folder.name
+                    );
+                    conn.close(1u32.into(), b"stage stream broke the protocol");
+                }
+                Err(e) => {
+                    tracing::warn!(folder = %folder.name, "staging a file ahead of its round: {e:#}");
+                }
             }
             if let Ok(mut s) = folder.stages.lock() {
                 s.writing -= 1;
@@ -124,22 +157,23 @@ async fn stage(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<()> {
-    let (path, size) = match wire::expect_soon(&mut recv, "a file to stage").await? {
-        Message::StageFile { path, size } => (path, size),
-        other => bail!("expected a file to stage, got {}", other.name()),
+    let first = match wire::expect_soon(&mut recv, "a file to stage").await {
+        Ok(m) => m,
+        Err(e) => return refuse(send, e).await,
     };
-    if path.is_root() || folder.filter.excludes(&path, false) {
-        let message = format!("{path}: not a file this replica takes");
-        wire::send(
-            &mut send,
-            &Message::Error {
-                code: proto::ErrorCode::Apply,
-                message,
-            },
-        )
-        .await?;
-        let _ = send.finish();
-        bail!("{path}: excluded, not staged");
+    let (path, size) = match first {
+        Message::StageFile { path, size } => (path, size),
+        other => {
+            let e = format!("expected a file to stage, got {}", other.name());
+            return refuse(send, violation(e)).await;
+        }
+    };
+    if path.is_root() {
+        return refuse(send, violation("a stage for the root, not a file")).await;
+    }
+    // (the replica's own excludes, which an honest source may not share)
+    if folder.filter.excludes(&path, false) {
+        return refuse(send, anyhow!("{path}: excluded here, not staged")).await;
     }
     let r = folder.replica.clone();
     let p = path.clone();
@@ -172,7 +206,10 @@ async fn stage(
                 msg,
                 Message::Literal(_) | Message::Delta(_) | Message::FileEnd { .. }
             ) {
-                bail!("expected file content, got {}", msg.name());
+                return Err(violation(format!(
+                    "{path}: expected file content, got {}",
+                    msg.name()
+                )));
             }
             if tx.send(msg).await.is_err() || end {
                 return Ok::<(), anyhow::Error>(());
@@ -181,8 +218,15 @@ async fn stage(
     }
     .await;
     drop(tx);
-    let (kept, lit) = writer.await??;
-    reading?;
+    // A reader that failed first (a malformed or late frame) holds the cause.
+    let written = writer.await?;
+    if let Err(e) = reading {
+        return refuse(send, e).await;
+    }
+    let (kept, lit) = match written {
+        Ok(k) => k,
+        Err(e) => return refuse(send, e).await,
+    };
     let (size, hash) = (kept.size, kept.hash);
     let dropped = folder
         .stages
@@ -197,6 +241,36 @@ async fn stage(
     Ok(())
 }
 
+/// Whether a stage failed by breaking the protocol (a malformed frame
+/// included), not by a change at the source or a local error.
+fn broke_protocol(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.is::<Violation>() || c.is::<proto::frame::FrameError>())
+}
+
+/// Tells the source why its stage is refused (on its stream) and returns the
+/// cause.
+async fn refuse(mut send: quinn::SendStream, e: anyhow::Error) -> Result<()> {
+    let code = if broke_protocol(&e) {
+        proto::ErrorCode::Protocol
+    } else {
+        proto::ErrorCode::Apply
+    };
+    let mut message = format!("{e:#}");
+    sync_core::apply::truncate(&mut message, proto::MAX_TEXT);
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        wire::send(&mut send, &Message::Error { code, message }),
+    )
+    .await;
+    let _ = send.finish();
+    if code == proto::ErrorCode::Protocol {
+        // the session is closed next: the error reaches the peer first
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), send.stopped()).await;
+    }
+    Err(e)
+}
+
 /// Writes a stage as its content arrives, no more than the `size` announced:
 /// `(kept, literal bytes)`.
 fn write_stage(
@@ -206,7 +280,7 @@ fn write_stage(
     mut rx: mpsc::Receiver<Message>,
 ) -> Result<(Kept, u64)> {
     let mut staged = r.prestage(path)?;
-    let (mut literal, mut synced, mut out) = (0u64, 0u64, Vec::new());
+    let (mut literal, mut out) = (0u64, Vec::new());
     while let Some(msg) = rx.blocking_recv() {
         match msg {
             Message::Literal(data) => {
@@ -214,32 +288,31 @@ fn write_stage(
                 staged.write(&data)?;
             }
             Message::Delta(d) => {
-                let base = basis.ok_or_else(|| anyhow!("{path}: delta without a basis"))?;
-                out.clear();
-                delta::apply_delta(base, &d, &mut out, delta::WINDOW)
-                    .map_err(|e| anyhow!("{path}: {e}"))?;
+                let base =
+                    basis.ok_or_else(|| violation(format!("{path}: delta without a basis")))?;
+                super::replica_fetch::rebuild(path, base, &d, &mut out)?;
                 literal += (d.len() as u64).min(out.len() as u64);
                 staged.write(&out)?;
             }
             Message::FileEnd { size, hash } => {
                 if size != staged.len() {
-                    bail!(
-                        "{path}: source announced {size} bytes, {} arrived",
+                    return Err(violation(format!(
+                        "{path}: the end says {size} bytes, {} arrived",
                         staged.len()
-                    );
+                    )));
                 }
                 return Ok((staged.keep(&hash)?, literal));
             }
-            other => bail!("{path}: unexpected {}", other.name()),
+            other => return Err(violation(format!("{path}: unexpected {}", other.name()))),
         }
         if staged.len() > size {
             bail!("{path}: more than the {size} bytes announced (changed at the source)");
         }
-        if staged.len() - synced >= SYNC_EVERY {
-            staged.sync()?;
-            synced = staged.len();
-        }
+        // written back as it arrives, never in bursts that rounds' syncs
+        // would queue behind
+        staged.pace();
     }
+    // (an honest source whose read failed ends its stream early too)
     bail!("{path}: stream ended before the staged file was complete")
 }
 

@@ -7,7 +7,7 @@
 //! the replica's own temp files, so a crash leaves only what the next full
 //! round sweeps); [`Staged::keep`] checks and syncs it; [`Replica::adopt`]
 //! moves it beside its target and queues the rename with the round's others,
-//! behind the round's `syncfs` and journal (all-or-nothing, never torn).
+//! behind the round's sync and journal (all-or-nothing, never torn).
 
 use super::*;
 use crate::{Error, Meta, RelPath};
@@ -53,7 +53,12 @@ impl Replica {
             }
         };
         match rustix::fs::renameat(&self.root, kept.tmp.as_slice(), &dir, tmp.as_slice()) {
-            Ok(()) => unstage(&root, &kept.tmp),
+            Ok(()) => {
+                unstage(&root, &kept.tmp);
+                // moved: both names durable before a journal names it
+                self.dirty_dir(root.clone());
+                self.dirty_dir(parent.clone());
+            }
             Err(rustix::io::Errno::NOENT | rustix::io::Errno::XDEV) => {
                 unstage(&parent, &tmp);
                 return Ok(false);
@@ -95,13 +100,37 @@ impl Replica {
     }
 }
 
+/// Content staged ahead is written back as it arrives, and waited for once
+/// it lies this far behind the last byte: a gigabyte arriving at network
+/// speed never piles up as dirty pages (which a `syncfs` would wait for) nor
+/// goes to the disk in bursts (which every round's `fsync` would queue
+/// behind), and it costs no journal commit until it is kept.
+pub const WRITEBACK_BEHIND: u64 = 8 << 20;
+/// Writeback of a stage is started in steps of this many bytes.
+const WRITEBACK_STEP: u64 = 1 << 20;
+
 impl Staged<'_> {
-    /// Makes what was written so far durable (a bulk transfer keeps the
-    /// dirty pages it leaves for the next round's `syncfs` few).
+    /// Makes what was written so far durable.
     pub fn sync(&self) -> Result<(), Error> {
         self.file
             .sync_data()
             .map_err(|e| Error::io("sync", self.replica.display(&self.path), e))
+    }
+
+    /// Paces the writeback of content staged ahead (call after each write):
+    /// starts it for what arrived since the last step, and waits for what
+    /// lies [`WRITEBACK_BEHIND`] bytes back.
+    pub fn pace(&mut self) {
+        if self.len - self.started < WRITEBACK_STEP {
+            return;
+        }
+        round::start_writeback(&self.file, self.started, self.len - self.started);
+        // (pages already written back cost nothing to wait for)
+        let behind = self.started.saturating_sub(WRITEBACK_BEHIND);
+        if behind > 0 {
+            round::wait_writeback(&self.file, 0, behind);
+        }
+        self.started = self.len;
     }
 
     /// Content staged ahead of its round: checked against `hash` and made
@@ -129,10 +158,11 @@ impl Staged<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn meta() -> Meta {
+    /// Metadata for tests' files.
+    pub(in crate::apply) fn meta() -> Meta {
         Meta {
             mode: 0o640,
             uid: 0,

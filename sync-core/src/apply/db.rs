@@ -142,6 +142,14 @@ impl Replica {
             ))?;
         }
         self.touch(parent);
+        // SQLite's own writes: the file (synced by its checkpoint, but its
+        // metadata is set below) and what is left of its log
+        for side in [&b"-wal"[..], b"-journal"] {
+            match RelPath::new([db.path.as_bytes(), side].concat()) {
+                Ok(p) => self.dirty_file(p),
+                Err(_) => self.dirty_whole(),
+            }
+        }
         let entry = Entry {
             path: db.path.clone(),
             kind: Kind::File {
@@ -512,6 +520,7 @@ impl StagedDb<'_> {
         self.done = true;
         let tmp = std::mem::take(&mut self.tmp);
         self.replica.unstage(&self.path, &tmp);
+        self.replica.dirty_temp(&self.path, &tmp);
         let commit = DbCommit {
             path: self.path.clone(),
             tmp,

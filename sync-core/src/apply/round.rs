@@ -1,5 +1,6 @@
-//! One round's transaction on the replica: staged temp files, one syncfs,
-//! the journal, and the renames and database updates it lists.
+//! One round's transaction on the replica: staged temp files made durable
+//! ([`super::durable`]), the journal, and the renames and database updates it
+//! lists.
 
 use super::*;
 use crate::{Error, Meta, RelPath};
@@ -7,10 +8,6 @@ use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt as _;
-
-/// Rounds that stage at most this many files (and no database) make them
-/// durable with an `fsync` each instead of one `syncfs`.
-const FEW_FILES: usize = 8;
 
 impl Replica {
     /// A new temp file (mode 0600, never an existing name) in `path`'s
@@ -29,6 +26,8 @@ impl Replica {
         path: &RelPath,
     ) -> Result<(OwnedFd, Vec<u8>, File), Error> {
         let tmp = temp_name();
+        // the temp file's name must be durable before a journal names it
+        self.dirty_dir(parent.clone());
         if let Ok(mut s) = self.staging.lock() {
             s.insert((parent, tmp.clone()));
         }
@@ -48,9 +47,10 @@ impl Replica {
         Ok(Staged::new(self, dir, tmp, path.clone(), file))
     }
 
-    /// Carries out the round: one `syncfs` makes every staged file durable, the
-    /// journal is written, then renames and database updates run, and the
-    /// journal is removed.
+    /// Carries out the round: every staged file is made durable (with what
+    /// the round changed so far: [`Replica::sync_dirty`]), the journal is
+    /// written, then renames and database updates run, and the journal is
+    /// removed.
     pub fn flush(&self) -> Result<(), Error> {
         let batch = match self.pending.lock() {
             Ok(mut p) => std::mem::take(&mut *p),
@@ -67,14 +67,8 @@ impl Replica {
         // A lone database update is one SQLite transaction, durable by itself:
         // its staged pages need no sync first.
         let lone_db = batch.renames.is_empty() && batch.dbs.len() == 1 && !batch.dbs[0].full;
-        if batch.dbs.is_empty() && batch.renames.len() <= FEW_FILES {
-            // A few files: each fsync'd (data and metadata), not the whole
-            // file system, whose other dirty data (a large write on this host)
-            // a `syncfs` would wait for.
-            self.fsync_staged(&batch.renames)?;
-        } else if !lone_db {
-            rustix::fs::syncfs(&self.root)
-                .map_err(|e| Error::io("syncfs", self.root_path.display(), e))?;
+        if !lone_db {
+            self.sync_dirty()?;
         }
         crate::failpoint("synced");
         let journal = Journal {
@@ -121,22 +115,6 @@ impl Replica {
                 last_modification: ts(st.st_mtime, st.st_mtime_nsec as u32),
             };
             let _ = rustix::fs::utimensat(&self.root, ".", &t, AtFlags::empty());
-        }
-        Ok(())
-    }
-
-    /// Makes staged temp files durable, each by itself.
-    fn fsync_staged(&self, renames: &[(RelPath, Vec<u8>)]) -> Result<(), Error> {
-        for (path, tmp) in renames {
-            let (dir, _, _) = self.parent(path)?;
-            let fd = rustix::fs::openat(
-                &dir,
-                tmp.as_slice(),
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| Error::io("open staged file of", self.display(path), e))?;
-            rustix::fs::fsync(&fd).map_err(|e| Error::io("fsync", self.display(path), e))?;
         }
         Ok(())
     }
@@ -193,10 +171,13 @@ impl Replica {
             return Ok(());
         }
         crate::failpoint("before-final-sync");
-        rustix::fs::syncfs(&self.root)
-            .map_err(|e| Error::io("syncfs", self.root_path.display(), e))?;
+        // The renames and updates are durable before the journal goes.
+        self.sync_dirty()?;
         match rustix::fs::unlinkat(&self.root, JOURNAL, AtFlags::empty()) {
-            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Ok(()) | Err(rustix::io::Errno::NOENT) => {
+                self.dirty_dir(RelPath::root());
+                Ok(())
+            }
             Err(e) => Err(Error::io("remove journal", self.root_path.display(), e)),
         }
     }
@@ -213,6 +194,7 @@ impl Replica {
 
     /// Starts a new session: forgets what earlier sessions touched or staged
     /// (an aborted session's temp files are swept by the next full scan).
+    /// What they changed and did not sync yet is synced by the next round.
     pub fn reset(&self) {
         if let Ok(mut t) = self.touched.lock() {
             t.clear();
@@ -258,13 +240,15 @@ impl Replica {
         }
     }
 
-    /// Flushes what is staged and makes every rename and directory change durable.
+    /// Flushes what is staged and makes everything the round changed
+    /// durable: its renames, directories and metadata.
     pub fn finish(&self) -> Result<(), Error> {
         self.flush()?;
-        rustix::fs::syncfs(&self.root).map_err(|e| Error::io("syncfs", self.root_path.display(), e))
+        self.sync_dirty()
     }
 
     pub(super) fn queue(&self, path: RelPath, tmp: Vec<u8>) -> Result<(), Error> {
+        self.dirty_temp(&path, &tmp);
         self.pending
             .lock()
             .map_err(|_| Error::invalid(self.root_path.display(), "pending list poisoned"))?
@@ -285,6 +269,8 @@ pub struct Staged<'r> {
     pub(super) file: File,
     pub(super) hasher: blake3::Hasher,
     pub(super) len: u64,
+    /// Bytes whose writeback was started ([`Staged::pace`]).
+    pub(super) started: u64,
     pub(super) done: bool,
 }
 
@@ -304,6 +290,7 @@ impl<'r> Staged<'r> {
             file,
             hasher: blake3::Hasher::new(),
             len: 0,
+            started: 0,
             done: false,
         }
     }
@@ -378,20 +365,33 @@ impl Drop for Staged<'_> {
 }
 
 /// Starts writing back `len` bytes of `file` from `offset` (0: to the end)
-/// without waiting: the round's one `syncfs` then finds most of the data
-/// already on disk instead of flushing the whole round at its end, and the
-/// disk works while the network does. Best effort: an error only means the
-/// `syncfs` does all the work, as before.
-#[allow(unsafe_code)]
+/// without waiting: the round's sync then finds most of the data already on
+/// disk instead of flushing the whole round at its end, and the disk works
+/// while the network does. Best effort: an error only means the sync does
+/// all the work, as before.
 pub(super) fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    writeback(file, offset, len, libc::SYNC_FILE_RANGE_WRITE);
+}
+
+/// Writes back `len` bytes of `file` from `offset` and waits until they are
+/// written (not durable: no metadata, no device cache flush). Best effort.
+pub(super) fn wait_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    let all = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    writeback(file, offset, len, all);
+}
+
+#[allow(unsafe_code)]
+fn writeback(file: &std::fs::File, offset: u64, len: u64, flags: libc::c_uint) {
     use std::os::fd::AsRawFd;
     let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
         return;
     };
     // SAFETY: sync_file_range only reads its integer arguments; the fd is
-    // open for as long as `file` is borrowed, and SYNC_FILE_RANGE_WRITE
-    // starts writeback of dirty pages without waiting for it.
+    // open for as long as `file` is borrowed; the flags only start and wait
+    // for writeback of the file's own pages.
     unsafe {
-        libc::sync_file_range(file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE);
+        libc::sync_file_range(file.as_raw_fd(), off, n, flags);
     }
 }
