@@ -121,20 +121,7 @@ impl Replica {
             rustix::fs::renameat(&dir, db.tmp.as_slice(), &dir, name)
                 .map_err(|e| Error::io("rename", &shown, e))?;
         } else {
-            let fd = rustix::fs::openat(
-                &dir,
-                db.tmp.as_slice(),
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| Error::io("open staged pages of", &shown, e))?;
-            let staged = File::from(fd);
-            let records = PageRecords {
-                file: &staged,
-                at: 0,
-                shown: &shown,
-            };
-            sqlite::apply_pages(&self.db_path(&db.path), db.pages, records)?;
+            self.write_pages_in_place(dir.as_fd(), &db, &shown)?;
             gone(rustix::fs::unlinkat(
                 &dir,
                 db.tmp.as_slice(),
@@ -166,6 +153,30 @@ impl Replica {
         {
             c.insert(db.path, (db_stamp(&st), table));
         }
+        Ok(())
+    }
+
+    /// Writes a staged run of pages into the database through SQLite.
+    fn write_pages_in_place(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        db: &DbCommit,
+        shown: &str,
+    ) -> Result<(), Error> {
+        let fd = rustix::fs::openat(
+            dir,
+            db.tmp.as_slice(),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open staged pages of", shown, e))?;
+        let staged = File::from(fd);
+        let records = PageRecords {
+            file: &staged,
+            at: 0,
+            shown,
+        };
+        sqlite::apply_pages(&self.db_path(&db.path), db.pages, records)?;
         Ok(())
     }
 
