@@ -196,10 +196,15 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             None => None,
         };
         let (src, filter, saved) = (opts.src.clone(), opts.filter.clone(), keep.clone());
-        let (manifest, report, live) =
-            tokio::task::spawn_blocking(move || scan_and_cut(&src, filter, saved.as_ref()))
-                .await?
-                .with_context(|| format!("scanning {}", opts.src.display()))?;
+        // The root hash and the quick digest, both over every entry, at once.
+        let (manifest, report, live, root_hash, quick) = tokio::task::spawn_blocking(move || {
+            scan_and_cut(&src, filter, saved.as_ref()).map(|(m, report, live)| {
+                let (root, quick) = sync_core::digest::root_and_quick(&m);
+                (m, report, live, root, quick)
+            })
+        })
+        .await?
+        .with_context(|| format!("scanning {}", opts.src.display()))?;
         let scan_s = started.elapsed().as_secs_f64();
         progress
             .entries
@@ -207,7 +212,6 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
         progress
             .bytes_total
             .store(manifest.bytes_total(), Ordering::Relaxed);
-        let root_hash = manifest.root_hash();
         let (files_total, bytes_total, entries_total) = (
             manifest.files() as u64,
             manifest.bytes_total(),
@@ -219,6 +223,7 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             root_hash,
             checksum: opts.checksum,
             live: Some(live),
+            quick_digest: Some(quick),
             ..Default::default()
         };
         let applied = session.round(&round).await?;
@@ -237,8 +242,8 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
         }
         let stats = session.connection().stats();
         let unchanged = session.last_round_same();
-        session.close().await;
-        Ok::<_, anyhow::Error>(Summary {
+        let peer_closed = session.close().await;
+        let summary = Summary {
             entries_total,
             files_total,
             files_transferred: applied.files_transferred,
@@ -256,12 +261,20 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             source_root: sync_core::hex(&root_hash),
             unchanged,
             warnings: applied.warnings,
-        })
+        };
+        Ok::<_, anyhow::Error>((summary, peer_closed))
     }
     .await
     .with_context(|| format!("push to replica {}", opts.to));
+    // The replica closes a session it finished; then there is nothing left to
+    // deliver and the connection's draining period (three probe timeouts) is
+    // not waited out. Closed from this side, the close is seen delivered.
+    let peer_closed = matches!(res, Ok((_, true)));
+    let res = res.map(|(summary, _)| summary);
     conn.close(0u32.into(), b"done");
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), endpoint.wait_idle()).await;
+    if !peer_closed {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), endpoint.wait_idle()).await;
+    }
     res
 }
 

@@ -24,6 +24,12 @@ pub fn quick_root(entries: &[Entry]) -> [u8; 32] {
     quick_root_with(entries, &HashMap::new())
 }
 
+/// The manifest's root hash and its quick digest, computed at once.
+#[must_use]
+pub fn root_and_quick(m: &crate::Manifest) -> ([u8; 32], [u8; 32]) {
+    rayon::join(|| m.root_hash(), || quick_root(&m.entries))
+}
+
 /// [`quick_root`] with some entries' kinds replaced: the replica's scan sees
 /// a database as a file, and says which page hash it holds for it here.
 #[must_use]

@@ -39,6 +39,9 @@ pub struct Round {
     pub verify: bool,
     /// The live databases whose snapshots the round's database entries are.
     pub live: Option<Arc<Mutex<LiveSet>>>,
+    /// The entries' quick digest (`sync_core::digest::quick_root`), when the
+    /// caller computed it; else the session does when it needs it.
+    pub quick_digest: Option<[u8; 32]>,
 }
 
 /// An open session on the source side.
@@ -345,12 +348,15 @@ impl SourceSession {
         }
     }
 
-    /// Ends the session cleanly.
-    pub async fn close(mut self) {
+    /// Ends the session cleanly; `true` when the replica closed the
+    /// connection (nothing is left to deliver to it).
+    pub async fn close(mut self) -> bool {
         let _ = self.ctl_send.finish();
         // The replica closes once it has read the end of the control stream.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.conn.closed()).await;
+        let why = tokio::time::timeout(std::time::Duration::from_secs(5), self.conn.closed()).await;
+        tracing::debug!(?why, "session closed");
         self.conn.close(0u32.into(), b"done");
+        matches!(why, Ok(quinn::ConnectionError::ApplicationClosed(_)))
     }
 }
 

@@ -42,13 +42,22 @@ pub fn prescan(
         filter: filter.clone(),
         databases: Some(detect.clone()),
     };
+    let t0 = std::time::Instant::now();
     let (mut dst, report) = crate::scan::scan_with(r.root_path(), &opts, None)?;
+    let scanned = t0.elapsed();
     let digest = if nothing_to_sweep(r, &report, &detect, sweep) && links_inside(&dst, &report) {
         database_kinds(r, &report)?
             .map(|kinds| crate::digest::quick_root_with(&dst.entries, &kinds))
     } else {
         None
     };
+    tracing::debug!(
+        entries = dst.entries.len(),
+        scan_ms = scanned.as_millis(),
+        digest_ms = (t0.elapsed() - scanned).as_millis(),
+        offered = digest.is_some(),
+        "replica scanned ahead"
+    );
     // The plan compares each name as a file of its own (as a full round's
     // scan has them).
     let files: HashMap<RelPath, Kind> = dst

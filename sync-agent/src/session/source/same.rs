@@ -37,9 +37,13 @@ impl SourceSession {
         if id != 1 || !round.full || round.checksum || round.verify {
             return Ok(false);
         }
-        let entries = round.entries.clone();
-        let ours =
-            tokio::task::spawn_blocking(move || sync_core::digest::quick_root(&entries)).await?;
+        let ours = match round.quick_digest {
+            Some(d) => d,
+            None => {
+                let entries = round.entries.clone();
+                tokio::task::spawn_blocking(move || sync_core::digest::quick_root(&entries)).await?
+            }
+        };
         if self.replica_digest().await? != Some(ours) {
             return Ok(false);
         }
