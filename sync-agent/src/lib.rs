@@ -228,17 +228,7 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
         };
         let applied = session.round(&round).await?;
         if let (Some(state), Some(live)) = (&keep, &round.live) {
-            // The replica holds this cut now: the next run sends it only what changes.
-            let saved = live
-                .lock()
-                .map_err(|_| anyhow::anyhow!("live database set poisoned"))
-                .and_then(|mut l| {
-                    l.end_round();
-                    state.save(&l)
-                });
-            if let Err(e) = saved {
-                tracing::warn!("{e:#}: the next push reads every database again");
-            }
+            keep_cut(state, live);
         }
         let stats = session.connection().stats();
         let unchanged = session.last_round_same();
@@ -276,6 +266,21 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), endpoint.wait_idle()).await;
     }
     res
+}
+
+/// The replica holds the pushed cut now: saved, so the next run sends it
+/// only what changes.
+fn keep_cut(state: &push_state::PushState, live: &std::sync::Mutex<LiveSet>) {
+    let saved = live
+        .lock()
+        .map_err(|_| anyhow::anyhow!("live database set poisoned"))
+        .and_then(|mut l| {
+            l.end_round();
+            state.save(&l)
+        });
+    if let Err(e) = saved {
+        tracing::warn!("{e:#}: the next push reads every database again");
+    }
 }
 
 /// Returns freed heap pages to the system (glibc keeps them otherwise, and an
