@@ -144,8 +144,8 @@ pub(super) async fn apply_round(
 /// once per session before anything else after the hello): the scan for
 /// the first full round's plan, or `None` when it failed (the round scans
 /// again and reports why). No digest is offered on a fenced node's first
-/// repair (it keeps aside what it alone holds) nor with id maps (the
-/// source's owners are not this host's).
+/// repair (it keeps aside what it alone holds); the scan itself offers none
+/// with id maps ([`engine::prescan`]).
 pub(super) async fn offer_digest(
     folder: &Arc<ReplicaFolder>,
     ctl_send: &mut quinn::SendStream,
@@ -155,8 +155,8 @@ pub(super) async fn offer_digest(
         folder.filter.clone(),
         folder.detect.clone(),
     );
-    let sweep = folder.sweep.clone();
-    let pre = tokio::task::spawn_blocking(move || engine::prescan(&r, &f, d, &sweep)).await?;
+    let (sweep, ids) = (folder.sweep.clone(), folder.ids.clone());
+    let pre = tokio::task::spawn_blocking(move || engine::prescan(&r, &f, d, &sweep, &ids)).await?;
     let pre = match pre {
         Ok(p) => Some(p),
         Err(e) => {
@@ -164,7 +164,7 @@ pub(super) async fn offer_digest(
             None
         }
     };
-    let offer = divergence_target(folder, true)?.is_none() && folder.ids.is_empty();
+    let offer = divergence_target(folder, true)?.is_none();
     let digest = pre.as_ref().and_then(|p| p.digest).filter(|_| offer);
     wire::send(ctl_send, &proto::Message::TreeDigest { digest }).await?;
     Ok(pre)

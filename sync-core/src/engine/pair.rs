@@ -142,6 +142,7 @@ impl Pair {
             &self.filter,
             self.detect.clone(),
             &self.sweep,
+            &self.ids,
         )
         .map_err(|e| e.to_string())
     }

@@ -174,3 +174,22 @@ fn a_round_same_with_another_digest_is_refused() {
     let err = p.same_as([9; 32]).expect_err("refused");
     assert!(err.contains("scan differs"), "{err}");
 }
+
+/// With id maps the replica's owners are this host's: a file whose owner was
+/// put back to the source's number would have the source's digest, but the
+/// plan maps it; no digest is offered and the full round maps it again.
+#[test]
+fn with_id_maps_no_digest_is_offered() {
+    use std::os::unix::fs::MetadataExt;
+    let mut p = Pair::new();
+    p.ids =
+        crate::idmap::IdMap::parse(&["1234:4321".into()], &["1235:5321".into()]).expect("a map");
+    tree(&p);
+    std::os::unix::fs::chown(p.src("etc/app.conf"), Some(1234), Some(1235)).expect("chown");
+    p.full().expect("the first mirror");
+    let mapped = p.dst("etc/app.conf");
+    assert_eq!(fs::metadata(&mapped).expect("stat").uid(), 4321);
+    std::os::unix::fs::chown(&mapped, Some(1234), Some(1235)).expect("chown");
+    assert_eq!(p.first_full(), Ok(false));
+    assert_eq!(fs::metadata(&mapped).expect("stat").uid(), 4321);
+}

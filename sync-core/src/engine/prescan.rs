@@ -7,6 +7,7 @@
 use super::leftovers::{self, Leftovers, Sweep};
 use crate::apply::Replica;
 use crate::filter::Filter;
+use crate::idmap::IdMap;
 use crate::scan::{DbDetect, ScanOptions, ScanReport};
 use crate::{Error, Manifest};
 use proto::{ApplySummary, Kind, RelPath};
@@ -25,7 +26,9 @@ pub struct Prescan {
     /// [`Kind::HardLink`], databases by the page hash held); `None` when a
     /// full round would do something the digest cannot show: a temp file or
     /// an excluded leftover to sweep, a database with no page table or with
-    /// other names, a file linked from outside the tree.
+    /// other names, a file linked from outside the tree, owners mapped by
+    /// the folder's id maps (the tree's owners are this host's, the
+    /// source's digest has its own).
     pub digest: Option<[u8; 32]>,
 }
 
@@ -35,6 +38,7 @@ pub fn prescan(
     filter: &Filter,
     detect: Arc<DbDetect>,
     sweep: &Sweep,
+    ids: &IdMap,
 ) -> Result<Prescan, Error> {
     let opts = ScanOptions {
         hash: false,
@@ -45,7 +49,8 @@ pub fn prescan(
     let t0 = std::time::Instant::now();
     let (mut dst, report) = crate::scan::scan_with(r.root_path(), &opts, None)?;
     let scanned = t0.elapsed();
-    let digest = if nothing_to_sweep(r, &report, &detect, sweep) && links_inside(&dst, &report) {
+    let comparable = ids.is_empty() && links_inside(&dst, &report);
+    let digest = if comparable && nothing_to_sweep(r, &report, &detect, sweep) {
         database_kinds(r, &report)?
             .map(|kinds| crate::digest::quick_root_with(&dst.entries, &kinds))
     } else {
