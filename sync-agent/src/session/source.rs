@@ -207,12 +207,9 @@ impl SourceSession {
             .map_err(|e| lost(format!("sending the promotion: {e:#}")))?;
         let reply = tokio::time::timeout(PROMOTE_TIMEOUT, async {
             loop {
-                match self.ctl_rx.recv().await {
-                    // the replica's tree digest, sent once before anything else
-                    Some(Ok(Some(Message::TreeDigest { digest }))) if self.digest.is_none() => {
-                        self.digest = Some(digest);
-                    }
-                    reply => return reply,
+                let reply = self.ctl_rx.recv().await;
+                if let Some(reply) = self.unless_digest(reply) {
+                    return reply;
                 }
             }
         })
@@ -309,12 +306,8 @@ impl SourceSession {
         let slots = Arc::new(tokio::sync::Semaphore::new(super::PARALLEL_FILES));
         let reply = loop {
             tokio::select! {
-                msg = self.ctl_rx.recv() => match msg {
-                    // sent once, before anything else: kept if this round did not wait for it
-                    Some(Ok(Some(Message::TreeDigest { digest }))) if self.digest.is_none() => {
-                        self.digest = Some(digest);
-                    }
-                    msg => break msg,
+                msg = self.ctl_rx.recv() => if let Some(msg) = self.unless_digest(msg) {
+                    break msg;
                 },
                 // A served stream's task is freed when it ends (a finished
                 // task's memory stays until it is joined: thousands of files).

@@ -7,7 +7,22 @@ use anyhow::{Result, bail};
 use proto::Message;
 use std::sync::atomic::Ordering;
 
+/// What the control stream's reader hands up.
+type Reply = Option<Result<Option<Message>>>;
+
 impl SourceSession {
+    /// A reply from the replica, unless it is the tree digest it sends once
+    /// before anything else (kept when no round waited for it).
+    pub(super) fn unless_digest(&mut self, reply: Reply) -> Option<Reply> {
+        match reply {
+            Some(Ok(Some(Message::TreeDigest { digest }))) if self.digest.is_none() => {
+                self.digest = Some(digest);
+                None
+            }
+            reply => Some(reply),
+        }
+    }
+
     /// The replica's quick digest, waiting for it if it has not come (it is
     /// the first thing a replica sends after its hello).
     pub(super) async fn replica_digest(&mut self) -> Result<Option<[u8; 32]>> {
