@@ -164,10 +164,16 @@ pub(super) async fn offer_digest(
             None
         }
     };
-    let offer = divergence_target(folder, true)?.is_none();
-    let digest = pre.as_ref().and_then(|p| p.digest).filter(|_| offer);
+    let digest = digest_to_offer(folder, pre.as_ref())?;
     wire::send(ctl_send, &proto::Message::TreeDigest { digest }).await?;
     Ok(pre)
+}
+
+/// The prescan's digest, unless this node is fenced and its first full round
+/// must keep aside what it alone holds (and clear the mark): never skipped.
+fn digest_to_offer(folder: &ReplicaFolder, pre: Option<&Prescan>) -> Result<Option<[u8; 32]>> {
+    let offer = divergence_target(folder, true)?.is_none();
+    Ok(pre.and_then(|p| p.digest).filter(|_| offer))
 }
 
 /// A full round with nothing to do (`RoundSame`): checked against the
@@ -355,4 +361,44 @@ async fn pull_files(
         add(done, summary, &mut failed);
     }
     failed.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fenced_node_offers_no_digest_until_its_first_repair() {
+        let t = tempfile::tempdir().expect("temp dir");
+        let (root, state) = (t.path().join("root"), t.path().join("state"));
+        std::fs::create_dir_all(&root).expect("mkdir");
+        std::fs::write(root.join("a"), b"a").expect("write");
+        let settings = crate::ReplicaSettings {
+            state_dir: Some(state.clone()),
+            ..Default::default()
+        };
+        let folder = crate::replica_folder_with("f", &root, Default::default(), vec![], settings)
+            .expect("folder");
+        let scan = || {
+            engine::prescan(
+                &folder.replica,
+                &folder.filter,
+                folder.detect.clone(),
+                &folder.sweep,
+                &folder.ids,
+            )
+            .expect("scan")
+        };
+        let pre = scan();
+        assert!(pre.digest.is_some());
+        assert_eq!(
+            digest_to_offer(&folder, Some(&pre)).expect("offer"),
+            pre.digest
+        );
+        crate::diverged::mark(&state, "f", 3).expect("fenced");
+        assert_eq!(
+            digest_to_offer(&folder, Some(&scan())).expect("offer"),
+            None
+        );
+    }
 }
