@@ -43,7 +43,7 @@ pub mod order;
 
 use crate::sqlite::PageTable;
 use crate::{Entry, Error, Kind, Meta, RelPath};
-use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -198,19 +198,8 @@ impl Replica {
 
     /// Opens a directory beneath the root, following no symlink on the way.
     pub fn dir(&self, rel: &RelPath) -> Result<OwnedFd, Error> {
-        let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-        let r = if rel.is_root() {
-            rustix::fs::openat(&self.root, ".", flags, Mode::empty())
-        } else {
-            rustix::fs::openat2(
-                &self.root,
-                rel.as_bytes(),
-                flags,
-                Mode::empty(),
-                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-            )
-        };
-        r.map_err(|e| Error::io("open directory", self.display(rel), e))
+        crate::fsat::open_dir_beneath(self.root.as_fd(), rel)
+            .map_err(|e| Error::io("open directory", self.display(rel), e))
     }
 
     fn parent<'p>(&self, path: &'p RelPath) -> Result<(OwnedFd, RelPath, &'p [u8]), Error> {

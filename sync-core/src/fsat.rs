@@ -5,9 +5,9 @@
 
 use crate::index::Stamp;
 use crate::{Meta, RelPath};
-use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use rustix::fd::{BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RawDir, StatxFlags};
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 use std::io;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,15 +86,23 @@ pub(crate) fn open_dir_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedF
     Ok(rustix::fs::openat(dir, name, flags, Mode::empty())?)
 }
 
-/// Opens the directory `rel` below `root` one component at a time, never
-/// through a symlink (`ELOOP` or `ENOTDIR` when one is met).
+/// Opens the directory `rel` below `root` in one `openat2`, never through a
+/// symlink nor out of `root` (`ELOOP` or `ENOTDIR` when a symlink is met):
+/// the confined open the replica's writes go through too.
 pub(crate) fn open_dir_beneath(root: BorrowedFd<'_>, rel: &RelPath) -> io::Result<OwnedFd> {
-    let mut fd = open_dir_at(root, c".")?;
-    for c in rel.components() {
-        let name = CString::new(c).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        fd = open_dir_at(fd.as_fd(), &name)?;
+    use rustix::fs::ResolveFlags;
+    if rel.is_root() {
+        return open_dir_at(root, c".");
     }
-    Ok(fd)
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    Ok(rustix::fs::openat2(
+        root,
+        rel.as_bytes(),
+        flags,
+        Mode::empty(),
+        resolve,
+    )?)
 }
 
 /// The target of the symlink `name` in `dir`.
