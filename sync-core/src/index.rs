@@ -219,23 +219,29 @@ impl HashIndex {
         for (p, s, h) in hashed {
             self.record(p, *s, *h, now_ns);
         }
-        let mut live: foldhash::HashSet<&[u8]> = foldhash::HashSet::default();
-        live.reserve(manifest.entries.len());
+        let mut files = 0;
         for e in &manifest.entries {
-            live.insert(e.path.as_bytes());
             let proto::Kind::File { hash, .. } = &e.kind else {
                 continue;
             };
+            let Some(r) = self.map.get_mut(e.path.as_bytes()) else {
+                continue;
+            };
+            files += 1;
             let bare = e.meta.xattrs.is_empty();
-            if let Some(r) = self.map.get_mut(e.path.as_bytes())
-                && r.hash == *hash
-                && r.bare != bare
-            {
+            if r.hash == *hash && r.bare != bare {
                 r.bare = bare;
                 self.changed.insert(e.path.as_bytes().into(), Some(*r));
             }
         }
-        self.retain(|p| live.contains(p));
+        // Every row named a file of the manifest: none to forget.
+        if files < self.map.len() {
+            let live: foldhash::HashSet<&[u8]> = (manifest.entries.iter())
+                .filter(|e| matches!(e.kind, proto::Kind::File { .. }))
+                .map(|e| e.path.as_bytes())
+                .collect();
+            self.retain(|p| live.contains(p));
+        }
     }
 
     /// Number of remembered files.
@@ -410,6 +416,38 @@ mod tests {
         }
         let ix = HashIndex::open(&db).unwrap();
         assert!(ix.bare(&p, &stamp(5)) && ix.bare(&old, &stamp(5)));
+    }
+
+    /// A scan forgets the rows of paths it no longer has as files: gone, or
+    /// now another kind of entry.
+    #[test]
+    fn a_scan_forgets_what_is_no_longer_a_file() {
+        let mut ix = HashIndex::in_memory();
+        let now = 100 * RACY_NS;
+        let [a, b, c] = ["a", "b", "c"].map(|p| RelPath::new(p.as_bytes()).unwrap());
+        for p in [&a, &b, &c] {
+            ix.record(p, stamp(5), [0; 32], now);
+        }
+        let entry = |path: &RelPath, kind| proto::Entry {
+            path: path.clone(),
+            kind,
+            meta: proto::Meta::default(),
+        };
+        let file = proto::Kind::File {
+            size: 5,
+            hash: [0; 32],
+        };
+        let m = crate::Manifest {
+            entries: vec![entry(&a, file.clone()), entry(&b, proto::Kind::Dir)],
+        };
+        ix.remember_scan(&[], &m, now);
+        assert_eq!(ix.len(), 1);
+        assert_eq!(ix.lookup(&a, &stamp(5)), Some([0; 32]));
+        let all = crate::Manifest {
+            entries: vec![entry(&a, file)],
+        };
+        ix.remember_scan(&[], &all, now);
+        assert_eq!(ix.len(), 1, "a full match forgot a row");
     }
 
     #[test]
