@@ -369,6 +369,7 @@ pub fn replica_folder_with(
         promotable: settings.promotable,
         ids: settings.ids,
         sweep: settings.sweep,
+        scan_index: std::sync::Mutex::new(sync_core::index::HashIndex::in_memory()),
         diverged: std::sync::Mutex::new(
             settings
                 .state_dir

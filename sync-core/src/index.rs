@@ -48,7 +48,8 @@ impl Stamp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Row {
     stamp: Stamp,
-    hash: [u8; 32],
+    /// `None` in the index of a scan that does not hash (a replica's).
+    hash: Option<[u8; 32]>,
     /// The file had no mirrored xattrs at this stamp. Setting or removing an
     /// xattr (an ACL too) moves the ctime, so while the stamp holds the scan
     /// need not list them.
@@ -139,6 +140,7 @@ impl HashIndex {
                     ctime_ns: c,
                 };
                 let bare = int(7) == Some(1);
+                let hash = Some(hash);
                 map.insert(p.into(), Row { stamp, hash, bare });
             }
         }
@@ -155,7 +157,7 @@ impl HashIndex {
         self.map
             .get(path.as_bytes())
             .filter(|r| r.stamp == *stamp)
-            .map(|r| r.hash)
+            .and_then(|r| r.hash)
     }
 
     /// Whether `path` had no mirrored xattrs when it had this stamp (then it
@@ -174,12 +176,12 @@ impl HashIndex {
             return;
         }
         let old = self.map.get(path.as_bytes());
-        if old.is_some_and(|r| r.stamp == stamp && r.hash == hash) {
+        if old.is_some_and(|r| r.stamp == stamp && r.hash == Some(hash)) {
             return;
         }
         let row = Row {
             stamp,
-            hash,
+            hash: Some(hash),
             bare: false,
         };
         self.map.insert(path.as_bytes().into(), row);
@@ -229,7 +231,7 @@ impl HashIndex {
             };
             files += 1;
             let bare = e.meta.xattrs.is_empty();
-            if r.hash == *hash && r.bare != bare {
+            if r.hash == Some(*hash) && r.bare != bare {
                 r.bare = bare;
                 self.changed.insert(e.path.as_bytes().into(), Some(*r));
             }
@@ -241,6 +243,35 @@ impl HashIndex {
                 .map(|e| e.path.as_bytes())
                 .collect();
             self.retain(|p| live.contains(p));
+        }
+    }
+
+    /// After a full scan that does not hash (a replica's): remembers each
+    /// file's stamp and whether it had xattrs (`files`, as
+    /// [`crate::scan::ScanReport::stamps`]; racily clean ones are skipped), and
+    /// forgets every other path. Rows remembered so give no hash.
+    pub fn remember_stamps(&mut self, files: &[(RelPath, Stamp, bool)], now_ns: i128) {
+        let mut kept = 0;
+        for (p, stamp, bare) in files {
+            if now_ns - stamp.ctime_ns.max(stamp.mtime_ns) < RACY_NS {
+                continue;
+            }
+            kept += 1;
+            let row = Row {
+                stamp: *stamp,
+                hash: None,
+                bare: *bare,
+            };
+            if self.map.get(p.as_bytes()) != Some(&row) {
+                self.map.insert(p.as_bytes().into(), row);
+            }
+        }
+        if kept < self.map.len() {
+            let live: foldhash::HashSet<&[u8]> = (files.iter())
+                .filter(|(_, s, _)| now_ns - s.ctime_ns.max(s.mtime_ns) >= RACY_NS)
+                .map(|(p, _, _)| p.as_bytes())
+                .collect();
+            self.map.retain(|p, _| live.contains(&p[..]));
         }
     }
 
@@ -280,7 +311,7 @@ impl HashIndex {
                 match v {
                     Some(Row {
                         stamp: s,
-                        hash: h,
+                        hash: Some(h),
                         bare,
                     }) => put
                         .execute(rusqlite::params![
@@ -294,7 +325,8 @@ impl HashIndex {
                             i64::from(bare)
                         ])
                         .map_err(|e| db_err(path, e))?,
-                    None => del.execute([&p[..]]).map_err(|e| db_err(path, e))?,
+                    // a row of a scan that does not hash is not kept
+                    Some(_) | None => del.execute([&p[..]]).map_err(|e| db_err(path, e))?,
                 };
             }
         }
@@ -448,6 +480,37 @@ mod tests {
         };
         ix.remember_scan(&[], &all, now);
         assert_eq!(ix.len(), 1, "a full match forgot a row");
+    }
+
+    /// A scan that does not hash remembers stamps and bare files but gives
+    /// no hash, skips racily clean files and forgets what it no longer saw.
+    #[test]
+    fn an_unhashed_scan_remembers_stamps_and_no_hashes() {
+        let mut ix = HashIndex::in_memory();
+        let now = 100 * RACY_NS;
+        let [a, b, c] = ["a", "b", "c"].map(|p| RelPath::new(p.as_bytes()).unwrap());
+        let young = Stamp {
+            ctime_ns: now - 1,
+            ..stamp(5)
+        };
+        ix.remember_stamps(
+            &[
+                (a.clone(), stamp(5), true),
+                (b.clone(), stamp(5), false),
+                (c.clone(), young, true),
+            ],
+            now,
+        );
+        assert_eq!(ix.len(), 2);
+        assert!(ix.bare(&a, &stamp(5)) && !ix.bare(&b, &stamp(5)) && !ix.bare(&c, &young));
+        assert_eq!(
+            ix.lookup(&a, &stamp(5)),
+            None,
+            "a hash from a scan that hashed nothing"
+        );
+        ix.remember_stamps(&[(b.clone(), stamp(6), true)], now);
+        assert_eq!(ix.len(), 1);
+        assert!(ix.bare(&b, &stamp(6)) && !ix.bare(&a, &stamp(5)));
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub struct ScanReport {
     pub hashed: Vec<(RelPath, Stamp, [u8; 32])>,
     /// Bytes read to hash them.
     pub bytes_hashed: u64,
+    /// A scan that does not hash, given an index: each regular file's stamp
+    /// and whether it had no xattrs, for [`HashIndex::remember_stamps`].
+    pub stamps: Vec<(RelPath, Stamp, bool)>,
     /// Regular files with more than one name (link count > 1).
     pub multi_linked: std::collections::HashSet<RelPath>,
     /// Live SQLite databases (listed as files with a zero hash, never read).
@@ -247,6 +250,12 @@ impl<'o> Walker<'o> {
             ..Default::default()
         };
         if !self.opts.hash {
+            if index.is_some() {
+                let files = self.entries.iter().zip(&self.stamps);
+                report.stamps = files
+                    .filter_map(|(e, s)| s.map(|s| (e.path.clone(), s, e.meta.xattrs.is_empty())))
+                    .collect();
+            }
             return Ok((self.entries, report));
         }
         let mut todo: Vec<usize> = Vec::new();
