@@ -94,6 +94,7 @@ fn scan_and_cut(
     src: &Path,
     filter: Filter,
     saved: Option<&push_state::PushState>,
+    mut index: Option<sync_core::index::HashIndex>,
 ) -> Result<(
     sync_core::Manifest,
     sync_core::scan::ScanReport,
@@ -105,8 +106,6 @@ fn scan_and_cut(
         ..Default::default()
     };
     let t0 = Instant::now();
-    let mut index = saved.map(push_state::PushState::index);
-    let loaded = t0.elapsed();
     let (mut m, report) = sync_core::scan::scan_with(src, &scan_opts, index.as_ref())?;
     let scanned = t0.elapsed();
     let mut live = LiveSet::new(src, DB_BUSY);
@@ -128,8 +127,7 @@ fn scan_and_cut(
         }
     }
     tracing::debug!(
-        index_ms = loaded.as_millis(),
-        scan_ms = (scanned - loaded).as_millis(),
+        scan_ms = scanned.as_millis(),
         cut_ms = cut.as_millis(),
         saved_ms = (t0.elapsed() - scanned - cut).as_millis(),
         hashed = report.bytes_hashed,
@@ -180,6 +178,14 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
     if !meta.is_dir() {
         bail!("source {} is not a directory", opts.src.display());
     }
+    let keep = match &opts.state {
+        Some(dir) => Some(push_state::PushState::new(dir, &opts.src)?),
+        None => None,
+    };
+    // The saved index loads while the connection is made.
+    let index = keep
+        .clone()
+        .map(|k| tokio::task::spawn_blocking(move || k.index()));
     let (endpoint, conn) = connect(&opts.identity, opts.peer, opts.to).await?;
     let res = async {
         let mut session = SourceSession::open(
@@ -192,15 +198,15 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
         )
         .await?
         .with_bwlimit(opts.bwlimit);
-        // Databases are shipped from a consistent cut, never as raw files.
-        let keep = match &opts.state {
-            Some(dir) => Some(push_state::PushState::new(dir, &opts.src)?),
+        let index = match index {
+            Some(task) => Some(task.await?),
             None => None,
         };
+        // Databases are shipped from a consistent cut, never as raw files.
         let (src, filter, saved) = (opts.src.clone(), opts.filter.clone(), keep.clone());
         // The root hash and the quick digest, both over every entry, at once.
         let (manifest, report, live, root_hash, quick) = tokio::task::spawn_blocking(move || {
-            scan_and_cut(&src, filter, saved.as_ref()).map(|(m, report, live)| {
+            scan_and_cut(&src, filter, saved.as_ref(), index).map(|(m, report, live)| {
                 let (root, quick) = sync_core::digest::root_and_quick(&m);
                 (m, report, live, root, quick)
             })

@@ -59,7 +59,10 @@ impl PushState {
     /// The saved hash index (empty when it cannot be opened: logged).
     #[must_use]
     pub fn index(&self) -> HashIndex {
-        HashIndex::open(&self.index).unwrap_or_else(|e| {
+        let t0 = std::time::Instant::now();
+        let ix = HashIndex::open(&self.index);
+        tracing::debug!(ms = t0.elapsed().as_millis(), "hash index loaded");
+        ix.unwrap_or_else(|e| {
             tracing::warn!("{e}: hashing every file");
             HashIndex::in_memory()
         })
