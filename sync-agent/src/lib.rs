@@ -170,6 +170,24 @@ pub async fn connect(
     Ok((endpoint, conn))
 }
 
+/// A push's saved state, if it keeps one, with its hash index loading on
+/// another thread (while the connection is made).
+type Loading = (
+    Option<push_state::PushState>,
+    Option<tokio::task::JoinHandle<sync_core::index::HashIndex>>,
+);
+
+fn load_state(opts: &PushOptions) -> Result<Loading> {
+    let keep = match &opts.state {
+        Some(dir) => Some(push_state::PushState::new(dir, &opts.src)?),
+        None => None,
+    };
+    let index = keep
+        .clone()
+        .map(|k| tokio::task::spawn_blocking(move || k.index()));
+    Ok((keep, index))
+}
+
 /// Mirrors `opts.src` to a running replica: one full round.
 pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary> {
     let started = Instant::now();
@@ -178,14 +196,7 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
     if !meta.is_dir() {
         bail!("source {} is not a directory", opts.src.display());
     }
-    let keep = match &opts.state {
-        Some(dir) => Some(push_state::PushState::new(dir, &opts.src)?),
-        None => None,
-    };
-    // The saved index loads while the connection is made.
-    let index = keep
-        .clone()
-        .map(|k| tokio::task::spawn_blocking(move || k.index()));
+    let (keep, index) = load_state(&opts)?;
     let (endpoint, conn) = connect(&opts.identity, opts.peer, opts.to).await?;
     let res = async {
         let mut session = SourceSession::open(

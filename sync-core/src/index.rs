@@ -59,7 +59,9 @@ struct Row {
 /// The index, in memory, backed by a SQLite file (or by nothing).
 #[derive(Debug)]
 pub struct HashIndex {
-    conn: Option<rusqlite::Connection>,
+    /// In a mutex only so that the index is `Sync` (a parallel scan shares
+    /// it); only [`HashIndex::save`] uses it, with `&mut self`.
+    conn: Option<std::sync::Mutex<rusqlite::Connection>>,
     map: foldhash::HashMap<Box<[u8]>, Row>,
     changed: foldhash::HashMap<Box<[u8]>, Option<Row>>,
 }
@@ -145,7 +147,7 @@ impl HashIndex {
             }
         }
         Ok(Self {
-            conn: Some(conn),
+            conn: Some(std::sync::Mutex::new(conn)),
             map,
             changed: foldhash::HashMap::default(),
         })
@@ -289,7 +291,11 @@ impl HashIndex {
 
     /// Writes the changes since the last save in one transaction.
     pub fn save(&mut self) -> Result<(), Error> {
-        let Some(conn) = self.conn.as_mut() else {
+        let conn = (self.conn.as_mut()).map(|m| {
+            m.get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        });
+        let Some(conn) = conn else {
             self.changed.clear();
             return Ok(());
         };

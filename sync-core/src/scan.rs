@@ -167,7 +167,7 @@ const FD_DEPTH: usize = 64;
 
 /// A test's hook into the walk.
 #[cfg(test)]
-type Hook = Box<dyn FnMut(&str, &RelPath)>;
+type Hook = Box<dyn FnMut(&str, &RelPath) + Send>;
 
 struct Walker<'o> {
     root: PathBuf,
@@ -177,7 +177,13 @@ struct Walker<'o> {
     index: Option<&'o HashIndex>,
     entries: Vec<Entry>,
     stamps: Vec<Option<Stamp>>,
-    inodes: foldhash::HashMap<(u64, u64), RelPath>,
+    /// Entries (by index) that are regular files with further names, and
+    /// their inodes: [`Walker::finish`] makes all but the first a link.
+    links: Vec<(usize, (u64, u64))>,
+    /// Whether subtrees near the root may be walked on other threads.
+    parallel: bool,
+    /// Subtrees walked apart, by the index of the entry they go before.
+    pending: Vec<(usize, Walker<'o>)>,
     temp_files: Vec<RelPath>,
     multi_linked: std::collections::HashSet<RelPath>,
     databases: Vec<RelPath>,
@@ -205,6 +211,15 @@ impl<'o> Walker<'o> {
     fn new(root: &Path, opts: &'o ScanOptions, index: Option<&'o HashIndex>) -> Self {
         // Sized for the tree the index knows (files are most entries).
         let hint = index.map_or(0, |ix| ix.len() + ix.len() / 2);
+        Self::with_capacity(root, opts, index, hint)
+    }
+
+    fn with_capacity(
+        root: &Path,
+        opts: &'o ScanOptions,
+        index: Option<&'o HashIndex>,
+        hint: usize,
+    ) -> Self {
         Self {
             root: root.to_path_buf(),
             root_fd: None,
@@ -212,7 +227,9 @@ impl<'o> Walker<'o> {
             index,
             entries: Vec::with_capacity(hint),
             stamps: Vec::with_capacity(hint),
-            inodes: foldhash::HashMap::default(),
+            links: Vec::new(),
+            parallel: true,
+            pending: Vec::new(),
             temp_files: Vec::new(),
             multi_linked: Default::default(),
             databases: Vec::new(),
@@ -242,6 +259,8 @@ impl<'o> Walker<'o> {
     /// Hashes files (reusing the index), returning entries and the report.
     fn finish(mut self) -> Result<(Vec<Entry>, ScanReport), Error> {
         let index = self.index;
+        self.flatten();
+        self.link_names();
         let mut report = ScanReport {
             temp_files: std::mem::take(&mut self.temp_files),
             multi_linked: std::mem::take(&mut self.multi_linked),
@@ -397,25 +416,17 @@ impl<'o> Walker<'o> {
                 if st.nlink > 1 {
                     self.multi_linked.insert(path.clone());
                 }
-                let key = (st.dev, st.ino);
-                match self.inodes.get(&key) {
-                    Some(first) if self.opts.hard_links => Kind::HardLink {
-                        target: first.clone(),
-                    },
-                    _ => {
-                        if self.opts.hard_links && st.nlink > 1 {
-                            self.inodes.insert(key, path.clone());
-                        }
-                        if db.is_some_and(|d| d.is_db(&self.root, path, st.size)) {
-                            self.databases.push(path.clone());
-                        } else {
-                            stamp = Some(st.stamp());
-                        }
-                        Kind::File {
-                            size: st.size,
-                            hash: [0; 32],
-                        }
-                    }
+                if self.opts.hard_links && st.nlink > 1 {
+                    self.links.push((self.entries.len(), (st.dev, st.ino)));
+                }
+                if db.is_some_and(|d| d.is_db(&self.root, path, st.size)) {
+                    self.databases.push(path.clone());
+                } else {
+                    stamp = Some(st.stamp());
+                }
+                Kind::File {
+                    size: st.size,
+                    hash: [0; 32],
                 }
             }
             FileType::Symlink => match fsat::readlink_at(dir, name) {
@@ -484,17 +495,15 @@ impl<'o> Walker<'o> {
             }
         };
         self.hook("names", dir);
+        if self.parallel && dir.depth() < par::DEPTH {
+            return self.walk_dir_par(dir, fd, &names);
+        }
         // Deep down, the directory is closed while a subdirectory is walked.
         let deep = dir.depth() >= FD_DEPTH;
         let mut fd = Some(fd);
         for i in 0..names.len() {
             let (name, cname) = names.get(i);
-            let path = dir.join(name).map_err(|e| {
-                Error::invalid(
-                    format!("{}/{}", dir, String::from_utf8_lossy(name)),
-                    e.to_string(),
-                )
-            })?;
+            let path = par::child(dir, name)?;
             let dfd = match fd.take() {
                 Some(f) => f,
                 None => match self.open_dir(dir)? {
@@ -527,6 +536,9 @@ impl<'o> Walker<'o> {
         Ok(())
     }
 }
+
+#[path = "scan_par.rs"]
+mod par;
 
 #[cfg(test)]
 #[path = "scan_tests.rs"]

@@ -16,7 +16,7 @@ fn paths(entries: &[Entry]) -> Vec<String> {
 }
 
 /// Scans `root` whole with `hook` called as the walk goes.
-fn scan_hooked(root: &Path, hook: impl FnMut(&str, &RelPath) + 'static) -> Vec<Entry> {
+fn scan_hooked(root: &Path, hook: impl FnMut(&str, &RelPath) + Send + 'static) -> Vec<Entry> {
     scan_indexed(root, None, hook)
 }
 
@@ -24,10 +24,12 @@ fn scan_hooked(root: &Path, hook: impl FnMut(&str, &RelPath) + 'static) -> Vec<E
 fn scan_indexed(
     root: &Path,
     index: Option<&HashIndex>,
-    hook: impl FnMut(&str, &RelPath) + 'static,
+    hook: impl FnMut(&str, &RelPath) + Send + 'static,
 ) -> Vec<Entry> {
     let opts = ScanOptions::default();
     let mut w = Walker::new(root, &opts, index);
+    // the hook sees the walk as one thread makes it
+    w.parallel = false;
     w.hook = Some(Box::new(hook));
     assert_eq!(w.visit(&RelPath::root()).expect("root"), Some(true));
     w.walk(&RelPath::root()).expect("walk");
@@ -293,14 +295,14 @@ fn stat_at_gives_what_std_s_stat_gives() {
 
 /// The paths whose xattrs a scan with `index` lists, and its entries.
 fn listed(root: &Path, index: &HashIndex) -> (Vec<String>, Vec<Entry>) {
-    let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let s = seen.clone();
     let entries = scan_indexed(root, Some(index), move |step, p| {
         if step == "xattrs" {
-            s.borrow_mut().push(p.to_string());
+            s.lock().expect("lock").push(p.to_string());
         }
     });
-    let seen = seen.borrow().clone();
+    let seen = seen.lock().expect("lock").clone();
     (seen, entries)
 }
 
@@ -346,4 +348,90 @@ fn files_known_bare_at_their_stamp_skip_the_xattr_listing() {
     };
     assert_eq!(xattrs("d/a"), Some(vec![b"user.new".to_vec()]));
     assert_eq!(xattrs("c"), Some(vec![b"system.posix_acl_access".to_vec()]));
+}
+
+/// Scans `root` with `opts`, on one thread or near the root on every core.
+fn scan_with_threads(root: &Path, opts: &ScanOptions, parallel: bool) -> (Vec<Entry>, ScanReport) {
+    let mut w = Walker::new(root, opts, None);
+    w.parallel = parallel;
+    assert_eq!(w.visit(&RelPath::root()).expect("root"), Some(true));
+    w.walk(&RelPath::root()).expect("walk");
+    w.finish().expect("finish")
+}
+
+/// The walk near the root on every core gives the manifest and report of
+/// one thread's walk: subtrees put back in order, names of an inode linked
+/// to the first in manifest order across subtrees, databases, temp files
+/// and excluded paths listed in manifest order.
+#[test]
+fn the_parallel_walk_gives_the_single_threaded_walks_manifest() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let root = d.path();
+    for dir in ["a/b/c/d/e", "a/b2", "a-b/x", "z/y/x/w", "empty", "skip/me"] {
+        fs::create_dir_all(root.join(dir)).expect("mkdir");
+    }
+    for (i, f) in [
+        "a/1",
+        "a/b/c/d/e/2",
+        "a-b/x/3",
+        "z/y/x/w/4",
+        "z/5",
+        "skip/me/6",
+    ]
+    .iter()
+    .enumerate()
+    {
+        fs::write(root.join(f), vec![b'x'; i * 10]).expect("write");
+    }
+    // one inode named in three subtrees, the first name deepest
+    fs::write(root.join("a/b/c/d/e/linked"), b"l").expect("write");
+    fs::hard_link(root.join("a/b/c/d/e/linked"), root.join("a-b/x/l2")).expect("link");
+    fs::hard_link(root.join("a/b/c/d/e/linked"), root.join("z/l3")).expect("link");
+    symlink("../a/1", root.join("z/y/s")).expect("symlink");
+    fs::write(root.join("a/b2/.understudy.tmp.0123456789abcdef"), b"t").expect("write");
+    fs::write(root.join("z/y/.understudy.tmp.fedcba9876543210"), b"t").expect("write");
+    for db in ["a/b/app.db", "a/zz.db", "z/y/x/other.db"] {
+        let c = rusqlite::Connection::open(root.join(db)).expect("db");
+        c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+            .expect("sql");
+    }
+    let opts = ScanOptions {
+        filter: crate::filter::Filter::new(&["skip/".into(), "a/b/c/d/e/2".into()])
+            .expect("filter"),
+        databases: Some(std::sync::Arc::new(DbDetect::default())),
+        ..Default::default()
+    };
+    let (one, r1) = scan_with_threads(root, &opts, false);
+    let (par, rp) = scan_with_threads(root, &opts, true);
+    assert_eq!(paths(&par), paths(&one));
+    assert_eq!(par, one);
+    let link = |e: &[Entry], p: &str| e.iter().find(|e| e.path == rel(p)).map(|e| e.kind.clone());
+    assert!(matches!(
+        link(&par, "a/b/c/d/e/linked"),
+        Some(Kind::File { .. })
+    ));
+    for p in ["a-b/x/l2", "z/l3"] {
+        assert_eq!(
+            link(&par, p),
+            Some(Kind::HardLink {
+                target: rel("a/b/c/d/e/linked")
+            })
+        );
+    }
+    assert_eq!(
+        rp.databases,
+        [rel("a/b/app.db"), rel("a/zz.db"), rel("z/y/x/other.db")]
+    );
+    assert_eq!(rp.databases, r1.databases);
+    assert_eq!(rp.temp_files, r1.temp_files);
+    assert_eq!(rp.temp_files.len(), 2);
+    assert_eq!(rp.excluded, r1.excluded);
+    assert_eq!(rp.multi_linked, r1.multi_linked);
+    let hashed = |r: &ScanReport| {
+        r.hashed
+            .iter()
+            .map(|h| (h.0.clone(), h.2))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(hashed(&rp), hashed(&r1));
 }

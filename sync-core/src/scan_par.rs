@@ -1,0 +1,162 @@
+//! The walk near the root, on every core: a directory's own children are
+//! stat'ed first, then its subdirectories' subtrees are walked as tasks (each
+//! by a walker of its own, opened from the directory's descriptor). Once the
+//! walk is done they are put back after their directories' entries, each
+//! entry moved once ([`Walker::flatten`]), so the manifest is the one a
+//! single walk gives. Further names of an inode become links afterwards, in
+//! manifest order ([`Walker::link_names`]).
+
+use super::{Walker, abs, vanished};
+use crate::index::Stamp;
+use crate::{Error, Kind, RelPath, fsat};
+use proto::Entry;
+use rayon::prelude::*;
+use rustix::fd::{AsFd, OwnedFd};
+
+/// A walk's entries in manifest order, put together once.
+struct Flat {
+    entries: Vec<Entry>,
+    stamps: Vec<Option<Stamp>>,
+    links: Vec<(usize, (u64, u64))>,
+}
+
+/// Subdirectories of directories shallower than this are walked as tasks
+/// (a tree's bulk is rarely right below its root).
+pub(super) const DEPTH: usize = 3;
+
+/// The path of `name` in `dir` (an error names it when it is no path).
+pub(super) fn child(dir: &RelPath, name: &[u8]) -> Result<RelPath, Error> {
+    dir.join(name).map_err(|e| {
+        Error::invalid(
+            format!("{}/{}", dir, String::from_utf8_lossy(name)),
+            e.to_string(),
+        )
+    })
+}
+
+impl Walker<'_> {
+    /// [`Walker::walk_dir`] with `dir`'s subtrees walked in parallel.
+    pub(super) fn walk_dir_par(
+        &mut self,
+        dir: &RelPath,
+        fd: OwnedFd,
+        names: &fsat::Names,
+    ) -> Result<(), Error> {
+        // (where its subtree goes, its path, its name's index)
+        let mut subdirs = Vec::new();
+        for i in 0..names.len() {
+            let (name, cname) = names.get(i);
+            let path = child(dir, name)?;
+            if self.visit_at(fd.as_fd(), &path, cname)? == Some(true) {
+                subdirs.push((self.entries.len(), path, i));
+            }
+        }
+        if subdirs.is_empty() {
+            return Ok(());
+        }
+        let (root, opts, index, parent) = (&self.root, self.opts, self.index, fd.as_fd());
+        let subs = subdirs
+            .into_par_iter()
+            .map(|(at, path, i)| {
+                let mut w = Walker::with_capacity(root, opts, index, 0);
+                let (_, cname) = names.get(i);
+                match fsat::open_dir_at(parent, cname) {
+                    Ok(child) => w.walk_dir(&path, child)?,
+                    // replaced since its stat: the next scan sees what took its place
+                    Err(e) if vanished(&e) => {}
+                    Err(e) => {
+                        return Err(Error::io("open directory", abs(root, &path).display(), e));
+                    }
+                }
+                Ok((at, w))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        for (at, mut w) in subs {
+            self.temp_files.append(&mut w.temp_files);
+            self.multi_linked
+                .extend(std::mem::take(&mut w.multi_linked));
+            self.databases.append(&mut w.databases);
+            self.excluded.append(&mut w.excluded);
+            self.pending.push((at, w));
+        }
+        Ok(())
+    }
+
+    /// Puts the subtrees walked apart in place among the entries, each
+    /// entry moved once, when there are any.
+    pub(super) fn flatten(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let total = self.count();
+        let mut flat = Flat {
+            entries: Vec::with_capacity(total),
+            stamps: Vec::with_capacity(total),
+            links: Vec::new(),
+        };
+        let me = Walker {
+            entries: std::mem::take(&mut self.entries),
+            stamps: std::mem::take(&mut self.stamps),
+            links: std::mem::take(&mut self.links),
+            pending: std::mem::take(&mut self.pending),
+            ..Walker::with_capacity(&self.root, self.opts, self.index, 0)
+        };
+        me.flatten_into(&mut flat);
+        (self.entries, self.stamps, self.links) = (flat.entries, flat.stamps, flat.links);
+    }
+
+    /// Entries with those of the subtrees walked apart.
+    fn count(&self) -> usize {
+        self.entries.len() + self.pending.iter().map(|(_, w)| w.count()).sum::<usize>()
+    }
+
+    /// Appends this walker's entries to `out`, each subtree walked apart
+    /// before the entry it was found in front of.
+    fn flatten_into(self, out: &mut Flat) {
+        let mut pending = self.pending.into_iter().peekable();
+        let mut links = self.links.into_iter().peekable();
+        for (i, (e, s)) in self.entries.into_iter().zip(self.stamps).enumerate() {
+            while let Some((_, sub)) = pending.next_if(|(at, _)| *at == i) {
+                sub.flatten_into(out);
+            }
+            if let Some((_, key)) = links.next_if(|(l, _)| *l == i) {
+                out.links.push((out.entries.len(), key));
+            }
+            out.entries.push(e);
+            out.stamps.push(s);
+        }
+        for (_, sub) in pending {
+            sub.flatten_into(out);
+        }
+    }
+
+    /// Makes every name of a multi-linked inode after its first (in
+    /// manifest order) a link to the first, and puts the lists the walk
+    /// kept in manifest order.
+    pub(super) fn link_names(&mut self) {
+        self.temp_files.sort_unstable();
+        self.databases.sort_unstable();
+        self.excluded.sort_unstable();
+        let mut first: foldhash::HashMap<(u64, u64), RelPath> = Default::default();
+        let mut linked = Vec::new();
+        for (i, key) in std::mem::take(&mut self.links) {
+            let e = &mut self.entries[i];
+            match first.get(&key) {
+                Some(target) => {
+                    e.kind = Kind::HardLink {
+                        target: target.clone(),
+                    };
+                    self.stamps[i] = None;
+                    linked.push(e.path.clone());
+                }
+                None => {
+                    first.insert(key, e.path.clone());
+                }
+            }
+        }
+        // A further name is a link, never a database of its own.
+        if !linked.is_empty() {
+            self.databases.retain(|p| linked.binary_search(p).is_err());
+        }
+    }
+}
