@@ -323,3 +323,50 @@ fn a_restarted_replica_with_its_state_does_not_read_its_databases_again() {
         );
     }
 }
+
+/// `mirror` keeps its destination's page tables in its `--state-dir`: a
+/// no-change re-run reads no database of the destination (a fresh replica
+/// in the process would read them all), and a database written on the
+/// destination since is read again.
+#[test]
+fn a_mirror_rerun_takes_the_destinations_page_tables_from_its_state() {
+    let s = setup();
+    let c = rusqlite::Connection::open(s.src.join("app.db")).unwrap();
+    c.execute_batch(
+        "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 500)
+         INSERT INTO t SELECT i, randomblob(300) FROM n;",
+    )
+    .unwrap();
+    drop(c);
+    let state = s.dst.parent().unwrap().join("mirror-state");
+    let mirror = |expect_reads: u32, unchanged: bool| {
+        let out = run(Command::new(bin("sync-cli"))
+            .env("UNDERSTUDY_LOG", "debug")
+            .arg("mirror")
+            .args([&s.src, &s.dst])
+            .arg("--json")
+            .arg("--state-dir")
+            .arg(&state));
+        assert!(out.status.success(), "{out:?}");
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(summary["unchanged"], unchanged, "{summary}");
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        let scanned = said
+            .lines()
+            .find(|l| l.contains("replica scanned ahead"))
+            .unwrap_or_else(|| panic!("no scan line:\n{said}"));
+        assert!(
+            scanned.contains(&format!("databases_read={expect_reads}")),
+            "{scanned}"
+        );
+    };
+    mirror(0, false);
+    mirror(0, true);
+    // a local write on the destination: read again, and repaired
+    let c = rusqlite::Connection::open(s.dst.join("app.db")).unwrap();
+    c.execute("UPDATE t SET v = x'00' WHERE k = 3", []).unwrap();
+    drop(c);
+    mirror(1, false);
+    mirror(0, true);
+}

@@ -15,7 +15,7 @@ use super::tables::{Proof, Stamps, stamps_at};
 use crate::sqlite::{PageTable, RACY_NS, db_hash};
 use crate::{Error, RelPath};
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read as _, Write as _};
+use std::io::{Read as _, Write};
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -123,16 +123,10 @@ fn read(file: &Path, root: &[u8]) -> Result<Vec<(RelPath, Saved)>, String> {
     if f.metadata().map_err(|e| e.to_string())?.len() > LIMIT {
         return Err(format!("larger than {LIMIT} bytes"));
     }
-    let mut bytes = Vec::new();
-    f.take(LIMIT + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| e.to_string())?;
-    if bytes.len() as u64 > LIMIT {
-        return Err(format!("larger than {LIMIT} bytes"));
-    }
+    // Read as it decodes: no copy of the whole file in memory.
+    let mut r = std::io::BufReader::with_capacity(1 << 16, f.take(LIMIT));
     let cfg = bincode::config::standard().with_limit::<{ LIMIT as usize }>();
-    let (saved, _): (In, usize) =
-        bincode::serde::decode_from_slice(&bytes, cfg).map_err(|e| e.to_string())?;
+    let saved: In = bincode::serde::decode_from_std_read(&mut r, cfg).map_err(|e| e.to_string())?;
     if saved.format != FORMAT || saved.root != root {
         return Ok(Vec::new());
     }
@@ -233,9 +227,7 @@ impl Replica {
                 return Ok(false);
             }
         }
-        let bytes = encode(root_bytes(self), &keep)
-            .map_err(|e| Error::invalid(file.display(), format!("saving page tables: {e}")))?;
-        write_atomic(&file, &bytes)
+        write_atomic(&file, |w| encode(root_bytes(self), &keep, w))
             .map_err(|e| Error::io("save page tables", file.display(), e))?;
         if let Ok(mut s) = self.tables.lock() {
             s.on_disk = ident;
@@ -291,7 +283,8 @@ fn wait_until_old(candidates: &BTreeMap<RelPath, (Proof, Arc<PageTable>)>) {
     }
 }
 
-fn encode(root: &[u8], keep: &BTreeMap<RelPath, Saved>) -> Result<Vec<u8>, String> {
+/// Writes the tables of `keep` to `w` as the file holds them.
+fn encode(root: &[u8], keep: &BTreeMap<RelPath, Saved>, w: &mut impl Write) -> std::io::Result<()> {
     let dbs = keep
         .iter()
         .map(|(path, (stamps, at_ns, t))| OutDb {
@@ -308,12 +301,18 @@ fn encode(root: &[u8], keep: &BTreeMap<RelPath, Saved>) -> Result<Vec<u8>, Strin
         root,
         dbs,
     };
-    bincode::serde::encode_to_vec(&out, bincode::config::standard()).map_err(|e| e.to_string())
+    bincode::serde::encode_into_std_write(&out, w, bincode::config::standard())
+        .map(|_| ())
+        .map_err(std::io::Error::other)
 }
 
-/// Replaces `file` with `bytes`: a temp file beside it (mode 0600), fsync,
-/// rename over, fsync of the directory (created, mode 0700, when missing).
-fn write_atomic(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Replaces `file` with what `fill` writes: a temp file beside it (mode
+/// 0600), fsync, rename over, fsync of the directory (created, mode 0700,
+/// when missing).
+fn write_atomic(
+    file: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
     let dir = file.parent().unwrap_or(Path::new("."));
     std::fs::DirBuilder::new()
@@ -327,12 +326,15 @@ fn write_atomic(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let suffix = crate::hex(&rand::random::<[u8; 6]>());
     let tmp = dir.join(format!(".{name}.tmp.{}.{suffix}", std::process::id()));
     let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(bytes)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 16, &f);
+        fill(&mut w)?;
+        w.flush()?;
+        drop(w);
         f.sync_data()?;
         std::fs::rename(&tmp, file)?;
         std::fs::File::open(dir)?.sync_all()
