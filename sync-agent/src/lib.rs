@@ -347,6 +347,7 @@ pub fn replica_folder_with(
     let replica = open_replica(root)?;
     if let Some(dir) = &settings.state_dir {
         replica.keep_tables_in(session::replica_tables::file(dir, name));
+        replica.load_tables();
     }
     Ok(Arc::new(ReplicaFolder {
         name: name.to_string(),
@@ -458,7 +459,8 @@ pub async fn mirror_with(
     )?;
     let addr = endpoint.local_addr().context("replica address")?;
     let folder = replica_folder("default", dst, Filter::default(), Vec::new())?;
-    // The destination's page tables are kept beside the source's state.
+    // The destination's page tables are kept beside the source's state
+    // (read by the replica's scan, while the source scans).
     if let Some(dir) = &state {
         let file = session::replica_tables::mirror_file(dir, dst)?;
         folder.replica.keep_tables_in(file);

@@ -228,6 +228,7 @@ pub fn from_replica_flags(flags: ReplicaFlags) -> Result<Plan> {
         crate::trust::check_dir_or_parent(&s, crate::trust::Kind::StateDir)?;
         let tables = crate::session::replica_tables::file(&s, "default");
         replica.replica.keep_tables_in(tables);
+        replica.replica.load_tables();
     }
     Ok(Plan {
         identity: Some(identity),

@@ -33,6 +33,9 @@ type Saved = (Stamps, i128, Arc<PageTable>);
 #[derive(Debug, Default)]
 pub(super) struct Store {
     file: Option<PathBuf>,
+    /// Whether the file was read (it is, on first need: see
+    /// [`Replica::load_tables`]).
+    loaded: bool,
     /// Tables loaded and not asked for yet in this process.
     saved: HashMap<RelPath, Saved>,
     /// What the file holds (stamps, their time, table hash), to tell whether
@@ -135,11 +138,31 @@ fn read(file: &Path, root: &[u8]) -> Result<Vec<(RelPath, Saved)>, String> {
 
 impl Replica {
     /// Keeps this replica's page tables in `file` (in a private state
-    /// directory) from now on, and takes the tables it holds: a database
-    /// whose stamps still vouch for its table is not read again
-    /// ([`Replica::page_table`]). How many tables were loaded. Call before
-    /// the first scan; a file that cannot be used is logged and ignored.
-    pub fn keep_tables_in(&self, file: PathBuf) -> usize {
+    /// directory) from now on: the tables it holds are taken on first need
+    /// (or by [`Replica::load_tables`]), and a database whose stamps still
+    /// vouch for its table is not read again ([`Replica::page_table`]).
+    pub fn keep_tables_in(&self, file: PathBuf) {
+        if let Ok(mut s) = self.tables.lock() {
+            *s = Store {
+                file: Some(file),
+                ..Store::default()
+            };
+        }
+    }
+
+    /// Reads the file given to [`Replica::keep_tables_in`] unless it was
+    /// read already: how many tables it gave. A file that cannot be used is
+    /// logged and ignored (the databases are read again).
+    pub fn load_tables(&self) -> usize {
+        let Some(file) = self
+            .tables
+            .lock()
+            .ok()
+            .filter(|s| !s.loaded)
+            .and_then(|s| s.file.clone())
+        else {
+            return 0;
+        };
         let loaded = read(&file, root_bytes(self)).unwrap_or_else(|e| {
             tracing::warn!(
                 "page tables {}: {e}: the replica's databases are read again",
@@ -150,13 +173,16 @@ impl Replica {
         let Ok(mut s) = self.tables.lock() else {
             return 0;
         };
+        if s.loaded || s.file.as_ref() != Some(&file) {
+            return 0;
+        }
         let n = loaded.len();
         s.on_disk = loaded
             .iter()
             .map(|(p, (st, at, t))| (p.clone(), (*st, *at, t.hash)))
             .collect();
         s.saved = loaded.into_iter().collect();
-        s.file = Some(file);
+        s.loaded = true;
         n
     }
 
@@ -168,6 +194,7 @@ impl Replica {
         dir: std::os::fd::BorrowedFd<'_>,
         name: &[u8],
     ) -> Option<(Arc<PageTable>, Proof)> {
+        self.load_tables();
         let (stamps, at_ns, table) = self.tables.lock().ok()?.saved.remove(path)?;
         let now = stamps_at(dir, name);
         Proof::holds(&stamps, at_ns, &now).then_some((table, Proof::Seen { stamps, at_ns }))
@@ -180,6 +207,8 @@ impl Replica {
     /// its stamps are old enough to vouch ([`RACY_NS`], at most 52 ms).
     pub fn save_tables(&self) -> Result<bool, Error> {
         let _one = self.saving.lock();
+        // (what the file holds is kept while it vouches)
+        self.load_tables();
         let Some(file) = self.tables.lock().ok().and_then(|s| s.file.clone()) else {
             return Ok(false);
         };
