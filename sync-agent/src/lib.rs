@@ -363,9 +363,14 @@ pub fn replica_folder_with(
     allowed: Vec<NodeId>,
     settings: ReplicaSettings,
 ) -> Result<Arc<ReplicaFolder>> {
+    let replica = open_replica(root)?;
+    if let Some(dir) = &settings.state_dir {
+        replica.keep_tables_in(session::replica_tables::file(dir, name));
+        replica.load_tables();
+    }
     Ok(Arc::new(ReplicaFolder {
         name: name.to_string(),
-        replica: Arc::new(open_replica(root)?),
+        replica: Arc::new(replica),
         filter,
         allowed,
         lock: tokio::sync::Mutex::new(()),
@@ -473,10 +478,15 @@ pub async fn mirror_with(
         vec![source_id.id()],
     )?;
     let addr = endpoint.local_addr().context("replica address")?;
-    let folders: Folders = HashMap::from([(
-        "default".to_string(),
-        replica_folder("default", dst, Filter::default(), Vec::new())?,
-    )]);
+    let folder = replica_folder("default", dst, Filter::default(), Vec::new())?;
+    // The destination's page tables are kept beside the source's state
+    // (read by the replica's scan, while the source scans).
+    if let Some(dir) = &state {
+        let file = session::replica_tables::mirror_file(dir, dst)?;
+        folder.replica.keep_tables_in(file);
+    }
+    let replica = folder.replica.clone();
+    let folders: Folders = HashMap::from([("default".to_string(), folder)]);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(accept_sessions(endpoint, Arc::new(folders), async move {
         let _ = stop_rx.await;
@@ -499,5 +509,6 @@ pub async fn mirror_with(
     .await;
     let _ = stop_tx.send(());
     server.await.context("replica task")??;
+    session::replica_tables::save(replica).await;
     res
 }

@@ -196,6 +196,11 @@ pub struct ReplicaFlags {
     /// Control socket for `sync-cli status`.
     #[arg(long)]
     pub control: Option<PathBuf>,
+    /// Where the replica keeps its databases' page tables between runs
+    /// (`default.pages`): a restarted agent does not read and hash its
+    /// databases again before its first round.
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
 }
 
 fn parse_ids(ids: &[String], what: &str) -> Result<Vec<NodeId>> {
@@ -213,16 +218,24 @@ pub fn from_replica_flags(flags: ReplicaFlags) -> Result<Plan> {
         allow,
         exclude,
         control,
+        state,
     } = flags;
     let identity = Identity::load(&identity)?;
     let allowed = parse_ids(&allow, "--allow")?;
     let filter = Filter::new(&exclude)?;
+    let replica = crate::replica_folder("default", &root, filter, allowed)?;
+    if let Some(s) = state {
+        crate::trust::check_dir_or_parent(&s, crate::trust::Kind::StateDir)?;
+        let tables = crate::session::replica_tables::file(&s, "default");
+        replica.replica.keep_tables_in(tables);
+        replica.replica.load_tables();
+    }
     Ok(Plan {
         identity: Some(identity),
         listen: Some(listen),
         folders: vec![FolderPlan {
             name: "default".into(),
-            replica: Some(crate::replica_folder("default", &root, filter, allowed)?),
+            replica: Some(replica),
             sources: Vec::new(),
             fence: Fence::default(),
             state_dir: None,

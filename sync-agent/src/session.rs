@@ -7,6 +7,7 @@ pub mod replica;
 mod replica_fetch;
 mod replica_round;
 pub mod replica_stage;
+pub mod replica_tables;
 pub mod source;
 mod source_db;
 

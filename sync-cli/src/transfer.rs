@@ -24,12 +24,14 @@ pub struct MirrorArgs {
     /// Compare files by content hash, not size and mtime (like rsync -c).
     #[arg(long, short = 'c')]
     checksum: bool,
-    /// Where the source's file hashes and database cut state are kept
-    /// between runs, so a re-run reads only what changed [default:
-    /// $XDG_CACHE_HOME/understudy, else ~/.cache/understudy].
+    /// Where the source's file hashes and database cut state, and the
+    /// destination's database page tables, are kept between runs, so a
+    /// re-run reads only what changed [default: $XDG_CACHE_HOME/understudy,
+    /// else ~/.cache/understudy].
     #[arg(long, value_name = "DIR", conflicts_with = "no_state")]
     state_dir: Option<PathBuf>,
-    /// Keep nothing between runs: every run reads and hashes the whole tree.
+    /// Keep nothing between runs: every run reads and hashes the whole tree
+    /// and the destination's databases.
     #[arg(long)]
     no_state: bool,
 }

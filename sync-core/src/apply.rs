@@ -40,6 +40,8 @@ mod remove;
 mod round;
 pub use round::Staged;
 pub mod order;
+mod tables;
+mod tables_file;
 
 use crate::sqlite::PageTable;
 use crate::{Entry, Error, Kind, Meta, RelPath};
@@ -68,7 +70,13 @@ pub struct Replica {
     /// Temp files being written: (parent, name).
     staging: Mutex<BTreeSet<(RelPath, Vec<u8>)>>,
     /// Page hashes of the replica's databases, by (inode, size, mtime).
-    db_cache: Mutex<std::collections::HashMap<RelPath, (DbStamp, Arc<PageTable>)>>,
+    db_cache: Mutex<std::collections::HashMap<RelPath, tables::Cached>>,
+    /// Where the page tables are saved for the next process, and what it holds.
+    tables: Mutex<tables_file::Store>,
+    /// One save at a time.
+    saving: Mutex<()>,
+    /// Databases read whole to learn their page tables.
+    db_reads: std::sync::atomic::AtomicU64,
     /// The root as SQLite opens it (no symlink on the way).
     canonical: PathBuf,
     /// Databases left alone this round because another process holds them.
@@ -146,6 +154,9 @@ impl Replica {
             pending: Mutex::default(),
             staging: Mutex::default(),
             db_cache: Mutex::default(),
+            tables: Mutex::default(),
+            saving: Mutex::default(),
+            db_reads: std::sync::atomic::AtomicU64::new(0),
             canonical: std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()),
             held: Mutex::default(),
             dirty: Mutex::default(),

@@ -267,3 +267,106 @@ fn push_with_a_bwlimit_keeps_to_its_rate_and_refuses_a_bad_one() {
     assert!(took > 2.5, "1.5 MiB at 512K/s took {took:.2} s");
     assert_identical(&s.src, &s.dst);
 }
+
+/// A restarted `sync-agent replica --state DIR` takes its databases' page
+/// tables from the state its last run saved: its first session offers the
+/// quick digest without reading a database (a no-change push is
+/// `unchanged`); the same restart without the state reads it.
+#[test]
+fn a_restarted_replica_with_its_state_does_not_read_its_databases_again() {
+    let s = setup();
+    let c = rusqlite::Connection::open(s.src.join("app.db")).unwrap();
+    c.execute_batch(
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 500)
+         INSERT INTO t SELECT i, randomblob(300) FROM n;",
+    )
+    .unwrap();
+    drop(c);
+    let base = s.dst.parent().unwrap().to_path_buf();
+    let (state, push_state) = (base.join("rep-state"), base.join("push-state"));
+    let state_arg = ["--state", state.to_str().unwrap()];
+    let push_args = ["--state-dir", push_state.to_str().unwrap()];
+    let first = AgentCmd::replica(&s.dst, &s.b, &s.a_id, "127.0.0.1:0")
+        .args(&state_arg)
+        .start();
+    let out = push(&s.src, &first.addr, &s.a, &s.b_id, &push_args);
+    assert!(out.status.success(), "{out:?}");
+    // saved once the session ended
+    let tables = state.join("default.pages");
+    eventually(
+        "the page tables saved",
+        std::time::Duration::from_secs(10),
+        || tables.exists(),
+    );
+    drop(first);
+    for (with_state, reads) in [(false, 1), (true, 0)] {
+        let log = base.join(format!("replica-{with_state}.log"));
+        let agent = AgentCmd::replica(&s.dst, &s.b, &s.a_id, "127.0.0.1:0")
+            .args(if with_state { &state_arg[..] } else { &[] })
+            .envs(&[("UNDERSTUDY_LOG", "debug")])
+            .log(&log)
+            .start();
+        let out = push(&s.src, &agent.addr, &s.a, &s.b_id, &push_args);
+        assert!(out.status.success(), "{out:?}");
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(summary["unchanged"], true, "{summary}");
+        drop(agent);
+        let said = std::fs::read_to_string(&log).unwrap();
+        let scanned = said
+            .lines()
+            .find(|l| l.contains("replica scanned ahead"))
+            .unwrap_or_else(|| panic!("no scan line:\n{said}"));
+        assert!(
+            scanned.contains(&format!("databases_read={reads}")),
+            "state {with_state}: {scanned}"
+        );
+    }
+}
+
+/// `mirror` keeps its destination's page tables in its `--state-dir`: a
+/// no-change re-run reads no database of the destination (a fresh replica
+/// in the process would read them all), and a database written on the
+/// destination since is read again.
+#[test]
+fn a_mirror_rerun_takes_the_destinations_page_tables_from_its_state() {
+    let s = setup();
+    let c = rusqlite::Connection::open(s.src.join("app.db")).unwrap();
+    c.execute_batch(
+        "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 500)
+         INSERT INTO t SELECT i, randomblob(300) FROM n;",
+    )
+    .unwrap();
+    drop(c);
+    let state = s.dst.parent().unwrap().join("mirror-state");
+    let mirror = |expect_reads: u32, unchanged: bool| {
+        let out = run(Command::new(bin("sync-cli"))
+            .env("UNDERSTUDY_LOG", "debug")
+            .arg("mirror")
+            .args([&s.src, &s.dst])
+            .arg("--json")
+            .arg("--state-dir")
+            .arg(&state));
+        assert!(out.status.success(), "{out:?}");
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(summary["unchanged"], unchanged, "{summary}");
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        let scanned = said
+            .lines()
+            .find(|l| l.contains("replica scanned ahead"))
+            .unwrap_or_else(|| panic!("no scan line:\n{said}"));
+        assert!(
+            scanned.contains(&format!("databases_read={expect_reads}")),
+            "{scanned}"
+        );
+    };
+    mirror(0, false);
+    mirror(0, true);
+    // a local write on the destination: read again, and repaired
+    let c = rusqlite::Connection::open(s.dst.join("app.db")).unwrap();
+    c.execute("UPDATE t SET v = x'00' WHERE k = 3", []).unwrap();
+    drop(c);
+    mirror(1, false);
+    mirror(0, true);
+}

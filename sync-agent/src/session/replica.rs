@@ -150,7 +150,7 @@ pub async fn run(conn: quinn::Connection, folders: Arc<Folders>) -> Result<()> {
     let mut in_session = None;
     let res = run_inner(&conn, &folders, &mut in_session).await;
     // Forget this connection as the folder's current session, and close it.
-    if let Some(folder) = in_session
+    if let Some(folder) = &in_session
         && let Ok(mut cur) = folder.current.lock()
         && cur
             .as_ref()
@@ -159,6 +159,10 @@ pub async fn run(conn: quinn::Connection, folders: Arc<Folders>) -> Result<()> {
         *cur = None;
     }
     conn.close(0u32.into(), b"bye");
+    // The peer is not kept waiting for the page tables' save.
+    if let Some(folder) = in_session {
+        super::replica_tables::save(folder.replica.clone()).await;
+    }
     res
 }
 
@@ -300,6 +304,7 @@ async fn apply_rounds_inner(
     peer: &str,
 ) -> Result<()> {
     let mut prescanned = offer_digest(folder, ctl_send).await?;
+    let mut saved = std::time::Instant::now();
     loop {
         let (id, full, applied) = match read_round(ctl_recv, &folder.activity).await {
             Ok(Some(Next::Round(round))) => {
@@ -325,6 +330,7 @@ async fn apply_rounds_inner(
         match applied {
             Ok(summary) => {
                 record_round(folder, full, &summary);
+                super::replica_tables::after_round(folder, &mut saved);
                 wire::send(ctl_send, &Message::RoundDone { id, summary }).await?;
                 if full {
                     crate::trim_heap();

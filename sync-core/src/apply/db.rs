@@ -146,12 +146,8 @@ impl Replica {
             meta: db.meta,
         };
         self.set_meta(&entry)?;
-        if let (Some(table), Ok(st)) = (
-            db.table,
-            rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW),
-        ) && let Ok(mut c) = self.db_cache.lock()
-        {
-            c.insert(db.path, (db_stamp(&st), table));
+        if let Some(table) = db.table {
+            self.cache_written(&db.path, dir.as_fd(), name, table);
         }
         Ok(())
     }
@@ -217,50 +213,6 @@ impl Replica {
                     == rustix::fs::FileType::RegularFile),
             Err(rustix::io::Errno::NOENT) => Ok(false),
             Err(e) => Err(Error::io("stat", self.display(path), e)),
-        }
-    }
-
-    /// The database the replica holds at `path` (page hashes cached by inode,
-    /// size and mtime), or `None` when there is none SQLite can open.
-    pub fn page_table(&self, path: &RelPath) -> Result<Option<Arc<PageTable>>, Error> {
-        let (dir, parent, name) = self.parent(path)?;
-        let st = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
-            Err(rustix::io::Errno::NOENT) => return Ok(None),
-            Err(e) => return Err(Error::io("stat", self.display(path), e)),
-        };
-        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
-            return Ok(None);
-        }
-        let stamp = db_stamp(&st);
-        if let Ok(c) = self.db_cache.lock()
-            && let Some((s, h)) = c.get(path)
-            && *s == stamp
-        {
-            return Ok(Some(h.clone()));
-        }
-        // SQLite may create and remove side files beside it: the directory's
-        // mtime is put back with the round's directories.
-        self.touch(parent);
-        let table = sqlite::read_hashes(&self.db_path(path))?.map(Arc::new);
-        if let (Some(h), Ok(mut c)) = (&table, self.db_cache.lock()) {
-            c.insert(path.clone(), (stamp, h.clone()));
-        }
-        Ok(table)
-    }
-
-    /// A file whose metadata was just set through `f` (its stat `before`
-    /// that): a page table cached for that stat describes it still (only its
-    /// times or owner moved), and is kept under its new stat, so the next
-    /// round does not hash every page again.
-    pub(super) fn keep_db_table(&self, path: &RelPath, before: &rustix::fs::Stat, f: &File) {
-        let Ok(mut c) = self.db_cache.lock() else {
-            return;
-        };
-        if let (Some((s, _)), Ok(after)) = (c.get_mut(path), rustix::fs::fstat(f))
-            && *s == db_stamp(before)
-        {
-            *s = db_stamp(&after);
         }
     }
 
@@ -591,4 +543,4 @@ mod page_set_tests {
 
 #[cfg(test)]
 #[path = "db_tests.rs"]
-mod tests;
+pub(super) mod tests;

@@ -19,7 +19,7 @@ fn make_db(path: &Path, rows: u32, tag: &str) {
 }
 
 /// Stages the database at `src` as a whole new image of `rel` and commits it.
-fn replace_whole(r: &Replica, rel: &RelPath, src: &Path) {
+pub(crate) fn replace_whole(r: &Replica, rel: &RelPath, src: &Path) {
     let table = sqlite::read_hashes(src).unwrap().unwrap();
     let c = Connection::open(src).unwrap();
     let mut staged = r

@@ -237,3 +237,24 @@ fn with_id_maps_no_digest_is_offered() {
     assert_eq!(p.first_full(), Ok(false));
     assert_eq!(fs::metadata(&mapped).expect("stat").uid(), 4321);
 }
+
+/// A restarted replica (a new process) takes its databases' page tables from
+/// the file the last one saved: it offers the same quick digest without
+/// reading any database; with no such file it reads them.
+#[test]
+fn a_restarted_replica_offers_the_quick_digest_without_reading_its_databases() {
+    let (mut p, _c) = mirrored();
+    let state = tempfile::tempdir().expect("a temp dir");
+    let file = state.path().join("tables");
+    p.replica.keep_tables_in(file.clone());
+    assert!(p.replica.save_tables().expect("saved"));
+    for saved in [false, true] {
+        p.replica = crate::apply::Replica::open(p.dst.path()).expect("reopened");
+        if saved {
+            p.replica.keep_tables_in(file.clone());
+            assert_eq!(p.replica.load_tables(), 1);
+        }
+        assert_eq!(p.first_full(), Ok(true), "saved tables: {saved}");
+        assert_eq!(p.replica.databases_read(), u64::from(!saved));
+    }
+}

@@ -70,6 +70,7 @@ pub fn prescan(
         scan_ms = scanned.as_millis(),
         digest_ms = (t0.elapsed() - scanned).as_millis(),
         offered = digest.is_some(),
+        databases_read = r.databases_read(),
         "replica scanned ahead"
     );
     // The plan compares each name as a file of its own (as a full round's

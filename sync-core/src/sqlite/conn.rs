@@ -22,7 +22,7 @@ pub const CHECKPOINT_BYTES: u64 = 16 << 20;
 /// Times within this much of the moment a stamp was taken are not trusted:
 /// file times move in clock ticks, so a write in the same tick would leave
 /// them equal (git's "racily clean" entries).
-const RACY_NS: i128 = 50_000_000;
+pub(crate) const RACY_NS: i128 = 50_000_000;
 
 /// `path` with `suffix` appended (`x.db` → `x.db-wal`).
 pub(crate) fn side_path(path: &Path, suffix: &str) -> PathBuf {
@@ -285,6 +285,19 @@ impl FileStamp {
             mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
             ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
         })
+    }
+
+    /// The stamp of what `st` describes (a stat made through a directory
+    /// descriptor).
+    pub fn from_stat(st: &rustix::fs::Stat) -> Self {
+        let ns = |s: i64, n: i128| i128::from(s) * 1_000_000_000 + n;
+        Self {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime_ns: ns(st.st_mtime, i128::from(st.st_mtime_nsec)),
+            ctime_ns: ns(st.st_ctime, i128::from(st.st_ctime_nsec)),
+        }
     }
 
     /// The stamp with its ctime taken for its mtime (for a file whose

@@ -281,6 +281,7 @@ mod track;
 mod wal;
 
 pub use conn::CHECKPOINT_BYTES;
+pub(crate) use conn::{FileStamp, RACY_NS, Seen};
 pub use content::{content_snapshot, mark_by_content};
 pub use copy::COPY_BUDGET;
 pub use live::{CutStats, LOCK_WAIT, LiveSet, RELEASE_BUDGET};
