@@ -165,6 +165,13 @@ pub fn now_ns() -> i128 {
 /// it): a walk holds at most this many directories open.
 const FD_DEPTH: usize = 64;
 
+thread_local! {
+    /// Scratch space for `getdents64`, one per thread (walkers of subtrees
+    /// walked apart are many).
+    static DIRBUF: std::cell::RefCell<Vec<std::mem::MaybeUninit<u8>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A test's hook into the walk.
 #[cfg(test)]
 type Hook = Box<dyn FnMut(&str, &RelPath) + Send>;
@@ -188,8 +195,7 @@ struct Walker<'o> {
     multi_linked: std::collections::HashSet<RelPath>,
     databases: Vec<RelPath>,
     excluded: Vec<(RelPath, bool)>,
-    /// Scratch space for `getdents64` and `listxattrat`.
-    dirbuf: Vec<std::mem::MaybeUninit<u8>>,
+    /// Scratch space for `listxattrat`.
     xattr_list: Vec<u8>,
     /// Test hook, called with `("names", dir)` once a directory is listed,
     /// with `("stat", dir)` before a subdirectory is opened and with
@@ -234,7 +240,6 @@ impl<'o> Walker<'o> {
             multi_linked: Default::default(),
             databases: Vec::new(),
             excluded: Vec::new(),
-            dirbuf: Vec::new(),
             xattr_list: Vec::new(),
             #[cfg(test)]
             hook: None,
@@ -482,7 +487,7 @@ impl<'o> Walker<'o> {
 
     /// Adds what is below `dir`, open as `fd`, in manifest order.
     fn walk_dir(&mut self, dir: &RelPath, fd: OwnedFd) -> Result<(), Error> {
-        let names = match fsat::read_names(fd.as_fd(), &mut self.dirbuf) {
+        let names = match DIRBUF.with_borrow_mut(|buf| fsat::read_names(fd.as_fd(), buf)) {
             Ok(n) => n,
             // removed while we walked: it will be seen as gone
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !dir.is_root() => return Ok(()),
