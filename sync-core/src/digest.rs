@@ -80,13 +80,7 @@ fn quick_leaf(e: &Entry, kind: &Kind, with_mtime: bool) -> [u8; 32] {
             ..meta
         }
     };
-    let cfg = bincode::config::standard();
-    let mut h = blake3::Hasher::new();
-    h.update(b"understudy-quick-v1\0");
-    // Encoding to a Vec cannot fail for these plain types; an empty buffer would
-    // still be deterministic.
-    h.update(&bincode::serde::encode_to_vec((name, &kind, &meta), cfg).unwrap_or_default());
-    *h.finalize().as_bytes()
+    crate::manifest::hash_encoded(b"understudy-quick-v1\0", &(name, &kind, &meta))
 }
 
 #[cfg(test)]

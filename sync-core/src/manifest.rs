@@ -164,13 +164,27 @@ pub(crate) fn merkle(entries: &[Entry], leaf: impl Fn(&Entry) -> [u8; 32]) -> [u
 
 fn leaf_hash(e: &Entry) -> [u8; 32] {
     let name = e.path.split_last().map(|(_, n)| n).unwrap_or(b"");
-    let cfg = bincode::config::standard();
-    let mut h = blake3::Hasher::new();
-    h.update(b"understudy-entry-v1\0");
-    // Encoding to a Vec cannot fail for these plain types; an empty buffer would
-    // still be deterministic.
-    h.update(&bincode::serde::encode_to_vec((name, &e.kind, &e.meta), cfg).unwrap_or_default());
-    *h.finalize().as_bytes()
+    hash_encoded(b"understudy-entry-v1\0", &(name, &e.kind, &e.meta))
+}
+
+/// blake3 of `domain` then `value`'s bincode (standard config), encoded in
+/// a buffer each thread reuses (a tree's digest hashes every entry).
+pub(crate) fn hash_encoded(domain: &[u8], value: &impl serde::Serialize) -> [u8; 32] {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUF.with_borrow_mut(|buf| {
+        buf.clear();
+        // Encoding cannot fail for these plain types; an empty buffer would
+        // still be deterministic.
+        if bincode::serde::encode_into_std_write(value, buf, bincode::config::standard()).is_err() {
+            buf.clear();
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(domain);
+        h.update(buf);
+        *h.finalize().as_bytes()
+    })
 }
 
 /// One difference between two manifests.
@@ -298,6 +312,35 @@ mod tests {
 
     fn file(path: &str, b: u8) -> Entry {
         crate::test_util::file(path, 1, b)
+    }
+
+    /// Entry hashes are part of the protocol: the reused buffer hashes
+    /// exactly the bytes a fresh encoding gives, entry after entry (a long
+    /// one before a short one leaves nothing behind).
+    #[test]
+    fn entry_hashes_are_blake3_of_the_entry_encoding() {
+        let long = Entry {
+            meta: Meta {
+                xattrs: vec![proto::Xattr {
+                    name: b"user.k".to_vec(),
+                    value: vec![7; 300],
+                }],
+                ..Default::default()
+            },
+            ..file("dir/long", 3)
+        };
+        for x in [long, file("s", 1), e("d", Kind::Dir)] {
+            let name = x.path.split_last().map(|(_, n)| n).unwrap_or(b"");
+            let bytes = bincode::serde::encode_to_vec(
+                (name, &x.kind, &x.meta),
+                bincode::config::standard(),
+            )
+            .unwrap();
+            let mut h = blake3::Hasher::new();
+            h.update(b"understudy-entry-v1\0");
+            h.update(&bytes);
+            assert_eq!(leaf_hash(&x), *h.finalize().as_bytes(), "{}", x.path);
+        }
     }
 
     #[test]
