@@ -97,6 +97,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         digest = *h.finalize().as_bytes();
         len = m.entries.len();
     }
+    // What the index spares (hashes, xattr listings) must not change the
+    // manifest: one scan without it gives the same one.
+    let (plain, _) = scan_with(&root, &opts, None)?;
+    let (indexed, _) = scan_with(&root, &opts, Some(&ix))?;
+    if plain != indexed {
+        return Err("the indexed scan's manifest differs from a plain scan's".into());
+    }
     let runs: Vec<String> = times.iter().map(|t| format!("{t:.0}")).collect();
     let min = times.iter().copied().fold(f64::INFINITY, f64::min);
     println!(

@@ -106,6 +106,7 @@ fn scan_and_cut(
     };
     let t0 = Instant::now();
     let mut index = saved.map(push_state::PushState::index);
+    let loaded = t0.elapsed();
     let (mut m, report) = sync_core::scan::scan_with(src, &scan_opts, index.as_ref())?;
     let scanned = t0.elapsed();
     let mut live = LiveSet::new(src, DB_BUSY);
@@ -127,7 +128,8 @@ fn scan_and_cut(
         }
     }
     tracing::debug!(
-        scan_ms = scanned.as_millis(),
+        index_ms = loaded.as_millis(),
+        scan_ms = (scanned - loaded).as_millis(),
         cut_ms = cut.as_millis(),
         saved_ms = (t0.elapsed() - scanned - cut).as_millis(),
         hashed = report.bytes_hashed,
@@ -367,6 +369,7 @@ pub fn replica_folder_with(
         promotable: settings.promotable,
         ids: settings.ids,
         sweep: settings.sweep,
+        scan_index: std::sync::Mutex::new(sync_core::index::HashIndex::in_memory()),
         diverged: std::sync::Mutex::new(
             settings
                 .state_dir

@@ -77,20 +77,75 @@ impl PushState {
         })
     }
 
-    /// Saves what `live`'s last cut saw, replacing the old file atomically.
+    /// Saves what `live`'s last cut saw, replacing the old file atomically
+    /// (left alone when it already holds exactly that).
     pub fn save(&self, live: &LiveSet) -> Result<()> {
-        let bytes = live.save()?;
-        let dir = self.cut.parent().unwrap_or(Path::new("."));
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".push-state-")
-            .permissions(std::fs::Permissions::from_mode(0o600))
-            .tempfile_in(dir)
-            .with_context(|| format!("state directory {}", dir.display()))?;
-        tmp.write_all(&bytes)
-            .and_then(|()| tmp.as_file().sync_data())
-            .with_context(|| format!("writing {}", self.cut.display()))?;
-        tmp.persist(&self.cut)
-            .with_context(|| format!("saving {}", self.cut.display()))?;
-        Ok(())
+        replace_file(&self.cut, &live.save()?).map(|_| ())
+    }
+}
+
+/// Puts `bytes` at `path` atomically (temp file, fsync, rename), unless it
+/// already holds exactly them; whether it wrote.
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<bool> {
+    if same_content(path, bytes) {
+        return Ok(false);
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".push-state-")
+        .permissions(std::fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)
+        .with_context(|| format!("state directory {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .and_then(|()| tmp.as_file().sync_data())
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("saving {}", path.display()))?;
+    Ok(true)
+}
+
+/// Whether the file at `path` holds exactly `bytes` (read in small pieces:
+/// the cut state of a large database is megabytes).
+fn same_content(path: &Path, bytes: &[u8]) -> bool {
+    use std::io::Read as _;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    if f.metadata().map(|m| m.len()).ok() != Some(bytes.len() as u64) {
+        return false;
+    }
+    let mut buf = vec![0u8; 1 << 16];
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let n = rest.len().min(buf.len());
+        if f.read_exact(&mut buf[..n]).is_err() || buf[..n] != rest[..n] {
+            return false;
+        }
+        rest = &rest[n..];
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same state is not written again; another one replaces it whole.
+    #[test]
+    fn a_state_is_rewritten_only_when_it_changed() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let f = d.path().join("s.cut");
+        let big: Vec<u8> = (0..200_000u32).flat_map(u32::to_le_bytes).collect();
+        assert!(replace_file(&f, &big).expect("first"));
+        assert!(
+            !replace_file(&f, &big).expect("same"),
+            "rewrote the same bytes"
+        );
+        let mut other = big.clone();
+        other[700_000] ^= 1;
+        assert!(replace_file(&f, &other).expect("changed"));
+        assert_eq!(std::fs::read(&f).expect("read"), other);
+        assert!(replace_file(&f, &other[..10]).expect("shorter"));
+        assert_eq!(std::fs::read(&f).expect("read"), &other[..10]);
     }
 }

@@ -44,12 +44,36 @@ impl Stamp {
     }
 }
 
+/// What is remembered of one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Row {
+    stamp: Stamp,
+    /// `None` in the index of a scan that does not hash (a replica's).
+    hash: Option<[u8; 32]>,
+    /// The file had no mirrored xattrs at this stamp. Setting or removing an
+    /// xattr (an ACL too) moves the ctime, so while the stamp holds the scan
+    /// need not list them.
+    bare: bool,
+}
+
 /// The index, in memory, backed by a SQLite file (or by nothing).
 #[derive(Debug)]
 pub struct HashIndex {
     conn: Option<rusqlite::Connection>,
-    map: foldhash::HashMap<Vec<u8>, (Stamp, [u8; 32])>,
-    changed: foldhash::HashMap<Vec<u8>, Option<(Stamp, [u8; 32])>>,
+    map: foldhash::HashMap<Box<[u8]>, Row>,
+    changed: foldhash::HashMap<Box<[u8]>, Option<Row>>,
+}
+
+/// An index written before `bare` existed gets the column (its rows read as
+/// not bare until a scan sees them again).
+fn add_bare_column(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let has = conn
+        .prepare("SELECT 1 FROM pragma_table_info('files') WHERE name = 'bare'")?
+        .exists([])?;
+    if !has {
+        conn.execute_batch("ALTER TABLE files ADD COLUMN bare INTEGER")?;
+    }
+    Ok(())
 }
 
 fn db_err(path: &Path, e: rusqlite::Error) -> Error {
@@ -70,17 +94,24 @@ impl HashIndex {
     /// Opens (creating) the index at `path` and loads it.
     pub fn open(path: &Path) -> Result<Self, Error> {
         let conn = rusqlite::Connection::open(path).map_err(|e| db_err(path, e))?;
+        // A small page cache: the table is read once, front to back.
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-256;
              CREATE TABLE IF NOT EXISTS files (
                 path BLOB PRIMARY KEY, dev INTEGER, ino INTEGER, size INTEGER,
-                mtime_ns TEXT, ctime_ns TEXT, hash BLOB) WITHOUT ROWID;",
+                mtime_ns TEXT, ctime_ns TEXT, hash BLOB, bare INTEGER) WITHOUT ROWID;",
         )
         .map_err(|e| db_err(path, e))?;
+        add_bare_column(&conn).map_err(|e| db_err(path, e))?;
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM files", [], |r| r.get(0))
+            .map_err(|e| db_err(path, e))?;
         let mut map = foldhash::HashMap::default();
+        // Sized once: growing rehashes and touches twice the memory.
+        map.reserve(usize::try_from(rows).unwrap_or(0));
         {
             let mut stmt = conn
-                .prepare("SELECT path, dev, ino, size, mtime_ns, ctime_ns, hash FROM files")
+                .prepare("SELECT path, dev, ino, size, mtime_ns, ctime_ns, hash, bare FROM files")
                 .map_err(|e| db_err(path, e))?;
             let mut rows = stmt.query([]).map_err(|e| db_err(path, e))?;
             // Read in place: no allocation per row but the key.
@@ -108,7 +139,9 @@ impl HashIndex {
                     mtime_ns: m,
                     ctime_ns: c,
                 };
-                map.insert(p.to_vec(), (stamp, hash));
+                let bare = int(7) == Some(1);
+                let hash = Some(hash);
+                map.insert(p.into(), Row { stamp, hash, bare });
             }
         }
         Ok(Self {
@@ -123,8 +156,17 @@ impl HashIndex {
     pub fn lookup(&self, path: &RelPath, stamp: &Stamp) -> Option<[u8; 32]> {
         self.map
             .get(path.as_bytes())
-            .filter(|(s, _)| s == stamp)
-            .map(|(_, h)| *h)
+            .filter(|r| r.stamp == *stamp)
+            .and_then(|r| r.hash)
+    }
+
+    /// Whether `path` had no mirrored xattrs when it had this stamp (then it
+    /// has none now: an xattr change moves the ctime).
+    #[must_use]
+    pub fn bare(&self, path: &RelPath, stamp: &Stamp) -> bool {
+        self.map
+            .get(path.as_bytes())
+            .is_some_and(|r| r.bare && r.stamp == *stamp)
     }
 
     /// Remembers a hash computed at `now_ns` (skipped when racily clean).
@@ -133,24 +175,29 @@ impl HashIndex {
             self.forget(path);
             return;
         }
-        if self.map.get(path.as_bytes()) == Some(&(stamp, hash)) {
+        let old = self.map.get(path.as_bytes());
+        if old.is_some_and(|r| r.stamp == stamp && r.hash == Some(hash)) {
             return;
         }
-        self.map.insert(path.as_bytes().to_vec(), (stamp, hash));
-        self.changed
-            .insert(path.as_bytes().to_vec(), Some((stamp, hash)));
+        let row = Row {
+            stamp,
+            hash: Some(hash),
+            bare: false,
+        };
+        self.map.insert(path.as_bytes().into(), row);
+        self.changed.insert(path.as_bytes().into(), Some(row));
     }
 
     /// Forgets a path.
     pub fn forget(&mut self, path: &RelPath) {
         if self.map.remove(path.as_bytes()).is_some() {
-            self.changed.insert(path.as_bytes().to_vec(), None);
+            self.changed.insert(path.as_bytes().into(), None);
         }
     }
 
     /// Keeps only the paths for which `keep` is true.
     pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
-        let gone: Vec<Vec<u8>> = self.map.keys().filter(|k| !keep(k)).cloned().collect();
+        let gone: Vec<Box<[u8]>> = self.map.keys().filter(|k| !keep(k)).cloned().collect();
         for k in gone {
             self.map.remove(&k);
             self.changed.insert(k, None);
@@ -158,8 +205,13 @@ impl HashIndex {
     }
 
     /// After a full scan: remembers the hashes it computed (`hashed`, as
-    /// [`crate::scan::ScanReport::hashed`]) and forgets every path not in
-    /// `manifest`. Call [`HashIndex::save`] to write it.
+    /// [`crate::scan::ScanReport::hashed`]) and which files had no xattrs,
+    /// and forgets every path not in `manifest`. Call [`HashIndex::save`] to
+    /// write it.
+    ///
+    /// A row left is at the stamp this scan saw (a hit matched it, a miss
+    /// was recorded with it), and the scan read the xattrs after that stamp:
+    /// an xattr changed since moved the ctime, so `bare` holds for the stamp.
     pub fn remember_scan(
         &mut self,
         hashed: &[(RelPath, Stamp, [u8; 32])],
@@ -169,9 +221,58 @@ impl HashIndex {
         for (p, s, h) in hashed {
             self.record(p, *s, *h, now_ns);
         }
-        let live: foldhash::HashSet<&[u8]> =
-            manifest.entries.iter().map(|e| e.path.as_bytes()).collect();
-        self.retain(|p| live.contains(p));
+        let mut files = 0;
+        for e in &manifest.entries {
+            let proto::Kind::File { hash, .. } = &e.kind else {
+                continue;
+            };
+            let Some(r) = self.map.get_mut(e.path.as_bytes()) else {
+                continue;
+            };
+            files += 1;
+            let bare = e.meta.xattrs.is_empty();
+            if r.hash == Some(*hash) && r.bare != bare {
+                r.bare = bare;
+                self.changed.insert(e.path.as_bytes().into(), Some(*r));
+            }
+        }
+        // Every row named a file of the manifest: none to forget.
+        if files < self.map.len() {
+            let live: foldhash::HashSet<&[u8]> = (manifest.entries.iter())
+                .filter(|e| matches!(e.kind, proto::Kind::File { .. }))
+                .map(|e| e.path.as_bytes())
+                .collect();
+            self.retain(|p| live.contains(p));
+        }
+    }
+
+    /// After a full scan that does not hash (a replica's): remembers each
+    /// file's stamp and whether it had xattrs (`files`, as
+    /// [`crate::scan::ScanReport::stamps`]; racily clean ones are skipped), and
+    /// forgets every other path. Rows remembered so give no hash.
+    pub fn remember_stamps(&mut self, files: &[(RelPath, Stamp, bool)], now_ns: i128) {
+        let mut kept = 0;
+        for (p, stamp, bare) in files {
+            if now_ns - stamp.ctime_ns.max(stamp.mtime_ns) < RACY_NS {
+                continue;
+            }
+            kept += 1;
+            let row = Row {
+                stamp: *stamp,
+                hash: None,
+                bare: *bare,
+            };
+            if self.map.get(p.as_bytes()) != Some(&row) {
+                self.map.insert(p.as_bytes().into(), row);
+            }
+        }
+        if kept < self.map.len() {
+            let live: foldhash::HashSet<&[u8]> = (files.iter())
+                .filter(|(_, s, _)| now_ns - s.ctime_ns.max(s.mtime_ns) >= RACY_NS)
+                .map(|(p, _, _)| p.as_bytes())
+                .collect();
+            self.map.retain(|p, _| live.contains(&p[..]));
+        }
     }
 
     /// Number of remembered files.
@@ -199,14 +300,20 @@ impl HashIndex {
         let tx = conn.transaction().map_err(|e| db_err(path, e))?;
         {
             let mut put = tx
-                .prepare_cached("INSERT OR REPLACE INTO files VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO files VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
                 .map_err(|e| db_err(path, e))?;
             let mut del = tx
                 .prepare_cached("DELETE FROM files WHERE path = ?1")
                 .map_err(|e| db_err(path, e))?;
             for (p, v) in self.changed.drain() {
                 match v {
-                    Some((s, h)) => put
+                    Some(Row {
+                        stamp: s,
+                        hash: Some(h),
+                        bare,
+                    }) => put
                         .execute(rusqlite::params![
                             p,
                             s.dev as i64,
@@ -214,10 +321,12 @@ impl HashIndex {
                             s.size as i64,
                             s.mtime_ns.to_string(),
                             s.ctime_ns.to_string(),
-                            h.to_vec()
+                            h.to_vec(),
+                            i64::from(bare)
                         ])
                         .map_err(|e| db_err(path, e))?,
-                    None => del.execute([p]).map_err(|e| db_err(path, e))?,
+                    // a row of a scan that does not hash is not kept
+                    Some(_) | None => del.execute([&p[..]]).map_err(|e| db_err(path, e))?,
                 };
             }
         }
@@ -288,7 +397,7 @@ mod tests {
             ),
         ] {
             conn.execute(
-                "INSERT INTO files VALUES (?1, ?2, 2, 5, ?3, '20', ?4)",
+                "INSERT INTO files VALUES (?1, ?2, 2, 5, ?3, '20', ?4, 0)",
                 rusqlite::params![path, dev, mtime, hash],
             )
             .unwrap();
@@ -297,6 +406,111 @@ mod tests {
         let ix = HashIndex::open(&db).unwrap();
         assert_eq!(ix.len(), 1);
         assert_eq!(ix.lookup(&p, &stamp(5)), Some([9; 32]));
+    }
+
+    /// Which files had no xattrs survives a save, and an index written
+    /// before the column existed opens with its rows read as not bare.
+    #[test]
+    fn bare_files_persist_and_an_old_index_opens() {
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("index.db");
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE files (path BLOB PRIMARY KEY, dev INTEGER, ino INTEGER,
+                size INTEGER, mtime_ns TEXT, ctime_ns TEXT, hash BLOB) WITHOUT ROWID;
+             INSERT INTO files VALUES (x'6f6c64', 1, 2, 5, '10', '20', zeroblob(32));",
+        )
+        .unwrap();
+        drop(conn);
+        let (old, p) = (
+            RelPath::new(&b"old"[..]).unwrap(),
+            RelPath::new(&b"f"[..]).unwrap(),
+        );
+        let file = |path: &RelPath| proto::Entry {
+            path: path.clone(),
+            kind: proto::Kind::File {
+                size: 5,
+                hash: [0; 32],
+            },
+            meta: proto::Meta::default(),
+        };
+        let manifest = crate::Manifest {
+            entries: vec![file(&p), file(&old)],
+        };
+        {
+            let mut ix = HashIndex::open(&db).unwrap();
+            assert_eq!(ix.lookup(&old, &stamp(5)), Some([0; 32]));
+            assert!(!ix.bare(&old, &stamp(5)), "an old row read as bare");
+            ix.remember_scan(&[(p.clone(), stamp(5), [0; 32])], &manifest, 100 * RACY_NS);
+            assert!(ix.bare(&p, &stamp(5)) && ix.bare(&old, &stamp(5)));
+            assert!(!ix.bare(&p, &stamp(6)), "bare at another stamp");
+            ix.save().unwrap();
+        }
+        let ix = HashIndex::open(&db).unwrap();
+        assert!(ix.bare(&p, &stamp(5)) && ix.bare(&old, &stamp(5)));
+    }
+
+    /// A scan forgets the rows of paths it no longer has as files: gone, or
+    /// now another kind of entry.
+    #[test]
+    fn a_scan_forgets_what_is_no_longer_a_file() {
+        let mut ix = HashIndex::in_memory();
+        let now = 100 * RACY_NS;
+        let [a, b, c] = ["a", "b", "c"].map(|p| RelPath::new(p.as_bytes()).unwrap());
+        for p in [&a, &b, &c] {
+            ix.record(p, stamp(5), [0; 32], now);
+        }
+        let entry = |path: &RelPath, kind| proto::Entry {
+            path: path.clone(),
+            kind,
+            meta: proto::Meta::default(),
+        };
+        let file = proto::Kind::File {
+            size: 5,
+            hash: [0; 32],
+        };
+        let m = crate::Manifest {
+            entries: vec![entry(&a, file.clone()), entry(&b, proto::Kind::Dir)],
+        };
+        ix.remember_scan(&[], &m, now);
+        assert_eq!(ix.len(), 1);
+        assert_eq!(ix.lookup(&a, &stamp(5)), Some([0; 32]));
+        let all = crate::Manifest {
+            entries: vec![entry(&a, file)],
+        };
+        ix.remember_scan(&[], &all, now);
+        assert_eq!(ix.len(), 1, "a full match forgot a row");
+    }
+
+    /// A scan that does not hash remembers stamps and bare files but gives
+    /// no hash, skips racily clean files and forgets what it no longer saw.
+    #[test]
+    fn an_unhashed_scan_remembers_stamps_and_no_hashes() {
+        let mut ix = HashIndex::in_memory();
+        let now = 100 * RACY_NS;
+        let [a, b, c] = ["a", "b", "c"].map(|p| RelPath::new(p.as_bytes()).unwrap());
+        let young = Stamp {
+            ctime_ns: now - 1,
+            ..stamp(5)
+        };
+        ix.remember_stamps(
+            &[
+                (a.clone(), stamp(5), true),
+                (b.clone(), stamp(5), false),
+                (c.clone(), young, true),
+            ],
+            now,
+        );
+        assert_eq!(ix.len(), 2);
+        assert!(ix.bare(&a, &stamp(5)) && !ix.bare(&b, &stamp(5)) && !ix.bare(&c, &young));
+        assert_eq!(
+            ix.lookup(&a, &stamp(5)),
+            None,
+            "a hash from a scan that hashed nothing"
+        );
+        ix.remember_stamps(&[(b.clone(), stamp(6), true)], now);
+        assert_eq!(ix.len(), 1);
+        assert!(ix.bare(&b, &stamp(6)) && !ix.bare(&a, &stamp(5)));
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub struct ScanReport {
     pub hashed: Vec<(RelPath, Stamp, [u8; 32])>,
     /// Bytes read to hash them.
     pub bytes_hashed: u64,
+    /// A scan that does not hash, given an index: each regular file's stamp
+    /// and whether it had no xattrs, for [`HashIndex::remember_stamps`].
+    pub stamps: Vec<(RelPath, Stamp, bool)>,
     /// Regular files with more than one name (link count > 1).
     pub multi_linked: std::collections::HashSet<RelPath>,
     /// Live SQLite databases (listed as files with a zero hash, never read).
@@ -86,9 +89,9 @@ pub fn entry_at(
     opts: &ScanOptions,
     index: Option<&HashIndex>,
 ) -> Result<(Option<Entry>, ScanReport), Error> {
-    let mut w = Walker::new(root, opts);
+    let mut w = Walker::new(root, opts, index);
     w.visit(rel)?;
-    let (mut entries, report) = w.finish(index)?;
+    let (mut entries, report) = w.finish()?;
     Ok((entries.pop(), report))
 }
 
@@ -100,11 +103,11 @@ pub fn scan_subtree(
     opts: &ScanOptions,
     index: Option<&HashIndex>,
 ) -> Result<(Vec<Entry>, ScanReport), Error> {
-    let mut w = Walker::new(root, opts);
+    let mut w = Walker::new(root, opts, index);
     if w.visit(rel)? == Some(true) {
         w.walk(rel)?;
     }
-    w.finish(index)
+    w.finish()
 }
 
 /// blake3 of a file's content, read (not mapped: a live file may shrink under us).
@@ -170,6 +173,8 @@ struct Walker<'o> {
     root: PathBuf,
     root_fd: Option<OwnedFd>,
     opts: &'o ScanOptions,
+    /// Hashes, and which files had no xattrs, at stamps seen before.
+    index: Option<&'o HashIndex>,
     entries: Vec<Entry>,
     stamps: Vec<Option<Stamp>>,
     inodes: foldhash::HashMap<(u64, u64), RelPath>,
@@ -180,8 +185,9 @@ struct Walker<'o> {
     /// Scratch space for `getdents64` and `listxattrat`.
     dirbuf: Vec<std::mem::MaybeUninit<u8>>,
     xattr_list: Vec<u8>,
-    /// Test hook, called with `("names", dir)` once a directory is listed and
-    /// with `("stat", dir)` before a subdirectory is opened.
+    /// Test hook, called with `("names", dir)` once a directory is listed,
+    /// with `("stat", dir)` before a subdirectory is opened and with
+    /// `("xattrs", path)` before an entry's xattrs are listed.
     #[cfg(test)]
     hook: Option<Hook>,
 }
@@ -196,13 +202,16 @@ fn vanished(e: &io::Error) -> bool {
 }
 
 impl<'o> Walker<'o> {
-    fn new(root: &Path, opts: &'o ScanOptions) -> Self {
+    fn new(root: &Path, opts: &'o ScanOptions, index: Option<&'o HashIndex>) -> Self {
+        // Sized for the tree the index knows (files are most entries).
+        let hint = index.map_or(0, |ix| ix.len() + ix.len() / 2);
         Self {
             root: root.to_path_buf(),
             root_fd: None,
             opts,
-            entries: Vec::new(),
-            stamps: Vec::new(),
+            index,
+            entries: Vec::with_capacity(hint),
+            stamps: Vec::with_capacity(hint),
             inodes: foldhash::HashMap::default(),
             temp_files: Vec::new(),
             multi_linked: Default::default(),
@@ -231,7 +240,8 @@ impl<'o> Walker<'o> {
     }
 
     /// Hashes files (reusing the index), returning entries and the report.
-    fn finish(mut self, index: Option<&HashIndex>) -> Result<(Vec<Entry>, ScanReport), Error> {
+    fn finish(mut self) -> Result<(Vec<Entry>, ScanReport), Error> {
+        let index = self.index;
         let mut report = ScanReport {
             temp_files: std::mem::take(&mut self.temp_files),
             multi_linked: std::mem::take(&mut self.multi_linked),
@@ -240,6 +250,12 @@ impl<'o> Walker<'o> {
             ..Default::default()
         };
         if !self.opts.hash {
+            if index.is_some() {
+                let files = self.entries.iter().zip(&self.stamps);
+                report.stamps = files
+                    .filter_map(|(e, s)| s.map(|s| (e.path.clone(), s, e.meta.xattrs.is_empty())))
+                    .collect();
+            }
             return Ok((self.entries, report));
         }
         let mut todo: Vec<usize> = Vec::new();
@@ -361,12 +377,19 @@ impl<'o> Walker<'o> {
             return Ok(None);
         }
         let mut m = st.meta();
+        let bare = st.kind == FileType::RegularFile
+            && self.index.is_some_and(|ix| ix.bare(path, &st.stamp()));
+        if !bare {
+            self.hook("xattrs", path);
+        }
         let p = || abs(&self.root, path);
-        m.xattrs = match meta::read_xattrs_at(dir, name, p, &mut self.xattr_list) {
-            Ok(x) => x,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
-            Err(e) => return Err(e),
-        };
+        if !bare {
+            m.xattrs = match meta::read_xattrs_at(dir, name, p, &mut self.xattr_list) {
+                Ok(x) => x,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+        }
         let mut stamp = None;
         let kind = match st.kind {
             FileType::Directory => Kind::Dir,

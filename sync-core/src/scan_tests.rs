@@ -17,12 +17,21 @@ fn paths(entries: &[Entry]) -> Vec<String> {
 
 /// Scans `root` whole with `hook` called as the walk goes.
 fn scan_hooked(root: &Path, hook: impl FnMut(&str, &RelPath) + 'static) -> Vec<Entry> {
+    scan_indexed(root, None, hook)
+}
+
+/// Scans `root` whole with `index` and `hook`.
+fn scan_indexed(
+    root: &Path,
+    index: Option<&HashIndex>,
+    hook: impl FnMut(&str, &RelPath) + 'static,
+) -> Vec<Entry> {
     let opts = ScanOptions::default();
-    let mut w = Walker::new(root, &opts);
+    let mut w = Walker::new(root, &opts, index);
     w.hook = Some(Box::new(hook));
     assert_eq!(w.visit(&RelPath::root()).expect("root"), Some(true));
     w.walk(&RelPath::root()).expect("walk");
-    w.finish(None).expect("finish").0
+    w.finish().expect("finish").0
 }
 
 #[test]
@@ -280,4 +289,61 @@ fn stat_at_gives_what_std_s_stat_gives() {
         assert_eq!((at.nlink, at.rdev), (st.nlink() as u32, st.rdev()));
         assert_eq!(at.kind, FileType::from_raw_mode(st.mode()));
     }
+}
+
+/// The paths whose xattrs a scan with `index` lists, and its entries.
+fn listed(root: &Path, index: &HashIndex) -> (Vec<String>, Vec<Entry>) {
+    let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let s = seen.clone();
+    let entries = scan_indexed(root, Some(index), move |step, p| {
+        if step == "xattrs" {
+            s.borrow_mut().push(p.to_string());
+        }
+    });
+    let seen = seen.borrow().clone();
+    (seen, entries)
+}
+
+/// Files the index knows as bare at their stamp are not asked for xattrs;
+/// an xattr or ACL set since moves the ctime, and the next scan lists it.
+#[test]
+fn files_known_bare_at_their_stamp_skip_the_xattr_listing() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let root = d.path();
+    fs::create_dir(root.join("d")).expect("mkdir");
+    for f in ["d/a", "d/b", "c"] {
+        fs::write(root.join(f), f).expect("write");
+    }
+    xattr::set(root.join("d/b"), "user.k", b"v").expect("setxattr");
+    let mut ix = HashIndex::in_memory();
+    let (m, r) = scan_with(root, &ScanOptions::default(), Some(&ix)).expect("scan");
+    // as if hashed long ago: the stamps are trusted
+    ix.remember_scan(&r.hashed, &m, now_ns() + 10 * crate::index::RACY_NS);
+    let (seen, entries) = listed(root, &ix);
+    assert_eq!(seen, ["d", "d/b"], "bare files were listed");
+    assert_eq!(entries, m.entries, "the skip changed the manifest");
+
+    // past the coarse clock's tick, as the index's racy rule ensures in use
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    xattr::set(root.join("d/a"), "user.new", b"1").expect("setxattr");
+    let status = Command::new("setfacl")
+        .args(["-m", "u:65534:r"])
+        .arg(root.join("c"))
+        .status()
+        .expect("setfacl");
+    assert!(status.success());
+    let (seen, entries) = listed(root, &ix);
+    assert_eq!(seen, ["c", "d", "d/a", "d/b"]);
+    let xattrs = |p: &str| {
+        let e = entries.iter().find(|e| e.path.to_string() == p);
+        e.map(|e| {
+            e.meta
+                .xattrs
+                .iter()
+                .map(|x| x.name.clone())
+                .collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(xattrs("d/a"), Some(vec![b"user.new".to_vec()]));
+    assert_eq!(xattrs("c"), Some(vec![b"system.posix_acl_access".to_vec()]));
 }

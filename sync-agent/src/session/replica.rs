@@ -62,6 +62,9 @@ pub struct ReplicaFolder {
     pub ids: sync_core::idmap::IdMap,
     /// What full rounds do with excluded leftovers (`delete_excluded`).
     pub sweep: sync_core::engine::Sweep,
+    /// The stamps of the files its last scan ahead saw, and which had no
+    /// xattrs: the next one skips listing theirs while a stamp holds.
+    pub scan_index: std::sync::Mutex<sync_core::index::HashIndex>,
 }
 
 /// What a replica folder's status row shows besides its fence.

@@ -156,7 +156,11 @@ pub(super) async fn offer_digest(
         folder.detect.clone(),
     );
     let (sweep, ids) = (folder.sweep.clone(), folder.ids.clone());
-    let pre = tokio::task::spawn_blocking(move || engine::prescan(&r, &f, d, &sweep, &ids)).await?;
+    let folder2 = folder.clone();
+    let pre = tokio::task::spawn_blocking(move || {
+        engine::prescan(&r, &f, d, &sweep, &ids, Some(&folder2.scan_index))
+    })
+    .await?;
     let pre = match pre {
         Ok(p) => Some(p),
         Err(e) => {
@@ -386,6 +390,7 @@ mod tests {
                 folder.detect.clone(),
                 &folder.sweep,
                 &folder.ids,
+                None,
             )
             .expect("scan")
         };

@@ -27,6 +27,8 @@ pub(super) struct Pair {
     next_id: u64,
     /// The replica's scan made ahead, taken by the next full round.
     prescanned: Option<Prescan>,
+    /// What the replica's scans ahead learned of its files' stamps.
+    scan_index: std::sync::Mutex<crate::index::HashIndex>,
 }
 
 impl Pair {
@@ -48,6 +50,7 @@ impl Pair {
             live,
             next_id: 1,
             prescanned: None,
+            scan_index: std::sync::Mutex::new(crate::index::HashIndex::in_memory()),
         }
     }
 
@@ -143,8 +146,19 @@ impl Pair {
             self.detect.clone(),
             &self.sweep,
             &self.ids,
+            Some(&self.scan_index),
         )
         .map_err(|e| e.to_string())
+    }
+
+    /// Scans the replica ahead and has its index trust every stamp seen (as
+    /// if the files were older than the racy window).
+    pub fn trust_replica_stamps(&mut self) {
+        let pre = self.prescan().expect("scan ahead");
+        let later = crate::scan::now_ns() + 10 * crate::index::RACY_NS;
+        let mut ix = self.scan_index.lock().expect("index");
+        ix.remember_stamps(&pre.report.stamps, later);
+        assert!(!ix.is_empty(), "no stamps learned");
     }
 
     /// The replica's answer to a `RoundSame` with `digest` after a prescan.

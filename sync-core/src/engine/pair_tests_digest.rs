@@ -63,7 +63,7 @@ type Change = Box<dyn Fn(&Pair, &rusqlite::Connection)>;
 /// replica.
 fn changes() -> Vec<(&'static str, Change)> {
     let later = SystemTime::now() + Duration::from_secs(3600);
-    let changes: Vec<(&str, Change)> = vec![
+    let mut changes: Vec<(&str, Change)> = vec![
         (
             "same size, new mtime",
             Box::new(|p, _| fs::write(p.src("data/notes.txt"), b"NOTES").expect("write")),
@@ -117,6 +117,15 @@ fn changes() -> Vec<(&'static str, Change)> {
                 d.set_modified(later).expect("mtime");
             }),
         ),
+    ];
+    changes.extend(replica_changes());
+    changes
+}
+
+/// Changes made on the replica alone.
+fn replica_changes() -> Vec<(&'static str, Change)> {
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    vec![
         (
             "replica file edited",
             Box::new(|p, _| fs::write(p.dst("etc/app.conf"), b"port = 8080\n").expect("write")),
@@ -124,6 +133,26 @@ fn changes() -> Vec<(&'static str, Change)> {
         (
             "replica file, same size, other mtime",
             Box::new(move |p, _| set_mtime(&p.dst("etc/app.conf"), later)),
+        ),
+        (
+            "replica xattr set",
+            Box::new(|p, _| xattr::set(p.dst("etc/app.conf"), "user.y", b"2").expect("xattr")),
+        ),
+        (
+            "replica ACL set",
+            Box::new(|p, _| {
+                let st = std::process::Command::new("setfacl")
+                    .args(["-m", "u:65534:r"])
+                    .arg(p.dst("etc/app.conf"))
+                    .status();
+                assert!(st.is_ok_and(|s| s.success()), "setfacl");
+            }),
+        ),
+        (
+            "replica ACL removed",
+            Box::new(|p, _| {
+                xattr::remove(p.dst("etc/big.bin"), "system.posix_acl_access").expect("acl")
+            }),
         ),
         (
             "stray replica file",
@@ -149,8 +178,7 @@ fn changes() -> Vec<(&'static str, Change)> {
                 c.execute("DELETE FROM t WHERE k < 5", []).expect("delete");
             }),
         ),
-    ];
-    changes
+    ]
 }
 
 #[test]
@@ -165,6 +193,22 @@ fn any_change_on_either_side_makes_it_a_full_round() {
             Ok(true),
             "{what}: not the same after the round"
         );
+    }
+}
+
+/// The replica's scan ahead skips listing the xattrs of files its index
+/// holds as bare at their stamps: with every stamp trusted (as if old), each
+/// change is still seen.
+#[test]
+fn with_the_replicas_stamps_trusted_any_change_is_still_seen() {
+    for (what, change) in changes() {
+        let (mut p, c) = mirrored();
+        p.trust_replica_stamps();
+        // past the coarse clock's tick, as the racy rule ensures in use
+        std::thread::sleep(Duration::from_millis(20));
+        change(&p, &c);
+        assert_eq!(p.first_full(), Ok(false), "{what}: taken as the same tree");
+        p.assert_mirrored();
     }
 }
 

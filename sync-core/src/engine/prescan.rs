@@ -8,6 +8,7 @@ use super::leftovers::{self, Leftovers, Sweep};
 use crate::apply::Replica;
 use crate::filter::Filter;
 use crate::idmap::IdMap;
+use crate::index::HashIndex;
 use crate::scan::{DbDetect, ScanOptions, ScanReport};
 use crate::{Error, Manifest};
 use proto::{ApplySummary, Kind, RelPath};
@@ -32,13 +33,16 @@ pub struct Prescan {
     pub digest: Option<[u8; 32]>,
 }
 
-/// Scans the replica's tree (no content hashes) and takes its quick digest.
+/// Scans the replica's tree (no content hashes) and takes its quick digest;
+/// `index` (kept from the last scan ahead) spares listing the xattrs of files
+/// whose stamps it holds as bare, and learns this scan's.
 pub fn prescan(
     r: &Replica,
     filter: &Filter,
     detect: Arc<DbDetect>,
     sweep: &Sweep,
     ids: &IdMap,
+    index: Option<&std::sync::Mutex<HashIndex>>,
 ) -> Result<Prescan, Error> {
     let opts = ScanOptions {
         hash: false,
@@ -47,7 +51,12 @@ pub fn prescan(
         databases: Some(detect.clone()),
     };
     let t0 = std::time::Instant::now();
-    let (mut dst, report) = crate::scan::scan_with(r.root_path(), &opts, None)?;
+    let mut index = index.and_then(|m| m.lock().ok());
+    let (mut dst, report) = crate::scan::scan_with(r.root_path(), &opts, index.as_deref())?;
+    if let Some(ix) = index.as_deref_mut() {
+        ix.remember_stamps(&report.stamps, crate::scan::now_ns());
+    }
+    drop(index);
     let scanned = t0.elapsed();
     let comparable = ids.is_empty() && links_inside(&dst, &report);
     let digest = if comparable && nothing_to_sweep(r, &report, &detect, sweep) {

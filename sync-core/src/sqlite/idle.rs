@@ -14,6 +14,41 @@ use super::conn::{Conns, FileStamp, Seen, side_path};
 use super::live::{CutStats, LiveDb, LiveSet};
 use crate::Error;
 
+/// Whether a log stamped `then` by the cut that took `seen`, and `now` now,
+/// is surely unwritten since. The log's ctime moves when a connection opens
+/// it (SQLite running as root hands it to the database's owner): its mtime,
+/// size and inode tell its writes. An empty log is as good as none (each
+/// connection that opens a database whose log is gone makes an empty one):
+/// frames it held in between were checkpointed into the database file, whose
+/// stamp then moved, or rolled back.
+pub(super) fn log_unchanged(seen: Seen, then: Option<FileStamp>, now: Option<FileStamp>) -> bool {
+    let log = |s: Option<FileStamp>| s.filter(|s| s.size > 0).map(FileStamp::without_ctime);
+    let then = Seen {
+        stamp: log(then),
+        at_ns: seen.at_ns,
+    };
+    then.unchanged(log(now))
+}
+
+/// The stamp a cut keeps of a database file stamped `now` whose log went
+/// from `old_log` to `log`: the last one (`seen`) while it still vouches for
+/// both (later checks answer alike, and a saved cut state stays byte for
+/// byte the same), else `now`, taken at this instant.
+pub(super) fn next_seen(
+    seen: Option<Seen>,
+    now: Option<FileStamp>,
+    old_log: Option<FileStamp>,
+    log: Option<FileStamp>,
+) -> Seen {
+    match seen {
+        Some(s) if s.unchanged(now) && log_unchanged(s, old_log, log) => s,
+        _ => Seen {
+            stamp: now,
+            at_ns: crate::scan::now_ns(),
+        },
+    }
+}
+
 impl LiveDb {
     /// Whether the database file and its log are surely unwritten since the
     /// last cut.
@@ -21,15 +56,8 @@ impl LiveDb {
         let Some(seen) = self.seen.filter(|_| self.has_snapshot) else {
             return false;
         };
-        // The log's ctime moves when a connection opens it (SQLite running as
-        // root hands it to the database's owner): its mtime, size and inode
-        // tell its writes.
-        let wal = Seen {
-            stamp: self.wal_seen.map(FileStamp::without_ctime),
-            at_ns: seen.at_ns,
-        };
-        let wal_now = FileStamp::of(&side_path(&self.path, "-wal")).map(FileStamp::without_ctime);
-        seen.unchanged(FileStamp::of(&self.path)) && wal.unchanged(wal_now)
+        let wal_now = FileStamp::of(&side_path(&self.path, "-wal"));
+        seen.unchanged(FileStamp::of(&self.path)) && log_unchanged(seen, self.wal_seen, wal_now)
     }
 
     /// Page `pgno` of a database left out of the cut, or not read ahead

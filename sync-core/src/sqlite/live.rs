@@ -2,6 +2,7 @@
 
 use super::conn::{Conns, FileStamp, Seen, side_path};
 use super::copy::{COPY_BUDGET, Head};
+use super::idle::next_seen;
 use super::wal::{WalPos, wal_frames};
 use super::{read_page, sql_err};
 use crate::{Error, RelPath};
@@ -177,10 +178,8 @@ impl LiveDb {
         // A database restored by rename is another file: compare every page.
         self.frames = if replaced { None } else { frames };
         self.replaced = replaced;
-        self.seen = Some(Seen {
-            stamp: now,
-            at_ns: crate::scan::now_ns(),
-        });
+        let old_log = self.before.and_then(|(_, _, log)| log);
+        self.seen = Some(next_seen(seen, now, old_log, self.wal_seen));
         let path = self.path.clone();
         let c = self.conns.as_mut().ok_or_else(|| Error::Sqlite {
             path: path.display().to_string(),
