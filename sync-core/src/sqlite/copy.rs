@@ -161,8 +161,14 @@ impl LiveDb {
 
     /// Every page hash of the cut (`count` pages), from the copy or the open
     /// snapshot; straight from the file when the snapshot reads no page
-    /// from a log (`direct`: `whole.rs`).
-    pub(super) fn cut_hashes(&self, count: u32, direct: bool) -> Result<Vec<[u8; 32]>, Error> {
+    /// from a log (`direct`: `whole.rs`), and then with the pages `keep`
+    /// allows.
+    pub(super) fn cut_hashes(
+        &self,
+        count: u32,
+        direct: bool,
+        keep: Option<super::whole::Keep<'_>>,
+    ) -> Result<(Vec<[u8; 32]>, super::whole::Pages), Error> {
         #[cfg(test)]
         BEFORE_HASHING.with(|h| {
             if let Some(f) = h.borrow_mut().as_mut() {
@@ -174,13 +180,14 @@ impl LiveDb {
                 .chunks(self.page_size.max(1) as usize)
                 .enumerate()
                 .map(|(i, p)| super::page_hash(i as u32 + 1, p))
-                .collect()),
+                .collect::<Vec<_>>())
+            .map(|h| (h, Default::default())),
             None => {
                 let r = super::live::reader_of(&self.conns, &self.path)?;
                 if direct {
-                    super::whole::file_hashes(r, &self.path, self.page_size, count)
+                    super::whole::file_hashes(r, &self.path, self.page_size, count, keep)
                 } else {
-                    super::all_hashes(r, &self.path).map(|(_, h)| h)
+                    super::all_hashes(r, &self.path).map(|(_, h)| (h, Default::default()))
                 }
             }
         }

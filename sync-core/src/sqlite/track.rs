@@ -30,7 +30,7 @@ impl LiveDb {
         let direct = !wal_mode || self.wal_seen.is_some_and(|s| s.size == 0);
         let changed = if !self.has_snapshot || page_size != self.page_size {
             self.page_size = page_size;
-            self.hashes = self.cut_hashes(count, direct)?;
+            self.hashes = self.cut_hashes(count, direct, None)?.0;
             self.history.clear();
             (1..=self.hashes.len() as u32).collect()
         } else {
@@ -91,7 +91,13 @@ impl LiveDb {
                 }
             }
             None => {
-                let hashes = self.cut_hashes(count, direct)?;
+                // the changed pages read to hash them are kept, as above
+                let keep = super::whole::Keep {
+                    old: &self.hashes,
+                    budget: keep,
+                };
+                let (hashes, fresh) = self.cut_hashes(count, direct, Some(keep))?;
+                self.fresh.extend(fresh);
                 for (i, (a, b)) in self.hashes.iter().zip(&hashes).enumerate() {
                     if a != b {
                         changed.insert(i as u32 + 1);

@@ -18,6 +18,7 @@
 
 use crate::Error;
 use rusqlite::{Connection, ffi};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::mpsc;
 
@@ -35,15 +36,27 @@ thread_local! {
     pub(super) static FILE_PAGES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
+/// The page hashes a cut compares against, and how many bytes of the pages
+/// whose hash differs may be kept for the round's read-ahead.
+pub(super) struct Keep<'a> {
+    pub old: &'a [[u8; 32]],
+    pub budget: &'a mut u64,
+}
+
+/// Pages kept by number.
+pub(super) type Pages = BTreeMap<u32, Vec<u8>>;
+
 /// The hashes of pages `1..=count` of `c`'s main database file, read in the
 /// read transaction `c` holds, which must read no page from a log (see the
-/// module docs): the same as [`super::all_hashes`] would give.
+/// module docs): the same as [`super::all_hashes`] would give. With `keep`,
+/// also the pages whose hash is not the old one, while its budget lasts.
 pub(super) fn file_hashes(
     c: &Connection,
     path: &Path,
     page_size: u32,
     count: u32,
-) -> Result<Vec<[u8; 32]>, Error> {
+    keep: Option<Keep<'_>>,
+) -> Result<(Vec<[u8; 32]>, Pages), Error> {
     let fail = |msg: String| Error::Sqlite {
         path: path.display().to_string(),
         msg,
@@ -62,12 +75,22 @@ pub(super) fn file_hashes(
     std::thread::scope(|s| {
         // Chunk k is hashed (on every core) while chunk k + 1 is read.
         let hasher = s.spawn(move || {
-            let mut hashes = Vec::with_capacity(count as usize);
+            let (mut hashes, mut fresh, mut keep) =
+                (Vec::with_capacity(count as usize), Pages::new(), keep);
             for buf in full_rx {
+                let from = hashes.len();
                 super::hash_batch(&mut hashes, &buf, size);
+                if let Some(k) = keep.as_mut() {
+                    for (at, page) in (from..).zip(buf.chunks(size)) {
+                        if k.old.get(at) != hashes.get(at) && *k.budget >= size as u64 {
+                            *k.budget -= size as u64;
+                            fresh.insert(at as u32 + 1, page.to_vec());
+                        }
+                    }
+                }
                 let _ = empty_tx.send(buf);
             }
-            hashes
+            (hashes, fresh)
         });
         let mut first = 1u32;
         while first <= count {
@@ -85,13 +108,13 @@ pub(super) fn file_hashes(
             first += n;
         }
         drop(full_tx);
-        let hashes = hasher
+        let (hashes, fresh) = hasher
             .join()
             .map_err(|_| fail("hashing the pages failed".into()))?;
         if hashes.len() != count as usize {
             return Err(fail(format!("hashed {} pages of {count}", hashes.len())));
         }
-        Ok(hashes)
+        Ok((hashes, fresh))
     })
 }
 
