@@ -17,7 +17,7 @@
 use super::live::LiveDb;
 use super::{read_page, sql_err};
 use crate::Error;
-use rusqlite::{Connection, ffi};
+use rusqlite::Connection;
 use std::path::Path;
 
 /// Bytes of rollback-journal databases a cut may copy into memory so as to let
@@ -159,8 +159,16 @@ impl LiveDb {
         }
     }
 
-    /// Every page hash of the cut, from the copy or the open snapshot.
-    pub(super) fn cut_hashes(&self) -> Result<Vec<[u8; 32]>, Error> {
+    /// Every page hash of the cut (`count` pages), from the copy or the open
+    /// snapshot; straight from the file when the snapshot reads no page
+    /// from a log (`direct`: `whole.rs`), and then with the pages `keep`
+    /// allows.
+    pub(super) fn cut_hashes(
+        &self,
+        count: u32,
+        direct: bool,
+        keep: Option<super::whole::Keep<'_>>,
+    ) -> Result<(Vec<[u8; 32]>, super::whole::Pages), Error> {
         #[cfg(test)]
         BEFORE_HASHING.with(|h| {
             if let Some(f) = h.borrow_mut().as_mut() {
@@ -172,39 +180,31 @@ impl LiveDb {
                 .chunks(self.page_size.max(1) as usize)
                 .enumerate()
                 .map(|(i, p)| super::page_hash(i as u32 + 1, p))
-                .collect()),
-            None => super::all_hashes(super::live::reader_of(&self.conns, &self.path)?, &self.path)
-                .map(|(_, h)| h),
+                .collect::<Vec<_>>())
+            .map(|h| (h, Default::default())),
+            None => {
+                let r = super::live::reader_of(&self.conns, &self.path)?;
+                if direct {
+                    super::whole::file_hashes(r, &self.path, self.page_size, count, keep)
+                } else {
+                    super::all_hashes(r, &self.path).map(|(_, h)| (h, Default::default()))
+                }
+            }
         }
     }
 }
 
 /// The first `len` bytes of the main database file of `c`, read in its
 /// current transaction through SQLite's own handle of the file.
-#[allow(unsafe_code)]
 fn copy_file(c: &Connection, path: &Path, len: usize) -> Result<Vec<u8>, Error> {
     let fail = |msg: String| Error::Sqlite {
         path: path.display().to_string(),
         msg,
     };
     let file = super::moved::main_file(c).ok_or_else(|| fail("no file handle".into()))?;
-    // SAFETY: `file` is the open sqlite3_file of `c`'s main database, which
-    // stays open while `c` is borrowed; its methods are SQLite's VFS's.
-    let read = unsafe { (*file).pMethods.as_ref() }
-        .and_then(|m| m.xRead)
-        .ok_or_else(|| fail("the file handle cannot read".into()))?;
     let mut buf = vec![0u8; len];
     for (i, chunk) in buf.chunks_mut(READ_CHUNK).enumerate() {
-        let n = std::ffi::c_int::try_from(chunk.len())
-            .map_err(|_| fail("read chunk too large".into()))?;
-        let at = (i * READ_CHUNK) as ffi::sqlite3_int64;
-        // SAFETY: `chunk` is `n` writable bytes; `file` is valid (above), read
-        // on the connection's own thread while its read transaction holds the
-        // file's SHARED lock, as SQLite's pager does.
-        let rc = unsafe { read(file, chunk.as_mut_ptr().cast(), n, at) };
-        if rc != ffi::SQLITE_OK {
-            return Err(fail(format!("copy at byte {at} failed (code {rc})")));
-        }
+        super::whole::read_at(file, chunk, (i * READ_CHUNK) as u64).map_err(fail)?;
     }
     Ok(buf)
 }

@@ -250,7 +250,7 @@ const HASH_BATCH: usize = 1024;
 
 /// Appends the hashes of the whole pages of `batch` (of `size` bytes each),
 /// numbered on from `hashes.len() + 1`.
-fn hash_batch(hashes: &mut Vec<[u8; 32]>, batch: &[u8], size: usize) {
+pub(super) fn hash_batch(hashes: &mut Vec<[u8; 32]>, batch: &[u8], size: usize) {
     use rayon::prelude::*;
     let first = hashes.len() as u32 + 1;
     let mut out: Vec<[u8; 32]> = batch
@@ -277,8 +277,11 @@ mod tests;
 mod tests_cut;
 #[cfg(test)]
 mod tests_moved;
+#[cfg(test)]
+mod tests_whole;
 mod track;
 mod wal;
+mod whole;
 
 pub use conn::CHECKPOINT_BYTES;
 pub(crate) use conn::{FileStamp, RACY_NS, Seen};

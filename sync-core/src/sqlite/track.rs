@@ -25,9 +25,12 @@ impl LiveDb {
             self.wal = WalPos::default();
             None
         };
+        // The snapshot reads every page from the file when the log held no
+        // frame under the cut's lock (`whole.rs`).
+        let direct = !wal_mode || self.wal_seen.is_some_and(|s| s.size == 0);
         let changed = if !self.has_snapshot || page_size != self.page_size {
             self.page_size = page_size;
-            self.hashes = self.cut_hashes()?;
+            self.hashes = self.cut_hashes(count, direct, None)?.0;
             self.history.clear();
             (1..=self.hashes.len() as u32).collect()
         } else {
@@ -43,7 +46,7 @@ impl LiveDb {
                 }
                 _ => None,
             };
-            self.changed_pages(count, candidates, keep)?
+            self.changed_pages(count, candidates, direct, keep)?
         };
         self.wal_mode = wal_mode;
         self.change_counter = counter;
@@ -55,10 +58,12 @@ impl LiveDb {
     /// Rehashes the pages among `candidates` (every page when `None`) and
     /// those past the old end; returns the pages whose hash changed. Changed
     /// pages read one by one are kept in `fresh` while `keep` bytes last.
+    /// `direct`: every page may be read straight from the file (`whole.rs`).
     pub(super) fn changed_pages(
         &mut self,
         count: u32,
         candidates: Option<BTreeSet<u32>>,
+        direct: bool,
         keep: &mut u64,
     ) -> Result<BTreeSet<u32>, Error> {
         let mut changed = BTreeSet::new();
@@ -86,7 +91,13 @@ impl LiveDb {
                 }
             }
             None => {
-                let hashes = self.cut_hashes()?;
+                // the changed pages read to hash them are kept, as above
+                let keep = super::whole::Keep {
+                    old: &self.hashes,
+                    budget: keep,
+                };
+                let (hashes, fresh) = self.cut_hashes(count, direct, Some(keep))?;
+                self.fresh.extend(fresh);
                 for (i, (a, b)) in self.hashes.iter().zip(&hashes).enumerate() {
                     if a != b {
                         changed.insert(i as u32 + 1);
