@@ -24,6 +24,29 @@ struct Flat {
 /// (a tree's bulk is rarely right below its root).
 pub(super) const DEPTH: usize = 3;
 
+/// Threads that walk at once, at most: each holds up to
+/// [`super::FD_DEPTH`] directories open, and a tree as deep as a local user
+/// cares to make must not run a many-core host out of descriptors.
+pub(super) const THREADS: usize = 4;
+
+// Half of the common default limit of 1,024 descriptors at most.
+const _: () = assert!(THREADS * super::FD_DEPTH <= 512);
+
+/// The walk's own threads (not the global pool's, one per core); `None`
+/// when none could be made.
+pub(super) fn pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cores.clamp(1, THREADS))
+            .thread_name(|i| format!("scan-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
 /// The path of `name` in `dir` (an error names it when it is no path).
 pub(super) fn child(dir: &RelPath, name: &[u8]) -> Result<RelPath, Error> {
     dir.join(name).map_err(|e| {

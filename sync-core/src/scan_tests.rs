@@ -435,3 +435,11 @@ fn the_parallel_walk_gives_the_single_threaded_walks_manifest() {
     };
     assert_eq!(hashed(&rp), hashed(&r1));
 }
+
+/// The walk's threads are capped: each may hold a deep tree's directories
+/// open, and a many-core host must not run out of descriptors.
+#[test]
+fn the_walk_runs_on_a_few_threads_at_most() {
+    let pool = par::pool().expect("the walk's pool");
+    assert!((1..=par::THREADS).contains(&pool.current_num_threads()));
+}
