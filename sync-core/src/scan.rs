@@ -105,14 +105,7 @@ pub fn scan_subtree(
 ) -> Result<(Vec<Entry>, ScanReport), Error> {
     let mut w = Walker::new(root, opts, index);
     if w.visit(rel)? == Some(true) {
-        match par::pool() {
-            Some(pool) => pool.install(|| w.walk(rel))?,
-            // no thread could be made: one walks
-            None => {
-                w.parallel = false;
-                w.walk(rel)?;
-            }
-        }
+        w.walk_pooled(rel)?;
     }
     w.finish()
 }

@@ -58,6 +58,17 @@ pub(super) fn child(dir: &RelPath, name: &[u8]) -> Result<RelPath, Error> {
 }
 
 impl Walker<'_> {
+    /// [`Walker::walk`] on the walk's pool (with no pool, one walks).
+    pub(super) fn walk_pooled(&mut self, dir: &RelPath) -> Result<(), Error> {
+        match pool() {
+            Some(pool) => pool.install(|| self.walk(dir)),
+            None => {
+                self.parallel = false;
+                self.walk(dir)
+            }
+        }
+    }
+
     /// [`Walker::walk_dir`] with `dir`'s subtrees walked in parallel.
     pub(super) fn walk_dir_par(
         &mut self,
