@@ -9,7 +9,7 @@
 
 use anyhow::{Context, Result};
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use sync_core::index::HashIndex;
 use sync_core::sqlite::LiveSet;
@@ -93,16 +93,7 @@ fn replace_file(path: &Path, bytes: &[u8]) -> Result<bool> {
     if same_content(path, bytes) {
         return Ok(false);
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".push-state-")
-        .permissions(std::fs::Permissions::from_mode(0o600))
-        .tempfile_in(dir)
-        .with_context(|| format!("state directory {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .and_then(|()| tmp.as_file().sync_data())
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.persist(path)
+    sync_core::apply::write_atomic(path, |w| w.write_all(bytes))
         .with_context(|| format!("saving {}", path.display()))?;
     Ok(true)
 }

@@ -42,6 +42,7 @@ pub use round::Staged;
 pub mod order;
 mod tables;
 mod tables_file;
+pub use tables_file::write_atomic;
 
 use crate::sqlite::PageTable;
 use crate::{Entry, Error, Kind, Meta, RelPath};

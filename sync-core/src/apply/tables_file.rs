@@ -337,8 +337,8 @@ fn encode(root: &[u8], keep: &BTreeMap<RelPath, Saved>, w: &mut impl Write) -> s
 
 /// Replaces `file` with what `fill` writes: a temp file beside it (mode
 /// 0600), fsync, rename over, fsync of the directory (created, mode 0700,
-/// when missing).
-fn write_atomic(
+/// when missing). The state files of both crates are written by it.
+pub fn write_atomic(
     file: &Path,
     fill: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
