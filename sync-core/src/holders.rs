@@ -195,12 +195,14 @@ mod tests {
         Reap(child)
     }
 
-    /// Polls `f` until it reports `pid` (the child needs a moment to open).
+    /// Polls `f` until it reports `pid` as `sleep` (the child needs a moment
+    /// to open the file, and then to exec).
     fn wait_for(pid: u32, f: impl Fn() -> Vec<Holder>) -> Vec<Holder> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let h = f();
-            if h.iter().any(|h| h.pid == pid) || Instant::now() > deadline {
+            let ready = h.iter().any(|h| h.pid == pid && h.command == "sleep");
+            if ready || Instant::now() > deadline {
                 return h;
             }
             std::thread::sleep(Duration::from_millis(20));
