@@ -15,9 +15,11 @@
 //! the cut's (`idle.rs`).
 
 use super::live::LiveDb;
+use super::whole::{Hashed, Keep, Pages};
 use super::{read_page, sql_err};
 use crate::Error;
 use rusqlite::Connection;
+use std::collections::BTreeSet;
 use std::path::Path;
 
 /// Bytes of rollback-journal databases a cut may copy into memory so as to let
@@ -160,35 +162,48 @@ impl LiveDb {
     }
 
     /// Every page hash of the cut (`count` pages), from the copy or the open
-    /// snapshot; straight from the file when the snapshot reads no page
-    /// from a log (`direct`: `whole.rs`), and then with the pages `keep`
-    /// allows.
+    /// snapshot: straight from the file but for the pages of `overlay`
+    /// (`whole.rs`), or, without one, through `sqlite_dbpage`. With `keep`,
+    /// pages whose quick hash did not change keep their blake3 hash, and the
+    /// changed ones are kept while its budget lasts.
     pub(super) fn cut_hashes(
         &self,
         count: u32,
-        direct: bool,
-        keep: Option<super::whole::Keep<'_>>,
-    ) -> Result<(Vec<[u8; 32]>, super::whole::Pages), Error> {
+        overlay: Option<&BTreeSet<u32>>,
+        keep: Option<Keep<'_>>,
+    ) -> Result<Hashed, Error> {
         #[cfg(test)]
         BEFORE_HASHING.with(|h| {
             if let Some(f) = h.borrow_mut().as_mut() {
                 f(&self.path);
             }
         });
-        match &self.copy {
-            Some(copy) => Ok(copy
-                .chunks(self.page_size.max(1) as usize)
-                .enumerate()
-                .map(|(i, p)| super::page_hash(i as u32 + 1, p))
-                .collect::<Vec<_>>())
-            .map(|h| (h, Default::default())),
-            None => {
+        let seed = self.quick_seed;
+        match (&self.copy, overlay) {
+            (Some(copy), _) => {
+                let size = self.page_size.max(1) as usize;
+                let mut out = Vec::with_capacity(copy.len() / size);
+                let strong = super::hash_pages(&mut out, copy, size, seed, keep.map(|k| k.prior));
+                super::whole::count_strong(strong);
+                let (strong, quick) = out.into_iter().unzip();
+                Ok(Hashed {
+                    strong,
+                    quick,
+                    fresh: Pages::new(),
+                })
+            }
+            (None, Some(overlay)) => {
                 let r = super::live::reader_of(&self.conns, &self.path)?;
-                if direct {
-                    super::whole::file_hashes(r, &self.path, self.page_size, count, keep)
-                } else {
-                    super::all_hashes(r, &self.path).map(|(_, h)| (h, Default::default()))
-                }
+                super::whole::file_hashes(r, &self.path, self.page_size, count, seed, overlay, keep)
+            }
+            (None, None) => {
+                let r = super::live::reader_of(&self.conns, &self.path)?;
+                let (_, strong) = super::all_hashes(r, &self.path)?;
+                super::whole::count_strong(strong.len() as u64);
+                Ok(Hashed {
+                    strong,
+                    ..Hashed::default()
+                })
             }
         }
     }

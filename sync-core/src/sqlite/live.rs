@@ -3,8 +3,8 @@
 use super::conn::{Conns, FileStamp, Seen, side_path};
 use super::copy::{COPY_BUDGET, Head};
 use super::idle::next_seen;
+use super::sql_err;
 use super::wal::{WalPos, wal_frames};
-use super::{read_page, sql_err};
 use crate::{Error, RelPath};
 use rusqlite::Connection;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -81,6 +81,11 @@ pub(super) struct LiveDb {
     pub(super) wal_mode: bool,
     pub(super) page_size: u32,
     pub(super) hashes: Vec<[u8; 32]>,
+    /// Each page's quick hash with `hashes` (empty when not known): a page
+    /// whose quick hash did not change keeps its blake3 hash (`whole.rs`).
+    pub(super) quick: Vec<u64>,
+    /// The seed of `quick`: random, and kept with it.
+    pub(super) quick_seed: u64,
     pub(super) hash: [u8; 32],
     /// Whether `hashes` describe a snapshot (false until the first cut).
     pub(super) has_snapshot: bool,
@@ -113,6 +118,8 @@ impl LiveDb {
             wal_mode: false,
             page_size: 0,
             hashes: Vec::new(),
+            quick: Vec::new(),
+            quick_seed: rand::random(),
             hash: [0; 32],
             has_snapshot: false,
             change_counter: [0; 4],
@@ -211,68 +218,6 @@ impl LiveDb {
             .flatten()
         {
             c.close(&self.path);
-        }
-    }
-
-    /// Reads ahead the pages a replica holding any remembered cut can ask for
-    /// (every page when `all`, or when there is no remembered cut to go by)
-    /// and lets the snapshot go, when they fit in `budget` (which they use
-    /// up); otherwise the snapshot stays open for the round. A replica at
-    /// another state gets its other pages read later and checked
-    /// (`idle.rs`).
-    fn release(&mut self, all: bool, budget: &mut u64) -> Result<(), Error> {
-        if self.conns.is_none() || self.cache.is_some() {
-            return Ok(());
-        }
-        if self.copy.is_some() {
-            // the round is served from the copy
-            if let Some(c) = self.conns.take() {
-                c.close(&self.path);
-            }
-            return Ok(());
-        }
-        if self.conns.as_ref().is_some_and(|c| !c.reading) {
-            // found unchanged: pages are read, if asked for, in short read
-            // transactions that check it still is
-            return Ok(());
-        }
-        let count = self.hashes.len() as u32;
-        let pages: Vec<u32> = match self.history.front() {
-            Some((_, since)) if !all && self.history.len() > 1 => {
-                since.iter().copied().filter(|&p| p <= count).collect()
-            }
-            _ => (1..=count).collect(),
-        };
-        let bytes = pages.len() as u64 * u64::from(self.page_size);
-        if bytes > *budget {
-            return Ok(());
-        }
-        *budget -= bytes;
-        let r = reader_of(&self.conns, &self.path)?;
-        let mut fresh = std::mem::take(&mut self.fresh);
-        let mut cache = BTreeMap::new();
-        for p in pages {
-            let page = match fresh.remove(&p) {
-                Some(page) => page,
-                None => read_page(r, &self.path, p)?,
-            };
-            cache.insert(p, page);
-        }
-        if let Some(c) = self.conns.take() {
-            c.close(&self.path);
-        }
-        self.cache = Some(cache);
-        Ok(())
-    }
-
-    /// Page `pgno` of the current snapshot.
-    pub(super) fn page(&self, pgno: u32) -> Result<Vec<u8>, Error> {
-        match &self.cache {
-            Some(c) => match c.get(&pgno) {
-                Some(p) => Ok(p.clone()),
-                None => self.lazy_page(pgno),
-            },
-            None => self.cut_page(pgno),
         }
     }
 }

@@ -245,6 +245,70 @@ pub(crate) fn all_hashes(c: &Connection, path: &Path) -> Result<(u32, Vec<[u8; 3
     Ok((page_size, hashes))
 }
 
+/// The quick hash of a page: xxh3-64 with a seed of the cut state's own
+/// (`LiveDb::quick_seed`). It only tells a cut which pages need their blake3
+/// hash computed again, as rsync (3.2 on) uses xxh3 to tell files apart: a
+/// page whose quick hash is the one the last cut recorded keeps that cut's
+/// blake3 hash. xxh3 is not a cryptographic hash; the seed is random and
+/// never leaves the host, so a collision cannot be built in advance, and page 1
+/// (whose hash skips the change counter) is always hashed with blake3.
+#[must_use]
+pub(super) fn quick_hash(seed: u64, data: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(data, seed)
+}
+
+/// A cut's previous page table, to hash a new snapshot against:
+/// `strong[i]`, `quick[i]` describe page `i + 1` (`quick` is empty when
+/// unknown).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Prior<'a> {
+    pub strong: &'a [[u8; 32]],
+    pub quick: &'a [u64],
+    pub seed: u64,
+}
+
+impl Prior<'_> {
+    /// Page `pgno`'s blake3 hash, should its quick hash `q` be the one
+    /// recorded with it.
+    fn strong_if_same(&self, pgno: u32, q: u64) -> Option<[u8; 32]> {
+        let i = (pgno as usize).checked_sub(1)?;
+        (pgno > 1 && self.quick.len() == self.strong.len() && self.quick.get(i) == Some(&q))
+            .then(|| self.strong.get(i).copied())
+            .flatten()
+    }
+}
+
+/// The blake3 and quick hashes of the whole pages of `batch` (of `size`
+/// bytes each, numbered from `first`), on every core, appended to `out`; a
+/// page whose quick hash is `prior`'s keeps `prior`'s blake3 hash without
+/// computing it. Returns how many pages were hashed with blake3.
+pub(super) fn hash_pages(
+    out: &mut Vec<([u8; 32], u64)>,
+    batch: &[u8],
+    size: usize,
+    seed: u64,
+    prior: Option<Prior<'_>>,
+) -> u64 {
+    use rayon::prelude::*;
+    let first = out.len() as u32 + 1;
+    let prior = prior.filter(|p| p.seed == seed);
+    let hashed: Vec<([u8; 32], u64, bool)> = batch
+        .par_chunks(size)
+        .enumerate()
+        .map(|(i, page)| {
+            let pgno = first + i as u32;
+            let q = quick_hash(seed, page);
+            match prior.and_then(|p| p.strong_if_same(pgno, q)) {
+                Some(h) => (h, q, false),
+                None => (page_hash(pgno, page), q, true),
+            }
+        })
+        .collect();
+    let strong = hashed.iter().filter(|h| h.2).count() as u64;
+    out.extend(hashed.into_iter().map(|(h, q, _)| (h, q)));
+    strong
+}
+
 /// Pages hashed at once by [`all_hashes`].
 const HASH_BATCH: usize = 1024;
 

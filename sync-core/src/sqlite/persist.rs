@@ -22,7 +22,8 @@ use std::collections::BTreeSet;
 /// Bumped when the saved layout changes: an older file is ignored.
 /// 2: the page table as one byte string (format 1 carried each hash as a
 /// 32-element tuple: 60-80 ms to decode the 263k pages of a 1 GB database).
-const FORMAT: u32 = 2;
+/// 3: each page's quick hash and their seed (`whole.rs`).
+const FORMAT: u32 = 3;
 
 /// The file's layout; it borrows the page tables both ways (from the set when
 /// saving, from the read bytes when restoring), so neither copies them twice.
@@ -43,6 +44,11 @@ struct SavedDb<'a> {
     /// The page hashes, 32 bytes each, in page order.
     #[serde(borrow, with = "serde_bytes")]
     pages: &'a [u8],
+    /// The pages' quick hashes, 8 bytes each (little-endian), in page order,
+    /// or none.
+    #[serde(with = "serde_bytes")]
+    quick: Vec<u8>,
+    quick_seed: u64,
     hash: [u8; 32],
     change_counter: [u8; 4],
     wal_mode: bool,
@@ -69,6 +75,8 @@ impl LiveSet {
                 path: p.clone(),
                 page_size: d.page_size,
                 pages: d.hashes.as_flattened(),
+                quick: d.quick.iter().flat_map(|q| q.to_le_bytes()).collect(),
+                quick_seed: d.quick_seed,
                 hash: d.hash,
                 change_counter: d.change_counter,
                 wal_mode: d.wal_mode,
@@ -88,7 +96,11 @@ impl LiveSet {
             dbs,
         };
         // One allocation of the right size: the tables are most of it.
-        let tables: usize = saved.dbs.iter().map(|d| d.pages.len() + 64).sum();
+        let tables: usize = saved
+            .dbs
+            .iter()
+            .map(|d| d.pages.len() + d.quick.len() + 64)
+            .sum();
         let mut out = Vec::with_capacity(tables + 4096);
         bincode::serde::encode_into_std_write(&saved, &mut out, bincode::config::standard())
             .map_err(|e| Error::invalid(self.root().display(), format!("saving cut state: {e}")))?;
@@ -114,9 +126,12 @@ impl LiveSet {
                 continue;
             };
             let (hashes, rest) = s.pages.as_chunks::<32>();
+            let (quick, quick_rest) = s.quick.as_chunks::<8>();
             let sound = db.conns.is_none()
                 && !db.has_snapshot
                 && rest.is_empty()
+                && quick_rest.is_empty()
+                && (quick.is_empty() || quick.len() == hashes.len())
                 && proto::valid_page_size(s.page_size)
                 && hashes.len() <= proto::MAX_DB_PAGES as usize
                 && db_hash(s.page_size, hashes) == s.hash
@@ -126,6 +141,10 @@ impl LiveSet {
             }
             db.page_size = s.page_size;
             db.hashes = hashes.to_vec();
+            // A quick hash saved wrong matches a page's content by chance
+            // only (one in 2^64): it costs that page hashed again.
+            db.quick = quick.iter().map(|q| u64::from_le_bytes(*q)).collect();
+            db.quick_seed = s.quick_seed;
             db.hash = s.hash;
             db.change_counter = s.change_counter;
             db.wal_mode = s.wal_mode;

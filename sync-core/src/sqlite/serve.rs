@@ -1,8 +1,10 @@
 //! What a round asks of the source's cut: a database's snapshot, the pages a
 //! replica needs, and the pages themselves.
 
-use super::live::LiveSet;
+use super::live::{LiveDb, LiveSet, reader_of};
+use super::read_page;
 use crate::{Error, RelPath};
+use std::collections::BTreeMap;
 
 /// A database's snapshot as the manifest shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,5 +83,69 @@ impl LiveSet {
             msg: "not a tracked database".into(),
         })?;
         db.page(pgno)
+    }
+}
+
+impl LiveDb {
+    /// Reads ahead the pages a replica holding any remembered cut can ask for
+    /// (every page when `all`, or when there is no remembered cut to go by)
+    /// and lets the snapshot go, when they fit in `budget` (which they use
+    /// up); otherwise the snapshot stays open for the round. A replica at
+    /// another state gets its other pages read later and checked
+    /// (`idle.rs`).
+    pub(super) fn release(&mut self, all: bool, budget: &mut u64) -> Result<(), Error> {
+        if self.conns.is_none() || self.cache.is_some() {
+            return Ok(());
+        }
+        if self.copy.is_some() {
+            // the round is served from the copy
+            if let Some(c) = self.conns.take() {
+                c.close(&self.path);
+            }
+            return Ok(());
+        }
+        if self.conns.as_ref().is_some_and(|c| !c.reading) {
+            // found unchanged: pages are read, if asked for, in short read
+            // transactions that check it still is
+            return Ok(());
+        }
+        let count = self.hashes.len() as u32;
+        let pages: Vec<u32> = match self.history.front() {
+            Some((_, since)) if !all && self.history.len() > 1 => {
+                since.iter().copied().filter(|&p| p <= count).collect()
+            }
+            _ => (1..=count).collect(),
+        };
+        let bytes = pages.len() as u64 * u64::from(self.page_size);
+        if bytes > *budget {
+            return Ok(());
+        }
+        *budget -= bytes;
+        let r = reader_of(&self.conns, &self.path)?;
+        let mut fresh = std::mem::take(&mut self.fresh);
+        let mut cache = BTreeMap::new();
+        for p in pages {
+            let page = match fresh.remove(&p) {
+                Some(page) => page,
+                None => read_page(r, &self.path, p)?,
+            };
+            cache.insert(p, page);
+        }
+        if let Some(c) = self.conns.take() {
+            c.close(&self.path);
+        }
+        self.cache = Some(cache);
+        Ok(())
+    }
+
+    /// Page `pgno` of the current snapshot.
+    pub(super) fn page(&self, pgno: u32) -> Result<Vec<u8>, Error> {
+        match &self.cache {
+            Some(c) => match c.get(&pgno) {
+                Some(p) => Ok(p.clone()),
+                None => self.lazy_page(pgno),
+            },
+            None => self.cut_page(pgno),
+        }
     }
 }

@@ -4,6 +4,7 @@
 use super::tests::{assert_same, replica_hash, ship_and_end, wal_source};
 use super::whole::FILE_PAGES;
 use super::*;
+use super::{Prior, conn, copy, hash_pages, wal, whole};
 use rusqlite::Connection;
 use std::path::Path;
 
@@ -17,6 +18,15 @@ fn log(path: &Path) -> std::path::PathBuf {
     p.into()
 }
 
+/// A WAL source with no writer left open, cut and shipped once.
+fn shipped(t: &Path) -> (std::path::PathBuf, std::path::PathBuf, crate::RelPath, LiveSet) {
+    let (src, dst, w, rel, mut live) = wal_source(t);
+    drop(w);
+    live.cut().unwrap();
+    ship_and_end(&mut live, &rel, &dst);
+    (src, dst, rel, live)
+}
+
 /// A writer that changed, grew, then shrank the database and checkpointed
 /// it on its close (the log that named the pages is gone): each cut hashes
 /// every page straight from the file, and finds what a fresh connection
@@ -24,10 +34,7 @@ fn log(path: &Path) -> std::path::PathBuf {
 #[test]
 fn a_database_checkpointed_between_cuts_is_hashed_from_its_file() {
     let t = tempfile::tempdir().unwrap();
-    let (src, dst, w, rel, mut live) = wal_source(t.path());
-    drop(w);
-    live.cut().unwrap();
-    ship_and_end(&mut live, &rel, &dst);
+    let (src, dst, rel, mut live) = shipped(t.path());
     file_pages();
     let steps = [
         // changed and grown
@@ -66,10 +73,11 @@ fn a_database_checkpointed_between_cuts_is_hashed_from_its_file() {
 }
 
 /// A snapshot that reads pages from its log (a writer's commits not yet
-/// checkpointed, a database cut for the first time) is never hashed from
-/// the file alone.
+/// checkpointed) is hashed from the file but for the pages the log names,
+/// which are read through SQLite; with those pages taken from the file
+/// instead, its hash would be another.
 #[test]
-fn a_log_with_frames_is_read_through_sqlite() {
+fn a_log_with_frames_overlays_the_file() {
     let t = tempfile::tempdir().unwrap();
     let (src, dst, w, rel, mut live) = wal_source(t.path());
     w.execute_batch(
@@ -77,15 +85,32 @@ fn a_log_with_frames_is_read_through_sqlite() {
          UPDATE t SET v = randomblob(300) WHERE k % 3 = 0;",
     )
     .unwrap();
-    assert!(std::fs::metadata(log(&src)).unwrap().len() > 0);
+    let in_log = wal::log_pages(&log(&src), std::fs::metadata(log(&src)).unwrap().len()).unwrap();
+    assert!(!in_log.is_empty());
     file_pages();
+    PAGES_READ.with(|n| n.set(0));
     live.cut().unwrap();
-    assert_eq!(file_pages(), 0);
-    assert_eq!(live.snapshot(&rel).unwrap().hash, replica_hash(&src));
+    let snap = live.snapshot(&rel).unwrap();
+    assert_eq!(file_pages(), u64::from(snap.pages));
+    // and page 1, for the header
+    assert_eq!(
+        PAGES_READ.with(std::cell::Cell::get),
+        in_log.len() as u64 + 1
+    );
+    assert_eq!(snap.hash, replica_hash(&src));
     ship_and_end(&mut live, &rel, &dst);
     assert_same(&src, &dst);
+    // the file's own pages differ from the snapshot's where the log names them
+    let file = std::fs::read(&src).unwrap();
+    let page = |p: u32| &file[(p as usize - 1) * 4096..p as usize * 4096];
+    let last = live.dbs[&rel].hashes.clone();
+    assert!(
+        in_log
+            .iter()
+            .any(|&p| page_hash(p, page(p)) != last[p as usize - 1])
+    );
     // the file is written by a checkpoint, the log keeps new frames: every
-    // page is compared, through SQLite
+    // page is compared, the log's through SQLite
     w.execute_batch(
         "PRAGMA wal_checkpoint(TRUNCATE);
          UPDATE t SET v = randomblob(300) WHERE k % 5 = 0;
@@ -95,8 +120,162 @@ fn a_log_with_frames_is_read_through_sqlite() {
     .unwrap();
     let c = live.cut().unwrap();
     assert_eq!(c.changed, vec![rel.clone()]);
-    assert_eq!(file_pages(), 0);
+    assert_eq!(file_pages(), u64::from(live.snapshot(&rel).unwrap().pages));
     assert_eq!(live.snapshot(&rel).unwrap().hash, replica_hash(&src));
     ship_and_end(&mut live, &rel, &dst);
     assert_same(&src, &dst);
+}
+
+/// While a cut hashes a snapshot that reads from its log, the writer commits
+/// more and checkpoints: the cut is still the snapshot's state.
+#[test]
+fn commits_and_checkpoints_while_hashing_leave_the_cut_alone() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, w, rel, mut live) = wal_source(t.path());
+    w.execute_batch("PRAGMA wal_autocheckpoint = 0;").unwrap();
+    live.cut().unwrap();
+    ship_and_end(&mut live, &rel, &dst);
+    // the log is checkpointed and written anew: the next cut compares all
+    w.execute_batch(
+        "UPDATE t SET v = randomblob(300) WHERE k % 4 = 0;
+         PRAGMA wal_checkpoint(TRUNCATE);
+         UPDATE t SET v = randomblob(300) WHERE k % 6 = 0;",
+    )
+    .unwrap();
+    let expected = std::rc::Rc::new(std::cell::Cell::new([0u8; 32]));
+    let (seen, hook_src) = (expected.clone(), src.clone());
+    copy::BEFORE_HASHING.with(|h| {
+        *h.borrow_mut() = Some(Box::new(move |_: &Path| {
+            seen.set(replica_hash(&hook_src));
+            let c = Connection::open(&hook_src).unwrap();
+            c.execute_batch(
+                "PRAGMA wal_checkpoint(PASSIVE);
+                 UPDATE t SET v = randomblob(300) WHERE k % 5 = 0;
+                 DELETE FROM t WHERE k > 1500;
+                 PRAGMA wal_checkpoint(PASSIVE);",
+            )
+            .unwrap();
+        }));
+    });
+    file_pages();
+    let c = live.cut();
+    copy::BEFORE_HASHING.with(|h| h.borrow_mut().take());
+    assert_eq!(c.unwrap().changed, vec![rel.clone()]);
+    assert!(file_pages() > 0);
+    assert_eq!(live.snapshot(&rel).unwrap().hash, expected.get());
+    ship_and_end(&mut live, &rel, &dst);
+    let c = live.cut().unwrap();
+    assert_eq!(c.changed, vec![rel.clone()]);
+    ship_and_end(&mut live, &rel, &dst);
+    assert_same(&src, &dst);
+}
+
+fn strong_pages() -> u64 {
+    whole::STRONG_PAGES.with(std::cell::Cell::take)
+}
+
+/// A cut that compares every page computes blake3 only for the pages whose
+/// quick hash moved (and page 1); a page changed and changed back between
+/// two such cuts, with a cut from the log in between, is still found.
+#[test]
+fn a_whole_compare_rehashes_only_what_changed() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, rel, mut live) = shipped(t.path());
+    let pages = u64::from(live.snapshot(&rel).unwrap().pages);
+    assert!(pages > 100);
+    let original: Vec<u8> = Connection::open(&src)
+        .unwrap()
+        .query_row("SELECT v FROM t WHERE k = 150", [], |r| r.get(0))
+        .unwrap();
+    strong_pages();
+    file_pages();
+    // a checkpoint on close: every page compared, two or three rehashed
+    Connection::open(&src)
+        .unwrap()
+        .execute_batch("UPDATE t SET v = x'00' WHERE k = 150;")
+        .unwrap();
+    // past the racy window: the next cut trusts the file's stamp
+    std::thread::sleep(std::time::Duration::from_nanos(2 * conn::RACY_NS as u64));
+    let c = live.cut().unwrap();
+    assert_eq!(file_pages(), pages);
+    assert!(strong_pages() <= 3, "blake3 of more than the changed pages");
+    assert!(c.pages_changed >= 1);
+    assert_eq!(live.snapshot(&rel).unwrap().hash, replica_hash(&src));
+    ship_and_end(&mut live, &rel, &dst);
+    // changed back through the log (the pages the log names are rehashed)
+    let hook = Connection::open(&src).unwrap();
+    hook.execute("UPDATE t SET v = ?1 WHERE k = 150", [&original])
+        .unwrap();
+    let c = live.cut().unwrap();
+    assert_eq!(file_pages(), 0, "a cut from the log reads no whole file");
+    assert!(c.pages_changed >= 1);
+    ship_and_end(&mut live, &rel, &dst);
+    // and changed again, checkpointed on close: the page's content is what
+    // it was two cuts ago, its hash is not the last cut's
+    hook.execute("UPDATE t SET v = x'00' WHERE k = 150", [])
+        .unwrap();
+    drop(hook);
+    assert!(!log(&src).exists());
+    let c = live.cut().unwrap();
+    assert_eq!(file_pages(), pages);
+    assert!(c.pages_changed >= 1, "{c:?}");
+    assert_eq!(live.snapshot(&rel).unwrap().hash, replica_hash(&src));
+    ship_and_end(&mut live, &rel, &dst);
+    assert_same(&src, &dst);
+}
+
+/// A page table's quick hashes vouch only for the pages whose content gives
+/// them, under their own seed: a wrong one, or another seed, and blake3 is
+/// computed.
+#[test]
+fn quick_hashes_vouch_only_for_their_own_content() {
+    let pages: Vec<u8> = (0..8 * 512).map(|i| (i % 251) as u8).collect();
+    let (seed, size) = (7, 512);
+    let mut first = Vec::new();
+    assert_eq!(hash_pages(&mut first, &pages, size, seed, None), 8);
+    let (strong, mut quick): (Vec<[u8; 32]>, Vec<u64>) = first.iter().copied().unzip();
+    fn with<'a>(strong: &'a [[u8; 32]], quick: &'a [u64], seed: u64) -> Option<Prior<'a>> {
+        Some(Prior {
+            strong,
+            quick,
+            seed,
+        })
+    }
+    let mut again = Vec::new();
+    // all but page 1 vouched for
+    assert_eq!(
+        hash_pages(&mut again, &pages, size, seed, with(&strong, &quick, seed)),
+        1
+    );
+    assert_eq!(again, first);
+    again.clear();
+    assert_eq!(
+        hash_pages(
+            &mut again,
+            &pages,
+            size,
+            seed + 1,
+            with(&strong, &quick, seed)
+        ),
+        8
+    );
+    quick[3] ^= 1;
+    again.clear();
+    assert_eq!(
+        hash_pages(&mut again, &pages, size, seed, with(&strong, &quick, seed)),
+        2
+    );
+    assert_eq!(again[3].0, strong[3]);
+    // a table of another length vouches for nothing
+    again.clear();
+    assert_eq!(
+        hash_pages(
+            &mut again,
+            &pages,
+            size,
+            seed,
+            with(&strong, &quick[..4], seed)
+        ),
+        8
+    );
 }

@@ -25,12 +25,11 @@ impl LiveDb {
             self.wal = WalPos::default();
             None
         };
-        // The snapshot reads every page from the file when the log held no
-        // frame under the cut's lock (`whole.rs`).
-        let direct = !wal_mode || self.wal_seen.is_some_and(|s| s.size == 0);
         let changed = if !self.has_snapshot || page_size != self.page_size {
             self.page_size = page_size;
-            self.hashes = self.cut_hashes(count, direct, None)?.0;
+            let overlay = self.overlay(wal_mode);
+            let hashed = self.cut_hashes(count, overlay.as_ref(), None)?;
+            (self.hashes, self.quick) = (hashed.strong, hashed.quick);
             self.history.clear();
             (1..=self.hashes.len() as u32).collect()
         } else {
@@ -46,7 +45,7 @@ impl LiveDb {
                 }
                 _ => None,
             };
-            self.changed_pages(count, candidates, direct, keep)?
+            self.changed_pages(count, candidates, wal_mode, keep)?
         };
         self.wal_mode = wal_mode;
         self.change_counter = counter;
@@ -58,18 +57,23 @@ impl LiveDb {
     /// Rehashes the pages among `candidates` (every page when `None`) and
     /// those past the old end; returns the pages whose hash changed. Changed
     /// pages read one by one are kept in `fresh` while `keep` bytes last.
-    /// `direct`: every page may be read straight from the file (`whole.rs`).
+    /// The quick hashes are kept up to date with the blake3 ones.
     pub(super) fn changed_pages(
         &mut self,
         count: u32,
         candidates: Option<BTreeSet<u32>>,
-        direct: bool,
+        wal_mode: bool,
         keep: &mut u64,
     ) -> Result<BTreeSet<u32>, Error> {
         let mut changed = BTreeSet::new();
         let old_len = self.hashes.len() as u32;
         self.hashes.truncate(count as usize);
         self.hashes.resize(count as usize, [0; 32]);
+        if self.quick.len() != old_len as usize {
+            self.quick.clear();
+        } else {
+            self.quick.resize(count as usize, 0);
+        }
         match candidates {
             Some(c) => {
                 // Pages past the old end are new whatever the log says.
@@ -81,6 +85,9 @@ impl LiveDb {
                     let h = page_hash(pgno, &page);
                     if self.hashes[pgno as usize - 1] != h {
                         self.hashes[pgno as usize - 1] = h;
+                        if let Some(q) = self.quick.get_mut(pgno as usize - 1) {
+                            *q = super::quick_hash(self.quick_seed, &page);
+                        }
                         changed.insert(pgno);
                         // kept for the read-ahead (`LiveSet::release`)
                         if let Some(left) = keep.checked_sub(page.len() as u64) {
@@ -92,18 +99,23 @@ impl LiveDb {
             }
             None => {
                 // the changed pages read to hash them are kept, as above
+                let overlay = self.overlay(wal_mode);
                 let keep = super::whole::Keep {
-                    old: &self.hashes,
+                    prior: super::Prior {
+                        strong: &self.hashes[..old_len.min(count) as usize],
+                        quick: &self.quick[..self.quick.len().min(old_len.min(count) as usize)],
+                        seed: self.quick_seed,
+                    },
                     budget: keep,
                 };
-                let (hashes, fresh) = self.cut_hashes(count, direct, Some(keep))?;
-                self.fresh.extend(fresh);
-                for (i, (a, b)) in self.hashes.iter().zip(&hashes).enumerate() {
+                let hashed = self.cut_hashes(count, overlay.as_ref(), Some(keep))?;
+                self.fresh.extend(hashed.fresh);
+                for (i, (a, b)) in self.hashes.iter().zip(&hashed.strong).enumerate() {
                     if a != b {
                         changed.insert(i as u32 + 1);
                     }
                 }
-                self.hashes = hashes;
+                (self.hashes, self.quick) = (hashed.strong, hashed.quick);
             }
         }
         if count < old_len {
@@ -111,6 +123,17 @@ impl LiveDb {
             changed.insert(1);
         }
         Ok(changed)
+    }
+
+    /// The pages of this cut's snapshot not to be read from the database
+    /// file (`whole.rs`): those the log may hold; `None` when the log cannot
+    /// tell (every page is then read through SQLite).
+    fn overlay(&self, wal_mode: bool) -> Option<BTreeSet<u32>> {
+        if !wal_mode {
+            return Some(BTreeSet::new());
+        }
+        let limit = self.wal_seen.map_or(0, |s| s.size);
+        super::wal::log_pages(&super::conn::side_path(&self.path, "-wal"), limit)
     }
 
     /// Records the new content hash in the history; returns how many pages

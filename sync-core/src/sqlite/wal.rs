@@ -79,6 +79,41 @@ pub(crate) fn wal_frames(
     exact.then_some(pages)
 }
 
+/// Every page named by a frame of `wal`'s current generation within its
+/// first `limit` bytes (the log's size under the cut's lock), committed or
+/// not: the pages a snapshot taken then may read from the log, and maybe a
+/// few more (`whole.rs`). Read after the lock is released: the snapshot keeps
+/// those frames from being overwritten should it read any of them, and
+/// otherwise reads none. `None` when the log cannot be read.
+pub(crate) fn log_pages(wal: &Path, limit: u64) -> Option<BTreeSet<u32>> {
+    let (f, hdr) = match header(wal, limit) {
+        Ok(Some(h)) => h,
+        Ok(None) => return Some(BTreeSet::new()),
+        Err(()) => return None,
+    };
+    let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+    let page_size = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+    let page_size = if page_size == 1 { 65536 } else { page_size };
+    if magic & !1 != 0x377f_0682 || !proto::valid_page_size(page_size) {
+        return None;
+    }
+    let frame = 24 + u64::from(page_size);
+    let mut pages = BTreeSet::new();
+    let mut fh = [0u8; 24];
+    let mut i = 0u64;
+    while 32 + (i + 1) * frame <= limit {
+        // a log that shrank since was reset: its snapshot read no frame,
+        // but say so rather than guess
+        f.read_exact_at(&mut fh, 32 + i * frame).ok()?;
+        if fh[8..16] != hdr[16..24] {
+            break;
+        }
+        pages.insert(u32::from_be_bytes([fh[0], fh[1], fh[2], fh[3]]));
+        i += 1;
+    }
+    Some(pages)
+}
+
 /// The log file and its 32-byte header (`None`: no log, or an empty one;
 /// `Err`: a log that cannot be read).
 #[allow(clippy::result_unit_err)]

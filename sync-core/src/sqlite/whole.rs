@@ -1,24 +1,35 @@
-//! Every page hash of a snapshot that SQLite itself reads from the database
-//! file alone, read in large chunks through SQLite's own handle of the file
-//! while the chunks before are hashed on every core.
+//! Every page hash of a snapshot, read from the database file in large chunks
+//! through SQLite's own handle of the file while the chunks before are hashed
+//! on every core.
 //!
 //! `sqlite_dbpage` hands pages over one row at a time: a 4 KiB `pread`, a
 //! copy into SQLite's page cache, another into the row's blob and one more
 //! into the batch hashed (a 1 GB database: about 0.5 s of one core before
-//! any hashing). When the snapshot reads no page from the log (a WAL
-//! database whose log held no frame under the cut's lock, or a
-//! rollback-journal database under its SHARED lock), the database file holds
-//! exactly the snapshot's pages, and no checkpoint writes into it while the
-//! read transaction is open (a checkpointer takes `WAL_READ_LOCK(0)`, which
-//! such a reader holds, before it writes a page). The file is read with the
-//! VFS's `xRead` on the handle SQLite holds (no descriptor of ours is opened
-//! or closed: that would drop the process's POSIX locks), page by page as
-//! `sqlite_dbpage` sees it: the pending-byte page as zeros, pages past the
-//! file's end as zeros.
+//! any hashing). The file is read instead with the VFS's `xRead` on the
+//! handle SQLite holds (no descriptor of ours is opened or closed: that would
+//! drop the process's POSIX locks), page by page as `sqlite_dbpage` sees it:
+//! the pending-byte page as zeros, pages past the file's end as zeros.
+//!
+//! A snapshot's page is the file's, unless a log frame up to the snapshot's
+//! end names it: those pages (the *overlay*, every page named by a frame of
+//! the log's generation as it stood under the cut's lock: `wal::log_pages`)
+//! are read through `sqlite_dbpage`. The file's other pages do not move while
+//! the read transaction is open:
+//! - a reader that reads no frame holds `WAL_READ_LOCK(0)`, which a
+//!   checkpointer takes before it writes any page;
+//! - a reader that does read frames keeps the log from being reset (a restart
+//!   takes every other read lock), so its frames stay; a checkpoint copies
+//!   only frames up to the oldest reader's end, pages of the overlay, and
+//!   shrinks the file only when it copied the whole log, which such a reader
+//!   keeps it from.
+//!
+//! Each page's quick hash (`super::quick_hash`) is computed too; a page whose
+//! quick hash is the one the last cut recorded keeps that cut's blake3 hash.
 
+use super::{Prior, read_page};
 use crate::Error;
 use rusqlite::{Connection, ffi};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::mpsc;
 
@@ -34,29 +45,49 @@ thread_local! {
     /// Pages this thread hashed straight from a database file (tests count
     /// them).
     pub(super) static FILE_PAGES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// Pages a cut on this thread hashed with blake3 (tests count them).
+    pub(super) static STRONG_PAGES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// The page hashes a cut compares against, and how many bytes of the pages
+/// Adds to this thread's count of pages hashed with blake3 (tests).
+pub(super) fn count_strong(_n: u64) {
+    #[cfg(test)]
+    STRONG_PAGES.with(|c| c.set(c.get() + _n));
+}
+
+/// The page table a cut compares against, and how many bytes of the pages
 /// whose hash differs may be kept for the round's read-ahead.
 pub(super) struct Keep<'a> {
-    pub old: &'a [[u8; 32]],
+    pub prior: Prior<'a>,
     pub budget: &'a mut u64,
 }
 
 /// Pages kept by number.
 pub(super) type Pages = BTreeMap<u32, Vec<u8>>;
 
-/// The hashes of pages `1..=count` of `c`'s main database file, read in the
-/// read transaction `c` holds, which must read no page from a log (see the
-/// module docs): the same as [`super::all_hashes`] would give. With `keep`,
-/// also the pages whose hash is not the old one, while its budget lasts.
+/// A snapshot's page table, and the changed pages kept.
+#[derive(Debug, Default)]
+pub(super) struct Hashed {
+    pub strong: Vec<[u8; 32]>,
+    /// Empty when not computed.
+    pub quick: Vec<u64>,
+    pub fresh: Pages,
+}
+
+/// The hashes of pages `1..=count` of the snapshot `c`'s read transaction
+/// holds: the pages of `overlay` through `sqlite_dbpage`, every other page
+/// straight from the file (see the module docs); the same as
+/// [`super::all_hashes`] would give. With `keep`, also the pages whose hash
+/// is not the old one, while its budget lasts.
 pub(super) fn file_hashes(
     c: &Connection,
     path: &Path,
     page_size: u32,
     count: u32,
+    seed: u64,
+    overlay: &BTreeSet<u32>,
     keep: Option<Keep<'_>>,
-) -> Result<(Vec<[u8; 32]>, Pages), Error> {
+) -> Result<Hashed, Error> {
     let fail = |msg: String| Error::Sqlite {
         path: path.display().to_string(),
         msg,
@@ -75,14 +106,17 @@ pub(super) fn file_hashes(
     std::thread::scope(|s| {
         // Chunk k is hashed (on every core) while chunk k + 1 is read.
         let hasher = s.spawn(move || {
-            let (mut hashes, mut fresh, mut keep) =
-                (Vec::with_capacity(count as usize), Pages::new(), keep);
+            let mut keep = keep;
+            let (mut out, mut fresh, mut strong) =
+                (Vec::with_capacity(count as usize), Pages::new(), 0);
             for buf in full_rx {
-                let from = hashes.len();
-                super::hash_batch(&mut hashes, &buf, size);
+                let from = out.len();
+                strong +=
+                    super::hash_pages(&mut out, &buf, size, seed, keep.as_ref().map(|k| k.prior));
                 if let Some(k) = keep.as_mut() {
                     for (at, page) in (from..).zip(buf.chunks(size)) {
-                        if k.old.get(at) != hashes.get(at) && *k.budget >= size as u64 {
+                        let new = out.get(at).map(|h| &h.0);
+                        if k.prior.strong.get(at) != new && *k.budget >= size as u64 {
                             *k.budget -= size as u64;
                             fresh.insert(at as u32 + 1, page.to_vec());
                         }
@@ -90,7 +124,15 @@ pub(super) fn file_hashes(
                 }
                 let _ = empty_tx.send(buf);
             }
-            (hashes, fresh)
+            let (strong_hashes, quick) = out.into_iter().unzip();
+            (
+                Hashed {
+                    strong: strong_hashes,
+                    quick,
+                    fresh,
+                },
+                strong,
+            )
         });
         let mut first = 1u32;
         while first <= count {
@@ -98,6 +140,14 @@ pub(super) fn file_hashes(
             let mut buf = empty_rx.try_recv().unwrap_or_default();
             buf.resize(n as usize * size, 0);
             read_at(file, &mut buf, u64::from(first - 1) * size as u64).map_err(&fail)?;
+            for &p in overlay.range(first..first + n) {
+                let at = (p - first) as usize * size;
+                let page = read_page(c, path, p)?;
+                if page.len() != size {
+                    return Err(fail(format!("page {p} is not of the page size")));
+                }
+                buf[at..at + size].copy_from_slice(&page);
+            }
             if (first..first + n).contains(&pending) {
                 let at = (pending - first) as usize * size;
                 buf[at..at + size].fill(0);
@@ -108,13 +158,17 @@ pub(super) fn file_hashes(
             first += n;
         }
         drop(full_tx);
-        let (hashes, fresh) = hasher
+        let (hashed, strong) = hasher
             .join()
             .map_err(|_| fail("hashing the pages failed".into()))?;
-        if hashes.len() != count as usize {
-            return Err(fail(format!("hashed {} pages of {count}", hashes.len())));
+        count_strong(strong);
+        if hashed.strong.len() != count as usize {
+            return Err(fail(format!(
+                "hashed {} pages of {count}",
+                hashed.strong.len()
+            )));
         }
-        Ok((hashes, fresh))
+        Ok(hashed)
     })
 }
 
