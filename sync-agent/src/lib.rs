@@ -2,7 +2,8 @@
 //! that run over it.
 //!
 //! - [`identity`]: node certificates and their ids.
-//! - [`tls`]: QUIC endpoints that accept only pinned peers.
+//! - [`tls`]: QUIC endpoints that accept only pinned peers, on [`udp`]'s
+//!   sockets.
 //! - [`session`]: rounds, source side and replica side.
 //! - [`continuous`]: the source's watch loop, with reconnect and resume.
 //! - [`config`]: the TOML configuration.
@@ -39,6 +40,7 @@ pub mod session;
 pub mod surface;
 pub mod tls;
 pub mod trust;
+pub mod udp;
 pub mod watch_limit;
 mod wire;
 
@@ -146,7 +148,7 @@ pub async fn connect(
     let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
         .parse()
         .context("bind address")?;
-    let mut endpoint = quinn::Endpoint::client(bind).context("opening a UDP socket")?;
+    let mut endpoint = udp::endpoint(bind, None)?;
     let (config, presented) = tls::client_config_noting(identity, peer)?;
     endpoint.set_default_client_config(config);
     let conn = match endpoint

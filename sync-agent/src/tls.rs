@@ -213,7 +213,7 @@ pub fn server(addr: SocketAddr, me: &Identity, allowed: Vec<NodeId>) -> Result<q
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     sc.transport_config(transport());
     sc.max_incoming(64);
-    quinn::Endpoint::server(sc, addr).with_context(|| format!("listening on {addr}"))
+    crate::udp::endpoint(addr, Some(sc)).with_context(|| format!("listening on {addr}"))
 }
 
 /// A client configuration that presents `me` and accepts only `peer`.

@@ -169,9 +169,17 @@ fn scan_and_cut(
 impl Driver<'_> {
     /// Counts the wire bytes and database pages of an applied round.
     fn account(&mut self, applied: &proto::ApplySummary) {
-        let now = self.session.connection().stats().udp_tx.bytes;
+        let stats = self.session.connection().stats();
+        let now = stats.udp_tx.bytes;
         let sent = now.saturating_sub(self.wire_seen);
         self.wire_seen = now;
+        tracing::debug!(
+            sent,
+            lost_bytes = stats.path.lost_bytes,
+            lost_packets = stats.path.lost_packets,
+            rtt_us = stats.path.rtt.as_micros(),
+            "wire of the round (loss counted since the session began)"
+        );
         set(self.status, |s| {
             s.wire_bytes_total += sent;
             s.db_pages_total += applied.db_pages;
