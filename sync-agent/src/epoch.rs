@@ -17,7 +17,6 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A folder's fencing state on this node.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,42 +98,8 @@ pub fn store(state_dir: &Path, folder: &str, node: &str, st: FolderState) -> Res
     .context("encoding the epoch state")?;
     json.push(b'\n');
 
-    write_atomic(state_dir, &p, &json)
+    sync_core::apply::write_atomic(&p, |w| w.write_all(&json))
         .with_context(|| format!("writing epoch file {}", p.display()))
-}
-
-/// Replaces `path` (inside `state_dir`) with `bytes` atomically: a temp file in
-/// the same directory, fsync, rename over, fsync of the directory. A crash
-/// leaves the old content or the new.
-///
-/// # Errors
-/// Any step fails.
-pub(crate) fn write_atomic(state_dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = state_dir.join(format!(
-        ".{name}.tmp.{}.{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    File::open(state_dir).and_then(|d| d.sync_all())
 }
 
 pub(crate) fn create_state_dir(state_dir: &Path) -> Result<()> {

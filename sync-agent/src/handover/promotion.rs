@@ -41,7 +41,7 @@ pub fn begin(state_dir: &Path, folder: &str, p: Pending) -> Result<()> {
     crate::epoch::create_state_dir(state_dir)?;
     let file = path(state_dir, folder);
     let json = serde_json::to_vec(&p).context("encoding the promotion marker")?;
-    crate::epoch::write_atomic(state_dir, &file, &json)
+    sync_core::apply::write_atomic(&file, |w| std::io::Write::write_all(w, &json))
         .with_context(|| format!("writing promotion marker {}", file.display()))
 }
 

@@ -134,7 +134,7 @@ pub fn store(state_dir: &Path, rec: &Record) -> Result<()> {
     let p = path(state_dir, &rec.folder);
     let mut json = serde_json::to_vec(rec).context("encoding the handover state")?;
     json.push(b'\n');
-    crate::epoch::write_atomic(state_dir, &p, &json)
+    sync_core::apply::write_atomic(&p, |w| std::io::Write::write_all(w, &json))
         .with_context(|| format!("writing handover file {}", p.display()))
 }
 
