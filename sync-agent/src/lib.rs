@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod page;
 pub mod plan;
 pub mod promotion;
+mod push_scan;
 pub mod push_state;
 pub mod session;
 pub mod surface;
@@ -87,56 +88,6 @@ pub struct PushOptions {
     pub state: Option<PathBuf>,
     /// Cap on the content streams' bytes/s (`--bwlimit`).
     pub bwlimit: Option<bwlimit::ByteRate>,
-}
-
-/// The source's side of a push before anything is sent: the tree scanned
-/// (hashes from the saved index), its databases cut together (from the saved
-/// cut state), and what was learned saved back to the index.
-fn scan_and_cut(
-    src: &Path,
-    filter: Filter,
-    saved: Option<&push_state::PushState>,
-    mut index: Option<sync_core::index::HashIndex>,
-) -> Result<(
-    sync_core::Manifest,
-    sync_core::scan::ScanReport,
-    Arc<std::sync::Mutex<LiveSet>>,
-)> {
-    let scan_opts = sync_core::scan::ScanOptions {
-        filter,
-        databases: Some(Arc::new(sync_core::scan::DbDetect::default())),
-        ..Default::default()
-    };
-    let t0 = Instant::now();
-    let (mut m, report) = sync_core::scan::scan_with(src, &scan_opts, index.as_ref())?;
-    let scanned = t0.elapsed();
-    let mut live = LiveSet::new(src, DB_BUSY);
-    live.track(&report.databases);
-    if let Some(s) = saved {
-        s.restore(&mut live);
-    }
-    let stats = live.cut()?;
-    if let Some(why) = stats.blocked {
-        bail!("{why}");
-    }
-    let cut = t0.elapsed() - scanned;
-    m.entries.retain(|e| !stats.dropped.contains(&e.path));
-    session::source::mark_databases(&mut m.entries, &live)?;
-    if let Some(ix) = index.as_mut() {
-        ix.remember_scan(&report.hashed, &m, sync_core::scan::now_ns());
-        if let Err(e) = ix.save() {
-            tracing::warn!("{e}: the next push hashes every file again");
-        }
-    }
-    tracing::debug!(
-        scan_ms = scanned.as_millis(),
-        cut_ms = cut.as_millis(),
-        saved_ms = (t0.elapsed() - scanned - cut).as_millis(),
-        hashed = report.bytes_hashed,
-        pages_changed = stats.pages_changed,
-        "source scanned and cut"
-    );
-    Ok((m, report, Arc::new(std::sync::Mutex::new(live))))
 }
 
 /// Connects to a pinned replica.
@@ -219,7 +170,7 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
         let (src, filter, saved) = (opts.src.clone(), opts.filter.clone(), keep.clone());
         // The root hash and the quick digest, both over every entry, at once.
         let (manifest, report, live, root_hash, quick) = tokio::task::spawn_blocking(move || {
-            scan_and_cut(&src, filter, saved.as_ref(), index).map(|(m, report, live)| {
+            push_scan::scan_and_cut(&src, filter, saved.as_ref(), index).map(|(m, report, live)| {
                 let (root, quick) = sync_core::digest::root_and_quick(&m);
                 (m, report, live, root, quick)
             })

@@ -71,10 +71,25 @@ impl PushState {
     /// Gives `live` (tracking the tree's databases, not cut yet) what the
     /// last run's cut saw; how many databases it knew.
     pub fn restore(&self, live: &mut LiveSet) -> usize {
+        self.restore_with(live, false)
+    }
+
+    /// [`PushState::restore`] into a set that holds nothing yet, made to hold
+    /// every database the last run knew.
+    pub fn restore_tracking(&self, live: &mut LiveSet) -> usize {
+        self.restore_with(live, true)
+    }
+
+    fn restore_with(&self, live: &mut LiveSet, track: bool) -> usize {
         let Ok(bytes) = std::fs::read(&self.cut) else {
             return 0;
         };
-        live.restore(&bytes).unwrap_or_else(|e| {
+        let restored = if track {
+            live.restore_tracking(&bytes)
+        } else {
+            live.restore(&bytes)
+        };
+        restored.unwrap_or_else(|e| {
             tracing::warn!("{e}: reading every database");
             0
         })

@@ -370,3 +370,74 @@ fn a_mirror_rerun_takes_the_destinations_page_tables_from_its_state() {
     mirror(1, false);
     mirror(0, true);
 }
+
+/// A rerun with its state cuts the databases the last run knew while it
+/// scans. When the tree's databases are no longer those, the push is still
+/// the tree's: a database turned into a plain file arrives as that file
+/// (not taken for a database, nor left out), a new database arrives, a
+/// deleted one is deleted, and the databases kept are whole.
+#[test]
+fn a_rerun_whose_databases_changed_pushes_the_tree_as_it_is() {
+    let s = setup();
+    let state = s._t.path().join("state");
+    let make = |name: &str, rows: i64| {
+        let c = rusqlite::Connection::open(s.src.join(name)).unwrap();
+        c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+            .unwrap();
+        c.execute_batch("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+            .unwrap();
+        c.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < ?1)
+             INSERT INTO t SELECT i, randomblob(500) FROM n",
+            [rows],
+        )
+        .unwrap();
+    };
+    for (name, rows) in [("kept.db", 300), ("flat.db", 200), ("gone.db", 100)] {
+        make(name, rows);
+    }
+    let agent = replica(&s.dst, &s.b, &s.a_id, &[]);
+    let args = ["--state-dir", state.to_str().unwrap()];
+    // whether the cut taken while scanning stood (the debug log says when not)
+    let stood = || -> bool {
+        let out = run(Command::new(bin("sync-cli"))
+            .env("UNDERSTUDY_LOG", "sync_agent=debug")
+            .arg("push")
+            .arg(&s.src)
+            .args(["--to", &agent.addr, "--peer", &s.b_id, "--json"])
+            .arg("--identity")
+            .arg(&s.a)
+            .args(args));
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{log}");
+        !log.contains("cut again")
+    };
+    stood();
+    assert!(stood(), "the same databases, cut again");
+    let count = |p: &Path| -> i64 {
+        rusqlite::Connection::open(p)
+            .unwrap()
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(count(&s.dst.join("flat.db")), 200);
+    // a database replaced by a plain file of a database's size, one deleted,
+    // one made
+    let plain = random_bytes(8192, 9);
+    std::fs::write(s.src.join("flat.db.new"), &plain).unwrap();
+    std::fs::rename(s.src.join("flat.db.new"), s.src.join("flat.db")).unwrap();
+    std::fs::remove_file(s.src.join("gone.db")).unwrap();
+    make("new.db", 50);
+    rusqlite::Connection::open(s.src.join("kept.db"))
+        .unwrap()
+        .execute("DELETE FROM t WHERE k > 250", [])
+        .unwrap();
+    assert!(!stood(), "other databases, and the first cut stood");
+    assert_eq!(std::fs::read(s.dst.join("flat.db")).unwrap(), plain);
+    assert!(!s.dst.join("gone.db").exists());
+    assert_eq!(count(&s.dst.join("new.db")), 50);
+    assert_eq!(count(&s.dst.join("kept.db")), 250);
+    assert!(stood(), "the state that push left");
+    assert_eq!(std::fs::read(s.dst.join("flat.db")).unwrap(), plain);
+    assert_eq!(count(&s.dst.join("kept.db")), 250);
+}

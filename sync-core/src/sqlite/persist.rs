@@ -112,6 +112,17 @@ impl LiveSet {
     /// root or format restores nothing; an entry whose page hashes do not
     /// give its hash is skipped. How many databases were restored.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<usize, Error> {
+        self.restore_with(bytes, false)
+    }
+
+    /// [`LiveSet::restore`], the set first holding every database the state
+    /// knows (a set that holds nothing yet: it may be cut while the tree is
+    /// scanned, the scan told these paths are databases).
+    pub fn restore_tracking(&mut self, bytes: &[u8]) -> Result<usize, Error> {
+        self.restore_with(bytes, true)
+    }
+
+    fn restore_with(&mut self, bytes: &[u8], track: bool) -> Result<usize, Error> {
         let shown = self.root().display().to_string();
         let cfg = bincode::config::standard().with_limit::<{ 1 << 30 }>();
         let (saved, _): (Saved<'_>, usize) =
@@ -119,6 +130,9 @@ impl LiveSet {
                 .map_err(|e| Error::invalid(&shown, format!("saved cut state: {e}")))?;
         if saved.format != FORMAT || saved.root != root_bytes(self) {
             return Ok(0);
+        }
+        if track {
+            self.add(saved.dbs.iter().map(|d| &d.path));
         }
         let mut n = 0;
         for s in saved.dbs {

@@ -19,7 +19,14 @@ fn log(path: &Path) -> std::path::PathBuf {
 }
 
 /// A WAL source with no writer left open, cut and shipped once.
-fn shipped(t: &Path) -> (std::path::PathBuf, std::path::PathBuf, crate::RelPath, LiveSet) {
+fn shipped(
+    t: &Path,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    crate::RelPath,
+    LiveSet,
+) {
     let (src, dst, w, rel, mut live) = wal_source(t);
     drop(w);
     live.cut().unwrap();

@@ -1,0 +1,122 @@
+//! The source's side of a push before anything is sent: the tree scanned
+//! (hashes from the saved index) and its databases cut together (from the
+//! saved cut state), what was learned saved back to the index.
+//!
+//! The databases the last run cut are cut while the tree is scanned: the
+//! scan is told they are databases, so it never opens them with plain file
+//! I/O (that would drop the cut's POSIX locks: `sync_core::sqlite`). The
+//! early cut stands when the scan finds exactly those databases. Otherwise
+//! the databases are cut again once the scan is done: a new one is cut with
+//! the others, and should a path the last run knew no longer be a database
+//! the tree is scanned again without that assumption (it is then a plain
+//! file, or gone).
+
+use crate::DB_BUSY;
+use crate::push_state::PushState;
+use anyhow::{Result, anyhow, bail};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use sync_core::filter::Filter;
+use sync_core::scan::{DbDetect, ScanOptions, ScanReport};
+use sync_core::sqlite::{CutStats, LiveSet};
+use sync_core::{Manifest, RelPath};
+
+/// A cut, with what it did.
+type Cut = (LiveSet, CutStats);
+
+/// Scans `src` and cuts its databases (see the module docs).
+pub(crate) fn scan_and_cut(
+    src: &Path,
+    filter: Filter,
+    saved: Option<&PushState>,
+    mut index: Option<sync_core::index::HashIndex>,
+) -> Result<(Manifest, ScanReport, Arc<Mutex<LiveSet>>)> {
+    let t0 = Instant::now();
+    let mut early = LiveSet::new(src, DB_BUSY);
+    if let Some(s) = saved {
+        s.restore_tracking(&mut early);
+    }
+    let known: Vec<RelPath> = early.paths().cloned().collect();
+    let scan = |known: &[RelPath]| {
+        let detect = DbDetect::default();
+        if let Ok(mut k) = detect.known.write() {
+            k.extend(known.iter().cloned());
+        }
+        let opts = ScanOptions {
+            filter: filter.clone(),
+            databases: Some(Arc::new(detect)),
+            ..Default::default()
+        };
+        sync_core::scan::scan_with(src, &opts, index.as_ref())
+    };
+    let (scanned, early) = std::thread::scope(|s| {
+        let cutting = (!known.is_empty()).then(|| {
+            s.spawn(move || {
+                let stats = early.cut();
+                (early, stats)
+            })
+        });
+        let scanned = scan(&known);
+        let early = cutting.map(|c| c.join().map_err(|_| anyhow!("the cut panicked")));
+        (scanned, early)
+    });
+    let (mut m, mut report) = scanned?;
+    let scan_ms = t0.elapsed().as_millis();
+    let (live, stats) = match early.transpose()? {
+        Some((live, Ok(stats))) if stands(&live, &stats, &report) => (live, stats),
+        early => {
+            // the scan took the last run's databases for databases: scan
+            // again should one not be (the cut failed, or dropped it)
+            let rescan = early.as_ref().is_some_and(|(_, s)| match s {
+                Ok(s) => s.dropped.iter().any(|p| report.databases.contains(p)),
+                Err(_) => true,
+            });
+            tracing::debug!(rescan, "the databases are not the last run's: cut again");
+            drop(early);
+            if rescan {
+                (m, report) = scan(&[])?;
+            }
+            cut(src, saved, &report.databases)?
+        }
+    };
+    if let Some(why) = stats.blocked {
+        bail!("{why}");
+    }
+    m.entries.retain(|e| !stats.dropped.contains(&e.path));
+    crate::session::source::mark_databases(&mut m.entries, &live)?;
+    if let Some(ix) = index.as_mut() {
+        ix.remember_scan(&report.hashed, &m, sync_core::scan::now_ns());
+        if let Err(e) = ix.save() {
+            tracing::warn!("{e}: the next push hashes every file again");
+        }
+    }
+    tracing::debug!(
+        scan_ms,
+        done_ms = t0.elapsed().as_millis(),
+        hashed = report.bytes_hashed,
+        pages_changed = stats.pages_changed,
+        "source scanned and cut"
+    );
+    Ok((m, report, Arc::new(Mutex::new(live))))
+}
+
+/// Whether a cut taken while the tree was scanned stands: it cut exactly the
+/// databases the scan found, none of them gone or no longer a database.
+fn stands(live: &LiveSet, stats: &CutStats, report: &ScanReport) -> bool {
+    let cut: BTreeSet<&RelPath> = live.paths().collect();
+    let found: BTreeSet<&RelPath> = report.databases.iter().collect();
+    stats.dropped.is_empty() && stats.pending.is_empty() && cut == found
+}
+
+/// The databases `dbs` cut together, from the saved cut state.
+fn cut(src: &Path, saved: Option<&PushState>, dbs: &[RelPath]) -> Result<Cut> {
+    let mut live = LiveSet::new(src, DB_BUSY);
+    live.track(dbs);
+    if let Some(s) = saved {
+        s.restore(&mut live);
+    }
+    let stats = live.cut()?;
+    Ok((live, stats))
+}
