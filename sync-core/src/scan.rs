@@ -522,7 +522,10 @@ impl<'o> Walker<'o> {
             }
             self.hook("stat", &path);
             let child = fsat::open_dir_at(dfd.as_fd(), cname);
-            if !deep {
+            if deep {
+                // closed before the subdirectory is walked, not after
+                drop(dfd);
+            } else {
                 fd = Some(dfd);
             }
             match child {

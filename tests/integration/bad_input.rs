@@ -82,3 +82,39 @@ fn source_is_a_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("not a directory"), "{}", stderr(&out));
 }
+
+/// A tree deeper than the process may hold descriptors (1,100 levels under
+/// `ulimit -n 1024`, systemd's default soft limit) is mirrored whole: the
+/// walks close deep directories before they descend.
+#[test]
+fn a_tree_deeper_than_the_descriptor_limit_is_mirrored() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    let mut deep = src.clone();
+    for i in 0..1100 {
+        if i % 100 == 0 {
+            std::fs::create_dir_all(&deep).unwrap();
+            std::fs::write(deep.join(format!("f{i}")), i.to_string()).unwrap();
+        }
+        deep.push("d");
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::write(deep.join("bottom"), b"deep").unwrap();
+    let out = run(std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 1024 && exec \"$0\" mirror \"$1\" \"$2\" --json")
+        .arg(bin("sync-cli"))
+        .arg(&src)
+        .arg(&dst));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bottom = dst.join(deep.strip_prefix(&src).unwrap()).join("bottom");
+    assert_eq!(std::fs::read(bottom).unwrap(), b"deep");
+    // and again, with nothing to do: the replica's scan goes as deep
+    let out = run(std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 1024 && exec \"$0\" mirror \"$1\" \"$2\" --json")
+        .arg(bin("sync-cli"))
+        .arg(&src)
+        .arg(&dst));
+    assert!(out.status.success(), "{}", stderr(&out));
+}
