@@ -460,6 +460,16 @@ pub(super) fn debounce_over(started: Instant, now: Instant) -> bool {
     now.saturating_duration_since(started) >= Duration::from_millis(100)
 }
 
+/// Whether a batch being collected is done before its 100 ms: after a wait
+/// (`woken`) whose events were all of files held back from earlier rounds
+/// (`stirred` is `Some(false)`: a large file still being written; `None`, no
+/// event at all, is no reason), when it holds a path of its own (`fresh`; a
+/// batch of held-back files alone would otherwise start a round every few
+/// milliseconds while they are written).
+pub(super) fn settled(woken: bool, stirred: Option<bool>, fresh: bool) -> bool {
+    woken && stirred == Some(false) && fresh
+}
+
 /// What the replica holds after an applied partial round.
 pub(super) fn fold_round(known: &mut Known, round: &Round) {
     for p in &round.deleted {

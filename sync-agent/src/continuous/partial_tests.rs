@@ -1,7 +1,7 @@
 //! Batch expansion, hot-file deferral and debouncing, with the clock passed in.
 
 use super::partial::{Expanded, HOT_SIZE, MAX_DEFER, expand, still_hot};
-use super::partial::{debounce_over, fold_round};
+use super::partial::{debounce_over, fold_round, settled};
 use super::*;
 
 fn p(s: &str) -> RelPath {
@@ -121,6 +121,28 @@ fn a_batch_collects_for_at_most_100_ms() {
     assert!(!debounce_over(start, start));
     assert!(!debounce_over(start, start + Duration::from_millis(99)));
     assert!(debounce_over(start, start + Duration::from_millis(100)));
+}
+
+/// A small write beside a large file being written ships once only the large
+/// file's events come, not after the 100 ms they would keep the batch open; a
+/// batch of held-back files alone waits, and a file of the batch's own still
+/// being written (or a burst still arriving) goes on collecting.
+#[test]
+fn a_batch_of_its_own_is_not_held_open_by_held_back_files() {
+    assert!(
+        settled(true, Some(false), true),
+        "small write beside a large one"
+    );
+    assert!(
+        !settled(true, Some(false), false),
+        "a held-back large file alone"
+    );
+    assert!(
+        !settled(true, Some(true), true),
+        "its own files still written"
+    );
+    assert!(!settled(true, None, true), "a wake with no event");
+    assert!(!settled(false, Some(false), true), "before any wait");
 }
 
 #[test]
