@@ -280,3 +280,45 @@ fn a_partial_cut_reads_each_changed_page_once() {
     ship_and_end(&mut live, &rel, &dst);
     assert_same(&src, &dst);
 }
+
+/// An empty log counts as none: a connection that only opened the database
+/// leaves it quiet (no connection at the next partial cut), while frames
+/// committed and checkpointed away (the log truncated to nothing again) moved
+/// the file, and the next partial cut sees the change.
+#[test]
+fn an_emptied_log_leaves_the_change_it_checkpointed_in_sight() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, w, rel, mut live) = wal_source(t.path());
+    w.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
+    drop(w);
+    // file times older than a clock tick when the cut stamps them
+    let settle = || std::thread::sleep(Duration::from_millis(120));
+    settle();
+    live.cut().unwrap();
+    ship_and_end(&mut live, &rel, &dst);
+    settle();
+    // only opened and read: quiet
+    let r = Connection::open(&src).unwrap();
+    r.query_row("SELECT count(*) FROM t", [], |_| Ok(()))
+        .unwrap();
+    drop(r);
+    let c = live.cut_partial().unwrap();
+    assert!(c.changed.is_empty(), "{c:?}");
+    assert!(!live.connected(&rel), "a quiet database was connected to");
+    live.end_round();
+    // written, checkpointed and its log emptied: the file moved
+    let w = Connection::open(&src).unwrap();
+    w.execute_batch(
+        "UPDATE t SET v = x'05' WHERE k = 3;
+         PRAGMA wal_checkpoint(TRUNCATE);",
+    )
+    .unwrap();
+    let log = std::fs::metadata(format!("{}-wal", src.display())).map_or(0, |m| m.len());
+    assert_eq!(log, 0, "the log was not emptied");
+    settle();
+    let c = live.cut_partial().unwrap();
+    assert_eq!(c.changed, vec![rel.clone()]);
+    assert_eq!(live.snapshot(&rel).unwrap().hash, replica_hash(&src));
+    ship_and_end(&mut live, &rel, &dst);
+    assert_same(&src, &dst);
+}
