@@ -3,13 +3,13 @@
 //! saved cut state), what was learned saved back to the index.
 //!
 //! The databases the last run cut are cut while the tree is scanned: the
-//! scan is told they are databases, so it never opens them with plain file
-//! I/O (that would drop the cut's POSIX locks: `sync_core::sqlite`). The
-//! early cut stands when the scan finds exactly those databases. Otherwise
-//! the databases are cut again once the scan is done: a new one is cut with
-//! the others, and should a path the last run knew no longer be a database
-//! the tree is scanned again without that assumption (it is then a plain
-//! file, or gone).
+//! scan is told their paths and their files (device, inode) are databases,
+//! so it never opens one with plain file I/O, under that name or another
+//! (that would drop the cut's POSIX locks: `sync_core::sqlite`). The early
+//! cut stands when the scan finds exactly those databases. Otherwise it is
+//! let go, and the tree is scanned and cut again as without a saved state:
+//! what the scan was told may be wrong (a path no longer a database, a hard
+//! link, an inode used again).
 
 use crate::DB_BUSY;
 use crate::push_state::PushState;
@@ -39,10 +39,19 @@ pub(crate) fn scan_and_cut(
         s.restore_tracking(&mut early);
     }
     let known: Vec<RelPath> = early.paths().cloned().collect();
-    let scan = |known: &[RelPath]| {
+    let files: Vec<(u64, u64)> = known
+        .iter()
+        .filter_map(|p| std::fs::symlink_metadata(sync_core::scan::abs(src, p)).ok())
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt as _;
+            (m.dev(), m.ino())
+        })
+        .collect();
+    let scan = |known: &[RelPath], files: &[(u64, u64)]| {
         let detect = DbDetect::default();
-        if let Ok(mut k) = detect.known.write() {
+        if let (Ok(mut k), Ok(mut f)) = (detect.known.write(), detect.known_files.write()) {
             k.extend(known.iter().cloned());
+            f.extend(files.iter().copied());
         }
         let opts = ScanOptions {
             filter: filter.clone(),
@@ -58,7 +67,7 @@ pub(crate) fn scan_and_cut(
                 (early, stats)
             })
         });
-        let scanned = scan(&known);
+        let scanned = scan(&known, &files);
         let early = cutting.map(|c| c.join().map_err(|_| anyhow!("the cut panicked")));
         (scanned, early)
     });
@@ -67,17 +76,10 @@ pub(crate) fn scan_and_cut(
     let (live, stats) = match early.transpose()? {
         Some((live, Ok(stats))) if stands(&live, &stats, &report) => (live, stats),
         early => {
-            // the scan took the last run's databases for databases: scan
-            // again should one not be (the cut failed, or dropped it)
-            let rescan = early.as_ref().is_some_and(|(_, s)| match s {
-                Ok(s) => s.dropped.iter().any(|p| report.databases.contains(p)),
-                Err(_) => true,
-            });
-            tracing::debug!(rescan, "the databases are not the last run's: cut again");
+            tracing::debug!("the databases are not the last run's: scan and cut again");
+            // its connections close before any file is opened again
             drop(early);
-            if rescan {
-                (m, report) = scan(&[])?;
-            }
+            (m, report) = scan(&[], &[])?;
             cut(src, saved, &report.databases)?
         }
     };

@@ -16,13 +16,20 @@ pub struct DbDetect {
     pub globs: Filter,
     /// Databases held open by this process: never opened with plain file I/O.
     pub known: std::sync::RwLock<std::collections::HashSet<RelPath>>,
+    /// The files (device, inode) of databases this process holds or is about
+    /// to: another name of one (a hard link) is taken for a database unread,
+    /// since closing a descriptor of it would drop the process's POSIX locks.
+    pub known_files: std::sync::RwLock<std::collections::HashSet<(u64, u64)>>,
 }
 
 impl DbDetect {
-    /// Whether the regular file `rel` (of `size` bytes) is a database.
+    /// Whether the regular file `rel` (of `size` bytes; the file `id`, device
+    /// and inode) is a database.
     #[must_use]
-    pub fn is_db(&self, root: &Path, rel: &RelPath, size: u64) -> bool {
-        if self.known.read().is_ok_and(|k| k.contains(rel)) {
+    pub fn is_db(&self, root: &Path, rel: &RelPath, size: u64, id: (u64, u64)) -> bool {
+        if self.known.read().is_ok_and(|k| k.contains(rel))
+            || self.known_files.read().is_ok_and(|k| k.contains(&id))
+        {
             return true;
         }
         // A configured path is a database once it has a database's header; any
@@ -49,7 +56,10 @@ impl DbDetect {
             return false;
         };
         match fs::symlink_metadata(abs(root, &base)) {
-            Ok(st) if st.is_file() => self.is_db(root, &base, st.len()),
+            Ok(st) if st.is_file() => {
+                use std::os::unix::fs::MetadataExt as _;
+                self.is_db(root, &base, st.len(), (st.dev(), st.ino()))
+            }
             // An orphan (its database renamed or deleted away: a backup
             // restored by rename leaves `new.db-wal` behind): never mirrored
             // when it is one by its content.

@@ -424,7 +424,7 @@ impl<'o> Walker<'o> {
                 if self.opts.hard_links && st.nlink > 1 {
                     self.links.push((self.entries.len(), (st.dev, st.ino)));
                 }
-                if db.is_some_and(|d| d.is_db(&self.root, path, st.size)) {
+                if db.is_some_and(|d| d.is_db(&self.root, path, st.size, (st.dev, st.ino))) {
                     self.databases.push(path.clone());
                 } else {
                     stamp = Some(st.stamp());

@@ -443,3 +443,34 @@ fn the_walk_runs_on_a_few_threads_at_most() {
     let pool = par::pool().expect("the walk's pool");
     assert!((1..=par::THREADS).contains(&pool.current_num_threads()));
 }
+
+/// Any name of a file the process holds as a database (a hard link) is taken
+/// for one without being read: closing a descriptor of it would drop the
+/// holder's POSIX locks. (The file here has no database header: read, it
+/// would not be one.)
+#[test]
+fn every_name_of_a_held_database_is_one_unread() {
+    use std::os::unix::fs::MetadataExt as _;
+    let t = tempfile::tempdir().unwrap();
+    std::fs::write(t.path().join("held.db"), vec![7u8; 1024]).unwrap();
+    std::fs::hard_link(t.path().join("held.db"), t.path().join("other.db")).unwrap();
+    std::fs::write(t.path().join("plain"), vec![7u8; 1024]).unwrap();
+    let scan = |files: &[(u64, u64)]| {
+        let detect = DbDetect::default();
+        detect.known_files.write().unwrap().extend(files);
+        // (each name listed: with hard links, further names become links)
+        let opts = ScanOptions {
+            databases: Some(std::sync::Arc::new(detect)),
+            hard_links: false,
+            ..Default::default()
+        };
+        let (_, report) = scan_with(t.path(), &opts, None).unwrap();
+        report.databases
+    };
+    assert!(scan(&[]).is_empty());
+    let m = std::fs::metadata(t.path().join("held.db")).unwrap();
+    assert_eq!(
+        scan(&[(m.dev(), m.ino())]),
+        vec![rel("held.db"), rel("other.db")]
+    );
+}

@@ -141,7 +141,7 @@ pub(super) fn seen(
             && opts
                 .databases
                 .as_ref()
-                .is_some_and(|d| d.is_db(root, p, s.size))
+                .is_some_and(|d| d.is_db(root, p, s.size, (s.dev, s.ino)))
     });
     let unchanged = stamp.is_some_and(|s| match known.get(p) {
         Some(Entry {
