@@ -20,13 +20,12 @@ impl Driver<'_> {
             created: BTreeSet::new(),
             renames: Vec::new(),
         };
-        // files held back from earlier rounds (still being written)
-        let held = c.dirty.clone();
         let mut woken = false;
         loop {
             self.w.note(self.lag);
-            let stirred = self.drain(&mut c, &held);
-            let fresh = c.dirty.len() > held.len() || !c.renames.is_empty();
+            let stirred = self.drain(&mut c);
+            // the batch starts with the files held back from earlier rounds
+            let fresh = c.dirty.len() > self.deferred.len() || !c.renames.is_empty();
             if debounce_over(started, Instant::now()) || settled(woken, stirred, fresh) {
                 break;
             }
@@ -60,15 +59,15 @@ impl Driver<'_> {
     }
 
     /// Takes the queued watch events into `c`: `Some(true)` when one was of a
-    /// path not in `held`, `None` when there was none at all.
-    fn drain(&mut self, c: &mut Collected, held: &BTreeSet<RelPath>) -> Option<bool> {
+    /// path not held back from an earlier round, `None` when there was none.
+    fn drain(&mut self, c: &mut Collected) -> Option<bool> {
         let mut stirred = None;
         while let Ok(m) = self.w.rx.try_recv() {
             let stirred = stirred.get_or_insert(false);
             match m {
                 WatchMsg::Paths(ps, new) => {
                     for p in ps.iter().filter_map(|p| rel(&self.cfg.root, p)) {
-                        *stirred |= !held.contains(&p);
+                        *stirred |= !self.deferred.contains_key(&p);
                         if new {
                             c.created.insert(p.clone());
                         }
