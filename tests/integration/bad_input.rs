@@ -100,21 +100,18 @@ fn a_tree_deeper_than_the_descriptor_limit_is_mirrored() {
     }
     std::fs::create_dir_all(&deep).unwrap();
     std::fs::write(deep.join("bottom"), b"deep").unwrap();
-    let out = run(std::process::Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -n 1024 && exec \"$0\" mirror \"$1\" \"$2\" --json")
-        .arg(bin("sync-cli"))
-        .arg(&src)
-        .arg(&dst));
-    assert!(out.status.success(), "{}", stderr(&out));
+    let mirror = || {
+        let out = run(std::process::Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -n 1024 && exec \"$0\" mirror \"$1\" \"$2\" --json")
+            .arg(bin("sync-cli"))
+            .arg(&src)
+            .arg(&dst));
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    mirror();
     let bottom = dst.join(deep.strip_prefix(&src).unwrap()).join("bottom");
     assert_eq!(std::fs::read(bottom).unwrap(), b"deep");
     // and again, with nothing to do: the replica's scan goes as deep
-    let out = run(std::process::Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -n 1024 && exec \"$0\" mirror \"$1\" \"$2\" --json")
-        .arg(bin("sync-cli"))
-        .arg(&src)
-        .arg(&dst));
-    assert!(out.status.success(), "{}", stderr(&out));
+    mirror();
 }

@@ -286,3 +286,28 @@ fn quick_hashes_vouch_only_for_their_own_content() {
         8
     );
 }
+
+/// A cut state saved and restored in another set keeps its quick hashes:
+/// that set's whole compare computes blake3 only for what changed.
+#[test]
+fn a_restored_state_keeps_its_quick_hashes() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, _dst, rel, live) = shipped(t.path());
+    let saved = live.save().unwrap();
+    drop(live);
+    Connection::open(&src)
+        .unwrap()
+        .execute_batch("UPDATE t SET v = x'00' WHERE k = 150;")
+        .unwrap();
+    let mut next =
+        LiveSet::new(t.path(), std::time::Duration::from_secs(5)).with_settle(Default::default());
+    next.track([&rel]);
+    assert_eq!(next.restore(&saved).unwrap(), 1);
+    strong_pages();
+    file_pages();
+    let c = next.cut().unwrap();
+    assert_eq!(c.changed, vec![rel.clone()]);
+    assert!(file_pages() > 0, "not a whole compare");
+    assert!(strong_pages() <= 3, "blake3 of more than the changed pages");
+    assert_eq!(next.snapshot(&rel).unwrap().hash, replica_hash(&src));
+}
