@@ -84,6 +84,8 @@ pub struct Replica {
     held: Mutex<Vec<proto::HeldDb>>,
     /// What this round changed that is not yet durable.
     dirty: Mutex<durable::Dirty>,
+    /// The round's further names of each database (the source's links).
+    db_names: Mutex<std::collections::HashMap<RelPath, Vec<RelPath>>>,
 }
 
 type DbStamp = (u64, u64, i64, u64);
@@ -161,6 +163,7 @@ impl Replica {
             canonical: std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()),
             held: Mutex::default(),
             dirty: Mutex::default(),
+            db_names: Mutex::default(),
         };
         r.roll_forward()?;
         Ok(r)

@@ -58,8 +58,8 @@ impl Manifest {
 
     /// Checks what a manifest from a peer must satisfy before anything is applied:
     /// sorted and unique paths, the root first and a directory, every parent a
-    /// directory of the manifest, hard links naming an earlier regular file, no
-    /// reserved temp names.
+    /// directory of the manifest, hard links naming an earlier regular file or
+    /// a database (earlier or later), no reserved temp names.
     pub fn check_structure(&self) -> Result<(), Error> {
         let Some(first) = self.entries.first() else {
             return Err(Error::invalid(".", "empty manifest"));
@@ -72,6 +72,7 @@ impl Manifest {
         }
         let mut kinds: HashMap<&RelPath, &Kind> = HashMap::with_capacity(self.entries.len());
         kinds.insert(&first.path, &first.kind);
+        let mut later: Vec<(&RelPath, &RelPath)> = Vec::new();
         for w in self.entries.windows(2) {
             if path_cmp(&w[0].path, &w[1].path) != Ordering::Less {
                 return Err(Error::invalid(
@@ -96,15 +97,23 @@ impl Manifest {
                     "parent is not a directory of the manifest",
                 ));
             }
-            if let Kind::HardLink { target } = &e.kind
-                && !matches!(kinds.get(target), Some(Kind::File { .. }))
-            {
-                return Err(Error::invalid(
-                    &e.path,
-                    format!("hard link to {target}, which is not an earlier regular file"),
-                ));
+            if let Kind::HardLink { target } = &e.kind {
+                match kinds.get(target) {
+                    Some(Kind::File { .. } | Kind::Database { .. }) => {}
+                    // a database's leader may come later (see below)
+                    None if path_cmp(target, &e.path) == Ordering::Greater => {
+                        later.push((&e.path, target));
+                    }
+                    _ => return Err(bad_link(&e.path, target)),
+                }
             }
             kinds.insert(&e.path, &e.kind);
+        }
+        // A database's names link to the one SQLite uses, wherever it sorts.
+        for (path, target) in later {
+            if !matches!(kinds.get(target), Some(Kind::Database { .. })) {
+                return Err(bad_link(path, target));
+            }
         }
         Ok(())
     }
@@ -160,6 +169,14 @@ pub(crate) fn merkle(entries: &[Entry], leaf: impl Fn(&Entry) -> [u8; 32]) -> [u
         }
     }
     root.unwrap_or([0; 32])
+}
+
+/// A hard link whose target is not one a manifest may name.
+fn bad_link(path: &RelPath, target: &RelPath) -> Error {
+    Error::invalid(
+        path,
+        format!("hard link to {target}, which is neither an earlier regular file nor a database"),
+    )
 }
 
 fn leaf_hash(e: &Entry) -> [u8; 32] {
@@ -408,6 +425,48 @@ mod tests {
             entries: vec![e("", Kind::Dir), file("a", 1), file("a", 1)],
         };
         assert!(dup.check_structure().is_err());
+    }
+
+    /// A link names a regular file before it, or a database anywhere (the
+    /// name SQLite uses may sort after the others); never another link, a
+    /// file after it, or nothing.
+    #[test]
+    fn links_name_an_earlier_file_or_a_database() {
+        let link = |path: &str, to: &str| {
+            let target = RelPath::new(to.as_bytes()).unwrap();
+            e(path, Kind::HardLink { target })
+        };
+        let db = |path: &str| {
+            let (page_size, pages, hash) = (4096, 1, [7; 32]);
+            e(
+                path,
+                Kind::Database {
+                    page_size,
+                    pages,
+                    hash,
+                },
+            )
+        };
+        let ok = |entries: Vec<Entry>| Manifest::from_entries(entries).check_structure();
+        assert!(ok(vec![e("", Kind::Dir), file("a", 1), link("b", "a")]).is_ok());
+        assert!(ok(vec![e("", Kind::Dir), db("a"), link("b", "a")]).is_ok());
+        assert!(ok(vec![e("", Kind::Dir), link("a", "b"), db("b")]).is_ok());
+        let refused = [
+            vec![e("", Kind::Dir), link("a", "b"), file("b", 1)],
+            vec![
+                e("", Kind::Dir),
+                link("a", "c"),
+                link("b", "c"),
+                link("c", "a"),
+            ],
+            vec![e("", Kind::Dir), link("a", "b"), link("b", "c"), db("c")],
+            vec![e("", Kind::Dir), link("a", "z")],
+            vec![e("", Kind::Dir), e("a", Kind::Dir), link("b", "a")],
+        ];
+        for m in refused {
+            let err = ok(m.clone()).expect_err("a bad link was taken");
+            assert!(err.to_string().contains("hard link"), "{err}: {m:?}");
+        }
     }
 
     #[test]

@@ -340,3 +340,46 @@ fn excluded_paths_survive_their_parent_removed_with_continuous_agents() {
         b"mine\n"
     );
 }
+
+/// The continuous agents keep a live database with a second name in the tree
+/// (one that sorts first): each commit reaches the replica through the name
+/// SQLite uses, and both names stay one inode there, written in place.
+#[test]
+fn agents_keep_a_hard_linked_live_database_linked() {
+    let p = pair();
+    std::fs::create_dir_all(p.src.join("z")).unwrap();
+    let live = p.src.join("z/live.db");
+    let c = Connection::open(&live).unwrap();
+    c.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0;
+         CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT);",
+    )
+    .unwrap();
+    std::fs::hard_link(&live, p.src.join("a-link.db")).unwrap();
+    let rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
+    let _src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &[]);
+    let (dst_live, dst_link) = (p.dst.join("z/live.db"), p.dst.join("a-link.db"));
+    let ino = |f: &Path| std::fs::metadata(f).map(|m| m.ino()).ok();
+    let mut first = None;
+    for n in 1..=3 {
+        c.execute(
+            "INSERT INTO t(v) VALUES (?1)",
+            [format!("row {n} {}", "x".repeat(200))],
+        )
+        .unwrap();
+        eventually(
+            &format!("{n} rows under both names"),
+            std::time::Duration::from_secs(20),
+            || {
+                ino(&dst_live).is_some()
+                    && ino(&dst_live) == ino(&dst_link)
+                    && Connection::open(&dst_live)
+                        .and_then(|d| d.query_row("SELECT count(*) FROM t", [], |r| r.get(0)))
+                        .is_ok_and(|k: i64| k == n)
+            },
+        );
+        first.get_or_insert(ino(&dst_live));
+        assert_eq!(first, Some(ino(&dst_live)), "written in place");
+    }
+    drop(c);
+}

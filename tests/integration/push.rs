@@ -441,3 +441,54 @@ fn a_rerun_whose_databases_changed_pushes_the_tree_as_it_is() {
     assert_eq!(std::fs::read(s.dst.join("flat.db")).unwrap(), plain);
     assert_eq!(count(&s.dst.join("kept.db")), 250);
 }
+
+/// A live database with a second name in the tree (a hard link, here one
+/// that sorts first) is pushed through the name SQLite uses: its log's
+/// commits arrive, and the replica has one inode under both names, updated
+/// in place by the next push (its names are all the source's).
+#[test]
+fn a_hard_linked_live_database_arrives_whole_under_both_names() {
+    use std::os::unix::fs::MetadataExt;
+    let s = setup();
+    std::fs::create_dir_all(s.src.join("z")).unwrap();
+    let live = s.src.join("z/live.db");
+    let c = rusqlite::Connection::open(&live).unwrap();
+    c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+        .unwrap();
+    c.execute_batch("PRAGMA wal_autocheckpoint=0; CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    let add = |rows: i64| {
+        c.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < ?1)
+             INSERT INTO t(v) SELECT randomblob(300) FROM n",
+            [rows],
+        )
+        .unwrap();
+    };
+    add(200);
+    std::fs::hard_link(&live, s.src.join("a-link.db")).unwrap();
+    let agent = replica(&s.dst, &s.b, &s.a_id, &[]);
+    let count = |p: &Path| -> i64 {
+        let c = rusqlite::Connection::open(p).unwrap();
+        c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap()
+    };
+    let ino = |p: &str| std::fs::metadata(s.dst.join(p)).unwrap().ino();
+    let mut first = None;
+    for rows in [200, 300] {
+        let out = push(&s.src, &agent.addr, &s.a, &s.b_id, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // the commits still in the log arrived: the cut went through the
+        // name whose log it is
+        assert_eq!(count(&s.dst.join("z/live.db")), rows);
+        assert_eq!(ino("a-link.db"), ino("z/live.db"), "one inode, two names");
+        first.get_or_insert(ino("z/live.db"));
+        assert_eq!(first, Some(ino("z/live.db")), "updated in place");
+        add(100);
+    }
+    drop(c);
+}

@@ -4,7 +4,7 @@
 use super::round::start_writeback;
 use super::*;
 use crate::sqlite::{self, PageTable};
-use crate::{Entry, Error, Kind, Meta, RelPath};
+use crate::{Entry, Error, Kind, Manifest, Meta, RelPath};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use std::fs::File;
 use std::os::fd::{AsFd as _, OwnedFd};
@@ -203,17 +203,62 @@ impl Replica {
         Ok(())
     }
 
-    /// Whether the regular file at `path` has other names (st_nlink > 1): such
-    /// a file is replaced by a rename, never written in place.
+    /// Takes the round's manifest's further names of its databases (links to
+    /// a database entry): a database whose other names are all those is
+    /// theirs to share, and is written in place (see [`Self::has_other_links`]).
+    pub fn note_db_names(&self, planned: &Manifest) {
+        let dbs: std::collections::HashSet<&RelPath> = planned
+            .entries
+            .iter()
+            .filter(|e| matches!(e.kind, Kind::Database { .. }))
+            .map(|e| &e.path)
+            .collect();
+        let mut names: std::collections::HashMap<RelPath, Vec<RelPath>> = Default::default();
+        for e in &planned.entries {
+            if let Kind::HardLink { target } = &e.kind
+                && dbs.contains(target)
+            {
+                names
+                    .entry(target.clone())
+                    .or_default()
+                    .push(e.path.clone());
+            }
+        }
+        if let Ok(mut n) = self.db_names.lock() {
+            *n = names;
+        }
+    }
+
+    /// Whether the regular file at `path` has names other than the source's
+    /// (st_nlink > 1 counting only the names [`Self::note_db_names`] took
+    /// that are this inode here: a hard link from outside the root, a `cp
+    /// -al` snapshot): such a file is replaced by a rename, never written in
+    /// place.
     pub fn has_other_links(&self, path: &RelPath) -> Result<bool, Error> {
         let (dir, _, name) = self.parent(path)?;
-        match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => Ok(st.st_nlink > 1
-                && rustix::fs::FileType::from_raw_mode(st.st_mode)
-                    == rustix::fs::FileType::RegularFile),
-            Err(rustix::io::Errno::NOENT) => Ok(false),
-            Err(e) => Err(Error::io("stat", self.display(path), e)),
+        let st = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(Error::io("stat", self.display(path), e)),
+        };
+        if st.st_nlink <= 1
+            || rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile
+        {
+            return Ok(false);
         }
+        let names = match self.db_names.lock() {
+            Ok(n) => n.get(path).cloned().unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let same = |n: &RelPath| -> bool {
+            let Ok((d, _, nm)) = self.parent(n) else {
+                return false;
+            };
+            rustix::fs::statat(&d, nm, AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|o| (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino))
+        };
+        let ours = names.iter().filter(|n| same(n)).count() as u64;
+        Ok(st.st_nlink > 1 + ours)
     }
 
     /// Starts staging a database: pages on top of `base` (what the replica

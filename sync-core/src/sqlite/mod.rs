@@ -348,7 +348,7 @@ mod wal;
 mod whole;
 
 pub use conn::CHECKPOINT_BYTES;
-pub(crate) use conn::{FileStamp, RACY_NS, Seen};
+pub(crate) use conn::{FileStamp, RACY_NS, Seen, side_path};
 pub use content::{content_snapshot, mark_by_content};
 pub use copy::COPY_BUDGET;
 pub use live::{CutStats, LOCK_WAIT, LiveSet, RELEASE_BUDGET};
