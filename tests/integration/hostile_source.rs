@@ -430,3 +430,85 @@ async fn bad_delta_refusal_names_entry_and_cause() {
         assert!(line.contains("f: bad delta"), "{case}: {line}");
     }
 }
+
+/// The same attacks on a file the replica does not have (no basis: the
+/// file is received whole before it is written): content past the
+/// announced size is discarded with a warning, a wrong hash, a short end, a
+/// delta with no basis, a control message and an early end are refused,
+/// and nothing is left at the path or as a temp file.
+#[tokio::test]
+async fn hostile_contents_of_a_new_file_refused_or_discarded() {
+    let mut t = Target::start();
+    let new = random_bytes(20_000, 3);
+    let wrong = {
+        let mut w = new.clone();
+        w[100] ^= 1;
+        w
+    };
+    let end = |size: usize, hash: [u8; 32]| Message::FileEnd {
+        size: size as u64,
+        hash,
+    };
+    let good = *blake3::hash(&new).as_bytes();
+    let cases: Vec<(&str, Vec<Message>, bool)> = vec![
+        (
+            "past the announced size",
+            vec![
+                Message::Literal(new.clone()),
+                Message::Literal(vec![0; 10]),
+                end(new.len() + 10, [0; 32]),
+            ],
+            false,
+        ),
+        (
+            "wrong blake3",
+            vec![Message::Literal(wrong), end(new.len(), good)],
+            true,
+        ),
+        ("short content", vec![end(5, [0; 32])], true),
+        (
+            "delta with no basis",
+            vec![Message::Delta(delta(&[]))],
+            true,
+        ),
+        ("control message", vec![round_start(9, true)], true),
+        (
+            "stream ends early",
+            vec![Message::Literal(new[..10].to_vec())],
+            true,
+        ),
+    ];
+    let mut failed = 0;
+    for (case, msgs, refused) in cases {
+        let before = snapshot(&t.outside);
+        let mut p = t.connect().await;
+        p.hello().await;
+        p.send_raw(&round(1, false, vec![file("n", &new)])).await;
+        let req = p.next_request().await;
+        assert!(req.signature.is_none(), "{case}: no basis");
+        req.answer(&msgs).await;
+        let m = p.expect().await;
+        p.close().await;
+        t.assert_clean(&before);
+        assert!(!t.root.join("n").exists(), "{case}: written");
+        if refused {
+            let msg = error_text(m, case);
+            assert!(msg.contains("n:") || msg.contains("of n"), "{case}: {msg}");
+            failed += 1;
+            t.wait_session_errors(failed).await;
+        } else {
+            match m {
+                Message::RoundDone { summary, .. } => {
+                    assert!(summary.warnings.iter().any(|w| w.starts_with("n: changed")));
+                    assert_eq!(summary.files_transferred, 0, "{case}");
+                }
+                other => panic!("{case}: {other:?}"),
+            }
+        }
+    }
+    let src = t.t.path().join("good");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("n"), &new).unwrap();
+    t.push_ok(&src).await;
+    assert_eq!(std::fs::read(t.root.join("n")).unwrap(), new);
+}

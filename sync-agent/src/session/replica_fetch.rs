@@ -186,6 +186,9 @@ pub(super) async fn fetch_file(
         _ => 0,
     };
     let stage = wire::Stage::new(format!("file {}", entry.path), size);
+    if map.is_none() && size <= WHOLE_IN_MEMORY {
+        return fetch_small(&mut recv, &stage, replica, entry, &activity).await;
+    }
     let (tx, rx) = mpsc::channel::<Message>(2);
     let writer =
         tokio::task::spawn_blocking(move || write_file(&replica, &entry, map.as_deref(), rx));
@@ -214,6 +217,61 @@ pub(super) async fn fetch_file(
     reading?;
     Ok(written)
 }
+/// Files up to this size with no basis are received whole before one
+/// blocking task writes them: no writer thread woken per message (most of a
+/// first mirror's files are this small).
+const WHOLE_IN_MEMORY: u64 = 256 << 10;
+
+/// A small file with no basis: its content read as [`FileFetch`] admits it
+/// (never past the entry's size), then staged and committed at once.
+async fn fetch_small(
+    recv: &mut quinn::RecvStream,
+    stage: &wire::Stage,
+    replica: Arc<Replica>,
+    entry: Entry,
+    activity: &Activity,
+) -> Result<Option<(u64, u64)>> {
+    let Kind::File { size, hash } = entry.kind else {
+        bail!("{}: content for a {}", entry.path, entry.kind.name());
+    };
+    let named = |e: proto::exchange::ExchangeError| anyhow!("{}: {e}", entry.path);
+    let mut fetch = FileFetch::new(size, hash, false);
+    let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    let what = format!("the rest of {}", entry.path);
+    let end = loop {
+        let msg = stage.expect(recv, &what).await?;
+        activity.touch();
+        match fetch.handle(msg).map_err(named)? {
+            FileStep::Literal(d) => data.extend_from_slice(&d),
+            // FileFetch admits a delta only when a basis was offered.
+            FileStep::Delta(_) => bail!("{}: a delta with no basis", entry.path),
+            FileStep::Commit { hash } => break Ok(hash),
+            FileStep::Changed(why) => break Err(why),
+        }
+    };
+    let figures = fetch.figures();
+    tokio::task::spawn_blocking(move || match end {
+        Ok(hash) => {
+            let mut staged = replica.stage(&entry.path)?;
+            staged.write(&data)?;
+            staged.commit(&hash, &entry.meta)?;
+            Ok(Some(figures))
+        }
+        Err(why) => {
+            replica.warn(changed_text(&entry.path, why));
+            Ok(None)
+        }
+    })
+    .await?
+}
+
+/// The warning for a file that changed at the source while it was sent.
+fn changed_text(path: &proto::RelPath, why: proto::exchange::Changed) -> String {
+    format!(
+        "{path}: changed at the source during transfer ({why}); left as it was, sent again next round"
+    )
+}
+
 /// Rebuilds what `delta` describes against `basis` into `out` (cleared
 /// first): the one place a file's or a stage's delta is applied.
 pub(super) fn rebuild(
@@ -244,7 +302,7 @@ pub(super) fn write_file(
     // A file that changed at the source since it was scanned is not installed
     // with the scan's metadata: it is left as it was and the next round sends it.
     let changed = |why: proto::exchange::Changed| {
-        replica.warn(format!("{}: changed at the source during transfer ({why}); left as it was, sent again next round", entry.path));
+        replica.warn(changed_text(&entry.path, why));
         Ok(None)
     };
     let named = |e: proto::exchange::ExchangeError| anyhow!("{}: {e}", entry.path);
