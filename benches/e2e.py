@@ -17,9 +17,10 @@ Scenarios, each the median of --runs:
 `sync-cli` runs keep their state (hash index, database cut state) in WORK/state,
 as a user's repeated runs would; it is removed before each tool's first run.
 Before each first and mutate run the page cache is written back and the bench
-waits 31 s (--no-settle skips it): on this machine's ext4 (no journal) files
-created within ~30 s of a large delete or of other creations cost several
-times more, whichever tool runs next.
+waits 31 s (--no-settle skips it). On this machine's ext4 (no journal) files
+created within minutes of a large delete cost several times more CPU,
+whichever tool runs next (see `settle`); --fresh-fs gives each tool's
+destination a new ext4 filesystem of its own (loop-mounted, direct I/O).
 
 Measures wall seconds, CPU seconds of the whole machine (/proc/stat, both ends and
 ssh included), peak RSS of the client process (and of the replica agent for push),
@@ -216,13 +217,52 @@ def stop_ssh(work):
 
 
 def settle():
-    """Writes back what setup wrote and waits out ext4's recently-deleted window
-    (30 s on this kernel without a journal: inodes freed or in dirty inode-table
-    blocks are skipped by the allocator, which makes creating files after a big
-    `rm -rf` several times slower), so that no tool pays for the setup."""
+    """Writes back what setup wrote and waits for the dirty pages to expire.
+    It does not wait out ext4's recently-deleted window: without a journal
+    (this machine's root), the inode allocator skips, one by one, every free
+    inode freed in the last 60 s, or 360 s while its inode-table block is dirty
+    (`recently_deleted()` in fs/ext4/ialloc.c), so creating files within
+    minutes of a big `rm -rf` costs several times more CPU, whichever tool runs
+    next. --fresh-fs takes that out of the comparison."""
     sh("sync")
     expire = int(open("/proc/sys/vm/dirty_expire_centisecs").read()) / 100
     time.sleep(min(expire, 30) + 1)
+
+
+class FreshFs:
+    """A new ext4 filesystem (mkfs defaults, journal included, as a standby's
+    disk is made) on a sparse image in `work`, loop-mounted with direct I/O
+    at `dst`: no inode in it was ever freed, and its writes go to the disk
+    once (not through the image file's page cache too)."""
+
+    def __init__(self, work, name, dst, size):
+        self.img, self.dst, self.dev = os.path.join(work, f"fs-{name}.img"), dst, None
+        if os.path.ismount(dst):
+            sh(f"umount {dst}")
+        if os.path.exists(self.img):
+            os.unlink(self.img)
+        with open(self.img, "wb") as f:
+            f.truncate(size)
+        sh(f"mkfs.ext4 -q -F {self.img}")
+        self.dev = sh(f"losetup --direct-io=on -f --show {self.img}").strip()
+        os.makedirs(dst, exist_ok=True)
+        sh(f"mount {self.dev} {dst}")
+        atexit.register(self.remove)
+
+    def remove(self):
+        if self.dev is None:
+            return
+        subprocess.run(["umount", self.dst], capture_output=True)
+        subprocess.run(["losetup", "-d", self.dev], capture_output=True)
+        self.dev = None
+        try:
+            os.unlink(self.img)
+        except OSError:
+            pass
+
+
+def tree_bytes(path):
+    return int(sh(f"du -sb {path}").split()[0])
 
 
 def rsync_run(ssh, src, dst):
@@ -281,6 +321,9 @@ def main():
     ap.add_argument("--tools", default="rsync,mirror,push")
     ap.add_argument("--no-settle", action="store_true",
                     help="skip the writeback and 31 s pause before each first and mutate run")
+    ap.add_argument("--fresh-fs", action="store_true",
+                    help="each tool mirrors onto a new ext4 filesystem of its own (a loop-mounted image "
+                         "in WORK): no tool pays for the inodes the bench freed before it (see settle)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (owners, ACLs, trusted.* xattrs)")
@@ -305,10 +348,13 @@ def main():
     for i in range(args.runs):
         for t in tools:
             dst = os.path.join(args.work, f"dst-{t}")
+            if os.path.ismount(dst):
+                sh(f"umount {dst}")
             for d in (dst, src, state):
                 shutil.rmtree(d, ignore_errors=True)
             sh(f"cp -a {src0} {src}")
             os.makedirs(dst)
+            fs = FreshFs(args.work, t, dst, max(4 << 30, 3 * tree_bytes(src0))) if args.fresh_fs else None
             if not args.no_settle:
                 settle()
             ag = Agent(agent, cli, args.work, dst, state) if t == "push" else None
@@ -323,6 +369,8 @@ def main():
             results[t]["mutate"].append(run(src))
             if ag:
                 ag.stop()
+            if fs:
+                fs.remove()
             print(f"run {i + 1}/{args.runs} {t}: " + json.dumps({k: v[-1] for k, v in results[t].items()}), file=sys.stderr)
     print(f"\ncorpus {args.size}, median of {args.runs}; ratio = understudy / rsync (lower is better)\n")
     print("| tool | scenario | wall s | CPU s | peak RSS MB | bytes on wire | wall ratio | wire ratio |")

@@ -346,7 +346,9 @@ impl Staged<'_> {
         }
         rustix::fs::ftruncate(&self.file, self.len)
             .map_err(|e| Error::io("truncate", &shown_path, e))?;
-        start_writeback(&self.file, 0, 0);
+        if self.len >= 1 << 20 {
+            start_writeback(&self.file, 0, 0);
+        }
         self.replica.meta_fd(&self.file, meta, &shown_path)?;
         self.done = true;
         let tmp = std::mem::take(&mut self.tmp);
