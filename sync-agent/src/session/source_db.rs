@@ -70,13 +70,7 @@ async fn send_pages(
     let (l, path) = (live.clone(), path.clone());
     let reader = tokio::task::spawn_blocking(move || -> Result<()> {
         for chunk in wanted.chunks(budget) {
-            let batch = {
-                let l = lock_live(&l)?;
-                chunk
-                    .iter()
-                    .map(|&p| Ok((p, l.page(&path, p)?)))
-                    .collect::<Result<Vec<_>>>()?
-            };
+            let batch = lock_live(&l)?.pages(&path, chunk)?;
             if tx.blocking_send(batch).is_err() {
                 break;
             }

@@ -69,6 +69,10 @@ pub(super) struct LiveDb {
     /// A connection opened, should the round ask for a page of an idle
     /// database, to read it in short read transactions.
     pub(super) lazy: std::cell::RefCell<Option<Conns>>,
+    /// The pages of the open snapshot not to be read from the file when it
+    /// is served (`serve.rs`), once worked out; `Some(None)`: the log cannot
+    /// tell.
+    pub(super) served_overlay: std::cell::RefCell<Option<Option<BTreeSet<u32>>>>,
     pub(super) wal: WalPos,
     /// The database file as the last cut saw it, under its lock.
     pub(super) seen: Option<Seen>,
@@ -111,6 +115,7 @@ impl LiveDb {
             settled_id: None,
             pending_since: None,
             lazy: std::cell::RefCell::new(None),
+            served_overlay: std::cell::RefCell::new(None),
             wal: WalPos::default(),
             seen: None,
             before: None,
@@ -201,6 +206,7 @@ impl LiveDb {
             .map_err(|e| sql_err(&path, "begin snapshot", e))?;
         c.reading = true;
         c.since = Some(Instant::now());
+        self.served_overlay.replace(None);
         Ok(())
     }
 
@@ -208,6 +214,7 @@ impl LiveDb {
     /// connections and the pages read ahead are let go.
     pub(super) fn end_round(&mut self) {
         self.cache = None;
+        self.served_overlay.replace(None);
         self.fresh = BTreeMap::new();
         self.copy = None;
         self.head = None;

@@ -78,13 +78,26 @@ impl LiveSet {
 
     /// Page `pgno` of the current snapshot of `path`.
     pub fn page(&self, path: &RelPath, pgno: u32) -> Result<Vec<u8>, Error> {
-        let db = self.dbs.get(path).ok_or_else(|| Error::Sqlite {
+        self.tracked(path)?.page(pgno)
+    }
+
+    /// Pages `wanted` of the current snapshot of `path`, as [`Self::page`]
+    /// gives each: pages that follow one another are read from the file at
+    /// once while the snapshot is open (see [`LiveDb::pages`]).
+    pub fn pages(&self, path: &RelPath, wanted: &[u32]) -> Result<Vec<(u32, Vec<u8>)>, Error> {
+        self.tracked(path)?.pages(wanted)
+    }
+
+    fn tracked(&self, path: &RelPath) -> Result<&LiveDb, Error> {
+        self.dbs.get(path).ok_or_else(|| Error::Sqlite {
             path: path.to_string(),
             msg: "not a tracked database".into(),
-        })?;
-        db.page(pgno)
+        })
     }
 }
+
+/// Most pages [`LiveDb::pages`] reads from the file at once.
+const RUN_PAGES: usize = 1024;
 
 impl LiveDb {
     /// Reads ahead the pages a replica holding any remembered cut can ask for
@@ -136,6 +149,70 @@ impl LiveDb {
         }
         self.cache = Some(cache);
         Ok(())
+    }
+
+    /// Pages `wanted` of the open snapshot. Runs of consecutive pages are
+    /// read from the database file in one `xRead` of SQLite's own handle, but
+    /// for the pages the log of the snapshot names, read through
+    /// `sqlite_dbpage`: while the read transaction is open no other page of
+    /// the file moves (the argument of `whole.rs`). With no open snapshot
+    /// (pages read ahead, a copy, an idle database) or a log that cannot
+    /// tell, page by page as [`Self::page`].
+    pub(super) fn pages(&self, wanted: &[u32]) -> Result<Vec<(u32, Vec<u8>)>, Error> {
+        let one_by_one = || wanted.iter().map(|&p| Ok((p, self.page(p)?))).collect();
+        let reader = match &self.conns {
+            Some(c) if c.reading && self.cache.is_none() && self.copy.is_none() => &c.reader,
+            _ => return one_by_one(),
+        };
+        let overlay = self
+            .served_overlay
+            .borrow_mut()
+            .get_or_insert_with(|| self.overlay(self.wal_mode))
+            .clone();
+        let (Some(overlay), Some(file)) = (overlay, super::moved::main_file(reader)) else {
+            return one_by_one();
+        };
+        let size = self.page_size as usize;
+        if size == 0 {
+            return one_by_one();
+        }
+        let count = self.hashes.len() as u32;
+        let pending = u32::try_from(super::whole::PENDING_BYTE / size.max(512) as u64 + 1)
+            .unwrap_or(u32::MAX);
+        let fail = |msg: String| Error::Sqlite {
+            path: self.path.display().to_string(),
+            msg,
+        };
+        let mut out = Vec::with_capacity(wanted.len());
+        let mut rest = wanted;
+        while let Some(&first) = rest.first() {
+            let run = rest
+                .iter()
+                .zip(first..)
+                .take_while(|&(&p, q)| p == q && p >= 1 && p <= count)
+                .take(RUN_PAGES)
+                .count();
+            if run == 0 {
+                out.push((first, self.page(first)?));
+                rest = &rest[1..];
+                continue;
+            }
+            let mut buf = vec![0u8; run * size];
+            super::whole::read_at(file, &mut buf, u64::from(first - 1) * size as u64)
+                .map_err(&fail)?;
+            for (p, page) in (first..).zip(buf.chunks(size)) {
+                let page = if overlay.contains(&p) {
+                    read_page(reader, &self.path, p)?
+                } else if p == pending {
+                    vec![0; size]
+                } else {
+                    page.to_vec()
+                };
+                out.push((p, page));
+            }
+            rest = &rest[run..];
+        }
+        Ok(out)
     }
 
     /// Page `pgno` of the current snapshot.

@@ -311,3 +311,40 @@ fn a_restored_state_keeps_its_quick_hashes() {
     assert!(strong_pages() <= 3, "blake3 of more than the changed pages");
     assert_eq!(next.snapshot(&rel).unwrap().hash, replica_hash(&src));
 }
+
+/// A snapshot that reads from its log is served from the file in runs of
+/// pages while the writer commits more and checkpoints after the cut: what
+/// arrives is still the snapshot.
+#[test]
+fn pages_served_while_the_writer_checkpoints_are_the_snapshots() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, w, rel, mut live) = wal_source(t.path());
+    w.execute_batch("PRAGMA wal_autocheckpoint = 0;").unwrap();
+    live.cut().unwrap();
+    ship_and_end(&mut live, &rel, &dst);
+    w.execute_batch("UPDATE t SET v = randomblob(300) WHERE k % 4 = 0;")
+        .unwrap();
+    live.cut().unwrap();
+    let expected = live.snapshot(&rel).unwrap().hash;
+    let c = Connection::open(&src).unwrap();
+    c.execute_batch(
+        "UPDATE t SET v = randomblob(300) WHERE k % 3 = 0;
+         PRAGMA wal_checkpoint(PASSIVE);
+         DELETE FROM t WHERE k > 1000;
+         PRAGMA wal_checkpoint(PASSIVE);",
+    )
+    .unwrap();
+    let all: Vec<u32> = (1..=live.snapshot(&rel).unwrap().pages).collect();
+    let served = live.pages(&rel, &all).unwrap();
+    let one_by_one: Vec<(u32, Vec<u8>)> = all
+        .iter()
+        .map(|&p| (p, live.page(&rel, p).unwrap()))
+        .collect();
+    assert!(
+        served == one_by_one,
+        "a page served differs from sqlite_dbpage's"
+    );
+    ship_and_end(&mut live, &rel, &dst);
+    assert_eq!(replica_hash(&dst), expected);
+    drop(w);
+}

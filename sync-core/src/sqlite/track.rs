@@ -128,7 +128,7 @@ impl LiveDb {
     /// The pages of this cut's snapshot not to be read from the database
     /// file (`whole.rs`): those the log may hold; `None` when the log cannot
     /// tell (every page is then read through SQLite).
-    fn overlay(&self, wal_mode: bool) -> Option<BTreeSet<u32>> {
+    pub(super) fn overlay(&self, wal_mode: bool) -> Option<BTreeSet<u32>> {
         if !wal_mode {
             return Some(BTreeSet::new());
         }

@@ -38,7 +38,7 @@ const CHUNK: usize = 4 << 20;
 
 /// SQLite's pending byte: the page holding it is never used, and
 /// `sqlite_dbpage` shows it as zeros.
-const PENDING_BYTE: u64 = 0x4000_0000;
+pub(super) const PENDING_BYTE: u64 = 0x4000_0000;
 
 #[cfg(test)]
 thread_local! {
