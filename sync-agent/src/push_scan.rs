@@ -9,7 +9,9 @@
 //! cut stands when the scan finds exactly those databases. Otherwise it is
 //! let go, and the tree is scanned and cut again as without a saved state:
 //! what the scan was told may be wrong (a path no longer a database, a hard
-//! link, an inode used again).
+//! link, an inode used again). A database with several names is not cut
+//! early (the name it is opened through comes from the scan:
+//! `LiveSet::name_from`), and with no early cut the one scan stands.
 
 use crate::DB_BUSY;
 use crate::push_state::PushState;
@@ -38,14 +40,22 @@ pub(crate) fn scan_and_cut(
     if let Some(s) = saved {
         s.restore_tracking(&mut early);
     }
-    let known: Vec<RelPath> = early.paths().cloned().collect();
-    let files: Vec<(u64, u64)> = known
+    let mut known: Vec<RelPath> = early.paths().cloned().collect();
+    let stats: Vec<std::fs::Metadata> = known
         .iter()
         .filter_map(|p| std::fs::symlink_metadata(sync_core::scan::abs(src, p)).ok())
-        .map(|m| {
-            use std::os::unix::fs::MetadataExt as _;
-            (m.dev(), m.ino())
-        })
+        .collect();
+    // A database with other names may be opened through one of them
+    // (`LiveSet::name_from`), which the scan tells: no early cut.
+    use std::os::unix::fs::MetadataExt as _;
+    if stats.iter().any(|m| m.nlink() > 1) {
+        known.clear();
+        early = LiveSet::new(src, DB_BUSY);
+    }
+    let files: Vec<(u64, u64)> = known
+        .iter()
+        .zip(&stats)
+        .map(|(_, m)| (m.dev(), m.ino()))
         .collect();
     let scan = |known: &[RelPath], files: &[(u64, u64)]| {
         let detect = DbDetect::default();
@@ -75,12 +85,14 @@ pub(crate) fn scan_and_cut(
     let scan_ms = t0.elapsed().as_millis();
     let (live, stats) = match early.transpose()? {
         Some((live, Ok(stats))) if stands(&live, &stats, &report) => (live, stats),
+        // no cut ran during the scan: the scan was told nothing, and stands
+        None => cut(src, saved, &m, &report.databases)?,
         early => {
             tracing::debug!("the databases are not the last run's: scan and cut again");
             // its connections close before any file is opened again
             drop(early);
             (m, report) = scan(&[], &[])?;
-            cut(src, saved, &report.databases)?
+            cut(src, saved, &m, &report.databases)?
         }
     };
     if let Some(why) = stats.blocked {
@@ -113,8 +125,9 @@ fn stands(live: &LiveSet, stats: &CutStats, report: &ScanReport) -> bool {
 }
 
 /// The databases `dbs` cut together, from the saved cut state.
-fn cut(src: &Path, saved: Option<&PushState>, dbs: &[RelPath]) -> Result<Cut> {
+fn cut(src: &Path, saved: Option<&PushState>, m: &Manifest, dbs: &[RelPath]) -> Result<Cut> {
     let mut live = LiveSet::new(src, DB_BUSY);
+    live.name_from(&m.entries, dbs);
     live.track(dbs);
     if let Some(s) = saved {
         s.restore(&mut live);

@@ -59,7 +59,7 @@ impl Manifest {
     /// Checks what a manifest from a peer must satisfy before anything is applied:
     /// sorted and unique paths, the root first and a directory, every parent a
     /// directory of the manifest, hard links naming an earlier regular file or
-    /// a database (earlier or later), no reserved temp names.
+    /// database, no reserved temp names.
     pub fn check_structure(&self) -> Result<(), Error> {
         let Some(first) = self.entries.first() else {
             return Err(Error::invalid(".", "empty manifest"));
@@ -72,7 +72,6 @@ impl Manifest {
         }
         let mut kinds: HashMap<&RelPath, &Kind> = HashMap::with_capacity(self.entries.len());
         kinds.insert(&first.path, &first.kind);
-        let mut later: Vec<(&RelPath, &RelPath)> = Vec::new();
         for w in self.entries.windows(2) {
             if path_cmp(&w[0].path, &w[1].path) != Ordering::Less {
                 return Err(Error::invalid(
@@ -97,23 +96,15 @@ impl Manifest {
                     "parent is not a directory of the manifest",
                 ));
             }
-            if let Kind::HardLink { target } = &e.kind {
-                match kinds.get(target) {
-                    Some(Kind::File { .. } | Kind::Database { .. }) => {}
-                    // a database's leader may come later (see below)
-                    None if path_cmp(target, &e.path) == Ordering::Greater => {
-                        later.push((&e.path, target));
-                    }
-                    _ => return Err(bad_link(&e.path, target)),
-                }
+            if let Kind::HardLink { target } = &e.kind
+                && !matches!(
+                    kinds.get(target),
+                    Some(Kind::File { .. } | Kind::Database { .. })
+                )
+            {
+                return Err(bad_link(&e.path, target));
             }
             kinds.insert(&e.path, &e.kind);
-        }
-        // A database's names link to the one SQLite uses, wherever it sorts.
-        for (path, target) in later {
-            if !matches!(kinds.get(target), Some(Kind::Database { .. })) {
-                return Err(bad_link(path, target));
-            }
         }
         Ok(())
     }
@@ -175,7 +166,7 @@ pub(crate) fn merkle(entries: &[Entry], leaf: impl Fn(&Entry) -> [u8; 32]) -> [u
 fn bad_link(path: &RelPath, target: &RelPath) -> Error {
     Error::invalid(
         path,
-        format!("hard link to {target}, which is neither an earlier regular file nor a database"),
+        format!("hard link to {target}, which is not an earlier regular file or database"),
     )
 }
 
@@ -427,11 +418,10 @@ mod tests {
         assert!(dup.check_structure().is_err());
     }
 
-    /// A link names a regular file before it, or a database anywhere (the
-    /// name SQLite uses may sort after the others); never another link, a
-    /// file after it, or nothing.
+    /// A link names a regular file or a database before it; never another
+    /// link, an entry after it, a directory, or nothing.
     #[test]
-    fn links_name_an_earlier_file_or_a_database() {
+    fn links_name_an_earlier_file_or_database() {
         let link = |path: &str, to: &str| {
             let target = RelPath::new(to.as_bytes()).unwrap();
             e(path, Kind::HardLink { target })
@@ -450,16 +440,15 @@ mod tests {
         let ok = |entries: Vec<Entry>| Manifest::from_entries(entries).check_structure();
         assert!(ok(vec![e("", Kind::Dir), file("a", 1), link("b", "a")]).is_ok());
         assert!(ok(vec![e("", Kind::Dir), db("a"), link("b", "a")]).is_ok());
-        assert!(ok(vec![e("", Kind::Dir), link("a", "b"), db("b")]).is_ok());
         let refused = [
             vec![e("", Kind::Dir), link("a", "b"), file("b", 1)],
+            vec![e("", Kind::Dir), link("a", "b"), db("b")],
             vec![
                 e("", Kind::Dir),
-                link("a", "c"),
-                link("b", "c"),
-                link("c", "a"),
+                file("a", 1),
+                link("b", "a"),
+                link("c", "b"),
             ],
-            vec![e("", Kind::Dir), link("a", "b"), link("b", "c"), db("c")],
             vec![e("", Kind::Dir), link("a", "z")],
             vec![e("", Kind::Dir), e("a", Kind::Dir), link("b", "a")],
         ];

@@ -164,27 +164,29 @@ impl Walker<'_> {
         }
     }
 
-    /// Makes every name of a multi-linked inode but one (its leader, see
-    /// [`Walker::leader`]) a link to it, and puts the lists the walk kept in
-    /// manifest order.
+    /// Makes every name of a multi-linked inode after its first (in
+    /// manifest order) a link to the first, and puts the lists the walk
+    /// kept in manifest order. (A database is opened through another of its
+    /// names when that is the one SQLite uses: `sqlite::LiveSet::name_from`.)
     pub(super) fn link_names(&mut self) {
         self.temp_files.sort_unstable();
         self.databases.sort_unstable();
         self.excluded.sort_unstable();
-        let mut names: foldhash::HashMap<(u64, u64), Vec<usize>> = Default::default();
-        for (i, key) in std::mem::take(&mut self.links) {
-            names.entry(key).or_default().push(i);
-        }
+        let mut first: foldhash::HashMap<(u64, u64), RelPath> = Default::default();
         let mut linked = Vec::new();
-        for group in names.into_values().filter(|g| g.len() > 1) {
-            let lead = self.leader(&group);
-            let target = self.entries[lead].path.clone();
-            for i in group.into_iter().filter(|&i| i != lead) {
-                self.entries[i].kind = Kind::HardLink {
-                    target: target.clone(),
-                };
-                self.stamps[i] = None;
-                linked.push(self.entries[i].path.clone());
+        for (i, key) in std::mem::take(&mut self.links) {
+            let e = &mut self.entries[i];
+            match first.get(&key) {
+                Some(target) => {
+                    e.kind = Kind::HardLink {
+                        target: target.clone(),
+                    };
+                    self.stamps[i] = None;
+                    linked.push(e.path.clone());
+                }
+                None => {
+                    first.insert(key, e.path.clone());
+                }
             }
         }
         // A further name is a link, never a database of its own.
@@ -192,29 +194,5 @@ impl Walker<'_> {
             linked.sort_unstable();
             self.databases.retain(|p| linked.binary_search(p).is_err());
         }
-    }
-
-    /// The name the other names of an inode link to: the first in manifest
-    /// order, except for a database: the first name with a log, journal or
-    /// lock file beside it. SQLite keeps those by the name a database was
-    /// opened with; cut through another name, a snapshot would miss the
-    /// log's commits, and its read lock would not hold off the application's
-    /// checkpoints (a torn copy).
-    fn leader(&self, names: &[usize]) -> usize {
-        let first = names[0];
-        if self
-            .databases
-            .binary_search(&self.entries[first].path)
-            .is_err()
-        {
-            return first;
-        }
-        let beside = |i: &usize| {
-            let db = abs(&self.root, &self.entries[*i].path);
-            ["-wal", "-journal", "-shm"]
-                .iter()
-                .any(|s| crate::sqlite::side_path(&db, s).symlink_metadata().is_ok())
-        };
-        names.iter().copied().find(beside).unwrap_or(first)
     }
 }

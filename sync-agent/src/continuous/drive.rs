@@ -150,6 +150,7 @@ fn scan_and_cut(
     let mut l = l
         .lock()
         .map_err(|_| anyhow::anyhow!("live database set poisoned"))?;
+    l.name_from(&m.entries, &report.databases);
     l.track(&report.databases);
     note_known(o, &l);
     let stats = l.cut()?;

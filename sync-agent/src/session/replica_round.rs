@@ -75,7 +75,6 @@ pub(super) async fn apply_round(
     // round's indexes, which the source serves.
     let (kept, planned) = engine::keep(&round.src, &folder.filter);
     let planned = Arc::new(planned);
-    folder.replica.note_db_names(&planned);
     let (dst, plan, mut summary) =
         prepare_and_make(folder, &mut round, planned.clone(), prescanned).await?;
     clock.mark("prepare");

@@ -149,6 +149,8 @@ pub fn prepare(
     prescanned: Option<Prescan>,
     sum: &mut ApplySummary,
 ) -> Result<Prepared, Error> {
+    // a database whose other names are the round's links is written in place
+    r.note_db_names(s);
     let f = p.filter;
     let opts = ScanOptions {
         hash: p.checksum,

@@ -72,6 +72,7 @@ impl Pair {
         };
         let (mut m, report) =
             crate::scan::scan_with(self.src.path(), &opts, None).expect("the source scans");
+        self.live.name_from(&m.entries, &report.databases);
         self.live.track(&report.databases);
         let stats = self.live.cut().expect("a cut");
         m.entries.retain(|e| !stats.dropped.contains(&e.path));

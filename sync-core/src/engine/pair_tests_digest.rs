@@ -258,3 +258,37 @@ fn a_restarted_replica_offers_the_quick_digest_without_reading_its_databases() {
         assert_eq!(p.replica.databases_read(), u64::from(!saved));
     }
 }
+
+/// A live WAL database with a second name that sorts first: the manifest
+/// names it by its first name on both ends (the replica's own scan gives
+/// the source's root hash), while the cut goes through the name whose log
+/// it is (the log's rows arrive). A later commit reaches both names.
+#[test]
+fn a_database_with_two_names_is_cut_through_its_log_and_verified() {
+    let mut p = Pair::new();
+    let c = live_db(&p);
+    c.execute_batch("PRAGMA wal_autocheckpoint=0; DELETE FROM t WHERE k > 400;")
+        .expect("a commit left in the log");
+    fs::hard_link(p.src("app.db"), p.src("0-old.db")).expect("link");
+    let count = |path: std::path::PathBuf| -> i64 {
+        let c = rusqlite::Connection::open(path).expect("open");
+        c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .expect("count")
+    };
+    p.full()
+        .expect("verified: the replica's root is the source's");
+    assert_eq!(count(p.dst("0-old.db")), 400);
+    use std::os::unix::fs::MetadataExt;
+    let dst = p.dst.path().to_path_buf();
+    let ino = |rel: &str| fs::metadata(dst.join(rel)).expect("stat").ino();
+    assert_eq!(ino("0-old.db"), ino("app.db"));
+    assert!(
+        !p.src("0-old.db-wal").exists(),
+        "opened through its other name"
+    );
+    c.execute("DELETE FROM t WHERE k > 300", [])
+        .expect("commit");
+    p.full().expect("verified again");
+    assert_eq!(count(p.dst("app.db")), 300);
+    assert_eq!(ino("0-old.db"), ino("app.db"));
+}

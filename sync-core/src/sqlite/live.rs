@@ -284,6 +284,8 @@ pub struct LiveSet {
     /// How long a file no cut opened yet must be quiet (`settle.rs`).
     pub(super) settle: Duration,
     pub(super) dbs: BTreeMap<RelPath, LiveDb>,
+    /// Databases opened through another of their names (`names.rs`).
+    pub(super) opened_as: BTreeMap<RelPath, RelPath>,
 }
 
 impl LiveSet {
@@ -300,6 +302,7 @@ impl LiveSet {
             busy,
             settle: super::settle::SETTLE,
             dbs: BTreeMap::new(),
+            opened_as: BTreeMap::new(),
         }
     }
 
@@ -340,7 +343,8 @@ impl LiveSet {
     pub fn add<'a>(&mut self, paths: impl IntoIterator<Item = &'a RelPath>) {
         for p in paths {
             if !self.dbs.contains_key(p) {
-                let db = LiveDb::new(&crate::scan::abs(&self.root, p), self.busy);
+                let opened = self.opened_as.get(p).unwrap_or(p);
+                let db = LiveDb::new(&crate::scan::abs(&self.root, opened), self.busy);
                 self.dbs.insert(p.clone(), db);
             }
         }

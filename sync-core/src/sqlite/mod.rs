@@ -331,6 +331,7 @@ mod copy;
 mod idle;
 mod live;
 mod moved;
+mod names;
 mod persist;
 mod replica;
 mod serve;
@@ -348,7 +349,7 @@ mod wal;
 mod whole;
 
 pub use conn::CHECKPOINT_BYTES;
-pub(crate) use conn::{FileStamp, RACY_NS, Seen, side_path};
+pub(crate) use conn::{FileStamp, RACY_NS, Seen};
 pub use content::{content_snapshot, mark_by_content};
 pub use copy::COPY_BUDGET;
 pub use live::{CutStats, LOCK_WAIT, LiveSet, RELEASE_BUDGET};
