@@ -237,3 +237,54 @@ fn with_the_agent_running_the_log_of_a_busy_writer_stays_small() {
             .is_some_and(|r| r == [last.clone()])
     });
 }
+
+/// Once the source is idle, its agent holds nothing of a database open: no
+/// snapshot pins the application's log (a TRUNCATE checkpoint is not kept
+/// busy) and no connection of the agent is left on the file, even for a
+/// database larger than what a round reads ahead (whose snapshot stays open
+/// while its round is served), after rounds that shipped nothing.
+#[test]
+fn an_idle_agent_holds_no_database_open() {
+    let l = agents(|p| {
+        app_db(p);
+        // past the 32 MiB a round reads ahead of a snapshot it then lets go
+        Connection::open(p)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE pad(b BLOB);
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 10000)
+                 INSERT INTO pad SELECT randomblob(4000) FROM n;",
+            )
+            .unwrap();
+    });
+    let db = l.src.join("app.db");
+    let app = Connection::open(&db).unwrap();
+    app.execute("UPDATE t SET v = 'x' WHERE k = 1", []).unwrap();
+    eventually(30, "the commit on the replica", || {
+        rows(&l.dst.join("app.db"), "SELECT v FROM t WHERE k = 1").is_some_and(|r| r == ["x"])
+    });
+    // rounds with nothing to ship while the database is still recent (it is
+    // cut again each time): a file made and removed at once
+    for _ in 0..5 {
+        std::fs::write(l.src.join("noise"), b"n").unwrap();
+        std::fs::remove_file(l.src.join("noise")).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = l._agents.1.child.id();
+    let held: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|p| p.starts_with(&l.src))
+        .collect();
+    assert!(held.is_empty(), "the idle source agent holds {held:?}");
+    let (busy, _, _): (i64, i64, i64) = app
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!(
+        busy, 0,
+        "a reader of the agent's kept the log from being reset"
+    );
+}

@@ -144,6 +144,7 @@ fn scan_and_cut(
     let guard = ix
         .lock()
         .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
+    super::partial::let_go(l);
     let (mut m, report) = sync_core::scan::scan_with(root, o, Some(&guard))?;
     drop(guard);
     // The cut: every database frozen at one instant.
@@ -190,6 +191,25 @@ impl Driver<'_> {
         });
     }
 
+    /// A full round's scan and cut, on a blocking thread; a cut that failed
+    /// part way lets its snapshots go.
+    async fn scan_full(&self) -> Result<(sync_core::Manifest, u64, CutStats)> {
+        let (root, o, ix, l) = (
+            self.cfg.root.clone(),
+            self.opts.clone(),
+            self.index.clone(),
+            self.live.clone(),
+        );
+        let scanned = tokio::task::spawn_blocking(move || scan_and_cut(&root, &o, &ix, &l)).await;
+        match scanned.map_err(anyhow::Error::from) {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) | Err(e) => {
+                super::partial::let_go(self.live);
+                Err(e)
+            }
+        }
+    }
+
     /// A full round: scan, cut, ship, and answer a cut asked for.
     async fn full_round(&mut self) -> Result<()> {
         let (cfg, status) = (self.cfg, self.status);
@@ -203,15 +223,8 @@ impl Driver<'_> {
             .round_started(Instant::now(), std::mem::take(&mut self.unknown));
         publish_lag(status, self.lag);
         start_full_progress(status);
-        let (root, o, ix, l) = (
-            cfg.root.clone(),
-            self.opts.clone(),
-            self.index.clone(),
-            self.live.clone(),
-        );
         let started = Instant::now();
-        let (manifest, bytes_hashed, stats) =
-            tokio::task::spawn_blocking(move || scan_and_cut(&root, &o, &ix, &l)).await??;
+        let (manifest, bytes_hashed, stats) = self.scan_full().await?;
         if let Some(why) = &stats.blocked {
             self.cut_blocked(why);
         }
@@ -440,6 +453,12 @@ impl Driver<'_> {
             s.writer_stall.observe(stats.stall);
         });
         self.known = k;
+        // Only a round that ships keeps its snapshots, until it is applied.
+        let ships = matches!(&round, Ok((Some(r), _))
+            if !(r.entries.is_empty() && r.deleted.is_empty() && r.renamed.is_empty()));
+        if !ships {
+            super::partial::let_go(self.live);
+        }
         let (round, held) = round?;
         for p in held {
             let since = held_before.get(&p).copied().unwrap_or_else(Instant::now);

@@ -310,6 +310,17 @@ fn moved(k: &RelPath, base: &RelPath, to: &RelPath) -> Option<RelPath> {
     }
 }
 
+/// Closes every connection the live set holds before the tree is looked
+/// at: a scan opens files, and closing a descriptor of a database inode
+/// drops the POSIX locks this process holds on it (another name of a held
+/// database, a file renamed over one); nor does a snapshot outlive the round
+/// it was taken for (it would keep the application's log from being reset).
+pub(super) fn let_go(live: &Mutex<LiveSet>) {
+    if let Ok(mut l) = live.lock() {
+        l.end_round();
+    }
+}
+
 /// Builds a partial round from a batch; the large files it holds back to send
 /// on the bulk lane are added to `sends`.
 #[allow(clippy::too_many_arguments)]
@@ -327,6 +338,7 @@ pub(super) fn partial_round(
         &mut Vec<(RelPath, sync_core::index::Stamp)>,
     ),
 ) -> Result<Partial> {
+    let_go(live);
     let ex = expand(batch, known, opts);
     let clock = Clock {
         now: Instant::now(),
