@@ -19,8 +19,8 @@ as a user's repeated runs would; it is removed before each tool's first run.
 Before each first and mutate run the page cache is written back and the bench
 waits 31 s (--no-settle skips it). On this machine's ext4 (no journal) files
 created within minutes of a large delete cost several times more CPU,
-whichever tool runs next (see `settle`); --fresh-fs gives each tool's
-destination a new ext4 filesystem of its own (loop-mounted, direct I/O).
+whichever tool runs next (see `settle`), so each tool's destination is a new
+ext4 filesystem of its own (loop-mounted, direct I/O; --no-fresh-fs: WORK).
 
 Measures wall seconds, CPU seconds of the whole machine (/proc/stat, both ends and
 ssh included), peak RSS of the client process (and of the replica agent for push),
@@ -321,9 +321,10 @@ def main():
     ap.add_argument("--tools", default="rsync,mirror,push")
     ap.add_argument("--no-settle", action="store_true",
                     help="skip the writeback and 31 s pause before each first and mutate run")
-    ap.add_argument("--fresh-fs", action="store_true",
+    ap.add_argument("--fresh-fs", action=argparse.BooleanOptionalAction, default=True,
                     help="each tool mirrors onto a new ext4 filesystem of its own (a loop-mounted image "
-                         "in WORK): no tool pays for the inodes the bench freed before it (see settle)")
+                         "in WORK): no tool pays for the inodes the bench freed before it (see settle); "
+                         "--no-fresh-fs mirrors into WORK itself, as before session 9")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (owners, ACLs, trusted.* xattrs)")

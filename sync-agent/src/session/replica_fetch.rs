@@ -222,8 +222,17 @@ pub(super) async fn fetch_file(
 /// first mirror's files are this small).
 const WHOLE_IN_MEMORY: u64 = 256 << 10;
 
-/// A small file with no basis: its content read as [`FileFetch`] admits it
-/// (never past the entry's size), then staged and committed at once.
+/// What a small file's stream brought: its content and hash, or why it is
+/// left as it was; with the transfer's figures.
+type Small = (
+    std::result::Result<(Vec<u8>, [u8; 32]), proto::exchange::Changed>,
+    (u64, u64),
+);
+
+/// A small file with no basis: staged at once on a blocking thread (a path
+/// the replica refuses fails before any content is awaited), its content read
+/// off the stream as [`FileFetch`] admits it (never past the entry's size),
+/// then handed over whole: one wake of the writer, not one per frame.
 async fn fetch_small(
     recv: &mut quinn::RecvStream,
     stage: &wire::Stage,
@@ -231,6 +240,51 @@ async fn fetch_small(
     entry: Entry,
     activity: &Activity,
 ) -> Result<Option<(u64, u64)>> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<Small>();
+    let (path, e) = (entry.path.clone(), entry.clone());
+    let mut writer = tokio::task::spawn_blocking(move || -> Result<Option<(u64, u64)>> {
+        let mut staged = replica.stage(&e.path)?;
+        // the reader gave up: its error is the one reported
+        let Ok((content, figures)) = rx.blocking_recv() else {
+            return Ok(None);
+        };
+        match content {
+            Ok((data, hash)) => {
+                staged.write(&data)?;
+                staged.commit(&hash, &e.meta)?;
+                Ok(Some(figures))
+            }
+            Err(why) => {
+                replica.warn(changed_text(&e.path, why));
+                Ok(None)
+            }
+        }
+    });
+    let read = tokio::select! {
+        r = read_small(recv, stage, &entry, activity) => r,
+        // ended before its content: staging failed
+        w = &mut writer => return w?,
+    };
+    match read {
+        Ok(small) => {
+            let _ = tx.send(small);
+            writer.await?
+        }
+        Err(e) => {
+            drop(tx);
+            writer.await??;
+            Err(e).with_context(|| format!("receiving {path}"))
+        }
+    }
+}
+
+/// A small file's content off its stream (see [`fetch_small`]).
+async fn read_small(
+    recv: &mut quinn::RecvStream,
+    stage: &wire::Stage,
+    entry: &Entry,
+    activity: &Activity,
+) -> Result<Small> {
     let Kind::File { size, hash } = entry.kind else {
         bail!("{}: content for a {}", entry.path, entry.kind.name());
     };
@@ -245,24 +299,11 @@ async fn fetch_small(
             FileStep::Literal(d) => data.extend_from_slice(&d),
             // FileFetch admits a delta only when a basis was offered.
             FileStep::Delta(_) => bail!("{}: a delta with no basis", entry.path),
-            FileStep::Commit { hash } => break Ok(hash),
+            FileStep::Commit { hash } => break Ok((std::mem::take(&mut data), hash)),
             FileStep::Changed(why) => break Err(why),
         }
     };
-    let figures = fetch.figures();
-    tokio::task::spawn_blocking(move || match end {
-        Ok(hash) => {
-            let mut staged = replica.stage(&entry.path)?;
-            staged.write(&data)?;
-            staged.commit(&hash, &entry.meta)?;
-            Ok(Some(figures))
-        }
-        Err(why) => {
-            replica.warn(changed_text(&entry.path, why));
-            Ok(None)
-        }
-    })
-    .await?
+    Ok((end, fetch.figures()))
 }
 
 /// The warning for a file that changed at the source while it was sent.
