@@ -2,9 +2,7 @@
 //! replica needs, and the pages themselves.
 
 use super::live::{LiveDb, LiveSet, reader_of};
-use super::read_page;
 use crate::{Error, RelPath};
-use std::collections::BTreeMap;
 
 /// A database's snapshot as the manifest shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,16 +132,14 @@ impl LiveDb {
             return Ok(());
         }
         *budget -= bytes;
-        let r = reader_of(&self.conns, &self.path)?;
-        let mut fresh = std::mem::take(&mut self.fresh);
-        let mut cache = BTreeMap::new();
-        for p in pages {
-            let page = match fresh.remove(&p) {
-                Some(page) => page,
-                None => read_page(r, &self.path, p)?,
-            };
-            cache.insert(p, page);
-        }
+        reader_of(&self.conns, &self.path)?;
+        let mut cache = std::mem::take(&mut self.fresh);
+        cache.retain(|p, _| pages.binary_search(p).is_ok());
+        let missing: Vec<u32> = pages
+            .into_iter()
+            .filter(|p| !cache.contains_key(p))
+            .collect();
+        cache.extend(self.pages(&missing)?);
         if let Some(c) = self.conns.take() {
             c.close(&self.path);
         }
@@ -164,12 +160,13 @@ impl LiveDb {
             Some(c) if c.reading && self.cache.is_none() && self.copy.is_none() => &c.reader,
             _ => return one_by_one(),
         };
-        let overlay = self
-            .served_overlay
-            .borrow_mut()
-            .get_or_insert_with(|| self.overlay(self.wal_mode))
-            .clone();
-        let (Some(overlay), Some(file)) = (overlay, super::moved::main_file(reader)) else {
+        if self.served_overlay.borrow().is_none() {
+            self.served_overlay
+                .replace(Some(self.overlay(self.wal_mode)));
+        }
+        let cached = self.served_overlay.borrow();
+        let (Some(Some(overlay)), Some(file)) = (cached.as_ref(), super::moved::main_file(reader))
+        else {
             return one_by_one();
         };
         let size = self.page_size as usize;
@@ -177,12 +174,6 @@ impl LiveDb {
             return one_by_one();
         }
         let count = self.hashes.len() as u32;
-        let pending = u32::try_from(super::whole::PENDING_BYTE / size.max(512) as u64 + 1)
-            .unwrap_or(u32::MAX);
-        let fail = |msg: String| Error::Sqlite {
-            path: self.path.display().to_string(),
-            msg,
-        };
         let mut out = Vec::with_capacity(wanted.len());
         let mut rest = wanted;
         while let Some(&first) = rest.first() {
@@ -198,18 +189,10 @@ impl LiveDb {
                 continue;
             }
             let mut buf = vec![0u8; run * size];
-            super::whole::read_at(file, &mut buf, u64::from(first - 1) * size as u64)
-                .map_err(&fail)?;
-            for (p, page) in (first..).zip(buf.chunks(size)) {
-                let page = if overlay.contains(&p) {
-                    read_page(reader, &self.path, p)?
-                } else if p == pending {
-                    vec![0; size]
-                } else {
-                    page.to_vec()
-                };
-                out.push((p, page));
-            }
+            super::whole::read_run(reader, &self.path, file, (size, first), &mut buf, overlay)?;
+            #[cfg(test)]
+            super::whole::SERVED_PAGES.with(|n| n.set(n.get() + run as u64));
+            out.extend((first..).zip(buf.chunks(size).map(<[u8]>::to_vec)));
             rest = &rest[run..];
         }
         Ok(out)

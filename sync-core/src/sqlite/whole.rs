@@ -38,13 +38,16 @@ const CHUNK: usize = 4 << 20;
 
 /// SQLite's pending byte: the page holding it is never used, and
 /// `sqlite_dbpage` shows it as zeros.
-pub(super) const PENDING_BYTE: u64 = 0x4000_0000;
+const PENDING_BYTE: u64 = 0x4000_0000;
 
 #[cfg(test)]
 thread_local! {
     /// Pages this thread hashed straight from a database file (tests count
     /// them).
     pub(super) static FILE_PAGES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// Pages this thread served straight from a database file (tests count
+    /// them).
+    pub(super) static SERVED_PAGES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     /// Pages a cut on this thread hashed with blake3 (tests count them).
     pub(super) static STRONG_PAGES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
@@ -100,7 +103,6 @@ pub(super) fn file_hashes(
     let file = super::moved::main_file(c).ok_or_else(|| fail("no file handle".into()))?;
     let size = (page_size as usize).max(512);
     let per_chunk = (CHUNK / size).max(1) as u32;
-    let pending = u32::try_from(PENDING_BYTE / size as u64 + 1).unwrap_or(u32::MAX);
     let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(1);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|s| {
@@ -139,19 +141,7 @@ pub(super) fn file_hashes(
             let n = per_chunk.min(count - first + 1);
             let mut buf = empty_rx.try_recv().unwrap_or_default();
             buf.resize(n as usize * size, 0);
-            read_at(file, &mut buf, u64::from(first - 1) * size as u64).map_err(&fail)?;
-            for &p in overlay.range(first..first + n) {
-                let at = (p - first) as usize * size;
-                let page = read_page(c, path, p)?;
-                if page.len() != size {
-                    return Err(fail(format!("page {p} is not of the page size")));
-                }
-                buf[at..at + size].copy_from_slice(&page);
-            }
-            if (first..first + n).contains(&pending) {
-                let at = (pending - first) as usize * size;
-                buf[at..at + size].fill(0);
-            }
+            read_run(c, path, file, (size, first), &mut buf, overlay)?;
             if full_tx.send(buf).is_err() {
                 break;
             }
@@ -170,6 +160,42 @@ pub(super) fn file_hashes(
         }
         Ok(hashed)
     })
+}
+
+/// Fills `buf` (a whole number of pages of `size` bytes) with the
+/// snapshot's pages from `first` on, as `sqlite_dbpage` shows them in the
+/// read transaction `c` holds: from the
+/// database file through SQLite's handle `file` (see the module docs), the
+/// pages of `overlay` through `sqlite_dbpage`, the pending-byte page as zeros.
+pub(super) fn read_run(
+    c: &Connection,
+    path: &Path,
+    file: *mut ffi::sqlite3_file,
+    (size, first): (usize, u32),
+    buf: &mut [u8],
+    overlay: &BTreeSet<u32>,
+) -> Result<(), Error> {
+    let fail = |msg: String| Error::Sqlite {
+        path: path.display().to_string(),
+        msg,
+    };
+    let n = u32::try_from(buf.len() / size).map_err(|_| fail("run too long".into()))?;
+
+    read_at(file, buf, u64::from(first.saturating_sub(1)) * size as u64).map_err(&fail)?;
+    for &p in overlay.range(first..first.saturating_add(n)) {
+        let at = (p - first) as usize * size;
+        let page = read_page(c, path, p)?;
+        if page.len() != size {
+            return Err(fail(format!("page {p} is not of the page size")));
+        }
+        buf[at..at + size].copy_from_slice(&page);
+    }
+    let pending = u32::try_from(PENDING_BYTE / size as u64 + 1).unwrap_or(u32::MAX);
+    if (first..first.saturating_add(n)).contains(&pending) {
+        let at = (pending - first) as usize * size;
+        buf[at..at + size].fill(0);
+    }
+    Ok(())
 }
 
 /// Fills `buf` from byte `at` of `file` through its VFS's `xRead`: bytes
