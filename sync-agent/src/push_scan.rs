@@ -40,23 +40,20 @@ pub(crate) fn scan_and_cut(
     if let Some(s) = saved {
         s.restore_tracking(&mut early);
     }
+    use std::os::unix::fs::MetadataExt as _;
     let mut known: Vec<RelPath> = early.paths().cloned().collect();
-    let stats: Vec<std::fs::Metadata> = known
+    let mut files: Vec<(u64, u64, u64)> = known
         .iter()
         .filter_map(|p| std::fs::symlink_metadata(sync_core::scan::abs(src, p)).ok())
+        .map(|m| (m.dev(), m.ino(), m.nlink()))
         .collect();
     // A database with other names may be opened through one of them
     // (`LiveSet::name_from`), which the scan tells: no early cut.
-    use std::os::unix::fs::MetadataExt as _;
-    if stats.iter().any(|m| m.nlink() > 1) {
-        known.clear();
+    if files.iter().any(|&(_, _, links)| links > 1) {
+        (known, files) = (Vec::new(), Vec::new());
         early = LiveSet::new(src, DB_BUSY);
     }
-    let files: Vec<(u64, u64)> = known
-        .iter()
-        .zip(&stats)
-        .map(|(_, m)| (m.dev(), m.ino()))
-        .collect();
+    let files: Vec<(u64, u64)> = files.into_iter().map(|(d, i, _)| (d, i)).collect();
     let scan = |known: &[RelPath], files: &[(u64, u64)]| {
         let detect = DbDetect::default();
         if let (Ok(mut k), Ok(mut f)) = (detect.known.write(), detect.known_files.write()) {

@@ -454,8 +454,7 @@ impl Driver<'_> {
         });
         self.known = k;
         // Only a round that ships keeps its snapshots, until it is applied.
-        let ships = matches!(&round, Ok((Some(r), _))
-            if !(r.entries.is_empty() && r.deleted.is_empty() && r.renamed.is_empty()));
+        let ships = matches!(&round, Ok((Some(r), _)) if !r.is_empty());
         if !ships {
             super::partial::let_go(self.live);
         }
@@ -468,7 +467,7 @@ impl Driver<'_> {
             self.full = true;
             return Ok(());
         };
-        if round.entries.is_empty() && round.deleted.is_empty() && round.renamed.is_empty() {
+        if round.is_empty() {
             self.lag.round_applied(self.deferred.keys().cloned());
             self.refused.retain(|p| self.deferred.contains_key(p));
             publish_lag(self.status, self.lag);

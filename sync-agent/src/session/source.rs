@@ -44,6 +44,14 @@ pub struct Round {
     pub quick_digest: Option<[u8; 32]>,
 }
 
+impl Round {
+    /// Whether it brings nothing: no entry, deletion or rename.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.deleted.is_empty() && self.renamed.is_empty()
+    }
+}
+
 /// An open session on the source side.
 #[derive(Debug)]
 pub struct SourceSession {
