@@ -14,7 +14,9 @@
    database pages written on the replica, the pages that really
    changed (page images compared in consistent backups before and after), and
    rsync (-a over ssh to 127.0.0.1, the way users run it) of the same database
-   file from the same before-state to the same after-state.
+   file from the same before-state to the same after-state. The bench's own
+   writes (backups, rsync copies) are synced before each change, so the
+   replica's fsyncs do not queue behind them.
 2. **Writer stall during cuts**: a writer commits small transactions to the
    database as fast as it can while `sync-cli cut` runs --cuts times; the cut's
    own lock window (writer_stall_ms) and the writer's worst commit latency
@@ -249,6 +251,11 @@ def bench(a, work, cli, agent, ssh):
             before = os.path.join(work, "before.db")
             after = os.path.join(work, "after.db")
             backup(db, before)
+            # The bench's own writes (this backup, the last run's and its rsync
+            # copies: GBs) are written back now, not by the kernel's 30 s
+            # flusher in the middle of the next measurement, where every
+            # fsync of the replica's round would queue behind them.
+            os.sync()
             time.sleep(1.0)  # let the agents settle
             s0 = A.status()
             cpu0 = proc_cpu(A.proc.pid)

@@ -203,6 +203,12 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             keep_cut(state, live);
         }
         let stats = session.connection().stats();
+        tracing::debug!(
+            mtu = stats.path.current_mtu,
+            datagrams = stats.udp_tx.datagrams,
+            ios = stats.udp_tx.ios,
+            "wire of the push"
+        );
         let unchanged = session.last_round_same();
         let peer_closed = session.close().await;
         let summary = Summary {

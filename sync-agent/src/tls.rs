@@ -187,6 +187,10 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.stream_receive_window((4u32 << 20).into());
     t.receive_window((32u32 << 20).into());
     t.send_window(32 << 20);
+    // Datagrams grow past Ethernet's where the path allows (crate::udp).
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(crate::udp::MAX_DATAGRAM);
+    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
 
