@@ -14,6 +14,9 @@ Scenarios, each the median of --runs:
   first      first mirror into an empty destination
   nochange   a run with nothing to do
   mutate     after ../shared/bench/mutate.py changed `src` in place
+Tools: rsync, mirror (`sync-cli mirror`), push (`sync-cli push` to a replica
+agent) and agents (a source agent's initial full round to a replica agent:
+first only).
 `sync-cli` runs keep their state (hash index, database cut state) in WORK/state,
 as a user's repeated runs would; it is removed before each tool's first run.
 Before each first and mutate run the page cache is written back and the bench
@@ -279,15 +282,21 @@ def mirror_run(cli, src, dst, state):
     return dict(wall=wall, cpu=cpu, rss_mb=rss / 1024, wire=s["bytes_sent_wire"] + s["bytes_received_wire"])
 
 
+def identities(cli, work):
+    """The source's and the replica's identities (made once in `work`): {name: (dir, id)}."""
+    ids = {}
+    for n in ("src", "rep"):
+        d = os.path.join(work, "id-" + n)
+        if not os.path.exists(d):
+            sh(f"{cli} keygen --dir {d}")
+        ids[n] = (d, sh(f"{cli} id --dir {d}").strip())
+    return ids
+
+
 class Agent:
     def __init__(self, agent, cli, work, dst, state):
         self.state = state
-        self.ids = {}
-        for n in ("src", "rep"):
-            d = os.path.join(work, "id-" + n)
-            if not os.path.exists(d):
-                sh(f"{cli} keygen --dir {d}")
-            self.ids[n] = (d, sh(f"{cli} id --dir {d}").strip())
+        self.ids = identities(cli, work)
         self.p = subprocess.Popen([agent, "replica", "--root", dst, "--listen", "127.0.0.1:0",
                                    "--identity", self.ids["rep"][0], "--allow", self.ids["src"][1]],
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -305,6 +314,53 @@ class Agent:
     def stop(self):
         self.p.terminate()
         self.p.wait()
+
+
+class Agents:
+    """The agents' own initial mirror (issue 14: no slower than push): a
+    replica agent, then a source agent on `src` from its start until it logs
+    its first full round applied (scan, cut, transfer and the replica's sync
+    included, as in push's wall). Only the first scenario applies: after it
+    the agents stream changes as they happen (benches/continuous.py)."""
+
+    def __init__(self, agent, cli, work, dst):
+        self.agent, self.dst, self.ids = agent, dst, identities(cli, work)
+
+    def first(self, src):
+        env = dict(os.environ, UNDERSTUDY_LOG="info,sync_agent::continuous::drive=debug")
+        rep = subprocess.Popen([self.agent, "replica", "--root", self.dst, "--listen", "127.0.0.1:0",
+                                "--identity", self.ids["rep"][0], "--allow", self.ids["src"][1]],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            addr = rep.stdout.readline().split()[1]
+            c0, t0 = cpu_jiffies(), time.monotonic()
+            source = subprocess.Popen([self.agent, "source", "--root", src, "--connect", addr,
+                                       "--identity", self.ids["src"][0], "--peer", self.ids["rep"][1]],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+            try:
+                wire = 0
+                for line in source.stderr:
+                    m = re.search(r"wire of the round.* sent=(\d+)", line)
+                    if m:
+                        wire += int(m.group(1))
+                    if "full round applied" in line:
+                        break
+                else:
+                    sys.exit(f"the source agent stopped before its first full round (exit {source.wait()})")
+                wall, cpu = time.monotonic() - t0, (cpu_jiffies() - c0) / HZ
+                rss = max(peak_rss_kb(source.pid), peak_rss_kb(rep.pid))
+            finally:
+                source.terminate()
+                source.wait()
+        finally:
+            rep.terminate()
+            rep.wait()
+        return dict(wall=wall, cpu=cpu, rss_mb=rss / 1024, wire=wire)
+
+
+def peak_rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(l for l in f if l.startswith("VmHWM")).split()[1])
 
 
 def median(rows):
@@ -358,6 +414,12 @@ def main():
             fs = FreshFs(args.work, t, dst, max(4 << 30, 3 * tree_bytes(src0))) if args.fresh_fs else None
             if not args.no_settle:
                 settle()
+            if t == "agents":
+                results[t]["first"].append(Agents(agent, cli, args.work, dst).first(src))
+                if fs:
+                    fs.remove()
+                print(f"run {i + 1}/{args.runs} {t}: " + json.dumps(results[t]["first"][-1]), file=sys.stderr)
+                continue
             ag = Agent(agent, cli, args.work, dst, state) if t == "push" else None
             run = {"rsync": lambda s: rsync_run(ssh, s, dst),
                    "mirror": lambda s: mirror_run(cli, s, dst, state),
@@ -376,10 +438,12 @@ def main():
     print(f"\ncorpus {args.size}, median of {args.runs}; ratio = understudy / rsync (lower is better)\n")
     print("| tool | scenario | wall s | CPU s | peak RSS MB | bytes on wire | wall ratio | wire ratio |")
     print("|---|---|---|---|---|---|---|---|")
-    med = {t: {s: median(r) for s, r in sc.items()} for t, sc in results.items()}
+    med = {t: {s: median(r) for s, r in sc.items() if r} for t, sc in results.items()}
     for s in ("first", "nochange", "mutate"):
         for t in tools:
-            m = med[t][s]
+            m = med[t].get(s)
+            if m is None:
+                continue
             base = med.get("rsync", {}).get(s)
             wr = f"{m['wall'] / base['wall']:.2f}" if base else "-"
             br = f"{m['wire'] / base['wire']:.2f}" if base and base["wire"] else "-"

@@ -145,8 +145,7 @@ impl Staged<'_> {
             });
         }
         let shown = self.replica.display(&self.path);
-        rustix::fs::ftruncate(&self.file, self.len)
-            .map_err(|e| Error::io("truncate", &shown, e))?;
+        self.size_to_len(&shown)?;
         self.sync()?;
         self.done = true;
         Ok(Kept {
