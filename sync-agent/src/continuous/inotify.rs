@@ -21,6 +21,52 @@ impl Watch {
     }
 }
 
+/// Now, as ns after `base` plus one (0 stands for never).
+fn since(base: Instant) -> u64 {
+    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1
+}
+
+/// The watcher's callback is quiet this long: what setting it up raised is read.
+const SETUP_QUIET: Duration = Duration::from_millis(30);
+
+/// At most this long is waited for that.
+const SETUP_WAIT: Duration = Duration::from_secs(1);
+
+impl Watch {
+    /// Waits until the watcher has read what setting it up raised, then
+    /// forgets an overflow of the kernel's queue among it. notify adds the
+    /// watches first and reads their events after (its own walk opens every
+    /// directory), so a tree of ten to twenty thousand directories or more
+    /// overflows the queue (16,384 events by default) before a single event
+    /// is read (the `large` bench corpus, 16,800 directories, did); that
+    /// overflow, read after the first full round had begun, asked for a
+    /// second full round of the whole tree at every start. Whatever it dropped happened before the first full round's
+    /// scan, which sees it. A watcher still busy after [`SETUP_WAIT`] keeps
+    /// its overflow (a second round, as before).
+    pub(super) async fn settle_setup(&self) {
+        let started = Instant::now();
+        loop {
+            // (the setup's events are read only once it is done: no event
+            // yet is no quiet, and none before this wait began counts)
+            let quiet = match self.last.load(Ordering::SeqCst) {
+                0 => started.elapsed(),
+                n => self
+                    .base
+                    .elapsed()
+                    .saturating_sub(Duration::from_nanos(n - 1))
+                    .min(started.elapsed()),
+            };
+            if quiet >= SETUP_QUIET || started.elapsed() >= SETUP_WAIT {
+                break;
+            }
+            tokio::time::sleep(SETUP_QUIET - quiet).await;
+        }
+        if self.rescan.swap(false, Ordering::SeqCst) {
+            tracing::debug!("the kernel's event queue overflowed while the watches were set up");
+        }
+    }
+}
+
 /// Whether an event on `path` is one a held database's connections raise by
 /// being opened and closed (ours at every cut included), rather than a sign
 /// of a commit: a commit writes the log (WAL) or the database file (rollback
@@ -66,11 +112,14 @@ pub(super) fn start_watch(
     let wake = Arc::new(Notify::new());
     let rescan = Arc::new(AtomicBool::new(false));
     let (first, base) = (Arc::new(AtomicU64::new(0)), Instant::now());
+    let last = Arc::new(AtomicU64::new(0));
+    let seen = last.clone();
     let degraded = crate::watch_limit::Degraded::default();
     let (w, r, st, f) = (wake.clone(), rescan.clone(), status.clone(), first.clone());
     let dg = degraded.clone();
     let root_dir = root.to_path_buf();
     let handler = move |res: notify::Result<notify::Event>| {
+        seen.store(since(base), Ordering::SeqCst);
         match res {
             Ok(ev) => {
                 tracing::trace!(?ev, "watch event");
@@ -124,8 +173,7 @@ pub(super) fn start_watch(
                 r.store(true, Ordering::SeqCst);
             }
         }
-        let ns = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
-        let _ = f.compare_exchange(0, ns + 1, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = f.compare_exchange(0, since(base), Ordering::SeqCst, Ordering::SeqCst);
         w.notify_one();
     };
     // Symlinks are mirrored as links, never followed: not into the tree twice,
@@ -151,6 +199,7 @@ pub(super) fn start_watch(
         wake,
         rescan,
         first,
+        last,
         base,
     })
 }
@@ -192,6 +241,39 @@ pub(super) fn rel(root: &Path, p: &Path) -> Option<RelPath> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tree large enough that setting up its watches overflows the
+    /// kernel's queue: the overflow is noted, then forgotten once the setup's
+    /// events are read, and a change after it is seen.
+    #[tokio::test]
+    async fn an_overflow_while_the_watches_are_set_up_asks_for_no_second_round() {
+        let queue: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(16384);
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        for i in 0..(queue + queue / 4).min(60_000) {
+            std::fs::create_dir(root.join(format!("d{i}"))).unwrap();
+        }
+        let status = SharedStatus::default();
+        let mut w = start_watch(&root, &status, None).unwrap();
+        w.settle_setup().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let note = status.lock().unwrap().watcher.clone();
+        assert!(
+            note.is_some_and(|n| n.contains("overflowed")),
+            "the setup did not overflow"
+        );
+        assert!(
+            !w.rescan.load(Ordering::SeqCst),
+            "a second full round is asked for"
+        );
+        while w.rx.try_recv().is_ok() {}
+        std::fs::write(root.join("d7/after"), b"x").unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), w.rx.recv()).await;
+        assert!(matches!(m, Ok(Some(WatchMsg::Paths(p, _))) if p == [root.join("d7/after")]));
+    }
 
     #[test]
     fn a_repeated_change_is_queued_once_while_it_waits() {

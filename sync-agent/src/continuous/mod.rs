@@ -298,6 +298,8 @@ struct Watch {
     /// the event, so an event drained from `rx` was noted before, or is noted
     /// after (lag then errs on the long side).
     first: Arc<AtomicU64>,
+    /// When the callback last ran, for any event: ns after `base`, plus one.
+    last: Arc<AtomicU64>,
     base: Instant,
 }
 
@@ -364,6 +366,7 @@ pub async fn run_source(
     });
     let opts = scan_options(&cfg);
     let mut w = start_watch(&cfg.root, &status, opts.databases.clone())?;
+    w.settle_setup().await;
     let index = Arc::new(Mutex::new(open_index(&cfg)?));
     // Held across sessions: a replica that reconnects a few cuts behind gets
     // only the pages changed since what it holds.
