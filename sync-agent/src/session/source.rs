@@ -11,13 +11,15 @@ use proto::{ApplySummary, Entry, Hello, Kind, Message, RelPath, Role};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use sync_core::delta::{self, Chunk, Encoder};
 use sync_core::sqlite::LiveSet;
 use tokio::sync::mpsc;
 
 use super::source_db::serve_db;
 
+mod file;
 mod same;
+pub(crate) use file::encode_file;
+use file::serve_file;
 pub use sync_core::sqlite::mark_databases;
 
 /// One round to ship.
@@ -460,104 +462,3 @@ impl std::fmt::Display for Fenced {
 }
 
 impl std::error::Error for Fenced {}
-
-/// Sends one requested file: its entry must be a regular file of the round, so
-/// the replica can never name anything else.
-async fn serve_file(
-    mut send: quinn::SendStream,
-    entry: Entry,
-    signature: Option<Vec<u8>>,
-    root: PathBuf,
-    progress: Arc<Progress>,
-) -> Result<()> {
-    // `proto::exchange::admit` let only a regular file of the round through.
-    let path = sync_core::scan::abs(&root, &entry.path);
-    if let Err(e) = sync_core::scan::open_regular(&path) {
-        // Gone or replaced since the scan: an end that cannot match the round's
-        // entry, so the replica leaves its version and the next round settles it.
-        tracing::debug!("{e}: announcing it as changed");
-        wire::send(
-            &mut send,
-            &Message::FileEnd {
-                size: 0,
-                hash: [0; 32],
-            },
-        )
-        .await?;
-        send.finish()?;
-        let _ = send.stopped().await;
-        return Ok(());
-    }
-    let (tx, mut rx) = mpsc::channel::<Message>(2);
-    let reader = tokio::task::spawn_blocking(move || encode_file(&path, signature, tx, &progress));
-    while let Some(msg) = rx.recv().await {
-        wire::send(&mut send, &msg).await?;
-    }
-    reader.await??;
-    send.finish()?;
-    // Wait until the peer has read everything before the stream is dropped.
-    let _ = send.stopped().await;
-    Ok(())
-}
-pub(crate) fn encode_file(
-    path: &Path,
-    signature: Option<Vec<u8>>,
-    tx: mpsc::Sender<Message>,
-    progress: &Progress,
-) -> Result<()> {
-    use std::io::Read;
-    let sig = signature
-        .map(delta::parse_signature)
-        .transpose()
-        .with_context(|| format!("signature for {}", path.display()))?;
-    let mut f = sync_core::scan::open_regular(path)?;
-    let mut enc = Encoder::new(sig.as_ref());
-    let mut hasher = blake3::Hasher::new();
-    let mut size = 0u64;
-    let mut buf = Vec::new();
-    loop {
-        let want = enc.window();
-        buf.resize(want, 0);
-        let mut got = 0;
-        while got < want {
-            match f.read(&mut buf[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-            }
-        }
-        if got == 0 {
-            break;
-        }
-        let data = &buf[..got];
-        hasher.update(data);
-        size += got as u64;
-        let msg = match enc.encode(data) {
-            Chunk::Literal(l) => Message::Literal(l),
-            Chunk::Delta(d) => Message::Delta(d),
-        };
-        progress.bytes_done.fetch_add(got as u64, Ordering::Relaxed);
-        if tx.blocking_send(msg).is_err() {
-            bail!(
-                "stream to the replica closed while sending {}",
-                path.display()
-            );
-        }
-        if got < want {
-            break;
-        }
-    }
-    let end = Message::FileEnd {
-        size,
-        hash: *hasher.finalize().as_bytes(),
-    };
-    if tx.blocking_send(end).is_err() {
-        bail!(
-            "stream to the replica closed while sending {}",
-            path.display()
-        );
-    }
-    progress.files_done.fetch_add(1, Ordering::Relaxed);
-    Ok(())
-}
