@@ -152,18 +152,7 @@ impl Replica {
     /// Renames and database updates of a journal; idempotent, so a journal
     /// found after a crash is simply carried out again.
     pub(super) fn carry_out(&self, j: Journal, journaled: bool) -> Result<(), Error> {
-        for (path, tmp) in &j.renames {
-            let (dir, parent, name) = self.parent(path)?;
-            match rustix::fs::renameat(&dir, tmp.as_slice(), &dir, name) {
-                Ok(()) => {
-                    self.touch(parent);
-                    crate::failpoint("renamed");
-                }
-                // done before the crash
-                Err(rustix::io::Errno::NOENT) => {}
-                Err(e) => return Err(Error::io("rename", self.display(path), e)),
-            }
-        }
+        self.rename_all(&j.renames)?;
         for db in j.dbs {
             self.update_db(db)?;
         }
@@ -180,6 +169,56 @@ impl Replica {
             }
             Err(e) => Err(Error::io("remove journal", self.root_path.display(), e)),
         }
+    }
+
+    /// Renames staged files into place: by directory (a stable sort: a path
+    /// staged twice keeps its order), each directory opened once for all its
+    /// renames, the directories on every core (a first mirror renames 30,000
+    /// files in 16,800 directories: 0.65 s one by one on this machine).
+    fn rename_all(&self, renames: &[(RelPath, Vec<u8>)]) -> Result<(), Error> {
+        use rayon::prelude::*;
+        let mut by_dir: Vec<(RelPath, &[u8], &[u8])> = Vec::with_capacity(renames.len());
+        for (path, tmp) in renames {
+            let (parent, name) = path
+                .split_last()
+                .ok_or_else(|| Error::invalid(self.display(path), "the root has no parent"))?;
+            by_dir.push((parent, name, tmp.as_slice()));
+        }
+        by_dir.sort_by(|a, b| a.0.cmp(&b.0));
+        by_dir
+            .chunk_by(|a, b| a.0 == b.0)
+            .collect::<Vec<_>>()
+            .par_iter()
+            .try_for_each(|group| self.rename_in(group))
+    }
+
+    /// Renames `(name, tmp)` pairs of one directory.
+    fn rename_in(&self, group: &[(RelPath, &[u8], &[u8])]) -> Result<(), Error> {
+        let Some((parent, ..)) = group.first() else {
+            return Ok(());
+        };
+        let dir = self.dir(parent)?;
+        let mut renamed = false;
+        let mut done = Ok(());
+        for (_, name, tmp) in group {
+            match rustix::fs::renameat(&dir, *tmp, &dir, *name) {
+                Ok(()) => {
+                    renamed = true;
+                    crate::failpoint("renamed");
+                }
+                // done before the crash
+                Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => {
+                    let path = parent.join(name).unwrap_or_else(|_| parent.clone());
+                    done = Err(Error::io("rename", self.display(&path), e));
+                    break;
+                }
+            }
+        }
+        if renamed {
+            self.touch(parent.clone());
+        }
+        done
     }
 
     /// The directories this session changed (their mtimes moved) and has not
@@ -418,6 +457,47 @@ fn writeback(file: &std::fs::File, offset: u64, len: u64, flags: libc::c_uint) {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt as _;
+
+    /// Renames into place go by directory, on every core: each file lands
+    /// in its own directory, and a path staged twice in a round ends with
+    /// its later content.
+    #[test]
+    fn staged_files_of_many_directories_land_and_a_later_stage_wins() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Replica::open(d.path()).unwrap();
+        let rel = |p: &str| RelPath::new(p.as_bytes()).unwrap();
+        let put = |p: &str, body: &[u8]| {
+            let mut s = r.stage(&rel(p)).unwrap();
+            s.write(body).unwrap();
+            s.commit(blake3::hash(body).as_bytes(), &Meta::default())
+                .unwrap();
+        };
+        for i in 0..20 {
+            r.mkdir(&rel(&format!("d{i}"))).unwrap();
+        }
+        for n in 0..200 {
+            put(&format!("d{}/f{n}", n % 20), format!("{n}").as_bytes());
+        }
+        put("d3/twice", b"first");
+        put("d4/f4", b"again");
+        put("d3/twice", b"second");
+        r.finish().unwrap();
+        for n in (0..200).filter(|&n| n != 4) {
+            let got = std::fs::read(d.path().join(format!("d{}/f{n}", n % 20))).unwrap();
+            assert_eq!(got, format!("{n}").as_bytes());
+        }
+        assert_eq!(std::fs::read(d.path().join("d4/f4")).unwrap(), b"again");
+        assert_eq!(std::fs::read(d.path().join("d3/twice")).unwrap(), b"second");
+        // nothing left staged
+        for i in 0..20 {
+            let names: Vec<_> = std::fs::read_dir(d.path().join(format!("d{i}")))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| !n.starts_with('f') && n != "twice")
+                .collect();
+            assert!(names.is_empty(), "d{i}: {names:?}");
+        }
+    }
 
     /// Content ending in zero blocks, with them in the middle, and with none:
     /// each lands whole, its zero blocks as holes, its length exact.

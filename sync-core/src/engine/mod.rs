@@ -284,7 +284,9 @@ pub fn finish(
     dst: &Manifest,
     mut summary: ApplySummary,
 ) -> Result<ApplySummary, Error> {
+    let t0 = std::time::Instant::now();
     r.flush()?;
+    let flushed = t0.elapsed();
     for &i in &plan.hardlink {
         let e = &s.entries[i];
         if let Kind::HardLink { target } = &e.kind {
@@ -296,14 +298,38 @@ pub fn finish(
         r.set_meta(&s.entries[i])?;
         summary.meta_updated += 1;
     }
-    for &i in &plan.dirs {
-        let e = &s.entries[i];
-        r.finish_dir(e, dst.get(&e.path).map(|(_, d)| &d.meta))?;
-    }
+    let t1 = std::time::Instant::now();
+    finish_dirs(r, s, &plan.dirs, dst)?;
+    let dirs = t1.elapsed();
     r.finish()?;
+    tracing::debug!(
+        flush_ms = flushed.as_millis() as u64,
+        dirs = plan.dirs.len(),
+        dirs_ms = dirs.as_millis() as u64,
+        total_ms = t0.elapsed().as_millis() as u64,
+        "round finished"
+    );
     summary.warnings = r.take_warnings();
     summary.held = r.take_held();
     Ok(summary)
+}
+
+/// Sets the metadata of the directories `dirs` (deepest first): those of
+/// one depth on every core, depth by depth, so that no directory's mode is
+/// set before what lies below it is done (setting a directory's metadata does
+/// not move its parent's mtime). A first mirror has 16,800.
+fn finish_dirs(r: &Replica, s: &Manifest, dirs: &[usize], dst: &Manifest) -> Result<(), Error> {
+    use rayon::prelude::*;
+    let depth = |i: &usize| s.entries[*i].path.depth();
+    let mut deepest_first = dirs.to_vec();
+    deepest_first.sort_by_key(|i| std::cmp::Reverse(depth(i)));
+    for level in deepest_first.chunk_by(|a, b| depth(a) == depth(b)) {
+        level.par_iter().try_for_each(|&i| {
+            let e = &s.entries[i];
+            r.finish_dir(e, dst.get(&e.path).map(|(_, d)| &d.meta))
+        })?;
+    }
+    Ok(())
 }
 
 /// What a verified round found on the replica after it.
