@@ -203,12 +203,7 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             keep_cut(state, live);
         }
         let stats = session.connection().stats();
-        tracing::debug!(
-            mtu = stats.path.current_mtu,
-            datagrams = stats.udp_tx.datagrams,
-            ios = stats.udp_tx.ios,
-            "wire of the push"
-        );
+        note_wire(&stats);
         let unchanged = session.last_round_same();
         let peer_closed = session.close().await;
         let summary = Summary {
@@ -248,6 +243,16 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
 
 /// The replica holds the pushed cut now: saved, so the next run sends it
 /// only what changes.
+/// How the push's datagrams went (their size, how many, in how many writes).
+fn note_wire(stats: &quinn::ConnectionStats) {
+    tracing::debug!(
+        mtu = stats.path.current_mtu,
+        datagrams = stats.udp_tx.datagrams,
+        ios = stats.udp_tx.ios,
+        "wire of the push"
+    );
+}
+
 fn keep_cut(state: &push_state::PushState, live: &std::sync::Mutex<LiveSet>) {
     let saved = live
         .lock()

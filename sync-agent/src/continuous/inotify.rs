@@ -176,6 +176,25 @@ pub(super) fn start_watch(
         let _ = f.compare_exchange(0, since(base), Ordering::SeqCst, Ordering::SeqCst);
         w.notify_one();
     };
+    let watcher = watch_tree(root, handler)?;
+    Ok(Watch {
+        watcher,
+        degraded,
+        next_poll: tokio::time::Instant::now(),
+        rx,
+        wake,
+        rescan,
+        first,
+        last,
+        base,
+    })
+}
+
+/// A recursive watch of `root` calling `handler`.
+fn watch_tree(
+    root: &Path,
+    handler: impl notify::EventHandler,
+) -> Result<notify::RecommendedWatcher> {
     // Symlinks are mirrored as links, never followed: not into the tree twice,
     // not out of it.
     let mut watcher = notify::RecommendedWatcher::new(
@@ -191,17 +210,7 @@ pub(super) fn start_watch(
         };
         anyhow::anyhow!("watching {}: {e}{hint}", root.display())
     })?;
-    Ok(Watch {
-        watcher,
-        degraded,
-        next_poll: tokio::time::Instant::now(),
-        rx,
-        wake,
-        rescan,
-        first,
-        last,
-        base,
-    })
+    Ok(watcher)
 }
 
 /// Drops a change message identical to the last one queued while that one
