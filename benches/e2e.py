@@ -307,9 +307,7 @@ class Agent:
         out, wall, cpu, rss = timed([self.cli, "push", src, "--to", self.addr, "--identity", self.ids["src"][0],
                                      "--peer", self.ids["rep"][1], "--json", "--state-dir", self.state])
         s = json.loads(out)
-        with open(f"/proc/{self.p.pid}/status") as f:
-            hwm = int(next(l for l in f if l.startswith("VmHWM")).split()[1])
-        return dict(wall=wall, cpu=cpu, rss_mb=max(rss, hwm) / 1024, wire=s["bytes_sent_wire"] + s["bytes_received_wire"])
+        return dict(wall=wall, cpu=cpu, rss_mb=max(rss, peak_rss_kb(self.p.pid)) / 1024, wire=s["bytes_sent_wire"] + s["bytes_received_wire"])
 
     def stop(self):
         self.p.terminate()

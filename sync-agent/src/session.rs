@@ -16,6 +16,12 @@ use std::sync::atomic::AtomicU64;
 
 /// Files fetched at once, each on its own stream.
 pub const PARALLEL_FILES: usize = 16;
+
+/// Files up to this size with no delta are handled whole at both ends: the
+/// source reads and encodes one in one blocking task and sends its frames
+/// after; the replica receives it before one blocking task writes it. No
+/// thread is woken per frame (most of a first mirror's files are this small).
+pub(crate) const WHOLE_FILE: u64 = 256 << 10;
 pub use proto::round::{DB_PAGE_BYTES, MANIFEST_FRAME_BYTES, MAX_ROUND_BYTES, MAX_ROUND_ENTRIES};
 
 /// What a push did, as `--json` prints it.

@@ -218,10 +218,14 @@ impl Replica {
     }
 
     fn parent<'p>(&self, path: &'p RelPath) -> Result<(OwnedFd, RelPath, &'p [u8]), Error> {
-        let (parent, name) = path
-            .split_last()
-            .ok_or_else(|| Error::invalid(self.display(path), "the root has no parent"))?;
+        let (parent, name) = self.split(path)?;
         Ok((self.dir(&parent)?, parent, name))
+    }
+
+    /// `path`'s parent and name (an error for the root).
+    fn split<'p>(&self, path: &'p RelPath) -> Result<(RelPath, &'p [u8]), Error> {
+        path.split_last()
+            .ok_or_else(|| Error::invalid(self.display(path), "the root has no parent"))
     }
 
     /// Records a directory whose entries changed (its metadata is set at

@@ -34,7 +34,8 @@ const SETUP_WAIT: Duration = Duration::from_secs(1);
 
 impl Watch {
     /// Waits until the watcher has read what setting it up raised, then
-    /// forgets an overflow of the kernel's queue among it. notify adds the
+    /// forgets the full rescan it asked for (an overflow of the kernel's
+    /// queue; a watch error also leaves the folder polled). notify adds the
     /// watches first and reads their events after (its own walk opens every
     /// directory), so a tree of ten to twenty thousand directories or more
     /// overflows the queue (16,384 events by default) before a single event
@@ -62,7 +63,10 @@ impl Watch {
             tokio::time::sleep(SETUP_QUIET - quiet).await;
         }
         if self.rescan.swap(false, Ordering::SeqCst) {
-            tracing::debug!("the kernel's event queue overflowed while the watches were set up");
+            tracing::debug!(
+                "a full rescan asked for while the watches were set up (an overflow of the \
+                 kernel's queue, a watch error): the first full round scans after it"
+            );
         }
     }
 }

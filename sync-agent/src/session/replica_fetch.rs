@@ -186,7 +186,7 @@ pub(super) async fn fetch_file(
         _ => 0,
     };
     let stage = wire::Stage::new(format!("file {}", entry.path), size);
-    if map.is_none() && size <= WHOLE_IN_MEMORY {
+    if map.is_none() && size <= super::WHOLE_FILE {
         return fetch_small(&mut recv, &stage, replica, entry, &activity).await;
     }
     let (tx, rx) = mpsc::channel::<Message>(2);
@@ -217,10 +217,6 @@ pub(super) async fn fetch_file(
     reading?;
     Ok(written)
 }
-/// Files up to this size with no basis are received whole before one
-/// blocking task writes them: no writer thread woken per message (most of a
-/// first mirror's files are this small).
-const WHOLE_IN_MEMORY: u64 = 256 << 10;
 
 /// What a small file's stream brought: its content and hash, or why it is
 /// left as it was; with the transfer's figures.

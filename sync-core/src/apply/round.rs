@@ -179,9 +179,7 @@ impl Replica {
         use rayon::prelude::*;
         let mut by_dir: Vec<(RelPath, &[u8], &[u8])> = Vec::with_capacity(renames.len());
         for (path, tmp) in renames {
-            let (parent, name) = path
-                .split_last()
-                .ok_or_else(|| Error::invalid(self.display(path), "the root has no parent"))?;
+            let (parent, name) = self.split(path)?;
             by_dir.push((parent, name, tmp.as_slice()));
         }
         by_dir.sort_by(|a, b| a.0.cmp(&b.0));

@@ -320,11 +320,13 @@ pub fn finish(
 /// not move its parent's mtime). A first mirror has 16,800.
 fn finish_dirs(r: &Replica, s: &Manifest, dirs: &[usize], dst: &Manifest) -> Result<(), Error> {
     use rayon::prelude::*;
-    let depth = |i: &usize| s.entries[*i].path.depth();
-    let mut deepest_first = dirs.to_vec();
-    deepest_first.sort_by_key(|i| std::cmp::Reverse(depth(i)));
-    for level in deepest_first.chunk_by(|a, b| depth(a) == depth(b)) {
-        level.par_iter().try_for_each(|&i| {
+    let mut deepest_first: Vec<(usize, usize)> = dirs
+        .iter()
+        .map(|&i| (s.entries[i].path.depth(), i))
+        .collect();
+    deepest_first.sort_by_key(|&(depth, _)| std::cmp::Reverse(depth));
+    for level in deepest_first.chunk_by(|a, b| a.0 == b.0) {
+        level.par_iter().try_for_each(|&(_, i)| {
             let e = &s.entries[i];
             r.finish_dir(e, dst.get(&e.path).map(|(_, d)| &d.meta))
         })?;

@@ -3,7 +3,7 @@
 //! wake of the sender per message, one open. A larger one, or one the
 //! replica sent a signature for, is streamed as it is read.
 
-use super::Progress;
+use crate::session::{Progress, WHOLE_FILE as WHOLE};
 use crate::wire;
 use anyhow::{Context, Result, bail};
 use proto::{Entry, Kind, Message};
@@ -13,10 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use sync_core::delta::{self, Chunk, Encoder};
 use tokio::sync::mpsc;
-
-/// Files up to this size are read whole (the replica receives them whole
-/// the same way).
-const WHOLE: u64 = 256 << 10;
 
 /// What reading a small file found.
 enum Whole {
