@@ -320,11 +320,7 @@ pub fn finish(
 /// not move its parent's mtime). A first mirror has 16,800.
 fn finish_dirs(r: &Replica, s: &Manifest, dirs: &[usize], dst: &Manifest) -> Result<(), Error> {
     use rayon::prelude::*;
-    let mut deepest_first: Vec<(usize, usize)> = dirs
-        .iter()
-        .map(|&i| (s.entries[i].path.depth(), i))
-        .collect();
-    deepest_first.sort_by_key(|&(depth, _)| std::cmp::Reverse(depth));
+    let deepest_first = deepest_first(s, dirs);
     for level in deepest_first.chunk_by(|a, b| a.0 == b.0) {
         level.par_iter().try_for_each(|&(_, i)| {
             let e = &s.entries[i];
@@ -332,6 +328,17 @@ fn finish_dirs(r: &Replica, s: &Manifest, dirs: &[usize], dst: &Manifest) -> Res
         })?;
     }
     Ok(())
+}
+
+/// `(depth, index)` of the directories `dirs`, the deepest first (a
+/// directory after everything below it; `dirs`' order kept within a depth).
+fn deepest_first(s: &Manifest, dirs: &[usize]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = dirs
+        .iter()
+        .map(|&i| (s.entries[i].path.depth(), i))
+        .collect();
+    out.sort_by_key(|&(depth, _)| std::cmp::Reverse(depth));
+    out
 }
 
 /// What a verified round found on the replica after it.

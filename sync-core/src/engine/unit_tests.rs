@@ -203,3 +203,45 @@ fn kept_directories_leave_the_replica_manifest() {
     let names: Vec<String> = out.entries.iter().map(|e| e.path.to_string()).collect();
     assert_eq!(names, [".", "keep", "keep/x.cache"]);
 }
+
+/// Directories' metadata goes depth by depth, the deepest first: every
+/// directory comes after all that lies below it, whatever order the plan
+/// listed them in.
+#[test]
+fn directories_are_finished_after_everything_below_them() {
+    let dir = |p: &str| Entry {
+        path: rel(p),
+        kind: Kind::Dir,
+        meta: proto::Meta::default(),
+    };
+    let s = Manifest {
+        entries: std::iter::once(Entry {
+            path: RelPath::root(),
+            ..dir("a")
+        })
+        .chain(
+            ["a", "a/b", "a/b/c", "a/d", "e", "e/f"]
+                .into_iter()
+                .map(dir),
+        )
+        .collect(),
+    };
+    // as the plan lists them (deepest first by path order), and shuffled
+    for dirs in [vec![6, 5, 4, 3, 2, 1, 0], vec![0, 1, 5, 2, 6, 4, 3]] {
+        let order: Vec<usize> = deepest_first(&s, &dirs)
+            .into_iter()
+            .map(|(_, i)| i)
+            .collect();
+        for (at, &i) in order.iter().enumerate() {
+            for &j in &order[at + 1..] {
+                assert!(
+                    !s.entries[j].path.starts_with(&s.entries[i].path),
+                    "{} before {} below it",
+                    s.entries[i].path,
+                    s.entries[j].path
+                );
+            }
+        }
+        assert_eq!(order.len(), dirs.len());
+    }
+}
