@@ -295,18 +295,40 @@ pub(super) fn hash_pages(
     let hashed: Vec<([u8; 32], u64, bool)> = batch
         .par_chunks(size)
         .enumerate()
-        .map(|(i, page)| {
-            let pgno = first + i as u32;
-            let q = quick_hash(seed, page);
-            match prior.and_then(|p| p.strong_if_same(pgno, q)) {
-                Some(h) => (h, q, false),
-                None => (page_hash(pgno, page), q, true),
-            }
-        })
+        .map(|(i, page)| hash_page(first + i as u32, page, seed, prior))
         .collect();
     let strong = hashed.iter().filter(|h| h.2).count() as u64;
     out.extend(hashed.into_iter().map(|(h, q, _)| (h, q)));
     strong
+}
+
+/// [`hash_pages`] on this thread alone, for the pages of `batch` numbered
+/// from `first`.
+pub(super) fn hash_run(
+    out: &mut Vec<([u8; 32], u64)>,
+    batch: &[u8],
+    (size, first): (usize, u32),
+    seed: u64,
+    prior: Option<Prior<'_>>,
+) -> u64 {
+    let prior = prior.filter(|p| p.seed == seed);
+    let mut strong = 0;
+    for (pgno, page) in (first..).zip(batch.chunks(size)) {
+        let (h, q, computed) = hash_page(pgno, page, seed, prior);
+        strong += u64::from(computed);
+        out.push((h, q));
+    }
+    strong
+}
+
+/// Page `pgno`'s blake3 and quick hashes, and whether blake3 was computed
+/// (not vouched for by `prior`).
+fn hash_page(pgno: u32, page: &[u8], seed: u64, prior: Option<Prior<'_>>) -> ([u8; 32], u64, bool) {
+    let q = quick_hash(seed, page);
+    match prior.and_then(|p| p.strong_if_same(pgno, q)) {
+        Some(h) => (h, q, false),
+        None => (page_hash(pgno, page), q, true),
+    }
 }
 
 /// Pages hashed at once by [`all_hashes`].

@@ -1,6 +1,6 @@
-//! Every page hash of a snapshot, read from the database file in large chunks
-//! through SQLite's own handle of the file while the chunks before are hashed
-//! on every core.
+//! Every page hash of a snapshot, read from the database file through
+//! SQLite's own handle of the file by one worker a core, each hashing what it
+//! read while it is still in its cache.
 //!
 //! `sqlite_dbpage` hands pages over one row at a time: a 4 KiB `pread`, a
 //! copy into SQLite's page cache, another into the row's blob and one more
@@ -33,8 +33,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::mpsc;
 
-/// Bytes read at a time (a whole number of pages).
-const CHUNK: usize = 4 << 20;
+/// Bytes of a worker's run (a whole number of pages; small in tests, so
+/// that their databases span many runs).
+const CHUNK: usize = if cfg!(test) { 32 << 10 } else { 4 << 20 };
+
+/// Bytes a worker reads at a time, then hashes while they are in its cache
+/// (a whole number of pages; small in tests, so that a run takes several).
+const READ: usize = if cfg!(test) { 8 << 10 } else { 256 << 10 };
 
 /// SQLite's pending byte: the page holding it is never used, and
 /// `sqlite_dbpage` shows it as zeros.
@@ -82,6 +87,14 @@ pub(super) struct Hashed {
 /// straight from the file (see the module docs); the same as
 /// [`super::all_hashes`] would give. With `keep`, also the pages whose hash
 /// is not the old one, while its budget lasts.
+///
+/// The file is read and hashed in runs of [`CHUNK`] bytes by one worker a
+/// core, each reading its run through the VFS and hashing it while it is
+/// still in the core's cache (a reader thread handing 4 MiB buffers to
+/// hashers read 1 GB in ~100 ms on this project's 2-core machine; two
+/// workers, ~45 ms). This thread alone uses the connection: it reads the
+/// overlay's pages of each run before handing the run out, and takes the
+/// runs' hashes back in order.
 pub(super) fn file_hashes(
     c: &Connection,
     path: &Path,
@@ -101,65 +114,204 @@ pub(super) fn file_hashes(
     #[cfg(test)]
     FILE_PAGES.with(|n| n.set(n.get() + u64::from(count)));
     let file = super::moved::main_file(c).ok_or_else(|| fail("no file handle".into()))?;
+    let file = Handle(file);
     let size = (page_size as usize).max(512);
     let per_chunk = (CHUNK / size).max(1) as u32;
-    let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(1);
-    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    let runs = count.div_ceil(per_chunk) as usize;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
+    let prior = keep.as_ref().map(|k| k.prior);
+    // what may be kept of the changed pages, taken by the workers as they
+    // find them
+    let budget = std::sync::atomic::AtomicU64::new(keep.as_ref().map_or(0, |k| *k.budget));
+    let mut got = Gathered::new(count);
+    let (job_tx, job_rx) = mpsc::channel::<Job>();
+    let (done_tx, done_rx) = mpsc::channel::<Result<Done, String>>();
+    let job_rx = std::sync::Mutex::new(job_rx);
     std::thread::scope(|s| {
-        // Chunk k is hashed (on every core) while chunk k + 1 is read.
-        let hasher = s.spawn(move || {
-            let mut keep = keep;
-            let (mut out, mut fresh, mut strong) =
-                (Vec::with_capacity(count as usize), Pages::new(), 0);
-            for buf in full_rx {
-                let from = out.len();
-                strong +=
-                    super::hash_pages(&mut out, &buf, size, seed, keep.as_ref().map(|k| k.prior));
-                if let Some(k) = keep.as_mut() {
-                    for (at, page) in (from..).zip(buf.chunks(size)) {
-                        let new = out.get(at).map(|h| &h.0);
-                        if k.prior.strong.get(at) != new && *k.budget >= size as u64 {
-                            *k.budget -= size as u64;
-                            fresh.insert(at as u32 + 1, page.to_vec());
-                        }
+        for _ in 0..workers {
+            let (jobs, done, file, budget) = (&job_rx, done_tx.clone(), &file, &budget);
+            s.spawn(move || {
+                // one buffer a worker, filled and hashed while in its cache
+                let mut buf = Vec::new();
+                while let Some(job) = next_job(jobs) {
+                    // a panic is an error of this run: the others go on,
+                    // and nothing waits for a result that never comes
+                    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        work(file, (size, seed), (prior, budget), &mut buf, job)
+                    }))
+                    .unwrap_or_else(|_| Err("a page hasher panicked".into()));
+                    if done.send(res).is_err() {
+                        break;
                     }
                 }
-                let _ = empty_tx.send(buf);
-            }
-            let (strong_hashes, quick) = out.into_iter().unzip();
-            (
-                Hashed {
-                    strong: strong_hashes,
-                    quick,
-                    fresh,
-                },
-                strong,
-            )
-        });
-        let mut first = 1u32;
-        while first <= count {
-            let n = per_chunk.min(count - first + 1);
-            let mut buf = empty_rx.try_recv().unwrap_or_default();
-            buf.resize(n as usize * size, 0);
-            read_run(c, path, file, (size, first), &mut buf, overlay)?;
-            if full_tx.send(buf).is_err() {
-                break;
-            }
-            first += n;
+            });
         }
-        drop(full_tx);
-        let (hashed, strong) = hasher
-            .join()
-            .map_err(|_| fail("hashing the pages failed".into()))?;
-        count_strong(strong);
-        if hashed.strong.len() != count as usize {
-            return Err(fail(format!(
-                "hashed {} pages of {count}",
-                hashed.strong.len()
-            )));
+        drop(done_tx);
+        let (mut sent, mut pending) = (0usize, BTreeMap::new());
+        while got.runs < runs {
+            // at most two runs a worker in flight: memory stays bounded
+            if sent < runs && sent - got.runs < 2 * workers {
+                let first = sent as u32 * per_chunk + 1;
+                let n = per_chunk.min(count - first + 1);
+                let mut pages = Vec::new();
+                for &p in overlay.range(first..first + n) {
+                    let page = read_page(c, path, p)?;
+                    if page.len() != size {
+                        return Err(fail(format!("page {p} is not of the page size")));
+                    }
+                    pages.push((p, page));
+                }
+                let job = Job {
+                    index: sent,
+                    first,
+                    n,
+                    overlay: pages,
+                };
+                job_tx
+                    .send(job)
+                    .map_err(|_| fail("the page hashers stopped".into()))?;
+                sent += 1;
+                continue;
+            }
+            let done = done_rx
+                .recv()
+                .map_err(|_| fail("the page hashers stopped".into()))?
+                .map_err(&fail)?;
+            pending.insert(done.index, done);
+            while let Some(done) = pending.remove(&got.runs) {
+                got.take(done);
+            }
         }
-        Ok(hashed)
+        drop(job_tx);
+        Ok(())
+    })?;
+    if let Some(k) = keep {
+        *k.budget = budget.into_inner();
+    }
+    count_strong(got.strong);
+    if got.out.len() != count as usize {
+        return Err(fail(format!("hashed {} pages of {count}", got.out.len())));
+    }
+    let (strong, quick) = got.out.into_iter().unzip();
+    Ok(Hashed {
+        strong,
+        quick,
+        fresh: got.fresh,
     })
+}
+
+/// SQLite's handle of a database file, shared by the workers of
+/// [`file_hashes`] for its `xRead` alone.
+struct Handle(*mut ffi::sqlite3_file);
+
+// SAFETY: the handle belongs to a connection `file_hashes` borrows for as
+// long as the workers run (they are scoped to it). The unix VFS's `xRead`
+// is a `pread` of the file's descriptor at the offset given (with memory
+// mapping off, as our connections leave it), which any number of threads
+// may call at once; nothing else of the handle is used off its thread.
+#[allow(unsafe_code)]
+unsafe impl Send for Handle {}
+// SAFETY: as above: shared only to call `xRead`.
+#[allow(unsafe_code)]
+unsafe impl Sync for Handle {}
+
+/// The next run for a worker (`None`: no more).
+fn next_job(jobs: &std::sync::Mutex<mpsc::Receiver<Job>>) -> Option<Job> {
+    // the lock is let go before the run is worked on
+    let rx = jobs.lock().ok()?;
+    rx.recv().ok()
+}
+
+/// A run of pages to read and hash, with the overlay's pages in it.
+struct Job {
+    index: usize,
+    first: u32,
+    n: u32,
+    overlay: Vec<(u32, Vec<u8>)>,
+}
+
+/// A run read and hashed: its hashes, and its pages whose hash is not the
+/// old one, as many as the budget allowed.
+struct Done {
+    index: usize,
+    hashes: Vec<([u8; 32], u64)>,
+    strong: u64,
+    fresh: Vec<(u32, Vec<u8>)>,
+}
+
+/// A worker's part: reads the run from the file into `buf` ([`READ`] bytes
+/// at a time), lays the overlay's pages and the pending-byte page over it,
+/// hashes it, and keeps
+/// the pages whose hash is not `prior`'s while `budget` lasts.
+fn work(
+    file: &Handle,
+    (size, seed): (usize, u64),
+    (prior, budget): (Option<Prior<'_>>, &std::sync::atomic::AtomicU64),
+    buf: &mut Vec<u8>,
+    job: Job,
+) -> Result<Done, String> {
+    use std::sync::atomic::Ordering;
+    let (mut hashes, mut fresh, mut strong) = (Vec::with_capacity(job.n as usize), Vec::new(), 0);
+    let mut overlay = job.overlay.into_iter().peekable();
+    let per_read = (READ / size).max(1) as u32;
+    let end = job.first + job.n;
+    for first in (job.first..end).step_by(per_read as usize) {
+        let n = per_read.min(end - first);
+        buf.resize(n as usize * size, 0);
+        read_at(file.0, buf, u64::from(first - 1) * size as u64)?;
+        while let Some((p, page)) = overlay.next_if(|(p, _)| *p < first + n) {
+            let at = (p - first) as usize * size;
+            buf[at..at + size].copy_from_slice(&page);
+        }
+        zero_pending(buf, first, size);
+        let from = hashes.len();
+        strong += super::hash_run(&mut hashes, buf, (size, first), seed, prior);
+        let Some(prior) = prior else { continue };
+        for ((pgno, page), h) in (first..).zip(buf.chunks(size)).zip(&hashes[from..]) {
+            let old = prior.strong.get(pgno as usize - 1);
+            let take = |b: u64| b.checked_sub(size as u64);
+            if old != Some(&h.0)
+                && budget
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, take)
+                    .is_ok()
+            {
+                fresh.push((pgno, page.to_vec()));
+            }
+        }
+    }
+    Ok(Done {
+        index: job.index,
+        hashes,
+        strong,
+        fresh,
+    })
+}
+
+/// The runs' hashes taken back in order, and the changed pages kept.
+struct Gathered {
+    runs: usize,
+    out: Vec<([u8; 32], u64)>,
+    strong: u64,
+    fresh: Pages,
+}
+
+impl Gathered {
+    fn new(count: u32) -> Self {
+        Self {
+            runs: 0,
+            out: Vec::with_capacity(count as usize),
+            strong: 0,
+            fresh: Pages::new(),
+        }
+    }
+
+    /// The next run's hashes and kept pages.
+    fn take(&mut self, done: Done) {
+        self.out.extend(done.hashes);
+        self.strong += done.strong;
+        self.fresh.extend(done.fresh);
+        self.runs += 1;
+    }
 }
 
 /// Fills `buf` (a whole number of pages of `size` bytes) with the
@@ -190,12 +342,19 @@ pub(super) fn read_run(
         }
         buf[at..at + size].copy_from_slice(&page);
     }
+    zero_pending(buf, first, size);
+    Ok(())
+}
+
+/// Zeros the pending-byte page, should it be among the pages of `buf` (from
+/// `first`, of `size` bytes each).
+fn zero_pending(buf: &mut [u8], first: u32, size: usize) {
+    let n = u32::try_from(buf.len() / size).unwrap_or(u32::MAX);
     let pending = u32::try_from(PENDING_BYTE / size as u64 + 1).unwrap_or(u32::MAX);
     if (first..first.saturating_add(n)).contains(&pending) {
         let at = (pending - first) as usize * size;
         buf[at..at + size].fill(0);
     }
-    Ok(())
 }
 
 /// Fills `buf` from byte `at` of `file` through its VFS's `xRead`: bytes
