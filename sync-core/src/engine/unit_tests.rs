@@ -245,3 +245,26 @@ fn directories_are_finished_after_everything_below_them() {
         assert_eq!(order.len(), dirs.len());
     }
 }
+
+/// The plan's directories are made depth by depth: a parent before its
+/// children even when the plan lists the children first (made all at once on
+/// every core, a child would meet no parent).
+#[test]
+fn directories_are_made_after_their_parents_whatever_the_order() {
+    let d = tempfile::tempdir().unwrap();
+    let r = Replica::open(d.path()).unwrap();
+    let dir = |p: &str| Entry {
+        path: rel(p),
+        kind: Kind::Dir,
+        meta: proto::Meta::default(),
+    };
+    let paths = ["a/b/c/d", "a/b/c", "a/b", "a", "e/f", "e", "a/g"];
+    let s = Manifest {
+        entries: paths.into_iter().map(dir).collect(),
+    };
+    let dirs: Vec<usize> = (0..paths.len()).collect();
+    make_dirs(&r, &s, &dirs).unwrap();
+    for p in paths {
+        assert!(d.path().join(p).is_dir(), "{p} not made");
+    }
+}
