@@ -153,20 +153,7 @@ pub(super) fn file_hashes(
             if sent < runs && sent - got.runs < 2 * workers {
                 let first = sent as u32 * per_chunk + 1;
                 let n = per_chunk.min(count - first + 1);
-                let mut pages = Vec::new();
-                for &p in overlay.range(first..first + n) {
-                    let page = read_page(c, path, p)?;
-                    if page.len() != size {
-                        return Err(fail(format!("page {p} is not of the page size")));
-                    }
-                    pages.push((p, page));
-                }
-                let job = Job {
-                    index: sent,
-                    first,
-                    n,
-                    overlay: pages,
-                };
+                let job = Job::new(c, (path, overlay), (sent, first, n), size)?;
                 job_tx
                     .send(job)
                     .map_err(|_| fail("the page hashers stopped".into()))?;
@@ -228,6 +215,35 @@ struct Job {
     first: u32,
     n: u32,
     overlay: Vec<(u32, Vec<u8>)>,
+}
+
+impl Job {
+    /// Run `index`, of `n` pages from `first`, with the overlay's pages in
+    /// it read through SQLite.
+    fn new(
+        c: &Connection,
+        (path, overlay): (&Path, &BTreeSet<u32>),
+        (index, first, n): (usize, u32, u32),
+        size: usize,
+    ) -> Result<Self, Error> {
+        let mut pages = Vec::new();
+        for &p in overlay.range(first..first + n) {
+            let page = read_page(c, path, p)?;
+            if page.len() != size {
+                return Err(Error::Sqlite {
+                    path: path.display().to_string(),
+                    msg: format!("page {p} is not of the page size"),
+                });
+            }
+            pages.push((p, page));
+        }
+        Ok(Self {
+            index,
+            first,
+            n,
+            overlay: pages,
+        })
+    }
 }
 
 /// A run read and hashed: its hashes, and its pages whose hash is not the
