@@ -71,7 +71,9 @@ impl Conns {
                 .map_err(|e| sql_err(path, "busy timeout", e))?;
             persist_wal(&c, path, wal_at_open.is_some())?;
             if query_only {
-                c.execute_batch("PRAGMA query_only = 1")
+                // (no memory-mapped reads: the whole compare's workers read
+                // through this handle's `xRead` at once, `whole.rs`)
+                c.execute_batch("PRAGMA query_only = 1; PRAGMA mmap_size = 0")
                     .map_err(|e| sql_err(path, "query_only", e))?;
             }
             Ok(c)

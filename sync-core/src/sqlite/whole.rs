@@ -193,9 +193,11 @@ struct Handle(*mut ffi::sqlite3_file);
 
 // SAFETY: the handle belongs to a connection `file_hashes` borrows for as
 // long as the workers run (they are scoped to it). The unix VFS's `xRead`
-// is a `pread` of the file's descriptor at the offset given (with memory
-// mapping off, as our connections leave it), which any number of threads
-// may call at once; nothing else of the handle is used off its thread.
+// is a `pread` of the file's descriptor at the offset given (memory mapping
+// is off: `Conns::open` sets the reader's `mmap_size` to 0), which any number
+// of threads may call at once (a short read at the file's end also stores 0
+// as the handle's last error, a plain int); nothing else of the handle is
+// used off its thread.
 #[allow(unsafe_code)]
 unsafe impl Send for Handle {}
 // SAFETY: as above: shared only to call `xRead`.
