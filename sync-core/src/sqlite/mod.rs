@@ -157,9 +157,11 @@ pub fn db_hash(page_size: u32, hashes: &[[u8; 32]]) -> [u8; 32] {
     h.update(b"understudy-sqlite-v1\0");
     h.update(&page_size.to_le_bytes());
     h.update(&(hashes.len() as u64).to_le_bytes());
-    for p in hashes {
-        h.update(p);
-    }
+    // In one call, not one a page: blake3 then hashes many chunks at once
+    // (one 32-byte call at a time it compressed 64-byte blocks one by one:
+    // a 1 GB database's table, 8 MiB, hashed at every cut and every restore,
+    // was ~5% of a no-change push's samples).
+    h.update(hashes.as_flattened());
     *h.finalize().as_bytes()
 }
 
