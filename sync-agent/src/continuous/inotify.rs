@@ -125,6 +125,10 @@ pub(super) fn start_watch(
     let handler = move |res: notify::Result<notify::Event>| {
         seen.store(since(base), Ordering::SeqCst);
         match res {
+            // Opens say nothing (notify watches them, and every file the
+            // agent reads raises one: tens of thousands in a first round);
+            // ignored before any path is looked at.
+            Ok(ev) if is_open(&ev) => return,
             Ok(ev) => {
                 tracing::trace!(?ev, "watch event");
                 if dbs
@@ -192,6 +196,12 @@ pub(super) fn start_watch(
         last,
         base,
     })
+}
+
+/// Whether `ev` is a file or directory being opened (no rescan asked).
+fn is_open(ev: &notify::Event) -> bool {
+    use notify::event::AccessKind;
+    !ev.need_rescan() && matches!(ev.kind, EventKind::Access(AccessKind::Open(_)))
 }
 
 /// A recursive watch of `root` calling `handler`.
@@ -309,5 +319,20 @@ mod tests {
         assert!(c.admit(&write(&a), 5));
         assert!(c.admit(&WatchMsg::Rename(a.clone(), b.clone()), 6));
         assert!(c.admit(&write(&a), 7));
+    }
+
+    /// Only plain opens are dropped unread: a closed writer, a creation and
+    /// an overflow flagged on any event still count.
+    #[test]
+    fn only_opens_are_dropped_before_their_paths_are_read() {
+        use notify::event::{AccessKind, AccessMode, CreateKind, Flag};
+        let open = notify::Event::new(EventKind::Access(AccessKind::Open(AccessMode::Any)));
+        assert!(is_open(&open));
+        assert!(!is_open(&open.clone().set_flag(Flag::Rescan)));
+        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert!(!is_open(&notify::Event::new(closed)));
+        assert!(!is_open(&notify::Event::new(EventKind::Create(
+            CreateKind::File
+        ))));
     }
 }
