@@ -220,6 +220,11 @@ impl HashIndex {
         manifest: &crate::Manifest,
         now_ns: i128,
     ) {
+        // Sized once (see `remember_stamps`): a first scan of 300,000 files
+        // grew both maps by doubling to a 170 MB peak.
+        self.map
+            .reserve(hashed.len().saturating_sub(self.map.len()));
+        self.changed.reserve(hashed.len());
         for (p, s, h) in hashed {
             self.record(p, *s, *h, now_ns);
         }
@@ -253,6 +258,9 @@ impl HashIndex {
     /// [`crate::scan::ScanReport::stamps`]; racily clean ones are skipped), and
     /// forgets every other path. Rows remembered so give no hash.
     pub fn remember_stamps(&mut self, files: &[(RelPath, Stamp, bool)], now_ns: i128) {
+        // Sized once: growing by doubling holds the old table and the new
+        // one at once (300,000 files: a peak of 101 MB for a 67 MB table).
+        self.map.reserve(files.len().saturating_sub(self.map.len()));
         let mut kept = 0;
         for (p, stamp, bare) in files {
             if now_ns - stamp.ctime_ns.max(stamp.mtime_ns) < RACY_NS {

@@ -275,10 +275,16 @@ impl<'o> Walker<'o> {
         };
         if !self.opts.hash {
             if index.is_some() {
+                // sized exactly: collected by doubling, 300,000 files' stamps
+                // peaked at 50 MB for 29 MB of them
+                let mut stamps = Vec::with_capacity(self.stamps.iter().flatten().count());
                 let files = self.entries.iter().zip(&self.stamps);
-                report.stamps = files
-                    .filter_map(|(e, s)| s.map(|s| (e.path.clone(), s, e.meta.xattrs.is_empty())))
-                    .collect();
+                stamps.extend(
+                    files.filter_map(|(e, s)| {
+                        s.map(|s| (e.path.clone(), s, e.meta.xattrs.is_empty()))
+                    }),
+                );
+                report.stamps = stamps;
             }
             return Ok((self.entries, report));
         }
@@ -297,6 +303,8 @@ impl<'o> Walker<'o> {
             .map(|&i| hash_file(&abs(root, &self.entries[i].path)))
             .collect();
         let mut vanished = Vec::new();
+        // sized once: collected by doubling it peaked at twice its size
+        report.hashed.reserve_exact(todo.len());
         for (&i, h) in todo.iter().zip(hashes) {
             let h = match h {
                 Ok(h) => h,
