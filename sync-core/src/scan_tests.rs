@@ -474,3 +474,44 @@ fn every_name_of_a_held_database_is_one_unread() {
         vec![rel("held.db"), rel("other.db")]
     );
 }
+
+#[test]
+fn index_spares_rehashing_and_sees_changes() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("sub")).unwrap();
+    std::fs::write(d.path().join("sub/a"), b"one").unwrap();
+    std::fs::write(d.path().join("b"), b"two").unwrap();
+    let opts = ScanOptions::default();
+    let mut ix = HashIndex::in_memory();
+    let (m1, r1) = scan_with(d.path(), &opts, Some(&ix)).unwrap();
+    assert_eq!(r1.hashed.len(), 2);
+    // pretend the hashes are old enough to be trusted
+    for (p, s, h) in r1.hashed {
+        ix.record(&p, s, h, now_ns() + 10 * crate::index::RACY_NS);
+    }
+    let (m2, r2) = scan_with(d.path(), &opts, Some(&ix)).unwrap();
+    assert!(r2.hashed.is_empty(), "unchanged files were rehashed");
+    assert_eq!(m1, m2);
+    std::fs::write(d.path().join("b"), b"TWO").unwrap();
+    let (m3, r3) = scan_with(d.path(), &opts, Some(&ix)).unwrap();
+    assert_eq!(r3.hashed.len(), 1);
+    assert_ne!(m2.root_hash(), m3.root_hash());
+}
+
+#[test]
+fn excluded_paths_are_not_scanned() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("cache/x")).unwrap();
+    std::fs::write(d.path().join("cache/x/f"), b"1").unwrap();
+    std::fs::write(d.path().join("keep"), b"1").unwrap();
+    let opts = ScanOptions {
+        filter: Filter::new(&["cache/".into()]).unwrap(),
+        ..Default::default()
+    };
+    let m = scan(d.path(), &opts).unwrap();
+    let paths: Vec<String> = m.entries.iter().map(|e| e.path.to_string()).collect();
+    assert_eq!(paths, [".", "keep"]);
+    let (sub, _) =
+        scan_subtree(d.path(), &RelPath::new(&b"cache"[..]).unwrap(), &opts, None).unwrap();
+    assert!(sub.is_empty());
+}

@@ -1,0 +1,225 @@
+//! Tests of the persistent hash index.
+
+use super::*;
+
+fn stamp(size: u64) -> Stamp {
+    Stamp {
+        dev: 1,
+        ino: 2,
+        size,
+        mtime_ns: 10,
+        ctime_ns: 20,
+    }
+}
+
+#[test]
+fn persists_and_matches_stamps() {
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("index.db");
+    let p = RelPath::new(&b"a/b"[..]).unwrap();
+    let now = 100 * RACY_NS;
+    {
+        let mut ix = HashIndex::open(&db).unwrap();
+        ix.record(&p, stamp(5), [9; 32], now);
+        ix.save().unwrap();
+    }
+    let ix = HashIndex::open(&db).unwrap();
+    assert_eq!(ix.lookup(&p, &stamp(5)), Some([9; 32]));
+    assert_eq!(ix.lookup(&p, &stamp(6)), None);
+}
+
+/// Rows are kept compact (80 bytes: times in 64-bit nanoseconds), and a
+/// stamp those cannot hold is not remembered, never matched by another.
+#[test]
+fn rows_are_compact_and_stamps_past_them_are_not_remembered() {
+    assert!(
+        std::mem::size_of::<Row>() <= 80,
+        "{}",
+        std::mem::size_of::<Row>()
+    );
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("index.db");
+    let (p, q) = (
+        RelPath::new(&b"far"[..]).unwrap(),
+        RelPath::new(&b"near"[..]).unwrap(),
+    );
+    let far = Stamp {
+        mtime_ns: i128::from(i64::MAX) + 1,
+        ..stamp(5)
+    };
+    let wrapped = Stamp {
+        mtime_ns: i128::from(i64::MIN),
+        ..stamp(5)
+    };
+    let now = i128::from(i64::MAX) * 4;
+    {
+        let mut ix = HashIndex::open(&db).unwrap();
+        ix.record(&p, far, [1; 32], now);
+        ix.record(&q, stamp(5), [2; 32], now);
+        assert_eq!(ix.lookup(&p, &far), None);
+        assert_eq!(ix.lookup(&p, &wrapped), None);
+        ix.remember_stamps(&[(p.clone(), far, true)], now);
+        assert!(!ix.bare(&p, &far));
+        ix.save().unwrap();
+    }
+    let ix = HashIndex::open(&db).unwrap();
+    assert_eq!(ix.lookup(&p, &far), None);
+    assert_eq!(ix.lookup(&q, &stamp(5)), Some([2; 32]));
+}
+
+#[test]
+fn damaged_rows_are_only_cache_misses() {
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("index.db");
+    let p = RelPath::new(&b"good"[..]).unwrap();
+    {
+        let mut ix = HashIndex::open(&db).unwrap();
+        ix.record(&p, stamp(5), [9; 32], 100 * RACY_NS);
+        ix.save().unwrap();
+    }
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let ok = [9u8; 32].to_vec();
+    for (path, dev, mtime, hash) in [
+        (
+            &b"short-hash"[..],
+            rusqlite::types::Value::Integer(1),
+            "10",
+            vec![1u8; 3],
+        ),
+        (
+            b"bad-mtime",
+            rusqlite::types::Value::Integer(1),
+            "x",
+            ok.clone(),
+        ),
+        (
+            b"text-dev",
+            rusqlite::types::Value::Text("abc".into()),
+            "10",
+            ok.clone(),
+        ),
+    ] {
+        conn.execute(
+            "INSERT INTO files VALUES (?1, ?2, 2, 5, ?3, '20', ?4, 0)",
+            rusqlite::params![path, dev, mtime, hash],
+        )
+        .unwrap();
+    }
+    drop(conn);
+    let ix = HashIndex::open(&db).unwrap();
+    assert_eq!(ix.len(), 1);
+    assert_eq!(ix.lookup(&p, &stamp(5)), Some([9; 32]));
+}
+
+/// Which files had no xattrs survives a save, and an index written
+/// before the column existed opens with its rows read as not bare.
+#[test]
+fn bare_files_persist_and_an_old_index_opens() {
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("index.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE files (path BLOB PRIMARY KEY, dev INTEGER, ino INTEGER,
+            size INTEGER, mtime_ns TEXT, ctime_ns TEXT, hash BLOB) WITHOUT ROWID;
+         INSERT INTO files VALUES (x'6f6c64', 1, 2, 5, '10', '20', zeroblob(32));",
+    )
+    .unwrap();
+    drop(conn);
+    let (old, p) = (
+        RelPath::new(&b"old"[..]).unwrap(),
+        RelPath::new(&b"f"[..]).unwrap(),
+    );
+    let file = |path: &RelPath| proto::Entry {
+        path: path.clone(),
+        kind: proto::Kind::File {
+            size: 5,
+            hash: [0; 32],
+        },
+        meta: proto::Meta::default(),
+    };
+    let manifest = crate::Manifest {
+        entries: vec![file(&p), file(&old)],
+    };
+    {
+        let mut ix = HashIndex::open(&db).unwrap();
+        assert_eq!(ix.lookup(&old, &stamp(5)), Some([0; 32]));
+        assert!(!ix.bare(&old, &stamp(5)), "an old row read as bare");
+        ix.remember_scan(&[(p.clone(), stamp(5), [0; 32])], &manifest, 100 * RACY_NS);
+        assert!(ix.bare(&p, &stamp(5)) && ix.bare(&old, &stamp(5)));
+        assert!(!ix.bare(&p, &stamp(6)), "bare at another stamp");
+        ix.save().unwrap();
+    }
+    let ix = HashIndex::open(&db).unwrap();
+    assert!(ix.bare(&p, &stamp(5)) && ix.bare(&old, &stamp(5)));
+}
+
+/// A scan forgets the rows of paths it no longer has as files: gone, or
+/// now another kind of entry.
+#[test]
+fn a_scan_forgets_what_is_no_longer_a_file() {
+    let mut ix = HashIndex::in_memory();
+    let now = 100 * RACY_NS;
+    let [a, b, c] = ["a", "b", "c"].map(|p| RelPath::new(p.as_bytes()).unwrap());
+    for p in [&a, &b, &c] {
+        ix.record(p, stamp(5), [0; 32], now);
+    }
+    let entry = |path: &RelPath, kind| proto::Entry {
+        path: path.clone(),
+        kind,
+        meta: proto::Meta::default(),
+    };
+    let file = proto::Kind::File {
+        size: 5,
+        hash: [0; 32],
+    };
+    let m = crate::Manifest {
+        entries: vec![entry(&a, file.clone()), entry(&b, proto::Kind::Dir)],
+    };
+    ix.remember_scan(&[], &m, now);
+    assert_eq!(ix.len(), 1);
+    assert_eq!(ix.lookup(&a, &stamp(5)), Some([0; 32]));
+    let all = crate::Manifest {
+        entries: vec![entry(&a, file)],
+    };
+    ix.remember_scan(&[], &all, now);
+    assert_eq!(ix.len(), 1, "a full match forgot a row");
+}
+
+/// A scan that does not hash remembers stamps and bare files but gives
+/// no hash, skips racily clean files and forgets what it no longer saw.
+#[test]
+fn an_unhashed_scan_remembers_stamps_and_no_hashes() {
+    let mut ix = HashIndex::in_memory();
+    let now = 100 * RACY_NS;
+    let [a, b, c] = ["a", "b", "c"].map(|p| RelPath::new(p.as_bytes()).unwrap());
+    let young = Stamp {
+        ctime_ns: now - 1,
+        ..stamp(5)
+    };
+    ix.remember_stamps(
+        &[
+            (a.clone(), stamp(5), true),
+            (b.clone(), stamp(5), false),
+            (c.clone(), young, true),
+        ],
+        now,
+    );
+    assert_eq!(ix.len(), 2);
+    assert!(ix.bare(&a, &stamp(5)) && !ix.bare(&b, &stamp(5)) && !ix.bare(&c, &young));
+    assert_eq!(
+        ix.lookup(&a, &stamp(5)),
+        None,
+        "a hash from a scan that hashed nothing"
+    );
+    ix.remember_stamps(&[(b.clone(), stamp(6), true)], now);
+    assert_eq!(ix.len(), 1);
+    assert!(ix.bare(&b, &stamp(6)) && !ix.bare(&a, &stamp(5)));
+}
+
+#[test]
+fn racily_clean_files_are_not_cached() {
+    let mut ix = HashIndex::in_memory();
+    let p = RelPath::new(&b"f"[..]).unwrap();
+    ix.record(&p, stamp(1), [1; 32], 21);
+    assert_eq!(ix.lookup(&p, &stamp(1)), None);
+}
