@@ -87,7 +87,10 @@ pub struct HashIndex {
     /// it); only [`HashIndex::save`] uses it, with `&mut self`.
     conn: Option<std::sync::Mutex<rusqlite::Connection>>,
     map: foldhash::HashMap<Box<[u8]>, Row>,
-    changed: foldhash::HashMap<Box<[u8]>, Option<Row>>,
+    /// Paths whose row changed since the last save: their row in `map`, or
+    /// none (forgotten). Paths only, not rows (a first scan's log of every
+    /// row doubled the index's memory).
+    changed: foldhash::HashSet<Box<[u8]>>,
 }
 
 /// An index written before `bare` existed gets the column (its rows read as
@@ -113,7 +116,7 @@ impl HashIndex {
         Self {
             conn: None,
             map: foldhash::HashMap::default(),
-            changed: foldhash::HashMap::default(),
+            changed: foldhash::HashSet::default(),
         }
     }
 
@@ -175,7 +178,7 @@ impl HashIndex {
         Ok(Self {
             conn: Some(std::sync::Mutex::new(conn)),
             map,
-            changed: foldhash::HashMap::default(),
+            changed: foldhash::HashSet::default(),
         })
     }
 
@@ -219,13 +222,13 @@ impl HashIndex {
             bare: false,
         };
         self.map.insert(path.as_bytes().into(), row);
-        self.changed.insert(path.as_bytes().into(), Some(row));
+        self.changed.insert(path.as_bytes().into());
     }
 
     /// Forgets a path.
     pub fn forget(&mut self, path: &RelPath) {
         if self.map.remove(path.as_bytes()).is_some() {
-            self.changed.insert(path.as_bytes().into(), None);
+            self.changed.insert(path.as_bytes().into());
         }
     }
 
@@ -234,7 +237,7 @@ impl HashIndex {
         let gone: Vec<Box<[u8]>> = self.map.keys().filter(|k| !keep(k)).cloned().collect();
         for k in gone {
             self.map.remove(&k);
-            self.changed.insert(k, None);
+            self.changed.insert(k);
         }
     }
 
@@ -272,7 +275,7 @@ impl HashIndex {
             let bare = e.meta.xattrs.is_empty();
             if r.hash == Some(*hash) && r.bare != bare {
                 r.bare = bare;
-                self.changed.insert(e.path.as_bytes().into(), Some(*r));
+                self.changed.insert(e.path.as_bytes().into());
             }
         }
         // Every row named a file of the manifest: none to forget.
@@ -354,9 +357,9 @@ impl HashIndex {
             let mut del = tx
                 .prepare_cached("DELETE FROM files WHERE path = ?1")
                 .map_err(|e| db_err(path, e))?;
-            for (p, v) in self.changed.drain() {
-                match v {
-                    Some(Row {
+            for p in self.changed.drain() {
+                match self.map.get(&p) {
+                    Some(&Row {
                         stamp: s,
                         hash: Some(h),
                         bare,
