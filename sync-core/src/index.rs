@@ -44,7 +44,6 @@ impl Stamp {
     }
 }
 
-/// What is remembered of one file.
 /// A [`Stamp`] as the index keeps it: times in 64-bit nanoseconds (years
 /// 1677 to 2262; a stamp outside is not remembered). A row is 80 bytes, not
 /// 112: at 300,000 files the map's table is 48 MB, not 67 MB.
@@ -69,6 +68,7 @@ impl Packed {
     }
 }
 
+/// What is remembered of one file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Row {
     stamp: Packed,
