@@ -228,17 +228,9 @@ impl Job {
         (index, first, n): (usize, u32, u32),
         size: usize,
     ) -> Result<Self, Error> {
-        let mut pages = Vec::new();
-        for &p in overlay.range(first..first + n) {
-            let page = read_page(c, path, p)?;
-            if page.len() != size {
-                return Err(Error::Sqlite {
-                    path: path.display().to_string(),
-                    msg: format!("page {p} is not of the page size"),
-                });
-            }
-            pages.push((p, page));
-        }
+        let pages = (overlay.range(first..first + n))
+            .map(|&p| Ok((p, overlay_page(c, path, p, size)?)))
+            .collect::<Result<_, Error>>()?;
         Ok(Self {
             index,
             first,
@@ -354,14 +346,23 @@ pub(super) fn read_run(
     read_at(file, buf, u64::from(first.saturating_sub(1)) * size as u64).map_err(&fail)?;
     for &p in overlay.range(first..first.saturating_add(n)) {
         let at = (p - first) as usize * size;
-        let page = read_page(c, path, p)?;
-        if page.len() != size {
-            return Err(fail(format!("page {p} is not of the page size")));
-        }
-        buf[at..at + size].copy_from_slice(&page);
+        buf[at..at + size].copy_from_slice(&overlay_page(c, path, p, size)?);
     }
     zero_pending(buf, first, size);
     Ok(())
+}
+
+/// Page `p` of the snapshot `c` reads, through `sqlite_dbpage` (a page of
+/// the log's), checked to be of the page `size`.
+fn overlay_page(c: &Connection, path: &Path, p: u32, size: usize) -> Result<Vec<u8>, Error> {
+    let page = read_page(c, path, p)?;
+    if page.len() != size {
+        return Err(Error::Sqlite {
+            path: path.display().to_string(),
+            msg: format!("page {p} is not of the page size"),
+        });
+    }
+    Ok(page)
 }
 
 /// Zeros the pending-byte page, should it be among the pages of `buf` (from
