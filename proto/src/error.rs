@@ -110,6 +110,7 @@ impl Message {
             Message::Staged { .. } => "Staged",
             Message::TreeDigest { .. } => "TreeDigest",
             Message::RoundSame { .. } => "RoundSame",
+            Message::FilesRequest { .. } => "FilesRequest",
         }
     }
 }

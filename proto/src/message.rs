@@ -303,14 +303,15 @@ impl std::fmt::Display for HeldDb {
 }
 
 /// How many variants [`Message`] has (the decoder names others as unknown types).
-pub(crate) const MESSAGE_TYPES: u32 = 26;
+pub(crate) const MESSAGE_TYPES: u32 = 27;
 
 /// Everything that travels, one per frame.
 ///
 /// A session is a hello each way, then rounds. A round is `RoundStart`, any
 /// number of `Manifest`, `Deleted`, `Renamed` and `Inline` frames, and
 /// `RoundEnd`, all from the source on the control stream; the replica pulls the
-/// content it still lacks with `FileRequest` on streams of its own and answers
+/// content it still lacks with `FileRequest` (or, for many small files,
+/// `FilesRequest`) on streams of its own and answers
 /// `RoundDone` (or `Error`).
 /// A full round carries the whole manifest: the replica removes what it lacks.
 /// A partial round carries only changed entries and explicit deletions.
@@ -492,7 +493,23 @@ pub enum Message {
         /// The source's root hash.
         root_hash: [u8; 32],
     },
+    /// Replica → source on a fresh stream: send the content of these small
+    /// regular files of the current round (each at most [`MAX_BATCH_FILE`]
+    /// bytes, no basis), one after another on this stream: each file's
+    /// `Literal` frames then its `FileEnd`, in the order asked. Many small
+    /// files cost one stream, not one each.
+    FilesRequest {
+        /// Positions of the entries in the round's manifest (1 to
+        /// [`MAX_BATCH_FILES`]).
+        indexes: Vec<u64>,
+    },
 }
+
+/// Most files one [`Message::FilesRequest`] names.
+pub const MAX_BATCH_FILES: usize = 256;
+/// Largest file (as the round's entry has it) a [`Message::FilesRequest`]
+/// may name: the source reads each whole before sending it.
+pub const MAX_BATCH_FILE: u64 = 256 << 10;
 
 /// Most page hashes in one [`Message::DbHashes`] batch.
 pub const MAX_HASHES_PER_BATCH: usize = 1 << 16;

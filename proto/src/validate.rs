@@ -32,6 +32,9 @@ pub enum ValidateError {
     /// Inline content over [`MAX_INLINE`].
     #[error("inline content of {0} bytes (at most {MAX_INLINE})")]
     InlineTooLarge(usize),
+    /// A files request naming none, or more than [`MAX_BATCH_FILES`].
+    #[error("a files request for {0} files (1 to {MAX_BATCH_FILES})")]
+    BatchSize(usize),
     /// A page hash batch over [`MAX_HASHES_PER_BATCH`].
     #[error("{0} page hashes in one batch")]
     TooManyHashes(usize),
@@ -200,6 +203,11 @@ impl Message {
             }
             Message::Inline { data, .. } if data.len() > MAX_INLINE => {
                 Err(ValidateError::InlineTooLarge(data.len()))
+            }
+            Message::FilesRequest { indexes }
+                if indexes.is_empty() || indexes.len() > MAX_BATCH_FILES =>
+            {
+                Err(ValidateError::BatchSize(indexes.len()))
             }
             Message::DbHashes {
                 page_size, hashes, ..

@@ -172,6 +172,8 @@ fn databases_and_roles() -> impl Strategy<Value = Message> {
                 digest,
                 root_hash
             }),
+        proptest::collection::vec(any::<u64>(), 1..=proto::MAX_BATCH_FILES)
+            .prop_map(|indexes| Message::FilesRequest { indexes }),
     ]
 }
 

@@ -11,11 +11,17 @@ use proto::frame::{self, HEADER_LEN};
 pub async fn send(stream: &mut quinn::SendStream, msg: &Message) -> Result<()> {
     let mut buf = Vec::new();
     frame::encode(msg, &mut buf).context("encoding a message")?;
+    send_frames(stream, &buf).await
+}
+
+/// Writes frames already encoded (`frame::encode`, one after another) as
+/// [`send`] writes one.
+pub async fn send_frames(stream: &mut quinn::SendStream, buf: &[u8]) -> Result<()> {
     if let Some(limit) = crate::bwlimit::current() {
         limit.acquire(buf.len() as u64).await;
     }
     let d = stage_deadline();
-    match tokio::time::timeout(d, stream.write_all(&buf)).await {
+    match tokio::time::timeout(d, stream.write_all(buf)).await {
         Ok(r) => r.context("sending to peer")?,
         Err(_) => bail!(
             "peer read nothing for {} s while we sent to it",

@@ -265,6 +265,19 @@ impl Peer {
         }
     }
 
+    /// Waits for the replica to open a stream asking for several files at
+    /// once; returns the stream to answer on and the indexes asked for.
+    pub async fn next_files_request(&mut self) -> (quinn::SendStream, Vec<u64>) {
+        let (send, mut recv) = tokio::time::timeout(ANSWER, self.conn.accept_bi())
+            .await
+            .expect("no files request (hang)")
+            .expect("connection lost while waiting for a files request");
+        match read_msg(&mut recv).await {
+            Some(Message::FilesRequest { indexes }) => (send, indexes),
+            other => panic!("expected a files request, got {other:?}"),
+        }
+    }
+
     /// Serves the replica's file requests in the background with `answer`.
     pub fn serve_requests(
         &self,
@@ -519,10 +532,17 @@ pub async fn request(
     index: u64,
     signature: Option<Vec<u8>>,
 ) -> Result<Vec<Message>, &'static str> {
+    request_msg(conn, &Message::FileRequest { index, signature }).await
+}
+
+/// Sends `msg` to the source on a new stream and returns what it answered,
+/// in order, until the stream ended (or `ANSWER` passed).
+pub async fn request_msg(
+    conn: &quinn::Connection,
+    msg: &Message,
+) -> Result<Vec<Message>, &'static str> {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&encode(&Message::FileRequest { index, signature }))
-        .await
-        .unwrap();
+    send.write_all(&encode(msg)).await.unwrap();
     let _ = send.finish();
     tokio::time::timeout(ANSWER, async {
         let mut got = Vec::new();

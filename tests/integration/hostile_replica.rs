@@ -83,9 +83,23 @@ async fn hostile_signatures_and_requests_refused() {
         ("beyond the round", entries.len() as u64, None),
         ("u64::MAX", u64::MAX, None),
     ];
-    let n = cases.len();
-    for (case, i, sig) in cases {
-        let got = request(&conn, i, sig)
+    assert_eq!(cases.len(), 13);
+    let mut asks: Vec<(&str, Message)> = cases
+        .into_iter()
+        .map(|(case, index, signature)| (case, Message::FileRequest { index, signature }))
+        .collect();
+    // Files requests: refused whole if one index is not a small regular file
+    // of the round, or they name none or too many.
+    let files = |indexes: Vec<u64>| Message::FilesRequest { indexes };
+    asks.extend([
+        ("a directory among files", files(vec![big_i, dir_i])),
+        ("a file over the batch bound", files(vec![big_i, zeros_i])),
+        ("beyond the round", files(vec![big_i, entries.len() as u64])),
+        ("none", files(vec![])),
+        ("too many", files(vec![big_i; proto::MAX_BATCH_FILES + 1])),
+    ]);
+    for (case, m) in &asks {
+        let got = request_msg(&conn, m)
             .await
             .unwrap_or_else(|e| panic!("{case}: {e}"));
         assert!(
@@ -94,7 +108,22 @@ async fn hostile_signatures_and_requests_refused() {
             "{case}: the source sent content: {got:?}"
         );
     }
-    assert_eq!(n, 13);
+    // A fair one: each file's content then its end, in the order asked.
+    let got = request_msg(&conn, &files(vec![big_i, big_i]))
+        .await
+        .unwrap();
+    let ends = got
+        .iter()
+        .filter(|m| matches!(m, Message::FileEnd { .. }))
+        .count();
+    let sent: usize = got
+        .iter()
+        .map(|m| match m {
+            Message::Literal(l) => l.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!((ends, sent), (2, 2 * big.len()));
 
     // 10^6 blocks sharing the weak hash of the zero file's blocks, each with
     // another strong hash: the source's diff stays linear (fast_rsync caps CRC

@@ -17,6 +17,7 @@ mod failover;
 mod fidelity;
 mod handover;
 mod hostile;
+mod hostile_batch;
 mod hostile_conns;
 mod hostile_counts;
 mod hostile_flood;

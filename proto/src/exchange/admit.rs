@@ -44,6 +44,11 @@ pub enum Request<'a, L> {
         /// The replica's basis signature, if it has one.
         signature: Option<Vec<u8>>,
     },
+    /// The contents of small regular files of the round, in this order.
+    Files {
+        /// Their entries.
+        entries: Vec<&'a Entry>,
+    },
     /// A database of the round, brought to its snapshot.
     Db {
         /// Its entry.
@@ -61,8 +66,9 @@ pub enum Request<'a, L> {
 /// `entries`; `databases` are the round's live databases, if it has any.
 ///
 /// # Errors
-/// Anything but a `FileRequest` or `DbRequest`, an index beyond the round, a
-/// file request for anything but a regular file, a database request for
+/// Anything but a `FileRequest`, `FilesRequest` or `DbRequest`, an index
+/// beyond the round, a file request for anything but a regular file (or, in a
+/// files request, one over [`crate::MAX_BATCH_FILE`]), a database request for
 /// anything but a database or in a round without databases.
 pub fn admit<L>(
     entries: &[Entry],
@@ -79,16 +85,35 @@ pub fn admit<L>(
                 entries: entries.len(),
             })
     };
+    let file = |index: u64| {
+        let entry = entry(index)?;
+        match entry.kind {
+            Kind::File { size, .. } => Ok((entry, size)),
+            _ => Err(ExchangeError::NotAFile {
+                path: entry.path.clone(),
+                kind: entry.kind.name(),
+            }),
+        }
+    };
     match msg {
         Message::FileRequest { index, signature } => {
-            let entry = entry(index)?;
-            if !matches!(entry.kind, Kind::File { .. }) {
-                return Err(ExchangeError::NotAFile {
-                    path: entry.path.clone(),
-                    kind: entry.kind.name(),
-                });
-            }
+            let (entry, _) = file(index)?;
             Ok(Request::File { entry, signature })
+        }
+        Message::FilesRequest { indexes } => {
+            let entries = indexes
+                .into_iter()
+                .map(|i| match file(i)? {
+                    (e, size) if size > crate::MAX_BATCH_FILE => {
+                        Err(ExchangeError::TooLargeForBatch {
+                            path: e.path.clone(),
+                            size,
+                        })
+                    }
+                    (e, _) => Ok(e),
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(Request::Files { entries })
         }
         Message::DbRequest { index, have } => {
             let live = databases.ok_or(ExchangeError::NoDatabases)?;

@@ -1,10 +1,12 @@
 //! One content exchange's message-level state machines, with no I/O: what a
 //! replica pulls on a stream of its own after the round's manifest.
 //!
-//! - [`admit`]: the source's admission of a request (`FileRequest` or
-//!   `DbRequest`): the index is in the round, the entry is of the kind asked.
+//! - [`admit`]: the source's admission of a request (`FileRequest`,
+//!   `FilesRequest` or `DbRequest`): the index is in the round, the entry is of the kind asked.
 //! - [`file::FileFetch`]: the replica's side of `Literal`/`Delta`* then
 //!   `FileEnd`: order, sizes never past the entry's, the end.
+//! - [`batch::BatchFetch`]: the replica's side of a `FilesRequest`: each
+//!   file's `Literal`* then `FileEnd`, one after another.
 //! - [`db::DbFetch`]: the replica's side of (`DbNeedHashes` ↔ `DbHashes`*),
 //!   `DbPages`*, `DbEnd`: order, pages never more than announced, the end.
 //! - [`db::HashCollector`]: the source's side of the replica's `DbHashes`.
@@ -14,10 +16,12 @@
 //! session files are glue that reads frames, feeds them and does it.
 
 pub mod admit;
+pub mod batch;
 pub mod db;
 pub mod file;
 
 pub use admit::{DbGeometry, Request, admit};
+pub use batch::{BatchFetch, BatchStep};
 pub use db::{DbFetch, DbStep, HashCollector, hash_batches, pages_per_batch};
 pub use file::{Changed, FileFetch, FileStep};
 
@@ -95,6 +99,26 @@ pub enum ExchangeError {
         path: crate::RelPath,
         /// What it is.
         kind: &'static str,
+    },
+    /// A files request naming a file larger than [`crate::MAX_BATCH_FILE`].
+    #[error(
+        "replica asked for {path} ({size} bytes) in a files request (at most {} each)",
+        crate::MAX_BATCH_FILE
+    )]
+    TooLargeForBatch {
+        /// The entry.
+        path: crate::RelPath,
+        /// Its size.
+        size: u64,
+    },
+    /// More content for a file of a files request than its entry's size (the
+    /// source checks each before it sends it).
+    #[error("more content than the {size} bytes of {path} in a files request")]
+    BatchOverrun {
+        /// The entry.
+        path: crate::RelPath,
+        /// Its size.
+        size: u64,
     },
     /// A database request for an entry that is not a database.
     #[error("replica asked for {path} as a database; it is a {kind}")]

@@ -448,3 +448,53 @@ fn requests_for_what_the_round_does_not_offer_are_refused() {
         })
     );
 }
+
+/// A files request is admitted only whole: every index in the round, every
+/// entry a regular file no larger than a batch takes, 1 to
+/// [`crate::MAX_BATCH_FILES`] of them.
+#[test]
+fn a_files_request_names_only_small_regular_files_of_the_round() {
+    let mut r = round();
+    let big = crate::MAX_BATCH_FILE + 1;
+    r.push(entry(
+        "big",
+        Kind::File {
+            size: big,
+            hash: [2; 32],
+        },
+    ));
+    let files = |indexes: Vec<u64>| Message::FilesRequest { indexes };
+    assert_eq!(
+        admit(&r, Some(()), files(vec![1, 1])),
+        Ok(Request::Files {
+            entries: vec![&r[1], &r[1]]
+        })
+    );
+    assert_eq!(
+        admit(&r, Some(()), files(vec![1, 4])),
+        Err(ExchangeError::TooLargeForBatch {
+            path: r[4].path.clone(),
+            size: big
+        })
+    );
+    assert_eq!(
+        admit(&r, Some(()), files(vec![1, 2])),
+        Err(ExchangeError::NotAFile {
+            path: r[2].path.clone(),
+            kind: "database"
+        })
+    );
+    assert_eq!(
+        admit(&r, Some(()), files(vec![1, 9])),
+        Err(ExchangeError::BeyondRound {
+            index: 9,
+            entries: 5
+        })
+    );
+    for n in [0, crate::MAX_BATCH_FILES + 1] {
+        assert_eq!(
+            admit(&r, Some(()), files(vec![1; n])),
+            Err(ExchangeError::Invalid(crate::ValidateError::BatchSize(n)))
+        );
+    }
+}

@@ -303,7 +303,7 @@ async fn read_small(
 }
 
 /// The warning for a file that changed at the source while it was sent.
-fn changed_text(path: &proto::RelPath, why: proto::exchange::Changed) -> String {
+pub(super) fn changed_text(path: &proto::RelPath, why: proto::exchange::Changed) -> String {
     format!(
         "{path}: changed at the source during transfer ({why}); left as it was, sent again next round"
     )

@@ -2,6 +2,7 @@
 
 use super::PARALLEL_FILES;
 use super::replica::*;
+use super::replica_batch::{BATCH_BYTES, BATCH_FILES, Got, fetch_batch};
 use super::replica_fetch::{fetch_db, fetch_file};
 use crate::wire;
 use anyhow::{Context, Result};
@@ -313,9 +314,10 @@ async fn prepare_and_make(
     Ok((dst, plan, sum))
 }
 
-/// Pulls the files the round did not carry, in parallel; stops starting
-/// transfers once one has failed, and every transfer ends (and its writer with
-/// it) before this returns.
+/// Pulls the files the round did not carry, in parallel: small ones with no
+/// basis many to a stream ([`fetch_batch`]), the others each on its own;
+/// stops starting transfers once one has failed, and every transfer ends
+/// (and its writer with it) before this returns.
 async fn pull_files(
     conn: &quinn::Connection,
     folder: &Arc<ReplicaFolder>,
@@ -327,30 +329,43 @@ async fn pull_files(
     let sem = Arc::new(Semaphore::new(PARALLEL_FILES));
     let mut tasks = tokio::task::JoinSet::new();
     let mut failed: Option<anyhow::Error> = None;
-    type Done = std::result::Result<Result<Option<(u64, u64)>>, tokio::task::JoinError>;
+    type Done = std::result::Result<Result<Got>, tokio::task::JoinError>;
     fn add(done: Done, summary: &mut ApplySummary, failed: &mut Option<anyhow::Error>) {
         match done.map_err(anyhow::Error::from).and_then(|r| r) {
-            Ok(Some((lit, matched))) => {
-                summary.files_transferred += 1;
-                summary.bytes_literal += lit;
-                summary.bytes_matched += matched;
+            Ok(got) => {
+                summary.files_transferred += got.files;
+                summary.bytes_literal += got.literal;
+                summary.bytes_matched += got.matched;
             }
-            Ok(None) => {}
             Err(e) => {
                 failed.get_or_insert(e);
             }
         }
     }
-    for f in pulled {
+    let mut batches = Batches::default();
+    let mut pulled = pulled.into_iter();
+    loop {
+        let files = match pulled.next() {
+            Some(f) => {
+                let entry = planned.entries[f.index].clone();
+                match batches.add(entry, kept[f.index] as u64, f.basis) {
+                    Some(files) => files,
+                    None => continue,
+                }
+            }
+            None => match batches.rest() {
+                Some(files) => files,
+                None => break,
+            },
+        };
         let permit = sem.clone().acquire_owned().await?;
-        let (conn, r, entry) = (
+        let (conn, r, activity) = (
             conn.clone(),
             folder.replica.clone(),
-            planned.entries[f.index].clone(),
+            folder.activity.clone(),
         );
-        let (index, activity) = (kept[f.index] as u64, folder.activity.clone());
         tasks.spawn(async move {
-            let res = fetch_file(conn, r, entry, index, f.basis, activity).await;
+            let res = fetch(conn, r, files, activity).await;
             drop(permit);
             res
         });
@@ -367,9 +382,116 @@ async fn pull_files(
     failed.map_or(Ok(()), Err)
 }
 
+/// Pulls what [`Batches`] made: one file on its own stream (with its basis,
+/// if it has one), several small ones on one.
+async fn fetch(
+    conn: quinn::Connection,
+    r: Arc<sync_core::apply::Replica>,
+    mut files: Vec<(proto::Entry, u64, bool)>,
+    activity: Activity,
+) -> Result<Got> {
+    if files.len() == 1 {
+        let Some((entry, index, basis)) = files.pop() else {
+            return Ok(Got::default());
+        };
+        let got = fetch_file(conn, r, entry, index, basis, activity).await?;
+        return Ok(got.map_or_else(Got::default, |(literal, matched)| Got {
+            files: 1,
+            literal,
+            matched,
+        }));
+    }
+    let files = files.into_iter().map(|(e, i, _)| (e, i)).collect();
+    fetch_batch(conn, r, files, activity).await
+}
+
+/// Groups the files to pull, in the plan's order: a file with a basis or
+/// over [`proto::MAX_BATCH_FILE`] goes alone; small ones with no basis
+/// gather until [`BATCH_FILES`] or [`BATCH_BYTES`].
+#[derive(Default)]
+struct Batches {
+    open: Vec<(proto::Entry, u64, bool)>,
+    bytes: u64,
+}
+
+impl Batches {
+    /// Takes one file (its entry, its index in the round, whether the
+    /// replica has a basis): what is ready to pull, if anything.
+    fn add(
+        &mut self,
+        entry: proto::Entry,
+        index: u64,
+        basis: bool,
+    ) -> Option<Vec<(proto::Entry, u64, bool)>> {
+        let size = match entry.kind {
+            proto::Kind::File { size, .. } if !basis && size <= proto::MAX_BATCH_FILE => size,
+            _ => return Some(vec![(entry, index, basis)]),
+        };
+        self.open.push((entry, index, basis));
+        self.bytes += size;
+        if self.open.len() >= BATCH_FILES || self.bytes >= BATCH_BYTES {
+            return self.rest();
+        }
+        None
+    }
+
+    /// The files gathered so far, if any.
+    fn rest(&mut self) -> Option<Vec<(proto::Entry, u64, bool)>> {
+        self.bytes = 0;
+        Some(std::mem::take(&mut self.open)).filter(|b| !b.is_empty())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Small files with no basis gather, in order, until a batch is full by
+    /// count or by bytes; a file with a basis and one too large for a batch
+    /// go alone; what is left is the last batch.
+    #[test]
+    fn small_files_with_no_basis_are_pulled_many_to_a_stream() {
+        let entry = |name: String, size: u64| proto::Entry {
+            path: proto::RelPath::new(name.into_bytes()).expect("path"),
+            kind: proto::Kind::File {
+                size,
+                hash: [0; 32],
+            },
+            meta: proto::Meta::default(),
+        };
+        let names = |b: &[(proto::Entry, u64, bool)]| b.iter().map(|f| f.1).collect::<Vec<_>>();
+        let mut b = Batches::default();
+        let mut out = Vec::new();
+        for i in 0..(BATCH_FILES as u64 + 3) {
+            if let Some(done) = b.add(entry(format!("s{i}"), 10), i, false) {
+                out.push(names(&done));
+            }
+        }
+        assert_eq!(out, vec![(0..BATCH_FILES as u64).collect::<Vec<_>>()]);
+        // alone, whatever is open
+        let alone = [
+            (entry("basis".into(), 10), true),
+            (entry("big".into(), proto::MAX_BATCH_FILE + 1), false),
+        ];
+        for (i, (e, basis)) in alone.into_iter().enumerate() {
+            let got = b.add(e, 1000 + i as u64, basis).expect("alone");
+            assert_eq!(names(&got), vec![1000 + i as u64]);
+        }
+        let rest = b.rest().expect("the rest");
+        let n = BATCH_FILES as u64;
+        assert_eq!(names(&rest), vec![n, n + 1, n + 2]);
+        assert!(b.rest().is_none());
+        // by bytes: as soon as the sizes reach BATCH_BYTES
+        let each = proto::MAX_BATCH_FILE;
+        let mut batches = Vec::new();
+        for i in 0..(2 * BATCH_BYTES / each) {
+            if let Some(done) = b.add(entry(format!("m{i}"), each), i, false) {
+                batches.push(done.len() as u64);
+            }
+        }
+        assert_eq!(batches, vec![BATCH_BYTES / each; 2]);
+        assert!(b.rest().is_none());
+    }
 
     #[test]
     fn a_fenced_node_offers_no_digest_until_its_first_repair() {

@@ -19,7 +19,7 @@ use super::source_db::serve_db;
 mod file;
 mod same;
 pub(crate) use file::encode_file;
-use file::serve_file;
+use file::{serve_file, serve_files};
 pub use sync_core::sqlite::mark_databases;
 
 /// One round to ship.
@@ -428,6 +428,10 @@ async fn serve(
     match proto::exchange::admit(&entries, live, msg)? {
         Request::File { entry, signature } => {
             serve_file(send, entry.clone(), signature, root, progress).await
+        }
+        Request::Files { entries } => {
+            let entries = entries.into_iter().cloned().collect();
+            serve_files(send, entries, root, progress).await
         }
         Request::Db {
             entry,

@@ -38,7 +38,7 @@ pub(super) async fn serve_file(
     let small = matches!(entry.kind, Kind::File { size, .. } if size <= WHOLE);
     let whole = if small && signature.is_none() {
         let (p, pr) = (path.clone(), progress.clone());
-        tokio::task::spawn_blocking(move || read_whole(&p, &pr)).await??
+        tokio::task::spawn_blocking(move || read_whole(&p, WHOLE, &pr)).await??
     } else {
         Whole::Larger
     };
@@ -68,31 +68,108 @@ pub(super) async fn serve_file(
     Ok(())
 }
 
-/// Gone or replaced since the scan: an end that cannot match the round's
-/// entry, so the replica leaves its version and the next round settles it.
-async fn announce_changed(mut send: quinn::SendStream, why: &str) -> Result<()> {
-    tracing::debug!("{why}: announcing it as changed");
-    let end = Message::FileEnd {
-        size: 0,
-        hash: [0; 32],
-    };
-    wire::send(&mut send, &end).await?;
+/// Most bytes of frames a files request's reader hands over at once.
+const BATCH_CHUNK: usize = 256 << 10;
+
+/// Sends the small files of a files request one after another on one
+/// stream: one blocking task reads them in order (each whole, never past its
+/// entry's size: one that grew or went is announced as changed) and encodes
+/// their frames, handed over a chunk at a time while the stream sends.
+pub(super) async fn serve_files(
+    mut send: quinn::SendStream,
+    entries: Vec<Entry>,
+    root: PathBuf,
+    progress: Arc<Progress>,
+) -> Result<()> {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+    let reader = tokio::task::spawn_blocking(move || {
+        // the stream gave up: its error is the one reported
+        read_batch(&root, &entries, &progress, &mut |b| {
+            tx.blocking_send(b).is_ok()
+        })
+    });
+    while let Some(frames) = rx.recv().await {
+        wire::send_frames(&mut send, &frames).await?;
+    }
+    reader.await??;
     send.finish()?;
     let _ = send.stopped().await;
     Ok(())
 }
 
-/// A small file read whole (at most one byte past [`WHOLE`]) and encoded.
-fn read_whole(path: &Path, progress: &Progress) -> Result<Whole> {
+/// Reads the files of a files request in order and encodes their frames,
+/// handed to `emit` [`BATCH_CHUNK`] bytes or more at a time (the rest at the
+/// end) until it says the stream is gone. Each file is read whole and never
+/// past its entry's size: one that grew, went or is no longer a regular file
+/// is announced as changed.
+fn read_batch(
+    root: &Path,
+    entries: &[Entry],
+    progress: &Progress,
+    emit: &mut dyn FnMut(Vec<u8>) -> bool,
+) -> Result<()> {
+    let mut out = Vec::new();
+    for e in entries {
+        // `proto::exchange::admit` let only small regular files through.
+        let Kind::File { size, .. } = e.kind else {
+            bail!("{}: not a regular file", e.path);
+        };
+        let path = sync_core::scan::abs(root, &e.path);
+        let msgs = match read_whole(&path, size, progress)? {
+            Whole::Messages(msgs) => msgs,
+            Whole::Gone(why) => {
+                tracing::debug!("{why}: announcing it as changed");
+                vec![changed_end()]
+            }
+            Whole::Larger => {
+                tracing::debug!("{}: grew since the scan: announcing it as changed", e.path);
+                vec![changed_end()]
+            }
+        };
+        for m in &msgs {
+            proto::frame::encode(m, &mut out).context("encoding a message")?;
+        }
+        if out.len() >= BATCH_CHUNK && !emit(std::mem::take(&mut out)) {
+            return Ok(());
+        }
+    }
+    if !out.is_empty() {
+        emit(out);
+    }
+    Ok(())
+}
+
+/// An end that cannot match the round's entry: the replica leaves its
+/// version and the next round settles it.
+fn changed_end() -> Message {
+    Message::FileEnd {
+        size: 0,
+        hash: [0; 32],
+    }
+}
+
+/// Gone or replaced since the scan: an end that cannot match the round's
+/// entry, so the replica leaves its version and the next round settles it.
+async fn announce_changed(mut send: quinn::SendStream, why: &str) -> Result<()> {
+    tracing::debug!("{why}: announcing it as changed");
+    wire::send(&mut send, &changed_end()).await?;
+    send.finish()?;
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+/// A small file read whole (at most one byte past `cap`) and encoded;
+/// [`Whole::Larger`] past `cap`.
+fn read_whole(path: &Path, cap: u64, progress: &Progress) -> Result<Whole> {
     let f = match sync_core::scan::open_regular(path) {
         Ok(f) => f,
         Err(e) => return Ok(Whole::Gone(e.to_string())),
     };
     let mut data = Vec::new();
-    f.take(WHOLE + 1)
+    f.take(cap + 1)
         .read_to_end(&mut data)
         .with_context(|| format!("reading {}", path.display()))?;
-    if data.len() as u64 > WHOLE {
+    if data.len() as u64 > cap {
         return Ok(Whole::Larger);
     }
     let mut msgs = Vec::new();
@@ -206,7 +283,7 @@ mod tests {
             let path = d.path().join(name);
             std::fs::write(&path, data).unwrap();
             let progress = Progress::default();
-            let Whole::Messages(msgs) = read_whole(&path, &progress).unwrap() else {
+            let Whole::Messages(msgs) = read_whole(&path, WHOLE, &progress).unwrap() else {
                 panic!("{name}: not read whole");
             };
             assert_eq!(msgs, streamed(&path), "{name}");
@@ -233,19 +310,125 @@ mod tests {
         let grown = d.path().join("grown");
         std::fs::write(&grown, vec![1u8; WHOLE as usize + 1]).unwrap();
         assert!(matches!(
-            read_whole(&grown, &Progress::default()),
+            read_whole(&grown, WHOLE, &Progress::default()),
             Ok(Whole::Larger)
         ));
         let gone = d.path().join("gone");
         assert!(matches!(
-            read_whole(&gone, &Progress::default()),
+            read_whole(&gone, WHOLE, &Progress::default()),
             Ok(Whole::Gone(_))
         ));
         std::os::unix::fs::symlink(d.path().join("small"), d.path().join("link")).unwrap();
         let link = d.path().join("link");
         assert!(matches!(
-            read_whole(&link, &Progress::default()),
+            read_whole(&link, WHOLE, &Progress::default()),
             Ok(Whole::Gone(_))
         ));
+    }
+
+    /// Frames as a stream carries them, decoded.
+    fn decode_all(mut buf: &[u8]) -> Vec<Message> {
+        let mut out = Vec::new();
+        while !buf.is_empty() {
+            let header: [u8; proto::frame::HEADER_LEN] =
+                buf[..proto::frame::HEADER_LEN].try_into().unwrap();
+            let len = proto::frame::frame_len(header).unwrap();
+            let body = &buf[proto::frame::HEADER_LEN..proto::frame::HEADER_LEN + len];
+            out.push(proto::frame::decode_body(body).unwrap());
+            buf = &buf[proto::frame::HEADER_LEN + len..];
+        }
+        out
+    }
+
+    /// A files request's frames, read as the replica's machine reads them:
+    /// each file as it was scanned is committed with its content; one that
+    /// grew, went or became a symlink since the scan is announced as changed
+    /// and the next follows; the frames are handed over in chunks of at least
+    /// BATCH_CHUNK bytes, and reading stops when the stream is gone.
+    #[test]
+    fn a_files_request_is_read_in_order_and_checked_against_the_scan() {
+        let d = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 249) as u8).collect();
+        let scanned: Vec<(&str, Vec<u8>)> = vec![
+            ("a", b"alpha".to_vec()),
+            ("grew", b"short".to_vec()),
+            ("gone", b"gone".to_vec()),
+            ("link", b"was a file".to_vec()),
+            ("empty", Vec::new()),
+            ("big1", big.clone()),
+            ("big2", big.clone()),
+            ("big3", big.clone()),
+        ];
+        for (name, data) in &scanned {
+            std::fs::write(d.path().join(name), data).unwrap();
+        }
+        std::fs::write(d.path().join("grew"), b"short and then some").unwrap();
+        std::fs::remove_file(d.path().join("gone")).unwrap();
+        std::fs::remove_file(d.path().join("link")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("a"), d.path().join("link")).unwrap();
+        let entries: Vec<Entry> = scanned
+            .iter()
+            .map(|(name, data)| Entry {
+                path: proto::RelPath::new(name.as_bytes().to_vec()).unwrap(),
+                kind: Kind::File {
+                    size: data.len() as u64,
+                    hash: *blake3::hash(data).as_bytes(),
+                },
+                meta: proto::Meta::default(),
+            })
+            .collect();
+        let mut chunks = Vec::new();
+        read_batch(d.path(), &entries, &Progress::default(), &mut |c| {
+            chunks.push(c);
+            true
+        })
+        .unwrap();
+        assert!(chunks.len() >= 2, "{} chunks", chunks.len());
+        assert!(
+            chunks[..chunks.len() - 1]
+                .iter()
+                .all(|c| c.len() >= BATCH_CHUNK)
+        );
+        let expect = entries
+            .iter()
+            .map(|e| match e.kind {
+                Kind::File { size, hash } => (e.path.clone(), size, hash),
+                _ => unreachable!(),
+            })
+            .collect();
+        let mut fetch = proto::exchange::BatchFetch::new(expect);
+        let mut got: Vec<(usize, &str, Vec<u8>)> = Vec::new();
+        let mut data = Vec::new();
+        for m in decode_all(&chunks.concat()) {
+            match fetch.handle(m).unwrap() {
+                (_, proto::exchange::BatchStep::Literal(l)) => data.extend(l),
+                (at, proto::exchange::BatchStep::Commit { .. }) => {
+                    got.push((at, "commit", std::mem::take(&mut data)));
+                }
+                (at, proto::exchange::BatchStep::Changed(_)) => {
+                    got.push((at, "changed", std::mem::take(&mut data)));
+                }
+            }
+        }
+        assert!(fetch.done());
+        let want = vec![
+            (0, "commit", b"alpha".to_vec()),
+            (1, "changed", Vec::new()),
+            (2, "changed", Vec::new()),
+            (3, "changed", Vec::new()),
+            (4, "commit", Vec::new()),
+            (5, "commit", big.clone()),
+            (6, "commit", big.clone()),
+            (7, "commit", big),
+        ];
+        assert_eq!(got, want);
+        // the stream gone after the first chunk: nothing more is read
+        let mut calls = 0;
+        read_batch(d.path(), &entries, &Progress::default(), &mut |_| {
+            calls += 1;
+            false
+        })
+        .unwrap();
+        assert_eq!(calls, 1);
     }
 }

@@ -1,0 +1,142 @@
+//! The replica side of a session: many small files pulled on one stream
+//! (`FilesRequest`), read off it one after another and written by one
+//! blocking task, instead of a stream, a request and a task each.
+
+use super::replica::Activity;
+use super::replica_fetch::changed_text;
+use crate::wire;
+use anyhow::{Context, Result, anyhow, bail};
+use proto::exchange::{BatchFetch, BatchStep, Changed};
+use proto::{Entry, Kind, Message};
+use std::sync::Arc;
+use sync_core::apply::Replica;
+use tokio::sync::mpsc;
+
+/// Most files pulled on one stream (at most [`proto::MAX_BATCH_FILES`]).
+pub(super) const BATCH_FILES: usize = 128;
+/// A batch is sent once its files' sizes reach this.
+pub(super) const BATCH_BYTES: u64 = 1 << 20;
+/// Files whose content waits for the writer, read but not yet written.
+const QUEUED: usize = 4;
+
+/// What pulling content brought: files installed, bytes that crossed as
+/// literal data, bytes rebuilt from a basis.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Got {
+    pub files: u64,
+    pub literal: u64,
+    pub matched: u64,
+}
+
+/// One file's content as the writer takes it, or why it is left as it was.
+type Content = std::result::Result<(Vec<u8>, [u8; 32]), Changed>;
+
+/// Pulls the small regular files `files` (entries of the round with their
+/// indexes in it, none with a basis) on one stream: each staged (a path the
+/// replica refuses fails before its content is awaited), its content read as
+/// [`BatchFetch`] admits it and handed to the writer whole, committed with
+/// its entry's metadata. A file that changed at the source is left as it was.
+pub(super) async fn fetch_batch(
+    conn: quinn::Connection,
+    replica: Arc<Replica>,
+    files: Vec<(Entry, u64)>,
+    activity: Activity,
+) -> Result<Got> {
+    let mut expect = Vec::with_capacity(files.len());
+    for (e, _) in &files {
+        let Kind::File { size, hash } = e.kind else {
+            bail!("{}: content for a {}", e.path, e.kind.name());
+        };
+        expect.push((e.path.clone(), size, hash));
+    }
+    let total = expect.iter().map(|(_, s, _)| *s).sum();
+    let indexes = files.iter().map(|(_, i)| *i).collect();
+    let entries: Vec<Entry> = files.into_iter().map(|(e, _)| e).collect();
+    let named = |at: usize| {
+        entries
+            .get(at)
+            .map(|e| e.path.to_string())
+            .unwrap_or_default()
+    };
+    let stage = wire::Stage::new(format!("{} files from {}", entries.len(), named(0)), total);
+    let (mut send, mut recv) = conn.open_bi().await.context("opening a files stream")?;
+    wire::send(&mut send, &Message::FilesRequest { indexes }).await?;
+    let _ = send.finish();
+    let (tx, rx) = mpsc::channel::<Content>(QUEUED);
+    let writer = {
+        let entries = entries.clone();
+        tokio::task::spawn_blocking(move || write_batch(&replica, &entries, rx))
+    };
+    let mut fetch = BatchFetch::new(expect);
+    let reading = async {
+        let mut data = Vec::new();
+        let mut what = (usize::MAX, String::new());
+        while !fetch.done() {
+            if what.0 != fetch.position() {
+                what = (
+                    fetch.position(),
+                    format!("the rest of {}", named(fetch.position())),
+                );
+            }
+            let msg = tokio::select! {
+                m = stage.expect(&mut recv, &what.1) => m?,
+                // the writer gave up: its error is the one to report
+                () = tx.closed() => return Ok(()),
+            };
+            activity.touch();
+            let at = fetch.position();
+            let (_, step) = fetch
+                .handle(msg)
+                .map_err(|e| anyhow!("{}: {e}", named(at)))?;
+            let done = match step {
+                BatchStep::Literal(d) => {
+                    data.extend_from_slice(&d);
+                    continue;
+                }
+                BatchStep::Commit { hash } => Ok((std::mem::take(&mut data), hash)),
+                BatchStep::Changed(why) => {
+                    data.clear();
+                    Err(why)
+                }
+            };
+            if tx.send(done).await.is_err() {
+                return Ok(());
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    drop(tx);
+    // The writer ends (each file committed or its temp file removed) before
+    // we return; a failure of its own names the file and comes first.
+    let written = writer.await??;
+    reading.with_context(|| format!("files stream from the source ({} first)", named(0)))?;
+    Ok(written)
+}
+
+/// Stages, writes and commits each file of a batch in order as its content
+/// arrives (see [`fetch_batch`]).
+fn write_batch(
+    replica: &Replica,
+    entries: &[Entry],
+    mut rx: mpsc::Receiver<Content>,
+) -> Result<Got> {
+    let mut got = Got::default();
+    for e in entries {
+        let mut staged = replica.stage(&e.path)?;
+        // the reader gave up: its error is the one reported
+        let Some(content) = rx.blocking_recv() else {
+            return Ok(got);
+        };
+        match content {
+            Ok((data, hash)) => {
+                staged.write(&data)?;
+                staged.commit(&hash, &e.meta)?;
+                got.files += 1;
+                got.literal += data.len() as u64;
+            }
+            Err(why) => replica.warn(changed_text(&e.path, why)),
+        }
+    }
+    Ok(got)
+}
