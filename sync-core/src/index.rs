@@ -357,7 +357,12 @@ impl HashIndex {
             let mut del = tx
                 .prepare_cached("DELETE FROM files WHERE path = ?1")
                 .map_err(|e| db_err(path, e))?;
-            for p in self.changed.drain() {
+            // In key order: each insert lands at the table's right edge,
+            // within the small page cache (a set's order spilled it: 30,000
+            // rows took 164 ms).
+            let mut paths: Vec<_> = self.changed.drain().collect();
+            paths.sort_unstable();
+            for p in paths {
                 match self.map.get(&p) {
                     Some(&Row {
                         stamp: s,
