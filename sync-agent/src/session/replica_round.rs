@@ -94,7 +94,16 @@ pub(super) async fn apply_round(
     let pulled = super::replica_stage::take_staged(folder, &planned, pulled, &mut summary).await?;
     // Files and databases travel at once, on streams of their own: a large
     // database does not wait behind thousands of small files, nor they behind it.
-    let files = pull_files(conn, folder, &planned, &kept, pulled, &mut summary);
+    let dbs_left = std::sync::atomic::AtomicBool::new(!plan.dbs.is_empty());
+    let many = pulled.len();
+    let files = async {
+        let pulled = pull_files(conn, folder, &planned, &kept, pulled, &mut summary).await;
+        let left = dbs_left.load(std::sync::atomic::Ordering::Acquire);
+        if pulled.is_ok() && sync_ahead(many, left) {
+            folder.replica.start_sync();
+        }
+        pulled
+    };
     let dbs = async {
         let mut done = (0u64, 0u64);
         for &i in &plan.dbs {
@@ -107,6 +116,7 @@ pub(super) async fn apply_round(
                 done.1 += pages;
             }
         }
+        dbs_left.store(false, std::sync::atomic::Ordering::Release);
         Ok::<_, anyhow::Error>(done)
     };
     let (files, dbs) = tokio::join!(files, dbs);
@@ -138,6 +148,17 @@ pub(super) async fn apply_round(
     }
     tracing::debug!(folder = %folder.name, phases = %clock, "round applied");
     Ok(summary)
+}
+
+/// Whether a round that pulled `files` files, its databases still
+/// arriving (`dbs_left`), starts its sync now ([`Replica::start_sync`]): only
+/// one whose own sync at its end is a `syncfs` anyway (more than
+/// [`sync_core::apply::MAX_EACH`] paths), so that a small round's `fsync`s
+/// never wait behind the whole file system.
+///
+/// [`Replica::start_sync`]: sync_core::apply::Replica::start_sync
+fn sync_ahead(files: usize, dbs_left: bool) -> bool {
+    dbs_left && files > sync_core::apply::MAX_EACH
 }
 
 /// Scans this replica's tree while the source scans its own (a session's
@@ -445,6 +466,19 @@ impl Batches {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a round with many files and a database still arriving syncs
+    /// ahead of its end.
+    #[test]
+    fn only_a_bulk_round_with_databases_left_syncs_ahead() {
+        let many = sync_core::apply::MAX_EACH + 1;
+        assert!(sync_ahead(many, true));
+        assert!(!sync_ahead(many, false), "nothing left to overlap");
+        assert!(
+            !sync_ahead(many - 1, true),
+            "a small round fsyncs its own paths"
+        );
+    }
 
     /// Small files with no basis gather, in order, until a batch is full by
     /// count or by bytes; a file with a basis and one too large for a batch

@@ -18,7 +18,29 @@ use std::collections::BTreeSet;
 
 /// Above this many paths to sync, one `syncfs` is cheaper than an `fsync`
 /// each.
-pub(super) const MAX_EACH: usize = 64;
+pub const MAX_EACH: usize = 64;
+
+impl Replica {
+    /// Starts a `syncfs` of the replica's file system on a thread of its own
+    /// and returns at once: for a round whose own sync will be one (more
+    /// than [`MAX_EACH`] paths), once its files are in while its databases
+    /// still arrive, so that their writeback overlaps the transfer instead
+    /// of waiting for the round's end (a first mirror's last sync spent
+    /// 0.6 s writing back its small files, which start none of their own).
+    /// It makes nothing durable sooner than the round needs: the round still
+    /// syncs at its end. Best effort: `None` when it could not start.
+    pub fn start_sync(&self) -> Option<std::thread::JoinHandle<()>> {
+        let fd = self.root.try_clone().ok()?;
+        std::thread::Builder::new()
+            .name("sync-ahead".into())
+            .spawn(move || {
+                if let Err(e) = rustix::fs::syncfs(&fd) {
+                    tracing::debug!("syncfs ahead of the round's end: {e}");
+                }
+            })
+            .ok()
+    }
+}
 
 /// What a round changed so far that is not yet durable.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
