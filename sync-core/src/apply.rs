@@ -34,7 +34,7 @@ pub use bulk::Kept;
 mod db;
 use db::db_like;
 mod durable;
-pub use durable::{MAX_EACH, SyncPlan, SyncTarget};
+pub use durable::{SyncPlan, SyncTarget};
 mod meta_apply;
 mod remove;
 mod round;

@@ -89,6 +89,12 @@ impl BatchFetch {
         self.at
     }
 
+    /// The path of the file at `at` in the request.
+    #[must_use]
+    pub fn path(&self, at: usize) -> Option<&RelPath> {
+        self.files.get(at).map(|(p, _, _)| p)
+    }
+
     /// Whether every file asked for has had its end.
     #[must_use]
     pub fn done(&self) -> bool {

@@ -5,7 +5,7 @@
 use super::replica::Activity;
 use super::replica_fetch::changed_text;
 use crate::wire;
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use proto::exchange::{BatchFetch, BatchStep, Changed};
 use proto::{Entry, Kind, Message};
 use std::sync::Arc;
@@ -52,31 +52,26 @@ pub(super) async fn fetch_batch(
     let total = expect.iter().map(|(_, s, _)| *s).sum();
     let indexes = files.iter().map(|(_, i)| *i).collect();
     let entries: Vec<Entry> = files.into_iter().map(|(e, _)| e).collect();
-    let named = |at: usize| {
-        entries
-            .get(at)
-            .map(|e| e.path.to_string())
-            .unwrap_or_default()
-    };
-    let stage = wire::Stage::new(format!("{} files from {}", entries.len(), named(0)), total);
+    let first = expect
+        .first()
+        .map(|(p, _, _)| p.to_string())
+        .unwrap_or_default();
+    let stage = wire::Stage::new(format!("{} files from {first}", entries.len()), total);
     let (mut send, mut recv) = conn.open_bi().await.context("opening a files stream")?;
     wire::send(&mut send, &Message::FilesRequest { indexes }).await?;
     let _ = send.finish();
     let (tx, rx) = mpsc::channel::<Content>(QUEUED);
-    let writer = {
-        let entries = entries.clone();
-        tokio::task::spawn_blocking(move || write_batch(&replica, &entries, rx))
-    };
+    let writer = tokio::task::spawn_blocking(move || write_batch(&replica, &entries, rx));
     let mut fetch = BatchFetch::new(expect);
     let reading = async {
         let mut data = Vec::new();
         let mut what = (usize::MAX, String::new());
+        let named =
+            |f: &BatchFetch, at: usize| f.path(at).map(|p| p.to_string()).unwrap_or_default();
         while !fetch.done() {
             if what.0 != fetch.position() {
-                what = (
-                    fetch.position(),
-                    format!("the rest of {}", named(fetch.position())),
-                );
+                let at = fetch.position();
+                what = (at, format!("the rest of {}", named(&fetch, at)));
             }
             let msg = tokio::select! {
                 m = stage.expect(&mut recv, &what.1) => m?,
@@ -85,9 +80,10 @@ pub(super) async fn fetch_batch(
             };
             activity.touch();
             let at = fetch.position();
-            let (_, step) = fetch
-                .handle(msg)
-                .map_err(|e| anyhow!("{}: {e}", named(at)))?;
+            let (_, step) = match fetch.handle(msg) {
+                Ok(s) => s,
+                Err(e) => bail!("{}: {e}", named(&fetch, at)),
+            };
             let done = match step {
                 BatchStep::Literal(d) => {
                     data.extend_from_slice(&d);
@@ -110,7 +106,7 @@ pub(super) async fn fetch_batch(
     // The writer ends (each file committed or its temp file removed) before
     // we return; a failure of its own names the file and comes first.
     let written = writer.await??;
-    reading.with_context(|| format!("files stream from the source ({} first)", named(0)))?;
+    reading.with_context(|| format!("files stream from the source ({first} first)"))?;
     Ok(written)
 }
 

@@ -94,12 +94,12 @@ pub(super) async fn apply_round(
     let pulled = super::replica_stage::take_staged(folder, &planned, pulled, &mut summary).await?;
     // Files and databases travel at once, on streams of their own: a large
     // database does not wait behind thousands of small files, nor they behind it.
+    // Once the files are in while databases still arrive, a round whose
+    // sync is a `syncfs` anyway starts it (`Replica::start_sync`).
     let dbs_left = std::sync::atomic::AtomicBool::new(!plan.dbs.is_empty());
-    let many = pulled.len();
     let files = async {
         let pulled = pull_files(conn, folder, &planned, &kept, pulled, &mut summary).await;
-        let left = dbs_left.load(std::sync::atomic::Ordering::Acquire);
-        if pulled.is_ok() && sync_ahead(many, left) {
+        if pulled.is_ok() && dbs_left.load(std::sync::atomic::Ordering::Acquire) {
             folder.replica.start_sync();
         }
         pulled
@@ -148,17 +148,6 @@ pub(super) async fn apply_round(
     }
     tracing::debug!(folder = %folder.name, phases = %clock, "round applied");
     Ok(summary)
-}
-
-/// Whether a round that pulled `files` files, its databases still
-/// arriving (`dbs_left`), starts its sync now ([`Replica::start_sync`]): only
-/// one whose own sync at its end is a `syncfs` anyway (more than
-/// [`sync_core::apply::MAX_EACH`] paths), so that a small round's `fsync`s
-/// never wait behind the whole file system.
-///
-/// [`Replica::start_sync`]: sync_core::apply::Replica::start_sync
-fn sync_ahead(files: usize, dbs_left: bool) -> bool {
-    dbs_left && files > sync_core::apply::MAX_EACH
 }
 
 /// Scans this replica's tree while the source scans its own (a session's
@@ -466,19 +455,6 @@ impl Batches {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Only a round with many files and a database still arriving syncs
-    /// ahead of its end.
-    #[test]
-    fn only_a_bulk_round_with_databases_left_syncs_ahead() {
-        let many = sync_core::apply::MAX_EACH + 1;
-        assert!(sync_ahead(many, true));
-        assert!(!sync_ahead(many, false), "nothing left to overlap");
-        assert!(
-            !sync_ahead(many - 1, true),
-            "a small round fsyncs its own paths"
-        );
-    }
 
     /// Small files with no basis gather, in order, until a batch is full by
     /// count or by bytes; a file with a basis and one too large for a batch

@@ -18,18 +18,24 @@ use std::collections::BTreeSet;
 
 /// Above this many paths to sync, one `syncfs` is cheaper than an `fsync`
 /// each.
-pub const MAX_EACH: usize = 64;
+pub(super) const MAX_EACH: usize = 64;
 
 impl Replica {
-    /// Starts a `syncfs` of the replica's file system on a thread of its own
-    /// and returns at once: for a round whose own sync will be one (more
-    /// than [`MAX_EACH`] paths), once its files are in while its databases
-    /// still arrive, so that their writeback overlaps the transfer instead
-    /// of waiting for the round's end (a first mirror's last sync spent
-    /// 0.6 s writing back its small files, which start none of their own).
-    /// It makes nothing durable sooner than the round needs: the round still
-    /// syncs at its end. Best effort: `None` when it could not start.
+    /// Starts, on a thread of its own, the `syncfs` this round's sync will be
+    /// anyway ([`Replica::sync_plan`] is [`SyncPlan::Whole`]: more than
+    /// [`MAX_EACH`] paths, or one no `fsync` reaches) and returns at once;
+    /// `None`, doing nothing, when the round's sync is an `fsync` of its own
+    /// paths (a small round never waits behind the whole file system) or the
+    /// thread could not start. Called once a round's files are in while its
+    /// databases still arrive, so that the files' writeback overlaps the
+    /// transfer instead of waiting for the round's end (a first mirror's last
+    /// sync spent 0.6 s writing back its small files, which start none of
+    /// their own). It makes nothing durable sooner than the round needs: the
+    /// round still syncs at its end.
     pub fn start_sync(&self) -> Option<std::thread::JoinHandle<()>> {
+        if self.sync_plan() != SyncPlan::Whole {
+            return None;
+        }
         let fd = self.root.try_clone().ok()?;
         std::thread::Builder::new()
             .name("sync-ahead".into())
@@ -296,6 +302,24 @@ mod tests {
         assert_eq!(names.len(), 1, "{names:?}");
         let rel = std::path::Path::new(dir).join(&names[0]);
         rel.to_str().unwrap().to_string()
+    }
+
+    /// A sync ahead of the round's end runs only when the round's own sync
+    /// is a `syncfs`: a round of a few files never syncs the file system.
+    #[test]
+    fn only_a_round_synced_whole_syncs_ahead() {
+        let t = tempfile::tempdir().unwrap();
+        let r = Replica::open(t.path()).unwrap();
+        let commit = |i: usize| {
+            let mut s = r.stage(&p(&format!("f{i}"))).unwrap();
+            s.write(b"x").unwrap();
+            s.commit(blake3::hash(b"x").as_bytes(), &meta()).unwrap();
+        };
+        (0..2).for_each(commit);
+        assert!(r.start_sync().is_none(), "{:?}", r.sync_plan());
+        (2..=MAX_EACH).for_each(commit);
+        assert_eq!(r.sync_plan(), SyncPlan::Whole);
+        r.start_sync().expect("started").join().unwrap();
     }
 
     #[test]

@@ -62,8 +62,13 @@ pub(super) async fn serve_file(
             reader.await??;
         }
     }
+    finish(send).await
+}
+
+/// Ends a stream of content and waits until the peer has read everything
+/// before it is dropped.
+async fn finish(mut send: quinn::SendStream) -> Result<()> {
     send.finish()?;
-    // Wait until the peer has read everything before the stream is dropped.
     let _ = send.stopped().await;
     Ok(())
 }
@@ -92,9 +97,7 @@ pub(super) async fn serve_files(
         wire::send_frames(&mut send, &frames).await?;
     }
     reader.await??;
-    send.finish()?;
-    let _ = send.stopped().await;
-    Ok(())
+    finish(send).await
 }
 
 /// Reads the files of a files request in order and encodes their frames,
@@ -153,9 +156,7 @@ fn changed_end() -> Message {
 async fn announce_changed(mut send: quinn::SendStream, why: &str) -> Result<()> {
     tracing::debug!("{why}: announcing it as changed");
     wire::send(&mut send, &changed_end()).await?;
-    send.finish()?;
-    let _ = send.stopped().await;
-    Ok(())
+    finish(send).await
 }
 
 /// A small file read whole (at most one byte past `cap`) and encoded;
