@@ -33,7 +33,11 @@ fn a_small_write_lands_while_a_large_file_is_in_flight() {
     let args = ["--control", control.to_str().unwrap(), "--bwlimit", "8M"];
     let _src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &args);
     wait_converged(&p.src, &p.dst, 20, &[]);
-    std::fs::write(p.src.join("big.bin"), random_bytes(48 << 20, 7)).unwrap();
+    // Written beside the tree and renamed in: a scan never sees it half
+    // written (an empty or partial big.bin would land at once as a small file).
+    let beside = p.t.path().join("big.bin");
+    std::fs::write(&beside, random_bytes(48 << 20, 7)).unwrap();
+    std::fs::rename(&beside, p.src.join("big.bin")).unwrap();
     wait_for("the large file's transfer to start", 20, || staging(&p.dst));
     std::fs::write(p.src.join("small.txt"), b"after the large file").unwrap();
     let small = p.dst.join("small.txt");
