@@ -128,12 +128,20 @@ impl RelPath {
     /// The parent and the last component; `None` for the root.
     #[must_use]
     pub fn split_last(&self) -> Option<(RelPath, &[u8])> {
+        self.split_last_bytes()
+            .map(|(parent, name)| (RelPath(parent.to_vec()), name))
+    }
+
+    /// The parent's bytes (empty for the root's children) and the last
+    /// component, borrowed; `None` for the root.
+    #[must_use]
+    pub fn split_last_bytes(&self) -> Option<(&[u8], &[u8])> {
         if self.0.is_empty() {
             return None;
         }
         match self.0.iter().rposition(|&b| b == b'/') {
-            Some(i) => Some((RelPath(self.0[..i].to_vec()), &self.0[i + 1..])),
-            None => Some((RelPath::root(), &self.0[..])),
+            Some(i) => Some((&self.0[..i], &self.0[i + 1..])),
+            None => Some((&[][..], &self.0[..])),
         }
     }
 

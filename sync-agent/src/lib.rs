@@ -141,6 +141,37 @@ fn load_state(opts: &PushOptions) -> Result<Loading> {
     Ok((keep, index))
 }
 
+/// What a push's scan gives: the manifest, the bytes it read to hash, the
+/// databases' cut, the root hash and the quick digest.
+type Scanned = (
+    sync_core::Manifest,
+    u64,
+    Arc<std::sync::Mutex<LiveSet>>,
+    [u8; 32],
+    [u8; 32],
+);
+
+/// Scans `opts.src` and cuts its databases (shipped from a consistent cut,
+/// never as raw files), with the root hash and the quick digest over every
+/// entry at once; what the scan freed goes back to the system.
+async fn scan_source(
+    opts: &PushOptions,
+    saved: Option<push_state::PushState>,
+    index: Option<sync_core::index::HashIndex>,
+) -> Result<Scanned> {
+    let (src, filter) = (opts.src.clone(), opts.filter.clone());
+    let scanned = tokio::task::spawn_blocking(move || {
+        push_scan::scan_and_cut(&src, filter, saved.as_ref(), index).map(|(m, report, live)| {
+            let (root, quick) = sync_core::digest::root_and_quick(&m);
+            (m, report.bytes_hashed, live, root, quick)
+        })
+    })
+    .await?
+    .with_context(|| format!("scanning {}", opts.src.display()))?;
+    sync_core::trim_heap();
+    Ok(scanned)
+}
+
 /// Mirrors `opts.src` to a running replica: one full round.
 pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary> {
     let started = Instant::now();
@@ -166,17 +197,8 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             Some(task) => Some(task.await?),
             None => None,
         };
-        // Databases are shipped from a consistent cut, never as raw files.
-        let (src, filter, saved) = (opts.src.clone(), opts.filter.clone(), keep.clone());
-        // The root hash and the quick digest, both over every entry, at once.
-        let (manifest, report, live, root_hash, quick) = tokio::task::spawn_blocking(move || {
-            push_scan::scan_and_cut(&src, filter, saved.as_ref(), index).map(|(m, report, live)| {
-                let (root, quick) = sync_core::digest::root_and_quick(&m);
-                (m, report, live, root, quick)
-            })
-        })
-        .await?
-        .with_context(|| format!("scanning {}", opts.src.display()))?;
+        let (manifest, bytes_hashed, live, root_hash, quick) =
+            scan_source(&opts, keep.clone(), index).await?;
         let scan_s = started.elapsed().as_secs_f64();
         progress
             .entries
@@ -220,7 +242,7 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             bytes_received_wire: stats.udp_rx.bytes,
             elapsed_s: started.elapsed().as_secs_f64(),
             scan_s,
-            bytes_hashed: report.bytes_hashed,
+            bytes_hashed,
             source_root: sync_core::hex(&root_hash),
             unchanged,
             warnings: applied.warnings,
@@ -263,18 +285,6 @@ fn keep_cut(state: &push_state::PushState, live: &std::sync::Mutex<LiveSet>) {
         });
     if let Err(e) = saved {
         tracing::warn!("{e:#}: the next push reads every database again");
-    }
-}
-
-/// Returns freed heap pages to the system (glibc keeps them otherwise, and an
-/// idle agent would carry the peak of its last full round).
-pub fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory at the top of the heap and
-    // in free chunks; it touches no live allocation and has no preconditions.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

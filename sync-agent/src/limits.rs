@@ -85,7 +85,7 @@ impl Drop for Slot {
             Err(_) => false,
         };
         if last {
-            crate::trim_heap();
+            sync_core::trim_heap();
         }
     }
 }

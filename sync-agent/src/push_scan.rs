@@ -98,6 +98,8 @@ pub(crate) fn scan_and_cut(
     m.entries.retain(|e| !stats.dropped.contains(&e.path));
     crate::session::source::mark_databases(&mut m.entries, &live)?;
     if let Some(ix) = index.as_mut() {
+        // what the scan freed goes back before the index grows by its rows
+        sync_core::trim_heap();
         ix.remember_scan(&report.hashed, &m, sync_core::scan::now_ns());
         if let Err(e) = ix.save() {
             tracing::warn!("{e}: the next push hashes every file again");

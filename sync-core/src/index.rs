@@ -78,6 +78,10 @@ struct Row {
     /// xattr (an ACL too) moves the ctime, so while the stamp holds the scan
     /// need not list them.
     bare: bool,
+    /// Changed since the last save (a flag in the row's padding, not a set of
+    /// the paths beside the map: a first scan's set of every path was 15 MB
+    /// at 300,000 files).
+    dirty: bool,
 }
 
 /// The index, in memory, backed by a SQLite file (or by nothing).
@@ -87,10 +91,20 @@ pub struct HashIndex {
     /// it); only [`HashIndex::save`] uses it, with `&mut self`.
     conn: Option<std::sync::Mutex<rusqlite::Connection>>,
     map: foldhash::HashMap<Box<[u8]>, Row>,
-    /// Paths whose row changed since the last save: their row in `map`, or
-    /// none (forgotten). Paths only, not rows (a first scan's log of every
-    /// row doubled the index's memory).
-    changed: foldhash::HashSet<Box<[u8]>>,
+    /// Paths forgotten since the last save (changed rows are marked
+    /// [`Row::dirty`] in `map`).
+    gone: foldhash::HashSet<Box<[u8]>>,
+    /// Whether a row was marked dirty since the last save.
+    any_dirty: bool,
+    /// Of a scan that does not hash (a replica's,
+    /// [`HashIndex::remember_stamps`]): a keyed digest of `(path, stamp)`
+    /// of each file it saw with no xattrs, 16 bytes a file in place of a
+    /// row and its path (300,000 files: 9 MB, not 57 MB, held between
+    /// sessions).
+    bare: foldhash::HashSet<u128>,
+    /// The digests' keys, random per index: no path and stamp can be made to
+    /// stand for another's.
+    keys: (std::hash::RandomState, std::hash::RandomState),
 }
 
 /// An index written before `bare` existed gets the column (its rows read as
@@ -116,7 +130,10 @@ impl HashIndex {
         Self {
             conn: None,
             map: foldhash::HashMap::default(),
-            changed: foldhash::HashSet::default(),
+            gone: foldhash::HashSet::default(),
+            any_dirty: false,
+            bare: foldhash::HashSet::default(),
+            keys: Default::default(),
         }
     }
 
@@ -172,13 +189,25 @@ impl HashIndex {
                 };
                 let bare = int(7) == Some(1);
                 let hash = Some(hash);
-                map.insert(p.into(), Row { stamp, hash, bare });
+                let dirty = false;
+                map.insert(
+                    p.into(),
+                    Row {
+                        stamp,
+                        hash,
+                        bare,
+                        dirty,
+                    },
+                );
             }
         }
         Ok(Self {
             conn: Some(std::sync::Mutex::new(conn)),
             map,
-            changed: foldhash::HashSet::default(),
+            gone: foldhash::HashSet::default(),
+            any_dirty: false,
+            bare: foldhash::HashSet::default(),
+            keys: Default::default(),
         })
     }
 
@@ -196,10 +225,26 @@ impl HashIndex {
     /// has none now: an xattr change moves the ctime).
     #[must_use]
     pub fn bare(&self, path: &RelPath, stamp: &Stamp) -> bool {
-        let stamp = Packed::of(stamp);
-        self.map
-            .get(path.as_bytes())
-            .is_some_and(|r| r.bare && Some(r.stamp) == stamp)
+        let Some(stamp) = Packed::of(stamp) else {
+            return false;
+        };
+        let row = self.map.get(path.as_bytes());
+        row.is_some_and(|r| r.bare && r.stamp == stamp)
+            || (!self.bare.is_empty() && self.bare.contains(&self.digest(path, &stamp)))
+    }
+
+    /// The keyed digest of `(path, stamp)` (two SipHash-1-3 under random keys).
+    fn digest(&self, path: &RelPath, s: &Packed) -> u128 {
+        use std::hash::{BuildHasher as _, Hasher as _};
+        let half = |k: &std::hash::RandomState| {
+            let mut h = k.build_hasher();
+            h.write(path.as_bytes());
+            for v in [s.dev, s.ino, s.size, s.mtime_ns as u64, s.ctime_ns as u64] {
+                h.write_u64(v);
+            }
+            h.finish()
+        };
+        (u128::from(half(&self.keys.0)) << 64) | u128::from(half(&self.keys.1))
     }
 
     /// Remembers a hash computed at `now_ns` (skipped when racily clean).
@@ -220,15 +265,17 @@ impl HashIndex {
             stamp,
             hash: Some(hash),
             bare: false,
+            dirty: true,
         };
         self.map.insert(path.as_bytes().into(), row);
-        self.changed.insert(path.as_bytes().into());
+        self.gone.remove(path.as_bytes());
+        self.any_dirty = true;
     }
 
     /// Forgets a path.
     pub fn forget(&mut self, path: &RelPath) {
         if self.map.remove(path.as_bytes()).is_some() {
-            self.changed.insert(path.as_bytes().into());
+            self.gone.insert(path.as_bytes().into());
         }
     }
 
@@ -237,7 +284,7 @@ impl HashIndex {
         let gone: Vec<Box<[u8]>> = self.map.keys().filter(|k| !keep(k)).cloned().collect();
         for k in gone {
             self.map.remove(&k);
-            self.changed.insert(k);
+            self.gone.insert(k);
         }
     }
 
@@ -259,7 +306,6 @@ impl HashIndex {
         // grew both maps by doubling to a 170 MB peak.
         self.map
             .reserve(hashed.len().saturating_sub(self.map.len()));
-        self.changed.reserve(hashed.len());
         for (p, s, h) in hashed {
             self.record(p, *s, *h, now_ns);
         }
@@ -275,7 +321,8 @@ impl HashIndex {
             let bare = e.meta.xattrs.is_empty();
             if r.hash == Some(*hash) && r.bare != bare {
                 r.bare = bare;
-                self.changed.insert(e.path.as_bytes().into());
+                r.dirty = true;
+                self.any_dirty = true;
             }
         }
         // Every row named a file of the manifest: none to forget.
@@ -288,49 +335,32 @@ impl HashIndex {
         }
     }
 
-    /// After a full scan that does not hash (a replica's): remembers each
-    /// file's stamp and whether it had xattrs (`files`, as
-    /// [`crate::scan::ScanReport::stamps`]; racily clean ones are skipped), and
-    /// forgets every other path. Rows remembered so give no hash.
+    /// After a full scan that does not hash (a replica's): remembers which
+    /// files had no xattrs at their stamp (`files`, as
+    /// [`crate::scan::ScanReport::stamps`]; racily clean ones are skipped),
+    /// and forgets everything else, rows with hashes too (an index of such
+    /// scans gives no hash).
     pub fn remember_stamps(&mut self, files: &[(RelPath, Stamp, bool)], now_ns: i128) {
-        // Sized once: growing by doubling holds the old table and the new
-        // one at once (300,000 files: a peak of 101 MB for a 67 MB table).
-        self.map.reserve(files.len().saturating_sub(self.map.len()));
         let kept_at = |s: &Stamp| now_ns - s.ctime_ns.max(s.mtime_ns) >= RACY_NS;
-        let mut kept = 0;
-        for (p, stamp, bare) in files {
-            let Some(packed) = Packed::of(stamp).filter(|_| kept_at(stamp)) else {
-                continue;
-            };
-            kept += 1;
-            let row = Row {
-                stamp: packed,
-                hash: None,
-                bare: *bare,
-            };
-            if self.map.get(p.as_bytes()) != Some(&row) {
-                self.map.insert(p.as_bytes().into(), row);
-            }
-        }
-        if kept < self.map.len() {
-            let live: foldhash::HashSet<&[u8]> = (files.iter())
-                .filter(|(_, s, _)| kept_at(s) && Packed::of(s).is_some())
-                .map(|(p, _, _)| p.as_bytes())
-                .collect();
-            self.map.retain(|p, _| live.contains(&p[..]));
-        }
+        let bare: foldhash::HashSet<u128> = (files.iter())
+            .filter(|(_, s, bare)| *bare && kept_at(s))
+            .filter_map(|(p, s, _)| Packed::of(s).map(|s| self.digest(p, &s)))
+            .collect();
+        self.map = foldhash::HashMap::default();
+        self.bare = bare;
     }
 
-    /// Number of remembered files.
+    /// Number of remembered files (with a hash, or seen bare by a scan that
+    /// does not hash).
     #[must_use]
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.map.len() + self.bare.len()
     }
 
     /// Whether nothing is remembered.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.map.is_empty() && self.bare.is_empty()
     }
 
     /// Writes the changes since the last save in one transaction.
@@ -340,10 +370,10 @@ impl HashIndex {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         });
         let Some(conn) = conn else {
-            self.changed.clear();
+            self.gone.clear();
             return Ok(());
         };
-        if self.changed.is_empty() {
+        if !self.any_dirty && self.gone.is_empty() {
             return Ok(());
         }
         let path = Path::new("index");
@@ -357,18 +387,28 @@ impl HashIndex {
             let mut del = tx
                 .prepare_cached("DELETE FROM files WHERE path = ?1")
                 .map_err(|e| db_err(path, e))?;
-            // In key order: each insert lands at the table's right edge,
+            // In key order: each write lands at the table's right edge,
             // within the small page cache (a set's order spilled it: 30,000
-            // rows took 164 ms).
-            let mut paths: Vec<_> = self.changed.drain().collect();
-            paths.sort_unstable();
-            for p in paths {
-                match self.map.get(&p) {
-                    Some(&Row {
+            // rows took 164 ms). Forgotten paths first: one recorded again
+            // since is put back after.
+            let mut gone: Vec<&[u8]> = self.gone.iter().map(|p| &p[..]).collect();
+            gone.sort_unstable();
+            for p in gone {
+                del.execute([p]).map_err(|e| db_err(path, e))?;
+            }
+            let mut rows: Vec<(&[u8], &Row)> = (self.map.iter())
+                .filter(|(_, r)| r.dirty)
+                .map(|(p, r)| (&p[..], r))
+                .collect();
+            rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (p, r) in rows {
+                match r {
+                    &Row {
                         stamp: s,
                         hash: Some(h),
                         bare,
-                    }) => put
+                        ..
+                    } => put
                         .execute(rusqlite::params![
                             p,
                             s.dev as i64,
@@ -381,11 +421,17 @@ impl HashIndex {
                         ])
                         .map_err(|e| db_err(path, e))?,
                     // a row of a scan that does not hash is not kept
-                    Some(_) | None => del.execute([&p[..]]).map_err(|e| db_err(path, e))?,
+                    _ => del.execute([p]).map_err(|e| db_err(path, e))?,
                 };
             }
         }
-        tx.commit().map_err(|e| db_err(path, e))
+        tx.commit().map_err(|e| db_err(path, e))?;
+        self.gone.clear();
+        for r in self.map.values_mut() {
+            r.dirty = false;
+        }
+        self.any_dirty = false;
+        Ok(())
     }
 }
 

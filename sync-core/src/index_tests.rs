@@ -205,8 +205,10 @@ fn an_unhashed_scan_remembers_stamps_and_no_hashes() {
         ],
         now,
     );
-    assert_eq!(ix.len(), 2);
+    assert_eq!(ix.len(), 1, "only the bare file that is not racily clean");
     assert!(ix.bare(&a, &stamp(5)) && !ix.bare(&b, &stamp(5)) && !ix.bare(&c, &young));
+    assert!(!ix.bare(&a, &stamp(6)), "another stamp of the same path");
+    assert!(!ix.bare(&b, &stamp(5)) && !ix.bare(&c, &stamp(5)));
     assert_eq!(
         ix.lookup(&a, &stamp(5)),
         None,
@@ -223,4 +225,33 @@ fn racily_clean_files_are_not_cached() {
     let p = RelPath::new(&b"f"[..]).unwrap();
     ix.record(&p, stamp(1), [1; 32], 21);
     assert_eq!(ix.lookup(&p, &stamp(1)), None);
+}
+
+/// What changed since the last save is written, and only that: a path
+/// forgotten and recorded again before a save keeps its new row; one
+/// forgotten stays gone.
+#[test]
+fn a_save_writes_changed_and_forgotten_rows_in_any_order() {
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("index.db");
+    let [a, b, c] = ["a", "b", "c"].map(|p| RelPath::new(p.as_bytes()).unwrap());
+    let now = 100 * RACY_NS;
+    {
+        let mut ix = HashIndex::open(&db).unwrap();
+        for (p, h) in [(&a, 1), (&b, 2), (&c, 3)] {
+            ix.record(p, stamp(5), [h; 32], now);
+        }
+        ix.save().unwrap();
+        ix.forget(&a);
+        ix.record(&a, stamp(6), [4; 32], now);
+        ix.forget(&b);
+        ix.save().unwrap();
+        ix.save().unwrap();
+    }
+    let ix = HashIndex::open(&db).unwrap();
+    assert_eq!(ix.lookup(&a, &stamp(6)), Some([4; 32]));
+    assert_eq!(ix.lookup(&a, &stamp(5)), None);
+    assert_eq!(ix.lookup(&b, &stamp(5)), None);
+    assert_eq!(ix.lookup(&c, &stamp(5)), Some([3; 32]));
+    assert_eq!(ix.len(), 2);
 }

@@ -508,6 +508,10 @@ impl<'o> Walker<'o> {
             }
         };
         self.hook("names", dir);
+        // grown a directory at a time, not by doubling (a walker's lists are
+        // held twice while the walk's subtrees are put together)
+        self.entries.reserve(names.len());
+        self.stamps.reserve(names.len());
         if self.parallel && dir.depth() < par::DEPTH {
             return self.walk_dir_par(dir, fd, &names);
         }

@@ -18,7 +18,13 @@ struct Flat {
     entries: Vec<Entry>,
     stamps: Vec<Option<Stamp>>,
     links: Vec<(usize, (u64, u64))>,
+    /// Entries moved when the heap was last trimmed.
+    trimmed: usize,
 }
+
+/// Entries moved between two trims of the heap while the walk's subtrees are
+/// put together (~10 MB of them with their stamps).
+const TRIM_EVERY: usize = 50_000;
 
 /// Subdirectories of directories shallower than this are walked as tasks
 /// (a tree's bulk is rarely right below its root).
@@ -127,6 +133,7 @@ impl Walker<'_> {
             entries: Vec::with_capacity(total),
             stamps: Vec::with_capacity(total),
             links: Vec::new(),
+            trimmed: 0,
         };
         let me = Walker {
             entries: std::mem::take(&mut self.entries),
@@ -145,7 +152,10 @@ impl Walker<'_> {
     }
 
     /// Appends this walker's entries to `out`, each subtree walked apart
-    /// before the entry it was found in front of.
+    /// before the entry it was found in front of. Every [`TRIM_EVERY`]
+    /// entries moved, the pages the subtrees' freed lists held go back to
+    /// the system: they are small blocks glibc keeps, and the whole list
+    /// built beside them peaked at twice its size (300,000 files: 60 MB more).
     fn flatten_into(self, out: &mut Flat) {
         let mut pending = self.pending.into_iter().peekable();
         let mut links = self.links.into_iter().peekable();
@@ -161,6 +171,11 @@ impl Walker<'_> {
         }
         for (_, sub) in pending {
             sub.flatten_into(out);
+        }
+        // this walker's lists are freed here, when `out` moved past them
+        if out.entries.len() >= out.trimmed + TRIM_EVERY {
+            out.trimmed = out.entries.len();
+            crate::trim_heap();
         }
     }
 

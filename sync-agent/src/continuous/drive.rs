@@ -322,7 +322,7 @@ impl Driver<'_> {
         // A full round's transient buffers (scan, hashing, QUIC send
         // buffers) are freed by now; hand the pages back to the system so an
         // idle agent stays small.
-        crate::trim_heap();
+        sync_core::trim_heap();
         self.full = false;
         self.last_full = Instant::now();
         publish_lag(status, self.lag);

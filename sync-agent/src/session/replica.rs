@@ -333,7 +333,7 @@ async fn apply_rounds_inner(
                 super::replica_tables::after_round(folder, &mut saved);
                 wire::send(ctl_send, &Message::RoundDone { id, summary }).await?;
                 if full {
-                    crate::trim_heap();
+                    sync_core::trim_heap();
                 }
             }
             Err(e) => return fail(conn, ctl_send, folder, e, ErrorCode::Apply, peer).await,

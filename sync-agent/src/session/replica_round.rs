@@ -74,7 +74,7 @@ pub(super) async fn apply_round(
     round.map_ids(&folder.ids);
     // Excluded entries are dropped; `kept` maps what is planned back to the
     // round's indexes, which the source serves.
-    let (kept, planned) = engine::keep(&round.src, &folder.filter);
+    let (kept, planned) = engine::keep(std::mem::take(&mut round.src), &folder.filter);
     let planned = Arc::new(planned);
     let (dst, plan, mut summary) =
         prepare_and_make(folder, &mut round, planned.clone(), prescanned).await?;

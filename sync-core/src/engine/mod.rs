@@ -94,16 +94,22 @@ impl Round {
 }
 
 /// Drops excluded entries: the planned manifest, and for each of its entries
-/// its index in the round (which the source serves).
+/// its index in the round (which the source serves). The round's manifest
+/// is taken and filtered in place: a copy beside it held every entry twice
+/// for the whole round (a first mirror of 300,000 files: ~60 MB).
 #[must_use]
-pub fn keep(src: &Manifest, filter: &Filter) -> (Vec<usize>, Manifest) {
-    let kept: Vec<usize> = (0..src.entries.len())
-        .filter(|&i| !filter.excludes(&src.entries[i].path, src.entries[i].kind == Kind::Dir))
-        .collect();
-    let planned = Manifest {
-        entries: kept.iter().map(|&i| src.entries[i].clone()).collect(),
-    };
-    (kept, planned)
+pub fn keep(mut src: Manifest, filter: &Filter) -> (Vec<usize>, Manifest) {
+    let mut kept = Vec::with_capacity(src.entries.len());
+    let mut i = 0;
+    src.entries.retain(|e| {
+        let keep = !filter.excludes(&e.path, e.kind == Kind::Dir);
+        if keep {
+            kept.push(i);
+        }
+        i += 1;
+        keep
+    });
+    (kept, src)
 }
 
 /// What [`prepare`] needs besides the replica and the planned manifest.

@@ -263,7 +263,7 @@ impl Pair {
     fn apply_checked(&mut self, mut round: Round) -> Result<ApplySummary, Error> {
         round.map_ids(&self.ids);
         let r = &self.replica;
-        let (kept, planned) = keep(&round.src, &self.filter);
+        let (kept, planned) = keep(std::mem::take(&mut round.src), &self.filter);
         let mut sum = ApplySummary::default();
         let prep = Prepare {
             filter: &self.filter,

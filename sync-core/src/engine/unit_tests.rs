@@ -84,7 +84,7 @@ fn excluded_entries_are_dropped_and_indexes_map_back() {
         entries: vec![file("a", b""), file("b.tmp", b""), file("c", b"")],
     };
     let filter = crate::filter::Filter::new(&["*.tmp".to_string()]).expect("a filter");
-    let (kept, planned) = keep(&src, &filter);
+    let (kept, planned) = keep(src, &filter);
     assert_eq!(kept, [0, 2]);
     let names: Vec<String> = planned.entries.iter().map(|e| e.path.to_string()).collect();
     assert_eq!(names, ["a", "c"]);

@@ -1,0 +1,120 @@
+//! Tests of a round's transaction on the replica.
+
+use super::*;
+use std::os::unix::fs::MetadataExt as _;
+
+/// Renames into place go by directory, on every core: each file lands
+/// in its own directory, and a path staged twice in a round ends with
+/// its later content.
+#[test]
+fn staged_files_of_many_directories_land_and_a_later_stage_wins() {
+    let d = tempfile::tempdir().unwrap();
+    let r = Replica::open(d.path()).unwrap();
+    let rel = |p: &str| RelPath::new(p.as_bytes()).unwrap();
+    let put = |p: &str, body: &[u8]| {
+        let mut s = r.stage(&rel(p)).unwrap();
+        s.write(body).unwrap();
+        s.commit(blake3::hash(body).as_bytes(), &Meta::default())
+            .unwrap();
+    };
+    for i in 0..20 {
+        r.mkdir(&rel(&format!("d{i}"))).unwrap();
+    }
+    for n in 0..200 {
+        put(&format!("d{}/f{n}", n % 20), format!("{n}").as_bytes());
+    }
+    put("d3/twice", b"first");
+    put("d4/f4", b"again");
+    put("d3/twice", b"second");
+    // top-level files (no parent but the root) and a deeper directory
+    // whose path begins like a sibling's
+    r.mkdir(&rel("d1/d1")).unwrap();
+    put("top", b"top");
+    put("d1/d1/f1", b"deeper");
+    put("top", b"top again");
+    r.finish().unwrap();
+    assert_eq!(std::fs::read(d.path().join("top")).unwrap(), b"top again");
+    assert_eq!(std::fs::read(d.path().join("d1/d1/f1")).unwrap(), b"deeper");
+    assert_eq!(std::fs::read(d.path().join("d1/f1")).unwrap(), b"1");
+    for n in (0..200).filter(|&n| n != 4) {
+        let got = std::fs::read(d.path().join(format!("d{}/f{n}", n % 20))).unwrap();
+        assert_eq!(got, format!("{n}").as_bytes());
+    }
+    assert_eq!(std::fs::read(d.path().join("d4/f4")).unwrap(), b"again");
+    assert_eq!(std::fs::read(d.path().join("d3/twice")).unwrap(), b"second");
+    // nothing left staged
+    for i in 0..20 {
+        let names: Vec<_> = std::fs::read_dir(d.path().join(format!("d{i}")))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with('f') && n != "twice" && n != "d1")
+            .collect();
+        assert!(names.is_empty(), "d{i}: {names:?}");
+    }
+}
+
+/// Content ending in zero blocks, with them in the middle, and with none:
+/// each lands whole, its zero blocks as holes, its length exact.
+#[test]
+fn staged_content_keeps_its_length_whatever_it_ends_with() {
+    let d = tempfile::tempdir().unwrap();
+    let r = Replica::open(d.path()).unwrap();
+    let block = |b: u8| vec![b; HOLE_BLOCK];
+    let zeros = vec![0u8; 64 * HOLE_BLOCK];
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("tail", [block(1), zeros.clone()].concat()),
+        ("middle", [block(1), zeros.clone(), block(2)].concat()),
+        ("short", [block(1), vec![3u8; 100]].concat()),
+        ("empty-tail", [vec![5u8; 10], zeros.clone()].concat()),
+    ];
+    for (name, data) in &cases {
+        let mut s = r.stage(&RelPath::new(name.as_bytes()).unwrap()).unwrap();
+        s.write(data).unwrap();
+        s.commit(blake3::hash(data).as_bytes(), &Meta::default())
+            .unwrap();
+    }
+    r.finish().unwrap();
+    for (name, data) in &cases {
+        let path = d.path().join(name);
+        assert_eq!(&std::fs::read(&path).unwrap(), data, "{name}");
+        let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+        if *name != "short" {
+            assert!(
+                allocated < data.len() as u64 / 2,
+                "{name}: {allocated} bytes allocated"
+            );
+        }
+    }
+}
+
+/// Content arriving in pieces of any size lands whole, its aligned zero
+/// blocks as holes, with one write a run of blocks between holes (not one
+/// a block).
+#[test]
+fn staged_content_is_written_a_run_at_a_time() {
+    let d = tempfile::tempdir().unwrap();
+    let r = Replica::open(d.path()).unwrap();
+    let run = |b: u8, blocks: usize| vec![b; blocks * HOLE_BLOCK];
+    let data = [run(1, 64), run(0, 3), run(2, 5), vec![0u8; 100]].concat();
+    // (pieces, writes): one piece makes a write a run (the trailing
+    // unaligned zeros included); odd pieces add one at each cut
+    for (pieces, writes) in [(vec![data.len()], 2), (vec![1000, 5000, 300_000], 4)] {
+        let mut s = r.stage(&RelPath::new(b"f".to_vec()).unwrap()).unwrap();
+        WRITES.with(|n| n.set(0));
+        let mut rest = &data[..];
+        for &p in pieces.iter().chain(std::iter::once(&usize::MAX)) {
+            let (piece, tail) = rest.split_at(p.min(rest.len()));
+            s.write(piece).unwrap();
+            rest = tail;
+        }
+        assert_eq!(WRITES.with(std::cell::Cell::get), writes, "{pieces:?}");
+        s.commit(blake3::hash(&data).as_bytes(), &Meta::default())
+            .unwrap();
+        r.finish().unwrap();
+        assert_eq!(
+            std::fs::read(d.path().join("f")).unwrap(),
+            data,
+            "{pieces:?}"
+        );
+    }
+}
