@@ -51,7 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let file = dir.join("index.db");
         let mut saved = HashIndex::open(&file)?;
         let (m, report) = scan_with(&root, &opts, Some(&saved))?;
-        saved.remember_scan(&report.hashed, &m, now_ns());
+        saved.remember_scan(report.hashed, &m, now_ns());
         saved.save()?;
         drop(saved);
         let (mut loads, mut cpu) = (Vec::new(), Vec::new());

@@ -100,7 +100,11 @@ pub(crate) fn scan_and_cut(
     if let Some(ix) = index.as_mut() {
         // what the scan freed goes back before the index grows by its rows
         sync_core::trim_heap();
-        ix.remember_scan(&report.hashed, &m, sync_core::scan::now_ns());
+        ix.remember_scan(
+            std::mem::take(&mut report.hashed),
+            &m,
+            sync_core::scan::now_ns(),
+        );
         if let Err(e) = ix.save() {
             tracing::warn!("{e}: the next push hashes every file again");
         }

@@ -12,6 +12,32 @@ fn stamp(size: u64) -> Stamp {
     }
 }
 
+/// [`HashIndex::remember_stamps`] of files `(path, stamp, bare)`: a scan's
+/// entries (with an xattr unless bare) and their stamps beside them.
+fn remember(ix: &mut HashIndex, files: &[(&RelPath, Stamp, bool)], now: i128) {
+    let entries: Vec<proto::Entry> = (files.iter())
+        .map(|(p, s, bare)| proto::Entry {
+            path: (*p).clone(),
+            kind: proto::Kind::File {
+                size: s.size,
+                hash: [0; 32],
+            },
+            meta: proto::Meta {
+                xattrs: (!bare)
+                    .then(|| proto::Xattr {
+                        name: b"user.x".to_vec(),
+                        value: Vec::new(),
+                    })
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            },
+        })
+        .collect();
+    let stamps: Vec<Option<Stamp>> = files.iter().map(|f| Some(f.1)).collect();
+    ix.remember_stamps(&entries, &stamps, now);
+}
+
 #[test]
 fn persists_and_matches_stamps() {
     let d = tempfile::tempdir().unwrap();
@@ -61,7 +87,7 @@ fn rows_are_compact_and_stamps_past_them_are_not_remembered() {
         ix.save().unwrap();
     }
     let mut stamps = HashIndex::in_memory();
-    stamps.remember_stamps(&[(p.clone(), far, true)], now);
+    remember(&mut stamps, &[(&p, far, true)], now);
     assert!(!stamps.bare(&p, &far) && stamps.is_empty());
     let ix = HashIndex::open(&db).unwrap();
     assert_eq!(ix.lookup(&p, &far), None);
@@ -145,7 +171,11 @@ fn bare_files_persist_and_an_old_index_opens() {
         let mut ix = HashIndex::open(&db).unwrap();
         assert_eq!(ix.lookup(&old, &stamp(5)), Some([0; 32]));
         assert!(!ix.bare(&old, &stamp(5)), "an old row read as bare");
-        ix.remember_scan(&[(p.clone(), stamp(5), [0; 32])], &manifest, 100 * RACY_NS);
+        ix.remember_scan(
+            vec![(p.clone(), stamp(5), [0; 32])],
+            &manifest,
+            100 * RACY_NS,
+        );
         assert!(ix.bare(&p, &stamp(5)) && ix.bare(&old, &stamp(5)));
         assert!(!ix.bare(&p, &stamp(6)), "bare at another stamp");
         ix.save().unwrap();
@@ -176,13 +206,13 @@ fn a_scan_forgets_what_is_no_longer_a_file() {
     let m = crate::Manifest {
         entries: vec![entry(&a, file.clone()), entry(&b, proto::Kind::Dir)],
     };
-    ix.remember_scan(&[], &m, now);
+    ix.remember_scan(vec![], &m, now);
     assert_eq!(ix.len(), 1);
     assert_eq!(ix.lookup(&a, &stamp(5)), Some([0; 32]));
     let all = crate::Manifest {
         entries: vec![entry(&a, file)],
     };
-    ix.remember_scan(&[], &all, now);
+    ix.remember_scan(vec![], &all, now);
     assert_eq!(ix.len(), 1, "a full match forgot a row");
 }
 
@@ -197,11 +227,13 @@ fn an_unhashed_scan_remembers_stamps_and_no_hashes() {
         ctime_ns: now - 1,
         ..stamp(5)
     };
-    ix.remember_stamps(
+    ix.record(&a, stamp(5), [7; 32], now);
+    remember(
+        &mut ix,
         &[
-            (a.clone(), stamp(5), true),
-            (b.clone(), stamp(5), false),
-            (c.clone(), young, true),
+            (&a, stamp(5), true),
+            (&b, stamp(5), false),
+            (&c, young, true),
         ],
         now,
     );
@@ -214,7 +246,7 @@ fn an_unhashed_scan_remembers_stamps_and_no_hashes() {
         None,
         "a hash from a scan that hashed nothing"
     );
-    ix.remember_stamps(&[(b.clone(), stamp(6), true)], now);
+    remember(&mut ix, &[(&b, stamp(6), true)], now);
     assert_eq!(ix.len(), 1);
     assert!(ix.bare(&b, &stamp(6)) && !ix.bare(&a, &stamp(5)));
 }
@@ -248,10 +280,34 @@ fn a_save_writes_changed_and_forgotten_rows_in_any_order() {
         ix.save().unwrap();
         ix.save().unwrap();
     }
-    let ix = HashIndex::open(&db).unwrap();
+    let mut ix = HashIndex::open(&db).unwrap();
     assert_eq!(ix.lookup(&a, &stamp(6)), Some([4; 32]));
     assert_eq!(ix.lookup(&a, &stamp(5)), None);
     assert_eq!(ix.lookup(&b, &stamp(5)), None);
     assert_eq!(ix.lookup(&c, &stamp(5)), Some([3; 32]));
     assert_eq!(ix.len(), 2);
+    // Many rows changed are written in place, in key order; then one of
+    // them (a few among many: listed aside), and one forgotten.
+    let many: Vec<RelPath> = (0..40)
+        .map(|i| RelPath::new(format!("m{}", 40 - i).into_bytes()).unwrap())
+        .collect();
+    for (i, p) in many.iter().enumerate() {
+        ix.record(p, stamp(i as u64), [i as u8; 32], now);
+    }
+    ix.save().unwrap();
+    ix.record(&many[7], stamp(99), [99; 32], now);
+    ix.forget(&many[8]);
+    ix.save().unwrap();
+    drop(ix);
+    let ix = HashIndex::open(&db).unwrap();
+    assert_eq!(ix.len(), 2 + 39);
+    for (i, p) in many.iter().enumerate() {
+        let want = match i {
+            7 => ix.lookup(p, &stamp(99)) == Some([99; 32]),
+            8 => ix.lookup(p, &stamp(8)).is_none(),
+            _ => ix.lookup(p, &stamp(i as u64)) == Some([i as u8; 32]),
+        };
+        assert!(want, "{p}");
+    }
+    assert_eq!(ix.lookup(&c, &stamp(5)), Some([3; 32]));
 }

@@ -320,7 +320,7 @@ fn files_known_bare_at_their_stamp_skip_the_xattr_listing() {
     let mut ix = HashIndex::in_memory();
     let (m, r) = scan_with(root, &ScanOptions::default(), Some(&ix)).expect("scan");
     // as if hashed long ago: the stamps are trusted
-    ix.remember_scan(&r.hashed, &m, now_ns() + 10 * crate::index::RACY_NS);
+    ix.remember_scan(r.hashed.clone(), &m, now_ns() + 10 * crate::index::RACY_NS);
     let (seen, entries) = listed(root, &ix);
     assert_eq!(seen, ["d", "d/b"], "bare files were listed");
     assert_eq!(entries, m.entries, "the skip changed the manifest");

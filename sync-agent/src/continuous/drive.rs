@@ -166,7 +166,7 @@ fn scan_and_cut(
     let mut ix = ix
         .lock()
         .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
-    ix.remember_scan(&report.hashed, &m, now);
+    ix.remember_scan(report.hashed, &m, now);
     ix.save()?;
     Ok((m, report.bytes_hashed, stats))
 }

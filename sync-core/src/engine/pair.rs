@@ -158,7 +158,7 @@ impl Pair {
         let pre = self.prescan().expect("scan ahead");
         let later = crate::scan::now_ns() + 10 * crate::index::RACY_NS;
         let mut ix = self.scan_index.lock().expect("index");
-        ix.remember_stamps(&pre.report.stamps, later);
+        ix.remember_stamps(&pre.dst.entries, &pre.report.stamps, later);
         assert!(!ix.is_empty(), "no stamps learned");
     }
 

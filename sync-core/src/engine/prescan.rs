@@ -54,7 +54,7 @@ pub fn prescan(
     let mut index = index.and_then(|m| m.lock().ok());
     let (mut dst, report) = crate::scan::scan_with(r.root_path(), &opts, index.as_deref())?;
     if let Some(ix) = index.as_deref_mut() {
-        ix.remember_stamps(&report.stamps, crate::scan::now_ns());
+        ix.remember_stamps(&dst.entries, &report.stamps, crate::scan::now_ns());
     }
     drop(index);
     let scanned = t0.elapsed();
