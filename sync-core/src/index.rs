@@ -9,6 +9,7 @@
 //! its stamp.
 
 use crate::{Error, RelPath};
+use std::borrow::Cow;
 use std::path::Path;
 
 /// The rows by path: in a list of their own, with a table of 8-byte
@@ -22,6 +23,11 @@ pub const RACY_NS: i128 = 2_000_000_000;
 /// A scan's list of hashed files is shrunk each time this many of them went
 /// into the index ([`HashIndex::remember_scan`]).
 const SHRINK_EVERY: usize = 1 << 15;
+
+/// Rows dirtied since the last save that are also listed by key
+/// ([`HashIndex::few`]), so that a save of a few changes (a continuous
+/// partial round's) neither walks every row for the flags nor sorts them.
+const FEW: usize = 4096;
 
 /// What identifies a file's content without reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +87,9 @@ impl Packed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Row {
     stamp: Packed,
-    /// `None` in the index of a scan that does not hash (a replica's).
-    hash: Option<[u8; 32]>,
+    /// The content's blake3 (a scan that does not hash keeps no rows:
+    /// [`HashIndex::remember_stamps`]).
+    hash: [u8; 32],
     /// The file had no mirrored xattrs at this stamp. Setting or removing an
     /// xattr (an ACL too) moves the ctime, so while the stamp holds the scan
     /// need not list them.
@@ -105,6 +112,9 @@ pub struct HashIndex {
     gone: foldhash::HashSet<Box<[u8]>>,
     /// Rows marked dirty since the last save (at most).
     dirty: usize,
+    /// Their keys while they are at most [`FEW`]; `None` once more were (a
+    /// save then sorts the rows and writes those flagged).
+    few: Option<Vec<Box<[u8]>>>,
     /// Of a scan that does not hash (a replica's,
     /// [`HashIndex::remember_stamps`]): a keyed digest of `(path, stamp)`
     /// of each file it saw with no xattrs, 16 bytes a file in place of a
@@ -141,6 +151,7 @@ impl HashIndex {
             map: Rows::default(),
             gone: foldhash::HashSet::default(),
             dirty: 0,
+            few: Some(Vec::new()),
             bare: foldhash::HashSet::default(),
             keys: Default::default(),
         }
@@ -199,7 +210,6 @@ impl HashIndex {
                     continue;
                 };
                 let bare = int(7) == Some(1);
-                let hash = Some(hash);
                 let dirty = false;
                 map.insert(
                     p.into(),
@@ -217,6 +227,7 @@ impl HashIndex {
             map,
             gone: foldhash::HashSet::default(),
             dirty: 0,
+            few: Some(Vec::new()),
             bare: foldhash::HashSet::default(),
             keys: Default::default(),
         })
@@ -229,7 +240,7 @@ impl HashIndex {
         self.map
             .get(path.as_bytes())
             .filter(|r| r.stamp == stamp)
-            .and_then(|r| r.hash)
+            .map(|r| r.hash)
     }
 
     /// Whether `path` had no mirrored xattrs when it had this stamp (then it
@@ -260,50 +271,65 @@ impl HashIndex {
 
     /// Remembers a hash computed at `now_ns` (skipped when racily clean).
     pub fn record(&mut self, path: &RelPath, stamp: Stamp, hash: [u8; 32], now_ns: i128) {
-        self.put(path.as_bytes().into(), stamp, hash, now_ns);
+        self.put(Cow::Borrowed(path.as_bytes()), stamp, hash, now_ns);
     }
 
-    /// [`HashIndex::record`] of a path the index may keep as its key.
-    fn put(&mut self, path: Box<[u8]>, stamp: Stamp, hash: [u8; 32], now_ns: i128) {
+    /// [`HashIndex::record`] of a path, copied only if a row is added (one
+    /// owned, a scan's, is kept as the key as it is).
+    fn put(&mut self, path: Cow<'_, [u8]>, stamp: Stamp, hash: [u8; 32], now_ns: i128) {
         let packed = Packed::of(&stamp);
         let (Some(stamp), false) = (
             packed,
             now_ns - stamp.ctime_ns.max(stamp.mtime_ns) < RACY_NS,
         ) else {
-            if self.map.swap_remove(&path).is_some() {
-                self.gone.insert(path);
-            }
+            self.remove(&path);
             return;
         };
-        let old = self.map.get(&path);
-        if old.is_some_and(|r| r.stamp == stamp && r.hash == Some(hash)) {
-            return;
-        }
         let row = Row {
             stamp,
-            hash: Some(hash),
+            hash,
             bare: false,
             dirty: true,
         };
-        self.gone.remove(&path);
-        self.map.insert(path, row);
+        match self.map.get_mut(&path[..]) {
+            Some(r) if r.stamp == stamp && r.hash == hash => return,
+            Some(r) => *r = row,
+            None => {
+                self.gone.remove(&path[..]);
+                self.map.insert(path.to_vec().into_boxed_slice(), row);
+            }
+        }
+        self.note_dirty(&path);
+    }
+
+    /// Counts a row dirtied (and lists its key while they are few).
+    fn note_dirty(&mut self, path: &[u8]) {
         self.dirty += 1;
+        if let Some(few) = &mut self.few {
+            if few.len() < FEW {
+                few.push(path.into());
+            } else {
+                self.few = None;
+            }
+        }
+    }
+
+    /// Drops the row of `path` (its key kept as forgotten, for the save).
+    fn remove(&mut self, path: &[u8]) {
+        if let Some((key, _)) = self.map.swap_remove_entry(path) {
+            self.gone.insert(key);
+        }
     }
 
     /// Forgets a path.
     pub fn forget(&mut self, path: &RelPath) {
-        if self.map.swap_remove(path.as_bytes()).is_some() {
-            self.gone.insert(path.as_bytes().into());
-        }
+        self.remove(path.as_bytes());
     }
 
     /// Keeps only the paths for which `keep` is true.
     pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
-        let gone: Vec<Box<[u8]>> = self.map.keys().filter(|k| !keep(k)).cloned().collect();
-        for k in gone {
-            self.map.swap_remove(&k);
-            self.gone.insert(k);
-        }
+        let gone = self.map.extract_if(.., |k, _| !keep(k));
+        self.gone.extend(gone.map(|(k, _)| k));
     }
 
     /// After a full scan: remembers the hashes it computed (`hashed`, as
@@ -329,7 +355,7 @@ impl HashIndex {
         // whole at once were 36 MB more).
         let mut hashed = hashed;
         while let Some((p, s, h)) = hashed.pop() {
-            self.put(Vec::from(p).into_boxed_slice(), s, h, now_ns);
+            self.put(Cow::Owned(p.into()), s, h, now_ns);
             if hashed.len().is_multiple_of(SHRINK_EVERY) {
                 hashed.shrink_to_fit();
             }
@@ -344,10 +370,10 @@ impl HashIndex {
             };
             files += 1;
             let bare = e.meta.xattrs.is_empty();
-            if r.hash == Some(*hash) && r.bare != bare {
+            if r.hash == *hash && r.bare != bare {
                 r.bare = bare;
                 r.dirty = true;
-                self.dirty += 1;
+                self.note_dirty(e.path.as_bytes());
             }
         }
         // Every row named a file of the manifest: none to forget.
@@ -401,16 +427,25 @@ impl HashIndex {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         });
         let Some(conn) = conn else {
+            (self.dirty, self.few) = (0, Some(Vec::new()));
             self.gone.clear();
             return Ok(());
         };
         if self.dirty == 0 && self.gone.is_empty() {
             return Ok(());
         }
-        // Many rows changed (a first scan): put in key order where they are
-        // (not listed aside in order: 7 MB at 300,000 rows).
-        if self.dirty > self.map.len() / 8 {
-            self.map.sort_unstable_keys();
+        // A few rows changed: their keys, in order. Many (a first scan): the
+        // rows themselves put in key order (not listed aside: 7 MB at
+        // 300,000 rows), those flagged written.
+        // (left `None` until the save succeeds: one that fails is written
+        // again, whole, by the next)
+        let mut few = self.few.take();
+        match &mut few {
+            Some(keys) => {
+                keys.sort_unstable();
+                keys.dedup();
+            }
+            None => self.map.sort_unstable_keys(),
         }
         let path = Path::new("index");
         let tx = conn.transaction().map_err(|e| db_err(path, e))?;
@@ -432,39 +467,40 @@ impl HashIndex {
             for p in gone {
                 del.execute([p]).map_err(|e| db_err(path, e))?;
             }
-            let mut write = |p: &[u8], r: &Row| match r {
-                &Row {
-                    stamp: s,
-                    hash: Some(h),
-                    bare,
-                    ..
-                } => put.execute(rusqlite::params![
+            let mut write = |p: &[u8], r: &Row| {
+                let s = r.stamp;
+                put.execute(rusqlite::params![
                     p,
                     s.dev as i64,
                     s.ino as i64,
                     s.size as i64,
                     s.mtime_ns.to_string(),
                     s.ctime_ns.to_string(),
-                    h.to_vec(),
-                    i64::from(bare)
-                ]),
-                // a row of a scan that does not hash is not kept
-                _ => del.execute([p]),
+                    r.hash.to_vec(),
+                    i64::from(r.bare)
+                ])
             };
-            let mut dirty = (self.map.iter()).filter(|(_, r)| r.dirty);
-            if self.map.keys().is_sorted() {
-                dirty.try_for_each(|(p, r)| write(p, r).map(drop))
-            } else {
-                let mut few: Vec<(&Box<[u8]>, &Row)> = dirty.collect();
-                few.sort_unstable_by(|a, b| a.0.cmp(b.0));
-                few.into_iter().try_for_each(|(p, r)| write(p, r).map(drop))
+            match &few {
+                // (a key forgotten since is in `gone`)
+                Some(keys) => (keys.iter())
+                    .filter_map(|k| self.map.get(k).map(|r| (k, r)))
+                    .try_for_each(|(k, r)| write(k, r).map(drop)),
+                None => (self.map.iter())
+                    .filter(|(_, r)| r.dirty)
+                    .try_for_each(|(k, r)| write(k, r).map(drop)),
             }
             .map_err(|e| db_err(path, e))?;
         }
         tx.commit().map_err(|e| db_err(path, e))?;
         self.gone.clear();
-        for r in self.map.values_mut() {
-            r.dirty = false;
+        self.few = Some(Vec::new());
+        match few {
+            Some(keys) => (keys.iter()).for_each(|k| {
+                if let Some(r) = self.map.get_mut(k) {
+                    r.dirty = false;
+                }
+            }),
+            None => self.map.values_mut().for_each(|r| r.dirty = false),
         }
         self.dirty = 0;
         Ok(())

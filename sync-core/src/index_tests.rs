@@ -286,21 +286,28 @@ fn a_save_writes_changed_and_forgotten_rows_in_any_order() {
     assert_eq!(ix.lookup(&b, &stamp(5)), None);
     assert_eq!(ix.lookup(&c, &stamp(5)), Some([3; 32]));
     assert_eq!(ix.len(), 2);
-    // Many rows changed are written in place, in key order; then one of
-    // them (a few among many: listed aside), and one forgotten.
-    let many: Vec<RelPath> = (0..40)
-        .map(|i| RelPath::new(format!("m{}", 40 - i).into_bytes()).unwrap())
+    // More rows changed than are listed by key: the rows are sorted in
+    // place and those flagged written; then one of them (a few, listed),
+    // and one forgotten.
+    let n = FEW + 10;
+    let many: Vec<RelPath> = (0..n)
+        .map(|i| RelPath::new(format!("m{}", n - i).into_bytes()).unwrap())
         .collect();
     for (i, p) in many.iter().enumerate() {
         ix.record(p, stamp(i as u64), [i as u8; 32], now);
     }
+    assert!(ix.few.is_none(), "more than FEW rows were listed");
     ix.save().unwrap();
     ix.record(&many[7], stamp(99), [99; 32], now);
+    assert_eq!(ix.few.as_ref().map(Vec::len), Some(1));
     ix.forget(&many[8]);
     ix.save().unwrap();
+    // the same hash at the same stamp changes nothing
+    ix.record(&many[9], stamp(9), [9; 32], now);
+    assert_eq!((ix.dirty, ix.few.as_ref().map(Vec::len)), (0, Some(0)));
     drop(ix);
     let ix = HashIndex::open(&db).unwrap();
-    assert_eq!(ix.len(), 2 + 39);
+    assert_eq!(ix.len(), 2 + n - 1);
     for (i, p) in many.iter().enumerate() {
         let want = match i {
             7 => ix.lookup(p, &stamp(99)) == Some([99; 32]),

@@ -179,8 +179,9 @@ impl Replica {
     /// on this machine).
     fn rename_all(&self, renames: &mut [(RelPath, Vec<u8>)]) -> Result<(), Error> {
         use rayon::prelude::*;
+        // the root has no parent: refused before anything is renamed
         if let Some((root, _)) = renames.iter().find(|(p, _)| p.is_root()) {
-            return Err(Error::invalid(self.display(root), "the root has no parent"));
+            self.split(root)?;
         }
         fn parent(p: &RelPath) -> Option<&[u8]> {
             p.split_last_bytes().map(|(parent, _)| parent)
