@@ -111,6 +111,7 @@ impl Message {
             Message::TreeDigest { .. } => "TreeDigest",
             Message::RoundSame { .. } => "RoundSame",
             Message::FilesRequest { .. } => "FilesRequest",
+            Message::DbRun { .. } => "DbRun",
         }
     }
 }

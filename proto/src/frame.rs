@@ -82,12 +82,29 @@ fn unpack(raw_len: u32, data: &[u8]) -> Result<Message, FrameError> {
     Ok(Message::Manifest(entries))
 }
 
+/// Bytes of content `msg` carries (file data, deltas, page images): most of
+/// its encoding, for a buffer sized before it is written.
+fn payload_len(msg: &Message) -> usize {
+    match msg {
+        Message::Literal(d)
+        | Message::Delta(d)
+        | Message::Inline { data: d, .. }
+        | Message::ManifestPacked { data: d, .. }
+        | Message::DbRun { data: d, .. } => d.len(),
+        Message::DbPages(p) => p.iter().map(|(_, d)| d.len() + 8).sum(),
+        _ => 0,
+    }
+}
+
 /// Appends `msg` as one frame to `out` (a manifest batch packed when that
 /// makes it smaller).
 pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
     let packed = pack(msg);
     let msg = packed.as_ref().unwrap_or(msg);
     let start = out.len();
+    // room for the content a message carries, so that the buffer does not
+    // grow (and copy it) several times over while it is written
+    out.reserve(HEADER_LEN + 64 + payload_len(msg).min(MAX_FRAME_LEN));
     out.extend_from_slice(&[0; HEADER_LEN]);
     bincode::serde::encode_into_std_write(msg, out, config())
         .map_err(|e| FrameError::Malformed(e.to_string()))?;

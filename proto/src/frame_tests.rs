@@ -125,3 +125,39 @@ fn hostile_packed_manifests_are_refused() {
         "malformed",
     );
 }
+
+/// A run of pages travels as its bytes once (not a length and a copy per
+/// page), its frame is written into a buffer sized for it from the start,
+/// and it arrives as it was sent.
+#[test]
+fn a_run_of_pages_travels_as_one_buffer() {
+    let data: Vec<u8> = (0..64 * 4096u32).map(|i| (i % 251) as u8).collect();
+    let m = Message::DbRun {
+        first: 7,
+        data: data.clone(),
+    };
+    assert_eq!(payload_len(&m), data.len());
+    let mut out = Vec::new();
+    encode(&m, &mut out).expect("encodes");
+    // tag, page number, length: a few bytes beyond the images
+    assert!(
+        out.len() - data.len() <= HEADER_LEN + 16,
+        "{} bytes",
+        out.len()
+    );
+    assert!(
+        out.capacity() <= out.len() + 64 + HEADER_LEN,
+        "grown past its size"
+    );
+    assert_eq!(&out[out.len() - data.len()..], &data[..]);
+    let (back, used) = decode(&out).expect("decodes").expect("complete");
+    assert_eq!((back, used), (m, out.len()));
+    // the same pages one by one cost a length each
+    let pages = Message::DbPages(
+        data.chunks(4096)
+            .zip(7u32..)
+            .map(|(d, n)| (n, d.to_vec()))
+            .collect(),
+    );
+    assert!(frame_of(&pages).len() > out.len() + 64 * 3);
+}

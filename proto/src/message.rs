@@ -303,7 +303,7 @@ impl std::fmt::Display for HeldDb {
 }
 
 /// How many variants [`Message`] has (the decoder names others as unknown types).
-pub(crate) const MESSAGE_TYPES: u32 = 27;
+pub(crate) const MESSAGE_TYPES: u32 = 28;
 
 /// Everything that travels, one per frame.
 ///
@@ -502,6 +502,18 @@ pub enum Message {
         /// Positions of the entries in the round's manifest (1 to
         /// [`MAX_BATCH_FILES`]).
         indexes: Vec<u64>,
+    },
+    /// Source → replica: the page images of the snapshot from page `first`
+    /// (from 1) on, one after another: `data` is a whole number of pages of
+    /// the database's page size. A run of consecutive pages travels as one
+    /// buffer, read, sent and written without a copy or an allocation per
+    /// page (a whole database arrives as runs).
+    DbRun {
+        /// Number of the first page.
+        first: u32,
+        /// The pages' images.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
     },
 }
 

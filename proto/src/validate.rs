@@ -155,6 +155,35 @@ pub fn check_db_bounds(page_size: u32, pages: u32) -> Result<(), DbBoundsError> 
     Ok(())
 }
 
+/// A page batch: within [`MAX_PAGES_PER_BATCH`], no page 0, each a page size.
+fn check_pages(pages: &[(u32, Vec<u8>)]) -> Result<(), ValidateError> {
+    if pages.len() > MAX_PAGES_PER_BATCH {
+        return Err(ValidateError::TooManyPages(pages.len()));
+    }
+    if let Some((n, d)) = pages
+        .iter()
+        .find(|(n, d)| *n == 0 || !valid_page_size(d.len() as u32))
+    {
+        return Err(ValidateError::BadPage {
+            number: *n,
+            len: d.len(),
+        });
+    }
+    Ok(())
+}
+
+/// A run of pages: from page 1 on, some whole pages of the smallest page
+/// size at least (the database's own size is the fetch's to check).
+fn check_run(first: u32, data: &[u8]) -> Result<(), ValidateError> {
+    if first == 0 || data.is_empty() || !data.len().is_multiple_of(512) {
+        return Err(ValidateError::BadPage {
+            number: first,
+            len: data.len(),
+        });
+    }
+    Ok(())
+}
+
 impl Message {
     /// Checks every bound that the type system does not. The decoder calls this, so
     /// a decoded message is always within bounds.
@@ -220,21 +249,8 @@ impl Message {
                 }
                 Ok(())
             }
-            Message::DbPages(pages) => {
-                if pages.len() > MAX_PAGES_PER_BATCH {
-                    return Err(ValidateError::TooManyPages(pages.len()));
-                }
-                if let Some((n, d)) = pages
-                    .iter()
-                    .find(|(n, d)| *n == 0 || !valid_page_size(d.len() as u32))
-                {
-                    return Err(ValidateError::BadPage {
-                        number: *n,
-                        len: d.len(),
-                    });
-                }
-                Ok(())
-            }
+            Message::DbPages(pages) => check_pages(pages),
+            Message::DbRun { first, data } => check_run(*first, data),
             Message::DbEnd {
                 page_size, pages, ..
             } => check_db_bounds(*page_size, *pages).map_err(ValidateError::DbEnd),

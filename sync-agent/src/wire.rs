@@ -11,17 +11,18 @@ use proto::frame::{self, HEADER_LEN};
 pub async fn send(stream: &mut quinn::SendStream, msg: &Message) -> Result<()> {
     let mut buf = Vec::new();
     frame::encode(msg, &mut buf).context("encoding a message")?;
-    send_frames(stream, &buf).await
+    send_frames(stream, buf).await
 }
 
 /// Writes frames already encoded (`frame::encode`, one after another) as
-/// [`send`] writes one.
-pub async fn send_frames(stream: &mut quinn::SendStream, buf: &[u8]) -> Result<()> {
+/// [`send`] writes one. The buffer is handed to the stream as it is (not
+/// copied into the stream's own: content crosses this once less).
+pub async fn send_frames(stream: &mut quinn::SendStream, buf: Vec<u8>) -> Result<()> {
     if let Some(limit) = crate::bwlimit::current() {
         limit.acquire(buf.len() as u64).await;
     }
     let d = stage_deadline();
-    match tokio::time::timeout(d, stream.write_all(buf)).await {
+    match tokio::time::timeout(d, stream.write_chunk(bytes::Bytes::from(buf))).await {
         Ok(r) => r.context("sending to peer")?,
         Err(_) => bail!(
             "peer read nothing for {} s while we sent to it",
@@ -48,11 +49,21 @@ pub async fn recv(stream: &mut quinn::RecvStream) -> Result<Option<Message>> {
         }
     }
     let len = frame::frame_len(header)?;
-    let mut body = vec![0u8; len];
-    stream
-        .read_exact(&mut body)
-        .await
-        .context("reading a frame body from peer")?;
+    // read as the stream's chunks come (no zeroed buffer written over)
+    let mut body = Vec::with_capacity(len);
+    while body.len() < len {
+        match stream
+            .read_chunk(len - body.len(), true)
+            .await
+            .context("reading a frame body from peer")?
+        {
+            Some(c) => body.extend_from_slice(&c.bytes),
+            None => bail!(
+                "peer closed the stream inside a frame body ({} of {len} bytes)",
+                body.len()
+            ),
+        }
+    }
     Ok(Some(frame::decode_body(&body)?))
 }
 

@@ -36,6 +36,7 @@ use db::db_like;
 mod durable;
 pub use durable::{SyncPlan, SyncTarget};
 mod meta_apply;
+mod page_set;
 mod remove;
 mod round;
 pub use round::Staged;

@@ -231,6 +231,44 @@ async fn absurd_counts_on_a_database_stream_are_refused() {
             "more pages sent than the 4 the database has",
         ),
         (
+            "a run from page u32::MAX",
+            vec![Message::DbRun {
+                first: u32::MAX,
+                data: vec![0; 1024],
+            }],
+            "page 4294967295 of 1024 bytes for a database of 4 pages",
+        ),
+        (
+            "a run past the database's end",
+            vec![Message::DbRun {
+                first: 3,
+                data: vec![0; 3 * 512],
+            }],
+            "page 3 of 1536 bytes for a database of 4 pages",
+        ),
+        (
+            "a run of part of a page",
+            vec![Message::DbRun {
+                first: 1,
+                data: vec![0; 700],
+            }],
+            "page 1 of 700 bytes",
+        ),
+        (
+            "runs over the same pages, over and over",
+            vec![
+                Message::DbRun {
+                    first: 1,
+                    data: vec![0; 4 * 512],
+                },
+                Message::DbRun {
+                    first: 1,
+                    data: vec![0; 512],
+                },
+            ],
+            "more pages sent than the 4 the database has",
+        ),
+        (
             "an end of u32::MAX pages",
             vec![Message::DbEnd {
                 page_size: 512,

@@ -230,6 +230,95 @@ fn a_page_beyond_the_database_or_of_another_size_is_refused() {
     ));
 }
 
+fn run(first: u32, pages: usize) -> Message {
+    Message::DbRun {
+        first,
+        data: vec![first as u8; pages * 512],
+    }
+}
+
+#[test]
+fn runs_of_pages_are_staged_counted_and_bounded() {
+    let mut d = DbFetch::new(DB);
+    assert_eq!(
+        d.handle(run(1, 2)),
+        Ok(DbStep::Run {
+            first: 1,
+            data: vec![1; 1024]
+        })
+    );
+    d.handle(Message::DbPages(vec![page(4)])).expect("a page");
+    assert_eq!(d.received(), 3);
+    // no hashes once pages began
+    assert_eq!(
+        d.handle(Message::DbNeedHashes),
+        Err(ExchangeError::HashesAgain)
+    );
+    // the last page again: counted, over the database's four
+    d.handle(run(3, 1)).expect("the fourth page received");
+    assert_eq!(d.handle(run(4, 1)), Err(ExchangeError::TooManyPages(4)));
+    assert_eq!(d.handle(db_end(4)), Ok(DbStep::Commit));
+    assert_eq!(
+        d.handle(run(1, 1)),
+        Err(ExchangeError::AfterEnd { got: "DbRun" })
+    );
+}
+
+#[test]
+fn a_run_past_the_database_or_of_partial_pages_is_refused() {
+    let bad = |first: u32, len: usize| {
+        let got = DbFetch::new(DB).handle(Message::DbRun {
+            first,
+            data: vec![0; len],
+        });
+        assert_eq!(
+            got,
+            Err(ExchangeError::BadPage {
+                number: first,
+                len,
+                pages: 4,
+                page_size: 512
+            }),
+            "page {first}, {len} bytes"
+        );
+    };
+    // past the end: from page 4 two pages, from page 5 one, from the last
+    // number a page size's worth
+    bad(4, 1024);
+    bad(5, 512);
+    bad(u32::MAX, 512);
+    // more pages than the database has at all (page-size multiple)
+    bad(1, 5 * 512);
+    // not a whole number of the database's pages (1024 is a page size, and
+    // a multiple of 512 with 1,536 not one of 1024)
+    let big = DbGeometry {
+        page_size: 1024,
+        pages: 4,
+        hash: [5; 32],
+    };
+    assert!(matches!(
+        DbFetch::new(big).handle(Message::DbRun {
+            first: 1,
+            data: vec![0; 1536]
+        }),
+        Err(ExchangeError::BadPage { len: 1536, .. })
+    ));
+    // page 0, nothing, or not even whole 512-byte pages: the message's own
+    // bounds
+    for (first, len) in [(0u32, 512usize), (1, 0), (1, 700)] {
+        assert!(
+            matches!(
+                DbFetch::new(DB).handle(Message::DbRun {
+                    first,
+                    data: vec![0; len]
+                }),
+                Err(ExchangeError::Invalid(_))
+            ),
+            "page {first}, {len} bytes"
+        );
+    }
+}
+
 #[test]
 fn hashes_asked_twice_or_after_pages_are_refused() {
     let mut d = DbFetch::new(DB);
@@ -334,10 +423,10 @@ fn hashes_past_our_page_count_are_dropped_and_batches_are_bounded() {
 
 #[test]
 fn pages_per_batch_stays_within_the_bounds() {
-    assert_eq!(pages_per_batch(512), 512);
-    assert_eq!(pages_per_batch(4096), 64);
-    assert_eq!(pages_per_batch(65536), 4);
-    assert_eq!(pages_per_batch(0), 512);
+    assert_eq!(pages_per_batch(512), 256);
+    assert_eq!(pages_per_batch(4096), 32);
+    assert_eq!(pages_per_batch(65536), 2);
+    assert_eq!(pages_per_batch(0), 256);
     assert!((1..=crate::MAX_PAGES_PER_BATCH).contains(&pages_per_batch(512)));
 }
 

@@ -138,6 +138,10 @@ pub(super) fn write_db(
                 staged.pages(&batch)?;
                 n += batch.len() as u64;
             }
+            DbStep::Run { first, data } => {
+                staged.run(first, &data)?;
+                n += (data.len() / db.page_size.max(1) as usize) as u64;
+            }
             DbStep::Commit => {
                 staged.commit(&db.hash, &e.meta)?;
                 return Ok(n);

@@ -55,7 +55,9 @@ pub(super) async fn serve_db(
 }
 
 /// Sends the pages `wanted` of the cut of `path`, read on a blocking thread
-/// while the batches before them are on the wire; the bytes sent.
+/// while the runs before them are on the wire; the bytes sent. Consecutive
+/// pages travel as one [`Message::DbRun`] (a buffer read at once, sent and
+/// written as it is).
 async fn send_pages(
     send: &mut quinn::SendStream,
     live: &Arc<Mutex<LiveSet>>,
@@ -70,20 +72,22 @@ async fn send_pages(
     let (l, path) = (live.clone(), path.clone());
     let reader = tokio::task::spawn_blocking(move || -> Result<()> {
         for chunk in wanted.chunks(budget) {
-            let batch = lock_live(&l)?.pages(&path, chunk)?;
-            if tx.blocking_send(batch).is_err() {
+            let runs = lock_live(&l)?.runs(&path, chunk)?;
+            if tx.blocking_send(runs).is_err() {
                 break;
             }
         }
         Ok(())
     });
     let mut sent = 0u64;
-    while let Some(batch) = rx.recv().await {
-        sent += batch.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
-        if let Err(e) = wire::send(send, &Message::DbPages(batch)).await {
-            drop(rx);
-            let _ = reader.await;
-            return Err(e);
+    while let Some(runs) = rx.recv().await {
+        for (first, data) in runs {
+            sent += data.len() as u64;
+            if let Err(e) = wire::send(send, &Message::DbRun { first, data }).await {
+                drop(rx);
+                let _ = reader.await;
+                return Err(e);
+            }
         }
     }
     reader.await??;

@@ -1,6 +1,7 @@
 //! The replica's databases: staging pages against the announced hash,
 //! the held-open check, and updates that never write through another name.
 
+use super::page_set::PageSet;
 use super::round::start_writeback;
 use super::*;
 use crate::sqlite::{self, PageTable};
@@ -367,53 +368,6 @@ impl Iterator for PageRecords<'_> {
     }
 }
 
-/// A set of page numbers `start..end` as a bitmap: one bit a page (2 MiB at
-/// [`proto::MAX_DB_PAGES`]), where a `BTreeSet<u32>` took some 8 bytes a page.
-#[derive(Debug)]
-pub(super) struct PageSet {
-    start: u32,
-    bits: Vec<u64>,
-    count: u32,
-}
-
-impl PageSet {
-    fn range(start: u32, end: u32) -> Self {
-        let n = end.saturating_sub(start);
-        let mut bits = vec![u64::MAX; n.div_ceil(64) as usize];
-        if let Some(last) = bits.last_mut()
-            && !n.is_multiple_of(64)
-        {
-            *last = (1u64 << (n % 64)) - 1;
-        }
-        Self {
-            start,
-            bits,
-            count: n,
-        }
-    }
-
-    fn remove(&mut self, page: &u32) {
-        let Some(i) = page.checked_sub(self.start) else {
-            return;
-        };
-        if let Some(w) = self.bits.get_mut((i / 64) as usize) {
-            let bit = 1u64 << (i % 64);
-            if *w & bit != 0 {
-                *w &= !bit;
-                self.count -= 1;
-            }
-        }
-    }
-
-    fn first(&self) -> Option<u32> {
-        if self.count == 0 {
-            return None;
-        }
-        let (i, w) = self.bits.iter().enumerate().find(|(_, w)| **w != 0)?;
-        Some(self.start + i as u32 * 64 + w.trailing_zeros())
-    }
-}
-
 /// A database update being received. Dropped without [`StagedDb::commit`], its
 /// staging file is removed.
 #[derive(Debug)]
@@ -494,10 +448,52 @@ impl StagedDb<'_> {
             run = end;
         }
         for (pgno, data) in batch {
-            self.hashes[*pgno as usize - 1] = sqlite::page_hash(*pgno, data.as_ref());
-            self.missing.remove(&(pgno - 1));
+            self.noted(*pgno, data.as_ref());
         }
         Ok(())
+    }
+
+    /// Records the consecutive pages `data` holds from page `first` on (a
+    /// whole number of pages): a whole new database's run is written where
+    /// it belongs in one write, straight from the buffer it came in.
+    pub fn run(&mut self, first: u32, data: &[u8]) -> Result<(), Error> {
+        let ps = self.page_size as usize;
+        let count = data.len().checked_div(ps).unwrap_or(0);
+        let past = u64::from(first) + (count as u64).saturating_sub(1);
+        if count == 0
+            || !data.len().is_multiple_of(ps)
+            || first == 0
+            || past > self.hashes.len() as u64
+        {
+            return Err(Error::invalid(
+                self.replica.display(&self.path),
+                format!(
+                    "a run of {} bytes from page {first} for a database of {} pages of {}",
+                    data.len(),
+                    self.hashes.len(),
+                    self.page_size
+                ),
+            ));
+        }
+        let pages = (first..).zip(data.chunks(ps));
+        if !self.full {
+            return self.pages(&pages.collect::<Vec<_>>());
+        }
+        let at = u64::from(first - 1) * u64::from(self.page_size);
+        self.file
+            .write_all_at(data, at)
+            .map_err(|e| Error::io("write", self.replica.display(&self.path), e))?;
+        start_writeback(&self.file, at, data.len() as u64);
+        for (pgno, page) in pages {
+            self.noted(pgno, page);
+        }
+        Ok(())
+    }
+
+    /// Page `pgno` is staged as `data`.
+    fn noted(&mut self, pgno: u32, data: &[u8]) {
+        self.hashes[pgno as usize - 1] = sqlite::page_hash(pgno, data);
+        self.missing.remove(&(pgno - 1));
     }
 
     /// Checks the result against `hash` and queues the update for the round's
@@ -557,32 +553,6 @@ impl Drop for StagedDb<'_> {
             let _ = rustix::fs::unlinkat(&self.dir, self.tmp.as_slice(), AtFlags::empty());
             self.replica.unstage(&self.path, &self.tmp);
         }
-    }
-}
-
-#[cfg(test)]
-mod page_set_tests {
-    use super::PageSet;
-
-    #[test]
-    fn page_set_tracks_what_is_missing() {
-        let mut s = PageSet::range(3, 200);
-        assert_eq!(s.first(), Some(3));
-        for p in 0..150 {
-            s.remove(&p);
-        }
-        assert_eq!(s.first(), Some(150));
-        s.remove(&150);
-        s.remove(&150);
-        for p in 151..1000 {
-            s.remove(&p);
-        }
-        assert_eq!(s.first(), None);
-        assert_eq!(PageSet::range(5, 5).first(), None);
-        assert_eq!(PageSet::range(0, 64).first(), Some(0));
-        // the largest allowed database: one bit a page
-        let big = PageSet::range(0, proto::MAX_DB_PAGES);
-        assert_eq!(big.bits.len() * 8, (proto::MAX_DB_PAGES / 8) as usize);
     }
 }
 

@@ -241,3 +241,90 @@ fn a_metadata_change_keeps_a_databases_cached_page_table() {
     let changed = r.page_table(&rel).unwrap().unwrap();
     assert_ne!(changed.hash, first.hash);
 }
+
+/// The pages of `path` as its file holds them (no log: checkpointed).
+fn image_of(path: &Path) -> Vec<u8> {
+    let c = Connection::open(path).unwrap();
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    drop(c);
+    std::fs::read(path).unwrap()
+}
+
+/// Pages staged as runs land as they would page by page: a whole new image
+/// in runs out of order, then an update of the changed pages on top of it;
+/// a run past the database, of a partial page or from page 0 is refused,
+/// naming the database.
+#[test]
+fn runs_of_pages_stage_a_whole_image_and_an_update() {
+    let t = tempfile::tempdir().unwrap();
+    let (root, src) = (t.path().join("root"), t.path().join("src.db"));
+    std::fs::create_dir(&root).unwrap();
+    make_db(&src, 300, "B");
+    let r = Replica::open(&root).unwrap();
+    let rel = RelPath::new(b"app.db").unwrap();
+    let table = sqlite::read_hashes(&src).unwrap().unwrap();
+    let image = image_of(&src);
+    let (ps, n) = (table.page_size as usize, table.hashes.len());
+    assert_eq!(image.len(), n * ps);
+    assert!(n >= 8, "{n} pages");
+    let mut staged = r.stage_db(&rel, None, table.page_size, n as u32).unwrap();
+    assert!(staged.is_full());
+    for (first, len) in [(1u32, ps + 100), (n as u32, 2 * ps), (0, ps), (1, 0)] {
+        let e = staged
+            .run(first, &vec![0; len])
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("app.db"), "{e}");
+    }
+    let half = n / 2;
+    staged.run(half as u32 + 1, &image[half * ps..]).unwrap();
+    staged.run(1, &image[..ps]).unwrap();
+    staged.run(2, &image[ps..half * ps]).unwrap();
+    let meta = crate::meta::from_stat(&std::fs::metadata(&src).unwrap());
+    staged.commit(&table.hash, &meta).unwrap();
+    r.flush().unwrap();
+    assert_eq!(std::fs::read(root.join("app.db")).unwrap(), image);
+    assert_eq!(tag_of(&root.join("app.db")).unwrap(), "B");
+
+    // changed rows: the pages that differ, as runs, on top of the replica's
+    let c = Connection::open(&src).unwrap();
+    c.execute_batch("UPDATE t SET v = 'C' || substr(v, 2) WHERE k <= 40 OR k > 280")
+        .unwrap();
+    drop(c);
+    let (after, image) = (sqlite::read_hashes(&src).unwrap().unwrap(), image_of(&src));
+    let base = r.page_table(&rel).unwrap().expect("the staged database");
+    let changed: Vec<u32> = (1..=after.hashes.len() as u32)
+        .filter(|&p| base.hashes.get(p as usize - 1) != Some(&after.hashes[p as usize - 1]))
+        .collect();
+    assert!(!changed.is_empty() && changed.len() < after.hashes.len());
+    let pages = after.hashes.len() as u32;
+    let mut staged = r
+        .stage_db(&rel, Some(base), after.page_size, pages)
+        .unwrap();
+    assert!(!staged.is_full());
+    // consecutive changed pages in one run each
+    let mut rest = &changed[..];
+    while let Some(&first) = rest.first() {
+        let k = rest
+            .iter()
+            .zip(first..)
+            .take_while(|(p, q)| **p == *q)
+            .count();
+        let (a, b) = ((first as usize - 1) * ps, (first as usize - 1 + k) * ps);
+        staged.run(first, &image[a..b]).unwrap();
+        rest = &rest[k..];
+    }
+    let meta = crate::meta::from_stat(&std::fs::metadata(&src).unwrap());
+    staged.commit(&after.hash, &meta).unwrap();
+    r.flush().unwrap();
+    assert_eq!(tag_of(&root.join("app.db")).unwrap(), "C");
+    assert_eq!(sqlite::integrity(&root.join("app.db")).unwrap(), "ok");
+    assert_eq!(
+        sqlite::read_hashes(&root.join("app.db"))
+            .unwrap()
+            .unwrap()
+            .hash,
+        after.hash
+    );
+}

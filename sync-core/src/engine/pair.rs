@@ -339,41 +339,40 @@ impl Pair {
                 None => self.live.differing(&e.path, 0, &[]),
             },
         };
-        // The pages as the source sends them, through the replica's machine.
         let db = DbGeometry {
             page_size,
             pages,
             hash,
         };
-        let mut msgs = Vec::new();
-        for batch in wanted.chunks(pages_per_batch(page_size)) {
-            let images: Result<Vec<_>, Error> = batch
-                .iter()
-                .map(|&p| Ok((p, self.live.page(&e.path, p)?)))
-                .collect();
-            msgs.push(Message::DbPages(images?));
-        }
-        msgs.push(Message::DbEnd {
-            page_size,
-            pages,
-            hash,
-        });
         let bad = |why: String| Error::invalid(&e.path, why);
         let mut fetch = DbFetch::new(db);
         let mut staged = r.stage_db(&e.path, table, page_size, pages)?;
-        for m in msgs {
+        // The pages as the source sends them, through the replica's machine.
+        let mut feed = |m: Message| -> Result<Option<u64>, Error> {
             match fetch.handle(m).map_err(|x| bad(x.to_string()))? {
                 DbStep::Pages(batch) => {
                     for (p, data) in batch {
                         staged.page(p, &data)?;
                     }
                 }
-                DbStep::Commit => {
-                    staged.commit(&hash, &e.meta)?;
-                    return Ok(Some(fetch.received()));
-                }
+                DbStep::Run { first, data } => staged.run(first, &data)?,
+                DbStep::Commit => return Ok(Some(fetch.received())),
                 DbStep::SendHashes => return Err(bad("hashes asked, none sent".into())),
             }
+            Ok(None)
+        };
+        for batch in wanted.chunks(pages_per_batch(page_size)) {
+            for (first, data) in self.live.runs(&e.path, batch)? {
+                feed(Message::DbRun { first, data })?;
+            }
+        }
+        if let Some(received) = feed(Message::DbEnd {
+            page_size,
+            pages,
+            hash,
+        })? {
+            staged.commit(&hash, &e.meta)?;
+            return Ok(Some(received));
         }
         Err(bad("the pages ended before the database's end".into()))
     }

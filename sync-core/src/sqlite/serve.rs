@@ -86,6 +86,14 @@ impl LiveSet {
         self.tracked(path)?.pages(wanted)
     }
 
+    /// [`Self::pages`] as runs: each consecutive stretch of `wanted` as its
+    /// first page number and the pages' images one after another (as
+    /// [`proto::Message::DbRun`] carries them), read without a buffer per
+    /// page.
+    pub fn runs(&self, path: &RelPath, wanted: &[u32]) -> Result<Vec<(u32, Vec<u8>)>, Error> {
+        self.tracked(path)?.runs(wanted)
+    }
+
     fn tracked(&self, path: &RelPath) -> Result<&LiveDb, Error> {
         self.dbs.get(path).ok_or_else(|| Error::Sqlite {
             path: path.to_string(),
@@ -155,7 +163,25 @@ impl LiveDb {
     /// (pages read ahead, a copy, an idle database) or a log that cannot
     /// tell, page by page as [`Self::page`].
     pub(super) fn pages(&self, wanted: &[u32]) -> Result<Vec<(u32, Vec<u8>)>, Error> {
-        let one_by_one = || wanted.iter().map(|&p| Ok((p, self.page(p)?))).collect();
+        let size = (self.page_size as usize).max(1);
+        let mut out = Vec::with_capacity(wanted.len());
+        for (first, run) in self.runs(wanted)? {
+            out.extend((first..).zip(run.chunks(size).map(<[u8]>::to_vec)));
+        }
+        Ok(out)
+    }
+
+    /// [`Self::pages`] as runs of consecutive pages, each its first number
+    /// and the images one after another.
+    pub(super) fn runs(&self, wanted: &[u32]) -> Result<Vec<(u32, Vec<u8>)>, Error> {
+        let one_by_one = || {
+            let mut out: Vec<(u32, Vec<u8>)> = Vec::new();
+            for &p in wanted {
+                let page = self.page(p)?;
+                append_page(&mut out, self.page_size, p, &page);
+            }
+            Ok(out)
+        };
         let reader = match &self.conns {
             Some(c) if c.reading && self.cache.is_none() && self.copy.is_none() => &c.reader,
             _ => return one_by_one(),
@@ -174,7 +200,7 @@ impl LiveDb {
             return one_by_one();
         }
         let count = self.hashes.len() as u32;
-        let mut out = Vec::with_capacity(wanted.len());
+        let mut out = Vec::new();
         let mut rest = wanted;
         while let Some(&first) = rest.first() {
             let run = rest
@@ -184,7 +210,7 @@ impl LiveDb {
                 .take(RUN_PAGES)
                 .count();
             if run == 0 {
-                out.push((first, self.page(first)?));
+                append_page(&mut out, self.page_size, first, &self.page(first)?);
                 rest = &rest[1..];
                 continue;
             }
@@ -192,7 +218,7 @@ impl LiveDb {
             super::whole::read_run(reader, &self.path, file, (size, first), &mut buf, overlay)?;
             #[cfg(test)]
             super::whole::SERVED_PAGES.with(|n| n.set(n.get() + run as u64));
-            out.extend((first..).zip(buf.chunks(size).map(<[u8]>::to_vec)));
+            out.push((first, buf));
             rest = &rest[run..];
         }
         Ok(out)
@@ -208,4 +234,17 @@ impl LiveDb {
             None => self.cut_page(pgno),
         }
     }
+}
+
+/// Adds page `pgno` to `runs`: at the end of the last run when it follows
+/// it, else as a run of its own.
+fn append_page(runs: &mut Vec<(u32, Vec<u8>)>, page_size: u32, pgno: u32, page: &[u8]) {
+    if let Some((first, run)) = runs.last_mut()
+        && page.len() == page_size as usize
+        && u64::from(*first) + (run.len() / page_size as usize) as u64 == u64::from(pgno)
+    {
+        run.extend_from_slice(page);
+        return;
+    }
+    runs.push((pgno, page.to_vec()));
 }

@@ -94,7 +94,7 @@ pub(super) async fn serve_files(
         })
     });
     while let Some(frames) = rx.recv().await {
-        wire::send_frames(&mut send, &frames).await?;
+        wire::send_frames(&mut send, frames).await?;
     }
     reader.await??;
     finish(send).await
