@@ -180,6 +180,37 @@ pub fn pages_per_batch(page_size: u32) -> usize {
     ((128 << 10) / page_size.max(512) as usize).clamp(1, MAX_PAGES_PER_BATCH)
 }
 
+/// Runs shorter than this many pages travel numbered, together in one
+/// `DbPages`, rather than each as a `DbRun` (pages changed here and there in
+/// a database, as an application's commits change them: a frame each would
+/// cost a frame's work each).
+pub const MIN_RUN_PAGES: usize = 8;
+
+/// The messages that carry `runs` (each its first page number and the
+/// pages' images one after another, `page_size` bytes each): a run of
+/// [`MIN_RUN_PAGES`] or more as a `DbRun`, the pages of the shorter ones
+/// together in `DbPages` batches of at most [`MAX_PAGES_PER_BATCH`] (first).
+#[must_use]
+pub fn page_messages(page_size: u32, runs: Vec<(u32, Vec<u8>)>) -> Vec<Message> {
+    let size = page_size.max(1) as usize;
+    let mut scattered = Vec::new();
+    let mut long = Vec::new();
+    for (first, data) in runs {
+        if data.len() >= MIN_RUN_PAGES * size {
+            long.push(Message::DbRun { first, data });
+        } else {
+            scattered.extend((first..).zip(data.chunks(size).map(<[u8]>::to_vec)));
+        }
+    }
+    let mut out = Vec::with_capacity(long.len() + 1);
+    while !scattered.is_empty() {
+        let rest = scattered.split_off(scattered.len().min(MAX_PAGES_PER_BATCH));
+        out.push(Message::DbPages(std::mem::replace(&mut scattered, rest)));
+    }
+    out.extend(long);
+    out
+}
+
 /// The replica's page size (0: it has no database) and page hashes.
 pub type TheirHashes = (u32, Vec<[u8; 32]>);
 

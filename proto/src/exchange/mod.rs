@@ -22,7 +22,9 @@ pub mod file;
 
 pub use admit::{DbGeometry, Request, admit};
 pub use batch::{BatchFetch, BatchStep};
-pub use db::{DbFetch, DbStep, HashCollector, hash_batches, pages_per_batch};
+pub use db::{
+    DbFetch, DbStep, HashCollector, MIN_RUN_PAGES, hash_batches, page_messages, pages_per_batch,
+};
 pub use file::{Changed, FileFetch, FileStep};
 
 use crate::{MAX_DB_PAGES, ValidateError};
@@ -136,5 +138,7 @@ pub enum ExchangeError {
     Invalid(#[from] ValidateError),
 }
 
+#[cfg(test)]
+mod db_tests;
 #[cfg(test)]
 mod tests;

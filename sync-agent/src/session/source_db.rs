@@ -3,7 +3,7 @@
 use super::Progress;
 use crate::wire;
 use anyhow::{Result, anyhow};
-use proto::exchange::{DbGeometry, HashCollector, pages_per_batch};
+use proto::exchange::{DbGeometry, HashCollector, page_messages, pages_per_batch};
 use proto::{Message, RelPath};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -55,9 +55,10 @@ pub(super) async fn serve_db(
 }
 
 /// Sends the pages `wanted` of the cut of `path`, read on a blocking thread
-/// while the runs before them are on the wire; the bytes sent. Consecutive
-/// pages travel as one [`Message::DbRun`] (a buffer read at once, sent and
-/// written as it is).
+/// while the runs before them are on the wire; the bytes sent. Long runs of
+/// consecutive pages travel as [`Message::DbRun`]s (a buffer read at once,
+/// sent and written as it is), pages here and there together
+/// ([`page_messages`]).
 async fn send_pages(
     send: &mut quinn::SendStream,
     live: &Arc<Mutex<LiveSet>>,
@@ -81,9 +82,9 @@ async fn send_pages(
     });
     let mut sent = 0u64;
     while let Some(runs) = rx.recv().await {
-        for (first, data) in runs {
-            sent += data.len() as u64;
-            if let Err(e) = wire::send(send, &Message::DbRun { first, data }).await {
+        sent += runs.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+        for m in page_messages(page_size, runs) {
+            if let Err(e) = wire::send(send, &m).await {
                 drop(rx);
                 let _ = reader.await;
                 return Err(e);

@@ -7,7 +7,7 @@ use super::content::{ContentSource as _, Loopback, pull, split_inline};
 use super::*;
 use crate::sqlite::{LiveSet, Need};
 use proto::Message;
-use proto::exchange::{DbFetch, DbGeometry, DbStep, pages_per_batch};
+use proto::exchange::{DbFetch, DbGeometry, DbStep, page_messages, pages_per_batch};
 use proto::round::{Assembler, Event, Outgoing};
 use std::path::PathBuf;
 
@@ -362,8 +362,8 @@ impl Pair {
             Ok(None)
         };
         for batch in wanted.chunks(pages_per_batch(page_size)) {
-            for (first, data) in self.live.runs(&e.path, batch)? {
-                feed(Message::DbRun { first, data })?;
+            for m in page_messages(page_size, self.live.runs(&e.path, batch)?) {
+                feed(m)?;
             }
         }
         if let Some(received) = feed(Message::DbEnd {

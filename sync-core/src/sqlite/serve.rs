@@ -240,6 +240,7 @@ impl LiveDb {
 /// it, else as a run of its own.
 fn append_page(runs: &mut Vec<(u32, Vec<u8>)>, page_size: u32, pgno: u32, page: &[u8]) {
     if let Some((first, run)) = runs.last_mut()
+        && page_size > 0
         && page.len() == page_size as usize
         && u64::from(*first) + (run.len() / page_size as usize) as u64 == u64::from(pgno)
     {
