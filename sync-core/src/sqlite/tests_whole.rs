@@ -347,6 +347,31 @@ fn pages_served_while_the_writer_checkpoints_are_the_snapshots() {
         served == one_by_one,
         "a page served differs from sqlite_dbpage's"
     );
+    // as runs: the same bytes, all pages in runs one after another, and
+    // for pages here and there a run per stretch of consecutive ones
+    let ps = live.snapshot(&rel).unwrap().page_size as usize;
+    let whole: Vec<u8> = one_by_one.iter().flat_map(|(_, d)| d.clone()).collect();
+    let mut next = 1;
+    let mut joined = Vec::new();
+    for (first, run) in live.runs(&rel, &all).unwrap() {
+        assert_eq!(first, next);
+        next += (run.len() / ps) as u32;
+        joined.extend_from_slice(&run);
+    }
+    assert!(joined == whole);
+    let some: Vec<u32> = all.iter().copied().filter(|p| p % 5 < 2).collect();
+    let runs = live.runs(&rel, &some).unwrap();
+    assert_eq!(
+        runs.len(),
+        some.iter().filter(|p| *p % 5 == 0 || **p == 1).count()
+    );
+    for (first, run) in &runs {
+        let at = (*first as usize - 1) * ps;
+        assert!(
+            run[..] == whole[at..at + run.len()],
+            "the run from page {first}"
+        );
+    }
     ship_and_end(&mut live, &rel, &dst);
     assert_eq!(replica_hash(&dst), expected);
     drop(w);
