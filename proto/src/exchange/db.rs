@@ -180,31 +180,48 @@ pub fn pages_per_batch(page_size: u32) -> usize {
     ((128 << 10) / page_size.max(512) as usize).clamp(1, MAX_PAGES_PER_BATCH)
 }
 
-/// Runs shorter than this many pages travel numbered, together in one
-/// `DbPages`, rather than each as a `DbRun` (pages changed here and there in
-/// a database, as an application's commits change them: a frame each would
-/// cost a frame's work each).
-pub const MIN_RUN_PAGES: usize = 8;
+/// Runs shorter than this travel numbered, together in `DbPages`, rather
+/// than each as a `DbRun` (pages changed here and there in a database, as an
+/// application's commits change them: a frame each would cost a frame's work
+/// each): 8 pages of 4 KiB, one of 32 KiB.
+pub const MIN_RUN_BYTES: usize = 32 << 10;
+
+/// Most bytes of page images in one message [`page_messages`] makes (a
+/// quarter of the frame limit; a longer run is cut at a page boundary).
+pub const MAX_RUN_BYTES: usize = crate::MAX_FRAME_LEN / 4;
 
 /// The messages that carry `runs` (each its first page number and the
 /// pages' images one after another, `page_size` bytes each): a run of
-/// [`MIN_RUN_PAGES`] or more as a `DbRun`, the pages of the shorter ones
-/// together in `DbPages` batches of at most [`MAX_PAGES_PER_BATCH`] (first).
+/// [`MIN_RUN_BYTES`] or more (or a whole page, if larger) as `DbRun`s of at
+/// most [`MAX_RUN_BYTES`], the pages of the shorter ones together in
+/// `DbPages` batches (first) of at most [`MAX_PAGES_PER_BATCH`] pages and
+/// [`MAX_RUN_BYTES`].
 #[must_use]
 pub fn page_messages(page_size: u32, runs: Vec<(u32, Vec<u8>)>) -> Vec<Message> {
     let size = page_size.max(1) as usize;
+    let per = (MAX_RUN_BYTES / size).clamp(1, MAX_PAGES_PER_BATCH);
     let mut scattered = Vec::new();
     let mut long = Vec::new();
     for (first, data) in runs {
-        if data.len() >= MIN_RUN_PAGES * size {
+        if data.len() < MIN_RUN_BYTES.max(size) {
+            scattered.extend((first..).zip(data.chunks(size).map(<[u8]>::to_vec)));
+        } else if data.len() <= per * size {
             long.push(Message::DbRun { first, data });
         } else {
-            scattered.extend((first..).zip(data.chunks(size).map(<[u8]>::to_vec)));
+            long.extend(
+                (first..)
+                    .step_by(per)
+                    .zip(data.chunks(per * size))
+                    .map(|(first, d)| Message::DbRun {
+                        first,
+                        data: d.to_vec(),
+                    }),
+            );
         }
     }
     let mut out = Vec::with_capacity(long.len() + 1);
     while !scattered.is_empty() {
-        let rest = scattered.split_off(scattered.len().min(MAX_PAGES_PER_BATCH));
+        let rest = scattered.split_off(scattered.len().min(per));
         out.push(Message::DbPages(std::mem::replace(&mut scattered, rest)));
     }
     out.extend(long);

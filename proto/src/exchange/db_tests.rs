@@ -181,9 +181,10 @@ fn a_run_past_the_database_or_of_partial_pages_is_refused() {
 /// runs; every page once, through the replica's machine.
 #[test]
 fn short_runs_travel_together_and_long_ones_as_runs() {
-    let run = |first: u32, n: usize| (first, vec![first as u8; n * 512]);
+    const PS: usize = 4096;
+    let run = |first: u32, n: usize| (first, vec![first as u8; n * PS]);
     let runs = vec![run(1, 1), run(3, 2), run(10, 8), run(30, 7), run(40, 20)];
-    let msgs = page_messages(512, runs);
+    let msgs = page_messages(PS as u32, runs);
     let scattered: Vec<u32> = [1, 3, 4].into_iter().chain(30..37).collect();
     match &msgs[..] {
         [
@@ -192,13 +193,13 @@ fn short_runs_travel_together_and_long_ones_as_runs() {
             Message::DbRun { first: 40, data: b },
         ] => {
             assert_eq!(p.iter().map(|(n, _)| *n).collect::<Vec<_>>(), scattered);
-            assert!(p.iter().all(|(n, d)| d.len() == 512 && d[0] != 0 && *n > 0));
-            assert_eq!((a.len(), b.len()), (8 * 512, 20 * 512));
+            assert!(p.iter().all(|(n, d)| d.len() == PS && d[0] != 0 && *n > 0));
+            assert_eq!((a.len(), b.len()), (8 * PS, 20 * PS));
         }
         other => panic!("{:?}", other.iter().map(Message::name).collect::<Vec<_>>()),
     }
     let mut d = DbFetch::new(DbGeometry {
-        page_size: 512,
+        page_size: PS as u32,
         pages: 59,
         hash: [5; 32],
     });
@@ -206,7 +207,7 @@ fn short_runs_travel_together_and_long_ones_as_runs() {
         d.handle(m).expect("within the database");
     }
     assert_eq!(d.received(), 10 + 8 + 20);
-    // many scattered pages: batches within the bound, each page once
+    // many scattered pages: batches within the bounds, each page once
     let many: Vec<(u32, Vec<u8>)> = (0..3000u32).map(|i| (2 * i + 1, vec![1; 512])).collect();
     let msgs = page_messages(512, many);
     let mut seen = Vec::new();
@@ -219,6 +220,38 @@ fn short_runs_travel_together_and_long_ones_as_runs() {
     }
     assert_eq!(seen, (0..3000u32).map(|i| 2 * i + 1).collect::<Vec<_>>());
     assert!(page_messages(512, Vec::new()).is_empty());
+}
+
+/// Whatever a caller hands over, no message outgrows its bound: a run
+/// longer than `MAX_RUN_BYTES` is cut at page boundaries, scattered pages
+/// of 64 KiB go a few at a time, and one such page is a run of its own.
+#[test]
+fn page_messages_stay_within_the_frame() {
+    let long = page_messages(4096, vec![(7, vec![3; 1500 * 4096])]);
+    let cut: Vec<(u32, usize)> = long
+        .iter()
+        .map(|m| match m {
+            Message::DbRun { first, data } => (*first, data.len()),
+            other => panic!("{}", other.name()),
+        })
+        .collect();
+    assert_eq!(cut, [(7, MAX_RUN_BYTES), (7 + 1024, 476 * 4096)]);
+    let big: Vec<(u32, Vec<u8>)> = (0..100u32).map(|i| (3 * i + 1, vec![2; 65536])).collect();
+    let msgs = page_messages(65536, big);
+    assert_eq!(msgs.len(), 100, "each 64 KiB page a run of its own");
+    assert!(
+        msgs.iter()
+            .all(|m| matches!(m, Message::DbRun { data, .. } if data.len() == 65536))
+    );
+    let small: Vec<(u32, Vec<u8>)> = (0..3000u32).map(|i| (2 * i + 1, vec![1; 4096])).collect();
+    for m in page_messages(4096, small) {
+        let Message::DbPages(p) = &m else {
+            panic!("{}", m.name())
+        };
+        assert!(p.len() * 4096 <= MAX_RUN_BYTES);
+        let mut frame = Vec::new();
+        crate::frame::encode(&m, &mut frame).expect("within the frame limit");
+    }
 }
 
 #[test]

@@ -23,7 +23,8 @@ pub mod file;
 pub use admit::{DbGeometry, Request, admit};
 pub use batch::{BatchFetch, BatchStep};
 pub use db::{
-    DbFetch, DbStep, HashCollector, MIN_RUN_PAGES, hash_batches, page_messages, pages_per_batch,
+    DbFetch, DbStep, HashCollector, MAX_RUN_BYTES, MIN_RUN_BYTES, hash_batches, page_messages,
+    pages_per_batch,
 };
 pub use file::{Changed, FileFetch, FileStep};
 
