@@ -94,21 +94,15 @@ impl DbFetch {
                 Ok(DbStep::Pages(batch))
             }
             Message::DbRun { first, data } => {
-                let size = page_size as usize;
-                let count = data.len().checked_div(size).unwrap_or(0) as u64;
-                let past = u64::from(first) + count.saturating_sub(1);
-                if count == 0
-                    || !data.len().is_multiple_of(size)
-                    || first == 0
-                    || past > u64::from(pages)
-                {
+                let Some(count) = run_pages(first, data.len(), page_size, pages) else {
                     return Err(ExchangeError::BadPage {
                         number: first,
                         len: data.len(),
                         pages,
                         page_size,
                     });
-                }
+                };
+                let count = u64::from(count);
                 if self.received + count > u64::from(pages) {
                     return Err(ExchangeError::TooManyPages(pages));
                 }
@@ -151,6 +145,17 @@ impl DbFetch {
             Err(ExchangeError::EndedEarly("database"))
         }
     }
+}
+
+/// How many pages a run of `len` bytes from page `first` holds in a
+/// database of `pages` pages of `page_size`: `None` unless it is a whole,
+/// non-zero number of pages, from page 1 on, its last within the database.
+#[must_use]
+pub fn run_pages(first: u32, len: usize, page_size: u32, pages: u32) -> Option<u32> {
+    let size = page_size as usize;
+    let count = u32::try_from(len.checked_div(size)?).ok()?;
+    let last = u64::from(first) + u64::from(count).checked_sub(1)?;
+    (first > 0 && len.is_multiple_of(size) && last <= u64::from(pages)).then_some(count)
 }
 
 /// Our page hashes as `DbHashes` batches, in page order, the last one marked

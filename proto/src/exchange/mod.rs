@@ -24,7 +24,7 @@ pub use admit::{DbGeometry, Request, admit};
 pub use batch::{BatchFetch, BatchStep};
 pub use db::{
     DbFetch, DbStep, HashCollector, MAX_RUN_BYTES, MIN_RUN_BYTES, hash_batches, page_messages,
-    pages_per_batch,
+    pages_per_batch, run_pages,
 };
 pub use file::{Changed, FileFetch, FileStep};
 

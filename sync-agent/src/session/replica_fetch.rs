@@ -140,7 +140,10 @@ pub(super) fn write_db(
             }
             DbStep::Run { first, data } => {
                 staged.run(first, &data)?;
-                n += (data.len() / db.page_size.max(1) as usize) as u64;
+                n += u64::from(
+                    proto::exchange::run_pages(first, data.len(), db.page_size, db.pages)
+                        .unwrap_or(0),
+                );
             }
             DbStep::Commit => {
                 staged.commit(&db.hash, &e.meta)?;

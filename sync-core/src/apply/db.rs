@@ -458,20 +458,13 @@ impl StagedDb<'_> {
     /// it belongs in one write, straight from the buffer it came in.
     pub fn run(&mut self, first: u32, data: &[u8]) -> Result<(), Error> {
         let ps = self.page_size as usize;
-        let count = data.len().checked_div(ps).unwrap_or(0);
-        let past = u64::from(first) + (count as u64).saturating_sub(1);
-        if count == 0
-            || !data.len().is_multiple_of(ps)
-            || first == 0
-            || past > self.hashes.len() as u64
-        {
+        let pages = self.hashes.len() as u32;
+        if proto::exchange::run_pages(first, data.len(), self.page_size, pages).is_none() {
             return Err(Error::invalid(
                 self.replica.display(&self.path),
                 format!(
-                    "a run of {} bytes from page {first} for a database of {} pages of {}",
+                    "a run of {} bytes from page {first} for a database of {pages} pages of {ps}",
                     data.len(),
-                    self.hashes.len(),
-                    self.page_size
                 ),
             ));
         }

@@ -328,3 +328,31 @@ fn runs_of_pages_stage_a_whole_image_and_an_update() {
         after.hash
     );
 }
+
+/// A whole image whose runs repeat some pages and skip others is never
+/// installed: the commit names the page that never arrived, and nothing
+/// is left at the database's path.
+#[test]
+fn a_whole_image_with_a_page_never_sent_is_refused_at_commit() {
+    let t = tempfile::tempdir().unwrap();
+    let (root, src) = (t.path().join("root"), t.path().join("src.db"));
+    std::fs::create_dir(&root).unwrap();
+    make_db(&src, 300, "B");
+    let r = Replica::open(&root).unwrap();
+    let rel = RelPath::new(b"app.db").unwrap();
+    let table = sqlite::read_hashes(&src).unwrap().unwrap();
+    let image = image_of(&src);
+    let (ps, n) = (table.page_size as usize, table.hashes.len());
+    let mut staged = r.stage_db(&rel, None, table.page_size, n as u32).unwrap();
+    // every page but the last, the first half twice
+    staged.run(1, &image[..(n / 2) * ps]).unwrap();
+    staged.run(1, &image[..(n - 1) * ps]).unwrap();
+    let meta = crate::meta::from_stat(&std::fs::metadata(&src).unwrap());
+    let e = staged
+        .commit(&table.hash, &meta)
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains(&format!("page {n} never arrived")), "{e}");
+    r.flush().unwrap();
+    assert!(!root.join("app.db").exists());
+}

@@ -366,15 +366,14 @@ impl Pair {
                 feed(m)?;
             }
         }
-        if let Some(received) = feed(Message::DbEnd {
+        // the end commits or is refused: nothing else comes of it
+        let received = feed(Message::DbEnd {
             page_size,
             pages,
             hash,
-        })? {
-            staged.commit(&hash, &e.meta)?;
-            return Ok(Some(received));
-        }
-        Err(bad("the pages ended before the database's end".into()))
+        })?;
+        staged.commit(&hash, &e.meta)?;
+        Ok(received)
     }
 
     /// The replica's tree, scanned as the source's is: the same root hash.

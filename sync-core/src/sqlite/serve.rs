@@ -82,6 +82,7 @@ impl LiveSet {
     /// Pages `wanted` of the current snapshot of `path`, as [`Self::page`]
     /// gives each: pages that follow one another are read from the file at
     /// once while the snapshot is open (see [`LiveDb::pages`]).
+    #[cfg(test)]
     pub fn pages(&self, path: &RelPath, wanted: &[u32]) -> Result<Vec<(u32, Vec<u8>)>, Error> {
         self.tracked(path)?.pages(wanted)
     }
@@ -177,8 +178,7 @@ impl LiveDb {
         let one_by_one = || {
             let mut out: Vec<(u32, Vec<u8>)> = Vec::new();
             for &p in wanted {
-                let page = self.page(p)?;
-                append_page(&mut out, self.page_size, p, &page);
+                append_page(&mut out, self.page_size, p, self.page(p)?);
             }
             Ok(out)
         };
@@ -210,7 +210,7 @@ impl LiveDb {
                 .take(RUN_PAGES)
                 .count();
             if run == 0 {
-                append_page(&mut out, self.page_size, first, &self.page(first)?);
+                append_page(&mut out, self.page_size, first, self.page(first)?);
                 rest = &rest[1..];
                 continue;
             }
@@ -237,15 +237,15 @@ impl LiveDb {
 }
 
 /// Adds page `pgno` to `runs`: at the end of the last run when it follows
-/// it, else as a run of its own.
-fn append_page(runs: &mut Vec<(u32, Vec<u8>)>, page_size: u32, pgno: u32, page: &[u8]) {
+/// it, else as a run of its own (its buffer, not a copy).
+fn append_page(runs: &mut Vec<(u32, Vec<u8>)>, page_size: u32, pgno: u32, page: Vec<u8>) {
     if let Some((first, run)) = runs.last_mut()
         && page_size > 0
         && page.len() == page_size as usize
         && u64::from(*first) + (run.len() / page_size as usize) as u64 == u64::from(pgno)
     {
-        run.extend_from_slice(page);
+        run.extend_from_slice(&page);
         return;
     }
-    runs.push((pgno, page.to_vec()));
+    runs.push((pgno, page));
 }
