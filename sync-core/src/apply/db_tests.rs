@@ -251,6 +251,17 @@ fn image_of(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
 
+/// An empty replica root and a source database beside it (300 rows tagged
+/// "B"): the root, the source, its page table and its checkpointed image.
+fn source_image(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, PageTable, Vec<u8>) {
+    let (root, src) = (dir.join("root"), dir.join("src.db"));
+    std::fs::create_dir(&root).unwrap();
+    make_db(&src, 300, "B");
+    let table = sqlite::read_hashes(&src).unwrap().unwrap();
+    let image = image_of(&src);
+    (root, src, table, image)
+}
+
 /// Pages staged as runs land as they would page by page: a whole new image
 /// in runs out of order, then an update of the changed pages on top of it;
 /// a run past the database, of a partial page or from page 0 is refused,
@@ -258,13 +269,9 @@ fn image_of(path: &Path) -> Vec<u8> {
 #[test]
 fn runs_of_pages_stage_a_whole_image_and_an_update() {
     let t = tempfile::tempdir().unwrap();
-    let (root, src) = (t.path().join("root"), t.path().join("src.db"));
-    std::fs::create_dir(&root).unwrap();
-    make_db(&src, 300, "B");
+    let (root, src, table, image) = source_image(t.path());
     let r = Replica::open(&root).unwrap();
     let rel = RelPath::new(b"app.db").unwrap();
-    let table = sqlite::read_hashes(&src).unwrap().unwrap();
-    let image = image_of(&src);
     let (ps, n) = (table.page_size as usize, table.hashes.len());
     assert_eq!(image.len(), n * ps);
     assert!(n >= 8, "{n} pages");
@@ -335,13 +342,9 @@ fn runs_of_pages_stage_a_whole_image_and_an_update() {
 #[test]
 fn a_whole_image_with_a_page_never_sent_is_refused_at_commit() {
     let t = tempfile::tempdir().unwrap();
-    let (root, src) = (t.path().join("root"), t.path().join("src.db"));
-    std::fs::create_dir(&root).unwrap();
-    make_db(&src, 300, "B");
+    let (root, src, table, image) = source_image(t.path());
     let r = Replica::open(&root).unwrap();
     let rel = RelPath::new(b"app.db").unwrap();
-    let table = sqlite::read_hashes(&src).unwrap().unwrap();
-    let image = image_of(&src);
     let (ps, n) = (table.page_size as usize, table.hashes.len());
     let mut staged = r.stage_db(&rel, None, table.page_size, n as u32).unwrap();
     // every page but the last, the first half twice
