@@ -40,6 +40,7 @@ pub mod push_state;
 pub mod session;
 pub mod surface;
 pub mod tls;
+pub mod tree_watch;
 pub mod trust;
 pub mod udp;
 pub mod watch_limit;

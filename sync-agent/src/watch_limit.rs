@@ -1,9 +1,10 @@
 //! A directory the watcher could not watch at run time.
 //!
-//! notify's inotify backend adds a watch for every new directory itself; when
-//! that fails (`fs.inotify.max_user_watches` reached, or another error) it
-//! reports an error through the event handler, and nothing under that
-//! directory raises events any more. Until the watch can be added the folder is
+//! The watcher ([`crate::tree_watch`]) adds a watch for every directory a
+//! scan lists and every new directory itself; when that fails
+//! (`fs.inotify.max_user_watches` reached, or another error) it reports an
+//! error through the event handler, and nothing under that directory raises
+//! events any more. Until the watch can be added the folder is
 //! *degraded*: every [`POLL`] the source retries watching the whole tree and,
 //! whatever the outcome, runs a full round (a rescan), so changes there reach
 //! the replica within seconds instead of at the next periodic rescan. Status
@@ -111,8 +112,8 @@ mod tests {
     #[test]
     fn retry_clears_the_flag_when_the_tree_can_be_watched() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut w =
-            notify::RecommendedWatcher::new(|_| {}, notify::Config::default()).expect("watcher");
+        let mut w = crate::tree_watch::TreeWatcher::new(|_| {}, notify::Config::default())
+            .expect("watcher");
         let d = Degraded::default();
         d.set();
         assert!(retry(&mut w, dir.path(), &d).is_ok());

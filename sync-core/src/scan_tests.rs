@@ -515,3 +515,70 @@ fn excluded_paths_are_not_scanned() {
         scan_subtree(d.path(), &RelPath::new(&b"cache"[..]).unwrap(), &opts, None).unwrap();
     assert!(sub.is_empty());
 }
+
+/// A watcher's hook is called for every directory the walk lists, before it
+/// lists it (deep ones and those walked on other threads too), and for no
+/// excluded directory; a subtree's scan calls it for the subtree's own.
+#[test]
+fn every_directory_listed_is_announced_before_its_names() {
+    use std::sync::{Arc, Mutex};
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().to_path_buf();
+    for dir in ["a/b/c/d/e/f", "g/h", "cache/x", "i"] {
+        fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    fs::write(root.join("a/b/file"), b"1").unwrap();
+    let seen = Arc::new(Mutex::new(Vec::<PathBuf>::new()));
+    let log = seen.clone();
+    let opts = ScanOptions {
+        filter: Filter::new(&["cache/".into()]).unwrap(),
+        on_dir: Some(super::DirHook(Arc::new(move |p: &Path| {
+            log.lock().unwrap().push(p.to_path_buf());
+        }))),
+        ..Default::default()
+    };
+    let m = scan(&root, &opts).unwrap();
+    let mut dirs: Vec<PathBuf> = m
+        .entries
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::Dir))
+        .map(|e| abs(&root, &e.path))
+        .collect();
+    let mut got = std::mem::take(&mut *seen.lock().unwrap());
+    dirs.sort();
+    got.sort();
+    assert_eq!(got, dirs, "each directory listed, once; none excluded");
+    assert!(!got.iter().any(|p| p.starts_with(root.join("cache"))));
+    // before the listing: the hook and the walk's own record one sequence
+    let order = Arc::new(Mutex::new(Vec::<String>::new()));
+    let o = order.clone();
+    let opts = ScanOptions {
+        filter: Filter::new(&["cache/".into()]).unwrap(),
+        on_dir: Some(super::DirHook(Arc::new(move |p: &Path| {
+            o.lock().unwrap().push(format!("dir {}", p.display()));
+        }))),
+        ..Default::default()
+    };
+    let mut w = Walker::new(&root, &opts, None);
+    w.parallel = false;
+    let (o2, r2) = (order.clone(), root.clone());
+    w.hook = Some(Box::new(move |step: &str, p: &RelPath| {
+        if step == "names" {
+            o2.lock()
+                .unwrap()
+                .push(format!("names {}", abs(&r2, p).display()));
+        }
+    }));
+    w.visit(&RelPath::root()).unwrap();
+    w.walk(&RelPath::root()).unwrap();
+    let listed = std::mem::take(&mut *order.lock().unwrap());
+    assert_eq!(listed.len(), 2 * dirs.len(), "{listed:?}");
+    for pair in listed.chunks(2) {
+        let dir = pair[0].strip_prefix("dir ").expect("the hook first");
+        assert_eq!(pair[1], format!("names {dir}"));
+    }
+    let (sub, _) = scan_subtree(&root, &RelPath::new(&b"g"[..]).unwrap(), &opts, None).unwrap();
+    assert_eq!(sub.len(), 2);
+    let g = |d: &str| format!("dir {}", root.join(d).display());
+    assert_eq!(*order.lock().unwrap(), [g("g"), g("g/h")]);
+}

@@ -1,4 +1,4 @@
-//! The inotify bridge: notify's events turned into dirty paths and renames,
+//! The inotify bridge: the watcher's events turned into dirty paths and renames,
 //! without the noise of the databases' own connections.
 
 use super::*;
@@ -24,51 +24,6 @@ impl Watch {
 /// Now, as ns after `base` plus one (0 stands for never).
 fn since(base: Instant) -> u64 {
     u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1
-}
-
-/// The watcher's callback is quiet this long: what setting it up raised is read.
-const SETUP_QUIET: Duration = Duration::from_millis(30);
-
-/// At most this long is waited for that.
-const SETUP_WAIT: Duration = Duration::from_secs(1);
-
-impl Watch {
-    /// Waits until the watcher has read what setting it up raised, then
-    /// forgets the full rescan it asked for (an overflow of the kernel's
-    /// queue; a watch error also leaves the folder polled). notify adds the
-    /// watches first and reads their events after (its own walk opens every
-    /// directory), so a tree of ten to twenty thousand directories or more
-    /// overflows the queue (16,384 events by default) before a single event
-    /// is read (the `large` bench corpus, 16,800 directories, did); that
-    /// overflow, read after the first full round had begun, asked for a
-    /// second full round of the whole tree at every start. Whatever it dropped happened before the first full round's
-    /// scan, which sees it. A watcher still busy after [`SETUP_WAIT`] keeps
-    /// its overflow (a second round, as before).
-    pub(super) async fn settle_setup(&self) {
-        let started = Instant::now();
-        loop {
-            // (the setup's events are read only once it is done: no event
-            // yet is no quiet, and none before this wait began counts)
-            let quiet = match self.last.load(Ordering::SeqCst) {
-                0 => started.elapsed(),
-                n => self
-                    .base
-                    .elapsed()
-                    .saturating_sub(Duration::from_nanos(n - 1))
-                    .min(started.elapsed()),
-            };
-            if quiet >= SETUP_QUIET || started.elapsed() >= SETUP_WAIT {
-                break;
-            }
-            tokio::time::sleep(SETUP_QUIET - quiet).await;
-        }
-        if self.rescan.swap(false, Ordering::SeqCst) {
-            tracing::debug!(
-                "a full rescan asked for while the watches were set up (an overflow of the \
-                 kernel's queue, a watch error): the first full round scans after it"
-            );
-        }
-    }
 }
 
 /// Whether an event on `path` is one a held database's connections raise by
@@ -116,19 +71,12 @@ pub(super) fn start_watch(
     let wake = Arc::new(Notify::new());
     let rescan = Arc::new(AtomicBool::new(false));
     let (first, base) = (Arc::new(AtomicU64::new(0)), Instant::now());
-    let last = Arc::new(AtomicU64::new(0));
-    let seen = last.clone();
     let degraded = crate::watch_limit::Degraded::default();
     let (w, r, st, f) = (wake.clone(), rescan.clone(), status.clone(), first.clone());
     let dg = degraded.clone();
     let root_dir = root.to_path_buf();
     let handler = move |res: notify::Result<notify::Event>| {
-        seen.store(since(base), Ordering::SeqCst);
         match res {
-            // Opens say nothing (notify watches them, and every file the
-            // agent reads raises one: tens of thousands in a first round);
-            // ignored before any path is looked at.
-            Ok(ev) if is_open(&ev) => return,
             Ok(ev) => {
                 tracing::trace!(?ev, "watch event");
                 if dbs
@@ -193,37 +141,27 @@ pub(super) fn start_watch(
         wake,
         rescan,
         first,
-        last,
         base,
     })
 }
 
-/// Whether `ev` is a file or directory being opened (no rescan asked).
-fn is_open(ev: &notify::Event) -> bool {
-    use notify::event::AccessKind;
-    !ev.need_rescan() && matches!(ev.kind, EventKind::Access(AccessKind::Open(_)))
-}
-
-/// A recursive watch of `root` calling `handler`.
-fn watch_tree(
-    root: &Path,
-    handler: impl notify::EventHandler,
-) -> Result<notify::RecommendedWatcher> {
+/// The watcher of `root` calling `handler`: the root only, until a scan
+/// lists the directories below it ([`TreeWatcher::dir_hook`]).
+fn watch_tree(root: &Path, handler: impl notify::EventHandler) -> Result<TreeWatcher> {
     // Symlinks are mirrored as links, never followed: not into the tree twice,
-    // not out of it.
-    let mut watcher = notify::RecommendedWatcher::new(
-        handler,
-        notify::Config::default().with_follow_symlinks(false),
-    )
-    .context("starting the inotify watcher")?;
-    watcher.watch(root, RecursiveMode::Recursive).map_err(|e| {
-        let hint = if matches!(&e.kind, notify::ErrorKind::MaxFilesWatch) {
-            ": inotify watch limit reached: raise fs.inotify.max_user_watches"
-        } else {
-            ""
-        };
-        anyhow::anyhow!("watching {}: {e}{hint}", root.display())
-    })?;
+    // not out of it (the watcher never follows one).
+    let mut watcher = TreeWatcher::new(handler, notify::Config::default())
+        .context("starting the inotify watcher")?;
+    watcher
+        .watch(root, RecursiveMode::NonRecursive)
+        .map_err(|e| {
+            let hint = if matches!(&e.kind, notify::ErrorKind::MaxFilesWatch) {
+                ": inotify watch limit reached: raise fs.inotify.max_user_watches"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("watching {}: {e}{hint}", root.display())
+        })?;
     Ok(watcher)
 }
 
@@ -265,39 +203,6 @@ pub(super) fn rel(root: &Path, p: &Path) -> Option<RelPath> {
 mod tests {
     use super::*;
 
-    /// A tree large enough that setting up its watches overflows the
-    /// kernel's queue: the overflow is noted, then forgotten once the setup's
-    /// events are read, and a change after it is seen.
-    #[tokio::test]
-    async fn an_overflow_while_the_watches_are_set_up_asks_for_no_second_round() {
-        let queue: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(16384);
-        let dir = tempfile::tempdir().unwrap();
-        let root = std::fs::canonicalize(dir.path()).unwrap();
-        for i in 0..(queue + queue / 4).min(60_000) {
-            std::fs::create_dir(root.join(format!("d{i}"))).unwrap();
-        }
-        let status = SharedStatus::default();
-        let mut w = start_watch(&root, &status, None).unwrap();
-        w.settle_setup().await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let note = status.lock().unwrap().watcher.clone();
-        assert!(
-            note.is_some_and(|n| n.contains("overflowed")),
-            "the setup did not overflow"
-        );
-        assert!(
-            !w.rescan.load(Ordering::SeqCst),
-            "a second full round is asked for"
-        );
-        while w.rx.try_recv().is_ok() {}
-        std::fs::write(root.join("d7/after"), b"x").unwrap();
-        let m = tokio::time::timeout(Duration::from_secs(5), w.rx.recv()).await;
-        assert!(matches!(m, Ok(Some(WatchMsg::Paths(p, _))) if p == [root.join("d7/after")]));
-    }
-
     #[test]
     fn a_repeated_change_is_queued_once_while_it_waits() {
         let mut c = Coalesce::default();
@@ -319,20 +224,5 @@ mod tests {
         assert!(c.admit(&write(&a), 5));
         assert!(c.admit(&WatchMsg::Rename(a.clone(), b.clone()), 6));
         assert!(c.admit(&write(&a), 7));
-    }
-
-    /// Only plain opens are dropped unread: a closed writer, a creation and
-    /// an overflow flagged on any event still count.
-    #[test]
-    fn only_opens_are_dropped_before_their_paths_are_read() {
-        use notify::event::{AccessKind, AccessMode, CreateKind, Flag};
-        let open = notify::Event::new(EventKind::Access(AccessKind::Open(AccessMode::Any)));
-        assert!(is_open(&open));
-        assert!(!is_open(&open.clone().set_flag(Flag::Rescan)));
-        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
-        assert!(!is_open(&notify::Event::new(closed)));
-        assert!(!is_open(&notify::Event::new(EventKind::Create(
-            CreateKind::File
-        ))));
     }
 }

@@ -11,6 +11,7 @@ use crate::identity::{Identity, NodeId};
 use crate::lag::LagTracker;
 use crate::session::Progress;
 use crate::session::source::{Fenced, Round, SourceSession};
+use crate::tree_watch::TreeWatcher;
 use anyhow::{Context, Result};
 use notify::{EventKind, RecursiveMode, Watcher};
 use proto::{Entry, Kind, RelPath};
@@ -285,7 +286,7 @@ enum WatchMsg {
 }
 
 struct Watch {
-    watcher: notify::RecommendedWatcher,
+    watcher: TreeWatcher,
     /// A directory may be unwatched: poll (see [`crate::watch_limit`]).
     degraded: crate::watch_limit::Degraded,
     /// When a degraded folder polls next (a deadline: events do not delay it).
@@ -298,8 +299,6 @@ struct Watch {
     /// the event, so an event drained from `rx` was noted before, or is noted
     /// after (lag then errs on the long side).
     first: Arc<AtomicU64>,
-    /// When the callback last ran, for any event: ns after `base`, plus one.
-    last: Arc<AtomicU64>,
     base: Instant,
 }
 
@@ -364,9 +363,10 @@ pub async fn run_source(
         s.role = "source".into();
         s.peer = cfg.peer.to_string();
     });
-    let opts = scan_options(&cfg);
+    let mut opts = scan_options(&cfg);
     let mut w = start_watch(&cfg.root, &status, opts.databases.clone())?;
-    w.settle_setup().await;
+    // Each scan watches the directories it lists before it lists them.
+    opts.on_dir = Some(w.watcher.dir_hook());
     let index = Arc::new(Mutex::new(open_index(&cfg)?));
     // Held across sessions: a replica that reconnects a few cuts behind gets
     // only the pages changed since what it holds.

@@ -163,6 +163,7 @@ pub fn prepare(
         hard_links: false,
         filter: f.clone(),
         databases: Some(p.detect.clone()),
+        on_dir: None,
     };
     // Excludes are matched with the replica's own kind of the entry.
     let excluded = |path: &RelPath| {

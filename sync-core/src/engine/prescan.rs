@@ -49,6 +49,7 @@ pub fn prescan(
         hard_links: true,
         filter: filter.clone(),
         databases: Some(detect.clone()),
+        on_dir: None,
     };
     let t0 = std::time::Instant::now();
     let mut index = index.and_then(|m| m.lock().ok());

@@ -1,0 +1,273 @@
+use super::*;
+use notify::Watcher;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use sync_core::scan::ScanOptions;
+
+type Rx = mpsc::Receiver<notify::Result<Event>>;
+
+/// A watcher of `root` (its root only), handing its events to a channel.
+fn watcher(root: &Path) -> (TreeWatcher, Rx) {
+    let (tx, rx) = mpsc::channel();
+    let mut w = TreeWatcher::new(tx, notify::Config::default()).expect("watcher");
+    w.watch(root, RecursiveMode::NonRecursive).expect("watch");
+    (w, rx)
+}
+
+/// Scans `root` as the source does, its directories watched by `w`.
+fn scan(root: &Path, w: &TreeWatcher) {
+    let opts = ScanOptions {
+        on_dir: Some(w.dir_hook()),
+        ..Default::default()
+    };
+    sync_core::scan::scan(root, &opts).expect("scan");
+}
+
+/// Waits up to 5 s for an event `pred` accepts.
+fn wait_for(rx: &Rx, pred: impl Fn(&Event) -> bool) -> Event {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Ok(ev)) if pred(&ev) => return ev,
+            Ok(_) => {}
+            Err(e) => panic!("no such event: {e}"),
+        }
+    }
+}
+
+/// The events of the next 300 ms.
+fn drain(rx: &Rx) -> Vec<Event> {
+    let end = Instant::now() + Duration::from_millis(300);
+    let mut out = Vec::new();
+    while let Ok(ev) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+        out.extend(ev.ok());
+    }
+    out
+}
+
+fn about(p: PathBuf) -> impl Fn(&Event) -> bool {
+    move |ev| ev.paths.contains(&p)
+}
+
+fn tree(dirs: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().expect("tempdir");
+    let root = std::fs::canonicalize(d.path()).expect("root");
+    for dir in dirs {
+        std::fs::create_dir_all(root.join(dir)).expect("mkdir");
+    }
+    (d, root)
+}
+
+/// Until a scan lists them, directories below the root are not watched; the
+/// scan watches every one it lists, and a change there is reported by path.
+/// Reading a file raises nothing (notify's backend reports every open).
+#[test]
+fn a_scan_watches_the_directories_it_lists_and_reads_raise_nothing() {
+    let (_d, root) = tree(&["a/b/c", "x"]);
+    std::fs::write(root.join("a/b/seen"), b"1").unwrap();
+    let (w, rx) = watcher(&root);
+    assert_eq!(w.watched(), 1);
+    std::fs::write(root.join("a/b/c/before"), b"1").unwrap();
+    scan(&root, &w);
+    assert_eq!(w.watched(), 5, "root, a, a/b, a/b/c, x");
+    std::fs::write(root.join("a/b/c/f"), b"1").unwrap();
+    let ev = wait_for(&rx, about(root.join("a/b/c/f")));
+    assert!(matches!(ev.kind, EventKind::Create(CreateKind::File)));
+    wait_for(&rx, |e| {
+        e.paths == [root.join("a/b/c/f")]
+            && e.kind == EventKind::Access(AccessKind::Close(AccessMode::Write))
+    });
+    drain(&rx);
+    assert_eq!(std::fs::read(root.join("a/b/seen")).unwrap(), b"1");
+    let _ = std::fs::read_dir(root.join("a/b/c")).unwrap().count();
+    let noise = drain(&rx);
+    assert!(noise.is_empty(), "reads raised {noise:?}");
+}
+
+/// A directory made after the scan, and one moved in whole with
+/// subdirectories, are watched before their event is handed on: a write
+/// right after it is reported.
+#[test]
+fn directories_that_appear_are_watched_before_they_are_reported() {
+    let (_d, root) = tree(&[]);
+    let (_o, outside) = tree(&["t/u/v"]);
+    let (w, rx) = watcher(&root);
+    scan(&root, &w);
+    std::fs::create_dir(root.join("n")).unwrap();
+    let ev = wait_for(&rx, about(root.join("n")));
+    assert!(matches!(ev.kind, EventKind::Create(CreateKind::Folder)));
+    std::fs::write(root.join("n/f"), b"1").unwrap();
+    wait_for(&rx, about(root.join("n/f")));
+    std::fs::rename(outside.join("t"), root.join("t")).unwrap();
+    let ev = wait_for(&rx, about(root.join("t")));
+    assert_eq!(ev.kind, EventKind::Modify(ModifyKind::Name(RenameMode::To)));
+    std::fs::write(root.join("t/u/v/f"), b"1").unwrap();
+    wait_for(&rx, about(root.join("t/u/v/f")));
+    assert_eq!(w.watched(), 5, "root, n, t, t/u, t/u/v");
+}
+
+/// A directory moved out of the tree stops reporting (under its old path);
+/// one renamed inside is reported by both names, then by its new path; a
+/// removed one leaves no watch behind.
+#[test]
+fn directories_moved_away_renamed_or_removed_leave_their_watches() {
+    let (_d, root) = tree(&["m/k", "p/q", "gone/deep"]);
+    let (_o, outside) = tree(&[]);
+    let (w, rx) = watcher(&root);
+    scan(&root, &w);
+    assert_eq!(w.watched(), 7);
+    std::fs::rename(root.join("m"), outside.join("m")).unwrap();
+    wait_for(&rx, about(root.join("m")));
+    std::fs::write(outside.join("m/k/f"), b"1").unwrap();
+    let late = drain(&rx);
+    assert!(
+        !late
+            .iter()
+            .any(|e| e.paths.iter().any(|p| p.starts_with(root.join("m")))),
+        "a directory moved out still reports: {late:?}"
+    );
+    std::fs::rename(root.join("p"), root.join("r")).unwrap();
+    let both = wait_for(&rx, |e| {
+        e.kind == EventKind::Modify(ModifyKind::Name(RenameMode::Both))
+    });
+    assert_eq!(both.paths, [root.join("p"), root.join("r")]);
+    std::fs::write(root.join("r/q/f"), b"1").unwrap();
+    let ev = wait_for(&rx, |e| e.paths.iter().any(|p| p.ends_with("q/f")));
+    assert_eq!(ev.paths, [root.join("r/q/f")]);
+    std::fs::remove_dir_all(root.join("gone")).unwrap();
+    wait_for(&rx, about(root.join("gone")));
+    drain(&rx);
+    assert_eq!(w.watched(), 3, "root, r, r/q");
+}
+
+/// More events than the kernel queues while the handler is busy: the
+/// overflow is handed on as a rescan, and events after it still come.
+#[test]
+fn an_overflow_is_handed_on_as_a_rescan() {
+    let queue: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(16384);
+    let (_d, root) = tree(&[]);
+    let (gate_tx, gate) = mpsc::channel::<()>();
+    let (tx, rx) = mpsc::channel();
+    let mut first = true;
+    let handler = move |ev: notify::Result<Event>| {
+        if std::mem::take(&mut first) {
+            let _ = gate.recv();
+        }
+        let _ = tx.send(ev);
+    };
+    let mut w = TreeWatcher::new(handler, notify::Config::default()).expect("watcher");
+    w.watch(&root, RecursiveMode::NonRecursive).expect("watch");
+    std::fs::write(root.join("first"), b"").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    for i in 0..queue + 100 {
+        std::fs::File::create(root.join(format!("f{i}"))).unwrap();
+    }
+    gate_tx.send(()).unwrap();
+    wait_for(&rx, notify::Event::need_rescan);
+    drain(&rx);
+    std::fs::write(root.join("after"), b"1").unwrap();
+    wait_for(&rx, about(root.join("after")));
+}
+
+/// A watch the kernel refuses for its limit is reported as notify's limit
+/// (what the degraded poll tells apart); a vanished one is no error; the
+/// hook outlives its watcher harmlessly.
+#[test]
+fn errors_are_named_and_a_gone_directory_is_none() {
+    let e = watch_error(
+        io::Error::from_raw_os_error(libc::ENOSPC),
+        Path::new("/r/d"),
+    );
+    assert!(crate::watch_limit::is_limit(&e));
+    assert_eq!(e.paths, [PathBuf::from("/r/d")]);
+    let e = watch_error(
+        io::Error::from_raw_os_error(libc::ENOENT),
+        Path::new("/r/x"),
+    );
+    assert!(matches!(e.kind, notify::ErrorKind::PathNotFound));
+    let (_d, root) = tree(&["a"]);
+    let (mut w, rx) = watcher(&root);
+    let hook = w.dir_hook();
+    (hook.0)(&root.join("nowhere"));
+    (hook.0)(&root.join("a"));
+    assert_eq!(w.watched(), 2);
+    assert!(drain(&rx).is_empty(), "a vanished directory is no error");
+    assert!(
+        w.watch(&root.join("nowhere"), RecursiveMode::Recursive)
+            .is_err()
+    );
+    w.unwatch(&root.join("a")).expect("unwatch");
+    assert!(w.unwatch(&root.join("a")).is_err());
+    drop(w);
+    (hook.0)(&root.join("a"));
+    // a directory that appeared and went before its watch: nothing to watch
+    let ino = Inotify::init().expect("inotify");
+    let mut t = Table {
+        watches: ino.watches(),
+        paths: HashMap::new(),
+    };
+    assert!(t.add_tree(&root.join("gone"), false).is_ok());
+    assert!(t.add_tree(&root.join("gone"), true).is_err());
+    assert!(t.add_tree(&root, false).is_ok());
+    assert_eq!(t.paths.len(), 2);
+}
+
+/// What each kind of inotify event is handed on as, and what it does to the
+/// watches (sans kernel).
+#[test]
+fn each_event_means_what_notify_says_and_changes_the_watches() {
+    let p = Path::new("/r/d");
+    let mut from = None;
+    let kinds = |evs: &[Event]| evs.iter().map(|e| e.kind).collect::<Vec<_>>();
+    let (evs, c) = meaning(EventMask::CREATE | EventMask::ISDIR, 0, p, &mut from);
+    assert_eq!(kinds(&evs), [EventKind::Create(CreateKind::Folder)]);
+    assert_eq!(c, Some(Change::Watch(p.into())));
+    let (evs, c) = meaning(EventMask::CREATE, 0, p, &mut from);
+    assert_eq!(kinds(&evs), [EventKind::Create(CreateKind::File)]);
+    assert_eq!(c, None);
+    let (_, c) = meaning(EventMask::DELETE | EventMask::ISDIR, 0, p, &mut from);
+    assert_eq!(c, Some(Change::Unwatch(p.into())));
+    let (evs, c) = meaning(EventMask::MOVED_FROM | EventMask::ISDIR, 7, p, &mut from);
+    assert_eq!(
+        kinds(&evs),
+        [EventKind::Modify(ModifyKind::Name(RenameMode::From))]
+    );
+    assert_eq!(c, Some(Change::Unwatch(p.into())));
+    let to = Path::new("/r/e");
+    let (evs, c) = meaning(EventMask::MOVED_TO | EventMask::ISDIR, 7, to, &mut from);
+    assert_eq!(evs[1].paths, [p.to_path_buf(), to.to_path_buf()]);
+    assert_eq!(evs[1].tracker(), Some(7));
+    assert_eq!(c, Some(Change::Watch(to.into())));
+    assert!(from.is_none());
+    // moved in from outside: no pair
+    let (evs, _) = meaning(EventMask::MOVED_TO, 8, to, &mut from);
+    assert_eq!(
+        kinds(&evs),
+        [EventKind::Modify(ModifyKind::Name(RenameMode::To))]
+    );
+    for (mask, kind) in [
+        (
+            EventMask::MODIFY,
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+        ),
+        (
+            EventMask::CLOSE_WRITE,
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+        ),
+        (
+            EventMask::ATTRIB,
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+        ),
+        (
+            EventMask::DELETE_SELF,
+            EventKind::Remove(RemoveKind::Folder),
+        ),
+    ] {
+        let (evs, c) = meaning(mask, 0, p, &mut from);
+        assert_eq!((kinds(&evs), c), (vec![kind], None));
+    }
+}
