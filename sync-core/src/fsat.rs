@@ -81,7 +81,7 @@ pub(crate) fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
 }
 
 /// Opens the directory `name` in `dir` for reading, never through a symlink.
-pub(crate) fn open_dir_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
+pub fn open_dir_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     Ok(rustix::fs::openat(dir, name, flags, Mode::empty())?)
 }
@@ -89,7 +89,7 @@ pub(crate) fn open_dir_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedF
 /// Opens the directory `rel` below `root` in one `openat2`, never through a
 /// symlink nor out of `root` (`ELOOP` or `ENOTDIR` when a symlink is met):
 /// the confined open the replica's writes go through too.
-pub(crate) fn open_dir_beneath(root: BorrowedFd<'_>, rel: &RelPath) -> io::Result<OwnedFd> {
+pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &RelPath) -> io::Result<OwnedFd> {
     use rustix::fs::ResolveFlags;
     if rel.is_root() {
         return open_dir_at(root, c".");

@@ -48,6 +48,7 @@ pub mod scan;
 pub mod sqlite;
 
 pub use error::Error;
+pub use fsat::{open_dir_at, open_dir_beneath};
 
 pub use manifest::Manifest;
 pub use proto::{Entry, Kind, Meta, RelPath, Xattr};

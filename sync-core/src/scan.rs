@@ -25,15 +25,17 @@ pub struct ScanOptions {
     pub filter: Filter,
     /// How live SQLite databases are told (`None`: they are plain files).
     pub databases: Option<std::sync::Arc<DbDetect>>,
-    /// Called with each directory's path just before its names are listed
-    /// (a watcher adds its watch there: a change after the listing raises an
-    /// event). Not called for excluded directories.
+    /// Called with each directory's path and the descriptor it is open as
+    /// just before its names are listed (a watcher adds its watch there,
+    /// through the descriptor: a change after the listing raises an event).
+    /// Not called for excluded directories.
     pub on_dir: Option<DirHook>,
 }
 
 /// A call made before a directory is listed ([`ScanOptions::on_dir`]).
 #[derive(Clone)]
-pub struct DirHook(pub std::sync::Arc<dyn Fn(&Path) + Send + Sync>);
+#[allow(clippy::type_complexity)]
+pub struct DirHook(pub std::sync::Arc<dyn Fn(&Path, BorrowedFd<'_>) + Send + Sync>);
 
 impl std::fmt::Debug for DirHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -513,7 +515,7 @@ impl<'o> Walker<'o> {
     /// Adds what is below `dir`, open as `fd`, in manifest order.
     fn walk_dir(&mut self, dir: &RelPath, fd: OwnedFd) -> Result<(), Error> {
         if let Some(DirHook(h)) = &self.opts.on_dir {
-            h(&abs(&self.root, dir));
+            h(&abs(&self.root, dir), fd.as_fd());
         }
         let names = match DIRBUF.with_borrow_mut(|buf| fsat::read_names(fd.as_fd(), buf)) {
             Ok(n) => n,

@@ -532,9 +532,15 @@ fn every_directory_listed_is_announced_before_its_names() {
     let log = seen.clone();
     let opts = ScanOptions {
         filter: Filter::new(&["cache/".into()]).unwrap(),
-        on_dir: Some(super::DirHook(Arc::new(move |p: &Path| {
-            log.lock().unwrap().push(p.to_path_buf());
-        }))),
+        on_dir: Some(super::DirHook(Arc::new(
+            move |p: &Path, fd: BorrowedFd<'_>| {
+                // the descriptor is the directory named
+                let st = rustix::fs::fstat(fd).unwrap();
+                let named = fs::symlink_metadata(p).unwrap();
+                assert_eq!(st.st_ino, std::os::unix::fs::MetadataExt::ino(&named));
+                log.lock().unwrap().push(p.to_path_buf());
+            },
+        ))),
         ..Default::default()
     };
     let m = scan(&root, &opts).unwrap();
@@ -554,9 +560,11 @@ fn every_directory_listed_is_announced_before_its_names() {
     let o = order.clone();
     let opts = ScanOptions {
         filter: Filter::new(&["cache/".into()]).unwrap(),
-        on_dir: Some(super::DirHook(Arc::new(move |p: &Path| {
-            o.lock().unwrap().push(format!("dir {}", p.display()));
-        }))),
+        on_dir: Some(super::DirHook(Arc::new(
+            move |p: &Path, _: BorrowedFd<'_>| {
+                o.lock().unwrap().push(format!("dir {}", p.display()));
+            },
+        ))),
         ..Default::default()
     };
     let mut w = Walker::new(&root, &opts, None);

@@ -365,8 +365,10 @@ pub async fn run_source(
     });
     let mut opts = scan_options(&cfg);
     let mut w = start_watch(&cfg.root, &status, opts.databases.clone())?;
-    // Each scan watches the directories it lists before it lists them.
+    // Each scan watches the directories it lists before it lists them; the
+    // watcher's own walks leave out what the scans do.
     opts.on_dir = Some(w.watcher.dir_hook());
+    w.watcher.exclude(cfg.filter.clone());
     let index = Arc::new(Mutex::new(open_index(&cfg)?));
     // Held across sessions: a replica that reconnects a few cuts behind gets
     // only the pages changed since what it holds.

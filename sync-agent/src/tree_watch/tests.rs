@@ -1,5 +1,6 @@
 use super::*;
 use notify::Watcher;
+use rustix::fd::AsFd;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use sync_core::scan::ScanOptions;
@@ -173,9 +174,16 @@ fn an_overflow_is_handed_on_as_a_rescan() {
     wait_for(&rx, about(root.join("after")));
 }
 
+/// The descriptor of `p`, a directory.
+fn open_dir(p: &Path) -> rustix::fd::OwnedFd {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    rustix::fs::open(p, flags, rustix::fs::Mode::empty()).expect("open")
+}
+
 /// A watch the kernel refuses for its limit is reported as notify's limit
-/// (what the degraded poll tells apart); a vanished one is no error; the
-/// hook outlives its watcher harmlessly.
+/// (what the degraded poll tells apart); a directory gone before the
+/// watcher walks it is no error, but for the tree asked for; the hook
+/// outlives its watcher harmlessly.
 #[test]
 fn errors_are_named_and_a_gone_directory_is_none() {
     let e = watch_error(
@@ -192,28 +200,72 @@ fn errors_are_named_and_a_gone_directory_is_none() {
     let (_d, root) = tree(&["a"]);
     let (mut w, rx) = watcher(&root);
     let hook = w.dir_hook();
-    (hook.0)(&root.join("nowhere"));
-    (hook.0)(&root.join("a"));
+    let a = open_dir(&root.join("a"));
+    (hook.0)(&root.join("a"), a.as_fd());
     assert_eq!(w.watched(), 2);
-    assert!(drain(&rx).is_empty(), "a vanished directory is no error");
-    assert!(
-        w.watch(&root.join("nowhere"), RecursiveMode::Recursive)
-            .is_err()
-    );
+    assert!(drain(&rx).is_empty(), "no error");
+    let nowhere = root.join("nowhere");
+    assert!(w.watch(&nowhere, RecursiveMode::Recursive).is_err());
+    let elsewhere = tempfile::tempdir().unwrap();
+    assert!(w.watch(elsewhere.path(), RecursiveMode::Recursive).is_err());
     w.unwatch(&root.join("a")).expect("unwatch");
     assert!(w.unwatch(&root.join("a")).is_err());
     drop(w);
-    (hook.0)(&root.join("a"));
-    // a directory that appeared and went before its watch: nothing to watch
+    (hook.0)(&root.join("a"), a.as_fd());
+    // appeared and went before the watcher walked it: nothing to watch
     let ino = Inotify::init().expect("inotify");
-    let mut t = Table {
-        watches: ino.watches(),
-        paths: HashMap::new(),
-    };
-    assert!(t.add_tree(&root.join("gone"), false).is_ok());
-    assert!(t.add_tree(&root.join("gone"), true).is_err());
-    assert!(t.add_tree(&root, false).is_ok());
-    assert_eq!(t.paths.len(), 2);
+    let mut t = Table::new(ino.watches());
+    t.root = Some(root.clone());
+    assert!(t.add_tree(&nowhere, false).is_ok());
+    assert!(t.add_tree(&nowhere, true).is_err());
+    assert!(t.add_tree(&root, true).is_ok());
+    assert_eq!(t.dirs.len(), 2);
+}
+
+/// A symlink swapped in above a directory between the scan's open of it
+/// and its watch cannot send the watch to the link's target: the watch is
+/// the open directory's, and the target's own watch still reports under
+/// its own path.
+#[test]
+fn a_watch_goes_to_the_directory_opened_not_to_a_path_resolved_again() {
+    let (_d, root) = tree(&["a/s", "b/s"]);
+    let (w, rx) = watcher(&root);
+    scan(&root, &w);
+    let hook = w.dir_hook();
+    let opened = open_dir(&root.join("a/s"));
+    std::fs::rename(root.join("a"), root.join("a.old")).unwrap();
+    std::os::unix::fs::symlink(root.join("b"), root.join("a")).unwrap();
+    (hook.0)(&root.join("a/s"), opened.as_fd());
+    drain(&rx);
+    std::fs::write(root.join("b/s/f"), b"1").unwrap();
+    let ev = wait_for(&rx, |e| e.paths.iter().any(|p| p.ends_with("s/f")));
+    assert_eq!(ev.paths, [root.join("b/s/f")]);
+    std::fs::write(root.join("a.old/s/g"), b"1").unwrap();
+    let ev = wait_for(&rx, |e| e.paths.iter().any(|p| p.ends_with("s/g")));
+    assert_eq!(ev.paths, [root.join("a.old/s/g")]);
+}
+
+/// A tree moved in is walked as the scan walks: excluded directories and
+/// symlinks to directories (in the tree or out of it) are not watched.
+#[test]
+fn a_tree_moved_in_is_watched_but_for_excludes_and_symlinks() {
+    let (_d, root) = tree(&[]);
+    let (_o, outside) = tree(&["t/keep/deep", "t/node_modules/x/y", "far/away"]);
+    std::os::unix::fs::symlink(outside.join("far"), outside.join("t/out")).unwrap();
+    std::os::unix::fs::symlink("keep", outside.join("t/in")).unwrap();
+    let (w, rx) = watcher(&root);
+    w.exclude(Filter::new(&["node_modules/".into()]).unwrap());
+    scan(&root, &w);
+    std::fs::rename(outside.join("t"), root.join("t")).unwrap();
+    wait_for(&rx, about(root.join("t")));
+    assert_eq!(w.watched(), 4, "root, t, t/keep, t/keep/deep");
+    std::fs::write(root.join("t/keep/deep/f"), b"1").unwrap();
+    wait_for(&rx, about(root.join("t/keep/deep/f")));
+    drain(&rx);
+    std::fs::create_dir(root.join("t/node_modules/x/z")).unwrap();
+    std::fs::write(outside.join("far/away/f"), b"1").unwrap();
+    let late = drain(&rx);
+    assert!(late.is_empty(), "{late:?}");
 }
 
 /// What each kind of inotify event is handed on as, and what it does to the

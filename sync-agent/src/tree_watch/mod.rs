@@ -11,134 +11,35 @@
 //! than a push (benches/README.md). Here:
 //! - a scan adds a directory's watch just before it lists the directory's
 //!   names ([`TreeWatcher::dir_hook`] as
-//!   [`sync_core::scan::ScanOptions::on_dir`]): a change made after the
-//!   listing raises an event, one made before is in the listing, and the first
-//!   round makes no walk of its own;
+//!   [`sync_core::scan::ScanOptions::on_dir`]), through the descriptor it
+//!   holds: a change made after the listing raises an event, one made before
+//!   is in the listing, and the first round makes no walk of its own;
 //! - a directory that appears later (created, moved in) is watched, with every
 //!   directory below it, before its event is handed on, so the scan the event
-//!   asks for misses nothing; a directory moved away or removed loses its
-//!   watches (moved out of the tree, it would go on reporting under its old
-//!   path);
+//!   asks for misses nothing (the walk opens directories as the scan does,
+//!   never through a symlink, and leaves out the folder's excludes); a
+//!   directory moved away or removed loses its watches (moved out of the
+//!   tree, it would go on reporting under its old path);
 //! - opens and reads are not watched; writes, closes after writing,
 //!   creations, removals, renames and metadata changes are;
 //! - an overflow of the kernel's queue is an event flagged
 //!   [`notify::event::Flag::Rescan`], as notify's.
 
-use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
+use inotify::{EventMask, Inotify};
 use notify::event::{
     AccessKind, AccessMode, CreateKind, DataChange, Flag, MetadataKind, ModifyKind, RemoveKind,
     RenameMode,
 };
 use notify::{Event, EventHandler, EventKind, RecursiveMode};
-use std::collections::HashMap;
+use rustix::fd::{AsFd, BorrowedFd};
+use rustix::fs::OFlags;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use sync_core::filter::Filter;
 use sync_core::scan::DirHook;
-
-/// What a directory is watched for (`top`: the watched tree's own root,
-/// whose removal and move are reported too). Never through a symlink, never
-/// anything but a directory; added to what the directory is watched for
-/// already.
-fn mask(top: bool) -> WatchMask {
-    let mut m = WatchMask::MODIFY
-        | WatchMask::ATTRIB
-        | WatchMask::CLOSE_WRITE
-        | WatchMask::CREATE
-        | WatchMask::DELETE
-        | WatchMask::MOVED_FROM
-        | WatchMask::MOVED_TO
-        | WatchMask::ONLYDIR
-        | WatchMask::DONT_FOLLOW
-        | WatchMask::MASK_ADD;
-    if top {
-        m |= WatchMask::DELETE_SELF | WatchMask::MOVE_SELF;
-    }
-    m
-}
-
-/// Whether an error adding a watch or listing a directory means it is gone
-/// or is no longer a directory (a later event or scan sees what took its
-/// place).
-fn vanished(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
-    )
-}
-
-/// `e`, met watching `path`, in notify's terms (the watch limit as
-/// [`notify::ErrorKind::MaxFilesWatch`], as notify reports it).
-fn watch_error(e: io::Error, path: &Path) -> notify::Error {
-    let e = if e.raw_os_error() == Some(libc::ENOSPC) {
-        notify::Error::new(notify::ErrorKind::MaxFilesWatch)
-    } else if e.kind() == io::ErrorKind::NotFound {
-        notify::Error::path_not_found()
-    } else {
-        notify::Error::io(e)
-    };
-    e.add_path(path.to_path_buf())
-}
-
-/// The watches and the directory each stands for.
-struct Table {
-    watches: Watches,
-    paths: HashMap<WatchDescriptor, PathBuf>,
-}
-
-impl Table {
-    fn add(&mut self, dir: &Path, top: bool) -> io::Result<()> {
-        let wd = self.watches.add(dir, mask(top))?;
-        self.paths.insert(wd, dir.to_path_buf());
-        Ok(())
-    }
-
-    /// Watches `top` and every directory below it (never through a
-    /// symlink); those gone meanwhile are skipped, but for the tree's root
-    /// itself (`is_root`: what [`notify::Watcher::watch`] was asked for).
-    fn add_tree(&mut self, top: &Path, is_root: bool) -> notify::Result<()> {
-        let mut stack = vec![top.to_path_buf()];
-        while let Some(dir) = stack.pop() {
-            let root = is_root && dir == top;
-            match self.add(&dir, root) {
-                Ok(()) => {}
-                Err(e) if vanished(&e) && !root => continue,
-                Err(e) => return Err(watch_error(e, &dir)),
-            }
-            let listing = match std::fs::read_dir(&dir) {
-                Ok(l) => l,
-                Err(e) if vanished(&e) => continue,
-                Err(e) => return Err(notify::Error::io(e).add_path(dir)),
-            };
-            for entry in listing {
-                match entry {
-                    Ok(e) if e.file_type().is_ok_and(|t| t.is_dir()) => stack.push(e.path()),
-                    Ok(_) => {}
-                    Err(e) if vanished(&e) => break,
-                    Err(e) => return Err(notify::Error::io(e).add_path(dir)),
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Drops the watches of `top` and of every directory below it; how many.
-    fn remove_under(&mut self, top: &Path) -> usize {
-        let gone: Vec<WatchDescriptor> = self
-            .paths
-            .iter()
-            .filter(|(_, p)| p.starts_with(top))
-            .map(|(wd, _)| wd.clone())
-            .collect();
-        for wd in &gone {
-            self.paths.remove(wd);
-            // (removed with its directory already: nothing to undo)
-            let _ = self.watches.remove(wd.clone());
-        }
-        gone.len()
-    }
-}
+use table::{vanished, watch_error};
 
 /// What an event does to the watches.
 #[derive(Debug, PartialEq)]
@@ -226,9 +127,9 @@ fn meaning(
 struct Shared {
     table: Mutex<Table>,
     handler: Mutex<Box<dyn EventHandler>>,
-    /// An error was handed on since the tree was last watched whole: the
-    /// next ones are not (past the watch limit, every directory of a scan
-    /// would report one).
+    /// An error was handed on (or returned by a walk of the whole tree)
+    /// since the tree was last watched whole: the next ones are not (past
+    /// the watch limit, every directory of a scan would report one).
     failed: AtomicBool,
 }
 
@@ -254,9 +155,9 @@ impl Shared {
         }
     }
 
-    /// Watches `dir` (a scan is about to list it).
-    fn watch_dir(&self, dir: &Path) {
-        let res = self.table().add(dir, false);
+    /// Watches `dir`, open as `fd` (a scan is about to list it).
+    fn watch_dir(&self, dir: &Path, fd: BorrowedFd<'_>) {
+        let res = self.table().add_fd(dir, fd, false, false);
         match res {
             Ok(()) => {}
             Err(e) if vanished(&e) => {}
@@ -279,10 +180,10 @@ impl Shared {
                 continue;
             }
             if ev.mask.contains(EventMask::IGNORED) {
-                t.paths.remove(&ev.wd);
+                t.ignored(&ev.wd);
                 continue;
             }
-            let Some(dir) = t.paths.get(&ev.wd) else {
+            let Some(dir) = t.dirs.get(&ev.wd) else {
                 continue;
             };
             let path = match ev.name {
@@ -380,13 +281,22 @@ impl TreeWatcher {
     #[must_use]
     pub fn dir_hook(&self) -> DirHook {
         let shared = self.shared.clone();
-        DirHook(Arc::new(move |dir: &Path| shared.watch_dir(dir)))
+        DirHook(Arc::new(move |dir: &Path, fd: BorrowedFd<'_>| {
+            shared.watch_dir(dir, fd);
+        }))
+    }
+
+    /// Leaves what `filter` excludes unwatched when the watcher walks a
+    /// tree itself (a directory moved in, the degraded poll's retry); the
+    /// scans never list it.
+    pub fn exclude(&self, filter: Filter) {
+        self.shared.table().filter = filter;
     }
 
     /// How many directories are watched.
     #[cfg(test)]
     fn watched(&self) -> usize {
-        self.shared.table().paths.len()
+        self.shared.table().dirs.len()
     }
 }
 
@@ -397,10 +307,7 @@ impl notify::Watcher for TreeWatcher {
         let inotify = Inotify::init().map_err(notify::Error::io)?;
         let (stop_rx, stop) = io::pipe().map_err(notify::Error::io)?;
         let shared = Arc::new(Shared {
-            table: Mutex::new(Table {
-                watches: inotify.watches(),
-                paths: HashMap::new(),
-            }),
+            table: Mutex::new(Table::new(inotify.watches())),
             handler: Mutex::new(Box::new(event_handler)),
             failed: AtomicBool::new(false),
         });
@@ -421,12 +328,24 @@ impl notify::Watcher for TreeWatcher {
     /// retry; the source's scans add their own as they go).
     fn watch(&mut self, path: &Path, mode: RecursiveMode) -> notify::Result<()> {
         let mut t = self.shared.table();
+        if t.root.is_none() {
+            t.root = Some(path.to_path_buf());
+        }
         match mode {
             RecursiveMode::Recursive => {
-                self.shared.failed.store(false, Ordering::SeqCst);
-                t.add_tree(path, true)
+                // a failed walk is the caller's to report: the errors of
+                // the scans until the next try are that one again
+                let res = t.add_tree(path, true);
+                self.shared.failed.store(res.is_err(), Ordering::SeqCst);
+                res
             }
-            RecursiveMode::NonRecursive => t.add(path, true).map_err(|e| watch_error(e, path)),
+            RecursiveMode::NonRecursive => {
+                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+                let fd = rustix::fs::open(path, flags, rustix::fs::Mode::empty())
+                    .map_err(|e| watch_error(e.into(), path))?;
+                t.add_fd(path, fd.as_fd(), true, true)
+                    .map_err(|e| watch_error(e, path))
+            }
         }
     }
 
@@ -452,6 +371,8 @@ impl Drop for TreeWatcher {
     }
 }
 
+mod table;
+use table::Table;
+
 #[cfg(test)]
-#[path = "tree_watch_tests.rs"]
 mod tests;

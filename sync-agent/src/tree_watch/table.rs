@@ -1,0 +1,228 @@
+//! The watches and the directories they stand for.
+//!
+//! A watch is added through a descriptor of the very directory (its
+//! `/proc/self/fd` link), never by a path resolved again: a symlink swapped
+//! in above a directory between its open and its watch cannot send the
+//! watch elsewhere. Directories are opened below the tree's root without
+//! following any symlink (`openat2`), as the scan opens them.
+
+use inotify::{WatchDescriptor, WatchMask, Watches};
+use proto::RelPath;
+use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use rustix::fs::{FileType, OFlags};
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use sync_core::filter::Filter;
+
+/// What a directory is watched for (`top`: the watched tree's own root,
+/// whose removal and move are reported too), added to what it is watched
+/// for already; only a directory.
+fn mask(top: bool) -> WatchMask {
+    let mut m = WatchMask::MODIFY
+        | WatchMask::ATTRIB
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::MOVED_FROM
+        | WatchMask::MOVED_TO
+        | WatchMask::ONLYDIR
+        | WatchMask::MASK_ADD;
+    if top {
+        m |= WatchMask::DELETE_SELF | WatchMask::MOVE_SELF;
+    }
+    m
+}
+
+/// Whether an error adding a watch or opening or listing a directory means
+/// it is gone or is no longer a directory (a later event or scan sees what
+/// took its place).
+pub(super) fn vanished(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+    )
+}
+
+/// `e`, met watching `path`, in notify's terms (the watch limit as
+/// [`notify::ErrorKind::MaxFilesWatch`], as notify reports it).
+pub(super) fn watch_error(e: io::Error, path: &Path) -> notify::Error {
+    let e = if e.raw_os_error() == Some(libc::ENOSPC) {
+        notify::Error::new(notify::ErrorKind::MaxFilesWatch)
+    } else if e.kind() == io::ErrorKind::NotFound {
+        notify::Error::path_not_found()
+    } else {
+        notify::Error::io(e)
+    };
+    e.add_path(path.to_path_buf())
+}
+
+/// `p` below `root`, as a path of the tree.
+fn rel(root: &Path, p: &Path) -> Option<RelPath> {
+    let r = p.strip_prefix(root).ok()?;
+    RelPath::new(r.as_os_str().as_bytes()).ok()
+}
+
+pub(super) struct Table {
+    watches: Watches,
+    /// The directory each watch stands for.
+    pub(super) dirs: HashMap<WatchDescriptor, PathBuf>,
+    /// The watch of each directory, in path order (a directory's subtree
+    /// right after it).
+    by_path: BTreeMap<PathBuf, WatchDescriptor>,
+    /// The tree (the first path [`notify::Watcher::watch`] was given).
+    pub(super) root: Option<PathBuf>,
+    /// What of the tree is not watched (the folder's excludes).
+    pub(super) filter: Filter,
+}
+
+impl Table {
+    pub(super) fn new(watches: Watches) -> Self {
+        Self {
+            watches,
+            dirs: HashMap::new(),
+            by_path: BTreeMap::new(),
+            root: None,
+            filter: Filter::default(),
+        }
+    }
+
+    /// Watches the directory open as `fd`, named `dir`. A directory watched
+    /// already keeps the name it has unless `rename`: a scan's name for it
+    /// may be older than the events the reader has applied (a directory
+    /// moved since the scan listed its parent), the reader's walk's is not.
+    pub(super) fn add_fd(
+        &mut self,
+        dir: &Path,
+        fd: BorrowedFd<'_>,
+        top: bool,
+        rename: bool,
+    ) -> io::Result<()> {
+        let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        let wd = match self.watches.add(&link, mask(top)) {
+            // no /proc: by its name, never through a symlink at its end
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !Path::new(&link).exists() => {
+                self.watches.add(dir, mask(top) | WatchMask::DONT_FOLLOW)?
+            }
+            r => r?,
+        };
+        if !rename && self.dirs.contains_key(&wd) {
+            return Ok(());
+        }
+        if let Some(old) = self.dirs.insert(wd.clone(), dir.to_path_buf())
+            && old != dir
+            && self.by_path.get(&old) == Some(&wd)
+        {
+            self.by_path.remove(&old);
+        }
+        self.by_path.insert(dir.to_path_buf(), wd);
+        Ok(())
+    }
+
+    /// The kernel dropped watch `wd` (its directory is gone, or it was
+    /// removed).
+    pub(super) fn ignored(&mut self, wd: &WatchDescriptor) {
+        if let Some(dir) = self.dirs.remove(wd)
+            && self.by_path.get(&dir) == Some(wd)
+        {
+            self.by_path.remove(&dir);
+        }
+    }
+
+    /// Watches `top` and every directory below it that the folder does not
+    /// exclude, opened beneath the root without following a symlink; those
+    /// gone meanwhile are skipped, but for the root itself (`is_root`: what
+    /// [`notify::Watcher::watch`] was asked for).
+    pub(super) fn add_tree(&mut self, top: &Path, is_root: bool) -> notify::Result<()> {
+        let Some(root) = self.root.clone() else {
+            return Err(notify::Error::generic("no tree watched").add_path(top.to_path_buf()));
+        };
+        let Some(top_rel) = rel(&root, top) else {
+            let e = notify::Error::generic("not below the watched tree");
+            return Err(e.add_path(top.to_path_buf()));
+        };
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let root_fd = match rustix::fs::open(&root, flags, rustix::fs::Mode::empty()) {
+            Ok(fd) => fd,
+            Err(e) if !is_root && vanished(&e.into()) => return Ok(()),
+            Err(e) => return Err(watch_error(e.into(), &root)),
+        };
+        if !is_root && self.filter.excludes(&top_rel, true) {
+            return Ok(());
+        }
+        let mut stack = vec![top_rel.clone()];
+        while let Some(here) = stack.pop() {
+            let path = sync_core::scan::abs(&root, &here);
+            let is_top = is_root && here == top_rel;
+            let fd = match sync_core::open_dir_beneath(root_fd.as_fd(), &here) {
+                Ok(fd) => fd,
+                Err(e) if vanished(&e) && !is_top => continue,
+                Err(e) => return Err(watch_error(e, &path)),
+            };
+            match self.add_fd(&path, fd.as_fd(), is_top, true) {
+                Ok(()) => {}
+                Err(e) if vanished(&e) && !is_top => continue,
+                Err(e) => return Err(watch_error(e, &path)),
+            }
+            self.subdirs(&here, fd, &mut stack)
+                .map_err(|e| notify::Error::io(e).add_path(path))?;
+        }
+        Ok(())
+    }
+
+    /// Pushes the subdirectories of `here` (open as `fd`) not excluded.
+    fn subdirs(&self, here: &RelPath, fd: OwnedFd, out: &mut Vec<RelPath>) -> io::Result<()> {
+        let mut listing = match rustix::fs::Dir::read_from(&fd) {
+            Ok(l) => l,
+            Err(e) if vanished(&e.into()) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        while let Some(entry) = listing.read() {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) if vanished(&e.into()) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let is_dir = match entry.file_type() {
+                FileType::Unknown => rustix::fs::statat(
+                    &fd,
+                    entry.file_name(),
+                    rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory),
+                t => t == FileType::Directory,
+            };
+            let Ok(child) = here.join(name) else {
+                continue;
+            };
+            if is_dir && !self.filter.excludes(&child, true) {
+                out.push(child);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the watches of `top` and of every directory below it; how many.
+    pub(super) fn remove_under(&mut self, top: &Path) -> usize {
+        let gone: Vec<(PathBuf, WatchDescriptor)> = self
+            .by_path
+            .range(top.to_path_buf()..)
+            .take_while(|(p, _)| p.starts_with(top))
+            .map(|(p, wd)| (p.clone(), wd.clone()))
+            .collect();
+        for (p, wd) in &gone {
+            self.by_path.remove(p);
+            if self.dirs.get(wd) == Some(p) {
+                self.dirs.remove(wd);
+                // (removed with its directory already: nothing to undo)
+                let _ = self.watches.remove(wd.clone());
+            }
+        }
+        gone.len()
+    }
+}
