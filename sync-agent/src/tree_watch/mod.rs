@@ -23,7 +23,8 @@
 //! - opens and reads are not watched; writes, closes after writing,
 //!   creations, removals, renames and metadata changes are;
 //! - an overflow of the kernel's queue is an event flagged
-//!   [`notify::event::Flag::Rescan`], as notify's.
+//!   [`notify::event::Flag::Rescan`], as notify's, and so is a file system
+//!   unmounted from under the tree (notify's backend says nothing of it).
 
 use inotify::{EventMask, Inotify};
 use notify::event::{
@@ -175,8 +176,16 @@ impl Shared {
         let mut t = self.table();
         let (mut out, mut changes) = (Vec::new(), Vec::new());
         for ev in events {
-            if ev.mask.contains(EventMask::Q_OVERFLOW) {
+            // Events lost, or a file system unmounted from under a watched
+            // directory (what it hid is in the tree now, unannounced): a
+            // full round.
+            if ev
+                .mask
+                .intersects(EventMask::Q_OVERFLOW | EventMask::UNMOUNT)
+            {
                 out.push(Ok(Event::new(EventKind::Other).set_flag(Flag::Rescan)));
+            }
+            if ev.mask.contains(EventMask::Q_OVERFLOW) {
                 continue;
             }
             if ev.mask.contains(EventMask::IGNORED) {

@@ -323,3 +323,30 @@ fn each_event_means_what_notify_says_and_changes_the_watches() {
         assert_eq!((kinds(&evs), c), (vec![kind], None));
     }
 }
+
+/// A file system unmounted from under the tree asks for a full round: what
+/// its mount point hid is in the tree now, and nothing else says so.
+#[test]
+fn an_unmount_under_the_tree_asks_for_a_rescan() {
+    let (_d, root) = tree(&["m"]);
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(root.join("m"))
+        .status()
+        .expect("mount");
+    assert!(mounted.success(), "mounting a tmpfs (tests run as root)");
+    /// Unmounts it however the test ends.
+    struct Mounted(PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let guard = Mounted(root.join("m"));
+    std::fs::create_dir(root.join("m/inside")).unwrap();
+    let (w, rx) = watcher(&root);
+    scan(&root, &w);
+    drain(&rx);
+    drop(guard);
+    wait_for(&rx, notify::Event::need_rescan);
+}
