@@ -363,12 +363,7 @@ pub async fn run_source(
         s.role = "source".into();
         s.peer = cfg.peer.to_string();
     });
-    let mut opts = scan_options(&cfg);
-    let mut w = start_watch(&cfg.root, &status, opts.databases.clone())?;
-    // Each scan watches the directories it lists before it lists them; the
-    // watcher's own walks leave out what the scans do.
-    opts.on_dir = Some(w.watcher.dir_hook());
-    w.watcher.exclude(cfg.filter.clone());
+    let (mut w, opts) = watch_and_scan(&cfg, &status)?;
     let index = Arc::new(Mutex::new(open_index(&cfg)?));
     // Held across sessions: a replica that reconnects a few cuts behind gets
     // only the pages changed since what it holds.
@@ -449,6 +444,17 @@ pub async fn run_source(
         backoff.session_ended(res.is_ok(), began.elapsed());
     }
     Ok(Outcome::Stopped)
+}
+
+/// The folder's watcher (its root only) and how it is scanned: each scan
+/// watches the directories it lists before it lists them; the watcher's own
+/// walks leave out what the scans do.
+fn watch_and_scan(cfg: &SourceFolder, status: &SharedStatus) -> Result<(Watch, ScanOptions)> {
+    let mut opts = scan_options(cfg);
+    let w = start_watch(&cfg.root, status, opts.databases.clone())?;
+    opts.on_dir = Some(w.watcher.dir_hook());
+    w.watcher.exclude(cfg.filter.clone());
+    Ok((w, opts))
 }
 
 /// How the folder is scanned: its excludes, its databases by glob.
