@@ -337,9 +337,10 @@ impl notify::Watcher for TreeWatcher {
     /// retry; the source's scans add their own as they go).
     fn watch(&mut self, path: &Path, mode: RecursiveMode) -> notify::Result<()> {
         let mut t = self.shared.table();
-        if t.root.is_none() {
-            t.root = Some(path.to_path_buf());
-        }
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let fd = rustix::fs::open(path, flags, rustix::fs::Mode::empty())
+            .map_err(|e| watch_error(e.into(), path))?;
+        t.set_root(path, fd);
         match mode {
             RecursiveMode::Recursive => {
                 // a failed walk is the caller's to report: the errors of
@@ -349,7 +350,6 @@ impl notify::Watcher for TreeWatcher {
                 res
             }
             RecursiveMode::NonRecursive => {
-                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
                 let fd = rustix::fs::open(path, flags, rustix::fs::Mode::empty())
                     .map_err(|e| watch_error(e.into(), path))?;
                 t.add_fd(path, fd.as_fd(), true, true)

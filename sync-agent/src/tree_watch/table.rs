@@ -71,8 +71,12 @@ pub(super) struct Table {
     /// The watch of each directory, in path order (a directory's subtree
     /// right after it).
     by_path: BTreeMap<PathBuf, WatchDescriptor>,
-    /// The tree (the first path [`notify::Watcher::watch`] was given).
+    /// The tree (the first path [`notify::Watcher::watch`] was given), and
+    /// the directory it is open as.
     pub(super) root: Option<PathBuf>,
+    root_fd: Option<OwnedFd>,
+    /// `/proc` is not there: watches are added by name.
+    no_proc: bool,
     /// What of the tree is not watched (the folder's excludes).
     pub(super) filter: Filter,
 }
@@ -84,14 +88,20 @@ impl Table {
             dirs: HashMap::new(),
             by_path: BTreeMap::new(),
             root: None,
+            root_fd: None,
+            no_proc: false,
             filter: Filter::default(),
         }
     }
 
-    /// Watches the directory open as `fd`, named `dir`. A directory watched
-    /// already keeps the name it has unless `rename`: a scan's name for it
-    /// may be older than the events the reader has applied (a directory
-    /// moved since the scan listed its parent), the reader's walk's is not.
+    /// Watches the directory open as `fd`, named `dir`. `rename`: the name
+    /// is the reader's, current (its own walk); otherwise a scan's, which may
+    /// be older than the events the reader has applied (the scan walks on
+    /// through descriptors below a directory moved meanwhile): a directory
+    /// watched already under that name is left as it is, and another name
+    /// is taken only while it still leads to this directory (a watch of a
+    /// directory it no longer names is dropped, unless it was watched
+    /// before: the reader's name for it stands).
     pub(super) fn add_fd(
         &mut self,
         dir: &Path,
@@ -100,24 +110,68 @@ impl Table {
         rename: bool,
     ) -> io::Result<()> {
         let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
-        let wd = match self.watches.add(&link, mask(top)) {
+        let wd = match self.no_proc {
+            false => match self.watches.add(&link, mask(top)) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !Path::new(&link).exists() => {
+                    self.no_proc = true;
+                    self.watches.add(dir, mask(top) | WatchMask::DONT_FOLLOW)?
+                }
+                r => r?,
+            },
             // no /proc: by its name, never through a symlink at its end
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !Path::new(&link).exists() => {
-                self.watches.add(dir, mask(top) | WatchMask::DONT_FOLLOW)?
-            }
-            r => r?,
+            true => self.watches.add(dir, mask(top) | WatchMask::DONT_FOLLOW)?,
         };
-        if !rename && self.dirs.contains_key(&wd) {
-            return Ok(());
+        if !rename {
+            let known = self.dirs.get(&wd);
+            if known.is_some_and(|k| k == dir) {
+                return Ok(());
+            }
+            if !self.names(dir, fd) {
+                if known.is_none() {
+                    // (its directory is elsewhere: watched where it is seen)
+                    let _ = self.watches.remove(wd);
+                }
+                return Ok(());
+            }
         }
+        self.record(wd, dir);
+        Ok(())
+    }
+
+    /// Whether `dir` leads to the directory open as `fd` now, beneath the
+    /// root without a symlink.
+    fn names(&self, dir: &Path, fd: BorrowedFd<'_>) -> bool {
+        let (Some(root), Some(root_fd)) = (&self.root, &self.root_fd) else {
+            return false;
+        };
+        let Some(here) = rel(root, dir) else {
+            return false;
+        };
+        let Ok(named) = sync_core::open_dir_beneath(root_fd.as_fd(), &here) else {
+            return false;
+        };
+        match (rustix::fs::fstat(&named), rustix::fs::fstat(fd)) {
+            (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
+            _ => false,
+        }
+    }
+
+    /// Watch `wd` stands for `dir`; a watch that stood for `dir` before
+    /// (its directory is elsewhere now, or gone) is dropped.
+    fn record(&mut self, wd: WatchDescriptor, dir: &Path) {
         if let Some(old) = self.dirs.insert(wd.clone(), dir.to_path_buf())
             && old != dir
             && self.by_path.get(&old) == Some(&wd)
         {
             self.by_path.remove(&old);
         }
-        self.by_path.insert(dir.to_path_buf(), wd);
-        Ok(())
+        if let Some(other) = self.by_path.insert(dir.to_path_buf(), wd.clone())
+            && other != wd
+            && self.dirs.get(&other).is_some_and(|d| d == dir)
+        {
+            self.dirs.remove(&other);
+            let _ = self.watches.remove(other);
+        }
     }
 
     /// The kernel dropped watch `wd` (its directory is gone, or it was
@@ -127,6 +181,14 @@ impl Table {
             && self.by_path.get(&dir) == Some(wd)
         {
             self.by_path.remove(&dir);
+        }
+    }
+
+    /// Makes `root` the tree, open as `fd`, unless there is one.
+    pub(super) fn set_root(&mut self, root: &Path, fd: OwnedFd) {
+        if self.root.is_none() {
+            self.root = Some(root.to_path_buf());
+            self.root_fd = Some(fd);
         }
     }
 

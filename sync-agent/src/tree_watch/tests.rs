@@ -245,6 +245,48 @@ fn a_watch_goes_to_the_directory_opened_not_to_a_path_resolved_again() {
     assert_eq!(ev.paths, [root.join("a.old/s/g")]);
 }
 
+/// A scan walks on through descriptors below a directory moved while it
+/// walks, and names what it finds there by the old path: such a name is not
+/// taken for a directory it no longer leads to, and the directory is
+/// watched under the name the scan finds it by where it went.
+#[test]
+fn a_scan_behind_a_move_names_no_directory_by_its_old_path() {
+    let (_d, root) = tree(&["x/a/b", "z"]);
+    let (mut w, rx) = watcher(&root);
+    scan(&root, &w);
+    let hook = w.dir_hook();
+    // the scan holds x/a/b/c open; x/a is moved to z, where no scan has
+    // been yet (no watch: no event of its arrival)
+    std::fs::create_dir(root.join("x/a/b/c")).unwrap();
+    wait_for(&rx, about(root.join("x/a/b/c")));
+    let opened = open_dir(&root.join("x/a/b/c"));
+    w.unwatch(&root.join("z")).expect("unwatch");
+    std::fs::rename(root.join("x/a"), root.join("z/a")).unwrap();
+    wait_for(&rx, about(root.join("x/a")));
+    drain(&rx);
+    assert_eq!(w.watched(), 2, "root, x");
+    (hook.0)(&root.join("x/a/b/c"), opened.as_fd());
+    assert_eq!(w.watched(), 2, "no watch under a name that leads nowhere");
+    (hook.0)(&root.join("z/a/b/c"), opened.as_fd());
+    assert_eq!(w.watched(), 3);
+    std::fs::write(root.join("z/a/b/c/f"), b"1").unwrap();
+    let ev = wait_for(&rx, |e| e.paths.iter().any(|p| p.ends_with("c/f")));
+    assert_eq!(ev.paths, [root.join("z/a/b/c/f")]);
+    // moved out of the tree (once the scan has been there): a scan's old
+    // name adds no watch there
+    scan(&root, &w);
+    let (_o, outside) = tree(&[]);
+    std::fs::rename(root.join("z/a"), outside.join("a")).unwrap();
+    wait_for(&rx, about(root.join("z/a")));
+    drain(&rx);
+    let left = w.watched();
+    (hook.0)(&root.join("z/a/b/c"), opened.as_fd());
+    assert_eq!(w.watched(), left);
+    std::fs::write(outside.join("a/b/c/g"), b"1").unwrap();
+    let late = drain(&rx);
+    assert!(late.is_empty(), "{late:?}");
+}
+
 /// A tree moved in is walked as the scan walks: excluded directories and
 /// symlinks to directories (in the tree or out of it) are not watched.
 #[test]
@@ -349,4 +391,25 @@ fn an_unmount_under_the_tree_asks_for_a_rescan() {
     drain(&rx);
     drop(guard);
     wait_for(&rx, notify::Event::need_rescan);
+}
+
+/// A name taken by another directory drops the watch of the one that had
+/// it (moved elsewhere or gone): no watch is left that no name leads to,
+/// whose events would later drop the new directory's watches.
+#[test]
+fn a_name_taken_by_another_directory_drops_the_old_watch() {
+    let (_d, root) = tree(&["p"]);
+    let ino = Inotify::init().expect("inotify");
+    let mut t = Table::new(ino.watches());
+    t.set_root(&root, open_dir(&root));
+    let old = open_dir(&root.join("p"));
+    t.add_fd(&root.join("p"), old.as_fd(), false, true).unwrap();
+    std::fs::rename(root.join("p"), root.join("q")).unwrap();
+    std::fs::create_dir(root.join("p")).unwrap();
+    let new = open_dir(&root.join("p"));
+    t.add_fd(&root.join("p"), new.as_fd(), false, false)
+        .unwrap();
+    assert_eq!(t.dirs.len(), 1, "{:?}", t.dirs);
+    assert_eq!(t.remove_under(&root.join("p")), 1);
+    assert!(t.dirs.is_empty());
 }
