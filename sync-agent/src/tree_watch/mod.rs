@@ -338,9 +338,7 @@ impl notify::Watcher for TreeWatcher {
     fn watch(&mut self, path: &Path, mode: RecursiveMode) -> notify::Result<()> {
         let mut t = self.shared.table();
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let fd = rustix::fs::open(path, flags, rustix::fs::Mode::empty())
-            .map_err(|e| watch_error(e.into(), path))?;
-        t.set_root(path, fd);
+        t.set_root(path);
         match mode {
             RecursiveMode::Recursive => {
                 // a failed walk is the caller's to report: the errors of

@@ -71,10 +71,11 @@ pub(super) struct Table {
     /// The watch of each directory, in path order (a directory's subtree
     /// right after it).
     by_path: BTreeMap<PathBuf, WatchDescriptor>,
-    /// The tree (the first path [`notify::Watcher::watch`] was given), and
-    /// the directory it is open as.
+    /// The tree (the first path [`notify::Watcher::watch`] was given). Not
+    /// held open: an idle agent keeps nothing of the application's tree
+    /// open (a descriptor would keep its file system from being unmounted,
+    /// and name a tree replaced by rename).
     pub(super) root: Option<PathBuf>,
-    root_fd: Option<OwnedFd>,
     /// `/proc` is not there: watches are added by name.
     no_proc: bool,
     /// What of the tree is not watched (the folder's excludes).
@@ -88,7 +89,6 @@ impl Table {
             dirs: HashMap::new(),
             by_path: BTreeMap::new(),
             root: None,
-            root_fd: None,
             no_proc: false,
             filter: Filter::default(),
         }
@@ -141,10 +141,14 @@ impl Table {
     /// Whether `dir` leads to the directory open as `fd` now, beneath the
     /// root without a symlink.
     fn names(&self, dir: &Path, fd: BorrowedFd<'_>) -> bool {
-        let (Some(root), Some(root_fd)) = (&self.root, &self.root_fd) else {
+        let Some(root) = &self.root else {
             return false;
         };
         let Some(here) = rel(root, dir) else {
+            return false;
+        };
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let Ok(root_fd) = rustix::fs::open(root, flags, rustix::fs::Mode::empty()) else {
             return false;
         };
         let Ok(named) = sync_core::open_dir_beneath(root_fd.as_fd(), &here) else {
@@ -184,11 +188,10 @@ impl Table {
         }
     }
 
-    /// Makes `root` the tree, open as `fd`, unless there is one.
-    pub(super) fn set_root(&mut self, root: &Path, fd: OwnedFd) {
+    /// Makes `root` the tree, unless there is one.
+    pub(super) fn set_root(&mut self, root: &Path) {
         if self.root.is_none() {
             self.root = Some(root.to_path_buf());
-            self.root_fd = Some(fd);
         }
     }
 

@@ -401,7 +401,7 @@ fn a_name_taken_by_another_directory_drops_the_old_watch() {
     let (_d, root) = tree(&["p"]);
     let ino = Inotify::init().expect("inotify");
     let mut t = Table::new(ino.watches());
-    t.set_root(&root, open_dir(&root));
+    t.set_root(&root);
     let old = open_dir(&root.join("p"));
     t.add_fd(&root.join("p"), old.as_fd(), false, true).unwrap();
     std::fs::rename(root.join("p"), root.join("q")).unwrap();
@@ -412,4 +412,23 @@ fn a_name_taken_by_another_directory_drops_the_old_watch() {
     assert_eq!(t.dirs.len(), 1, "{:?}", t.dirs);
     assert_eq!(t.remove_under(&root.join("p")), 1);
     assert!(t.dirs.is_empty());
+}
+
+/// Once set up and between scans, the watcher holds nothing of the tree
+/// open (an idle agent must not keep the application's volume from being
+/// unmounted, nor keep a tree replaced by rename alive).
+#[test]
+fn the_watcher_holds_no_descriptor_of_the_tree() {
+    let (_d, root) = tree(&["a", "a/b"]);
+    let (w, rx) = watcher(&root);
+    scan(&root, &w);
+    std::fs::create_dir(root.join("a/c")).unwrap();
+    wait_for(&rx, about(root.join("a/c")));
+    let held: Vec<PathBuf> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|p| p.starts_with(&root))
+        .collect();
+    assert!(held.is_empty(), "the watcher holds {held:?}");
+    assert_eq!(w.watched(), 4);
 }
