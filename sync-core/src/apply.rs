@@ -32,7 +32,6 @@
 mod bulk;
 pub use bulk::Kept;
 mod db;
-mod direct;
 use db::db_like;
 mod durable;
 pub use durable::{SyncPlan, SyncTarget};

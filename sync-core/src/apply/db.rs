@@ -1,7 +1,6 @@
 //! The replica's databases: staging pages against the announced hash,
 //! the held-open check, and updates that never write through another name.
 
-use super::direct::Direct;
 use super::page_set::PageSet;
 use super::round::start_writeback;
 use super::*;
@@ -299,7 +298,6 @@ impl Replica {
             missing,
             len: 0,
             done: false,
-            direct: None,
         })
     }
 }
@@ -386,10 +384,6 @@ pub struct StagedDb<'r> {
     missing: PageSet,
     len: u64,
     done: bool,
-    /// A whole new database's runs written past the page cache (see
-    /// [`Direct`]): `None` until the first run, `Some(None)` when the file
-    /// system takes no direct I/O.
-    direct: Option<Option<Direct>>,
 }
 
 impl StagedDb<'_> {
@@ -479,29 +473,13 @@ impl StagedDb<'_> {
             return self.pages(&pages.collect::<Vec<_>>());
         }
         let at = u64::from(first - 1) * u64::from(self.page_size);
-        self.write_run(data, at)
+        self.file
+            .write_all_at(data, at)
             .map_err(|e| Error::io("write", self.replica.display(&self.path), e))?;
+        start_writeback(&self.file, at, data.len() as u64);
         for (pgno, page) in pages {
             self.noted(pgno, page);
         }
-        Ok(())
-    }
-
-    /// Writes a whole new database's run at `at`: past the page cache where
-    /// the file system takes it and the run is aligned for it, through the
-    /// page cache otherwise (or once a direct write was refused).
-    fn write_run(&mut self, data: &[u8], at: u64) -> std::io::Result<()> {
-        let direct = self
-            .direct
-            .get_or_insert_with(|| Direct::open(&self.dir, &self.tmp, &self.file));
-        if let Some(d) = direct.as_mut().filter(|d| d.fits(at, data.len())) {
-            match d.write(data, at) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => *direct = None,
-                r => return r,
-            }
-        }
-        self.file.write_all_at(data, at)?;
-        start_writeback(&self.file, at, data.len() as u64);
         Ok(())
     }
 
