@@ -516,6 +516,15 @@ fn excluded_paths_are_not_scanned() {
     assert!(sub.is_empty());
 }
 
+/// Options leaving `cache/` out, calling `hook` before each listing.
+fn without_cache(hook: impl Fn(&Path, BorrowedFd<'_>) + Send + Sync + 'static) -> ScanOptions {
+    ScanOptions {
+        filter: Filter::new(&["cache/".into()]).unwrap(),
+        on_dir: Some(super::DirHook(std::sync::Arc::new(hook))),
+        ..Default::default()
+    }
+}
+
 /// A watcher's hook is called for every directory the walk lists, before it
 /// lists it (deep ones and those walked on other threads too), and for no
 /// excluded directory; a subtree's scan calls it for the subtree's own.
@@ -530,19 +539,13 @@ fn every_directory_listed_is_announced_before_its_names() {
     fs::write(root.join("a/b/file"), b"1").unwrap();
     let seen = Arc::new(Mutex::new(Vec::<PathBuf>::new()));
     let log = seen.clone();
-    let opts = ScanOptions {
-        filter: Filter::new(&["cache/".into()]).unwrap(),
-        on_dir: Some(super::DirHook(Arc::new(
-            move |p: &Path, fd: BorrowedFd<'_>| {
-                // the descriptor is the directory named
-                let st = rustix::fs::fstat(fd).unwrap();
-                let named = fs::symlink_metadata(p).unwrap();
-                assert_eq!(st.st_ino, std::os::unix::fs::MetadataExt::ino(&named));
-                log.lock().unwrap().push(p.to_path_buf());
-            },
-        ))),
-        ..Default::default()
-    };
+    let opts = without_cache(move |p: &Path, fd: BorrowedFd<'_>| {
+        // the descriptor is the directory named
+        let st = rustix::fs::fstat(fd).unwrap();
+        let named = fs::symlink_metadata(p).unwrap();
+        assert_eq!(st.st_ino, std::os::unix::fs::MetadataExt::ino(&named));
+        log.lock().unwrap().push(p.to_path_buf());
+    });
     let m = scan(&root, &opts).unwrap();
     let mut dirs: Vec<PathBuf> = m
         .entries
@@ -558,15 +561,9 @@ fn every_directory_listed_is_announced_before_its_names() {
     // before the listing: the hook and the walk's own record one sequence
     let order = Arc::new(Mutex::new(Vec::<String>::new()));
     let o = order.clone();
-    let opts = ScanOptions {
-        filter: Filter::new(&["cache/".into()]).unwrap(),
-        on_dir: Some(super::DirHook(Arc::new(
-            move |p: &Path, _: BorrowedFd<'_>| {
-                o.lock().unwrap().push(format!("dir {}", p.display()));
-            },
-        ))),
-        ..Default::default()
-    };
+    let opts = without_cache(move |p: &Path, _: BorrowedFd<'_>| {
+        o.lock().unwrap().push(format!("dir {}", p.display()));
+    });
     let mut w = Walker::new(&root, &opts, None);
     w.parallel = false;
     let (o2, r2) = (order.clone(), root.clone());

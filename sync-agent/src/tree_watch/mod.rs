@@ -62,6 +62,12 @@ fn meaning(
     from: &mut Option<(u32, PathBuf)>,
 ) -> (Vec<Event>, Option<Change>) {
     let dir = mask.contains(EventMask::ISDIR);
+    let (created, removed) = match dir {
+        true => (CreateKind::Folder, RemoveKind::Folder),
+        false => (CreateKind::File, RemoveKind::File),
+    };
+    // a directory's change to the watches
+    let of_dir = |c: fn(PathBuf) -> Change| dir.then(|| c(path.to_path_buf()));
     let on = |kind| Event::new(kind).add_path(path.to_path_buf());
     let renamed = |mode| EventKind::Modify(ModifyKind::Name(mode));
     let (mut evs, mut change) = (Vec::new(), None);
@@ -69,43 +75,25 @@ fn meaning(
     if mask.contains(EventMask::MOVED_FROM) {
         evs.push(on(renamed(RenameMode::From)).set_tracker(tracker));
         *from = Some((cookie, path.to_path_buf()));
-        if dir {
-            change = Some(Change::Unwatch(path.to_path_buf()));
-        }
+        change = of_dir(Change::Unwatch);
     } else if mask.contains(EventMask::MOVED_TO) {
         evs.push(on(renamed(RenameMode::To)).set_tracker(tracker));
         if let Some((_, old)) = from.take_if(|(c, _)| *c == cookie) {
             let both = Event::new(renamed(RenameMode::Both)).set_tracker(tracker);
             evs.push(both.add_path(old).add_path(path.to_path_buf()));
         }
-        if dir {
-            change = Some(Change::Watch(path.to_path_buf()));
-        }
+        change = of_dir(Change::Watch);
     }
     if mask.contains(EventMask::MOVE_SELF) {
         evs.push(on(renamed(RenameMode::From)));
     }
     if mask.contains(EventMask::CREATE) {
-        let kind = if dir {
-            CreateKind::Folder
-        } else {
-            CreateKind::File
-        };
-        evs.push(on(EventKind::Create(kind)));
-        if dir {
-            change = Some(Change::Watch(path.to_path_buf()));
-        }
+        evs.push(on(EventKind::Create(created)));
+        change = of_dir(Change::Watch);
     }
     if mask.contains(EventMask::DELETE) {
-        let kind = if dir {
-            RemoveKind::Folder
-        } else {
-            RemoveKind::File
-        };
-        evs.push(on(EventKind::Remove(kind)));
-        if dir {
-            change = Some(Change::Unwatch(path.to_path_buf()));
-        }
+        evs.push(on(EventKind::Remove(removed)));
+        change = of_dir(Change::Unwatch);
     }
     if mask.contains(EventMask::DELETE_SELF) {
         evs.push(on(EventKind::Remove(RemoveKind::Folder)));

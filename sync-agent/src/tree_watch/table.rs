@@ -64,6 +64,14 @@ fn rel(root: &Path, p: &Path) -> Option<RelPath> {
     RelPath::new(r.as_os_str().as_bytes()).ok()
 }
 
+/// The tree's root, opened for the walks and checks beneath it, each its
+/// own (held between them, it would keep the application's volume busy and
+/// name a tree replaced by rename).
+fn open_root(root: &Path) -> io::Result<OwnedFd> {
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    Ok(rustix::fs::open(root, flags, rustix::fs::Mode::empty())?)
+}
+
 pub(super) struct Table {
     watches: Watches,
     /// The directory each watch stands for.
@@ -147,8 +155,7 @@ impl Table {
         let Some(here) = rel(root, dir) else {
             return false;
         };
-        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let Ok(root_fd) = rustix::fs::open(root, flags, rustix::fs::Mode::empty()) else {
+        let Ok(root_fd) = open_root(root) else {
             return false;
         };
         let Ok(named) = sync_core::open_dir_beneath(root_fd.as_fd(), &here) else {
@@ -207,11 +214,10 @@ impl Table {
             let e = notify::Error::generic("not below the watched tree");
             return Err(e.add_path(top.to_path_buf()));
         };
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let root_fd = match rustix::fs::open(&root, flags, rustix::fs::Mode::empty()) {
+        let root_fd = match open_root(&root) {
             Ok(fd) => fd,
-            Err(e) if !is_root && vanished(&e.into()) => return Ok(()),
-            Err(e) => return Err(watch_error(e.into(), &root)),
+            Err(e) if !is_root && vanished(&e) => return Ok(()),
+            Err(e) => return Err(watch_error(e, &root)),
         };
         if !is_root && self.filter.excludes(&top_rel, true) {
             return Ok(());
