@@ -163,13 +163,17 @@ async fn scan_source(
     let (src, filter) = (opts.src.clone(), opts.filter.clone());
     let scanned = tokio::task::spawn_blocking(move || {
         push_scan::scan_and_cut(&src, filter, saved.as_ref(), index).map(|(m, report, live)| {
+            let t0 = Instant::now();
             let (root, quick) = sync_core::digest::root_and_quick(&m);
+            tracing::debug!(ms = t0.elapsed().as_millis(), "root hash and quick digest");
             (m, report.bytes_hashed, live, root, quick)
         })
     })
     .await?
     .with_context(|| format!("scanning {}", opts.src.display()))?;
+    let t0 = Instant::now();
     sync_core::trim_heap();
+    tracing::debug!(ms = t0.elapsed().as_millis(), "heap trimmed");
     Ok(scanned)
 }
 
@@ -367,6 +371,7 @@ pub fn replica_folder_with(
         ids: settings.ids,
         sweep: settings.sweep,
         scan_index: std::sync::Mutex::new(sync_core::index::HashIndex::in_memory()),
+        ahead: Default::default(),
         diverged: std::sync::Mutex::new(
             settings
                 .state_dir

@@ -92,6 +92,7 @@ async fn run(plan: Plan) -> Result<ExitCode> {
             .map(|r| (r.name.clone(), r.clone()))
             .collect();
         registry.replicas = replicas.clone();
+        sync_agent::session::replica_ahead::start(&replicas);
         let mut rx = stop_rx.clone();
         tasks.spawn(sync_agent::accept_sessions(
             endpoint,

@@ -4,6 +4,7 @@
 //! applies them on the replica. A one-shot push is one full round.
 
 pub mod replica;
+pub mod replica_ahead;
 mod replica_batch;
 mod replica_fetch;
 mod replica_round;

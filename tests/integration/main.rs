@@ -35,6 +35,7 @@ mod profiles;
 mod promote;
 mod push;
 mod races;
+mod scan_ahead;
 mod sqlite;
 mod surface;
 mod trust;

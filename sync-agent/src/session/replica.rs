@@ -65,6 +65,8 @@ pub struct ReplicaFolder {
     /// The stamps of the files its last scan ahead saw, and which had no
     /// xattrs: the next one skips listing theirs while a stamp holds.
     pub scan_index: std::sync::Mutex<sync_core::index::HashIndex>,
+    /// Its scan ahead, kept between sessions while its tree is quiet.
+    pub ahead: super::replica_ahead::Kept,
 }
 
 /// What a replica folder's status row shows besides its fence.
@@ -162,6 +164,9 @@ pub async fn run(conn: quinn::Connection, folders: Arc<Folders>) -> Result<()> {
     // The peer is not kept waiting for the page tables' save.
     if let Some(folder) = in_session {
         super::replica_tables::save(folder.replica.clone()).await;
+        // Scanned again now if the session changed the tree, so the next
+        // one need not.
+        tokio::spawn(super::replica_ahead::refresh(folder));
     }
     res
 }
@@ -311,12 +316,13 @@ async fn apply_rounds_inner(
                 let (id, full) = (round.id, round.full);
                 tracing::debug!(folder = %folder.name, round = id, entries = round.entries.len(), "round received");
                 // The scan made ahead serves the session's first round only.
-                let pre = prescanned.take().filter(|_| full);
+                let pre = prescanned.take().filter(|_| full).map(|a| a.pre);
                 (id, full, apply_round(conn, folder, round, pre).await)
             }
             Ok(Some(Next::Same { id, digest })) => {
-                let pre = prescanned.take();
-                (id, true, apply_same(folder, pre, id, digest).await)
+                let (applied, back) = apply_same(folder, prescanned.take(), id, digest).await;
+                prescanned = back;
+                (id, true, applied)
             }
             Ok(Some(Next::Promote(epoch))) => {
                 if answer_promotion(folder, epoch, ctl_send, ctl_recv).await? {
@@ -338,6 +344,10 @@ async fn apply_rounds_inner(
             }
             Err(e) => return fail(conn, ctl_send, folder, e, ErrorCode::Apply, peer).await,
         }
+    }
+    // A scan no round consumed is kept while the tree stays quiet.
+    if let Some(a) = prescanned {
+        folder.ahead.keep(a);
     }
     let _ = ctl_send.finish();
     Ok(())
@@ -477,6 +487,7 @@ pub(crate) async fn promote(folder: &ReplicaFolder, epoch: u64) -> Result<()> {
     let before = folder.fence.lock().map(|g| *g).unwrap_or_default();
     crate::promotion::check(folder, before, epoch)?;
     crate::handover::promotion::promote(folder, &dir, before, epoch).await?;
+    folder.ahead.clear();
     tracing::info!(folder = %folder.name, epoch, "promoted: this node is now the folder's source");
     Ok(())
 }

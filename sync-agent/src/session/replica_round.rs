@@ -2,6 +2,7 @@
 
 use super::PARALLEL_FILES;
 use super::replica::*;
+use super::replica_ahead::Ahead;
 use super::replica_batch::{BATCH_BYTES, BATCH_FILES, Got, fetch_batch};
 use super::replica_fetch::{fetch_db, fetch_file};
 use crate::wire;
@@ -151,27 +152,27 @@ pub(super) async fn apply_round(
 }
 
 /// Scans this replica's tree while the source scans its own (a session's
-/// first round is full) and offers its quick digest (`TreeDigest`, sent
-/// once per session before anything else after the hello): the scan for
-/// the first full round's plan, or `None` when it failed (the round scans
-/// again and reports why). No digest is offered on a fenced node's first
-/// repair (it keeps aside what it alone holds); the scan itself offers none
-/// with id maps ([`engine::prescan`]).
+/// first round is full), or takes the scan kept from an earlier session
+/// while its tree is quiet ([`super::replica_ahead`]), and offers its quick
+/// digest (`TreeDigest`, sent once per session before anything else after
+/// the hello): the scan for the first full round's plan, or `None` when it
+/// failed (the round scans again and reports why). No digest is offered on
+/// a fenced node's first repair (it keeps aside what it alone holds); the
+/// scan itself offers none with id maps ([`engine::prescan`]).
 pub(super) async fn offer_digest(
     folder: &Arc<ReplicaFolder>,
     ctl_send: &mut quinn::SendStream,
-) -> Result<Option<Prescan>> {
-    let (r, f, d) = (
-        folder.replica.clone(),
-        folder.filter.clone(),
-        folder.detect.clone(),
-    );
-    let (sweep, ids) = (folder.sweep.clone(), folder.ids.clone());
-    let folder2 = folder.clone();
-    let pre = tokio::task::spawn_blocking(move || {
-        engine::prescan(&r, &f, d, &sweep, &ids, Some(&folder2.scan_index))
-    })
-    .await?;
+) -> Result<Option<Ahead>> {
+    let pre = match folder.ahead.take() {
+        Some(kept) => {
+            tracing::debug!(folder = %folder.name, entries = kept.pre.dst.entries.len(), "replica's scan ahead kept: its tree is quiet");
+            Ok(kept)
+        }
+        None => {
+            let f = folder.clone();
+            tokio::task::spawn_blocking(move || super::replica_ahead::scan(&f)).await?
+        }
+    };
     let pre = match pre {
         Ok(p) => Some(p),
         Err(e) => {
@@ -179,7 +180,7 @@ pub(super) async fn offer_digest(
             None
         }
     };
-    let digest = digest_to_offer(folder, pre.as_ref())?;
+    let digest = digest_to_offer(folder, pre.as_ref().map(|a| &a.pre))?;
     wire::send(ctl_send, &proto::Message::TreeDigest { digest }).await?;
     Ok(pre)
 }
@@ -193,28 +194,43 @@ fn digest_to_offer(folder: &ReplicaFolder, pre: Option<&Prescan>) -> Result<Opti
 
 /// A full round with nothing to do (`RoundSame`): checked against the
 /// prescan's digest, directories its database reads touched put back,
-/// excluded leftovers counted.
+/// excluded leftovers counted. The scan is handed back (kept after the
+/// session while the tree stays quiet).
 pub(super) async fn apply_same(
     folder: &Arc<ReplicaFolder>,
-    prescanned: Option<Prescan>,
+    prescanned: Option<Ahead>,
     id: u64,
     digest: [u8; 32],
-) -> Result<ApplySummary> {
-    let pre = prescanned.with_context(|| {
-        format!("round {id}: the source says nothing changed, but this replica offered no digest")
-    })?;
+) -> (Result<ApplySummary>, Option<Ahead>) {
+    let Some(ahead) = prescanned else {
+        let e = anyhow::anyhow!(
+            "round {id}: the source says nothing changed, but this replica offered no digest"
+        );
+        return (Err(e), None);
+    };
     let (r, d, sweep) = (
         folder.replica.clone(),
         folder.detect.clone(),
         folder.sweep.clone(),
     );
-    let (summary, found) =
-        tokio::task::spawn_blocking(move || engine::same(&r, &pre, &digest, &d, &sweep)).await??;
+    let done = tokio::task::spawn_blocking(move || {
+        let res = engine::same(&r, &ahead.pre, &digest, &d, &sweep);
+        (res, ahead)
+    })
+    .await;
+    let (res, ahead) = match done {
+        Ok(d) => d,
+        Err(e) => return (Err(e.into()), None),
+    };
+    let (summary, found) = match res {
+        Ok(s) => s,
+        Err(e) => return (Err(e.into()), Some(ahead)),
+    };
     if let Ok(mut st) = folder.stats.lock() {
         st.leftovers = Some(found);
     }
     tracing::debug!(folder = %folder.name, round = id, "round applied: nothing to do (same digest)");
-    Ok(summary)
+    (Ok(summary), Some(ahead))
 }
 
 /// How long each phase of a round took, for the debug log (where the time
@@ -522,6 +538,7 @@ mod tests {
                 folder.detect.clone(),
                 &folder.sweep,
                 &folder.ids,
+                None,
                 None,
             )
             .expect("scan")

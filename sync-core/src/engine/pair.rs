@@ -148,6 +148,7 @@ impl Pair {
             &self.sweep,
             &self.ids,
             Some(&self.scan_index),
+            None,
         )
         .map_err(|e| e.to_string())
     }

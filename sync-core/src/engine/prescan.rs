@@ -9,7 +9,7 @@ use crate::apply::Replica;
 use crate::filter::Filter;
 use crate::idmap::IdMap;
 use crate::index::HashIndex;
-use crate::scan::{DbDetect, ScanOptions, ScanReport};
+use crate::scan::{DbDetect, DirHook, ScanOptions, ScanReport};
 use crate::{Error, Manifest};
 use proto::{ApplySummary, Kind, RelPath};
 use std::collections::{HashMap, HashSet};
@@ -35,7 +35,8 @@ pub struct Prescan {
 
 /// Scans the replica's tree (no content hashes) and takes its quick digest;
 /// `index` (kept from the last scan ahead) spares listing the xattrs of files
-/// whose stamps it holds as bare, and learns this scan's.
+/// whose stamps it holds as bare, and learns this scan's; `on_dir` is called
+/// before each directory is listed (the agent watches it).
 pub fn prescan(
     r: &Replica,
     filter: &Filter,
@@ -43,13 +44,14 @@ pub fn prescan(
     sweep: &Sweep,
     ids: &IdMap,
     index: Option<&std::sync::Mutex<HashIndex>>,
+    on_dir: Option<DirHook>,
 ) -> Result<Prescan, Error> {
     let opts = ScanOptions {
         hash: false,
         hard_links: true,
         filter: filter.clone(),
         databases: Some(detect.clone()),
-        on_dir: None,
+        on_dir,
     };
     let t0 = std::time::Instant::now();
     let mut index = index.and_then(|m| m.lock().ok());

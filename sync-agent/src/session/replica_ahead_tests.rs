@@ -1,0 +1,153 @@
+use super::*;
+
+fn folder(root: &Path) -> Arc<ReplicaFolder> {
+    let f = crate::replica_folder("f", root, Default::default(), vec![]).expect("folder");
+    f.ahead.enable();
+    f
+}
+
+fn tree() -> (tempfile::TempDir, std::path::PathBuf) {
+    let t = tempfile::tempdir().expect("temp dir");
+    let root = t.path().join("root");
+    std::fs::create_dir_all(root.join("a/b")).expect("mkdir");
+    std::fs::write(root.join("a/b/f"), b"one").expect("write");
+    std::fs::write(root.join("top"), b"top").expect("write");
+    (t, root)
+}
+
+/// Scans and keeps; whether the next session would take it.
+fn kept_after(root: &Path, change: impl FnOnce(&Path)) -> bool {
+    let f = folder(root);
+    let a = scan(&f).expect("scan");
+    assert!(a.pre.digest.is_some());
+    f.ahead.keep(a);
+    change(root);
+    f.ahead.take().is_some()
+}
+
+#[test]
+fn a_quiet_tree_keeps_its_scan() {
+    let (_t, root) = tree();
+    assert!(kept_after(&root, |_| {}));
+    // reads and opens are no change
+    assert!(kept_after(&root, |r| {
+        std::fs::read(r.join("a/b/f")).expect("read");
+        std::fs::read_dir(r.join("a")).expect("list").for_each(drop);
+    }));
+}
+
+/// A change made to a tree, named.
+type Change = (&'static str, Box<dyn Fn(&Path)>);
+
+#[test]
+fn any_change_anywhere_in_the_tree_drops_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let changes: Vec<Change> = vec![
+        (
+            "write",
+            Box::new(|r| std::fs::write(r.join("a/b/f"), b"two").expect("write")),
+        ),
+        (
+            "create",
+            Box::new(|r| std::fs::write(r.join("a/new"), b"").expect("create")),
+        ),
+        (
+            "remove",
+            Box::new(|r| std::fs::remove_file(r.join("top")).expect("rm")),
+        ),
+        (
+            "rename",
+            Box::new(|r| std::fs::rename(r.join("a/b/f"), r.join("a/g")).expect("mv")),
+        ),
+        (
+            "mkdir",
+            Box::new(|r| std::fs::create_dir(r.join("a/b/c")).expect("mkdir")),
+        ),
+        (
+            "chmod",
+            Box::new(|r| {
+                std::fs::set_permissions(r.join("a/b/f"), std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod")
+            }),
+        ),
+        (
+            "xattr",
+            Box::new(|r| xattr::set(r.join("a/b/f"), "user.k", b"v").expect("xattr")),
+        ),
+        (
+            "times",
+            Box::new(|r| {
+                let f = std::fs::File::options()
+                    .write(true)
+                    .open(r.join("a/b/f"))
+                    .expect("open");
+                f.set_modified(std::time::SystemTime::UNIX_EPOCH)
+                    .expect("utimes")
+            }),
+        ),
+        (
+            "link",
+            Box::new(|r| std::fs::hard_link(r.join("top"), r.join("a/b/l")).expect("link")),
+        ),
+        (
+            "root moved",
+            Box::new(|r| {
+                std::fs::rename(r, r.with_extension("old")).expect("mv root");
+                std::fs::create_dir(r).expect("mkdir root");
+            }),
+        ),
+    ];
+    for (what, change) in changes {
+        let (_t, root) = tree();
+        assert!(!kept_after(&root, change), "{what}: the scan was kept");
+    }
+}
+
+#[test]
+fn a_scan_older_than_max_age_or_past_the_watch_share_is_not_kept() {
+    let (_t, root) = tree();
+    let f = folder(&root);
+    let mut a = scan(&f).expect("scan");
+    a.at = Instant::now().checked_sub(MAX_AGE).expect("long ago");
+    f.ahead.keep(a);
+    assert!(f.ahead.take().is_none(), "kept past its age");
+    // three directories, room for two watches
+    let q = Quiet::new(2).expect("inotify");
+    let pre = engine::prescan(
+        &f.replica,
+        &f.filter,
+        f.detect.clone(),
+        &f.sweep,
+        &f.ids,
+        None,
+        Some(q.hook()),
+    )
+    .expect("scan");
+    f.ahead.keep(Ahead {
+        pre,
+        quiet: Some(q),
+        at: Instant::now(),
+    });
+    assert!(f.ahead.take().is_none(), "kept with a directory unwatched");
+}
+
+#[test]
+fn mirrors_replica_and_a_source_node_keep_nothing() {
+    let (_t, root) = tree();
+    let f = crate::replica_folder("f", &root, Default::default(), vec![]).expect("folder");
+    let a = scan(&f).expect("scan");
+    assert!(a.quiet.is_none(), "watched though not kept");
+    f.ahead.keep(a);
+    assert!(f.ahead.take().is_none());
+    let f = folder(&root);
+    f.fence.lock().expect("fence").source = true;
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(refresh(f.clone()));
+    assert!(f.ahead.take().is_none(), "a source node scanned ahead");
+    f.fence.lock().expect("fence").source = false;
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(refresh(f.clone()));
+    assert!(f.ahead.take().is_some(), "the replica kept no scan");
+}
