@@ -32,6 +32,7 @@
 mod bulk;
 pub use bulk::Kept;
 mod db;
+mod direct;
 use db::db_like;
 mod durable;
 pub use durable::{SyncPlan, SyncTarget};
@@ -79,6 +80,8 @@ pub struct Replica {
     saving: Mutex<()>,
     /// Databases read whole to learn their page tables.
     db_reads: std::sync::atomic::AtomicU64,
+    /// Runs of database pages read ahead of the updates overwriting them.
+    read_ahead: std::sync::atomic::AtomicU64,
     /// The root as SQLite opens it (no symlink on the way).
     canonical: PathBuf,
     /// Databases left alone this round because another process holds them.
@@ -161,6 +164,7 @@ impl Replica {
             tables: Mutex::default(),
             saving: Mutex::default(),
             db_reads: std::sync::atomic::AtomicU64::new(0),
+            read_ahead: std::sync::atomic::AtomicU64::new(0),
             canonical: std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()),
             held: Mutex::default(),
             dirty: Mutex::default(),

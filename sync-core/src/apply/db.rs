@@ -1,6 +1,7 @@
 //! The replica's databases: staging pages against the announced hash,
 //! the held-open check, and updates that never write through another name.
 
+use super::direct::Direct;
 use super::page_set::PageSet;
 use super::round::start_writeback;
 use super::*;
@@ -168,12 +169,20 @@ impl Replica {
         )
         .map_err(|e| Error::io("open staged pages of", shown, e))?;
         let staged = File::from(fd);
+        // Held until SQLite's connection is closed: closing a descriptor of
+        // the database drops every POSIX lock this process holds on it.
+        let cold = open_db_at(dir, &db.path).inspect(|f| {
+            let runs = super::direct::prefetch(&staged, f) as u64;
+            self.read_ahead
+                .fetch_add(runs, std::sync::atomic::Ordering::Relaxed);
+        });
         let records = PageRecords {
             file: &staged,
             at: 0,
             shown,
         };
         sqlite::apply_pages(&self.db_path(&db.path), db.pages, records)?;
+        drop(cold);
         Ok(())
     }
 
@@ -298,6 +307,7 @@ impl Replica {
             missing,
             len: 0,
             done: false,
+            direct: None,
         })
     }
 }
@@ -335,6 +345,16 @@ pub(super) fn db_stamp(st: &rustix::fs::Stat) -> DbStamp {
 
 pub(super) fn b_len(b: &Option<Arc<PageTable>>) -> u32 {
     b.as_ref().map_or(0, |b| b.hashes.len() as u32)
+}
+
+/// The database `path` in `dir`, open to read (never through a symlink).
+fn open_db_at(dir: std::os::fd::BorrowedFd<'_>, path: &RelPath) -> Option<File> {
+    let (_, name) = path.split_last()?;
+    // (not waiting on a FIFO put in its place)
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    rustix::fs::openat(dir, name, flags, Mode::empty())
+        .ok()
+        .map(File::from)
 }
 
 /// Page records of a staging file: page number (4 bytes, big-endian), length (4
@@ -384,6 +404,10 @@ pub struct StagedDb<'r> {
     missing: PageSet,
     len: u64,
     done: bool,
+    /// A whole new database's runs written past the page cache (see
+    /// [`Direct`]): `None` until the first run, `Some(None)` when the file
+    /// system takes no direct I/O.
+    direct: Option<Option<Direct>>,
 }
 
 impl StagedDb<'_> {
@@ -473,13 +497,29 @@ impl StagedDb<'_> {
             return self.pages(&pages.collect::<Vec<_>>());
         }
         let at = u64::from(first - 1) * u64::from(self.page_size);
-        self.file
-            .write_all_at(data, at)
+        self.write_run(data, at)
             .map_err(|e| Error::io("write", self.replica.display(&self.path), e))?;
-        start_writeback(&self.file, at, data.len() as u64);
         for (pgno, page) in pages {
             self.noted(pgno, page);
         }
+        Ok(())
+    }
+
+    /// Writes a whole new database's run at `at`: past the page cache where
+    /// the file system takes it and the run is aligned for it, through the
+    /// page cache otherwise (or once a direct write was refused).
+    fn write_run(&mut self, data: &[u8], at: u64) -> std::io::Result<()> {
+        let direct = self
+            .direct
+            .get_or_insert_with(|| Direct::open(&self.dir, &self.tmp, &self.file));
+        if let Some(d) = direct.as_mut().filter(|d| d.fits(at, data.len())) {
+            match d.write(data, at) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => *direct = None,
+                r => return r,
+            }
+        }
+        self.file.write_all_at(data, at)?;
+        start_writeback(&self.file, at, data.len() as u64);
         Ok(())
     }
 

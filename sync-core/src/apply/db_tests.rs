@@ -323,8 +323,11 @@ fn runs_of_pages_stage_a_whole_image_and_an_update() {
         rest = &rest[k..];
     }
     let meta = crate::meta::from_stat(&std::fs::metadata(&src).unwrap());
+    assert_eq!(r.runs_read_ahead(), 0);
     staged.commit(&after.hash, &meta).unwrap();
     r.flush().unwrap();
+    // the pages it overwrote were read ahead first
+    assert!(r.runs_read_ahead() > 0);
     assert_eq!(tag_of(&root.join("app.db")).unwrap(), "C");
     assert_eq!(sqlite::integrity(&root.join("app.db")).unwrap(), "ok");
     assert_eq!(
@@ -358,4 +361,146 @@ fn a_whole_image_with_a_page_never_sent_is_refused_at_commit() {
     assert!(e.contains(&format!("page {n} never arrived")), "{e}");
     r.flush().unwrap();
     assert!(!root.join("app.db").exists());
+}
+
+/// Commits `staged`, the database whose source is `src`, checked against `hash`.
+fn commit_whole(staged: StagedDb<'_>, src: &Path, hash: &[u8; 32]) {
+    let meta = crate::meta::from_stat(&std::fs::metadata(src).unwrap());
+    staged.commit(hash, &meta).unwrap();
+}
+
+/// A whole new database's runs are written past the page cache where the
+/// file system takes direct I/O (the staging file has no page in it once
+/// they are written), and land byte for byte.
+#[test]
+fn a_whole_new_database_is_written_past_the_page_cache() {
+    let t = tempfile::tempdir().unwrap();
+    let (root, src, table, image) = source_image(t.path());
+    let r = Replica::open(&root).unwrap();
+    let (ps, n) = (table.page_size as usize, table.hashes.len());
+    let mut staged = r
+        .stage_db(
+            &RelPath::new(b"app.db").unwrap(),
+            None,
+            table.page_size,
+            n as u32,
+        )
+        .unwrap();
+    for (i, run) in image.chunks(4 * ps).enumerate() {
+        staged.run(1 + 4 * i as u32, run).unwrap();
+    }
+    let direct = staged.direct.as_ref().is_some_and(Option::is_some);
+    let cached = super::super::direct::resident(&staged.file);
+    let fd: std::os::fd::OwnedFd = std::fs::File::create(t.path().join("probe"))
+        .unwrap()
+        .into();
+    if super::super::direct::dio_align(&fd).is_some() {
+        assert!(direct, "direct I/O not used where the file system takes it");
+        assert_eq!(
+            cached, 0,
+            "{cached} of {n} pages went through the page cache"
+        );
+    } else {
+        eprintln!(
+            "no direct I/O on {}: the page cache path only",
+            t.path().display()
+        );
+        assert!(!direct);
+    }
+    commit_whole(staged, &src, &table.hash);
+    r.flush().unwrap();
+    assert_eq!(std::fs::read(root.join("app.db")).unwrap(), image);
+    assert_eq!(sqlite::integrity(&root.join("app.db")).unwrap(), "ok");
+}
+
+/// Runs that are not aligned for direct I/O (here: an alignment of 4 pages
+/// asked for a database of 1 KiB pages) take the page cache, beside the
+/// aligned ones written directly: the database lands whole either way.
+#[test]
+fn runs_not_aligned_for_direct_io_take_the_page_cache() {
+    let t = tempfile::tempdir().unwrap();
+    let (root, src) = (t.path().join("root"), t.path().join("src.db"));
+    std::fs::create_dir(&root).unwrap();
+    let c = Connection::open(&src).unwrap();
+    c.execute_batch(
+        "PRAGMA page_size=1024; CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 200)
+         INSERT INTO t SELECT i, hex(randomblob(100)) FROM n;",
+    )
+    .unwrap();
+    drop(c);
+    let table = sqlite::read_hashes(&src).unwrap().unwrap();
+    let image = image_of(&src);
+    assert_eq!(table.page_size, 1024);
+    let r = Replica::open(&root).unwrap();
+    let rel = RelPath::new(b"app.db").unwrap();
+    let n = table.hashes.len();
+    let mut staged = r.stage_db(&rel, None, 1024, n as u32).unwrap();
+    staged.direct = Some(
+        super::super::direct::Direct::open(&staged.dir, &staged.tmp, &staged.file)
+            .map(|d| d.with_align(4096)),
+    );
+    // runs of 4, 4, 3 and 5 pages: the first two of each four on 4 KiB
+    // boundaries, the others starting or ending off one
+    let mut first = 1;
+    for len in [4, 4, 3, 5].iter().cycle() {
+        if first > n {
+            break;
+        }
+        let end = (first + len - 1).min(n);
+        staged
+            .run(first as u32, &image[(first - 1) * 1024..end * 1024])
+            .unwrap();
+        first = end + 1;
+    }
+    if staged.direct.as_ref().is_some_and(Option::is_some) {
+        // the runs on 4 KiB boundaries went past the cache, the others not
+        let cached = super::super::direct::resident(&staged.file);
+        let all = image.len().div_ceil(4096);
+        assert!(cached > 0 && cached < all, "{cached} of {all} pages cached");
+    } else {
+        eprintln!(
+            "no direct I/O on {}: the page cache path only",
+            t.path().display()
+        );
+    }
+    commit_whole(staged, &src, &table.hash);
+    r.flush().unwrap();
+    assert_eq!(std::fs::read(root.join("app.db")).unwrap(), image);
+    assert_eq!(sqlite::integrity(&root.join("app.db")).unwrap(), "ok");
+}
+
+/// An update of a database that is not in the page cache has the pages it
+/// overwrites read ahead, all at once, before SQLite's pager reads them one
+/// after another: each run of the staged page numbers, and nothing else.
+#[test]
+fn the_pages_an_update_overwrites_are_read_ahead() {
+    use super::super::direct::{prefetch, resident};
+    let t = tempfile::tempdir().unwrap();
+    let db = t.path().join("app.db");
+    std::fs::write(&db, vec![7u8; 64 * 4096]).unwrap();
+    let f = std::fs::File::open(&db).unwrap();
+    f.sync_all().unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    if resident(&f) != 0 {
+        eprintln!(
+            "{} keeps its pages cached: nothing to read ahead",
+            t.path().display()
+        );
+        return;
+    }
+    let mut records = Vec::new();
+    for pgno in [3u32, 4, 5, 10] {
+        records.extend(pgno.to_be_bytes());
+        records.extend(4096u32.to_be_bytes());
+        records.extend([1u8; 4096]);
+    }
+    let staged = t.path().join("staged");
+    std::fs::write(&staged, records).unwrap();
+    assert_eq!(prefetch(&std::fs::File::open(&staged).unwrap(), &f), 2);
+    let t0 = std::time::Instant::now();
+    while resident(&f) < 4 && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(resident(&f), 4, "the pages read ahead");
 }

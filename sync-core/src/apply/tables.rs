@@ -122,6 +122,13 @@ impl Replica {
         self.db_reads.load(Ordering::Relaxed)
     }
 
+    /// How many runs of database pages were read ahead of the updates
+    /// that overwrote them (see `direct::prefetch`).
+    #[must_use]
+    pub fn runs_read_ahead(&self) -> u64 {
+        self.read_ahead.load(Ordering::Relaxed)
+    }
+
     fn cache(
         &self,
         path: &RelPath,
