@@ -19,8 +19,12 @@ agent) and agents (a source agent's initial full round to a replica agent:
 first only).
 `sync-cli` runs keep their state (hash index, database cut state) in WORK/state,
 as a user's repeated runs would; it is removed before each tool's first run.
-Before each first and mutate run the page cache is written back and the bench
-waits 31 s (--no-settle skips it). On this machine's ext4 (no journal) files
+Before each run the page cache is written back and the bench waits 31 s
+(--no-settle skips it): a re-run comes minutes after the last, as a cron'd
+one does, and whatever a tool leaves to do in the background after a run is
+done by then (the kernel's writeback of rsync's unsynced copy; the replica
+agent's scan of its tree after a round that changed it, which a push
+arriving meanwhile waits for). On this machine's ext4 (no journal) files
 created within minutes of a large delete cost several times more CPU,
 whichever tool runs next (see `settle`), so each tool's destination is a new
 ext4 filesystem of its own (loop-mounted, direct I/O; --no-fresh-fs: WORK).
@@ -374,7 +378,7 @@ def main():
     ap.add_argument("--bin-dir", default=os.path.join(ROOT, "target", "release"))
     ap.add_argument("--tools", default="rsync,mirror,push")
     ap.add_argument("--no-settle", action="store_true",
-                    help="skip the writeback and 31 s pause before each first and mutate run")
+                    help="skip the writeback and 31 s pause before each run")
     ap.add_argument("--fresh-fs", action=argparse.BooleanOptionalAction, default=True,
                     help="each tool mirrors onto a new ext4 filesystem of its own (a loop-mounted image "
                          "in WORK): no tool pays for the inodes the bench freed before it (see settle); "
@@ -423,6 +427,8 @@ def main():
                    "mirror": lambda s: mirror_run(cli, s, dst, state),
                    "push": lambda s: ag.run(s)}[t]
             results[t]["first"].append(run(src))
+            if not args.no_settle:
+                settle()
             results[t]["nochange"].append(run(src))
             sh(f"python3 {args.bench_dir}/mutate.py {src} --seed 1 --no-page-report")
             if not args.no_settle:
