@@ -13,19 +13,22 @@
 //! made, removed or moved, a watch gone, the queue overflowed: the kernel
 //! queues the event before the change's system call returns) and it is
 //! younger than [`MAX_AGE`]: what inotify never reports (writes through a
-//! shared mapping, another host's writes to a network file system) is found
+//! shared mapping, another host's writes to a network file system, a write
+//! through a hard link made from outside the tree after the scan) is found
 //! by a scan made at latest that long after. After a session that changed
 //! the tree the scan is made again at once, so the next session need not.
 //!
 //! Never kept: in `sync-cli mirror`'s replica (one session), on a network or
 //! FUSE file system, when the tree needs more than [`WATCH_SHARE`] of the
 //! user's inotify watches (the host's other watchers come first: the
-//! watches are given back at once), when a watch fails, and on a node that
-//! is the folder's source.
+//! watches are given back at once), when a watch fails, when a file of the
+//! tree has a name outside it, and on a node that is the folder's source.
 
 use super::replica::ReplicaFolder;
 use inotify::{Inotify, WatchMask, Watches};
-use rustix::fd::{AsRawFd, BorrowedFd};
+use rustix::fd::{AsFd, AsRawFd, BorrowedFd};
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -148,28 +151,30 @@ impl Quiet {
     }
 
     /// Whether every directory the scan listed was watched and nothing was
-    /// reported since (what was reported is read, so asked again it says
-    /// `false` only while the scan is kept: a scan found changed is dropped).
+    /// reported since. Once `false`, always (the events read are gone from
+    /// the queue).
     #[must_use]
     pub fn still(&self) -> bool {
-        if self.broken.load(Ordering::Relaxed) {
+        if self.broken.load(Ordering::SeqCst) {
             return false;
         }
-        let Ok(mut inotify) = self.inotify.lock() else {
-            return false;
-        };
-        let mut buf = [0u8; 4096];
-        match inotify.read_events(&mut buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
-            Ok(mut events) => match events.next() {
-                None => true,
-                Some(e) => {
-                    tracing::debug!(mask = ?e.mask, name = ?e.name, "the replica's tree changed since its scan ahead");
-                    false
-                }
+        let still = match self.inotify.lock() {
+            Ok(mut inotify) => match inotify.read_events(&mut [0u8; 4096]) {
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                Ok(mut events) => match events.next() {
+                    None => true,
+                    Some(e) => {
+                        tracing::debug!(mask = ?e.mask, name = ?e.name, "the replica's tree changed since its scan ahead");
+                        false
+                    }
+                },
             },
             Err(_) => false,
+        };
+        if !still {
+            self.broken.store(true, Ordering::SeqCst);
         }
+        still
     }
 }
 
@@ -256,7 +261,41 @@ pub fn scan(folder: &ReplicaFolder) -> Result<Ahead, sync_core::Error> {
         Some(&folder.scan_index),
         quiet.as_ref().map(Quiet::hook),
     )?;
+    // Watches that cannot tell are given back now, not when the scan goes.
+    let root = folder.replica.root_path();
+    let quiet = quiet.filter(|q| !q.broken.load(Ordering::Relaxed) && !linked_outside(root, &pre));
     Ok(Ahead { pre, quiet, at })
+}
+
+/// Whether a file of the tree has a name outside it: a write through that
+/// name raises no event in the tree's directories (so a scan is not kept).
+fn linked_outside(root: &Path, pre: &Prescan) -> bool {
+    let names = &pre.report.multi_linked;
+    if names.is_empty() {
+        return false;
+    }
+    let Ok(root) = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return true;
+    };
+    let mut seen: HashMap<(u64, u64), (u64, u64)> = HashMap::new();
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let beneath = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    for p in names {
+        let st = rustix::fs::openat2(root.as_fd(), p.as_bytes(), flags, Mode::empty(), beneath)
+            .and_then(rustix::fs::fstat);
+        let Ok(st) = st else {
+            return true;
+        };
+        let n = seen
+            .entry((st.st_dev, st.st_ino))
+            .or_insert((0, st.st_nlink));
+        n.0 += 1;
+    }
+    seen.values().any(|(inside, links)| inside < links)
 }
 
 /// A long-lived replica's folders keep their scans ahead between sessions,
@@ -273,7 +312,8 @@ pub fn start(folders: &[Arc<ReplicaFolder>]) {
 /// Holds the folder meanwhile, as a session does (a session waiting for it
 /// takes this scan).
 pub async fn refresh(folder: Arc<ReplicaFolder>) {
-    if !folder.ahead.enabled() || folder.fence.lock().is_ok_and(|f| f.source) {
+    let source = |f: &ReplicaFolder| f.fence.lock().is_ok_and(|f| f.source);
+    if !folder.ahead.enabled() || source(&folder) {
         return;
     }
     let _held = folder.lock.lock().await;
@@ -298,7 +338,9 @@ pub async fn refresh(folder: Arc<ReplicaFolder>) {
     })
     .await;
     match scanned {
-        Ok(Ok(a)) => folder.ahead.keep(a),
+        // (promoted meanwhile: the watches go with the scan)
+        Ok(Ok(a)) if !source(&folder) => folder.ahead.keep(a),
+        Ok(Ok(_)) => {}
         Ok(Err(e)) => {
             tracing::warn!(folder = %folder.name, "scanning ahead of the next session: {e}")
         }

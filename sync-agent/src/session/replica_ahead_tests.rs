@@ -104,6 +104,37 @@ fn any_change_anywhere_in_the_tree_drops_it() {
 }
 
 #[test]
+fn a_change_once_seen_is_never_forgotten() {
+    let (_t, root) = tree();
+    let f = folder(&root);
+    let a = scan(&f).expect("scan");
+    let q = a.quiet.clone().expect("watched");
+    f.ahead.keep(a);
+    assert!(f.ahead.holds());
+    std::fs::write(root.join("top"), b"changed").expect("write");
+    // the check that read the event leaves the scan kept (a refresh whose
+    // scan fails leaves it there): it still does not hold
+    assert!(!f.ahead.holds());
+    assert!(!q.still(), "the event was read, and forgotten");
+    assert!(f.ahead.take().is_none());
+}
+
+#[test]
+fn a_tree_with_a_file_linked_from_outside_keeps_no_scan() {
+    let (t, root) = tree();
+    // names inside only: kept
+    std::fs::hard_link(root.join("top"), root.join("a/top2")).expect("link");
+    assert!(kept_after(&root, |_| {}));
+    // one more name outside: a write through it raises no event in the tree
+    std::fs::hard_link(root.join("top"), t.path().join("outside")).expect("link");
+    let f = folder(&root);
+    let a = scan(&f).expect("scan");
+    assert!(a.quiet.is_none(), "watched though linked from outside");
+    f.ahead.keep(a);
+    assert!(f.ahead.take().is_none());
+}
+
+#[test]
 fn a_scan_older_than_max_age_or_past_the_watch_share_is_not_kept() {
     let (_t, root) = tree();
     let f = folder(&root);
