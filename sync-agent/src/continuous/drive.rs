@@ -133,6 +133,10 @@ pub(super) async fn drive(
     }
 }
 
+/// A full round's scan: the manifest, the bytes hashed, the cut's figures,
+/// the root hash and the quick digest.
+type Scanned = (sync_core::Manifest, u64, CutStats, ([u8; 32], [u8; 32]));
+
 /// The full round's scan and cut: the manifest (databases marked with their
 /// snapshots), the bytes hashed, the cut's figures; the index updated.
 fn scan_and_cut(
@@ -191,16 +195,22 @@ impl Driver<'_> {
         });
     }
 
-    /// A full round's scan and cut, on a blocking thread; a cut that failed
-    /// part way lets its snapshots go.
-    async fn scan_full(&self) -> Result<(sync_core::Manifest, u64, CutStats)> {
+    /// A full round's scan and cut, with the root hash and the quick digest
+    /// (taken at once), on a blocking thread; a cut that failed part way
+    /// lets its snapshots go.
+    async fn scan_full(&self) -> Result<Scanned> {
         let (root, o, ix, l) = (
             self.cfg.root.clone(),
             self.opts.clone(),
             self.index.clone(),
             self.live.clone(),
         );
-        let scanned = tokio::task::spawn_blocking(move || scan_and_cut(&root, &o, &ix, &l)).await;
+        let scanned = tokio::task::spawn_blocking(move || {
+            let (m, hashed, stats) = scan_and_cut(&root, &o, &ix, &l)?;
+            let digests = sync_core::digest::root_and_quick(&m);
+            Ok((m, hashed, stats, digests))
+        })
+        .await;
         match scanned.map_err(anyhow::Error::from) {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) | Err(e) => {
@@ -224,12 +234,11 @@ impl Driver<'_> {
         publish_lag(status, self.lag);
         start_full_progress(status);
         let started = Instant::now();
-        let (manifest, bytes_hashed, stats) = self.scan_full().await?;
+        let (manifest, bytes_hashed, stats, (root_hash, quick)) = self.scan_full().await?;
         if let Some(why) = &stats.blocked {
             self.cut_blocked(why);
         }
         let wire_before = self.session.connection().stats().udp_tx.bytes;
-        let root_hash = manifest.root_hash();
         let databases = manifest
             .entries
             .iter()
@@ -239,6 +248,7 @@ impl Driver<'_> {
             full: true,
             entries: Arc::new(manifest.entries),
             root_hash,
+            quick_digest: Some(quick),
             verify: self.cut_reply.is_some(),
             live: Some(self.live.clone()),
             ..Default::default()
