@@ -32,7 +32,7 @@ use notify::event::{
     RenameMode,
 };
 use notify::{Event, EventHandler, EventKind, RecursiveMode};
-use rustix::fd::{AsFd, BorrowedFd};
+use rustix::fd::{AsFd, AsRawFd, BorrowedFd};
 use rustix::fs::OFlags;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -144,9 +144,30 @@ impl Shared {
         }
     }
 
-    /// Watches `dir`, open as `fd` (a scan is about to list it).
+    /// Watches `dir`, open as `fd` (a scan is about to list it). The watch
+    /// is added, and a directory not watched under that name has its name
+    /// checked, outside the table's lock (the scan's threads would queue on
+    /// it); under it, the name is checked again if the reader changed the
+    /// watches meanwhile (a rename it applied may have moved the directory).
     fn watch_dir(&self, dir: &Path, fd: BorrowedFd<'_>) {
-        let res = self.table().add_fd(dir, fd, false, false);
+        let outlook = self.table().outlook(dir);
+        let res = match outlook {
+            None => self.table().add_fd(dir, fd, false, false),
+            Some((root, mut watches, known, moved)) => {
+                let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+                match watches.add(&link, table::mask(false)) {
+                    Ok(wd) => {
+                        let named = (!known).then(|| table::names(Some(&root), dir, fd));
+                        let looked = table::Looked { wd, named, moved };
+                        self.table().record_looked(dir, fd, looked);
+                        Ok(())
+                    }
+                    // (again under the lock, as before: a /proc gone, an
+                    // error to report)
+                    Err(_) => self.table().add_fd(dir, fd, false, false),
+                }
+            }
+        };
         match res {
             Ok(()) => {}
             Err(e) if vanished(&e) => {}

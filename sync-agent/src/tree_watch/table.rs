@@ -19,7 +19,7 @@ use sync_core::filter::Filter;
 /// What a directory is watched for (`top`: the watched tree's own root,
 /// whose removal and move are reported too), added to what it is watched
 /// for already; only a directory.
-fn mask(top: bool) -> WatchMask {
+pub(super) fn mask(top: bool) -> WatchMask {
     let mut m = WatchMask::MODIFY
         | WatchMask::ATTRIB
         | WatchMask::CLOSE_WRITE
@@ -72,6 +72,27 @@ fn open_root(root: &Path) -> io::Result<OwnedFd> {
     Ok(rustix::fs::open(root, flags, rustix::fs::Mode::empty())?)
 }
 
+/// Whether `dir` leads to the directory open as `fd` now, beneath `root`
+/// without a symlink.
+pub(super) fn names(root: Option<&Path>, dir: &Path, fd: BorrowedFd<'_>) -> bool {
+    let Some(root) = root else {
+        return false;
+    };
+    let Some(here) = rel(root, dir) else {
+        return false;
+    };
+    let Ok(root_fd) = open_root(root) else {
+        return false;
+    };
+    let Ok(named) = sync_core::open_dir_beneath(root_fd.as_fd(), &here) else {
+        return false;
+    };
+    match (rustix::fs::fstat(&named), rustix::fs::fstat(fd)) {
+        (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
+        _ => false,
+    }
+}
+
 pub(super) struct Table {
     watches: Watches,
     /// The directory each watch stands for.
@@ -88,6 +109,19 @@ pub(super) struct Table {
     no_proc: bool,
     /// What of the tree is not watched (the folder's excludes).
     pub(super) filter: Filter,
+    /// Moves on whenever the reader (or the watcher's own API) changes the
+    /// watches: a scan's hook that looked at a directory outside the lock
+    /// trusts what it saw only while this has not moved.
+    moved: u64,
+}
+
+/// What a scan's hook learnt of a directory before taking the table's lock:
+/// its watch, and (when it was not watched under that name) whether the name
+/// led to it, when the table's count of the reader's changes was `moved`.
+pub(super) struct Looked {
+    pub(super) wd: WatchDescriptor,
+    pub(super) named: Option<bool>,
+    pub(super) moved: u64,
 }
 
 impl Table {
@@ -99,7 +133,40 @@ impl Table {
             root: None,
             no_proc: false,
             filter: Filter::default(),
+            moved: 0,
         }
+    }
+
+    /// What a scan's hook needs to look at a directory without the lock:
+    /// the tree's root, a handle to add watches with, whether `dir` is
+    /// watched under that name already, and the generation. `None` without
+    /// `/proc` (watches are added by name, under the lock).
+    pub(super) fn outlook(&self, dir: &Path) -> Option<(PathBuf, Watches, bool, u64)> {
+        let root = self.root.clone().filter(|_| !self.no_proc)?;
+        let known = self.by_path.contains_key(dir);
+        Some((root, self.watches.clone(), known, self.moved))
+    }
+
+    /// Records the watch a scan's hook added to `dir` (open as `fd`) outside
+    /// the lock, as [`Self::add_fd`] would have (a scan's name, not the
+    /// reader's): the name is checked again unless it was checked and
+    /// nothing moved since.
+    pub(super) fn record_looked(&mut self, dir: &Path, fd: BorrowedFd<'_>, looked: Looked) {
+        let known = self.dirs.get(&looked.wd);
+        if known.is_some_and(|k| k == dir) {
+            return;
+        }
+        let named = match looked.named.filter(|_| looked.moved == self.moved) {
+            Some(n) => n,
+            None => names(self.root.as_deref(), dir, fd),
+        };
+        if !named {
+            if known.is_none() {
+                let _ = self.watches.remove(looked.wd);
+            }
+            return;
+        }
+        self.record(looked.wd, dir);
     }
 
     /// Watches the directory open as `fd`, named `dir`. `rename`: the name
@@ -134,7 +201,7 @@ impl Table {
             if known.is_some_and(|k| k == dir) {
                 return Ok(());
             }
-            if !self.names(dir, fd) {
+            if !names(self.root.as_deref(), dir, fd) {
                 if known.is_none() {
                     // (its directory is elsewhere: watched where it is seen)
                     let _ = self.watches.remove(wd);
@@ -144,27 +211,6 @@ impl Table {
         }
         self.record(wd, dir);
         Ok(())
-    }
-
-    /// Whether `dir` leads to the directory open as `fd` now, beneath the
-    /// root without a symlink.
-    fn names(&self, dir: &Path, fd: BorrowedFd<'_>) -> bool {
-        let Some(root) = &self.root else {
-            return false;
-        };
-        let Some(here) = rel(root, dir) else {
-            return false;
-        };
-        let Ok(root_fd) = open_root(root) else {
-            return false;
-        };
-        let Ok(named) = sync_core::open_dir_beneath(root_fd.as_fd(), &here) else {
-            return false;
-        };
-        match (rustix::fs::fstat(&named), rustix::fs::fstat(fd)) {
-            (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
-            _ => false,
-        }
     }
 
     /// Watch `wd` stands for `dir`; a watch that stood for `dir` before
@@ -188,6 +234,7 @@ impl Table {
     /// The kernel dropped watch `wd` (its directory is gone, or it was
     /// removed).
     pub(super) fn ignored(&mut self, wd: &WatchDescriptor) {
+        self.moved += 1;
         if let Some(dir) = self.dirs.remove(wd)
             && self.by_path.get(&dir) == Some(wd)
         {
@@ -207,6 +254,7 @@ impl Table {
     /// gone meanwhile are skipped, but for the root itself (`is_root`: what
     /// [`notify::Watcher::watch`] was asked for).
     pub(super) fn add_tree(&mut self, top: &Path, is_root: bool) -> notify::Result<()> {
+        self.moved += 1;
         let Some(root) = self.root.clone() else {
             return Err(notify::Error::generic("no tree watched").add_path(top.to_path_buf()));
         };
@@ -280,6 +328,7 @@ impl Table {
 
     /// Drops the watches of `top` and of every directory below it; how many.
     pub(super) fn remove_under(&mut self, top: &Path) -> usize {
+        self.moved += 1;
         let gone: Vec<(PathBuf, WatchDescriptor)> = self
             .by_path
             .range(top.to_path_buf()..)

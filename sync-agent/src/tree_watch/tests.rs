@@ -432,3 +432,46 @@ fn the_watcher_holds_no_descriptor_of_the_tree() {
     assert!(held.is_empty(), "the watcher holds {held:?}");
     assert_eq!(w.watched(), 4);
 }
+
+/// A scan's hook checks a new directory's name outside the table's lock; if
+/// the reader changed the watches before the hook records it (a rename it
+/// applied), the name is checked again: a directory moved away meanwhile
+/// is not recorded under the name the scan had for it.
+#[test]
+fn a_name_checked_before_the_reader_moved_something_is_checked_again() {
+    let (_d, root) = tree(&["x/d", "y"]);
+    let (w, _rx) = watcher(&root);
+    scan(&root, &w);
+    let dir = root.join("x/d/e");
+    std::fs::create_dir(&dir).unwrap();
+    let opened = open_dir(&dir);
+    let mut t = w.shared.table();
+    let (found, mut watches, known, moved) = t.outlook(&dir).expect("/proc");
+    assert_eq!(found, root);
+    assert!(!known);
+    let link = format!("/proc/self/fd/{}", opened.as_raw_fd());
+    let wd = watches.add(&link, table::mask(false)).expect("watch");
+    let named = Some(table::names(Some(&root), &dir, opened.as_fd()));
+    assert_eq!(named, Some(true));
+    // moved away before the hook takes the lock, and the reader applied it
+    std::fs::rename(root.join("x/d"), root.join("y/d")).unwrap();
+    t.remove_under(&root.join("x/d"));
+    let before = t.dirs.len();
+    let looked = table::Looked {
+        wd: wd.clone(),
+        named,
+        moved,
+    };
+    t.record_looked(&dir, opened.as_fd(), looked);
+    assert_eq!(t.dirs.len(), before, "recorded under the name it lost");
+    // with nothing moved since the check, the check stands
+    let dir2 = root.join("y/d/e");
+    let (_, _, _, now) = t.outlook(&dir2).expect("/proc");
+    let looked = table::Looked {
+        wd,
+        named: Some(true),
+        moved: now,
+    };
+    t.record_looked(&dir2, opened.as_fd(), looked);
+    assert_eq!(t.dirs.len(), before + 1);
+}
