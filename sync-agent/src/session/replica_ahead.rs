@@ -11,8 +11,9 @@
 //! after the session. The next session takes it without scanning when
 //! nothing at all was reported since (a write, a metadata change, a name
 //! made, removed or moved, a watch gone, the queue overflowed: the kernel
-//! queues the event before the change's system call returns) and it is
-//! younger than [`MAX_AGE`]: what inotify never reports (writes through a
+//! queues the event before the change's system call returns), the root's
+//! path still leads to the directory scanned, no file system was mounted
+//! or unmounted at or below it, and it is younger than [`MAX_AGE`]: what inotify never reports (writes through a
 //! shared mapping, another host's writes to a network file system, a write
 //! through a hard link made from outside the tree after the scan) is found
 //! by a scan made at latest that long after. After a session that changed
@@ -99,29 +100,66 @@ pub struct Quiet {
     budget: usize,
     /// A directory went unwatched: nothing can be told.
     broken: AtomicBool,
+    /// This process's mount table, open since before the scan (it polls
+    /// `POLLPRI` once a file system was mounted or unmounted anywhere), and
+    /// the mount points at or below the tree's root it listed then: a mount
+    /// over a directory of the tree changes what its path shows, and
+    /// inotify says nothing of it.
+    mounts: Option<(std::fs::File, Vec<Vec<u8>>)>,
+    root: std::path::PathBuf,
+}
+
+/// The mount points at or below `root` in this process's mount table (as
+/// `/proc/self/mountinfo` writes them, `\040` for a space and so on).
+fn mounts_below(table: &str, root: &Path) -> Vec<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let root = root.as_os_str().as_bytes();
+    let mut below: Vec<Vec<u8>> = table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| m.as_bytes().to_vec())
+        .filter(|m| {
+            m.starts_with(root)
+                && (m.len() == root.len() || m.get(root.len()) == Some(&b'/') || root == b"/")
+        })
+        .collect();
+    below.sort();
+    below
+}
+
+/// This process's mount table, open, and the mount points at or below `root`.
+fn mount_table(root: &Path) -> Option<(std::fs::File, Vec<Vec<u8>>)> {
+    let mut f = std::fs::File::open("/proc/self/mountinfo").ok()?;
+    let mut table = String::new();
+    std::io::Read::read_to_string(&mut f, &mut table).ok()?;
+    Some((f, mounts_below(&table, root)))
 }
 
 impl Quiet {
-    /// Watches for at most `budget` directories.
-    pub fn new(budget: usize) -> std::io::Result<Arc<Self>> {
+    /// Watches for at most `budget` directories of the tree at `root`.
+    pub fn new(root: &Path, budget: usize) -> std::io::Result<Arc<Self>> {
         let inotify = Inotify::init()?;
         let watches = inotify.watches();
+        let root = std::fs::canonicalize(root)?;
+        let mounts = mount_table(&root);
         Ok(Arc::new(Self {
             inotify: Mutex::new(inotify),
             watches: Mutex::new(watches),
             added: AtomicUsize::new(0),
             budget,
-            broken: AtomicBool::new(false),
+            broken: AtomicBool::new(mounts.is_none()),
+            mounts,
+            root,
         }))
     }
 
     /// [`Self::new`] with this host's share ([`WATCH_SHARE`]).
-    pub fn for_host() -> std::io::Result<Arc<Self>> {
+    pub fn for_host(root: &Path) -> std::io::Result<Arc<Self>> {
         let max = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
             .ok()
             .and_then(|s| s.trim().parse::<usize>().ok())
             .unwrap_or(8192);
-        Self::new(max / WATCH_SHARE)
+        Self::new(root, max / WATCH_SHARE)
     }
 
     /// Watches the directory open as `fd` (a scan is about to list it).
@@ -143,6 +181,21 @@ impl Quiet {
         }
     }
 
+    /// Whether the mount points at or below the tree's root are those of
+    /// the scan (the table read again only once it changed).
+    fn mounts_still(&self) -> bool {
+        use rustix::event::{PollFd, PollFlags};
+        let Some((m, then)) = &self.mounts else {
+            return false;
+        };
+        let mut fds = [PollFd::new(m, PollFlags::PRI)];
+        match rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())) {
+            Ok(_) if !fds[0].revents().intersects(PollFlags::PRI | PollFlags::ERR) => true,
+            Ok(_) => mount_table(&self.root).is_some_and(|(_, now)| now == *then),
+            Err(_) => false,
+        }
+    }
+
     /// The hook that watches each directory a scan lists.
     #[must_use]
     pub fn hook(self: &Arc<Self>) -> DirHook {
@@ -158,19 +211,20 @@ impl Quiet {
         if self.broken.load(Ordering::SeqCst) {
             return false;
         }
-        let still = match self.inotify.lock() {
-            Ok(mut inotify) => match inotify.read_events(&mut [0u8; 4096]) {
-                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-                Ok(mut events) => match events.next() {
-                    None => true,
-                    Some(e) => {
-                        tracing::debug!(mask = ?e.mask, name = ?e.name, "the replica's tree changed since its scan ahead");
-                        false
-                    }
+        let still = self.mounts_still()
+            && match self.inotify.lock() {
+                Ok(mut inotify) => match inotify.read_events(&mut [0u8; 4096]) {
+                    Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                    Ok(mut events) => match events.next() {
+                        None => true,
+                        Some(e) => {
+                            tracing::debug!(mask = ?e.mask, name = ?e.name, "the replica's tree changed since its scan ahead");
+                            false
+                        }
+                    },
                 },
-            },
-            Err(_) => false,
-        };
+                Err(_) => false,
+            };
         if !still {
             self.broken.store(true, Ordering::SeqCst);
         }
@@ -184,12 +238,24 @@ pub struct Ahead {
     pub pre: Prescan,
     quiet: Option<Arc<Quiet>>,
     at: Instant,
+    /// The tree's root path and the directory it led to when scanned: a
+    /// directory above it renamed, or a new one put in its place, moves no
+    /// watch of the tree.
+    root: (std::path::PathBuf, Option<(u64, u64)>),
+}
+
+/// The directory `path` leads to now.
+fn dir_id(path: &Path) -> Option<(u64, u64)> {
+    rustix::fs::stat(path).ok().map(|st| (st.st_dev, st.st_ino))
 }
 
 impl Ahead {
     /// Whether the tree is still as `pre` has it (see the module's doc).
     fn holds(&self) -> bool {
-        self.at.elapsed() < MAX_AGE && self.quiet.as_ref().is_some_and(|q| q.still())
+        self.at.elapsed() < MAX_AGE
+            && self.root.1.is_some()
+            && dir_id(&self.root.0) == self.root.1
+            && self.quiet.as_ref().is_some_and(|q| q.still())
     }
 }
 
@@ -248,8 +314,9 @@ impl Kept {
 /// folder keeps its scans.
 pub fn scan(folder: &ReplicaFolder) -> Result<Ahead, sync_core::Error> {
     let at = Instant::now();
+    let root_id = dir_id(folder.replica.root_path());
     let quiet = match folder.ahead.enabled() {
-        true => Quiet::for_host().ok(),
+        true => Quiet::for_host(folder.replica.root_path()).ok(),
         false => None,
     };
     let pre = engine::prescan(
@@ -264,7 +331,13 @@ pub fn scan(folder: &ReplicaFolder) -> Result<Ahead, sync_core::Error> {
     // Watches that cannot tell are given back now, not when the scan goes.
     let root = folder.replica.root_path();
     let quiet = quiet.filter(|q| !q.broken.load(Ordering::Relaxed) && !linked_outside(root, &pre));
-    Ok(Ahead { pre, quiet, at })
+    let root = (root.to_path_buf(), root_id);
+    Ok(Ahead {
+        pre,
+        quiet,
+        at,
+        root,
+    })
 }
 
 /// Whether a file of the tree has a name outside it: a write through that

@@ -143,7 +143,7 @@ fn a_scan_older_than_max_age_or_past_the_watch_share_is_not_kept() {
     f.ahead.keep(a);
     assert!(f.ahead.take().is_none(), "kept past its age");
     // three directories, room for two watches
-    let q = Quiet::new(2).expect("inotify");
+    let q = Quiet::new(&root, 2).expect("inotify");
     let pre = engine::prescan(
         &f.replica,
         &f.filter,
@@ -158,8 +158,43 @@ fn a_scan_older_than_max_age_or_past_the_watch_share_is_not_kept() {
         pre,
         quiet: Some(q),
         at: Instant::now(),
+        root: (root.clone(), dir_id(&root)),
     });
     assert!(f.ahead.take().is_none(), "kept with a directory unwatched");
+}
+
+/// What moves no watch of the tree but changes what its paths show: the
+/// root's path led elsewhere (a directory above it renamed, another put in
+/// its place), or a file system mounted over a directory of the tree.
+#[test]
+fn a_root_path_led_elsewhere_or_a_mount_in_the_tree_drops_it() {
+    let (t, root) = tree();
+    assert!(!kept_after(&root, |r| {
+        let up = r.parent().expect("parent");
+        std::fs::rename(up, up.with_extension("moved")).expect("mv parent");
+        std::fs::create_dir_all(r).expect("a new root");
+        std::fs::write(r.join("top"), b"another tree").expect("write");
+    }));
+    drop(t);
+    let (_t, root) = tree();
+    let mounted = root.join("a/b");
+    let mounted2 = &mounted;
+    let run = |args: &[&std::ffi::OsStr]| {
+        let st = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .status();
+        assert!(st.expect("run").success(), "{args:?}");
+    };
+    assert!(!kept_after(&root, |_| {
+        run(&[
+            "mount".as_ref(),
+            "-t".as_ref(),
+            "tmpfs".as_ref(),
+            "tmpfs".as_ref(),
+            mounted2.as_os_str(),
+        ]);
+    }));
+    run(&["umount".as_ref(), "-l".as_ref(), mounted.as_os_str()]);
 }
 
 #[test]
@@ -181,4 +216,19 @@ fn mirrors_replica_and_a_source_node_keep_nothing() {
         .expect("runtime")
         .block_on(refresh(f.clone()));
     assert!(f.ahead.take().is_some(), "the replica kept no scan");
+}
+
+#[test]
+fn only_mount_points_at_or_below_the_root_count() {
+    let table = "22 1 8:1 / / rw - ext4 /dev/vda rw\n\
+                 30 22 0:5 / /srv/rep rw - tmpfs tmpfs rw\n\
+                 31 22 0:6 / /srv/replica rw - tmpfs tmpfs rw\n\
+                 32 31 0:7 / /srv/replica/a\\040b rw - tmpfs tmpfs rw\n\
+                 33 22 0:8 / /srv/replica2 rw - tmpfs tmpfs rw\n";
+    let below = mounts_below(table, Path::new("/srv/replica"));
+    assert_eq!(
+        below,
+        [b"/srv/replica".to_vec(), b"/srv/replica/a\\040b".to_vec()]
+    );
+    assert_eq!(mounts_below(table, Path::new("/")).len(), 5);
 }
