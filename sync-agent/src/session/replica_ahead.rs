@@ -113,7 +113,15 @@ pub struct Quiet {
 /// `/proc/self/mountinfo` writes them, `\040` for a space and so on).
 fn mounts_below(table: &str, root: &Path) -> Vec<Vec<u8>> {
     use std::os::unix::ffi::OsStrExt;
-    let root = root.as_os_str().as_bytes();
+    // (escaped as the table escapes its paths)
+    let mut escaped = Vec::new();
+    for &b in root.as_os_str().as_bytes() {
+        match b {
+            b' ' | b'\t' | b'\n' | b'\\' => escaped.extend(format!("\\{b:03o}").bytes()),
+            _ => escaped.push(b),
+        }
+    }
+    let root = escaped.as_slice();
     let mut below: Vec<Vec<u8>> = table
         .lines()
         .filter_map(|l| l.split(' ').nth(4))

@@ -231,4 +231,7 @@ fn only_mount_points_at_or_below_the_root_count() {
         [b"/srv/replica".to_vec(), b"/srv/replica/a\\040b".to_vec()]
     );
     assert_eq!(mounts_below(table, Path::new("/")).len(), 5);
+    // a root whose name the table escapes
+    let below = mounts_below(table, Path::new("/srv/replica/a b"));
+    assert_eq!(below, [b"/srv/replica/a\\040b".to_vec()]);
 }
