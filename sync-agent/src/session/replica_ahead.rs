@@ -28,7 +28,7 @@
 use super::replica::ReplicaFolder;
 use inotify::{Inotify, WatchMask, Watches};
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd};
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::fs::{AtFlags, Mode, OFlags};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -322,30 +322,37 @@ impl Kept {
 /// folder keeps its scans.
 pub fn scan(folder: &ReplicaFolder) -> Result<Ahead, sync_core::Error> {
     let at = Instant::now();
-    let root_id = dir_id(folder.replica.root_path());
+    let root = folder.replica.root_path();
+    let root_id = dir_id(root);
     let quiet = match folder.ahead.enabled() {
-        true => Quiet::for_host(folder.replica.root_path()).ok(),
+        true => Quiet::for_host(root).ok(),
         false => None,
     };
-    let pre = engine::prescan(
+    let pre = prescan_watched(folder, quiet.as_ref())?;
+    // Watches that cannot tell are given back now, not when the scan goes.
+    let quiet = quiet.filter(|q| !q.broken.load(Ordering::Relaxed) && !linked_outside(root, &pre));
+    Ok(Ahead {
+        pre,
+        quiet,
+        at,
+        root: (root.to_path_buf(), root_id),
+    })
+}
+
+/// The folder's scan ahead, each directory watched by `quiet` first.
+fn prescan_watched(
+    folder: &ReplicaFolder,
+    quiet: Option<&Arc<Quiet>>,
+) -> Result<Prescan, sync_core::Error> {
+    engine::prescan(
         &folder.replica,
         &folder.filter,
         folder.detect.clone(),
         &folder.sweep,
         &folder.ids,
         Some(&folder.scan_index),
-        quiet.as_ref().map(Quiet::hook),
-    )?;
-    // Watches that cannot tell are given back now, not when the scan goes.
-    let root = folder.replica.root_path();
-    let quiet = quiet.filter(|q| !q.broken.load(Ordering::Relaxed) && !linked_outside(root, &pre));
-    let root = (root.to_path_buf(), root_id);
-    Ok(Ahead {
-        pre,
-        quiet,
-        at,
-        root,
-    })
+        quiet.map(Quiet::hook),
+    )
 }
 
 /// Whether a file of the tree has a name outside it: a write through that
@@ -355,20 +362,17 @@ fn linked_outside(root: &Path, pre: &Prescan) -> bool {
     if names.is_empty() {
         return false;
     }
-    let Ok(root) = rustix::fs::open(
-        root,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    ) else {
+    let Ok(root) = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()) else {
         return true;
     };
     let mut seen: HashMap<(u64, u64), (u64, u64)> = HashMap::new();
-    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let beneath = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
     for p in names {
-        let st = rustix::fs::openat2(root.as_fd(), p.as_bytes(), flags, Mode::empty(), beneath)
-            .and_then(rustix::fs::fstat);
-        let Ok(st) = st else {
+        // (confined as every open beneath the replica's root)
+        let st = p.split_last().and_then(|(dir, name)| {
+            let d = sync_core::open_dir_beneath(root.as_fd(), &dir).ok()?;
+            rustix::fs::statat(&d, name, AtFlags::SYMLINK_NOFOLLOW).ok()
+        });
+        let Some(st) = st else {
             return true;
         };
         let n = seen

@@ -144,16 +144,7 @@ fn a_scan_older_than_max_age_or_past_the_watch_share_is_not_kept() {
     assert!(f.ahead.take().is_none(), "kept past its age");
     // three directories, room for two watches
     let q = Quiet::new(&root, 2).expect("inotify");
-    let pre = engine::prescan(
-        &f.replica,
-        &f.filter,
-        f.detect.clone(),
-        &f.sweep,
-        &f.ids,
-        None,
-        Some(q.hook()),
-    )
-    .expect("scan");
+    let pre = prescan_watched(&f, Some(&q)).expect("scan");
     f.ahead.keep(Ahead {
         pre,
         quiet: Some(q),

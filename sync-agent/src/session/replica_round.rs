@@ -532,16 +532,9 @@ mod tests {
         let folder = crate::replica_folder_with("f", &root, Default::default(), vec![], settings)
             .expect("folder");
         let scan = || {
-            engine::prescan(
-                &folder.replica,
-                &folder.filter,
-                folder.detect.clone(),
-                &folder.sweep,
-                &folder.ids,
-                None,
-                None,
-            )
-            .expect("scan")
+            super::super::replica_ahead::scan(&folder)
+                .expect("scan")
+                .pre
         };
         let pre = scan();
         assert!(pre.digest.is_some());
