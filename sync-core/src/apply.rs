@@ -33,7 +33,9 @@ mod bulk;
 pub use bulk::Kept;
 mod db;
 mod direct;
-use db::db_like;
+
+use crate::db_detect::db_like;
+pub use direct::DIRECT_MIN;
 mod durable;
 pub use durable::{SyncPlan, SyncTarget};
 mod meta_apply;

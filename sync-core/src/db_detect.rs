@@ -4,6 +4,7 @@ use crate::RelPath;
 use crate::filter::Filter;
 use crate::scan::abs;
 use std::fs;
+use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 
 /// How a scan tells live SQLite databases: configured globs, databases this
@@ -69,4 +70,30 @@ impl DbDetect {
             _ => false,
         }
     }
+}
+
+/// Whether `name` in `dir` is a SQLite database (by its header) or has a
+/// database's side files beside it.
+pub(crate) fn db_like(dir: std::os::fd::BorrowedFd<'_>, name: &[u8]) -> bool {
+    let sidecar = crate::sqlite::SIDECARS.iter().any(|suffix| {
+        let side = [name, suffix].concat();
+        rustix::fs::statat(dir, side.as_slice(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok()
+    });
+    let Ok(fd) = rustix::fs::openat(
+        dir,
+        name,
+        rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC
+            | rustix::fs::OFlags::NONBLOCK,
+        rustix::fs::Mode::empty(),
+    ) else {
+        return sidecar;
+    };
+    let mut head = [0u8; 16];
+    let is_db = rustix::fs::fstat(&fd).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+    }) && std::fs::File::from(fd).read_exact_at(&mut head, 0).is_ok()
+        && &head == b"SQLite format 3\0";
+    sidecar || is_db
 }

@@ -351,7 +351,7 @@ pub(super) fn write_file(
     };
     let named = |e: proto::exchange::ExchangeError| anyhow!("{}: {e}", entry.path);
     let mut fetch = FileFetch::new(want_size, want_hash, basis.is_some());
-    let mut staged = replica.stage(&entry.path)?;
+    let mut staged = replica.stage(&entry.path)?.sized(want_size);
     let mut out = Vec::new();
     while let Some(msg) = rx.blocking_recv() {
         match fetch.handle(msg).map_err(named)? {

@@ -279,7 +279,7 @@ fn write_stage(
     basis: Option<&[u8]>,
     mut rx: mpsc::Receiver<Message>,
 ) -> Result<(Kept, u64)> {
-    let mut staged = r.prestage(path)?;
+    let mut staged = r.prestage(path)?.sized(size);
     let (mut literal, mut out) = (0u64, Vec::new());
     while let Some(msg) = rx.blocking_recv() {
         match msg {

@@ -1,7 +1,7 @@
 //! The replica's databases: staging pages against the announced hash,
 //! the held-open check, and updates that never write through another name.
 
-use super::direct::Direct;
+use super::direct::{DB_CHUNK, Gather};
 use super::page_set::PageSet;
 use super::round::start_writeback;
 use super::*;
@@ -312,29 +312,6 @@ impl Replica {
     }
 }
 
-/// Whether `name` in `dir` is a SQLite database (by its header) or has a
-/// database's side files beside it.
-pub(super) fn db_like(dir: std::os::fd::BorrowedFd<'_>, name: &[u8]) -> bool {
-    let sidecar = sqlite::SIDECARS.iter().any(|suffix| {
-        let side = [name, suffix].concat();
-        rustix::fs::statat(dir, side.as_slice(), AtFlags::SYMLINK_NOFOLLOW).is_ok()
-    });
-    let Ok(fd) = rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-        Mode::empty(),
-    ) else {
-        return sidecar;
-    };
-    let mut head = [0u8; 16];
-    let is_db = rustix::fs::fstat(&fd).is_ok_and(|st| {
-        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
-    }) && File::from(fd).read_exact_at(&mut head, 0).is_ok()
-        && &head == b"SQLite format 3\0";
-    sidecar || is_db
-}
-
 /// How long a whole-image replacement waits for another connection to the
 /// database it replaces.
 const HELD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -405,9 +382,9 @@ pub struct StagedDb<'r> {
     len: u64,
     done: bool,
     /// A whole new database's runs written past the page cache (see
-    /// [`Direct`]): `None` until the first run, `Some(None)` when the file
+    /// [`Gather`]): `None` until the first run, `Some(None)` when the file
     /// system takes no direct I/O.
-    direct: Option<Option<Direct>>,
+    direct: Option<Option<Gather>>,
 }
 
 impl StagedDb<'_> {
@@ -440,6 +417,8 @@ impl StagedDb<'_> {
                 ));
             }
         }
+        // (a page gathered for a direct write must not land over this one)
+        self.settle_direct()?;
         let mut buf = Vec::new();
         let mut run = 0;
         while run < batch.len() {
@@ -505,21 +484,30 @@ impl StagedDb<'_> {
         Ok(())
     }
 
-    /// Writes a whole new database's run at `at`: past the page cache where
-    /// the file system takes it and the run is aligned for it, through the
-    /// page cache otherwise (or once a direct write was refused).
+    /// Writes a whole new database's run at `at`: gathered and written past
+    /// the page cache where the file system takes it, through the page cache
+    /// otherwise.
     fn write_run(&mut self, data: &[u8], at: u64) -> std::io::Result<()> {
+        let ps = self.page_size as usize;
+        let (dir, tmp, file) = (&self.dir, self.tmp.as_slice(), &self.file);
         let direct = self
             .direct
-            .get_or_insert_with(|| Direct::open(&self.dir, &self.tmp, &self.file));
-        if let Some(d) = direct.as_mut().filter(|d| d.fits(at, data.len())) {
-            match d.write(data, at) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => *direct = None,
-                r => return r,
-            }
+            .get_or_insert_with(|| Gather::open((dir, tmp, file), ps, DB_CHUNK.max(ps)));
+        if let Some(g) = direct {
+            return g.put(data, at, &self.file);
         }
         self.file.write_all_at(data, at)?;
         start_writeback(&self.file, at, data.len() as u64);
+        Ok(())
+    }
+
+    /// Writes what direct I/O still gathers (before anything else writes
+    /// the file, and before it is installed).
+    fn settle_direct(&mut self) -> Result<(), Error> {
+        if let Some(Some(g)) = &mut self.direct {
+            g.finish(&self.file)
+                .map_err(|e| Error::io("write", self.replica.display(&self.path), e))?;
+        }
         Ok(())
     }
 
@@ -552,6 +540,7 @@ impl StagedDb<'_> {
             });
         }
         if self.full {
+            self.settle_direct()?;
             self.replica.meta_fd(&self.file, meta, &shown)?;
         }
         self.done = true;

@@ -2,6 +2,7 @@
 //! ([`super::durable`]), the journal, and the renames and database updates it
 //! lists.
 
+use super::direct::{DIRECT_MIN, FILE_CHUNK, Gather};
 use super::*;
 use crate::{Error, Meta, RelPath};
 use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
@@ -315,6 +316,9 @@ pub struct Staged<'r> {
     pub(super) end: u64,
     /// Bytes whose writeback was started ([`Staged::pace`]).
     pub(super) started: u64,
+    /// A large file's content on its way past the page cache
+    /// ([`Staged::sized`]).
+    pub(super) direct: Option<Gather>,
     pub(super) done: bool,
 }
 
@@ -336,6 +340,7 @@ impl<'r> Staged<'r> {
             len: 0,
             end: 0,
             started: 0,
+            direct: None,
             done: false,
         }
     }
@@ -348,6 +353,21 @@ thread_local! {
 }
 
 impl Staged<'_> {
+    /// The staged file will hold `size` bytes: at [`DIRECT_MIN`] or more its
+    /// content is written past the page cache where the file system takes
+    /// direct I/O (see `direct_file`). Call before the first write.
+    #[must_use]
+    pub fn sized(mut self, size: u64) -> Self {
+        if size >= DIRECT_MIN && self.len == 0 {
+            let chunk = usize::try_from(size)
+                .map_or(FILE_CHUNK, |n| n.min(FILE_CHUNK))
+                .next_multiple_of(HOLE_BLOCK);
+            let file = (&self.dir, self.tmp.as_slice(), &self.file);
+            self.direct = Gather::open(file, HOLE_BLOCK, chunk);
+        }
+        self
+    }
+
     /// Appends bytes; aligned all-zero blocks become holes. Each run of
     /// blocks between holes is one write: one system call a 4 KiB block
     /// cost a first mirror's replica a fifth of its CPU (the calls, and the
@@ -379,9 +399,11 @@ impl Staged<'_> {
         let at = self.len + from as u64;
         #[cfg(test)]
         WRITES.with(|n| n.set(n.get() + 1));
-        self.file
-            .write_all_at(bytes, at)
-            .map_err(|e| Error::io("write", self.replica.display(&self.path), e))?;
+        match &mut self.direct {
+            Some(g) => g.put(bytes, at, &self.file),
+            None => self.file.write_all_at(bytes, at),
+        }
+        .map_err(|e| Error::io("write", self.replica.display(&self.path), e))?;
         self.end = at + bytes.len() as u64;
         Ok(())
     }
@@ -398,10 +420,15 @@ impl Staged<'_> {
         self.len == 0
     }
 
-    /// Gives the (new, empty-born) temp file its length when its content
-    /// ends in a hole; every other one has it already (a truncate was a
-    /// metadata update per file: 3% of a replica's first mirror).
-    pub(super) fn size_to_len(&self, shown: &str) -> Result<(), Error> {
+    /// Writes what direct I/O still gathers, and gives the (new, empty-born)
+    /// temp file its length when its content ends in a hole; every other one
+    /// has it already (a truncate was a metadata update per file: 3% of a
+    /// replica's first mirror).
+    pub(super) fn size_to_len(&mut self, shown: &str) -> Result<(), Error> {
+        if let Some(g) = &mut self.direct {
+            g.finish(&self.file)
+                .map_err(|e| Error::io("write", shown, e))?;
+        }
         if self.end == self.len {
             return Ok(());
         }

@@ -118,3 +118,115 @@ fn staged_content_is_written_a_run_at_a_time() {
         );
     }
 }
+
+/// `n` bytes of a pattern with no zero byte (so no zero block either).
+fn pattern(n: usize, seed: u32) -> Vec<u8> {
+    (0..n as u32)
+        .map(|i| ((i ^ seed).wrapping_mul(2_654_435_761) >> 24) as u8 | 1)
+        .collect()
+}
+
+/// Whether the file system under `dir` takes direct I/O.
+fn takes_direct(dir: &std::path::Path) -> bool {
+    let fd: std::os::fd::OwnedFd = File::create(dir.join("probe")).unwrap().into();
+    let takes = super::super::direct::dio_align(&fd).is_some();
+    std::fs::remove_file(dir.join("probe")).unwrap();
+    if !takes {
+        eprintln!("no direct I/O on {}: the page cache only", dir.display());
+    }
+    takes
+}
+
+/// Stages `data` for `name` sized as `size`, in `pieces` (the rest in one),
+/// and commits it; the stage is handed to `check` before its commit.
+fn stage_in_pieces(
+    r: &Replica,
+    name: &str,
+    (data, size): (&[u8], u64),
+    pieces: &[usize],
+    check: impl FnOnce(&mut Staged<'_>),
+) {
+    let mut s = r
+        .stage(&RelPath::new(name.as_bytes()).unwrap())
+        .unwrap()
+        .sized(size);
+    let mut rest = data;
+    for &p in pieces.iter().chain(std::iter::once(&usize::MAX)) {
+        let (piece, tail) = rest.split_at(p.min(rest.len()));
+        s.write(piece).unwrap();
+        rest = tail;
+    }
+    check(&mut s);
+    s.commit(blake3::hash(data).as_bytes(), &Meta::default())
+        .unwrap();
+    r.finish().unwrap();
+}
+
+/// A large new file goes past the page cache where the file system takes
+/// direct I/O: whatever pieces it arrives in, it lands whole, its zero
+/// blocks as holes, only its unaligned tail cached. A file under
+/// `DIRECT_MIN` takes the page cache.
+#[test]
+fn a_large_new_file_is_written_past_the_page_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let r = Replica::open(d.path()).unwrap();
+    let takes = takes_direct(d.path());
+    let holes = 40 * HOLE_BLOCK;
+    let data = [
+        pattern(3 << 20, 1),
+        vec![0; holes],
+        pattern(2 << 20, 7),
+        pattern(1234, 9),
+    ]
+    .concat();
+    let cuts: [&[usize]; 3] = [&[], &[1000, 70_000, 1 << 20, 3_000_001], &[4096; 300]];
+    for (i, pieces) in cuts.into_iter().enumerate() {
+        let name = format!("big{i}");
+        stage_in_pieces(&r, &name, (&data, data.len() as u64), pieces, |s| {
+            assert_eq!(s.direct.is_some(), takes, "{pieces:?}");
+        });
+        let path = d.path().join(&name);
+        let cached = super::super::direct::resident(&File::open(&path).unwrap());
+        if takes {
+            // the tail's page, and the one before when the tail began in it
+            assert!(cached <= 2, "{pieces:?}: {cached} pages cached");
+        }
+        assert!(std::fs::read(&path).unwrap() == data, "{pieces:?}");
+        let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(
+            allocated <= (data.len() - holes) as u64 + 64 * 1024,
+            "{pieces:?}: {allocated} bytes allocated"
+        );
+    }
+    // under the threshold: the page cache, as before
+    let small = pattern(DIRECT_MIN as usize - 1, 3);
+    stage_in_pieces(&r, "small", (&small, small.len() as u64), &[], |s| {
+        assert!(s.direct.is_none());
+    });
+    assert_eq!(std::fs::read(d.path().join("small")).unwrap(), small);
+}
+
+/// A direct write the file system refuses (`EINVAL`: here a buffer out of
+/// alignment) is written through the page cache, and so is the rest of the
+/// file: it lands whole, its tail and hole-ended length included.
+#[test]
+fn a_refused_direct_write_takes_the_page_cache() {
+    let d = tempfile::tempdir().unwrap();
+    if !takes_direct(d.path()) {
+        return;
+    }
+    let r = Replica::open(d.path()).unwrap();
+    let data = [pattern(3 << 20, 2), pattern(77, 5), vec![0; 8 * HOLE_BLOCK]].concat();
+    let mut refused = false;
+    let mut s = r.stage(&RelPath::new(b"f".to_vec()).unwrap()).unwrap();
+    s = s.sized(data.len() as u64);
+    s.direct.as_mut().unwrap().misalign();
+    s.write(&data[..1 << 20]).unwrap();
+    refused |= !s.direct.as_ref().unwrap().is_direct();
+    s.write(&data[1 << 20..]).unwrap();
+    s.commit(blake3::hash(&data).as_bytes(), &Meta::default())
+        .unwrap();
+    r.finish().unwrap();
+    assert!(refused, "the misaligned write was taken");
+    assert!(std::fs::read(d.path().join("f")).unwrap() == data);
+}

@@ -271,7 +271,7 @@ pub fn write_whole(
         let Kind::File { hash, .. } = e.kind else {
             continue;
         };
-        let mut staged = r.stage(&e.path)?;
+        let mut staged = r.stage(&e.path)?.sized(data.len() as u64);
         staged.write(&data)?;
         staged.commit(&hash, &e.meta)?;
         files += 1;
