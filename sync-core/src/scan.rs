@@ -130,6 +130,13 @@ pub fn scan_subtree(
 
 /// blake3 of a file's content, read (not mapped: a live file may shrink under us).
 pub fn hash_file(path: &Path) -> Result<[u8; 32], Error> {
+    #[cfg(test)]
+    if std::thread::current()
+        .name()
+        .is_some_and(|n| n.starts_with("hash-"))
+    {
+        walk_tests::HASHED_ON_POOL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let f = open_regular(path)?;
     let mut h = blake3::Hasher::new();
     h.update_reader(f)
@@ -319,10 +326,17 @@ impl<'o> Walker<'o> {
         // an error each) were 30 MB beside the list at 300,000 files.
         for chunk in todo.chunks(HASH_CHUNK) {
             let root = &self.root;
-            let hashes: Vec<Result<[u8; 32], Error>> = chunk
-                .par_iter()
-                .map(|&i| hash_file(&abs(root, &self.entries[i].path)))
-                .collect();
+            let entries = &self.entries;
+            let hash_all = || -> Vec<Result<[u8; 32], Error>> {
+                chunk
+                    .par_iter()
+                    .map(|&i| hash_file(&abs(root, &entries[i].path)))
+                    .collect()
+            };
+            let hashes = match par::hash_pool() {
+                Some(pool) => pool.install(hash_all),
+                None => hash_all(),
+            };
             for (&i, h) in chunk.iter().zip(hashes) {
                 let h = match h {
                     Ok(h) => h,

@@ -444,6 +444,31 @@ fn the_walk_runs_on_a_few_threads_at_most() {
     assert!((1..=par::THREADS).contains(&pool.current_num_threads()));
 }
 
+/// Files a scan's hashing pool hashed (any test's scan).
+pub(super) static HASHED_ON_POOL: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// A scan hashes its files on its own pool, more threads than cores: a file
+/// out of the page cache keeps its thread waiting for the disk.
+#[test]
+fn files_are_hashed_on_the_scans_hashing_threads() {
+    let d = tempfile::tempdir().unwrap();
+    for i in 0..40 {
+        std::fs::write(d.path().join(format!("f{i}")), format!("{i}")).unwrap();
+    }
+    let before = HASHED_ON_POOL.load(std::sync::atomic::Ordering::Relaxed);
+    let (m, _) = scan_with(d.path(), &ScanOptions::default(), None).unwrap();
+    assert_eq!(m.entries.len(), 41);
+    let after = HASHED_ON_POOL.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        after - before >= 40,
+        "{} files hashed on the pool",
+        after - before
+    );
+    let pool = par::hash_pool().expect("the hashing pool");
+    assert_eq!(pool.current_num_threads(), par::HASH_THREADS);
+}
+
 /// Any name of a file the process holds as a database (a hard link) is taken
 /// for one without being read: closing a descriptor of it would drop the
 /// holder's POSIX locks. (The file here has no database header: read, it
