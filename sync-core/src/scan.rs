@@ -131,12 +131,7 @@ pub fn scan_subtree(
 /// blake3 of a file's content, read (not mapped: a live file may shrink under us).
 pub fn hash_file(path: &Path) -> Result<[u8; 32], Error> {
     #[cfg(test)]
-    if std::thread::current()
-        .name()
-        .is_some_and(|n| n.starts_with("hash-"))
-    {
-        walk_tests::HASHED_ON_POOL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
+    walk_tests::count_pool_hash();
     let f = open_regular(path)?;
     let mut h = blake3::Hasher::new();
     h.update_reader(f)

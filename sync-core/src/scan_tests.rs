@@ -445,8 +445,15 @@ fn the_walk_runs_on_a_few_threads_at_most() {
 }
 
 /// Files a scan's hashing pool hashed (any test's scan).
-pub(super) static HASHED_ON_POOL: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(0);
+static HASHED_ON_POOL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a file hashed, when on the hashing pool.
+pub(super) fn count_pool_hash() {
+    let name = std::thread::current().name().map(str::to_owned);
+    if name.is_some_and(|n| n.starts_with("hash-")) {
+        HASHED_ON_POOL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// A scan hashes its files on its own pool, more threads than cores: a file
 /// out of the page cache keeps its thread waiting for the disk.
