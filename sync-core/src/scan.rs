@@ -131,7 +131,7 @@ pub fn scan_subtree(
 /// blake3 of a file's content, read (not mapped: a live file may shrink under us).
 pub fn hash_file(path: &Path) -> Result<[u8; 32], Error> {
     #[cfg(test)]
-    walk_tests::count_pool_hash();
+    par::tests::count_pool_hash();
     let f = open_regular(path)?;
     let mut h = blake3::Hasher::new();
     h.update_reader(f)

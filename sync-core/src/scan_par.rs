@@ -231,3 +231,49 @@ impl Walker<'_> {
         }
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    /// The walk's threads are capped: each may hold a deep tree's directories
+    /// open, and a many-core host must not run out of descriptors.
+    #[test]
+    fn the_walk_runs_on_a_few_threads_at_most() {
+        let pool = pool().expect("the walk's pool");
+        assert!((1..=THREADS).contains(&pool.current_num_threads()));
+    }
+
+    /// Files a scan's hashing pool hashed (any test's scan).
+    static HASHED_ON_POOL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// Counts a file hashed, when on the hashing pool.
+    pub(in crate::scan) fn count_pool_hash() {
+        let name = std::thread::current().name().map(str::to_owned);
+        if name.is_some_and(|n| n.starts_with("hash-")) {
+            HASHED_ON_POOL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// A scan hashes its files on its own pool, more threads than cores: a file
+    /// out of the page cache keeps its thread waiting for the disk.
+    #[test]
+    fn files_are_hashed_on_the_scans_hashing_threads() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..40 {
+            std::fs::write(d.path().join(format!("f{i}")), format!("{i}")).unwrap();
+        }
+        let before = HASHED_ON_POOL.load(std::sync::atomic::Ordering::Relaxed);
+        let (m, _) =
+            crate::scan::scan_with(d.path(), &crate::scan::ScanOptions::default(), None).unwrap();
+        assert_eq!(m.entries.len(), 41);
+        let after = HASHED_ON_POOL.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            after - before >= 40,
+            "{} files hashed on the pool",
+            after - before
+        );
+        let pool = hash_pool().expect("the hashing pool");
+        assert_eq!(pool.current_num_threads(), HASH_THREADS);
+    }
+}
