@@ -443,9 +443,11 @@ fn a_name_checked_before_the_reader_moved_something_is_checked_again() {
     let (w, _rx) = watcher(&root);
     scan(&root, &w);
     let dir = root.join("x/d/e");
+    // (held first: the reader must not take the new directory's event in
+    // between and watch it itself)
+    let mut t = w.shared.table();
     std::fs::create_dir(&dir).unwrap();
     let opened = open_dir(&dir);
-    let mut t = w.shared.table();
     let (found, mut watches, known, moved) = t.outlook(&dir).expect("/proc");
     assert_eq!(found, root);
     assert!(!known);
