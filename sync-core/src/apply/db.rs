@@ -169,20 +169,22 @@ impl Replica {
         )
         .map_err(|e| Error::io("open staged pages of", shown, e))?;
         let staged = File::from(fd);
-        // Held until SQLite's connection is closed: closing a descriptor of
-        // the database drops every POSIX lock this process holds on it.
-        let cold = open_db_at(dir, &db.path).inspect(|f| {
-            let runs = super::direct::prefetch(&staged, f) as u64;
+        // Closed before SQLite opens the database: closing a descriptor of it
+        // while SQLite's connection is open would drop every POSIX lock this
+        // process holds on it (the read ahead it asked for goes on).
+        if let Some(f) = open_db_at(dir, &db.path) {
+            let runs = super::direct::prefetch(&staged, &f) as u64;
             self.read_ahead
                 .fetch_add(runs, std::sync::atomic::Ordering::Relaxed);
-        });
+        }
         let records = PageRecords {
             file: &staged,
             at: 0,
             shown,
         };
+        #[cfg(test)]
+        let records = tests::counting_db_fds(records, self.db_path(&db.path));
         sqlite::apply_pages(&self.db_path(&db.path), db.pages, records)?;
-        drop(cold);
         Ok(())
     }
 

@@ -326,8 +326,10 @@ fn runs_of_pages_stage_a_whole_image_and_an_update() {
     assert_eq!(r.runs_read_ahead(), 0);
     staged.commit(&after.hash, &meta).unwrap();
     r.flush().unwrap();
-    // the pages it overwrote were read ahead first
+    // the pages it overwrote were read ahead first, through a descriptor
+    // closed before SQLite opened the database
     assert!(r.runs_read_ahead() > 0);
+    assert_eq!(DB_FDS_MAX.load(Ordering::Relaxed), 1, "descriptors held");
     assert_eq!(tag_of(&root.join("app.db")).unwrap(), "C");
     assert_eq!(sqlite::integrity(&root.join("app.db")).unwrap(), "ok");
     assert_eq!(
@@ -361,6 +363,29 @@ fn a_whole_image_with_a_page_never_sent_is_refused_at_commit() {
     assert!(e.contains(&format!("page {n} never arrived")), "{e}");
     r.flush().unwrap();
     assert!(!root.join("app.db").exists());
+}
+
+/// The most descriptors of a database this process held at once while
+/// SQLite wrote pages into it in place (any test's update).
+static DB_FDS_MAX: AtomicU64 = AtomicU64::new(0);
+
+/// `records`, counting at each the descriptors this process holds of the
+/// database at `path`: SQLite's own, and any other would drop its POSIX
+/// locks when closed.
+pub(super) fn counting_db_fds<I: Iterator>(
+    records: I,
+    path: std::path::PathBuf,
+) -> impl Iterator<Item = I::Item> {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = std::fs::metadata(&path).map(|m| (m.dev(), m.ino())).ok();
+    records.inspect(move |_| {
+        let held = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::metadata(e.ok()?.path()).ok())
+            .filter(|m| Some((m.dev(), m.ino())) == id)
+            .count();
+        DB_FDS_MAX.fetch_max(held as u64, Ordering::Relaxed);
+    })
 }
 
 /// Commits `staged`, the database whose source is `src`, checked against `hash`.
