@@ -230,3 +230,28 @@ fn a_refused_direct_write_takes_the_page_cache() {
     assert!(refused, "the misaligned write was taken");
     assert!(std::fs::read(d.path().join("f")).unwrap() == data);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+    /// Whatever runs of data and zero blocks a large file holds, whatever
+    /// pieces it arrives in, and whatever unaligned tail it ends with, the
+    /// gathered direct writes land it byte for byte.
+    #[test]
+    fn a_large_file_lands_whole_whatever_its_shape(
+        segments in proptest::collection::vec((proptest::bool::ANY, 1usize..300), 1..8),
+        tail in 0usize..HOLE_BLOCK,
+        cuts in proptest::collection::vec(1usize..700_000, 0..6),
+        seed in 0u32..1000,
+    ) {
+        let mut data = pattern(DIRECT_MIN as usize, seed);
+        for (zeros, blocks) in segments {
+            let n = blocks * HOLE_BLOCK;
+            data.extend(if zeros { vec![0; n] } else { pattern(n, seed + 1) });
+        }
+        data.extend(pattern(tail, seed + 2));
+        let d = tempfile::tempdir().unwrap();
+        let r = Replica::open(d.path()).unwrap();
+        stage_in_pieces(&r, "f", (&data, data.len() as u64), &cuts, |_| {});
+        proptest::prop_assert!(std::fs::read(d.path().join("f")).unwrap() == data);
+    }
+}
