@@ -32,7 +32,7 @@ use notify::event::{
     RenameMode,
 };
 use notify::{Event, EventHandler, EventKind, RecursiveMode};
-use rustix::fd::{AsFd, AsRawFd, BorrowedFd};
+use rustix::fd::{AsFd, BorrowedFd};
 use rustix::fs::OFlags;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -154,8 +154,7 @@ impl Shared {
         let res = match outlook {
             None => self.table().add_fd(dir, fd, false, false),
             Some((root, mut watches, known, moved)) => {
-                let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
-                match watches.add(&link, table::mask(false)) {
+                match watches.add(table::fd_link(fd), table::mask(false)) {
                     Ok(wd) => {
                         let named = (!known).then(|| table::names(Some(&root), dir, fd));
                         let looked = table::Looked { wd, named, moved };

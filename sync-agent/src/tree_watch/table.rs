@@ -72,6 +72,12 @@ fn open_root(root: &Path) -> io::Result<OwnedFd> {
     Ok(rustix::fs::open(root, flags, rustix::fs::Mode::empty())?)
 }
 
+/// The name through which the directory open as `fd` is watched (not
+/// resolved again by its path).
+pub(super) fn fd_link(fd: BorrowedFd<'_>) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
 /// Whether `dir` leads to the directory open as `fd` now, beneath `root`
 /// without a symlink.
 pub(super) fn names(root: Option<&Path>, dir: &Path, fd: BorrowedFd<'_>) -> bool {
@@ -147,10 +153,12 @@ impl Table {
         Some((root, self.watches.clone(), known, self.moved))
     }
 
-    /// Records the watch a scan's hook added to `dir` (open as `fd`) outside
-    /// the lock, as [`Self::add_fd`] would have (a scan's name, not the
-    /// reader's): the name is checked again unless it was checked and
-    /// nothing moved since.
+    /// Records the watch added to `dir` (open as `fd`) under a scan's name
+    /// (not the reader's), by a scan's hook outside the lock or by
+    /// [`Self::add_fd`]: a directory watched already under that name is left
+    /// as it is, and another name is taken only while it leads to this
+    /// directory, checked again unless it was checked and nothing moved
+    /// since.
     pub(super) fn record_looked(&mut self, dir: &Path, fd: BorrowedFd<'_>, looked: Looked) {
         let known = self.dirs.get(&looked.wd);
         if known.is_some_and(|k| k == dir) {
@@ -162,6 +170,7 @@ impl Table {
         };
         if !named {
             if known.is_none() {
+                // (its directory is elsewhere: watched where it is seen)
                 let _ = self.watches.remove(looked.wd);
             }
             return;
@@ -184,7 +193,7 @@ impl Table {
         top: bool,
         rename: bool,
     ) -> io::Result<()> {
-        let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        let link = fd_link(fd);
         let wd = match self.no_proc {
             false => match self.watches.add(&link, mask(top)) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound && !Path::new(&link).exists() => {
@@ -196,20 +205,17 @@ impl Table {
             // no /proc: by its name, never through a symlink at its end
             true => self.watches.add(dir, mask(top) | WatchMask::DONT_FOLLOW)?,
         };
-        if !rename {
-            let known = self.dirs.get(&wd);
-            if known.is_some_and(|k| k == dir) {
-                return Ok(());
-            }
-            if !names(self.root.as_deref(), dir, fd) {
-                if known.is_none() {
-                    // (its directory is elsewhere: watched where it is seen)
-                    let _ = self.watches.remove(wd);
-                }
-                return Ok(());
-            }
+        if rename {
+            self.record(wd, dir);
+        } else {
+            let moved = self.moved;
+            let looked = Looked {
+                wd,
+                named: None,
+                moved,
+            };
+            self.record_looked(dir, fd, looked);
         }
-        self.record(wd, dir);
         Ok(())
     }
 

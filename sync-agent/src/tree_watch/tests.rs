@@ -451,7 +451,7 @@ fn a_name_checked_before_the_reader_moved_something_is_checked_again() {
     let (found, mut watches, known, moved) = t.outlook(&dir).expect("/proc");
     assert_eq!(found, root);
     assert!(!known);
-    let link = format!("/proc/self/fd/{}", opened.as_raw_fd());
+    let link = table::fd_link(opened.as_fd());
     let wd = watches.add(&link, table::mask(false)).expect("watch");
     let named = Some(table::names(Some(&root), &dir, opened.as_fd()));
     assert_eq!(named, Some(true));
