@@ -33,7 +33,6 @@ mod bulk;
 pub use bulk::Kept;
 mod db;
 mod direct;
-
 use crate::db_detect::db_like;
 pub use direct::DIRECT_MIN;
 mod durable;

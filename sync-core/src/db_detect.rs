@@ -3,6 +3,7 @@
 use crate::RelPath;
 use crate::filter::Filter;
 use crate::scan::abs;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use std::fs;
 use std::os::unix::fs::FileExt as _;
 use std::path::Path;
@@ -77,23 +78,20 @@ impl DbDetect {
 pub(crate) fn db_like(dir: std::os::fd::BorrowedFd<'_>, name: &[u8]) -> bool {
     let sidecar = crate::sqlite::SIDECARS.iter().any(|suffix| {
         let side = [name, suffix].concat();
-        rustix::fs::statat(dir, side.as_slice(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok()
+        rustix::fs::statat(dir, side.as_slice(), AtFlags::SYMLINK_NOFOLLOW).is_ok()
     });
     let Ok(fd) = rustix::fs::openat(
         dir,
         name,
-        rustix::fs::OFlags::RDONLY
-            | rustix::fs::OFlags::NOFOLLOW
-            | rustix::fs::OFlags::CLOEXEC
-            | rustix::fs::OFlags::NONBLOCK,
-        rustix::fs::Mode::empty(),
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
     ) else {
         return sidecar;
     };
     let mut head = [0u8; 16];
-    let is_db = rustix::fs::fstat(&fd).is_ok_and(|st| {
-        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
-    }) && std::fs::File::from(fd).read_exact_at(&mut head, 0).is_ok()
+    let is_db = rustix::fs::fstat(&fd)
+        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile)
+        && std::fs::File::from(fd).read_exact_at(&mut head, 0).is_ok()
         && &head == b"SQLite format 3\0";
     sidecar || is_db
 }

@@ -121,7 +121,8 @@ impl Staged<'_> {
     /// starts it for what arrived since the last step, and waits for what
     /// lies [`WRITEBACK_BEHIND`] bytes back.
     pub fn pace(&mut self) {
-        if self.len - self.started < WRITEBACK_STEP {
+        // (content written directly leaves no dirty pages behind)
+        if self.direct.is_some() || self.len - self.started < WRITEBACK_STEP {
             return;
         }
         round::start_writeback(&self.file, self.started, self.len - self.started);

@@ -355,7 +355,7 @@ thread_local! {
 impl Staged<'_> {
     /// The staged file will hold `size` bytes: at [`DIRECT_MIN`] or more its
     /// content is written past the page cache where the file system takes
-    /// direct I/O (see `direct_file`). Call before the first write.
+    /// direct I/O (see [`Gather`]). Call before the first write.
     #[must_use]
     pub fn sized(mut self, size: u64) -> Self {
         if size >= DIRECT_MIN && self.len == 0 {
@@ -452,7 +452,8 @@ impl Staged<'_> {
             });
         }
         self.size_to_len(&shown_path)?;
-        if self.len >= 1 << 20 {
+        // (content written directly has nothing to write back)
+        if self.len >= 1 << 20 && self.direct.is_none() {
             start_writeback(&self.file, 0, 0);
         }
         self.replica.meta_fd(&self.file, meta, &shown_path)?;

@@ -255,3 +255,23 @@ proptest::proptest! {
         proptest::prop_assert!(std::fs::read(d.path().join("f")).unwrap() == data);
     }
 }
+
+/// Direct writes go to the staged file itself: when its temp name leads to
+/// another file by then (swapped by someone with access to the directory),
+/// nothing is written through that name.
+#[test]
+fn a_temp_name_leading_to_another_file_gets_no_direct_write() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let d = tempfile::tempdir().unwrap();
+    let r = Replica::open(d.path()).unwrap();
+    let s = r.stage(&RelPath::new(b"f".to_vec()).unwrap()).unwrap();
+    let tmp = d.path().join(std::ffi::OsStr::from_bytes(&s.tmp));
+    std::fs::rename(&tmp, d.path().join("moved")).unwrap();
+    std::fs::write(&tmp, b"other").unwrap();
+    let data = pattern(2 << 20, 4);
+    let mut s = s.sized(data.len() as u64);
+    assert!(s.direct.is_none(), "a direct descriptor of another file");
+    s.write(&data).unwrap();
+    assert_eq!(std::fs::read(&tmp).unwrap(), b"other");
+    assert!(std::fs::read(d.path().join("moved")).unwrap() == data);
+}
