@@ -13,10 +13,11 @@
 //! made, removed or moved, a watch gone, the queue overflowed: the kernel
 //! queues the event before the change's system call returns), the root's
 //! path still leads to the directory scanned, no file system was mounted
-//! or unmounted at or below it, and it is younger than [`MAX_AGE`]: what inotify never reports (writes through a
-//! shared mapping, another host's writes to a network file system, a write
-//! through a hard link made from outside the tree after the scan) is found
-//! by a scan made at latest that long after. After a session that changed
+//! or unmounted at or below it, and it is younger than [`MAX_AGE`]: what
+//! inotify never reports (writes through a shared mapping, another host's
+//! writes to a network file system, a write through a hard link made from
+//! outside the tree after the scan) is found by a scan made at latest that
+//! long after. After a session that changed
 //! the tree the scan is made again at once, so the next session need not.
 //!
 //! Never kept: in `sync-cli mirror`'s replica (one session), on a network or
