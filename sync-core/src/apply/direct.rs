@@ -157,6 +157,12 @@ impl Gather {
         self.off += 1;
     }
 
+    /// The bytes its buffer holds (tests).
+    #[cfg(test)]
+    pub(super) fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Whether direct writes are still taken (tests).
     #[cfg(test)]
     pub(super) fn is_direct(&self) -> bool {

@@ -275,3 +275,22 @@ fn a_temp_name_leading_to_another_file_gets_no_direct_write() {
     assert_eq!(std::fs::read(&tmp).unwrap(), b"other");
     assert!(std::fs::read(d.path().join("moved")).unwrap() == data);
 }
+
+/// A file's announced size comes from the peer: whatever it claims, the
+/// buffer its content gathers in is at most a chunk.
+#[test]
+fn a_huge_announced_size_gathers_in_a_bounded_buffer() {
+    let d = tempfile::tempdir().unwrap();
+    if !takes_direct(d.path()) {
+        return;
+    }
+    let r = Replica::open(d.path()).unwrap();
+    for size in [u64::MAX, 1 << 40, DIRECT_MIN] {
+        let s = r
+            .stage(&RelPath::new(b"f".to_vec()).unwrap())
+            .unwrap()
+            .sized(size);
+        let cap = s.direct.as_ref().expect("direct").capacity();
+        assert!(cap <= FILE_CHUNK + (64 << 10), "{size}: {cap} bytes");
+    }
+}
