@@ -247,15 +247,56 @@ pub fn make(
     filter: &Filter,
     sum: &mut ApplySummary,
 ) -> Result<(), Error> {
+    make_early(r, s, plan, filter, sum)?;
+    sum.others_created += make_rest(r, s, &plan.mkdir, &plan.create)?;
+    Ok(())
+}
+
+/// What the round's databases need before their transfer begins: the
+/// plan's deletions (excluded and overlay entries kept), then the
+/// directories they lie in. Those leave `plan.mkdir`; [`make_rest`] makes
+/// the others, while a large database arrives.
+pub fn make_early(
+    r: &Replica,
+    s: &Manifest,
+    plan: &mut Plan,
+    filter: &Filter,
+    sum: &mut ApplySummary,
+) -> Result<(), Error> {
     let keep = |p: &RelPath, is_dir: bool| filter.excludes(p, is_dir);
     delete_keeping(r, s, plan, &keep, sum)?;
-    make_dirs(r, s, &plan.mkdir)?;
-    sum.others_created += plan.mkdir.len() as u64;
-    for &i in &plan.create {
-        r.create(&s.entries[i])?;
-        sum.others_created += 1;
+    let mut above = std::collections::HashSet::new();
+    for &i in &plan.dbs {
+        let mut p = s.entries[i].path.clone();
+        while let Some((parent, _)) = p.split_last() {
+            if !above.insert(parent.clone()) {
+                break;
+            }
+            p = parent;
+        }
     }
+    let (early, rest) = std::mem::take(&mut plan.mkdir)
+        .into_iter()
+        .partition::<Vec<usize>, _>(|&i| above.contains(&s.entries[i].path));
+    make_dirs(r, s, &early)?;
+    sum.others_created += early.len() as u64;
+    plan.mkdir = rest;
     Ok(())
+}
+
+/// The rest of [`make`] after [`make_early`]: the directories `mkdir`,
+/// then the other entries `create` (links, specials); how many were made.
+pub fn make_rest(
+    r: &Replica,
+    s: &Manifest,
+    mkdir: &[usize],
+    create: &[usize],
+) -> Result<u64, Error> {
+    make_dirs(r, s, mkdir)?;
+    for &i in create {
+        r.create(&s.entries[i])?;
+    }
+    Ok((mkdir.len() + create.len()) as u64)
 }
 
 /// Writes whole contents of planned entries (`(index in s, content)`),

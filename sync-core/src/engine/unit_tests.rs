@@ -268,3 +268,59 @@ fn directories_are_made_after_their_parents_whatever_the_order() {
         assert!(d.path().join(p).is_dir(), "{p} not made");
     }
 }
+
+/// A round's databases need only their own directories to begin their
+/// transfer: `make_early` does the deletions and makes those (a prefix of a
+/// name is not a parent), `make_rest` the others and the other entries.
+#[test]
+fn a_database_waits_only_for_its_own_directories() {
+    let d = tempfile::tempdir().unwrap();
+    let r = Replica::open(d.path()).unwrap();
+    std::fs::write(d.path().join("gone"), b"old").unwrap();
+    let dir = |p: &str| Entry {
+        path: rel(p),
+        kind: Kind::Dir,
+        meta: proto::Meta::default(),
+    };
+    let link = Entry {
+        path: rel("l"),
+        kind: Kind::Symlink {
+            target: b"a".to_vec(),
+        },
+        meta: proto::Meta::default(),
+    };
+    let s = Manifest {
+        entries: vec![
+            dir("a"),
+            dir("a/b"),
+            file("a/b/app.db", b""),
+            dir("a/bb"),
+            dir("c"),
+            link,
+        ],
+    };
+    let mut plan = Plan {
+        delete: vec![rel("gone")],
+        mkdir: vec![0, 1, 3, 4],
+        dbs: vec![2],
+        create: vec![5],
+        ..Plan::default()
+    };
+    let mut sum = ApplySummary::default();
+    make_early(&r, &s, &mut plan, &Filter::default(), &mut sum).unwrap();
+    assert!(!d.path().join("gone").exists(), "deletions come first");
+    assert!(d.path().join("a/b").is_dir());
+    for p in ["a/bb", "c", "l"] {
+        assert!(
+            d.path().join(p).symlink_metadata().is_err(),
+            "{p} made early"
+        );
+    }
+    assert_eq!(plan.mkdir, [3, 4]);
+    assert_eq!(make_rest(&r, &s, &plan.mkdir, &plan.create).unwrap(), 3);
+    for p in ["a/bb", "c"] {
+        assert!(d.path().join(p).is_dir(), "{p} not made");
+    }
+    assert!(d.path().join("l").is_symlink());
+    assert_eq!(sum.others_created, 2);
+}
