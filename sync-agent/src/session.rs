@@ -7,6 +7,7 @@ pub mod replica;
 pub mod replica_ahead;
 mod replica_batch;
 mod replica_fetch;
+mod replica_lanes;
 mod replica_round;
 pub mod replica_stage;
 pub mod replica_tables;

@@ -1,19 +1,17 @@
 //! The replica side of a session: reading a round from the peer and applying it.
 
-use super::PARALLEL_FILES;
 use super::replica::*;
 use super::replica_ahead::Ahead;
-use super::replica_batch::{BATCH_BYTES, BATCH_FILES, Got, fetch_batch};
-use super::replica_fetch::{fetch_db, fetch_file};
+use super::replica_lanes::{Lanes, dbs_lane, files_lane};
 use crate::wire;
 use anyhow::{Context, Result};
 use proto::ApplySummary;
 use proto::round::{Assembler, Event};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use sync_core::Manifest;
-use sync_core::engine::{self, Prescan, content};
-use sync_core::plan::{Fetch, Plan};
-use tokio::sync::Semaphore;
+use sync_core::engine::{self, Prescan};
+use sync_core::plan::Plan;
 
 /// What the source sent next on the control stream.
 pub(super) enum Next {
@@ -80,45 +78,34 @@ pub(super) async fn apply_round(
     let (dst, plan, mut summary) =
         prepare_and_make(folder, &mut round, planned.clone(), prescanned).await?;
     clock.mark("prepare");
-    // Content that came with the round is written first; the rest is pulled.
-    let (inlined, pulled) = content::split_inline(&plan, &kept, &mut round.inline);
-    if !inlined.is_empty() {
-        let (r, s) = (folder.replica.clone(), planned.clone());
-        let (files, bytes) =
-            tokio::task::spawn_blocking(move || engine::write_whole(&r, &s, inlined)).await??;
-        summary.files_transferred += files;
-        summary.files_inline += files;
-        summary.bytes_literal += bytes;
-    }
-    clock.mark("inline");
-    // Large files staged ahead by the bulk lane are installed, not fetched.
-    let pulled = super::replica_stage::take_staged(folder, &planned, pulled, &mut summary).await?;
     // Files and databases travel at once, on streams of their own: a large
-    // database does not wait behind thousands of small files, nor they behind it.
+    // database does not wait behind thousands of small files, nor they behind
+    // it, nor it behind the directories the files need (its own are made).
     // Once the files are in while databases still arrive, a round whose
     // sync is a `syncfs` anyway starts it (`Replica::start_sync`).
-    let dbs_left = std::sync::atomic::AtomicBool::new(!plan.dbs.is_empty());
+    let dbs_left = AtomicBool::new(!plan.dbs.is_empty());
+    let lanes = Lanes {
+        conn,
+        folder,
+        planned: &planned,
+        kept: &kept,
+        plan: &plan,
+    };
     let files = async {
-        let pulled = pull_files(conn, folder, &planned, &kept, pulled, &mut summary).await;
-        if pulled.is_ok() && dbs_left.load(std::sync::atomic::Ordering::Acquire) {
+        let pulled = files_lane(&lanes, &mut round.inline, &mut summary).await;
+        tracing::debug!(
+            ms = clock.since_last().as_millis() as u64,
+            "round's files in"
+        );
+        if pulled.is_ok() && dbs_left.load(Ordering::Acquire) {
             folder.replica.start_sync();
         }
         pulled
     };
     let dbs = async {
-        let mut done = (0u64, 0u64);
-        for &i in &plan.dbs {
-            let entry = planned.entries[i].clone();
-            let current = dst.get(&entry.path).map(|(_, d)| d.meta.clone());
-            let (r, activity) = (folder.replica.clone(), &folder.activity);
-            if let Some(pages) = fetch_db(conn, r, entry, kept[i] as u64, current, activity).await?
-            {
-                done.0 += 1;
-                done.1 += pages;
-            }
-        }
-        dbs_left.store(false, std::sync::atomic::Ordering::Release);
-        Ok::<_, anyhow::Error>(done)
+        let done = dbs_lane(&lanes, &dst).await;
+        dbs_left.store(false, Ordering::Release);
+        done
     };
     let (files, dbs) = tokio::join!(files, dbs);
     files?;
@@ -248,6 +235,11 @@ impl Phases {
         }
     }
 
+    /// Time since the last phase ended.
+    fn since_last(&self) -> std::time::Duration {
+        self.last.elapsed()
+    }
+
     fn mark(&mut self, phase: &'static str) {
         let now = std::time::Instant::now();
         self.done.push((phase, now - self.last));
@@ -318,7 +310,7 @@ async fn prepare_and_make(
                 }
                 None => None,
             };
-            engine::make(&r, &s, &mut plan, &f, &mut sum)?;
+            engine::make_early(&r, &s, &mut plan, &f, &mut sum)?;
             Ok((dst, plan, sum, captured, leftovers))
         })
         .await??;
@@ -340,184 +332,9 @@ async fn prepare_and_make(
     Ok((dst, plan, sum))
 }
 
-/// Pulls the files the round did not carry, in parallel: small ones with no
-/// basis many to a stream ([`fetch_batch`]), the others each on its own;
-/// stops starting transfers once one has failed, and every transfer ends
-/// (and its writer with it) before this returns.
-async fn pull_files(
-    conn: &quinn::Connection,
-    folder: &Arc<ReplicaFolder>,
-    planned: &Arc<Manifest>,
-    kept: &[usize],
-    pulled: Vec<Fetch>,
-    summary: &mut ApplySummary,
-) -> Result<()> {
-    let sem = Arc::new(Semaphore::new(PARALLEL_FILES));
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut failed: Option<anyhow::Error> = None;
-    type Done = std::result::Result<Result<Got>, tokio::task::JoinError>;
-    fn add(done: Done, summary: &mut ApplySummary, failed: &mut Option<anyhow::Error>) {
-        match done.map_err(anyhow::Error::from).and_then(|r| r) {
-            Ok(got) => {
-                summary.files_transferred += got.files;
-                summary.bytes_literal += got.literal;
-                summary.bytes_matched += got.matched;
-            }
-            Err(e) => {
-                failed.get_or_insert(e);
-            }
-        }
-    }
-    let mut batches = Batches::default();
-    let mut pulled = pulled.into_iter();
-    loop {
-        let files = match pulled.next() {
-            Some(f) => {
-                let entry = planned.entries[f.index].clone();
-                match batches.add(entry, kept[f.index] as u64, f.basis) {
-                    Some(files) => files,
-                    None => continue,
-                }
-            }
-            None => match batches.rest() {
-                Some(files) => files,
-                None => break,
-            },
-        };
-        let permit = sem.clone().acquire_owned().await?;
-        let (conn, r, activity) = (
-            conn.clone(),
-            folder.replica.clone(),
-            folder.activity.clone(),
-        );
-        tasks.spawn(async move {
-            let res = fetch(conn, r, files, activity).await;
-            drop(permit);
-            res
-        });
-        while let Some(done) = tasks.try_join_next() {
-            add(done, summary, &mut failed);
-        }
-        if failed.is_some() {
-            break;
-        }
-    }
-    while let Some(done) = tasks.join_next().await {
-        add(done, summary, &mut failed);
-    }
-    failed.map_or(Ok(()), Err)
-}
-
-/// Pulls what [`Batches`] made: one file on its own stream (with its basis,
-/// if it has one), several small ones on one.
-async fn fetch(
-    conn: quinn::Connection,
-    r: Arc<sync_core::apply::Replica>,
-    mut files: Vec<(proto::Entry, u64, bool)>,
-    activity: Activity,
-) -> Result<Got> {
-    if files.len() == 1 {
-        let Some((entry, index, basis)) = files.pop() else {
-            return Ok(Got::default());
-        };
-        let got = fetch_file(conn, r, entry, index, basis, activity).await?;
-        return Ok(got.map_or_else(Got::default, |(literal, matched)| Got {
-            files: 1,
-            literal,
-            matched,
-        }));
-    }
-    let files = files.into_iter().map(|(e, i, _)| (e, i)).collect();
-    fetch_batch(conn, r, files, activity).await
-}
-
-/// Groups the files to pull, in the plan's order: a file with a basis or
-/// over [`proto::MAX_BATCH_FILE`] goes alone; small ones with no basis
-/// gather until [`BATCH_FILES`] or [`BATCH_BYTES`].
-#[derive(Default)]
-struct Batches {
-    open: Vec<(proto::Entry, u64, bool)>,
-    bytes: u64,
-}
-
-impl Batches {
-    /// Takes one file (its entry, its index in the round, whether the
-    /// replica has a basis): what is ready to pull, if anything.
-    fn add(
-        &mut self,
-        entry: proto::Entry,
-        index: u64,
-        basis: bool,
-    ) -> Option<Vec<(proto::Entry, u64, bool)>> {
-        let size = match entry.kind {
-            proto::Kind::File { size, .. } if !basis && size <= proto::MAX_BATCH_FILE => size,
-            _ => return Some(vec![(entry, index, basis)]),
-        };
-        self.open.push((entry, index, basis));
-        self.bytes += size;
-        if self.open.len() >= BATCH_FILES || self.bytes >= BATCH_BYTES {
-            return self.rest();
-        }
-        None
-    }
-
-    /// The files gathered so far, if any.
-    fn rest(&mut self) -> Option<Vec<(proto::Entry, u64, bool)>> {
-        self.bytes = 0;
-        Some(std::mem::take(&mut self.open)).filter(|b| !b.is_empty())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Small files with no basis gather, in order, until a batch is full by
-    /// count or by bytes; a file with a basis and one too large for a batch
-    /// go alone; what is left is the last batch.
-    #[test]
-    fn small_files_with_no_basis_are_pulled_many_to_a_stream() {
-        let entry = |name: String, size: u64| proto::Entry {
-            path: proto::RelPath::new(name.into_bytes()).expect("path"),
-            kind: proto::Kind::File {
-                size,
-                hash: [0; 32],
-            },
-            meta: proto::Meta::default(),
-        };
-        let names = |b: &[(proto::Entry, u64, bool)]| b.iter().map(|f| f.1).collect::<Vec<_>>();
-        let mut b = Batches::default();
-        let mut out = Vec::new();
-        for i in 0..(BATCH_FILES as u64 + 3) {
-            if let Some(done) = b.add(entry(format!("s{i}"), 10), i, false) {
-                out.push(names(&done));
-            }
-        }
-        assert_eq!(out, vec![(0..BATCH_FILES as u64).collect::<Vec<_>>()]);
-        // alone, whatever is open
-        let alone = [
-            (entry("basis".into(), 10), true),
-            (entry("big".into(), proto::MAX_BATCH_FILE + 1), false),
-        ];
-        for (i, (e, basis)) in alone.into_iter().enumerate() {
-            let got = b.add(e, 1000 + i as u64, basis).expect("alone");
-            assert_eq!(names(&got), vec![1000 + i as u64]);
-        }
-        let rest = b.rest().expect("the rest");
-        let n = BATCH_FILES as u64;
-        assert_eq!(names(&rest), vec![n, n + 1, n + 2]);
-        assert!(b.rest().is_none());
-        // by bytes: as soon as the sizes reach BATCH_BYTES
-        let each = proto::MAX_BATCH_FILE;
-        let mut batches = Vec::new();
-        for i in 0..(2 * BATCH_BYTES / each) {
-            if let Some(done) = b.add(entry(format!("m{i}"), each), i, false) {
-                batches.push(done.len() as u64);
-            }
-        }
-        assert_eq!(batches, vec![BATCH_BYTES / each; 2]);
-        assert!(b.rest().is_none());
-    }
 
     #[test]
     fn a_fenced_node_offers_no_digest_until_its_first_repair() {
