@@ -65,14 +65,13 @@ async fn fetch_one_db(lane: &Lanes<'_>, dst: &Manifest, i: usize) -> Result<Opti
 /// Every fetch ends (and its writer with it) before this returns; the
 /// first error is reported.
 pub(super) async fn dbs_lane(lane: &Lanes<'_>, dst: &Manifest) -> Result<(u64, u64)> {
-    use futures::StreamExt;
-    let mut all = Vec::with_capacity(lane.plan.dbs.len());
-    let mut fetches = futures::stream::iter(lane.plan.dbs.iter().copied())
-        .map(|i| fetch_one_db(lane, dst, i))
-        .buffer_unordered(DB_STREAMS);
-    while let Some(got) = fetches.next().await {
-        all.push(got);
-    }
+    let fetches = lane
+        .plan
+        .dbs
+        .iter()
+        .copied()
+        .map(|i| fetch_one_db(lane, dst, i));
+    let all = at_most(fetches, DB_STREAMS).await;
     let mut done = (0u64, 0u64);
     for got in all {
         if let Some(pages) = got? {
@@ -81,6 +80,18 @@ pub(super) async fn dbs_lane(lane: &Lanes<'_>, dst: &Manifest) -> Result<(u64, u
         }
     }
     Ok(done)
+}
+
+/// Runs `tasks`, at most `n` at once, each to its end: their outputs in the
+/// order they ended.
+async fn at_most<T>(tasks: impl Iterator<Item = impl Future<Output = T>>, n: usize) -> Vec<T> {
+    use futures::StreamExt;
+    let mut all = Vec::new();
+    let mut running = futures::stream::iter(tasks).buffer_unordered(n);
+    while let Some(out) = running.next().await {
+        all.push(out);
+    }
+    all
 }
 
 /// Pulls the files the round did not carry, in parallel: small ones with no
@@ -214,6 +225,31 @@ impl Batches {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A round's small database is fetched beside a large one, not behind
+    /// it: here the first cannot end before the second has.
+    #[tokio::test]
+    async fn a_small_database_does_not_wait_behind_a_large_one() {
+        use futures::FutureExt;
+        let (ended, wait) = tokio::sync::oneshot::channel::<()>();
+        let large = async move {
+            let _ = wait.await;
+            "large"
+        }
+        .boxed();
+        let small = async move {
+            let _ = ended.send(());
+            "small"
+        }
+        .boxed();
+        let order = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            at_most([large, small].into_iter(), DB_STREAMS),
+        )
+        .await
+        .expect("the second database waited behind the first");
+        assert_eq!(order, ["small", "large"]);
+    }
 
     /// Small files with no basis gather, in order, until a batch is full by
     /// count or by bytes; a file with a basis and one too large for a batch
