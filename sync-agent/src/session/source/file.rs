@@ -173,17 +173,24 @@ fn read_whole(path: &Path, cap: u64, progress: &Progress) -> Result<Whole> {
     if data.len() as u64 > cap {
         return Ok(Whole::Larger);
     }
-    let mut msgs = Vec::new();
-    encode(
-        data.as_slice(),
-        Encoder::new(None),
-        path,
-        progress,
-        &mut |m| {
-            msgs.push(m);
-            Ok(())
-        },
-    )?;
+    // The messages `encode` would make of it (literals of at most a chunk,
+    // then the end), made of the bytes read: no window zeroed, no copy of a
+    // small file (most of a first mirror's files).
+    let (size, hash) = (data.len() as u64, *blake3::hash(&data).as_bytes());
+    let mut msgs = Vec::with_capacity(data.len().div_ceil(delta::LITERAL_CHUNK) + 1);
+    if data.len() <= delta::LITERAL_CHUNK {
+        if !data.is_empty() {
+            msgs.push(Message::Literal(data));
+        }
+    } else {
+        msgs.extend(
+            data.chunks(delta::LITERAL_CHUNK)
+                .map(|c| Message::Literal(c.to_vec())),
+        );
+    }
+    msgs.push(Message::FileEnd { size, hash });
+    progress.bytes_done.fetch_add(size, Ordering::Relaxed);
+    progress.files_done.fetch_add(1, Ordering::Relaxed);
     Ok(Whole::Messages(msgs))
 }
 
@@ -275,16 +282,23 @@ mod tests {
     #[test]
     fn a_small_file_is_read_whole_into_the_messages_a_stream_sends() {
         let d = tempfile::tempdir().unwrap();
-        let cases: [(&str, Vec<u8>); 3] = [
+        let chunk = delta::LITERAL_CHUNK;
+        let cases: [(&str, Vec<u8>); 5] = [
             ("empty", Vec::new()),
             ("small", (0..70_000u32).map(|i| (i % 251) as u8).collect()),
             ("at-bound", vec![9u8; WHOLE as usize]),
+            ("a-chunk-and-a-byte", vec![7u8; chunk + 1]),
+            (
+                "chunks",
+                (0..5 * chunk / 2).map(|i| (i % 241) as u8).collect(),
+            ),
         ];
         for (name, data) in &cases {
             let path = d.path().join(name);
             std::fs::write(&path, data).unwrap();
             let progress = Progress::default();
-            let Whole::Messages(msgs) = read_whole(&path, WHOLE, &progress).unwrap() else {
+            let cap = WHOLE.max(data.len() as u64);
+            let Whole::Messages(msgs) = read_whole(&path, cap, &progress).unwrap() else {
                 panic!("{name}: not read whole");
             };
             assert_eq!(msgs, streamed(&path), "{name}");
