@@ -100,8 +100,11 @@ pub async fn connect(
     let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
         .parse()
         .context("bind address")?;
-    let mut endpoint = udp::endpoint(bind, None)?;
-    let (config, presented) = tls::client_config_noting(identity, peer)?;
+    // the route to the replica says how large datagrams may grow
+    let datagrams = udp::Datagrams::to(to);
+    let mut endpoint = udp::endpoint(bind, None, datagrams)?;
+    let (mut config, presented) = tls::client_config_noting(identity, peer)?;
+    config.transport_config(tls::transport(datagrams));
     endpoint.set_default_client_config(config);
     let conn = match endpoint
         .connect(to, tls::SERVER_NAME)

@@ -172,7 +172,9 @@ impl ClientCertVerifier for Pinned {
     }
 }
 
-fn transport() -> Arc<quinn::TransportConfig> {
+/// The transport of a connection whose datagrams grow as `datagrams` says
+/// (its endpoint's socket must say the same: `crate::udp::endpoint`).
+pub fn transport(datagrams: crate::udp::Datagrams) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(64u32.into());
     t.max_concurrent_uni_streams(0u32.into());
@@ -189,7 +191,12 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.send_window(32 << 20);
     // Datagrams grow past Ethernet's where the path allows (crate::udp).
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(crate::udp::MAX_DATAGRAM);
+    mtu.upper_bound(datagrams.most);
+    if datagrams.known {
+        // The route's MTU is the path's: one probe, of `most` bytes, straight
+        // after the handshake (the search's first step would be halfway).
+        mtu.minimum_change(datagrams.most.saturating_sub(1200) / 2 + 1);
+    }
     t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
@@ -215,9 +222,10 @@ pub fn server(addr: SocketAddr, me: &Identity, allowed: Vec<NodeId>) -> Result<q
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(cfg).context("QUIC TLS configuration")?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    sc.transport_config(transport());
+    sc.transport_config(transport(crate::udp::Datagrams::UNKNOWN));
     sc.max_incoming(64);
-    crate::udp::endpoint(addr, Some(sc)).with_context(|| format!("listening on {addr}"))
+    crate::udp::endpoint(addr, Some(sc), crate::udp::Datagrams::UNKNOWN)
+        .with_context(|| format!("listening on {addr}"))
 }
 
 /// A client configuration that presents `me` and accepts only `peer`.
@@ -251,7 +259,7 @@ pub fn client_config_noting(
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(cfg).context("QUIC TLS configuration")?;
     let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
-    cc.transport_config(transport());
+    cc.transport_config(transport(crate::udp::Datagrams::UNKNOWN));
     Ok((cc, refused))
 }
 

@@ -230,8 +230,11 @@ fn a_push_of_a_tree_the_replica_has_sends_no_manifest() {
         again["bytes_sent_wire"].as_u64().unwrap(),
         checked["bytes_sent_wire"].as_u64().unwrap(),
     );
+    // Both runs pay the connection's own cost (handshake, and over loopback
+    // one 65,000-byte MTU probe: sync_agent::udp::Datagrams); the manifest
+    // is what the second adds.
     assert!(
-        same * 3 < full,
+        same * 2 < full && full - same > 60_000,
         "unchanged: {same} bytes sent, with the manifest {full}"
     );
     // a change on the replica's side alone: a full round puts it back
