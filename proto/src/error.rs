@@ -112,6 +112,7 @@ impl Message {
             Message::RoundSame { .. } => "RoundSame",
             Message::FilesRequest { .. } => "FilesRequest",
             Message::DbRun { .. } => "DbRun",
+            Message::ScannedEnd { .. } => "ScannedEnd",
         }
     }
 }

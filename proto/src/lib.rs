@@ -51,7 +51,7 @@ pub const MAGIC: [u8; 8] = *b"UNDRSTDY";
 
 /// The protocol version this build speaks. A peer with another version is refused
 /// during the handshake with [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// The QUIC/TLS application protocol name (ALPN).
 pub const ALPN: &[u8] = b"understudy/1";

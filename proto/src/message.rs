@@ -303,7 +303,7 @@ impl std::fmt::Display for HeldDb {
 }
 
 /// How many variants [`Message`] has (the decoder names others as unknown types).
-pub(crate) const MESSAGE_TYPES: u32 = 28;
+pub(crate) const MESSAGE_TYPES: u32 = 29;
 
 /// Everything that travels, one per frame.
 ///
@@ -365,7 +365,7 @@ pub enum Message {
     Literal(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A fast_rsync delta producing the next part of the requested file.
     Delta(#[serde(with = "serde_bytes")] Vec<u8>),
-    /// The requested file is complete.
+    /// The requested file is complete (see also [`Message::ScannedEnd`]).
     FileEnd {
         /// Bytes sent in all.
         size: u64,
@@ -515,6 +515,17 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// The requested file is complete, and was not hashed as it was sent
+    /// (new in version 8): it had not changed since well before the round's
+    /// scan, so `hash` is the scan's. Content that does not hash to it
+    /// changed since the scan (written with its times unmoved): the replica
+    /// leaves its version, as for a `FileEnd` that is not the entry's.
+    ScannedEnd {
+        /// Bytes sent in all.
+        size: u64,
+        /// blake3 of the content as the scan found it.
+        hash: [u8; 32],
+    },
 }
 
 /// Most files one [`Message::FilesRequest`] names.
@@ -563,33 +574,5 @@ mod page_images {
     ) -> Result<Vec<(u32, Vec<u8>)>, D::Error> {
         let v = Vec::<(u32, ByteBuf)>::deserialize(d)?;
         Ok(v.into_iter().map(|(n, b)| (n, b.into_vec())).collect())
-    }
-}
-
-#[cfg(test)]
-mod bytes_tests {
-    use super::*;
-
-    fn enc<T: Serialize>(v: &T) -> Vec<u8> {
-        bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap()
-    }
-
-    /// Byte strings encode exactly as the sequences of `u8` they replaced: the
-    /// wire format is unchanged, only read and written in one copy.
-    #[test]
-    fn byte_fields_encode_as_sequences_of_u8() {
-        let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
-        let as_seq = enc(&data);
-        let lit = enc(&Message::Literal(data.clone()));
-        assert_eq!(&lit[lit.len() - as_seq.len()..], &as_seq[..]);
-        let pages = vec![(7u32, data.clone()), (9, vec![1, 2, 3])];
-        let db = enc(&Message::DbPages(pages.clone()));
-        let seq = enc(&pages);
-        assert_eq!(&db[db.len() - seq.len()..], &seq[..]);
-        let path = RelPath::new(b"a/b.txt".to_vec()).unwrap();
-        assert_eq!(enc(&path), enc(&b"a/b.txt".to_vec()));
-        let back: (Message, usize) =
-            bincode::serde::decode_from_slice(&db, bincode::config::standard()).unwrap();
-        assert_eq!(back.0, Message::DbPages(pages));
     }
 }

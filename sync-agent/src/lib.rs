@@ -205,6 +205,7 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             Some(task) => Some(task.await?),
             None => None,
         };
+        let scan_began = sync_core::scan::now_ns();
         let (manifest, bytes_hashed, live, root_hash, quick) =
             scan_source(&opts, keep.clone(), index).await?;
         let scan_s = started.elapsed().as_secs_f64();
@@ -226,6 +227,7 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             checksum: opts.checksum,
             live: Some(live),
             quick_digest: Some(quick),
+            scan_began: Some(scan_began),
             ..Default::default()
         };
         let applied = session.round(&round).await?;

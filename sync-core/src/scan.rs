@@ -139,28 +139,6 @@ pub fn hash_file(path: &Path) -> Result<[u8; 32], Error> {
     Ok(*h.finalize().as_bytes())
 }
 
-/// Opens a regular file for reading without following a final symlink and
-/// without blocking on a fifo swapped in since the scan.
-pub fn open_regular(path: &Path) -> Result<fs::File, Error> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| Error::io("open", path.display(), e))?;
-    let st = f
-        .metadata()
-        .map_err(|e| Error::io("stat", path.display(), e))?;
-    if !st.is_file() {
-        return Err(Error::io(
-            "open",
-            path.display(),
-            io::Error::from_raw_os_error(libc::ENOENT),
-        ));
-    }
-    Ok(f)
-}
-
 /// The absolute path of `rel` under `root`.
 #[must_use]
 pub fn abs(root: &Path, rel: &RelPath) -> PathBuf {
@@ -590,6 +568,10 @@ impl<'o> Walker<'o> {
 
 #[path = "scan_par.rs"]
 mod par;
+
+#[path = "scan_open.rs"]
+mod open;
+pub use open::{open_regular, open_regular_stat};
 
 #[cfg(test)]
 #[path = "scan_tests.rs"]

@@ -2,7 +2,8 @@
 //! files at once (`FilesRequest`) against a real `sync-agent replica`: content
 //! past a file's size, a delta, a stream cut short are refused with an error
 //! naming the file, and nothing of the round is installed; a file whose end
-//! is not the scan's is left as it was while the others land.
+//! is not the scan's, or whose content is not the scan's hash its
+//! `ScannedEnd` names, is left as it was while the others land.
 
 use crate::hostile_peer::*;
 use crate::util::*;
@@ -82,29 +83,39 @@ async fn hostile_batches_refused_or_discarded() {
     }
 
     // File 2 changed at the source since its scan: left out, the rest land.
+    // File 3 too, sent with the scan's hash (`ScannedEnd`: the source did
+    // not hash it) over other content of the same size.
     let mut answer = Vec::new();
     for (i, (_, d)) in f.iter().enumerate() {
-        let d = if i == 2 {
-            b"changed since".to_vec()
-        } else {
-            d.clone()
+        let sent = match i {
+            2 => b"changed since".to_vec(),
+            3 => d.iter().rev().copied().collect(),
+            _ => d.clone(),
         };
-        answer.push(Message::Literal(d.clone()));
-        answer.push(end(&d));
+        answer.push(Message::Literal(sent.clone()));
+        answer.push(match i {
+            3 | 4 => Message::ScannedEnd {
+                size: d.len() as u64,
+                hash: *blake3::hash(d).as_bytes(),
+            },
+            _ => end(&sent),
+        });
     }
     let m = batch_case(&t, answer).await;
     let Message::RoundDone { summary, .. } = m else {
         panic!("a changed file: the replica answered {m:?}");
     };
-    assert_eq!(summary.files_transferred, 4);
-    assert!(
-        summary.warnings.iter().any(|w| w.contains("b2")),
-        "{:?}",
-        summary.warnings
-    );
+    assert_eq!(summary.files_transferred, 3);
+    for changed in ["b2", "b3"] {
+        assert!(
+            summary.warnings.iter().any(|w| w.contains(changed)),
+            "{changed}: {:?}",
+            summary.warnings
+        );
+    }
     for (i, (name, data)) in f.iter().enumerate() {
         let got = std::fs::read(t.root.join(name)).ok();
-        assert_eq!(got.as_ref(), (i != 2).then_some(data), "{name}");
+        assert_eq!(got.as_ref(), (i != 2 && i != 3).then_some(data), "{name}");
     }
     t.assert_clean(&before);
     t.still_applies().await;

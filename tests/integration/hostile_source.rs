@@ -433,7 +433,8 @@ async fn bad_delta_refusal_names_entry_and_cause() {
 
 /// The same attacks on a file the replica does not have (no basis: the
 /// file is received whole before it is written): content past the
-/// announced size is discarded with a warning, a wrong hash, a short end, a
+/// announced size, or not the scan's under a `ScannedEnd` (the source did
+/// not hash it), is discarded with a warning, a wrong hash, a short end, a
 /// delta with no basis, a control message and an early end are refused,
 /// and nothing is left at the path or as a temp file.
 #[tokio::test]
@@ -462,8 +463,19 @@ async fn hostile_contents_of_a_new_file_refused_or_discarded() {
         ),
         (
             "wrong blake3",
-            vec![Message::Literal(wrong), end(new.len(), good)],
+            vec![Message::Literal(wrong.clone()), end(new.len(), good)],
             true,
+        ),
+        (
+            "not the scan's content, under the scan's hash",
+            vec![
+                Message::Literal(wrong),
+                Message::ScannedEnd {
+                    size: new.len() as u64,
+                    hash: good,
+                },
+            ],
+            false,
         ),
         ("short content", vec![end(5, [0; 32])], true),
         (

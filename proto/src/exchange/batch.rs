@@ -10,10 +10,13 @@ use crate::{Message, RelPath};
 pub enum BatchStep {
     /// Write these bytes next.
     Literal(Vec<u8>),
-    /// The file is complete and is the round's: commit it with this hash.
+    /// The file is complete and is the round's: commit it with this hash
+    /// (`scanned`: see [`FileStep::Commit`]).
     Commit {
         /// Its blake3.
         hash: [u8; 32],
+        /// The hash is the scan's ([`Message::ScannedEnd`]).
+        scanned: bool,
     },
     /// Leave the file as it was (drop what was staged).
     Changed(Changed),
@@ -72,7 +75,7 @@ impl BatchFetch {
                 });
             }
             FileStep::Changed(why) => BatchStep::Changed(why),
-            FileStep::Commit { hash } => BatchStep::Commit { hash },
+            FileStep::Commit { hash, scanned } => BatchStep::Commit { hash, scanned },
         };
         self.at += 1;
         self.current = self
@@ -158,7 +161,10 @@ mod tests {
             end(c),
         ];
         let steps: Vec<_> = feed.into_iter().map(|m| f.handle(m).unwrap()).collect();
-        let commit = |d: &[u8]| BatchStep::Commit { hash: h(d) };
+        let commit = |d: &[u8]| BatchStep::Commit {
+            hash: h(d),
+            scanned: false,
+        };
         assert_eq!(
             steps,
             vec![

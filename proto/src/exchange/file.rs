@@ -8,6 +8,10 @@ use crate::Message;
 /// (not a protocol error; the next round sends it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Changed {
+    /// Content that is not what the scan hashed, under a
+    /// [`Message::ScannedEnd`] (checked by the replica as it commits).
+    #[error("its content is not what was scanned")]
+    Content,
     /// More content than the entry's size.
     #[error("more than the {scanned} bytes scanned")]
     Grew {
@@ -36,6 +40,10 @@ pub enum FileStep {
     Commit {
         /// Its blake3.
         hash: [u8; 32],
+        /// The source took the hash from its scan ([`Message::ScannedEnd`]):
+        /// content that does not match it changed since ([`Changed::Content`]),
+        /// where under a `FileEnd` it is an error.
+        scanned: bool,
     },
     /// Leave the file as it was (drop what was staged).
     Changed(Changed),
@@ -101,7 +109,8 @@ impl FileFetch {
             }
             Message::Delta(_) if !self.basis => Err(ExchangeError::DeltaWithoutBasis),
             Message::Delta(d) => Ok(FileStep::Delta(d)),
-            Message::FileEnd { size, hash } => {
+            Message::FileEnd { size, hash } | Message::ScannedEnd { size, hash } => {
+                let scanned = matches!(msg, Message::ScannedEnd { .. });
                 self.ended = true;
                 if size != self.produced {
                     return Err(ExchangeError::ShortEnd {
@@ -115,7 +124,7 @@ impl FileFetch {
                         scanned: self.size,
                     }));
                 }
-                Ok(FileStep::Commit { hash })
+                Ok(FileStep::Commit { hash, scanned })
             }
             other => Err(ExchangeError::Unexpected {
                 want: "file content",

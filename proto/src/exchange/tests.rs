@@ -37,9 +37,45 @@ fn literal_and_delta_then_the_entry_s_end_commit() {
     assert!(f.stream_ended().is_err(), "not ended yet");
     assert_eq!(
         f.handle(end(10, [7; 32])),
-        Ok(FileStep::Commit { hash: [7; 32] })
+        Ok(FileStep::Commit {
+            hash: [7; 32],
+            scanned: false
+        })
     );
     assert_eq!(f.stream_ended(), Ok(()));
+}
+
+/// An end whose hash is the scan's (`ScannedEnd`) commits like a `FileEnd`,
+/// marked so that content that is not that hash is left as changed; one
+/// that is not the entry's, or announces what did not arrive, is treated as
+/// a `FileEnd` would be.
+#[test]
+fn an_end_with_the_scans_hash_commits_marked() {
+    let scanned = |size, hash| Message::ScannedEnd { size, hash };
+    let mut f = file(3);
+    f.handle(Message::Literal(vec![1; 3])).unwrap();
+    assert_eq!(
+        f.handle(scanned(3, [7; 32])),
+        Ok(FileStep::Commit {
+            hash: [7; 32],
+            scanned: true
+        })
+    );
+    assert_eq!(
+        f.handle(scanned(3, [7; 32])),
+        Err(ExchangeError::AfterEnd { got: "ScannedEnd" })
+    );
+    let mut f = file(3);
+    f.handle(Message::Literal(vec![1; 3])).unwrap();
+    assert_eq!(
+        f.handle(scanned(3, [8; 32])),
+        Ok(FileStep::Changed(Changed::Differs { now: 3, scanned: 3 }))
+    );
+    let mut f = file(3);
+    assert!(matches!(
+        f.handle(scanned(3, [7; 32])),
+        Err(ExchangeError::ShortEnd { .. })
+    ));
 }
 
 #[test]
@@ -47,7 +83,10 @@ fn content_after_the_end_is_refused() {
     let mut f = file(0);
     assert_eq!(
         f.handle(end(0, [7; 32])),
-        Ok(FileStep::Commit { hash: [7; 32] })
+        Ok(FileStep::Commit {
+            hash: [7; 32],
+            scanned: false
+        })
     );
     for late in [
         Message::Literal(vec![1]),

@@ -219,7 +219,7 @@ async fn send_stage(
     let (tx, mut rx) = mpsc::channel::<Message>(2);
     let progress = Arc::new(crate::session::Progress::default());
     let reader = tokio::task::spawn_blocking(move || {
-        crate::session::source::encode_file(&path, signature, tx, &progress)
+        crate::session::source::encode_file(&path, (signature, None), tx, &progress)
     });
     let mut end = None;
     while let Some(msg) = rx.recv().await {

@@ -234,6 +234,7 @@ impl Driver<'_> {
         publish_lag(status, self.lag);
         start_full_progress(status);
         let started = Instant::now();
+        let scan_began = sync_core::scan::now_ns();
         let (manifest, bytes_hashed, stats, (root_hash, quick)) = self.scan_full().await?;
         if let Some(why) = &stats.blocked {
             self.cut_blocked(why);
@@ -251,6 +252,7 @@ impl Driver<'_> {
             quick_digest: Some(quick),
             verify: self.cut_reply.is_some(),
             live: Some(self.live.clone()),
+            scan_began: Some(scan_began),
             ..Default::default()
         };
         let bytes_total = content_bytes(&round.entries);

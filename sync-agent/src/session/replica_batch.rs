@@ -3,7 +3,7 @@
 //! blocking task, instead of a stream, a request and a task each.
 
 use super::replica::Activity;
-use super::replica_fetch::changed_text;
+use super::replica_fetch::{End, changed_text, commit_end};
 use crate::wire;
 use anyhow::{Context, Result, bail};
 use proto::exchange::{BatchFetch, BatchStep, Changed};
@@ -28,8 +28,9 @@ pub(super) struct Got {
     pub matched: u64,
 }
 
-/// One file's content as the writer takes it, or why it is left as it was.
-type Content = std::result::Result<(Vec<u8>, [u8; 32]), Changed>;
+/// One file's content and end as the writer takes them, or why it is left
+/// as it was.
+type Content = std::result::Result<(Vec<u8>, End), Changed>;
 
 /// Pulls the small regular files `files` (entries of the round with their
 /// indexes in it, none with a basis) on one stream: each staged (a path the
@@ -89,7 +90,9 @@ pub(super) async fn fetch_batch(
                     data.extend_from_slice(&d);
                     continue;
                 }
-                BatchStep::Commit { hash } => Ok((std::mem::take(&mut data), hash)),
+                BatchStep::Commit { hash, scanned } => {
+                    Ok((std::mem::take(&mut data), (hash, scanned)))
+                }
                 BatchStep::Changed(why) => {
                     data.clear();
                     Err(why)
@@ -125,11 +128,12 @@ fn write_batch(
             return Ok(got);
         };
         match content {
-            Ok((data, hash)) => {
+            Ok((data, end)) => {
                 staged.write(&data)?;
-                staged.commit(&hash, &e.meta)?;
-                got.files += 1;
-                got.literal += data.len() as u64;
+                if commit_end(replica, staged, end, (&e.path, &e.meta))? {
+                    got.files += 1;
+                    got.literal += data.len() as u64;
+                }
             }
             Err(why) => replica.warn(changed_text(&e.path, why)),
         }

@@ -228,7 +228,7 @@ pub(super) async fn fetch_file(
 /// What a small file's stream brought: its content and hash, or why it is
 /// left as it was; with the transfer's figures.
 type Small = (
-    std::result::Result<(Vec<u8>, [u8; 32]), proto::exchange::Changed>,
+    std::result::Result<(Vec<u8>, End), proto::exchange::Changed>,
     (u64, u64),
 );
 
@@ -252,10 +252,10 @@ async fn fetch_small(
             return Ok(None);
         };
         match content {
-            Ok((data, hash)) => {
+            Ok((data, end)) => {
                 staged.write(&data)?;
-                staged.commit(&hash, &e.meta)?;
-                Ok(Some(figures))
+                let committed = commit_end(&replica, staged, end, (&e.path, &e.meta))?;
+                Ok(committed.then_some(figures))
             }
             Err(why) => {
                 replica.warn(changed_text(&e.path, why));
@@ -302,11 +302,35 @@ async fn read_small(
             FileStep::Literal(d) => data.extend_from_slice(&d),
             // FileFetch admits a delta only when a basis was offered.
             FileStep::Delta(_) => bail!("{}: a delta with no basis", entry.path),
-            FileStep::Commit { hash } => break Ok((std::mem::take(&mut data), hash)),
+            FileStep::Commit { hash, scanned } => {
+                break Ok((std::mem::take(&mut data), (hash, scanned)));
+            }
             FileStep::Changed(why) => break Err(why),
         }
     };
     Ok((end, fetch.figures()))
+}
+
+/// A file's end as the source sent it: the hash to commit with, and whether
+/// it is the scan's (`Message::ScannedEnd`).
+pub(super) type End = ([u8; 32], bool);
+
+/// Commits `staged` (`path`'s content) with its end's hash and `meta`; `false`
+/// when the end is the scan's and the content is not it: changed since the
+/// scan, left as it was with a warning (under a `FileEnd` a content that is
+/// not the end's hash is an error, from [`Staged::commit`]).
+pub(super) fn commit_end(
+    replica: &Replica,
+    staged: sync_core::apply::Staged<'_>,
+    (hash, scanned): End,
+    (path, meta): (&proto::RelPath, &proto::Meta),
+) -> Result<bool> {
+    if scanned && staged.content_hash() != hash {
+        replica.warn(changed_text(path, proto::exchange::Changed::Content));
+        return Ok(false);
+    }
+    staged.commit(&hash, meta)?;
+    Ok(true)
 }
 
 /// The warning for a file that changed at the source while it was sent.
@@ -364,9 +388,10 @@ pub(super) fn write_file(
                 }
                 staged.write(&out)?;
             }
-            FileStep::Commit { hash } => {
-                staged.commit(&hash, &entry.meta)?;
-                return Ok(Some(fetch.figures()));
+            FileStep::Commit { hash, scanned } => {
+                let committed =
+                    commit_end(replica, staged, (hash, scanned), (&entry.path, &entry.meta))?;
+                return Ok(committed.then(|| fetch.figures()));
             }
             FileStep::Changed(why) => return changed(why),
         }

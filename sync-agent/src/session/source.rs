@@ -44,6 +44,11 @@ pub struct Round {
     /// The entries' quick digest (`sync_core::digest::quick_root`), when the
     /// caller computed it; else the session does when it needs it.
     pub quick_digest: Option<[u8; 32]>,
+    /// When the scan that made `entries` began (wall-clock nanoseconds,
+    /// `sync_core::scan::now_ns` taken before it): a file unchanged since
+    /// well before is sent with its entry's hash, not hashed again
+    /// (`file::Scanned`). `None`: every file is hashed as it is sent.
+    pub scan_began: Option<i128>,
 }
 
 impl Round {
@@ -325,12 +330,12 @@ impl SourceSession {
                 incoming = self.conn.accept_bi() => {
                     let (send, recv) = incoming.map_err(|e| anyhow!("connection to the replica lost: {e}"))?;
                     let (entries, root, progress) = (round.entries.clone(), self.root.clone(), self.progress.clone());
-                    let live = round.live.clone();
+                    let (live, began) = (round.live.clone(), round.scan_began);
                     let slots = slots.clone();
                     let limit = self.limit.clone();
                     serving.spawn(crate::bwlimit::scope(limit, async move {
                         let Ok(_slot) = slots.acquire_owned().await else { return };
-                        if let Err(e) = serve(send, recv, entries, root, live, progress).await {
+                        if let Err(e) = serve(send, recv, (entries, began), root, live, progress).await {
                             tracing::warn!("serving the replica: {e:#}");
                         }
                     }));
@@ -419,7 +424,7 @@ fn inline_contents(root: &Path, entries: &[Entry]) -> Vec<(u64, Vec<u8>)> {
 async fn serve(
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    entries: Arc<Vec<Entry>>,
+    (entries, scan_began): (Arc<Vec<Entry>>, Option<i128>),
     root: PathBuf,
     live: Option<Arc<Mutex<LiveSet>>>,
     progress: Arc<Progress>,
@@ -427,11 +432,12 @@ async fn serve(
     let msg = wire::expect_soon(&mut recv, "a request").await?;
     match proto::exchange::admit(&entries, live, msg)? {
         Request::File { entry, signature } => {
-            serve_file(send, entry.clone(), signature, root, progress).await
+            let entry = (entry.clone(), scan_began);
+            serve_file(send, entry, signature, root, progress).await
         }
         Request::Files { entries } => {
             let entries = entries.into_iter().cloned().collect();
-            serve_files(send, entries, root, progress).await
+            serve_files(send, (entries, scan_began), root, progress).await
         }
         Request::Db {
             entry,

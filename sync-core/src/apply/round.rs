@@ -435,6 +435,12 @@ impl Staged<'_> {
         rustix::fs::ftruncate(&self.file, self.len).map_err(|e| Error::io("truncate", shown, e))
     }
 
+    /// The blake3 of what was written so far.
+    #[must_use]
+    pub fn content_hash(&self) -> [u8; 32] {
+        *self.hasher.finalize().as_bytes()
+    }
+
     /// Checks the content against `hash`, sets `meta` on the fd and queues the
     /// rename into place (done by [`Replica::flush`]).
     pub fn commit(mut self, hash: &[u8; 32], meta: &Meta) -> Result<(), Error> {

@@ -2,17 +2,71 @@
 //! for is read whole by one blocking task and its messages sent after: no
 //! wake of the sender per message, one open. A larger one, or one the
 //! replica sent a signature for, is streamed as it is read.
+//!
+//! A file whose inode has not changed since before the round's scan began
+//! (its ctime earlier by [`SCAN_MARGIN_NS`], and it stays so while it is
+//! read) holds what the scan hashed: it ends with a `ScannedEnd` carrying the
+//! entry's hash and the content is not hashed again (a first mirror's source
+//! hashed every byte twice). The replica checks the content against that
+//! hash; one that does not match changed since the scan and is left as it
+//! was. Any other file is hashed as it is read and ends with a `FileEnd`.
 
 use crate::session::{Progress, WHOLE_FILE as WHOLE};
 use crate::wire;
 use anyhow::{Context, Result, bail};
 use proto::{Entry, Kind, Message};
 use std::io::Read;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use sync_core::delta::{self, Chunk, Encoder};
 use tokio::sync::mpsc;
+
+/// How far before the scan's start a file's ctime must lie for its content
+/// to be taken as the scan's: past a coarse clock's tick, a file system's
+/// timestamp granularity and a file server's clock a little behind ours. A
+/// file changed with its times unmoved all the same (through a shared
+/// writable mapping whose pages were already dirty) fails the replica's
+/// check against the scan's hash and is left as it was with a warning, as
+/// one found changed here is.
+pub(crate) const SCAN_MARGIN_NS: i128 = 5_000_000_000;
+
+/// What the round's scan found of a file, and since when the file must not
+/// have changed for its content to be the scan's.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scanned {
+    pub size: u64,
+    pub hash: [u8; 32],
+    /// Wall-clock nanoseconds: the scan's start less [`SCAN_MARGIN_NS`].
+    pub since: i128,
+}
+
+impl Scanned {
+    /// The entry's size and hash, when the round says when its scan began.
+    pub(crate) fn of(entry: &Entry, scan_began: Option<i128>) -> Option<Self> {
+        match (&entry.kind, scan_began) {
+            (&Kind::File { size, hash }, Some(t)) => Some(Self {
+                size,
+                hash,
+                since: t - SCAN_MARGIN_NS,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Whether `st` is the file as the scan hashed it: of the scanned size,
+    /// its inode (content, size, metadata) unchanged since before the scan.
+    fn holds(&self, st: &std::fs::Metadata) -> bool {
+        let ctime = i128::from(st.ctime()) * 1_000_000_000 + i128::from(st.ctime_nsec());
+        st.len() == self.size && ctime < self.since
+    }
+
+    /// Whether the file open as `f` still holds (see [`Scanned::holds`]).
+    fn still_holds(&self, f: &std::fs::File) -> bool {
+        f.metadata().is_ok_and(|m| self.holds(&m))
+    }
+}
 
 /// What reading a small file found.
 enum Whole {
@@ -28,7 +82,7 @@ enum Whole {
 /// the replica can never name anything else.
 pub(super) async fn serve_file(
     mut send: quinn::SendStream,
-    entry: Entry,
+    (entry, scan_began): (Entry, Option<i128>),
     signature: Option<Vec<u8>>,
     root: PathBuf,
     progress: Arc<Progress>,
@@ -36,9 +90,10 @@ pub(super) async fn serve_file(
     // `proto::exchange::admit` let only a regular file of the round through.
     let path = sync_core::scan::abs(&root, &entry.path);
     let small = matches!(entry.kind, Kind::File { size, .. } if size <= WHOLE);
+    let scanned = Scanned::of(&entry, scan_began);
     let whole = if small && signature.is_none() {
         let (p, pr) = (path.clone(), progress.clone());
-        tokio::task::spawn_blocking(move || read_whole(&p, WHOLE, &pr)).await??
+        tokio::task::spawn_blocking(move || read_whole(&p, WHOLE, scanned.as_ref(), &pr)).await??
     } else {
         Whole::Larger
     };
@@ -54,8 +109,9 @@ pub(super) async fn serve_file(
                 return announce_changed(send, &e.to_string()).await;
             }
             let (tx, mut rx) = mpsc::channel::<Message>(2);
-            let reader =
-                tokio::task::spawn_blocking(move || encode_file(&path, signature, tx, &progress));
+            let reader = tokio::task::spawn_blocking(move || {
+                encode_file(&path, (signature, scanned), tx, &progress)
+            });
             while let Some(msg) = rx.recv().await {
                 wire::send(&mut send, &msg).await?;
             }
@@ -82,14 +138,14 @@ const BATCH_CHUNK: usize = 256 << 10;
 /// their frames, handed over a chunk at a time while the stream sends.
 pub(super) async fn serve_files(
     mut send: quinn::SendStream,
-    entries: Vec<Entry>,
+    (entries, scan_began): (Vec<Entry>, Option<i128>),
     root: PathBuf,
     progress: Arc<Progress>,
 ) -> Result<()> {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
     let reader = tokio::task::spawn_blocking(move || {
         // the stream gave up: its error is the one reported
-        read_batch(&root, &entries, &progress, &mut |b| {
+        read_batch(&root, (&entries, scan_began), &progress, &mut |b| {
             tx.blocking_send(b).is_ok()
         })
     });
@@ -107,7 +163,7 @@ pub(super) async fn serve_files(
 /// is announced as changed.
 fn read_batch(
     root: &Path,
-    entries: &[Entry],
+    (entries, scan_began): (&[Entry], Option<i128>),
     progress: &Progress,
     emit: &mut dyn FnMut(Vec<u8>) -> bool,
 ) -> Result<()> {
@@ -118,7 +174,8 @@ fn read_batch(
             bail!("{}: not a regular file", e.path);
         };
         let path = sync_core::scan::abs(root, &e.path);
-        let msgs = match read_whole(&path, size, progress)? {
+        let scanned = Scanned::of(e, scan_began);
+        let msgs = match read_whole(&path, size, scanned.as_ref(), progress)? {
             Whole::Messages(msgs) => msgs,
             Whole::Gone(why) => {
                 tracing::debug!("{why}: announcing it as changed");
@@ -160,14 +217,22 @@ async fn announce_changed(mut send: quinn::SendStream, why: &str) -> Result<()> 
 }
 
 /// A small file read whole (at most one byte past `cap`) and encoded;
-/// [`Whole::Larger`] past `cap`.
-fn read_whole(path: &Path, cap: u64, progress: &Progress) -> Result<Whole> {
-    let f = match sync_core::scan::open_regular(path) {
+/// [`Whole::Larger`] past `cap`. It ends with a `ScannedEnd` (the scan's
+/// hash) when the file is still as `scanned` found it (see the module docs),
+/// else with a `FileEnd` (the hash of what was read).
+fn read_whole(
+    path: &Path,
+    cap: u64,
+    scanned: Option<&Scanned>,
+    progress: &Progress,
+) -> Result<Whole> {
+    let (f, st) = match sync_core::scan::open_regular_stat(path) {
         Ok(f) => f,
         Err(e) => return Ok(Whole::Gone(e.to_string())),
     };
+    let scanned = scanned.filter(|s| s.holds(&st));
     let mut data = Vec::new();
-    f.take(cap + 1)
+    (&f).take(cap + 1)
         .read_to_end(&mut data)
         .with_context(|| format!("reading {}", path.display()))?;
     if data.len() as u64 > cap {
@@ -176,7 +241,16 @@ fn read_whole(path: &Path, cap: u64, progress: &Progress) -> Result<Whole> {
     // The messages `encode` would make of it (literals of at most a chunk,
     // then the end), made of the bytes read: no window zeroed, no copy of a
     // small file (most of a first mirror's files).
-    let (size, hash) = (data.len() as u64, *blake3::hash(&data).as_bytes());
+    let size = data.len() as u64;
+    let end = match scanned {
+        Some(s) if size == s.size && s.still_holds(&f) => {
+            Message::ScannedEnd { size, hash: s.hash }
+        }
+        _ => Message::FileEnd {
+            size,
+            hash: *blake3::hash(&data).as_bytes(),
+        },
+    };
     let mut msgs = Vec::with_capacity(data.len().div_ceil(delta::LITERAL_CHUNK) + 1);
     if data.len() <= delta::LITERAL_CHUNK {
         if !data.is_empty() {
@@ -188,7 +262,7 @@ fn read_whole(path: &Path, cap: u64, progress: &Progress) -> Result<Whole> {
                 .map(|c| Message::Literal(c.to_vec())),
         );
     }
-    msgs.push(Message::FileEnd { size, hash });
+    msgs.push(end);
     progress.bytes_done.fetch_add(size, Ordering::Relaxed);
     progress.files_done.fetch_add(1, Ordering::Relaxed);
     Ok(Whole::Messages(msgs))
@@ -198,7 +272,7 @@ fn read_whole(path: &Path, cap: u64, progress: &Progress) -> Result<Whole> {
 /// against `signature`, then its end.
 pub(crate) fn encode_file(
     path: &Path,
-    signature: Option<Vec<u8>>,
+    (signature, scanned): (Option<Vec<u8>>, Option<Scanned>),
     tx: mpsc::Sender<Message>,
     progress: &Progress,
 ) -> Result<()> {
@@ -206,8 +280,10 @@ pub(crate) fn encode_file(
         .map(delta::parse_signature)
         .transpose()
         .with_context(|| format!("signature for {}", path.display()))?;
-    let f = sync_core::scan::open_regular(path)?;
-    encode(f, Encoder::new(sig.as_ref()), path, progress, &mut |msg| {
+    let (f, st) = sync_core::scan::open_regular_stat(path)?;
+    let scanned = scanned.filter(|s| s.holds(&st));
+    let enc = Encoder::new(sig.as_ref());
+    encode(&f, (enc, scanned), path, progress, &mut |msg| {
         if tx.blocking_send(msg).is_err() {
             bail!(
                 "stream to the replica closed while sending {}",
@@ -219,15 +295,19 @@ pub(crate) fn encode_file(
 }
 
 /// The messages of `f`'s content (read to its end) as `enc` makes them,
-/// each handed to `emit`, the end (size and hash) last.
+/// each handed to `emit`, the end (size and hash) last. With `scanned` (the
+/// file held what the scan hashed when it was opened) the content is not
+/// hashed: it ends with a `ScannedEnd` (the scan's hash) if the file still
+/// holds it at the end, else a `FileEnd` whose hash cannot match the entry
+/// (the replica leaves its version; the next round sends the file again).
 fn encode(
-    mut f: impl Read,
-    mut enc: Encoder<'_>,
+    mut f: &std::fs::File,
+    (mut enc, scanned): (Encoder<'_>, Option<Scanned>),
     path: &Path,
     progress: &Progress,
     emit: &mut dyn FnMut(Message) -> Result<()>,
 ) -> Result<()> {
-    let mut hasher = blake3::Hasher::new();
+    let mut hasher = scanned.is_none().then(blake3::Hasher::new);
     let mut size = 0u64;
     let mut buf = Vec::new();
     loop {
@@ -246,7 +326,9 @@ fn encode(
             break;
         }
         let data = &buf[..got];
-        hasher.update(data);
+        if let Some(h) = hasher.as_mut() {
+            h.update(data);
+        }
         size += got as u64;
         let msg = match enc.encode(data) {
             Chunk::Literal(l) => Message::Literal(l),
@@ -258,192 +340,24 @@ fn encode(
             break;
         }
     }
-    emit(Message::FileEnd {
-        size,
-        hash: *hasher.finalize().as_bytes(),
+    emit(match (hasher, scanned) {
+        (Some(h), _) => Message::FileEnd {
+            size,
+            hash: *h.finalize().as_bytes(),
+        },
+        (None, Some(s)) if size == s.size && s.still_holds(f) => {
+            Message::ScannedEnd { size, hash: s.hash }
+        }
+        // changed while it was read: an end that cannot match the entry
+        (None, _) => Message::FileEnd {
+            size,
+            hash: [0; 32],
+        },
     })?;
     progress.files_done.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn streamed(path: &Path) -> Vec<Message> {
-        let (tx, mut rx) = mpsc::channel(1024);
-        encode_file(path, None, tx, &Progress::default()).unwrap();
-        std::iter::from_fn(|| rx.try_recv().ok()).collect()
-    }
-
-    /// A small file goes out as the stream would send it: the same literals
-    /// and end; one that grew past the bound since the scan is streamed, one
-    /// that is gone is announced as changed.
-    #[test]
-    fn a_small_file_is_read_whole_into_the_messages_a_stream_sends() {
-        let d = tempfile::tempdir().unwrap();
-        let chunk = delta::LITERAL_CHUNK;
-        let cases: [(&str, Vec<u8>); 5] = [
-            ("empty", Vec::new()),
-            ("small", (0..70_000u32).map(|i| (i % 251) as u8).collect()),
-            ("at-bound", vec![9u8; WHOLE as usize]),
-            ("a-chunk-and-a-byte", vec![7u8; chunk + 1]),
-            (
-                "chunks",
-                (0..5 * chunk / 2).map(|i| (i % 241) as u8).collect(),
-            ),
-        ];
-        for (name, data) in &cases {
-            let path = d.path().join(name);
-            std::fs::write(&path, data).unwrap();
-            let progress = Progress::default();
-            let cap = WHOLE.max(data.len() as u64);
-            let Whole::Messages(msgs) = read_whole(&path, cap, &progress).unwrap() else {
-                panic!("{name}: not read whole");
-            };
-            assert_eq!(msgs, streamed(&path), "{name}");
-            let sent: Vec<u8> = msgs
-                .iter()
-                .filter_map(|m| match m {
-                    Message::Literal(l) => Some(l.clone()),
-                    _ => None,
-                })
-                .flatten()
-                .collect();
-            assert_eq!(&sent, data, "{name}");
-            let end = Message::FileEnd {
-                size: data.len() as u64,
-                hash: *blake3::hash(data).as_bytes(),
-            };
-            assert_eq!(msgs.last(), Some(&end), "{name}");
-            assert_eq!(progress.files_done.load(Ordering::Relaxed), 1);
-            assert_eq!(
-                progress.bytes_done.load(Ordering::Relaxed),
-                data.len() as u64
-            );
-        }
-        let grown = d.path().join("grown");
-        std::fs::write(&grown, vec![1u8; WHOLE as usize + 1]).unwrap();
-        assert!(matches!(
-            read_whole(&grown, WHOLE, &Progress::default()),
-            Ok(Whole::Larger)
-        ));
-        let gone = d.path().join("gone");
-        assert!(matches!(
-            read_whole(&gone, WHOLE, &Progress::default()),
-            Ok(Whole::Gone(_))
-        ));
-        std::os::unix::fs::symlink(d.path().join("small"), d.path().join("link")).unwrap();
-        let link = d.path().join("link");
-        assert!(matches!(
-            read_whole(&link, WHOLE, &Progress::default()),
-            Ok(Whole::Gone(_))
-        ));
-    }
-
-    /// Frames as a stream carries them, decoded.
-    fn decode_all(mut buf: &[u8]) -> Vec<Message> {
-        let mut out = Vec::new();
-        while !buf.is_empty() {
-            let header: [u8; proto::frame::HEADER_LEN] =
-                buf[..proto::frame::HEADER_LEN].try_into().unwrap();
-            let len = proto::frame::frame_len(header).unwrap();
-            let body = &buf[proto::frame::HEADER_LEN..proto::frame::HEADER_LEN + len];
-            out.push(proto::frame::decode_body(body).unwrap());
-            buf = &buf[proto::frame::HEADER_LEN + len..];
-        }
-        out
-    }
-
-    /// A files request's frames, read as the replica's machine reads them:
-    /// each file as it was scanned is committed with its content; one that
-    /// grew, went or became a symlink since the scan is announced as changed
-    /// and the next follows; the frames are handed over in chunks of at least
-    /// BATCH_CHUNK bytes, and reading stops when the stream is gone.
-    #[test]
-    fn a_files_request_is_read_in_order_and_checked_against_the_scan() {
-        let d = tempfile::tempdir().unwrap();
-        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 249) as u8).collect();
-        let scanned: Vec<(&str, Vec<u8>)> = vec![
-            ("a", b"alpha".to_vec()),
-            ("grew", b"short".to_vec()),
-            ("gone", b"gone".to_vec()),
-            ("link", b"was a file".to_vec()),
-            ("empty", Vec::new()),
-            ("big1", big.clone()),
-            ("big2", big.clone()),
-            ("big3", big.clone()),
-        ];
-        for (name, data) in &scanned {
-            std::fs::write(d.path().join(name), data).unwrap();
-        }
-        std::fs::write(d.path().join("grew"), b"short and then some").unwrap();
-        std::fs::remove_file(d.path().join("gone")).unwrap();
-        std::fs::remove_file(d.path().join("link")).unwrap();
-        std::os::unix::fs::symlink(d.path().join("a"), d.path().join("link")).unwrap();
-        let entries: Vec<Entry> = scanned
-            .iter()
-            .map(|(name, data)| Entry {
-                path: proto::RelPath::new(name.as_bytes().to_vec()).unwrap(),
-                kind: Kind::File {
-                    size: data.len() as u64,
-                    hash: *blake3::hash(data).as_bytes(),
-                },
-                meta: proto::Meta::default(),
-            })
-            .collect();
-        let mut chunks = Vec::new();
-        read_batch(d.path(), &entries, &Progress::default(), &mut |c| {
-            chunks.push(c);
-            true
-        })
-        .unwrap();
-        assert!(chunks.len() >= 2, "{} chunks", chunks.len());
-        assert!(
-            chunks[..chunks.len() - 1]
-                .iter()
-                .all(|c| c.len() >= BATCH_CHUNK)
-        );
-        let expect = entries
-            .iter()
-            .map(|e| match e.kind {
-                Kind::File { size, hash } => (e.path.clone(), size, hash),
-                _ => unreachable!(),
-            })
-            .collect();
-        let mut fetch = proto::exchange::BatchFetch::new(expect);
-        let mut got: Vec<(usize, &str, Vec<u8>)> = Vec::new();
-        let mut data = Vec::new();
-        for m in decode_all(&chunks.concat()) {
-            match fetch.handle(m).unwrap() {
-                (_, proto::exchange::BatchStep::Literal(l)) => data.extend(l),
-                (at, proto::exchange::BatchStep::Commit { .. }) => {
-                    got.push((at, "commit", std::mem::take(&mut data)));
-                }
-                (at, proto::exchange::BatchStep::Changed(_)) => {
-                    got.push((at, "changed", std::mem::take(&mut data)));
-                }
-            }
-        }
-        assert!(fetch.done());
-        let want = vec![
-            (0, "commit", b"alpha".to_vec()),
-            (1, "changed", Vec::new()),
-            (2, "changed", Vec::new()),
-            (3, "changed", Vec::new()),
-            (4, "commit", Vec::new()),
-            (5, "commit", big.clone()),
-            (6, "commit", big.clone()),
-            (7, "commit", big),
-        ];
-        assert_eq!(got, want);
-        // the stream gone after the first chunk: nothing more is read
-        let mut calls = 0;
-        read_batch(d.path(), &entries, &Progress::default(), &mut |_| {
-            calls += 1;
-            false
-        })
-        .unwrap();
-        assert_eq!(calls, 1);
-    }
-}
+#[path = "file_tests.rs"]
+mod tests;
