@@ -103,8 +103,7 @@ pub async fn connect(
     // the route to the replica says how large datagrams may grow
     let datagrams = udp::Datagrams::to(to);
     let mut endpoint = udp::endpoint(bind, None, datagrams)?;
-    let (mut config, presented) = tls::client_config_noting(identity, peer)?;
-    config.transport_config(tls::transport(datagrams));
+    let (config, presented) = tls::client_config_noting(identity, peer, datagrams)?;
     endpoint.set_default_client_config(config);
     let conn = match endpoint
         .connect(to, tls::SERVER_NAME)

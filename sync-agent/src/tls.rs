@@ -230,14 +230,16 @@ pub fn server(addr: SocketAddr, me: &Identity, allowed: Vec<NodeId>) -> Result<q
 
 /// A client configuration that presents `me` and accepts only `peer`.
 pub fn client_config(me: &Identity, peer: NodeId) -> Result<quinn::ClientConfig> {
-    client_config_noting(me, peer).map(|(c, _)| c)
+    client_config_noting(me, peer, crate::udp::Datagrams::UNKNOWN).map(|(c, _)| c)
 }
 
-/// [`client_config`], and where the id a server presented is noted when it
-/// is not `peer` (so that the error can say both).
+/// [`client_config`] for a connection whose datagrams grow as `datagrams`
+/// says, and where the id a server presented is noted when it is not
+/// `peer` (so that the error can say both).
 pub fn client_config_noting(
     me: &Identity,
     peer: NodeId,
+    datagrams: crate::udp::Datagrams,
 ) -> Result<(quinn::ClientConfig, Presented)> {
     let provider = provider();
     let refused = Presented::default();
@@ -259,7 +261,7 @@ pub fn client_config_noting(
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(cfg).context("QUIC TLS configuration")?;
     let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
-    cc.transport_config(transport(crate::udp::Datagrams::UNKNOWN));
+    cc.transport_config(transport(datagrams));
     Ok((cc, refused))
 }
 

@@ -201,7 +201,7 @@ mod tests {
     }
 
     /// 32 MiB sent to a server on loopback, the client made for `datagrams`
-    /// (as `crate::connect` makes it, or with the defaults); the
+    /// (as `crate::connect` makes it; `None`: an unknown route); the
     /// connection's statistics.
     async fn send_32_mib(datagrams: Option<Datagrams>) -> quinn::ConnectionStats {
         use crate::identity::Identity;
@@ -218,10 +218,7 @@ mod tests {
         });
         let d = datagrams.unwrap_or(Datagrams::UNKNOWN);
         let mut client = endpoint("127.0.0.1:0".parse().unwrap(), None, d).unwrap();
-        let mut config = crate::tls::client_config(&a, b.id()).unwrap();
-        if datagrams.is_some() {
-            config.transport_config(crate::tls::transport(d));
-        }
+        let (config, _) = crate::tls::client_config_noting(&a, b.id(), d).unwrap();
         client.set_default_client_config(config);
         let conn = client
             .connect(addr, crate::tls::SERVER_NAME)
