@@ -231,7 +231,10 @@ fn read_whole(
         Err(e) => return Ok(Whole::Gone(e.to_string())),
     };
     let scanned = scanned.filter(|s| s.holds(&st));
-    let mut data = Vec::new();
+    // sized by the open's fstat (one byte more tells a grown file): no
+    // regrowth and copy on the way to 256 KiB
+    let hint = usize::try_from(st.len().min(cap)).unwrap_or(0);
+    let mut data = Vec::with_capacity(hint + 1);
     (&f).take(cap + 1)
         .read_to_end(&mut data)
         .with_context(|| format!("reading {}", path.display()))?;
