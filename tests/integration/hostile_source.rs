@@ -380,6 +380,31 @@ async fn hostile_contents_refused_or_discarded() {
     let line = t.wait_session_errors(failed).await;
     assert!(line.contains("/f") && line.contains("hash"), "{line}");
     cases += 1;
+    // the same content under a ScannedEnd (the source took the hash from its
+    // scan): changed since the scan, left as it was with a warning
+    let m = content_case(&mut t, "not the scan's content", |new, _| {
+        let mut wrong = new.to_vec();
+        wrong[100] ^= 1;
+        vec![
+            Message::Literal(wrong),
+            Message::ScannedEnd {
+                size: new.len() as u64,
+                hash: *blake3::hash(new).as_bytes(),
+            },
+        ]
+    })
+    .await;
+    match m {
+        Message::RoundDone { summary, .. } => {
+            assert!(
+                summary.warnings.iter().any(|w| w.starts_with("f: changed")),
+                "{summary:?}"
+            );
+            assert_eq!(summary.files_transferred, 0);
+        }
+        other => panic!("not the scan's content: {other:?}"),
+    }
+    cases += 1;
     // a FileEnd announcing more than arrived, a delta without a basis request,
     // a control message on a file stream
     for (case, msgs) in [
@@ -402,7 +427,7 @@ async fn hostile_contents_refused_or_discarded() {
         t.wait_session_errors(failed).await;
         cases += 1;
     }
-    assert_eq!(cases, 10);
+    assert_eq!(cases, 11);
     let src = t.t.path().join("good");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("f"), b"good").unwrap();
