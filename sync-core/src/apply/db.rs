@@ -452,8 +452,11 @@ impl StagedDb<'_> {
             }
             run = end;
         }
-        for (pgno, data) in batch {
-            self.noted(*pgno, data.as_ref());
+        let pages: Vec<(u32, &[u8])> = batch.iter().map(|(p, d)| (*p, d.as_ref())).collect();
+        let mut hashes = vec![[0; 32]; pages.len()];
+        sqlite::page_hashes(&pages, &mut hashes);
+        for ((pgno, _), hash) in pages.into_iter().zip(hashes) {
+            self.noted(pgno, hash);
         }
         Ok(())
     }
@@ -473,15 +476,22 @@ impl StagedDb<'_> {
                 ),
             ));
         }
-        let pages = (first..).zip(data.chunks(ps));
         if !self.full {
-            return self.pages(&pages.collect::<Vec<_>>());
+            return self.pages(&(first..).zip(data.chunks(ps)).collect::<Vec<_>>());
         }
         let at = u64::from(first - 1) * u64::from(self.page_size);
         self.write_run(data, at)
             .map_err(|e| Error::io("write", self.replica.display(&self.path), e))?;
-        for (pgno, page) in pages {
-            self.noted(pgno, page);
+        // the run's pages are within the table: `run_pages` checked it
+        let from = first as usize - 1;
+        let n = data.len() / ps.max(1);
+        let shown = self.replica.display(&self.path);
+        let out = self.hashes.get_mut(from..from + n).ok_or_else(|| {
+            Error::invalid(&shown, format!("a run from page {first} past the table"))
+        })?;
+        sqlite::page_hashes_into(data, ps, first, out);
+        for pgno in first..first + n as u32 {
+            self.missing.remove(&(pgno - 1));
         }
         Ok(())
     }
@@ -513,9 +523,9 @@ impl StagedDb<'_> {
         Ok(())
     }
 
-    /// Page `pgno` is staged as `data`.
-    fn noted(&mut self, pgno: u32, data: &[u8]) {
-        self.hashes[pgno as usize - 1] = sqlite::page_hash(pgno, data);
+    /// Page `pgno` is staged, of blake3 hash `hash`.
+    fn noted(&mut self, pgno: u32, hash: [u8; 32]) {
+        self.hashes[pgno as usize - 1] = hash;
         self.missing.remove(&(pgno - 1));
     }
 

@@ -293,19 +293,29 @@ pub(super) fn hash_pages(
 ) -> u64 {
     use rayon::prelude::*;
     let first = out.len() as u32 + 1;
-    let prior = prior.filter(|p| p.seed == seed);
-    let hashed: Vec<([u8; 32], u64, bool)> = batch
-        .par_chunks(size)
+    let size = size.max(1);
+    type Hashed = (Vec<([u8; 32], u64)>, u64);
+    let groups: Vec<Hashed> = batch
+        .par_chunks(size * HASH_GROUP)
         .enumerate()
-        .map(|(i, page)| hash_page(first + i as u32, page, seed, prior))
+        .map(|(g, pages)| {
+            let mut hashed = Vec::with_capacity(HASH_GROUP);
+            let at = first + (g * HASH_GROUP) as u32;
+            let strong = hash_run(&mut hashed, pages, (size, at), seed, prior);
+            (hashed, strong)
+        })
         .collect();
-    let strong = hashed.iter().filter(|h| h.2).count() as u64;
-    out.extend(hashed.into_iter().map(|(h, q, _)| (h, q)));
+    let mut strong = 0;
+    for (hashed, n) in groups {
+        out.extend(hashed);
+        strong += n;
+    }
     strong
 }
 
 /// [`hash_pages`] on this thread alone, for the pages of `batch` numbered
-/// from `first`.
+/// from `first`: the pages whose blake3 hash is computed are hashed many at
+/// a time (`many`).
 pub(super) fn hash_run(
     out: &mut Vec<([u8; 32], u64)>,
     batch: &[u8],
@@ -314,24 +324,42 @@ pub(super) fn hash_run(
     prior: Option<Prior<'_>>,
 ) -> u64 {
     let prior = prior.filter(|p| p.seed == seed);
-    let mut strong = 0;
-    for (pgno, page) in (first..).zip(batch.chunks(size)) {
-        let (h, q, computed) = hash_page(pgno, page, seed, prior);
-        strong += u64::from(computed);
-        out.push((h, q));
+    let mut need: Vec<(u32, &[u8])> = Vec::new();
+    let mut at = Vec::new();
+    for (pgno, page) in (first..).zip(batch.chunks(size.max(1))) {
+        let q = quick_hash(seed, page);
+        match prior.and_then(|p| p.strong_if_same(pgno, q)) {
+            Some(h) => out.push((h, q)),
+            None => {
+                at.push(out.len());
+                need.push((pgno, page));
+                out.push(([0; 32], q));
+            }
+        }
     }
-    strong
+    let mut strong = vec![[0; 32]; need.len()];
+    many::page_hashes(&need, &mut strong);
+    for (i, h) in at.into_iter().zip(strong) {
+        out[i].0 = h;
+    }
+    need.len() as u64
 }
 
-/// Page `pgno`'s blake3 and quick hashes, and whether blake3 was computed
-/// (not vouched for by `prior`).
-fn hash_page(pgno: u32, page: &[u8], seed: u64, prior: Option<Prior<'_>>) -> ([u8; 32], u64, bool) {
-    let q = quick_hash(seed, page);
-    match prior.and_then(|p| p.strong_if_same(pgno, q)) {
-        Some(h) => (h, q, false),
-        None => (page_hash(pgno, page), q, true),
-    }
+/// The blake3 hashes of the whole pages of `data` (of `size` bytes each,
+/// numbered from `first`) into `out` (one a page), many at a time.
+pub(crate) fn page_hashes_into(data: &[u8], size: usize, first: u32, out: &mut [[u8; 32]]) {
+    let pages: Vec<(u32, &[u8])> = (first..).zip(data.chunks(size.max(1))).collect();
+    many::page_hashes(&pages, out);
 }
+
+/// The blake3 hashes of `pages` (each `(pgno, data)`, all of one size)
+/// into `out` (one a page), many at a time.
+pub(crate) fn page_hashes(pages: &[(u32, &[u8])], out: &mut [[u8; 32]]) {
+    many::page_hashes(pages, out);
+}
+
+/// Pages a task of [`hash_pages`] and [`hash_batch`] hashes.
+const HASH_GROUP: usize = 64;
 
 /// Pages hashed at once by [`all_hashes`].
 const HASH_BATCH: usize = 1024;
@@ -341,12 +369,17 @@ const HASH_BATCH: usize = 1024;
 pub(super) fn hash_batch(hashes: &mut Vec<[u8; 32]>, batch: &[u8], size: usize) {
     use rayon::prelude::*;
     let first = hashes.len() as u32 + 1;
-    let mut out: Vec<[u8; 32]> = batch
-        .par_chunks(size)
+    let size = size.max(1);
+    let groups: Vec<Vec<[u8; 32]>> = batch
+        .par_chunks(size * HASH_GROUP)
         .enumerate()
-        .map(|(i, p)| page_hash(first + i as u32, p))
+        .map(|(g, pages)| {
+            let mut out = Vec::with_capacity(HASH_GROUP);
+            many::run_hashes(&mut out, pages, size, first + (g * HASH_GROUP) as u32);
+            out
+        })
         .collect();
-    hashes.append(&mut out);
+    hashes.extend(groups.into_iter().flatten());
 }
 
 mod conn;
@@ -354,6 +387,7 @@ mod content;
 mod copy;
 mod idle;
 mod live;
+mod many;
 mod moved;
 mod names;
 mod persist;
