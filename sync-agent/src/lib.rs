@@ -145,13 +145,15 @@ fn load_state(opts: &PushOptions) -> Result<Loading> {
 }
 
 /// What a push's scan gives: the manifest, the bytes it read to hash, the
-/// databases' cut, the root hash and the quick digest.
+/// databases' cut, the root hash and the quick digest, and the hash index
+/// being saved.
 type Scanned = (
     sync_core::Manifest,
     u64,
     Arc<std::sync::Mutex<LiveSet>>,
     [u8; 32],
     [u8; 32],
+    Option<std::thread::JoinHandle<()>>,
 );
 
 /// Scans `opts.src` and cuts its databases (shipped from a consistent cut,
@@ -164,12 +166,14 @@ async fn scan_source(
 ) -> Result<Scanned> {
     let (src, filter) = (opts.src.clone(), opts.filter.clone());
     let scanned = tokio::task::spawn_blocking(move || {
-        push_scan::scan_and_cut(&src, filter, saved.as_ref(), index).map(|(m, report, live)| {
-            let t0 = Instant::now();
-            let (root, quick) = sync_core::digest::root_and_quick(&m);
-            tracing::debug!(ms = t0.elapsed().as_millis(), "root hash and quick digest");
-            (m, report.bytes_hashed, live, root, quick)
-        })
+        push_scan::scan_and_cut(&src, filter, saved.as_ref(), index).map(
+            |(m, report, live, saving)| {
+                let t0 = Instant::now();
+                let (root, quick) = sync_core::digest::root_and_quick(&m);
+                tracing::debug!(ms = t0.elapsed().as_millis(), "root hash and quick digest");
+                (m, report.bytes_hashed, live, root, quick, saving)
+            },
+        )
     })
     .await?
     .with_context(|| format!("scanning {}", opts.src.display()))?;
@@ -205,7 +209,7 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             None => None,
         };
         let scan_began = sync_core::scan::now_ns();
-        let (manifest, bytes_hashed, live, root_hash, quick) =
+        let (manifest, bytes_hashed, live, root_hash, quick, saving) =
             scan_source(&opts, keep.clone(), index).await?;
         let scan_s = started.elapsed().as_secs_f64();
         progress
@@ -232,6 +236,10 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
         let applied = session.round(&round).await?;
         if let (Some(state), Some(live)) = (&keep, &round.live) {
             keep_cut(state, live);
+        }
+        if let Some(saving) = saving {
+            // (a panic in it was reported where it happened)
+            let _ = tokio::task::spawn_blocking(move || saving.join()).await;
         }
         let stats = session.connection().stats();
         note_wire(&stats);
