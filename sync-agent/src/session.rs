@@ -3,6 +3,7 @@
 //! [`source::SourceSession`] drives rounds from the source; [`replica::run`]
 //! applies them on the replica. A one-shot push is one full round.
 
+mod files_lane;
 pub mod replica;
 pub mod replica_ahead;
 mod replica_batch;

@@ -62,7 +62,7 @@ pub(super) async fn fetch_batch(
     wire::send(&mut send, &Message::FilesRequest { indexes }).await?;
     let _ = send.finish();
     let (tx, rx) = mpsc::channel::<Content>(QUEUED);
-    let writer = tokio::task::spawn_blocking(move || write_batch(&replica, &entries, rx));
+    let writer = super::files_lane::spawn(move || write_batch(&replica, &entries, rx));
     let mut fetch = BatchFetch::new(expect);
     let reading = async {
         let mut data = Vec::new();

@@ -166,7 +166,7 @@ pub(super) async fn fetch_file(
 ) -> Result<Option<(u64, u64)>> {
     let (r, path) = (replica.clone(), entry.path.clone());
     let basis = if basis {
-        tokio::task::spawn_blocking(move || -> Result<_> {
+        super::files_lane::spawn(move || -> Result<_> {
             Ok(match r.open_basis(&path)? {
                 Some(map) if map.len() as u64 >= delta::MIN_DELTA_SIZE => {
                     let sig = delta::signature(&map);
@@ -197,8 +197,7 @@ pub(super) async fn fetch_file(
         return fetch_small(&mut recv, &stage, replica, entry, &activity).await;
     }
     let (tx, rx) = mpsc::channel::<Message>(2);
-    let writer =
-        tokio::task::spawn_blocking(move || write_file(&replica, &entry, map.as_deref(), rx));
+    let writer = super::files_lane::spawn(move || write_file(&replica, &entry, map.as_deref(), rx));
     let reading = async {
         loop {
             let msg = tokio::select! {
@@ -245,7 +244,7 @@ async fn fetch_small(
 ) -> Result<Option<(u64, u64)>> {
     let (tx, rx) = tokio::sync::oneshot::channel::<Small>();
     let (path, e) = (entry.path.clone(), entry.clone());
-    let mut writer = tokio::task::spawn_blocking(move || -> Result<Option<(u64, u64)>> {
+    let mut writer = super::files_lane::spawn(move || -> Result<Option<(u64, u64)>> {
         let mut staged = replica.stage(&e.path)?;
         // the reader gave up: its error is the one reported
         let Ok((content, figures)) = rx.blocking_recv() else {

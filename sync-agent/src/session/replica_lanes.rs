@@ -36,12 +36,12 @@ pub(super) async fn files_lane(
     let (r, s) = (folder.replica.clone(), planned.clone());
     let (mkdir, create) = (lane.plan.mkdir.clone(), lane.plan.create.clone());
     summary.others_created +=
-        tokio::task::spawn_blocking(move || engine::make_rest(&r, &s, &mkdir, &create)).await??;
+        super::files_lane::spawn(move || engine::make_rest(&r, &s, &mkdir, &create)).await??;
     let (inlined, pulled) = content::split_inline(lane.plan, lane.kept, inline);
     if !inlined.is_empty() {
         let (r, s) = (folder.replica.clone(), planned.clone());
         let (files, bytes) =
-            tokio::task::spawn_blocking(move || engine::write_whole(&r, &s, inlined)).await??;
+            super::files_lane::spawn(move || engine::write_whole(&r, &s, inlined)).await??;
         summary.files_transferred += files;
         summary.files_inline += files;
         summary.bytes_literal += bytes;

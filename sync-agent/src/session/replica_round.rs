@@ -1,5 +1,6 @@
 //! The replica side of a session: reading a round from the peer and applying it.
 
+use super::files_lane::Running;
 use super::replica::*;
 use super::replica_ahead::Ahead;
 use super::replica_lanes::{Lanes, dbs_lane, files_lane};
@@ -8,7 +9,6 @@ use anyhow::{Context, Result};
 use proto::ApplySummary;
 use proto::round::{Assembler, Event};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use sync_core::Manifest;
 use sync_core::engine::{self, Prescan};
 use sync_core::plan::Plan;
@@ -81,9 +81,10 @@ pub(super) async fn apply_round(
     // Files and databases travel at once, on streams of their own: a large
     // database does not wait behind thousands of small files, nor they behind
     // it, nor it behind the directories the files need (its own are made).
-    // Once the files are in while databases still arrive, a round whose
-    // sync is a `syncfs` anyway starts it (`Replica::start_sync`).
-    let dbs_left = AtomicBool::new(!plan.dbs.is_empty());
+    // Once one lane is in while the other still runs (the files, or the
+    // databases: the files lane runs below them, `files_lane`), a round
+    // whose sync is a `syncfs` anyway starts it (`Replica::start_sync`).
+    let running = Running::new(!plan.dbs.is_empty());
     let lanes = Lanes {
         conn,
         folder,
@@ -97,14 +98,17 @@ pub(super) async fn apply_round(
             ms = clock.since_last().as_millis() as u64,
             "round's files in"
         );
-        if pulled.is_ok() && dbs_left.load(Ordering::Acquire) {
+        if running.ended(true, pulled.is_ok()) {
             folder.replica.start_sync();
         }
         pulled
     };
     let dbs = async {
         let done = dbs_lane(&lanes, &dst).await;
-        dbs_left.store(false, Ordering::Release);
+        if running.ended(false, done.is_ok()) {
+            tracing::debug!("databases in before the files: sync ahead");
+            folder.replica.start_sync();
+        }
         done
     };
     let (files, dbs) = tokio::join!(files, dbs);

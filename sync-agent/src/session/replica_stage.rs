@@ -192,8 +192,9 @@ async fn stage(
     let timer = wire::Stage::new(format!("staging {path}"), size);
     let (tx, rx) = mpsc::channel::<Message>(2);
     let (r, p) = (folder.replica.clone(), path.clone());
-    let writer =
-        tokio::task::spawn_blocking(move || write_stage(&r, (&p, size), map.as_deref(), rx));
+    // a large file staged ahead is a file: on the files lane, below the
+    // databases, beside the small files it must not starve
+    let writer = super::files_lane::spawn(move || write_stage(&r, (&p, size), map.as_deref(), rx));
     let reading = async {
         loop {
             let msg = tokio::select! {
