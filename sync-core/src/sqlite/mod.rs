@@ -348,7 +348,7 @@ pub(super) fn hash_run(
 /// The blake3 hashes of the whole pages of `data` (of `size` bytes each,
 /// numbered from `first`) into `out` (one a page), many at a time.
 pub(crate) fn page_hashes_into(data: &[u8], size: usize, first: u32, out: &mut [[u8; 32]]) {
-    let pages: Vec<(u32, &[u8])> = (first..).zip(data.chunks(size.max(1))).collect();
+    let pages: Vec<(u32, &[u8])> = (first..).zip(data.chunks_exact(size.max(1))).collect();
     many::page_hashes(&pages, out);
 }
 
