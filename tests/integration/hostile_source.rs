@@ -363,15 +363,7 @@ async fn hostile_contents_refused_or_discarded() {
     cases += 1;
     // content that applies but hashes wrong, announced with the manifest's hash
     let m = content_case(&mut t, "wrong blake3", |new, _| {
-        let mut wrong = new.to_vec();
-        wrong[100] ^= 1;
-        vec![
-            Message::Literal(wrong),
-            Message::FileEnd {
-                size: new.len() as u64,
-                hash: *blake3::hash(new).as_bytes(),
-            },
-        ]
+        one_byte_off(new, |size, hash| Message::FileEnd { size, hash })
     })
     .await;
     let msg = error_text(m, "wrong blake3");
@@ -383,15 +375,7 @@ async fn hostile_contents_refused_or_discarded() {
     // the same content under a ScannedEnd (the source took the hash from its
     // scan): changed since the scan, left as it was with a warning
     let m = content_case(&mut t, "not the scan's content", |new, _| {
-        let mut wrong = new.to_vec();
-        wrong[100] ^= 1;
-        vec![
-            Message::Literal(wrong),
-            Message::ScannedEnd {
-                size: new.len() as u64,
-                hash: *blake3::hash(new).as_bytes(),
-            },
-        ]
+        one_byte_off(new, |size, hash| Message::ScannedEnd { size, hash })
     })
     .await;
     match m {
@@ -548,4 +532,15 @@ async fn hostile_contents_of_a_new_file_refused_or_discarded() {
     std::fs::write(src.join("n"), &new).unwrap();
     t.push_ok(&src).await;
     assert_eq!(std::fs::read(t.root.join("n")).unwrap(), new);
+}
+
+/// `new` with one byte flipped as a literal, then the end `end` makes of
+/// `new`'s own size and hash.
+fn one_byte_off(new: &[u8], end: impl Fn(u64, [u8; 32]) -> Message) -> Vec<Message> {
+    let mut wrong = new.to_vec();
+    wrong[100] ^= 1;
+    vec![
+        Message::Literal(wrong),
+        end(new.len() as u64, *blake3::hash(new).as_bytes()),
+    ]
 }

@@ -54,7 +54,7 @@ fn batched(size: usize) -> bool {
 
 /// The hashes of `pages` (each `(pgno, data)`, all of one size) into `out`
 /// (as long as `pages`): [`super::page_hash`] of each.
-pub(super) fn page_hashes(pages: &[(u32, &[u8])], out: &mut [[u8; 32]]) {
+pub(crate) fn page_hashes(pages: &[(u32, &[u8])], out: &mut [[u8; 32]]) {
     // (callers give one out a page; should they not, no more than fit)
     let pages = &pages[..pages.len().min(out.len())];
     let size = pages.first().map_or(0, |p| p.1.len());
@@ -86,15 +86,6 @@ pub(super) fn page_hashes(pages: &[(u32, &[u8])], out: &mut [[u8; 32]]) {
             out[i] = tree.cv(k);
         }
     }
-}
-
-/// The hashes of the whole pages of `data` (of `size` bytes each, numbered
-/// from `first`), appended to `out`.
-pub(super) fn run_hashes(out: &mut Vec<[u8; 32]>, data: &[u8], size: usize, first: u32) {
-    let pages: Vec<(u32, &[u8])> = (first..).zip(data.chunks_exact(size.max(1))).collect();
-    let from = out.len();
-    out.resize(from + pages.len(), [0; 32]);
-    page_hashes(&pages, &mut out[from..]);
 }
 
 /// The chaining values of one group's tree, a level at a time.
@@ -210,8 +201,8 @@ mod tests {
         for size in [512usize, 1024, 2048, 4096, 8192, 16384, 32768, 65536] {
             for (n, first) in [(0, 1), (1, 1), (1, 5), (15, 2), (16, 1), (17, 1), (40, 3)] {
                 let data = pages(size, n, (size + n) as u64);
-                let mut out = Vec::new();
-                run_hashes(&mut out, &data, size, first);
+                let mut out = vec![[0; 32]; n];
+                super::super::page_hashes_into(&data, size, first, &mut out);
                 assert_eq!(out.len(), n, "size {size}, {n} pages");
                 for (k, page) in data.chunks(size).enumerate() {
                     let pgno = first + k as u32;
@@ -229,8 +220,8 @@ mod tests {
     #[test]
     fn a_page_hash_is_blake3_of_the_page() {
         let data = pages(4096, 20, 7);
-        let mut out = Vec::new();
-        run_hashes(&mut out, &data, 4096, 2);
+        let mut out = vec![[0; 32]; 20];
+        super::super::page_hashes_into(&data, 4096, 2, &mut out);
         for (k, page) in data.chunks(4096).enumerate() {
             assert_eq!(&out[k], blake3::hash(page).as_bytes());
         }

@@ -352,12 +352,6 @@ pub(crate) fn page_hashes_into(data: &[u8], size: usize, first: u32, out: &mut [
     many::page_hashes(&pages, out);
 }
 
-/// The blake3 hashes of `pages` (each `(pgno, data)`, all of one size)
-/// into `out` (one a page), many at a time.
-pub(crate) fn page_hashes(pages: &[(u32, &[u8])], out: &mut [[u8; 32]]) {
-    many::page_hashes(pages, out);
-}
-
 /// Pages a task of [`hash_pages`] and [`hash_batch`] hashes.
 const HASH_GROUP: usize = 64;
 
@@ -374,8 +368,8 @@ pub(super) fn hash_batch(hashes: &mut Vec<[u8; 32]>, batch: &[u8], size: usize) 
         .par_chunks(size * HASH_GROUP)
         .enumerate()
         .map(|(g, pages)| {
-            let mut out = Vec::with_capacity(HASH_GROUP);
-            many::run_hashes(&mut out, pages, size, first + (g * HASH_GROUP) as u32);
+            let mut out = vec![[0; 32]; pages.len() / size];
+            page_hashes_into(pages, size, first + (g * HASH_GROUP) as u32, &mut out);
             out
         })
         .collect();
@@ -388,6 +382,7 @@ mod copy;
 mod idle;
 mod live;
 mod many;
+pub(crate) use many::page_hashes;
 mod moved;
 mod names;
 mod persist;
