@@ -37,6 +37,7 @@ mod push;
 mod races;
 mod scan_ahead;
 mod sqlite;
+mod sqlite_cuts;
 mod surface;
 mod trust;
 mod util;

@@ -124,15 +124,7 @@ fn a_rerun_with_its_state_reads_and_exchanges_only_what_changed() {
     let s = setup();
     let state = s._t.path().join("state");
     let db = s.src.join("app.db");
-    let c = rusqlite::Connection::open(&db).unwrap();
-    c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
-        .unwrap();
-    c.execute_batch(
-        "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB);
-         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 8000)
-         INSERT INTO t SELECT i, randomblob(1000) FROM n;",
-    )
-    .unwrap();
+    let c = wal_table(&db, 8000, 1000);
     let pages: u32 = c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
     let pages = u64::from(pages);
     // Stamps younger than 2 s are not trusted (a write in the same tick

@@ -631,3 +631,18 @@ fn listening_or(child: &mut std::process::Child, diag: impl FnOnce() -> String) 
         None => panic!("agent said {line:?}:\n{}", diag()),
     }
 }
+
+/// A WAL database at `db` with table `t(k, v)` of `rows` rows of `size`
+/// random bytes; its connection, still open.
+pub fn wal_table(db: &Path, rows: u32, size: u32) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+        .unwrap();
+    c.execute_batch(&format!(
+        "CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < {rows})
+         INSERT INTO t SELECT i, randomblob({size}) FROM n;"
+    ))
+    .unwrap();
+    c
+}

@@ -15,8 +15,10 @@ impl Driver<'_> {
         let started = Instant::now();
         self.w.note(self.lag);
         publish_lag(self.status, self.lag);
+        let restamp = std::mem::take(&mut self.restamping);
         let mut c = Collected {
-            dirty: self.deferred.keys().cloned().collect(),
+            restamp_only: !restamp.is_empty() && self.deferred.is_empty(),
+            dirty: self.deferred.keys().cloned().chain(restamp).collect(),
             created: BTreeSet::new(),
             renames: Vec::new(),
         };
@@ -24,6 +26,7 @@ impl Driver<'_> {
         loop {
             self.w.note(self.lag);
             let stirred = self.drain(&mut c);
+            c.restamp_only &= stirred.is_none();
             // the batch starts with the files held back from earlier rounds
             let fresh = c.dirty.len() > self.deferred.len() || !c.renames.is_empty();
             if debounce_over(started, Instant::now()) || settled(woken, stirred, fresh) {

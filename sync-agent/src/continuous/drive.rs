@@ -39,6 +39,8 @@ struct Collected {
     dirty: BTreeSet<RelPath>,
     created: BTreeSet<RelPath>,
     renames: Vec<(RelPath, RelPath)>,
+    /// Nothing but databases cut again once quiet ([`Driver::plan_restamp`]).
+    restamp_only: bool,
 }
 
 /// One session's loop state and what it works with.
@@ -74,6 +76,10 @@ struct Driver<'a> {
     jobs: tokio::task::JoinSet<()>,
     job_tx: mpsc::UnboundedSender<bulk::JobDone>,
     job_rx: mpsc::UnboundedReceiver<bulk::JobDone>,
+    /// Databases to cut again once quiet, and when ([`Driver::plan_restamp`]).
+    restamp: Option<(Instant, Vec<RelPath>)>,
+    /// Those due now: the next batch starts with them.
+    restamping: Vec<RelPath>,
 }
 
 /// Rounds until shutdown (`None`) or a handover (`Some(epoch)`).
@@ -116,10 +122,13 @@ pub(super) async fn drive(
         jobs: tokio::task::JoinSet::new(),
         job_tx,
         job_rx,
+        restamp: None,
+        restamping: Vec::new(),
     };
     loop {
         if d.full {
             d.full_round().await?;
+            d.plan_restamp(true);
             continue;
         }
         match d.wait().await? {
@@ -128,7 +137,9 @@ pub(super) async fn drive(
             Wake::Exit(r) => return Ok(r),
         }
         if let Some(batch) = d.collect().await {
+            let lone = batch.restamp_only;
             d.partial(batch).await?;
+            d.plan_restamp(!lone);
         }
     }
 }
@@ -376,6 +387,23 @@ impl Driver<'_> {
         self.refused = applied.held.iter().map(|h| h.path.clone()).collect();
     }
 
+    /// After a round: the databases whose next cut could not trust their
+    /// stamps (written since, or cut within a clock tick of a write) are cut
+    /// again [`RESTAMP_AFTER`] later if nothing comes first, so that the next
+    /// commit's cut reads its log frames and not every page. Not after a
+    /// round of those alone: a database whose times never vouch for it (set
+    /// in the future) is not cut over and over.
+    fn plan_restamp(&mut self, allowed: bool) {
+        let due = match self.live.lock() {
+            Ok(l) if allowed => l.restamp_due(),
+            _ => Vec::new(),
+        };
+        if !due.is_empty() {
+            tracing::debug!(databases = due.len(), "databases to cut again once quiet");
+        }
+        self.restamp = (!due.is_empty()).then(|| (Instant::now() + RESTAMP_AFTER, due));
+    }
+
     /// Waits for changes, a rescan, a command, or shutdown.
     async fn wait(&mut self) -> Result<Wake> {
         let cfg = self.cfg;
@@ -386,9 +414,14 @@ impl Driver<'_> {
         } else {
             Duration::from_millis(250)
         };
+        let restamp_at = self.restamp.as_ref().map_or_else(Instant::now, |r| r.0);
         let w = &mut *self.w;
         tokio::select! {
             () = w.wake.notified() => Ok(Wake::Changes),
+            () = tokio::time::sleep_until(restamp_at.into()), if self.restamp.is_some() => {
+                self.restamping = self.restamp.take().map(|r| r.1).unwrap_or_default();
+                Ok(Wake::Changes)
+            }
             Some((p, r)) = self.job_rx.recv() => {
                 // staged (or failed): the next round carries it (or it is sent again)
                 self.lane.done(p, r, Instant::now());

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sync_core::filter::Filter;
 use sync_core::index::HashIndex;
 use sync_core::scan::ScanOptions;
-use sync_core::sqlite::{CutStats, LiveSet};
+use sync_core::sqlite::{CutStats, LiveSet, RESTAMP_AFTER};
 use tokio::sync::{Notify, mpsc, watch};
 
 mod backoff;

@@ -9,10 +9,17 @@
 //! transaction and served only if its hash is the cut's; so is a page a
 //! partial round did not read ahead before letting a snapshot go (a replica
 //! at a state older than every remembered cut).
+//!
+//! A cut taken within a clock tick of a write to the database file (its own
+//! close's checkpoint, an application's) cannot vouch for the file's stamp:
+//! the next cut would compare every page, on the path of the next commit.
+//! [`LiveSet::restamp_due`] names such databases; the agent cuts them again
+//! once they are quiet ([`RESTAMP_AFTER`]), and the next commit is then read
+//! from its log frames alone.
 
 use super::conn::{Conns, FileStamp, Seen, side_path};
 use super::live::{CutStats, LiveDb, LiveSet};
-use crate::Error;
+use crate::{Error, RelPath};
 
 /// Whether a log stamped `then` by the cut that took `seen`, and `now` now,
 /// is surely unwritten since. The log's ctime moves when a connection opens
@@ -106,7 +113,24 @@ impl LiveDb {
     }
 }
 
+/// How long after a round the databases [`LiveSet::restamp_due`] names are
+/// cut again: past [`super::RACY_NS`], and long enough that a burst of writes
+/// is over.
+pub const RESTAMP_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl LiveSet {
+    /// The databases a cut has seen whose next cut could not trust their
+    /// stamps: written since their last cut, or cut too soon after a write
+    /// for their file times to tell a later one. Each is worth a cut once
+    /// quiet, so that the next commit's cut is read from the log alone.
+    pub fn restamp_due(&self) -> Vec<RelPath> {
+        self.dbs
+            .iter()
+            .filter(|(_, d)| d.has_snapshot && !d.quiet())
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
     /// A cut for a partial round: like [`LiveSet::cut`], but a database surely
     /// unwritten since the last cut gets no connection (its snapshot stands,
     /// and [`CutStats::changed`] leaves it out).

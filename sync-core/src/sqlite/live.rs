@@ -25,6 +25,14 @@ fn spin(n: i32) -> bool {
     u128::from((n - FAST).unsigned_abs()) * 2 < LOCK_WAIT.as_millis()
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Called with the database's path just before a cut asks for its lock
+    /// (tests write or checkpoint there).
+    pub(super) static BEFORE_LOCK: std::cell::RefCell<Option<super::copy::Hook>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Bytes of pages a cut may read ahead so as to let its snapshots go before
 /// its round is served ([`LiveSet::release`]).
 pub const RELEASE_BUDGET: u64 = 32 << 20;
@@ -82,6 +90,9 @@ pub(super) struct LiveDb {
     /// Pages named by the log frames committed before this cut (read under
     /// the cut's locks); `None` when the log could not tell.
     pub(super) frames: Option<BTreeSet<u32>>,
+    /// The file's stamp and the log's salts just before this cut asked for
+    /// its lock ([`LiveDb::checkpointed_while_waiting`]).
+    pub(super) pre_lock: Option<(Option<FileStamp>, Option<[u8; 8]>)>,
     pub(super) wal_mode: bool,
     pub(super) page_size: u32,
     pub(super) hashes: Vec<[u8; 32]>,
@@ -120,6 +131,7 @@ impl LiveDb {
             seen: None,
             before: None,
             frames: None,
+            pre_lock: None,
             wal_mode: false,
             page_size: 0,
             hashes: Vec::new(),
@@ -178,13 +190,17 @@ impl LiveDb {
         let wal = side_path(&self.path, "-wal");
         self.wal_seen = FileStamp::of(&wal);
         let limit = self.wal_seen.map_or(0, |s| s.size);
-        let frames = wal_frames(&wal, &mut self.wal, limit, base_unchanged);
+        let pre_lock = self.pre_lock.take();
+        let checkpointed = !base_unchanged && checkpointed_while_waiting(pre_lock, seen, &wal);
+        let frames = wal_frames(&wal, &mut self.wal, limit, base_unchanged || checkpointed);
         tracing::debug!(
             db = %self.path.display(),
             log_bytes = limit,
             frames = frames.as_ref().map(BTreeSet::len),
             base_unchanged,
+            checkpointed,
             replaced,
+            written_ms_ago = now.map(|n| (crate::scan::now_ns() - n.changed_ns()) / 1_000_000),
             "log read under the cut's lock"
         );
         // A database restored by rename is another file: compare every page.
@@ -233,6 +249,25 @@ impl Drop for LiveDb {
     fn drop(&mut self) {
         self.end_round();
     }
+}
+
+/// Whether the database file, unwritten from the last cut (`seen`) to
+/// the moment this cut asked for its lock, was written since only by a
+/// checkpoint of the log's current generation: that generation was
+/// already the log's then, and no restart (new salts) came between.
+/// Such a checkpoint copies frames this cut reads from the log anyway (a
+/// writer's commit checkpoints as soon as it ends, while the cut takes
+/// its lock); no other generation can have been checkpointed and reset
+/// unseen, so the log's frames still tell every page changed.
+fn checkpointed_while_waiting(
+    pre_lock: Option<(Option<FileStamp>, Option<[u8; 8]>)>,
+    seen: Option<Seen>,
+    wal: &Path,
+) -> bool {
+    let Some((file, log)) = pre_lock else {
+        return false;
+    };
+    seen.is_some_and(|s| s.unchanged(file)) && log.is_some() && log == super::wal::salts(wal)
 }
 
 /// Whether no file stands at `path` any more.
@@ -475,6 +510,16 @@ impl LiveSet {
             if gone.contains(p) || db.idle || db.pending {
                 continue;
             }
+            db.pre_lock = Some((
+                FileStamp::of(&db.path),
+                super::wal::salts(&side_path(&db.path, "-wal")),
+            ));
+            #[cfg(test)]
+            BEFORE_LOCK.with(|h| {
+                if let Some(f) = h.borrow_mut().as_mut() {
+                    f(&db.path);
+                }
+            });
             if let Err(e) = db.lock() {
                 match e.sqlite_error_code() {
                     Some(rusqlite::ErrorCode::DatabaseBusy) => {

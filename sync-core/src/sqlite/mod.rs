@@ -405,6 +405,7 @@ pub use conn::CHECKPOINT_BYTES;
 pub(crate) use conn::{FileStamp, RACY_NS, Seen};
 pub use content::{content_snapshot, mark_by_content};
 pub use copy::COPY_BUDGET;
+pub use idle::RESTAMP_AFTER;
 pub use live::{CutStats, LOCK_WAIT, LiveSet, RELEASE_BUDGET};
 pub use replica::{
     Exclusive, Lock, PageTable, apply_pages, integrity, lock_exclusive, read_hashes,

@@ -322,3 +322,116 @@ fn an_emptied_log_leaves_the_change_it_checkpointed_in_sight() {
     ship_and_end(&mut live, &rel, &dst);
     assert_same(&src, &dst);
 }
+
+/// A cut taken just after a writer's close checkpointed the log into the file
+/// cannot vouch for the file's stamp: the next commit's cut compares every
+/// page. [`LiveSet::restamp_due`] names such a database; cut again once it is
+/// quiet, the next commit is read from its log frames alone.
+#[test]
+fn a_database_cut_again_once_quiet_has_its_next_commit_read_from_its_log() {
+    use super::whole::FILE_PAGES;
+    let file_pages = || FILE_PAGES.with(std::cell::Cell::take);
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, w, rel, mut live) = wal_source(t.path());
+    drop(w);
+    // file times older than a clock tick when the cut stamps them
+    let settle = || std::thread::sleep(Duration::from_millis(120));
+    let closed_write = |sql: &str| {
+        let w = Connection::open(&src).unwrap();
+        w.execute_batch(sql).unwrap();
+        // its close checkpoints the log into the file, just now
+    };
+    for cut_again in [false, true] {
+        closed_write("UPDATE t SET v = x'01' WHERE k = 1;");
+        live.cut().unwrap();
+        ship_and_end(&mut live, &rel, &dst);
+        assert_eq!(live.restamp_due(), vec![rel.clone()], "a fresh stamp");
+        settle();
+        if cut_again {
+            live.cut_partial().unwrap();
+            ship_and_end(&mut live, &rel, &dst);
+            assert!(live.restamp_due().is_empty(), "cut again, quiet");
+        }
+        file_pages();
+        // a commit by a writer that stays open: the file is not written
+        let w = Connection::open(&src).unwrap();
+        w.execute("UPDATE t SET v = randomblob(200) WHERE k % 50 = 0", [])
+            .unwrap();
+        let c = live.cut_partial().unwrap();
+        assert_eq!(c.changed, vec![rel.clone()]);
+        let whole = file_pages();
+        if cut_again {
+            assert_eq!(whole, 0, "the commit was read from its log alone");
+        } else {
+            assert!(whole > 0, "a stamp it could not trust: every page compared");
+        }
+        assert_eq!(live.snapshot(&rel).unwrap().hash, replica_hash(&src));
+        ship_and_end(&mut live, &rel, &dst);
+        assert_same(&src, &dst);
+        drop(w);
+    }
+}
+
+/// A writer's commit checkpoints as soon as it ends, while the cut takes its
+/// lock: the file is written after the cut asked for its lock, by frames of
+/// the log's generation then (a new one since the last cut, which saw no
+/// log), which the cut reads anyway. It reads them alone, not every page.
+/// Should the log restart in between (new salts: a generation checkpointed
+/// and reset unseen), every page is compared.
+#[test]
+fn a_checkpoint_while_the_cut_takes_its_lock_leaves_the_log_frames_to_tell() {
+    use super::live::BEFORE_LOCK;
+    use super::whole::FILE_PAGES;
+    let file_pages = || FILE_PAGES.with(std::cell::Cell::take);
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, w, rel, mut live) = wal_source(t.path());
+    // file times older than a clock tick when the cut stamps them
+    let settle = || std::thread::sleep(Duration::from_millis(120));
+    let cases = [
+        ("PRAGMA wal_checkpoint(PASSIVE);", false),
+        (
+            "PRAGMA wal_checkpoint(TRUNCATE); UPDATE t SET v = x'07' WHERE k = 5;",
+            true,
+        ),
+    ];
+    let mut w = Some(w);
+    for (at_lock, restarted) in cases {
+        // the last writer's close checkpointed and removed the log; the cut
+        // sees no log, and a file it can vouch for
+        drop(w.take());
+        assert!(!super::conn::side_path(&src, "-wal").exists());
+        settle();
+        live.cut_partial().unwrap();
+        ship_and_end(&mut live, &rel, &dst);
+        settle();
+        // a writer makes a new log and commits; it stays open
+        let w2 = Connection::open(&src).unwrap();
+        w2.execute("UPDATE t SET v = randomblob(300) WHERE k % 40 = 0", [])
+            .unwrap();
+        let before = std::fs::metadata(&src).unwrap().modified().unwrap();
+        BEFORE_LOCK.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move |p: &Path| {
+                Connection::open(p).unwrap().execute_batch(at_lock).unwrap();
+            }));
+        });
+        file_pages();
+        let c = live.cut_partial();
+        BEFORE_LOCK.with(|h| h.borrow_mut().take());
+        assert_eq!(c.unwrap().changed, vec![rel.clone()]);
+        let after = std::fs::metadata(&src).unwrap().modified().unwrap();
+        assert!(after > before, "the checkpoint did not write the file");
+        let whole = file_pages();
+        if restarted {
+            assert!(
+                whole > 0,
+                "a restarted log cannot tell: every page compared"
+            );
+        } else {
+            assert_eq!(whole, 0, "the log's frames told the change");
+        }
+        assert_eq!(live.snapshot(&rel).unwrap().hash, replica_hash(&src));
+        ship_and_end(&mut live, &rel, &dst);
+        assert_same(&src, &dst);
+        w = Some(w2);
+    }
+}

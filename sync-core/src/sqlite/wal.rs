@@ -114,6 +114,18 @@ pub(crate) fn log_pages(wal: &Path, limit: u64) -> Option<BTreeSet<u32>> {
     Some(pages)
 }
 
+/// The salts of `wal`'s current generation (`None`: no log, an empty or
+/// unreadable one, or not a log).
+pub(crate) fn salts(wal: &Path) -> Option<[u8; 8]> {
+    let (_, hdr) = header(wal, u64::MAX).ok()??;
+    let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+    (magic & !1 == 0x377f_0682).then(|| {
+        let mut salts = [0u8; 8];
+        salts.copy_from_slice(&hdr[16..24]);
+        salts
+    })
+}
+
 /// The log file and its 32-byte header (`None`: no log, or an empty one;
 /// `Err`: a log that cannot be read).
 #[allow(clippy::result_unit_err)]
