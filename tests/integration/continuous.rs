@@ -285,7 +285,15 @@ fn restart_over_an_unchanged_tree_rehashes_nothing() {
     let mut src = source(&p.src, &p.sid, &p.r_id, &rep.addr, &args);
     wait_converged(&p.src, &p.dst, 30, &[]);
     let status = || agent_status(&p, &control);
-    let first = status();
+    // a full round is counted once its index is saved
+    let first = eventually(
+        "the first full round counted",
+        Duration::from_secs(20),
+        || {
+            let s = status();
+            (s["folders"][0]["full_rounds"].as_u64() == Some(1)).then_some(s)
+        },
+    );
     assert!(
         first["folders"][0]["bytes_hashed_last_full"]
             .as_u64()
@@ -319,6 +327,34 @@ fn restart_over_an_unchanged_tree_rehashes_nothing() {
         f["wire_bytes_last_full"].as_u64().unwrap() < 60_000,
         "{again}"
     );
+}
+
+/// The source's state directory is full: its hash index cannot be saved.
+/// That is told, and the mirror goes on (the index is only a cache).
+#[test]
+fn a_full_state_directory_leaves_the_mirror_going() {
+    let p = pair();
+    for f in 0..3000u64 {
+        let dir = p.src.join(format!("d{}", f / 100));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{:0>120}", f)), random_bytes(64, f)).unwrap();
+    }
+    let fs = Tmpfs::new("size=96k,mode=0700");
+    let state = fs.path().join("state");
+    let rep = replica(&p.dst, &p.rid, &p.s_id, &[]);
+    let log = p.t.path().join("source.log");
+    let _src = AgentCmd::source(&p.src, &p.sid, &p.r_id, &rep.addr)
+        .args(&["--state", state.to_str().unwrap()])
+        .log(&log)
+        .start();
+    eventually_or(
+        "the trees to converge",
+        Duration::from_secs(30),
+        || root_hash(&p.src, &[]) == root_hash(&p.dst, &[]),
+        || std::fs::read_to_string(&log).unwrap_or_default(),
+    );
+    let told = std::fs::read_to_string(&log).unwrap();
+    assert!(told.contains("saving the hash index"), "{told}");
 }
 
 /// The replica's disk fills up during an apply: the round fails cleanly (no

@@ -7,6 +7,7 @@
 //! ([`Driver::partial`]).
 
 use super::*;
+use index_save::{index_saved, save_index};
 use partial::fold_round;
 
 #[path = "collect.rs"]
@@ -181,8 +182,8 @@ fn scan_and_cut(
     let mut ix = ix
         .lock()
         .map_err(|_| anyhow::anyhow!("index lock poisoned"))?;
+    // saved while the round goes (`Driver::full_round`)
     ix.remember_scan(report.hashed, &m, now);
-    ix.save()?;
     Ok((m, report.bytes_hashed, stats))
 }
 
@@ -277,7 +278,9 @@ impl Driver<'_> {
         let entries = round.entries.len() as u64;
         log_full_start(&cfg.name, entries, bytes_total);
         let cut_id = self.session.next_round_id();
+        let saving = save_index(self.index);
         let applied = self.session.round(&round).await;
+        index_saved(&cfg.name, saving).await;
         if let Ok(mut l) = self.live.lock() {
             l.end_round();
         }
@@ -558,15 +561,7 @@ impl Driver<'_> {
         if let Some(t) = self.partials.record(Instant::now(), carried, bytes) {
             tracing::info!(folder = %cfg.name, rounds = t.rounds, entries = t.entries, bytes = t.bytes, "partial rounds applied");
         }
-        let ix = self.index.clone();
-        let saved = tokio::task::spawn_blocking(move || match ix.lock() {
-            Ok(mut i) => i.save().map_err(anyhow::Error::from),
-            Err(_) => Err(anyhow::anyhow!("index lock poisoned")),
-        })
-        .await?;
-        if let Err(e) = saved {
-            tracing::warn!(folder = %cfg.name, "saving the hash index: {e:#}");
-        }
+        index_saved(&cfg.name, save_index(self.index)).await;
         set(status, |s| {
             s.rounds += 1;
             s.files_pending = 0;

@@ -31,6 +31,7 @@ use tokio::sync::{Notify, mpsc, watch};
 mod backoff;
 mod bulk;
 mod drive;
+mod index_save;
 mod inotify;
 mod partial;
 #[cfg(test)]
