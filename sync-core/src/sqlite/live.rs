@@ -91,7 +91,7 @@ pub(super) struct LiveDb {
     /// the cut's locks); `None` when the log could not tell.
     pub(super) frames: Option<BTreeSet<u32>>,
     /// The file's stamp and the log's salts just before this cut asked for
-    /// its lock ([`LiveDb::checkpointed_while_waiting`]).
+    /// its lock ([`checkpointed_while_waiting`]).
     pub(super) pre_lock: Option<(Option<FileStamp>, Option<[u8; 8]>)>,
     pub(super) wal_mode: bool,
     pub(super) page_size: u32,
