@@ -345,7 +345,9 @@ fn a_database_cut_again_once_quiet_has_its_next_commit_read_from_its_log() {
         closed_write("UPDATE t SET v = x'01' WHERE k = 1;");
         live.cut().unwrap();
         ship_and_end(&mut live, &rel, &dst);
-        assert_eq!(live.restamp_due(), vec![rel.clone()], "a fresh stamp");
+        // (a machine that stalled past a clock tick before the cut leaves a
+        // stamp that vouches already: nothing to tell apart then)
+        let fresh = live.restamp_due() == vec![rel.clone()];
         settle();
         if cut_again {
             live.cut_partial().unwrap();
@@ -362,7 +364,7 @@ fn a_database_cut_again_once_quiet_has_its_next_commit_read_from_its_log() {
         let whole = file_pages();
         if cut_again {
             assert_eq!(whole, 0, "the commit was read from its log alone");
-        } else {
+        } else if fresh {
             assert!(whole > 0, "a stamp it could not trust: every page compared");
         }
         assert_eq!(live.snapshot(&rel).unwrap().hash, replica_hash(&src));
