@@ -31,6 +31,7 @@ thread_local! {
     /// (tests write or checkpoint there).
     pub(super) static BEFORE_LOCK: std::cell::RefCell<Option<super::copy::Hook>> =
         const { std::cell::RefCell::new(None) };
+
 }
 
 /// Bytes of pages a cut may read ahead so as to let its snapshots go before
@@ -91,7 +92,7 @@ pub(super) struct LiveDb {
     /// the cut's locks); `None` when the log could not tell.
     pub(super) frames: Option<BTreeSet<u32>>,
     /// The file's stamp and the log's salts just before this cut asked for
-    /// its lock ([`checkpointed_while_waiting`]).
+    /// its lock ([`super::waiting::checkpointed_while_waiting`]).
     pub(super) pre_lock: Option<(Option<FileStamp>, Option<[u8; 8]>)>,
     pub(super) wal_mode: bool,
     pub(super) page_size: u32,
@@ -191,7 +192,8 @@ impl LiveDb {
         self.wal_seen = FileStamp::of(&wal);
         let limit = self.wal_seen.map_or(0, |s| s.size);
         let pre_lock = self.pre_lock.take();
-        let checkpointed = !base_unchanged && checkpointed_while_waiting(pre_lock, seen, &wal);
+        let checkpointed =
+            !base_unchanged && super::waiting::checkpointed_while_waiting(pre_lock, seen, &wal);
         let frames = wal_frames(&wal, &mut self.wal, limit, base_unchanged || checkpointed);
         tracing::debug!(
             db = %self.path.display(),
@@ -249,25 +251,6 @@ impl Drop for LiveDb {
     fn drop(&mut self) {
         self.end_round();
     }
-}
-
-/// Whether the database file, unwritten from the last cut (`seen`) to
-/// the moment this cut asked for its lock, was written since only by a
-/// checkpoint of the log's current generation: that generation was
-/// already the log's then, and no restart (new salts) came between.
-/// Such a checkpoint copies frames this cut reads from the log anyway (a
-/// writer's commit checkpoints as soon as it ends, while the cut takes
-/// its lock); no other generation can have been checkpointed and reset
-/// unseen, so the log's frames still tell every page changed.
-fn checkpointed_while_waiting(
-    pre_lock: Option<(Option<FileStamp>, Option<[u8; 8]>)>,
-    seen: Option<Seen>,
-    wal: &Path,
-) -> bool {
-    let Some((file, log)) = pre_lock else {
-        return false;
-    };
-    seen.is_some_and(|s| s.unchanged(file)) && log.is_some() && log == super::wal::salts(wal)
 }
 
 /// Whether no file stands at `path` any more.
@@ -506,14 +489,17 @@ impl LiveSet {
     ) -> (Duration, Result<Option<String>, Error>) {
         let mut first: Option<Instant> = None;
         let mut out = Ok(None);
+        // Before any lock is taken (not in the writers' stall of the
+        // databases locked first): what a checkpoint while the cut waits is
+        // told against (`checkpointed_while_waiting`).
         for (p, db) in self.dbs.iter_mut() {
-            if gone.contains(p) || db.idle || db.pending {
+            db.pre_lock = (!(gone.contains(p) || db.idle || db.pending))
+                .then(|| super::waiting::pre_lock(&db.path));
+        }
+        for (p, db) in self.dbs.iter_mut() {
+            if db.pre_lock.is_none() {
                 continue;
             }
-            db.pre_lock = Some((
-                FileStamp::of(&db.path),
-                super::wal::salts(&side_path(&db.path, "-wal")),
-            ));
             #[cfg(test)]
             BEFORE_LOCK.with(|h| {
                 if let Some(f) = h.borrow_mut().as_mut() {

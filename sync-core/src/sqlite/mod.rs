@@ -382,6 +382,7 @@ mod copy;
 mod idle;
 mod live;
 mod many;
+mod waiting;
 pub(crate) use many::page_hashes;
 mod moved;
 mod names;

@@ -437,3 +437,39 @@ fn a_checkpoint_while_the_cut_takes_its_lock_leaves_the_log_frames_to_tell() {
         w = Some(w2);
     }
 }
+
+/// Before its lock a cut reads the log's salts, then the file's stamp. A
+/// commit to the log the last cut read, checkpointed and reset, and a new
+/// generation begun, all between those two reads, wrote the file before its
+/// stamp was taken: the cut compares every page and finds both commits.
+#[test]
+fn a_log_reset_between_the_reads_before_the_lock_is_not_taken_for_a_checkpoint() {
+    use super::waiting::BETWEEN_PRE_LOCK_READS;
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, w, rel, mut live) = wal_source(t.path());
+    // file times older than a clock tick when the cut stamps them
+    let settle = || std::thread::sleep(Duration::from_millis(120));
+    settle();
+    live.cut().unwrap();
+    ship_and_end(&mut live, &rel, &dst);
+    settle();
+    BETWEEN_PRE_LOCK_READS.with(|h| {
+        *h.borrow_mut() = Some(Box::new(|p: &Path| {
+            Connection::open(p)
+                .unwrap()
+                .execute_batch(
+                    "UPDATE t SET v = x'0c' WHERE k = 7;
+                     PRAGMA wal_checkpoint(TRUNCATE);
+                     UPDATE t SET v = x'0d' WHERE k = 1900;",
+                )
+                .unwrap();
+        }));
+    });
+    let c = live.cut();
+    BETWEEN_PRE_LOCK_READS.with(|h| h.borrow_mut().take());
+    assert_eq!(c.unwrap().changed, vec![rel.clone()]);
+    assert_eq!(live.snapshot(&rel).unwrap().hash, replica_hash(&src));
+    ship_and_end(&mut live, &rel, &dst);
+    assert_same(&src, &dst);
+    drop(w);
+}
