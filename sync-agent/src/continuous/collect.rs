@@ -15,7 +15,9 @@ impl Driver<'_> {
         let started = Instant::now();
         self.w.note(self.lag);
         publish_lag(self.status, self.lag);
-        let restamp = std::mem::take(&mut self.restamping);
+        let restamp = (self.restamp.take_if(|r| r.0 <= started))
+            .map(|r| r.1)
+            .unwrap_or_default();
         let mut c = Collected {
             restamp_only: !restamp.is_empty() && self.deferred.is_empty(),
             dirty: self.deferred.keys().cloned().chain(restamp).collect(),

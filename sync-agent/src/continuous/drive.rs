@@ -77,10 +77,9 @@ struct Driver<'a> {
     jobs: tokio::task::JoinSet<()>,
     job_tx: mpsc::UnboundedSender<bulk::JobDone>,
     job_rx: mpsc::UnboundedReceiver<bulk::JobDone>,
-    /// Databases to cut again once quiet, and when ([`Driver::plan_restamp`]).
+    /// Databases to cut again once quiet, and when ([`Driver::plan_restamp`]):
+    /// once due, the next batch starts with them.
     restamp: Option<(Instant, Vec<RelPath>)>,
-    /// Those due now: the next batch starts with them.
-    restamping: Vec<RelPath>,
 }
 
 /// Rounds until shutdown (`None`) or a handover (`Some(epoch)`).
@@ -124,7 +123,6 @@ pub(super) async fn drive(
         job_tx,
         job_rx,
         restamp: None,
-        restamping: Vec::new(),
     };
     loop {
         if d.full {
@@ -397,8 +395,8 @@ impl Driver<'_> {
     /// round of those alone: a database whose times never vouch for it (set
     /// in the future) is not cut over and over.
     fn plan_restamp(&mut self, allowed: bool) {
-        let due = match self.live.lock() {
-            Ok(l) if allowed => l.restamp_due(),
+        let due = match allowed.then(|| self.live.lock()) {
+            Some(Ok(l)) => l.restamp_due(),
             _ => Vec::new(),
         };
         if !due.is_empty() {
@@ -422,7 +420,6 @@ impl Driver<'_> {
         tokio::select! {
             () = w.wake.notified() => Ok(Wake::Changes),
             () = tokio::time::sleep_until(restamp_at.into()), if self.restamp.is_some() => {
-                self.restamping = self.restamp.take().map(|r| r.1).unwrap_or_default();
                 Ok(Wake::Changes)
             }
             Some((p, r)) = self.job_rx.recv() => {

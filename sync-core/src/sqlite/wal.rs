@@ -38,17 +38,7 @@ pub(crate) fn wal_frames(
         Ok(None) => return base_unchanged.then(BTreeSet::new),
         Err(()) => return None,
     };
-    let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-    if magic & !1 != 0x377f_0682 {
-        return None;
-    }
-    let page_size = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
-    let page_size = if page_size == 1 { 65536 } else { page_size };
-    if !proto::valid_page_size(page_size) {
-        return None;
-    }
-    let mut salts = [0u8; 8];
-    salts.copy_from_slice(&hdr[16..24]);
+    let (page_size, salts) = generation(&hdr)?;
     let (start, exact) = if last.salts == Some(salts) {
         (last.next, true)
     } else {
@@ -91,12 +81,7 @@ pub(crate) fn log_pages(wal: &Path, limit: u64) -> Option<BTreeSet<u32>> {
         Ok(None) => return Some(BTreeSet::new()),
         Err(()) => return None,
     };
-    let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-    let page_size = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
-    let page_size = if page_size == 1 { 65536 } else { page_size };
-    if magic & !1 != 0x377f_0682 || !proto::valid_page_size(page_size) {
-        return None;
-    }
+    let (page_size, salts) = generation(&hdr)?;
     let frame = 24 + u64::from(page_size);
     let mut pages = BTreeSet::new();
     let mut fh = [0u8; 24];
@@ -105,7 +90,7 @@ pub(crate) fn log_pages(wal: &Path, limit: u64) -> Option<BTreeSet<u32>> {
         // a log that shrank since was reset: its snapshot read no frame,
         // but say so rather than guess
         f.read_exact_at(&mut fh, 32 + i * frame).ok()?;
-        if fh[8..16] != hdr[16..24] {
+        if fh[8..16] != salts {
             break;
         }
         pages.insert(u32::from_be_bytes([fh[0], fh[1], fh[2], fh[3]]));
@@ -118,12 +103,21 @@ pub(crate) fn log_pages(wal: &Path, limit: u64) -> Option<BTreeSet<u32>> {
 /// unreadable one, or not a log).
 pub(crate) fn salts(wal: &Path) -> Option<[u8; 8]> {
     let (_, hdr) = header(wal, u64::MAX).ok()??;
+    generation(&hdr).map(|(_, salts)| salts)
+}
+
+/// A log header's page size and salts (`None`: not a log's header, or a
+/// page size SQLite never uses).
+fn generation(hdr: &[u8; 32]) -> Option<(u32, [u8; 8])> {
     let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-    (magic & !1 == 0x377f_0682).then(|| {
-        let mut salts = [0u8; 8];
-        salts.copy_from_slice(&hdr[16..24]);
-        salts
-    })
+    let page_size = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+    let page_size = if page_size == 1 { 65536 } else { page_size };
+    if magic & !1 != 0x377f_0682 || !proto::valid_page_size(page_size) {
+        return None;
+    }
+    let mut salts = [0u8; 8];
+    salts.copy_from_slice(&hdr[16..24]);
+    Some((page_size, salts))
 }
 
 /// The log file and its 32-byte header (`None`: no log, or an empty one;
