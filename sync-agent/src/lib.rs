@@ -29,6 +29,7 @@ pub mod handover;
 pub mod hooks;
 pub mod http;
 pub mod identity;
+mod index_save;
 pub mod lag;
 pub mod limits;
 pub mod metrics;
@@ -153,7 +154,7 @@ type Scanned = (
     Arc<std::sync::Mutex<LiveSet>>,
     [u8; 32],
     [u8; 32],
-    Option<std::thread::JoinHandle<()>>,
+    Option<tokio::task::JoinHandle<Result<()>>>,
 );
 
 /// Scans `opts.src` and cuts its databases (shipped from a consistent cut,
@@ -238,8 +239,7 @@ pub async fn push(opts: PushOptions, progress: Arc<Progress>) -> Result<Summary>
             keep_cut(state, live);
         }
         if let Some(saving) = saving {
-            // (a panic in it was reported where it happened)
-            let _ = tokio::task::spawn_blocking(move || saving.join()).await;
+            index_save::index_saved("push", saving).await;
         }
         let stats = session.connection().stats();
         note_wire(&stats);

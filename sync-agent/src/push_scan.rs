@@ -34,7 +34,7 @@ pub(crate) type ScanCut = (
     Manifest,
     ScanReport,
     Arc<Mutex<LiveSet>>,
-    Option<std::thread::JoinHandle<()>>,
+    Option<tokio::task::JoinHandle<Result<()>>>,
 );
 
 /// Scans `src` and cuts its databases (see the module docs).
@@ -106,7 +106,7 @@ pub(crate) fn scan_and_cut(
     }
     m.entries.retain(|e| !stats.dropped.contains(&e.path));
     crate::session::source::mark_databases(&mut m.entries, &live)?;
-    let saving = index.take().and_then(|mut ix| {
+    let saving = index.take().map(|mut ix| {
         // what the scan freed goes back before the index grows by its rows
         sync_core::trim_heap();
         ix.remember_scan(
@@ -114,7 +114,7 @@ pub(crate) fn scan_and_cut(
             &m,
             sync_core::scan::now_ns(),
         );
-        save_aside(ix)
+        crate::index_save::save_index(&Arc::new(Mutex::new(ix)))
     });
     tracing::debug!(
         scan_ms,
@@ -124,22 +124,6 @@ pub(crate) fn scan_and_cut(
         "source scanned and cut"
     );
     Ok((m, report, Arc::new(Mutex::new(live)), saving))
-}
-
-/// Writes `ix` on a thread of its own while the round goes (a first push's
-/// 30,000 rows took 30 ms with the other core idle, the replica waiting for
-/// the round): the push waits for it at its end.
-fn save_aside(mut ix: sync_core::index::HashIndex) -> Option<std::thread::JoinHandle<()>> {
-    let save = move || {
-        if let Err(e) = ix.save() {
-            tracing::warn!("{e}: the next push hashes every file again");
-        }
-    };
-    std::thread::Builder::new()
-        .name("index-save".into())
-        .spawn(save)
-        .map_err(|e| tracing::warn!("{e}: the next push hashes every file again"))
-        .ok()
 }
 
 /// Whether a cut taken while the tree was scanned stands: it cut exactly the

@@ -7,7 +7,7 @@
 //! ([`Driver::partial`]).
 
 use super::*;
-use index_save::{index_saved, save_index};
+use crate::index_save::{index_saved, save_index};
 use partial::fold_round;
 
 #[path = "collect.rs"]

@@ -31,7 +31,6 @@ use tokio::sync::{Notify, mpsc, watch};
 mod backoff;
 mod bulk;
 mod drive;
-mod index_save;
 mod inotify;
 mod partial;
 #[cfg(test)]
